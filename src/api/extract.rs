@@ -1,0 +1,120 @@
+//! Extractors whose every failure is an [`ApiError`]: [`PathParams`], and the JSON body
+//! extractor [`JsonBody`]. Bodies are parsed as JSON whatever `Content-Type` says (the
+//! original curl examples send form-encoded headers), and every way a body can be wrong
+//! becomes an [`ApiError`] with the one error shape: not JSON is `400 invalid_json`, JSON
+//! of the wrong shape is `422 validation_failed` naming the field, too large is `413`.
+
+use crate::domain::ValidationError;
+use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+/// Path parameters; a path that does not decode is `422 validation_failed`.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParams(value)),
+            Err(e) => Err(ApiError::Validation(ValidationError::new(
+                "path",
+                e.body_text(),
+            ))),
+        }
+    }
+}
+
+/// A JSON request body.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::InvalidJson(format!("could not read the request body: {e}"))
+                }
+            })?;
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a body, telling syntax errors (400) from shape errors (422).
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() {
+            shape_error(&path, &inner)
+        } else {
+            ApiError::InvalidJson(format!("request body is not valid JSON: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::InvalidJson(format!("request body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+fn shape_error(path: &str, e: &serde_json::Error) -> ApiError {
+    // serde_json's messages end with " at line 1 column 9": useless to a client.
+    let message = e.to_string();
+    let reason = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(head, _)| head);
+    let field = if path == "." {
+        // "missing field `name`" is reported at the root; name the field itself.
+        reason
+            .split('`')
+            .nth(1)
+            .filter(|_| reason.starts_with("missing field"))
+            .unwrap_or("body")
+    } else {
+        path
+    };
+    ApiError::Validation(ValidationError::new(field, reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        name: String,
+        ports: Vec<String>,
+    }
+
+    fn err(json: &str) -> (&'static str, String) {
+        let e = parse::<Body>(json.as_bytes()).unwrap_err();
+        (e.code(), e.to_string())
+    }
+
+    #[test]
+    fn syntax_is_400_and_shape_is_422_naming_the_field() {
+        assert_eq!(err("").0, "invalid_json");
+        assert_eq!(err("{\"name\": ").0, "invalid_json");
+        assert_eq!(err("{} trailing").0, "invalid_json");
+        let (code, msg) = err(r#"{"ports": []}"#);
+        assert_eq!(code, "validation_failed");
+        assert!(msg.starts_with("name: missing field"), "{msg}");
+        let (code, msg) = err(r#"{"name": "x", "ports": ["P", 7]}"#);
+        assert_eq!(code, "validation_failed");
+        assert!(msg.starts_with("ports[1]: invalid type"), "{msg}");
+        assert!(!msg.contains("line"), "{msg}");
+        assert_eq!(err("[1]").0, "validation_failed");
+    }
+}

@@ -1,0 +1,98 @@
+//! The HTTP API: the router, the shared [`AppState`], one file per resource
+//! ([`widgets`], [`associations`]) and the operational endpoints ([`ops`]).
+
+pub mod associations;
+mod extract;
+pub mod ops;
+pub mod widgets;
+
+use crate::engine::MemoryEngine;
+use crate::error::ApiError;
+use crate::metrics;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, put};
+use axum::Router;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tower_http::trace::TraceLayer;
+
+/// What every handler shares. The engine is set once recovery has finished; until then
+/// writes and reads answer `503 not_ready`.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: OnceLock<Arc<MemoryEngine>>,
+}
+
+impl AppState {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engine: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Makes the service ready: from now on requests reach `engine`.
+    pub fn set_engine(&self, engine: Arc<MemoryEngine>) {
+        if self.inner.engine.set(engine).is_err() {
+            tracing::error!("the engine was set twice; keeping the first");
+        }
+    }
+
+    pub fn engine(&self) -> Result<&Arc<MemoryEngine>, ApiError> {
+        self.inner.engine.get().ok_or(ApiError::NotReady)
+    }
+}
+
+impl Default for AppState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The whole API, with the body limit and request metrics applied.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/widgets", axum::routing::post(widgets::create))
+        .route(
+            "/widgets/{serial_number}",
+            get(widgets::read).delete(widgets::delete),
+        )
+        .route("/widgets/associations", put(associations::associate))
+        .route(
+            "/widgets/{serial_number}/associations/{port_type}",
+            delete(associations::free),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(|req: Request| async move {
+            ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(track))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Counts requests and times them by route template (not raw path, to bound cardinality).
+async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    metrics::record_request(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+    response
+}

@@ -1,0 +1,61 @@
+//! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
+
+use super::associations::{self, Associate, Associated};
+use super::widgets::{self, CreateWidget};
+use super::AppState;
+use crate::domain::{PortType, WidgetView};
+use crate::error::{ApiError, ErrorBody, ErrorDetail};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "widgets", description = "Widgets and the associations between their ports."),
+    paths(
+        widgets::create, widgets::read, widgets::delete,
+        associations::associate, associations::free,
+        healthz, readyz, metrics,
+    ),
+    components(schemas(
+        CreateWidget, Associate, Associated, WidgetView, PortType, ErrorBody, ErrorDetail
+    ))
+)]
+pub struct ApiDoc;
+
+/// Liveness: `200` while the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up")))]
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: `200` once recovery has finished and writes can be made durable.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Takes traffic"),
+    (status = 503, description = "Recovering (`not_ready`) or the WAL failed (`wal_failed`)", body = ErrorBody),
+))]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let engine = state.engine()?;
+    if engine.failure().is_some() {
+        return Err(ApiError::WalFailed);
+    }
+    Ok(Json(json!({"status": "ready"})))
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let engine = state.engine().ok().map(|e| &**e);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(engine),
+    )
+}
+
+/// The OpenAPI 3 document of this API, generated from the handlers.
+pub async fn openapi() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}

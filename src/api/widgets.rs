@@ -1,0 +1,114 @@
+//! `/widgets`: create, read and delete a widget.
+
+use super::extract::{JsonBody, PathParams};
+use super::AppState;
+use crate::domain::{Command, Name, PortType, Ports, Reply, Serial, ValidationError, WidgetView};
+use crate::error::{ApiError, ErrorBody};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+/// Body of `POST /widgets`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "widget1", "serial_number": "123", "ports": ["P", "R"]}))]
+pub struct CreateWidget {
+    /// 1 to 64 printable ASCII characters.
+    pub name: String,
+    /// 1 to 36 characters from `A-Z a-z 0-9 . _ : -`.
+    pub serial_number: String,
+    /// 1 to 3 distinct port types from `P`, `R`, `Q`.
+    pub ports: Vec<String>,
+}
+
+impl CreateWidget {
+    fn validate(&self) -> Result<Command, ValidationError> {
+        let serial = Serial::parse("serial_number", &self.serial_number)?;
+        let name = Name::parse("name", &self.name)?;
+        let list = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PortType::parse(&format!("ports[{i}]"), p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = Ports::from_list("ports", &list)?;
+        Ok(Command::Create {
+            serial,
+            name,
+            ports,
+        })
+    }
+}
+
+/// Validates a serial taken from a URL path.
+pub(super) fn path_serial(raw: &str) -> Result<Serial, ApiError> {
+    Ok(Serial::parse("serial_number", raw)?)
+}
+
+/// Create a widget.
+#[utoipa::path(post, path = "/widgets", tag = "widgets", request_body = CreateWidget,
+    responses(
+        (status = 201, description = "Created", body = WidgetView,
+            headers(("Location" = String, description = "/widgets/{serial_number}"))),
+        (status = 400, description = "Body is not JSON (`invalid_json`)", body = ErrorBody),
+        (status = 409, description = "Serial taken (`widget_exists`)", body = ErrorBody),
+        (status = 413, description = "Body too large (`payload_too_large`)", body = ErrorBody),
+        (status = 422, description = "A field breaks its rule (`validation_failed`)", body = ErrorBody),
+        (status = 503, description = "Overloaded or not ready; see `Retry-After`", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CreateWidget>,
+) -> Result<Response, ApiError> {
+    let command = body.validate()?;
+    let engine = state.engine()?;
+    match engine.execute(command).await? {
+        Reply::Created(view) => {
+            let location = format!("/widgets/{}", view.serial_number);
+            Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view)).into_response())
+        }
+        other => {
+            tracing::error!(?other, "the engine answered with the wrong kind of reply");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+/// Read a widget.
+#[utoipa::path(get, path = "/widgets/{serial_number}", tag = "widgets",
+    params(("serial_number" = String, Path, description = "The widget's serial number")),
+    responses(
+        (status = 200, description = "The widget", body = WidgetView),
+        (status = 404, description = "`widget_not_found`", body = ErrorBody),
+        (status = 422, description = "The serial breaks the serial rule (`validation_failed`)", body = ErrorBody),
+    ))]
+pub async fn read(
+    State(state): State<AppState>,
+    PathParams(serial): PathParams<String>,
+) -> Result<Json<WidgetView>, ApiError> {
+    let serial = path_serial(&serial)?;
+    let engine = state.engine()?;
+    let widget = engine
+        .get(&serial)
+        .ok_or_else(|| crate::domain::DomainError::NotFound(serial.clone()))?;
+    Ok(Json(widget.view(&serial)))
+}
+
+/// Delete a widget, freeing every peer's port in the same atomic step.
+#[utoipa::path(delete, path = "/widgets/{serial_number}", tag = "widgets",
+    params(("serial_number" = String, Path, description = "The widget's serial number")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "`widget_not_found`", body = ErrorBody),
+        (status = 422, description = "The serial breaks the serial rule (`validation_failed`)", body = ErrorBody),
+        (status = 503, description = "Overloaded or not ready; see `Retry-After`", body = ErrorBody),
+    ))]
+pub async fn delete(
+    State(state): State<AppState>,
+    PathParams(serial): PathParams<String>,
+) -> Result<StatusCode, ApiError> {
+    let serial = path_serial(&serial)?;
+    state.engine()?.execute(Command::Delete { serial }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

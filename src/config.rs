@@ -1,0 +1,142 @@
+//! Every setting, by flag or environment variable (a `.env` file in the working directory
+//! is read at start-up). `widgets --help` prints this with the defaults.
+
+use crate::engine::EngineSettings;
+use crate::wal::{FsyncMode, RecoveryMode};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Widgets and the associations between their ports: an HTTP service that keeps its state
+/// in memory, makes every write durable in a local write-ahead log before answering, and
+/// writes behind to a durable store.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "widgets", version, about, long_about = None)]
+pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+
+    /// Address to serve HTTP on.
+    #[arg(long, env = "WIDGETS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the WAL (`<dir>/wal`) and the embedded store (`<dir>/store`).
+    #[arg(long, env = "WIDGETS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL URL for the durable store. Not supported by this build yet: without it
+    /// the embedded store in the data directory is used.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Redis URL for the shared hot state of several instances. Not supported by this
+    /// build yet.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// When the WAL is fsynced: `always` before every acknowledgement (grouped), `interval`
+    /// at most once per --fsync-interval (a crash loses up to that much), `never` (benchmarks).
+    #[arg(long, env = "WIDGETS_FSYNC", value_enum, default_value_t = FsyncMode::Always)]
+    pub fsync: FsyncMode,
+
+    /// How often `--fsync interval` fsyncs.
+    #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub fsync_interval: Duration,
+
+    /// How often the flusher writes dirty widgets to the durable store.
+    #[arg(long, env = "WIDGETS_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Flush early once this many widgets are dirty.
+    #[arg(long, env = "WIDGETS_FLUSH_BATCH", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub flush_batch: u64,
+
+    /// Most widgets waiting for the durable store; past it writes answer `503 overloaded`.
+    #[arg(long, env = "WIDGETS_MAX_DIRTY", default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_dirty: u64,
+
+    /// WAL segment size in bytes: a segment is closed and a new one started past it.
+    #[arg(long, env = "WIDGETS_WAL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub wal_segment_bytes: u64,
+
+    /// Most bytes the WAL may hold on disk (it grows while the durable store is down); past
+    /// it writes answer `503 overloaded` until the store catches up.
+    #[arg(long, env = "WIDGETS_WAL_MAX_BYTES", default_value_t = 4 << 30, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub wal_max_bytes: u64,
+
+    /// What start-up does with a damaged WAL that is not just a torn tail: `strict` refuses
+    /// to start and names the file and offset; `truncate` cuts the log there (losing the
+    /// records after it) and starts.
+    #[arg(long, env = "WIDGETS_WAL_RECOVERY", value_enum, default_value_t = RecoveryMode::Strict)]
+    pub wal_recovery: RecoveryMode,
+
+    /// Most writes waiting for the sequencer; past it writes answer `503 overloaded`.
+    #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_queue: u64,
+
+    /// Largest request body in bytes; larger ones answer `413 payload_too_large`.
+    #[arg(long, env = "WIDGETS_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most open HTTP connections; further ones wait to be accepted.
+    #[arg(long, env = "WIDGETS_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Page cache of the embedded store, in bytes.
+    #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 128 << 20)]
+    pub sled_cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Cmd {
+    /// Serve the API (the default).
+    Serve,
+}
+
+impl Config {
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            fsync: self.fsync,
+            fsync_interval: self.fsync_interval,
+            wal_segment_bytes: self.wal_segment_bytes,
+            wal_max_bytes: self.wal_max_bytes,
+            wal_recovery: self.wal_recovery,
+            queue_depth: self.write_queue as usize,
+            max_dirty: self.max_dirty as usize,
+            flush_batch_size: self.flush_batch as usize,
+        }
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data_dir.join("wal")
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_bad_values() {
+        let c = Config::try_parse_from(["widgets"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.fsync, FsyncMode::Always);
+        assert_eq!(c.flush_interval, Duration::from_secs(1));
+        let c = Config::try_parse_from(["widgets", "--fsync", "interval", "--flush-interval", "250ms"]).unwrap();
+        assert_eq!((c.fsync, c.flush_interval), (FsyncMode::Interval, Duration::from_millis(250)));
+        for bad in [
+            &["widgets", "--fsync", "sometimes"][..],
+            &["widgets", "--listen", "nowhere"],
+            &["widgets", "--flush-interval", "soon"],
+            &["widgets", "--flush-batch", "0"],
+            &["widgets", "--wal-segment-bytes", "10"],
+        ] {
+            assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

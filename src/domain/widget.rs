@@ -1,0 +1,112 @@
+//! The widget record as the hot state holds it, the change records that carry post-images,
+//! and the JSON view the API returns.
+
+use super::values::{Name, PortType, Ports, Serial};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// A widget's state, without its serial (the serial is the map key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Widget {
+    pub name: Name,
+    pub ports: Ports,
+    /// The peer on each port, indexed by [`PortType::index`]; always `None` for a port the
+    /// widget does not have.
+    pub peers: [Option<Serial>; 3],
+    /// The LSN of the last change that touched this widget: it only grows, so a durable
+    /// store can refuse to write older state over newer.
+    pub version: u64,
+}
+
+impl Widget {
+    pub fn new(name: Name, ports: Ports) -> Self {
+        Self {
+            name,
+            ports,
+            peers: [None, None, None],
+            version: 0,
+        }
+    }
+
+    pub fn peer(&self, port: PortType) -> Option<&Serial> {
+        self.peers[port.index()].as_ref()
+    }
+
+    pub fn view(&self, serial: &Serial) -> WidgetView {
+        WidgetView {
+            serial_number: serial.to_string(),
+            name: self.name.as_str().to_owned(),
+            ports: self.ports.iter().collect(),
+            associations: Associations(
+                self.ports
+                    .iter()
+                    .map(|p| (p, self.peer(p).map(|s| s.to_string())))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// One widget's post-image in a WAL record: its whole new state, or its deletion.
+/// Applying a change twice is harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Put { serial: Serial, widget: Widget },
+    Delete { serial: Serial },
+}
+
+impl Change {
+    pub fn serial(&self) -> &Serial {
+        match self {
+            Change::Put { serial, .. } | Change::Delete { serial } => serial,
+        }
+    }
+}
+
+/// A widget as the API returns it: ports in canonical order, one `associations` key per
+/// port the widget has, `null` where that port is free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "serial_number": "123", "name": "widget1", "ports": ["P", "R"],
+    "associations": {"P": "321", "R": null}
+}))]
+pub struct WidgetView {
+    pub serial_number: String,
+    pub name: String,
+    pub ports: Vec<PortType>,
+    #[schema(value_type = std::collections::HashMap<String, Option<String>>)]
+    pub associations: Associations,
+}
+
+/// A widget's ports and their peers, serialized as a JSON object in canonical port order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Associations(pub Vec<(PortType, Option<String>)>);
+
+impl Serialize for Associations {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (port, peer) in &self.0 {
+            map.serialize_entry(port.as_str(), peer)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_is_canonical() {
+        let mut w = Widget::new(
+            Name::parse("name", "widget1").unwrap(),
+            Ports::from_list("ports", &[PortType::Q, PortType::P, PortType::R]).unwrap(),
+        );
+        w.peers[PortType::R.index()] = Some(Serial::parse("s", "321").unwrap());
+        let json = serde_json::to_string(&w.view(&Serial::parse("s", "123").unwrap())).unwrap();
+        assert_eq!(
+            json,
+            r#"{"serial_number":"123","name":"widget1","ports":["P","R","Q"],"associations":{"P":null,"R":"321","Q":null}}"#
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The one HTTP error type: a stable `code`, a status, and the JSON body
+//! `{"error": {"code": ..., "message": ...}}`. A 5xx never carries internals; the detail
+//! is logged where it happens.
+
+use crate::domain::{DomainError, ValidationError};
+use crate::engine::WriteError;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// Seconds a client is told to wait before retrying a `503`.
+const RETRY_AFTER_SECS: &str = "1";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    Validation(#[from] ValidationError),
+    #[error("request body is larger than the limit (--max-body-bytes)")]
+    PayloadTooLarge,
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("no route for {0}")]
+    NoRoute(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the service is still recovering; try again shortly")]
+    NotReady,
+    #[error("{0}; try again shortly")]
+    Overloaded(&'static str),
+    #[error("no disk space left for the write-ahead log; the write was not made")]
+    DiskFull,
+    #[error("the write could not be logged and was not made; try again")]
+    StorageError,
+    #[error("the write-ahead log has failed; this instance no longer accepts writes")]
+    WalFailed,
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Domain(d) => ApiError::Domain(d),
+            WriteError::Overloaded(why) => ApiError::Overloaded(why),
+            WriteError::DiskFull => ApiError::DiskFull,
+            WriteError::Storage => ApiError::StorageError,
+            // The reason was logged when the WAL failed; clients get no internals.
+            WriteError::WalFailed(_) => ApiError::WalFailed,
+        }
+    }
+}
+
+impl ApiError {
+    /// The stable, snake_case word a program can branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::Validation(_) => "validation_failed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Domain(DomainError::WidgetExists(_)) => "widget_exists",
+            ApiError::Domain(DomainError::NotFound(_)) => "widget_not_found",
+            ApiError::Domain(DomainError::PortNotAvailable { .. }) => "port_not_available",
+            ApiError::Domain(DomainError::SelfAssociation(_)) => "self_association",
+            ApiError::NoRoute(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::NotReady => "not_ready",
+            ApiError::Overloaded(_) => "overloaded",
+            ApiError::DiskFull => "disk_full",
+            ApiError::StorageError => "storage_error",
+            ApiError::WalFailed => "wal_failed",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Domain(DomainError::WidgetExists(_)) => StatusCode::CONFLICT,
+            ApiError::Domain(DomainError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ApiError::Domain(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotReady
+            | ApiError::Overloaded(_)
+            | ApiError::DiskFull
+            | ApiError::StorageError
+            | ApiError::WalFailed => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether the client may retry the same request after a pause.
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ApiError::NotReady | ApiError::Overloaded(_) | ApiError::DiskFull | ApiError::StorageError
+        )
+    }
+}
+
+/// The error body, as the OpenAPI document describes it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case word, e.g. `widget_not_found`.
+    pub code: String,
+    /// For people: names the offending field or serial.
+    pub message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_owned(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (self.status(), Json(body)).into_response();
+        if self.retryable() {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
+    }
+}

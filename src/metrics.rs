@@ -1,0 +1,55 @@
+//! Prometheus metrics. Counters and histograms are recorded where things happen (requests
+//! here, WAL fsyncs in the WAL, flushes in the flusher); gauges that describe state (dirty
+//! widgets, flush lag, WAL bytes, widgets in memory) are read at scrape time.
+
+use crate::engine::MemoryEngine;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once (every app in a test process shares it).
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let latency = [
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5,
+        ];
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("widgets_wal_group_records".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0],
+                )
+            })
+            .expect("valid histogram buckets")
+            .install_recorder()
+            .expect("installing the metrics recorder")
+    })
+}
+
+pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route.to_owned()),
+        ("status", status.to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+}
+
+/// The text exposition, with the state gauges read now.
+pub fn render(engine: Option<&MemoryEngine>) -> String {
+    let handle = handle();
+    if let Some(engine) = engine {
+        metrics::gauge!("widgets_in_memory").set(engine.len() as f64);
+        metrics::gauge!("widgets_dirty").set(engine.dirty().len() as f64);
+        metrics::gauge!("widgets_flush_lag_seconds").set(engine.dirty().lag().as_secs_f64());
+        metrics::gauge!("widgets_wal_bytes").set(engine.wal_bytes() as f64);
+        metrics::gauge!("widgets_checkpoint_lsn").set(engine.checkpoint() as f64);
+        metrics::gauge!("widgets_wal_failed").set(f64::from(u8::from(engine.failure().is_some())));
+    }
+    handle.render()
+}

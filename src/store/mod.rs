@@ -1,0 +1,43 @@
+//! The durable store the flusher writes behind to, and start-up loads from.
+//!
+//! A store holds every widget's state as of a checkpoint LSN, and writes a batch of
+//! widgets together with the checkpoint that covers them atomically: after a crash it holds
+//! either the whole batch and the new checkpoint or neither, so start-up knows exactly where
+//! WAL replay begins.
+
+pub mod sled;
+
+pub use self::sled::SledStore;
+
+use crate::domain::{Serial, Widget};
+use std::future::Future;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] ::sled::Error),
+    #[error("the store holds a damaged entry for key {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// One flush: each widget's current state (`None`: deleted) and the LSN it covers.
+#[derive(Debug, Clone)]
+pub struct FlushBatch {
+    /// Sorted by serial.
+    pub widgets: Vec<(Serial, Option<Widget>)>,
+    pub checkpoint: u64,
+}
+
+/// Called with every widget the store holds, while it loads.
+pub type Visitor = Box<dyn FnMut(Serial, Widget) + Send>;
+
+pub trait Store: Send + Sync + 'static {
+    /// Streams every widget to `visit` and returns the checkpoint LSN (0 for a new store).
+    fn load(&self, visit: Visitor) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Writes the batch and its checkpoint atomically and durably.
+    fn write_batch(&self, batch: FlushBatch)
+        -> impl Future<Output = Result<(), StoreError>> + Send;
+}

@@ -1,0 +1,83 @@
+//! The write-ahead log: what makes a write durable before it is acknowledged.
+//!
+//! # Contract
+//! - When [`WalWriter::append`] and then [`WalWriter::sync`] return `Ok`, every record of
+//!   the batch is on disk and fdatasynced; a new segment file and the WAL directory entry
+//!   naming it were fsynced before the first record went into it. Under
+//!   [`FsyncMode::Interval`] or [`FsyncMode::Never`] the caller skips `sync` and accepts
+//!   that a crash loses the records since the last one.
+//! - When `append` fails, nothing of the batch is left in the log (the segment is cut back
+//!   to where the batch began), so the log stays valid and the LSNs are not used up. If
+//!   even that cut fails, or `sync` fails, the error is [`AppendError::Fatal`]: the caller
+//!   must stop acknowledging writes. A failed fsync is never retried as if it had worked
+//!   (the kernel may have dropped the dirty pages it could not write).
+//! - Recovery ([`recover`]) replays segments in LSN order. It tolerates a torn tail: a
+//!   partial or damaged record at the very end of the newest segment with no valid record
+//!   after it is cut off with a warning. It refuses damage followed by valid records, a
+//!   damaged older segment, or a gap in the LSNs, naming the file and offset, unless the
+//!   operator chose [`RecoveryMode::Truncate`], which cuts the log at the first damage.
+//!
+//! Layout: `format` (constants and framing), `fs` (the file-system seam), `writer`
+//! (append, group sync, rotation, trimming), `recovery` (start-up replay).
+
+pub mod format;
+pub mod fs;
+mod recovery;
+mod writer;
+
+pub use format::Record;
+pub use fs::{Fault, FaultyFs, RealFs, WalFs};
+pub use recovery::{recover, Recovered};
+pub use writer::{AppendError, SegmentInfo, WalWriter};
+
+use std::io;
+use std::path::PathBuf;
+
+/// When the WAL writer fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncMode {
+    /// After every group of records, before any of them is acknowledged (the default).
+    Always,
+    /// At most once per `--fsync-interval`, like Redis's `appendfsync everysec`: a crash
+    /// loses up to that much acknowledged work.
+    Interval,
+    /// Never (the OS writes back when it likes): for benchmarks only.
+    Never,
+}
+
+/// What recovery does at damage that is not a torn tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecoveryMode {
+    /// Refuse to start, naming the file and offset (the default).
+    Strict,
+    /// Cut the log at the first damage, dropping every record after it, and start.
+    Truncate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL I/O error on {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "WAL is damaged in {} at offset {offset}: {reason}. Records after this point \
+         cannot be trusted; to cut the log here and start anyway (losing them), run with \
+         --wal-recovery truncate",
+        file.display()
+    )]
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+impl WalError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> WalError {
+        let path = path.into();
+        move |source| WalError::Io { path, source }
+    }
+}

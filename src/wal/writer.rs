@@ -1,0 +1,209 @@
+//! Appending to the log: one write and (by the caller's choice) one fdatasync per batch,
+//! segment rotation at a set size, and trimming of segments the store has absorbed.
+
+use super::format::{encode_segment_header, segment_file_name, SEGMENT_HEADER_LEN};
+use super::fs::{WalFile, WalFs};
+use super::WalError;
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A segment on disk: its first LSN, path and length in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub first_lsn: u64,
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+/// Why a batch was not appended.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The disk is full; nothing of the batch is in the log. Writing may work later.
+    #[error("no space left for the WAL: {0}")]
+    NoSpace(io::Error),
+    /// Another write error; nothing of the batch is in the log.
+    #[error("WAL write failed: {0}")]
+    Write(io::Error),
+    /// The log's state on disk is unknown: stop acknowledging writes.
+    #[error("{0}")]
+    Fatal(WalError),
+}
+
+impl AppendError {
+    fn from_write(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::StorageFull {
+            AppendError::NoSpace(e)
+        } else {
+            AppendError::Write(e)
+        }
+    }
+}
+
+pub struct WalWriter {
+    fs: Arc<dyn WalFs>,
+    dir: PathBuf,
+    sealed: VecDeque<SegmentInfo>,
+    active: SegmentInfo,
+    file: Box<dyn WalFile>,
+    segment_size: u64,
+    /// Bytes of every segment on disk, shared with whoever enforces the WAL size limit.
+    total_bytes: Arc<AtomicU64>,
+    /// Whether the active segment has bytes not yet fdatasynced.
+    unsynced: bool,
+}
+
+impl WalWriter {
+    /// Opens the log for appending after recovery: `sealed` are the segments recovery kept,
+    /// and a new active segment starts at `next_lsn`.
+    pub fn open(
+        fs: Arc<dyn WalFs>,
+        dir: &Path,
+        sealed: Vec<SegmentInfo>,
+        next_lsn: u64,
+        segment_size: u64,
+        total_bytes: Arc<AtomicU64>,
+    ) -> Result<Self, WalError> {
+        let (active, file) = create_segment(&*fs, dir, next_lsn).map_err(|e| match e {
+            AppendError::Fatal(e) => e,
+            AppendError::NoSpace(source) | AppendError::Write(source) => WalError::Io {
+                path: dir.join(segment_file_name(next_lsn)),
+                source,
+            },
+        })?;
+        let bytes = sealed.iter().map(|s| s.len).sum::<u64>() + active.len;
+        total_bytes.store(bytes, Ordering::Relaxed);
+        Ok(Self {
+            fs,
+            dir: dir.to_owned(),
+            sealed: sealed.into(),
+            active,
+            file,
+            segment_size,
+            total_bytes,
+            unsynced: false,
+        })
+    }
+
+    /// Appends a batch of framed records whose first record has `first_lsn`. On error no
+    /// byte of the batch remains in the log.
+    pub fn append(&mut self, batch: &[u8], first_lsn: u64) -> Result<(), AppendError> {
+        if self.active.len > SEGMENT_HEADER_LEN as u64
+            && self.active.len + batch.len() as u64 > self.segment_size
+        {
+            self.rotate(first_lsn)?;
+        }
+        let at = self.active.len;
+        if let Err(e) = self.file.write_all_at(batch, at) {
+            // Part of the batch may be in the file: cut it off so the log ends on a whole
+            // record, as if the batch had never been written.
+            if let Err(cut) = self.file.set_len(at) {
+                return Err(AppendError::Fatal(WalError::Io {
+                    path: self.active.path.clone(),
+                    source: io::Error::new(
+                        cut.kind(),
+                        format!("write failed ({e}) and cutting it back failed too: {cut}"),
+                    ),
+                }));
+            }
+            return Err(AppendError::from_write(e));
+        }
+        self.active.len += batch.len() as u64;
+        self.total_bytes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// fdatasyncs the active segment if it has unsynced bytes; returns whether it did.
+    /// An error here is fatal for the writer.
+    pub fn sync(&mut self) -> Result<bool, WalError> {
+        if !self.unsynced {
+            return Ok(false);
+        }
+        self.file
+            .sync_data()
+            .map_err(WalError::io(&self.active.path))?;
+        self.unsynced = false;
+        metrics::counter!("widgets_wal_fsyncs_total").increment(1);
+        Ok(true)
+    }
+
+    fn rotate(&mut self, first_lsn: u64) -> Result<(), AppendError> {
+        // The old segment must be whole on disk before records follow it in a new one.
+        self.sync().map_err(AppendError::Fatal)?;
+        let (active, file) = create_segment(&*self.fs, &self.dir, first_lsn)?;
+        self.total_bytes.fetch_add(active.len, Ordering::Relaxed);
+        let old = std::mem::replace(&mut self.active, active);
+        self.sealed.push_back(old);
+        self.file = file;
+        Ok(())
+    }
+
+    /// Deletes the segments whose every record is at or below `checkpoint` (the store
+    /// holds them). Never deletes the active segment. Returns how many it deleted.
+    pub fn trim(&mut self, checkpoint: u64) -> usize {
+        let mut removed = 0;
+        while let Some(oldest) = self.sealed.front() {
+            let next_first = self
+                .sealed
+                .get(1)
+                .map_or(self.active.first_lsn, |s| s.first_lsn);
+            if next_first > checkpoint.saturating_add(1) {
+                break;
+            }
+            if let Err(e) = self.fs.remove(&oldest.path) {
+                tracing::warn!(path = %oldest.path.display(), error = %e, "could not delete a trimmed WAL segment; will retry");
+                break;
+            }
+            self.total_bytes.fetch_sub(oldest.len, Ordering::Relaxed);
+            self.sealed.pop_front();
+            removed += 1;
+        }
+        if removed > 0 {
+            if let Err(e) = self.fs.sync_dir(&self.dir) {
+                // Harmless: a resurrected old segment only holds records below the checkpoint.
+                tracing::warn!(error = %e, "fsync of the WAL directory after trimming failed");
+            }
+        }
+        removed
+    }
+
+    /// Every segment on disk, oldest first.
+    pub fn segments(&self) -> impl Iterator<Item = &SegmentInfo> {
+        self.sealed.iter().chain(std::iter::once(&self.active))
+    }
+}
+
+/// Creates a segment file with its header, fsyncs it and the directory.
+fn create_segment(
+    fs: &dyn WalFs,
+    dir: &Path,
+    first_lsn: u64,
+) -> Result<(SegmentInfo, Box<dyn WalFile>), AppendError> {
+    let path = dir.join(segment_file_name(first_lsn));
+    let mut file = fs.create_new(&path).map_err(AppendError::from_write)?;
+    if let Err(e) = file.write_all_at(&encode_segment_header(first_lsn), 0) {
+        drop(file);
+        let _ = fs.remove(&path);
+        return Err(AppendError::from_write(e));
+    }
+    file.sync_data()
+        .map_err(|e| AppendError::Fatal(WalError::Io {
+            path: path.clone(),
+            source: e,
+        }))?;
+    fs.sync_dir(dir)
+        .map_err(|e| AppendError::Fatal(WalError::io(dir)(e)))?;
+    tracing::debug!(path = %path.display(), "new WAL segment");
+    Ok((
+        SegmentInfo {
+            first_lsn,
+            path,
+            len: SEGMENT_HEADER_LEN as u64,
+        },
+        file,
+    ))
+}
