@@ -1,0 +1,143 @@
+//! Test helpers: start the app in-process on port 0 in a fresh temp dir, with typed
+//! request helpers. Set `TEST_LOG=1` to see the app's logs.
+
+#![allow(dead_code)]
+
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Once};
+use tempfile::TempDir;
+use widgets::app::{self, RunningApp};
+use widgets::config::Config;
+use widgets::wal::{RealFs, WalFs};
+
+static TRACING: Once = Once::new();
+
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: Client,
+    /// The data directory; kept alive as long as the app (and reusable for a restart).
+    pub dir: Arc<TempDir>,
+    app: Option<RunningApp>,
+}
+
+/// A ready app with default settings in a new temp dir.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// A ready app in a new temp dir, with extra command-line settings.
+pub async fn spawn_app_with(args: &[&str]) -> TestApp {
+    let dir = Arc::new(TempDir::new().expect("temp dir"));
+    spawn_app_in(dir, args, Arc::new(RealFs)).await
+}
+
+/// A ready app on an existing data dir and file system (for restarts and fault injection).
+pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) -> TestApp {
+    let mut app = try_spawn_app_in(&dir, args, fs).await.expect("starting the app");
+    app.ready().await.expect("the app did not become ready");
+    TestApp {
+        addr: app.addr(),
+        client: Client::new(),
+        dir,
+        app: Some(app),
+    }
+}
+
+/// Starts (without waiting for recovery) an app on `dir`.
+pub async fn try_spawn_app_in(
+    dir: &Path,
+    args: &[&str],
+    fs: Arc<dyn WalFs>,
+) -> anyhow::Result<RunningApp> {
+    init_tracing();
+    let data_dir = dir.to_str().expect("utf-8 temp dir");
+    let mut argv = vec!["widgets", "--listen", "127.0.0.1:0", "--data-dir", data_dir];
+    argv.extend_from_slice(args);
+    let config = Config::try_parse_from(argv)?;
+    app::start_with_fs(config, fs).await
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends a raw body, as curl -d does (form-encoded content type).
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: &str) -> Response {
+        self.client
+            .request(method, self.url(path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.client.delete(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn create(&self, serial: &str, ports: &[&str]) -> Response {
+        let body = json!({"name": format!("widget {serial}"), "serial_number": serial, "ports": ports});
+        self.send(reqwest::Method::POST, "/widgets", &body.to_string()).await
+    }
+
+    pub async fn associate(&self, port: &str, serial: &str, peer: &str) -> Response {
+        let body = json!({"port_type": port, "widget_serial_num": serial, "peer_widget_serial_num": peer});
+        self.send(reqwest::Method::PUT, "/widgets/associations", &body.to_string()).await
+    }
+
+    pub async fn free(&self, serial: &str, port: &str) -> Response {
+        self.delete(&format!("/widgets/{serial}/associations/{port}")).await
+    }
+
+    /// The widget's JSON, or `None` on 404.
+    pub async fn widget(&self, serial: &str) -> Option<Value> {
+        let r = self.get(&format!("/widgets/{serial}")).await;
+        match r.status() {
+            StatusCode::OK => Some(r.json().await.expect("json")),
+            StatusCode::NOT_FOUND => None,
+            s => panic!("GET /widgets/{serial} answered {s}"),
+        }
+    }
+
+    /// The peer on `port` of `serial` (`None` when free).
+    pub async fn peer(&self, serial: &str, port: &str) -> Option<String> {
+        let w = self.widget(serial).await.expect("widget exists");
+        w["associations"][port].as_str().map(str::to_owned)
+    }
+
+    /// Graceful stop; the data dir stays for a restart.
+    pub async fn stop(mut self) -> Arc<TempDir> {
+        if let Some(app) = self.app.take() {
+            app.stop().await.expect("graceful stop");
+        }
+        self.dir
+    }
+}
+
+/// Reads an error body and returns its code, checking its shape.
+pub async fn error_code(r: Response) -> String {
+    let body: Value = r.json().await.expect("error body is JSON");
+    let code = body["error"]["code"].as_str().expect("error.code").to_owned();
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    code
+}
