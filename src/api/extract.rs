@@ -50,29 +50,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parses a body, telling syntax errors (400) from shape errors (422).
+/// Parses a body, telling syntax errors (400) from shape errors (422). The body is read
+/// as a JSON value first, so a syntax error anywhere wins over a shape error before it.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_data() {
-            shape_error(&path, &inner)
-        } else {
-            ApiError::InvalidJson(format!("request body is not valid JSON: {inner}"))
-        }
-    })?;
-    de.end()
+    let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::InvalidJson(format!("request body is not valid JSON: {e}")))?;
-    Ok(value)
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        shape_error(&path, &e.into_inner())
+    })
 }
 
 fn shape_error(path: &str, e: &serde_json::Error) -> ApiError {
-    // serde_json's messages end with " at line 1 column 9": useless to a client.
-    let message = e.to_string();
-    let reason = message
-        .rsplit_once(" at line ")
-        .map_or(message.as_str(), |(head, _)| head);
+    let reason = e.to_string();
+    let reason = reason.as_str();
     let field = if path == "." {
         // "missing field `name`" is reported at the root; name the field itself.
         reason
