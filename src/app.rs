@@ -59,7 +59,10 @@ impl RunningApp {
     }
 
     /// Runs until the app stops by itself (recovery failed) or `signal` completes.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         tokio::pin!(signal);
         let shutdown = self.shutdown.clone();
         let mut task = self.task;
@@ -98,11 +101,18 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     let state = AppState::new();
     let shutdown = CancellationToken::new();
     let router = api::router(state.clone(), config.max_body_bytes);
-    let serve = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let serve =
+        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { serve.await });
     let (recovered_tx, recovery) = watch::channel(None);
-    let task = tokio::spawn(supervise(config, fs, state, shutdown.clone(), server, recovered_tx));
+    let task = tokio::spawn(supervise(
+        config,
+        fs,
+        state,
+        shutdown.clone(),
+        server,
+        recovered_tx,
+    ));
     Ok(RunningApp {
         addr,
         shutdown,
@@ -141,7 +151,8 @@ async fn supervise(
 
     let flusher_stop = CancellationToken::new();
     let flusher = tokio::spawn(
-        Flusher::new(engine.clone(), store.clone(), config.flush_interval).run(flusher_stop.clone()),
+        Flusher::new(engine.clone(), store.clone(), config.flush_interval)
+            .run(flusher_stop.clone()),
     );
     shutdown.cancelled().await;
     let served = server.await;
@@ -154,7 +165,9 @@ async fn supervise(
                 tracing::info!(count, "final flush done");
                 break;
             }
-            Err(e) => tracing::warn!(error = %e, attempt, "final flush failed; the WAL keeps every change"),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "final flush failed; the WAL keeps every change")
+            }
         }
     }
     tokio::task::spawn_blocking(move || engine.stop())
@@ -175,7 +188,12 @@ async fn recover(
     let cache = config.sled_cache_bytes;
     let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir, cache))
         .await?
-        .with_context(|| format!("opening the embedded store in {}", config.store_dir().display()))?;
+        .with_context(|| {
+            format!(
+                "opening the embedded store in {}",
+                config.store_dir().display()
+            )
+        })?;
     let map = Arc::new(crate::engine::memory::WidgetMap::new());
     let sink = map.clone();
     let checkpoint = store
@@ -185,7 +203,12 @@ async fn recover(
         .await
         .context("loading the embedded store")?;
     let map = Arc::try_unwrap(map).map_err(|_| anyhow::anyhow!("the store kept the map"))?;
-    tracing::info!(widgets = map.len(), checkpoint, elapsed_ms = started.elapsed().as_millis() as u64, "store loaded");
+    tracing::info!(
+        widgets = map.len(),
+        checkpoint,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "store loaded"
+    );
     let wal_dir = config.wal_dir();
     let settings = config.engine_settings();
     let engine = tokio::task::spawn_blocking(move || {

@@ -127,8 +127,18 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.fsync, FsyncMode::Always);
         assert_eq!(c.flush_interval, Duration::from_secs(1));
-        let c = Config::try_parse_from(["widgets", "--fsync", "interval", "--flush-interval", "250ms"]).unwrap();
-        assert_eq!((c.fsync, c.flush_interval), (FsyncMode::Interval, Duration::from_millis(250)));
+        let c = Config::try_parse_from([
+            "widgets",
+            "--fsync",
+            "interval",
+            "--flush-interval",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.fsync, c.flush_interval),
+            (FsyncMode::Interval, Duration::from_millis(250))
+        );
         for bad in [
             &["widgets", "--fsync", "sometimes"][..],
             &["widgets", "--listen", "nowhere"],

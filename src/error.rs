@@ -98,7 +98,10 @@ impl ApiError {
     fn retryable(&self) -> bool {
         matches!(
             self,
-            ApiError::NotReady | ApiError::Overloaded(_) | ApiError::DiskFull | ApiError::StorageError
+            ApiError::NotReady
+                | ApiError::Overloaded(_)
+                | ApiError::DiskFull
+                | ApiError::StorageError
         )
     }
 }

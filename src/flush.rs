@@ -205,7 +205,10 @@ mod tests {
             peer: s("w1"),
         };
         engine.execute(assoc).await.unwrap();
-        engine.execute(Command::Delete { serial: s("w2") }).await.unwrap();
+        engine
+            .execute(Command::Delete { serial: s("w2") })
+            .await
+            .unwrap();
         let segments_before = std::fs::read_dir(&wal_dir).unwrap().count();
         assert!(segments_before > 1, "the test needs a rotated WAL");
 
@@ -216,7 +219,11 @@ mod tests {
         assert_eq!(engine.checkpoint(), 0);
 
         store.down.store(false, Ordering::SeqCst);
-        assert_eq!(flusher.flush_once().await.unwrap(), 30, "29 widgets and one deletion");
+        assert_eq!(
+            flusher.flush_once().await.unwrap(),
+            30,
+            "29 widgets and one deletion"
+        );
         assert!(engine.dirty().is_empty());
         let (widgets, checkpoint) = stored(&sled).await;
         assert_eq!(checkpoint, 32);
@@ -224,7 +231,11 @@ mod tests {
         assert!(!widgets.contains_key(&s("w2")));
         assert_eq!(widgets[&s("w0")].peer(PortType::P), Some(&s("w1")));
         assert_eq!(widgets[&s("w1")].peer(PortType::P), Some(&s("w0")));
-        assert_eq!(widgets[&s("w1")].version, 31, "a widget's version is the LSN that last touched it");
+        assert_eq!(
+            widgets[&s("w1")].version,
+            31,
+            "a widget's version is the LSN that last touched it"
+        );
 
         // The trim runs on the sequencer thread after the checkpoint; stop() waits for it.
         tokio::task::spawn_blocking({
@@ -233,7 +244,11 @@ mod tests {
         })
         .await
         .unwrap();
-        assert_eq!(std::fs::read_dir(&wal_dir).unwrap().count(), 1, "only the active segment is left");
+        assert_eq!(
+            std::fs::read_dir(&wal_dir).unwrap().count(),
+            1,
+            "only the active segment is left"
+        );
     }
 
     #[test]

@@ -20,7 +20,13 @@ struct Server {
 impl Server {
     fn start(data_dir: &Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_widgets"))
-            .args(["--listen", "127.0.0.1:0", "--flush-interval", "200ms", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--flush-interval",
+                "200ms",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -71,7 +77,10 @@ impl Server {
 
     fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         assert!(ok.success());
         self.child.wait().expect("waiting for the server")
     }
@@ -90,7 +99,9 @@ impl StateView for Model {
 impl Model {
     fn apply(&mut self, command: &domain::Command) {
         let mut tx = Tx::new(&*self);
-        command.apply(&mut tx).expect("the model accepts what the server accepted");
+        command
+            .apply(&mut tx)
+            .expect("the model accepts what the server accepted");
         for change in tx.into_changes() {
             match change {
                 domain::Change::Put { serial, widget } => self.0.insert(serial, widget),
@@ -103,7 +114,12 @@ impl Model {
     fn peers(&self) -> HashMap<String, [Option<String>; 3]> {
         self.0
             .iter()
-            .map(|(s, w)| (s.to_string(), w.peers.clone().map(|p| p.map(|p| p.to_string()))))
+            .map(|(s, w)| {
+                (
+                    s.to_string(),
+                    w.peers.clone().map(|p| p.map(|p| p.to_string())),
+                )
+            })
             .collect()
     }
 }
@@ -112,7 +128,11 @@ fn s(x: &str) -> Serial {
     Serial::parse("s", x).unwrap()
 }
 
-async fn server_peers(client: &Client, base: &str, serials: &[String]) -> HashMap<String, [Option<String>; 3]> {
+async fn server_peers(
+    client: &Client,
+    base: &str,
+    serials: &[String],
+) -> HashMap<String, [Option<String>; 3]> {
     let mut out = HashMap::new();
     for serial in serials {
         let w: Value = client
@@ -138,7 +158,9 @@ static ACKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 /// as it can. `acked` is its model after the last acknowledged write; `maybe` is the model
 /// after the write in flight (which a crash may or may not keep).
 async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Model, Model)>>) {
-    let serials: Vec<String> = (0..WIDGETS_PER_WRITER).map(|i| format!("t{id}-w{i}")).collect();
+    let serials: Vec<String> = (0..WIDGETS_PER_WRITER)
+        .map(|i| format!("t{id}-w{i}"))
+        .collect();
     let mut rng = fastrand::Rng::with_seed(id as u64);
     for serial in &serials {
         let body = json!({"name": "crash", "serial_number": serial, "ports": ["P", "R", "Q"]});
@@ -147,7 +169,17 @@ async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Mode
             name: domain::Name::parse("n", "crash").unwrap(),
             ports: domain::Ports::from_list("p", &PortType::ALL).unwrap(),
         };
-        if !send(&client, &base, &ledger, reqwest::Method::POST, "/widgets".into(), Some(body), command).await {
+        if !send(
+            &client,
+            &base,
+            &ledger,
+            reqwest::Method::POST,
+            "/widgets".into(),
+            Some(body),
+            command,
+        )
+        .await
+        {
             return;
         }
     }
@@ -158,12 +190,34 @@ async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Mode
         let sent = if rng.u8(..4) == 0 || a == b {
             let command = domain::Command::Free { serial: s(a), port };
             let path = format!("/widgets/{a}/associations/{}", port.as_str());
-            send(&client, &base, &ledger, reqwest::Method::DELETE, path, None, command).await
+            send(
+                &client,
+                &base,
+                &ledger,
+                reqwest::Method::DELETE,
+                path,
+                None,
+                command,
+            )
+            .await
         } else {
             let body = json!({"port_type": port.as_str(), "widget_serial_num": a, "peer_widget_serial_num": b});
-            let command = domain::Command::Associate { port, serial: s(a), peer: s(b) };
+            let command = domain::Command::Associate {
+                port,
+                serial: s(a),
+                peer: s(b),
+            };
             let path = "/widgets/associations".to_owned();
-            send(&client, &base, &ledger, reqwest::Method::PUT, path, Some(body), command).await
+            send(
+                &client,
+                &base,
+                &ledger,
+                reqwest::Method::PUT,
+                path,
+                Some(body),
+                command,
+            )
+            .await
         };
         if !sent {
             return;
@@ -212,11 +266,20 @@ async fn kill_9_under_load_loses_no_acknowledged_write() {
         server.wait_ready(&client).await;
         let acked_before = ACKED.load(std::sync::atomic::Ordering::Relaxed);
         let writers = 16;
-        let ledgers: Vec<_> = (0..writers).map(|_| Arc::new(Mutex::new((Model::default(), Model::default())))).collect();
+        let ledgers: Vec<_> = (0..writers)
+            .map(|_| Arc::new(Mutex::new((Model::default(), Model::default()))))
+            .collect();
         let tasks: Vec<_> = ledgers
             .iter()
             .enumerate()
-            .map(|(i, l)| tokio::spawn(writer(client.clone(), server.base.clone(), cycle * 100 + i, l.clone())))
+            .map(|(i, l)| {
+                tokio::spawn(writer(
+                    client.clone(),
+                    server.base.clone(),
+                    cycle * 100 + i,
+                    l.clone(),
+                ))
+            })
             .collect();
         tokio::time::sleep(Duration::from_millis(700 + 300 * cycle as u64)).await;
         server.kill9();
@@ -232,24 +295,44 @@ async fn kill_9_under_load_loses_no_acknowledged_write() {
             // Widgets whose create was in flight may be missing; all others must be there.
             let mut present = Vec::new();
             for serial in &serials {
-                let r = client.get(format!("{}/widgets/{serial}", server.base)).send().await.unwrap();
+                let r = client
+                    .get(format!("{}/widgets/{serial}", server.base))
+                    .send()
+                    .await
+                    .unwrap();
                 if r.status() == StatusCode::OK {
                     present.push(serial.clone());
                 } else {
-                    assert!(!acked.0.contains_key(&s(serial)), "acknowledged create of {serial} lost");
+                    assert!(
+                        !acked.0.contains_key(&s(serial)),
+                        "acknowledged create of {serial} lost"
+                    );
                 }
             }
             let got = server_peers(&client, &server.base, &present).await;
-            let want_acked: HashMap<_, _> = acked.peers().into_iter().filter(|(k, _)| present.contains(k)).collect();
-            let want_maybe: HashMap<_, _> = maybe.peers().into_iter().filter(|(k, _)| present.contains(k)).collect();
+            let want_acked: HashMap<_, _> = acked
+                .peers()
+                .into_iter()
+                .filter(|(k, _)| present.contains(k))
+                .collect();
+            let want_maybe: HashMap<_, _> = maybe
+                .peers()
+                .into_iter()
+                .filter(|(k, _)| present.contains(k))
+                .collect();
             assert!(
                 got == want_acked || got == want_maybe,
                 "cycle {cycle}: state after restart is neither the acknowledged state nor that plus the write in flight\n got: {got:?}\nwant: {want_acked:?}"
             );
         }
         let acked = ACKED.load(std::sync::atomic::Ordering::Relaxed) - acked_before;
-        eprintln!("cycle {cycle}: {acked} writes acknowledged before kill -9, all present after restart");
-        assert!(acked >= 100, "the load acknowledged only {acked} writes before the kill");
+        eprintln!(
+            "cycle {cycle}: {acked} writes acknowledged before kill -9, all present after restart"
+        );
+        assert!(
+            acked >= 100,
+            "the load acknowledged only {acked} writes before the kill"
+        );
         server.kill9();
     }
 }
@@ -271,7 +354,10 @@ async fn graceful_stop_exits_zero_and_keeps_everything() {
     }
     let r = client
         .put(format!("{}/widgets/associations", server.base))
-        .body(json!({"port_type": "Q", "widget_serial_num": "g1", "peer_widget_serial_num": "g3"}).to_string())
+        .body(
+            json!({"port_type": "Q", "widget_serial_num": "g1", "peer_widget_serial_num": "g3"})
+                .to_string(),
+        )
         .send()
         .await
         .unwrap();
@@ -281,7 +367,12 @@ async fn graceful_stop_exits_zero_and_keeps_everything() {
 
     let server = Server::start(dir.path());
     server.wait_ready(&client).await;
-    let got = server_peers(&client, &server.base, &["g1".into(), "g2".into(), "g3".into()]).await;
+    let got = server_peers(
+        &client,
+        &server.base,
+        &["g1".into(), "g2".into(), "g3".into()],
+    )
+    .await;
     assert_eq!(got["g1"], [None, None, Some("g3".into())]);
     assert_eq!(got["g3"], [None, None, Some("g1".into())]);
     assert_eq!(got["g2"], [None, None, None]);

@@ -80,6 +80,9 @@ pub async fn free(
 ) -> Result<StatusCode, ApiError> {
     let serial = path_serial(&serial)?;
     let port = PortType::parse("port_type", &port)?;
-    state.engine()?.execute(Command::Free { serial, port }).await?;
+    state
+        .engine()?
+        .execute(Command::Free { serial, port })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -93,6 +93,11 @@ async fn track(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let started = Instant::now();
     let response = next.run(req).await;
-    metrics::record_request(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+    metrics::record_request(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }

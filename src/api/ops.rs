@@ -14,14 +14,28 @@ use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "widgets", description = "Widgets and the associations between their ports."),
+    info(
+        title = "widgets",
+        description = "Widgets and the associations between their ports."
+    ),
     paths(
-        widgets::create, widgets::read, widgets::delete,
-        associations::associate, associations::free,
-        healthz, readyz, metrics,
+        widgets::create,
+        widgets::read,
+        widgets::delete,
+        associations::associate,
+        associations::free,
+        healthz,
+        readyz,
+        metrics,
     ),
     components(schemas(
-        CreateWidget, Associate, Associated, WidgetView, PortType, ErrorBody, ErrorDetail
+        CreateWidget,
+        Associate,
+        Associated,
+        WidgetView,
+        PortType,
+        ErrorBody,
+        ErrorDetail
     ))
 )]
 pub struct ApiDoc;

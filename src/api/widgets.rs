@@ -66,7 +66,12 @@ pub async fn create(
     match engine.execute(command).await? {
         Reply::Created(view) => {
             let location = format!("/widgets/{}", view.serial_number);
-            Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(view)).into_response())
+            Ok((
+                StatusCode::CREATED,
+                [(header::LOCATION, location)],
+                Json(view),
+            )
+                .into_response())
         }
         other => {
             tracing::error!(?other, "the engine answered with the wrong kind of reply");

@@ -105,7 +105,10 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     Created(WidgetView),
-    Associated { widget: WidgetView, peer: WidgetView },
+    Associated {
+        widget: WidgetView,
+        peer: WidgetView,
+    },
     Done,
 }
 

@@ -198,7 +198,12 @@ mod tests {
 
     #[test]
     fn serial_rules() {
-        for ok in ["1", "123", "a.b_c:d-E", "550e8400-e29b-41d4-a716-446655440000"] {
+        for ok in [
+            "1",
+            "123",
+            "a.b_c:d-E",
+            "550e8400-e29b-41d4-a716-446655440000",
+        ] {
             assert_eq!(Serial::parse("s", ok).unwrap().as_str(), ok);
         }
         let too_long = "x".repeat(MAX_SERIAL_LEN + 1);
@@ -212,7 +217,12 @@ mod tests {
     fn name_rules() {
         assert!(Name::parse("name", " ~").is_ok());
         assert!(Name::parse("name", &"n".repeat(MAX_NAME_LEN)).is_ok());
-        for bad in [String::new(), "n".repeat(MAX_NAME_LEN + 1), "tab\t".into(), "ü".into()] {
+        for bad in [
+            String::new(),
+            "n".repeat(MAX_NAME_LEN + 1),
+            "tab\t".into(),
+            "ü".into(),
+        ] {
             assert_eq!(Name::parse("name", &bad).unwrap_err().field, "name");
         }
     }
@@ -224,10 +234,16 @@ mod tests {
         assert_eq!(ports.iter().collect::<Vec<_>>(), vec![P, Q]);
         assert_eq!(ports.bits(), 0b101);
         assert!(Ports::from_list("ports", &[]).is_err());
-        assert!(Ports::from_list("ports", &[P, P]).unwrap_err().reason.contains("twice"));
+        assert!(Ports::from_list("ports", &[P, P])
+            .unwrap_err()
+            .reason
+            .contains("twice"));
         assert!(Ports::from_list("ports", &[P, R, Q, P]).is_err());
         assert_eq!(Ports::from_bits(0), None);
         assert_eq!(Ports::from_bits(8), None);
-        assert_eq!(PortType::parse("port_type", "p").unwrap_err().field, "port_type");
+        assert_eq!(
+            PortType::parse("port_type", "p").unwrap_err().field,
+            "port_type"
+        );
     }
 }

@@ -110,7 +110,10 @@ mod tests {
         assert_eq!((taken.serials.len(), taken.covered_lsn), (2, 5));
         assert!(d.is_empty());
         std::thread::sleep(Duration::from_millis(5));
-        assert!(d.lag() >= Duration::from_millis(5), "an in-flight batch counts as lag");
+        assert!(
+            d.lag() >= Duration::from_millis(5),
+            "an in-flight batch counts as lag"
+        );
         d.mark([&s("b"), &s("c")], 7);
         d.restore(taken);
         assert_eq!(d.len(), 3);

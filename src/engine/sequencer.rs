@@ -85,7 +85,9 @@ impl Sequencer {
         let mut group = Vec::with_capacity(MAX_GROUP);
         loop {
             let first = if self.writer_has_unsynced_interval() {
-                match jobs.recv_timeout(self.fsync_interval.saturating_sub(self.last_sync.elapsed())) {
+                match jobs
+                    .recv_timeout(self.fsync_interval.saturating_sub(self.last_sync.elapsed()))
+                {
                     Ok(job) => job,
                     Err(RecvTimeoutError::Timeout) => {
                         self.interval_sync();

@@ -228,7 +228,10 @@ pub(crate) mod tests {
         encode_record(&mut buf, 7, &sample(7));
         for cut in 0..buf.len() {
             assert!(
-                matches!(decode_record(&buf[..cut]), Err(FrameError::Truncated { .. })),
+                matches!(
+                    decode_record(&buf[..cut]),
+                    Err(FrameError::Truncated { .. })
+                ),
                 "cut at {cut}"
             );
         }
@@ -242,7 +245,10 @@ pub(crate) mod tests {
             for bit in 0..8 {
                 let mut bad = buf.clone();
                 bad[byte] ^= 1 << bit;
-                assert!(decode_record(&bad).is_err(), "flip at {byte}.{bit} went unseen");
+                assert!(
+                    decode_record(&bad).is_err(),
+                    "flip at {byte}.{bit} went unseen"
+                );
             }
         }
     }

@@ -35,7 +35,9 @@ pub fn recover(
     for name in fs.list(dir).map_err(WalError::io(dir))? {
         match parse_segment_file_name(&name) {
             Some(first) => names.push((first, name)),
-            None => tracing::warn!(file = %name, "ignoring a file in the WAL directory that is not a segment"),
+            None => {
+                tracing::warn!(file = %name, "ignoring a file in the WAL directory that is not a segment")
+            }
         }
     }
     names.sort();
@@ -161,7 +163,10 @@ fn scan_records(
     while at < data.len() {
         let d = decode_record(&data[at..]).map_err(|e| (at, e.to_string()))?;
         if d.lsn != next {
-            return Err((at, format!("record has LSN {} where {next} was expected", d.lsn)));
+            return Err((
+                at,
+                format!("record has LSN {} where {next} was expected", d.lsn),
+            ));
         }
         each(d.lsn, d.record);
         at += d.frame_len;
@@ -205,7 +210,8 @@ fn cut_log(
         fs.remove(&path).map_err(WalError::io(&path))?;
     }
     if damage.offset <= SEGMENT_HEADER_LEN {
-        fs.remove(&damage.path).map_err(WalError::io(&damage.path))?;
+        fs.remove(&damage.path)
+            .map_err(WalError::io(&damage.path))?;
     } else {
         let mut file = fs.open(&damage.path).map_err(WalError::io(&damage.path))?;
         file.set_len(damage.offset as u64)
@@ -248,7 +254,11 @@ mod tests {
         }
     }
 
-    fn replay(dir: &Path, mode: RecoveryMode, checkpoint: u64) -> Result<(Recovered, Vec<u64>), WalError> {
+    fn replay(
+        dir: &Path,
+        mode: RecoveryMode,
+        checkpoint: u64,
+    ) -> Result<(Recovered, Vec<u64>), WalError> {
         let mut seen = Vec::new();
         let r = recover(&RealFs, dir, mode, checkpoint, |lsn, record| {
             assert_eq!(record, sample(lsn));
@@ -258,7 +268,10 @@ mod tests {
     }
 
     fn segments(dir: &Path) -> Vec<PathBuf> {
-        let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         v.sort();
         v
     }
@@ -267,7 +280,10 @@ mod tests {
     fn replays_everything_above_the_checkpoint_across_segments() {
         let dir = TempDir::new().unwrap();
         write_log(dir.path(), 100, 7, 1024);
-        assert!(segments(dir.path()).len() > 2, "the test needs several segments");
+        assert!(
+            segments(dir.path()).len() > 2,
+            "the test needs several segments"
+        );
         let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 40).unwrap();
         assert_eq!(seen, (41..=100).collect::<Vec<_>>());
         assert_eq!((r.last_lsn, r.replayed), (100, 60));
@@ -323,7 +339,9 @@ mod tests {
             }
             other => panic!("expected a corruption error, got {other:?}"),
         }
-        let msg = replay(dir.path(), RecoveryMode::Strict, 0).unwrap_err().to_string();
+        let msg = replay(dir.path(), RecoveryMode::Strict, 0)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("--wal-recovery truncate"), "{msg}");
         // Refusing changed nothing on disk.
         assert_eq!(std::fs::read(&seg).unwrap(), data);

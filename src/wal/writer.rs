@@ -190,11 +190,12 @@ fn create_segment(
         let _ = fs.remove(&path);
         return Err(AppendError::from_write(e));
     }
-    file.sync_data()
-        .map_err(|e| AppendError::Fatal(WalError::Io {
+    file.sync_data().map_err(|e| {
+        AppendError::Fatal(WalError::Io {
             path: path.clone(),
             source: e,
-        }))?;
+        })
+    })?;
     fs.sync_dir(dir)
         .map_err(|e| AppendError::Fatal(WalError::io(dir)(e)))?;
     tracing::debug!(path = %path.display(), "new WAL segment");

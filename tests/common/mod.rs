@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use clap::Parser;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -47,7 +48,9 @@ pub async fn spawn_app_with(args: &[&str]) -> TestApp {
 
 /// A ready app on an existing data dir and file system (for restarts and fault injection).
 pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) -> TestApp {
-    let mut app = try_spawn_app_in(&dir, args, fs).await.expect("starting the app");
+    let mut app = try_spawn_app_in(dir.path(), args, fs)
+        .await
+        .expect("starting the app");
     app.ready().await.expect("the app did not become ready");
     TestApp {
         addr: app.addr(),
@@ -88,25 +91,42 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        self.client.get(self.url(path)).send().await.expect("request")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn delete(&self, path: &str) -> Response {
-        self.client.delete(self.url(path)).send().await.expect("request")
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn create(&self, serial: &str, ports: &[&str]) -> Response {
-        let body = json!({"name": format!("widget {serial}"), "serial_number": serial, "ports": ports});
-        self.send(reqwest::Method::POST, "/widgets", &body.to_string()).await
+        let body =
+            json!({"name": format!("widget {serial}"), "serial_number": serial, "ports": ports});
+        self.send(reqwest::Method::POST, "/widgets", &body.to_string())
+            .await
     }
 
     pub async fn associate(&self, port: &str, serial: &str, peer: &str) -> Response {
-        let body = json!({"port_type": port, "widget_serial_num": serial, "peer_widget_serial_num": peer});
-        self.send(reqwest::Method::PUT, "/widgets/associations", &body.to_string()).await
+        let body =
+            json!({"port_type": port, "widget_serial_num": serial, "peer_widget_serial_num": peer});
+        self.send(
+            reqwest::Method::PUT,
+            "/widgets/associations",
+            &body.to_string(),
+        )
+        .await
     }
 
     pub async fn free(&self, serial: &str, port: &str) -> Response {
-        self.delete(&format!("/widgets/{serial}/associations/{port}")).await
+        self.delete(&format!("/widgets/{serial}/associations/{port}"))
+            .await
     }
 
     /// The widget's JSON, or `None` on 404.
@@ -137,7 +157,15 @@ impl TestApp {
 /// Reads an error body and returns its code, checking its shape.
 pub async fn error_code(r: Response) -> String {
     let body: Value = r.json().await.expect("error body is JSON");
-    let code = body["error"]["code"].as_str().expect("error.code").to_owned();
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    let code = body["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_owned();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     code
 }
