@@ -86,6 +86,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// A failing test must not leave a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The client's model of its own widgets: the association rules applied to what it sent.
 #[derive(Clone, Default)]
 struct Model(HashMap<Serial, Widget>);
