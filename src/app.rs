@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::engine::MemoryEngine;
 use crate::flush::Flusher;
 use crate::listener::CappedListener;
-use crate::store::{SledStore, Store};
+use crate::store::{PgStore, SledStore, Store};
 use crate::wal::{RealFs, WalFs};
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
@@ -82,9 +82,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
 
 /// [`start`], with the WAL on the given file system (tests inject faults through it).
 pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result<RunningApp> {
-    if config.database_url.is_some() {
-        bail!("DATABASE_URL is set, but this build has no PostgreSQL store yet: unset it to use the embedded store");
-    }
     if config.redis_url.is_some() {
         bail!("REDIS_URL is set, but this build has no Redis mode yet: unset it");
     }
@@ -129,71 +126,147 @@ async fn supervise(
     server: JoinHandle<std::io::Result<()>>,
     recovered: watch::Sender<Option<Result<(), String>>>,
 ) -> anyhow::Result<()> {
-    let outcome = tokio::select! {
-        r = recover(&config, fs) => r,
-        _ = shutdown.cancelled() => {
-            server.await??;
-            return Ok(());
-        }
+    let serving = Serving {
+        config,
+        fs,
+        state,
+        shutdown,
+        server,
+        recovered,
     };
-    let (engine, store) = match outcome {
-        Ok(parts) => parts,
-        Err(e) => {
-            recovered.send_replace(Some(Err(format!("{e:#}"))));
-            shutdown.cancel();
-            server.await??;
-            return Err(e);
-        }
-    };
-    state.set_engine(engine.clone());
-    recovered.send_replace(Some(Ok(())));
-    tracing::info!(widgets = engine.len(), "ready");
+    match serving.config.postgres_url().map(str::to_owned) {
+        Some(url) => match connect_postgres(&url, &serving.shutdown).await {
+            Some(store) => serving.run(store).await,
+            // Shut down while waiting for PostgreSQL.
+            None => serving.drain().await,
+        },
+        None => match open_sled(&serving.config).await {
+            Ok(store) => serving.run(store).await,
+            Err(e) => serving.fail(e).await,
+        },
+    }
+}
 
-    let flusher_stop = CancellationToken::new();
-    let flusher = tokio::spawn(
-        Flusher::new(engine.clone(), store.clone(), config.flush_interval)
-            .run(flusher_stop.clone()),
-    );
-    shutdown.cancelled().await;
-    let served = server.await;
-    flusher_stop.cancel();
-    flusher.await.context("the flusher panicked")?;
-    let last = Flusher::new(engine.clone(), store, config.flush_interval);
-    for attempt in 1..=FINAL_FLUSH_ATTEMPTS {
-        match last.flush_once().await {
-            Ok(count) => {
-                tracing::info!(count, "final flush done");
-                break;
+/// Everything one serving run needs besides its store.
+struct Serving {
+    config: Config,
+    fs: Arc<dyn WalFs>,
+    state: AppState,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    recovered: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Serving {
+    /// Start-up failed: say why, stop serving, return the error.
+    async fn fail(self, e: anyhow::Error) -> anyhow::Result<()> {
+        self.recovered.send_replace(Some(Err(format!("{e:#}"))));
+        self.shutdown.cancel();
+        self.drain().await?;
+        Err(e)
+    }
+
+    /// Waits for the HTTP server to finish its in-flight requests after shutdown.
+    async fn drain(self) -> anyhow::Result<()> {
+        self.server.await.context("the HTTP server panicked")??;
+        Ok(())
+    }
+
+    /// Recovers on `store`, serves until shutdown, then stops the flusher, flushes once
+    /// more and closes the WAL. The HTTP server itself is drained by the caller.
+    async fn run<S: Store>(self, store: S) -> anyhow::Result<()> {
+        let store = Arc::new(store);
+        let recovery = recover(&self.config, self.fs.clone(), &*store);
+        let engine = tokio::select! {
+            r = recovery => match r {
+                Ok(engine) => engine,
+                Err(e) => return self.fail(e).await,
+            },
+            _ = self.shutdown.cancelled() => return self.drain().await,
+        };
+        self.state.set_engine(engine.clone());
+        self.recovered.send_replace(Some(Ok(())));
+        tracing::info!(widgets = engine.len(), "ready");
+
+        let interval = self.config.flush_interval;
+        let flusher_stop = CancellationToken::new();
+        let flusher = tokio::spawn(
+            Flusher::new(engine.clone(), store.clone(), interval).run(flusher_stop.clone()),
+        );
+        self.shutdown.cancelled().await;
+        // In-flight requests finish (and are acknowledged) before the last flush.
+        let served = self.server.await.context("the HTTP server panicked")?;
+        flusher_stop.cancel();
+        flusher.await.context("the flusher panicked")?;
+        let last = Flusher::new(engine.clone(), store, interval);
+        for attempt in 1..=FINAL_FLUSH_ATTEMPTS {
+            match last.flush_once().await {
+                Ok(count) => {
+                    tracing::info!(count, "final flush done");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "final flush failed; the WAL keeps every change")
+                }
+            }
+        }
+        tokio::task::spawn_blocking(move || engine.stop())
+            .await
+            .context("stopping the sequencer")?;
+        served?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
+    let dir = config.store_dir();
+    let cache = config.sled_cache_bytes;
+    let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache)).await?;
+    opened.with_context(|| {
+        format!(
+            "opening the embedded store in {}",
+            config.store_dir().display()
+        )
+    })
+}
+
+/// Connects to PostgreSQL and applies migrations, retrying with backoff while it is
+/// unreachable (`/readyz` says `503` meanwhile). `None` if shutdown came first.
+async fn connect_postgres(url: &str, shutdown: &CancellationToken) -> Option<PgStore> {
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            let store = PgStore::connect(url).await?;
+            store.migrate().await?;
+            Ok::<_, crate::store::StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => {
+                tracing::info!("connected to PostgreSQL; migrations applied");
+                return Some(store);
             }
             Err(e) => {
-                tracing::warn!(error = %e, attempt, "final flush failed; the WAL keeps every change")
+                failures += 1;
+                let delay = crate::flush::backoff(failures);
+                tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64,
+                    "PostgreSQL is not reachable yet; not ready");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
             }
         }
     }
-    tokio::task::spawn_blocking(move || engine.stop())
-        .await
-        .context("stopping the sequencer")?;
-    served??;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Loads the store into a map, replays the WAL over it and starts the engine.
-async fn recover(
+async fn recover<S: Store>(
     config: &Config,
     fs: Arc<dyn WalFs>,
-) -> anyhow::Result<(Arc<MemoryEngine>, Arc<SledStore>)> {
+    store: &S,
+) -> anyhow::Result<Arc<MemoryEngine>> {
     let started = Instant::now();
-    let store_dir = config.store_dir();
-    let cache = config.sled_cache_bytes;
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&store_dir, cache))
-        .await?
-        .with_context(|| {
-            format!(
-                "opening the embedded store in {}",
-                config.store_dir().display()
-            )
-        })?;
     let map = Arc::new(crate::engine::memory::WidgetMap::new());
     let sink = map.clone();
     let checkpoint = store
@@ -201,7 +274,7 @@ async fn recover(
             sink.pin().insert(serial, widget);
         }))
         .await
-        .context("loading the embedded store")?;
+        .context("loading the durable store")?;
     let map = Arc::try_unwrap(map).map_err(|_| anyhow::anyhow!("the store kept the map"))?;
     tracing::info!(
         widgets = map.len(),
@@ -216,5 +289,18 @@ async fn recover(
     })
     .await?
     .context("recovering the WAL")?;
-    Ok((Arc::new(engine), Arc::new(store)))
+    Ok(Arc::new(engine))
+}
+
+/// `widgets migrate`: applies the migrations to `DATABASE_URL`.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let url = config
+        .postgres_url()
+        .context("widgets migrate needs DATABASE_URL (or --database-url)")?;
+    let store = PgStore::connect(url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("applying migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
 }

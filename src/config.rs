@@ -12,7 +12,7 @@ use std::time::Duration;
 /// in memory, makes every write durable in a local write-ahead log before answering, and
 /// writes behind to a durable store.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "widgets", version, about, long_about = None)]
+#[command(name = "widgets", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
     #[command(subcommand)]
     pub command: Option<Cmd>,
@@ -25,9 +25,9 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// PostgreSQL URL for the durable store. Not supported by this build yet: without it
-    /// the embedded store in the data directory is used.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    /// PostgreSQL URL for the durable store (e.g. postgres://user@host:5432/widgets). Unset
+    /// or empty: the embedded store in the data directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 
     /// Redis URL for the shared hot state of several instances. Not supported by this
@@ -92,9 +92,18 @@ pub struct Config {
 pub enum Cmd {
     /// Serve the API (the default).
     Serve,
+    /// Apply the PostgreSQL migrations to DATABASE_URL and exit (serving applies them too).
+    Migrate,
 }
 
 impl Config {
+    /// The PostgreSQL URL, if one is set (an empty one means none).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+    }
+
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
             fsync: self.fsync,

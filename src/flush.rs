@@ -42,17 +42,14 @@ impl<S: Store> Flusher<S> {
             dirty.done(taken);
             return Ok(0);
         }
-        let mut widgets = self.engine.snapshot(taken.serials.clone());
-        widgets.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let count = widgets.len();
+        let mut items = self.engine.snapshot(taken.serials.clone());
+        items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+        let count = items.len();
         let checkpoint = taken.covered_lsn;
         let started = Instant::now();
         match self
             .store
-            .write_batch(FlushBatch {
-                widgets,
-                checkpoint,
-            })
+            .write_batch(FlushBatch { items, checkpoint })
             .await
         {
             Ok(()) => {

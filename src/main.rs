@@ -2,7 +2,7 @@ use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
-use widgets::config::Config;
+use widgets::config::{Cmd, Config};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -30,8 +30,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let app = widgets::app::start(config).await?;
-    app.run_until(shutdown_signal()).await
+    match config.command {
+        Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
+        Some(Cmd::Serve) | None => {
+            let app = widgets::app::start(config).await?;
+            app.run_until(shutdown_signal()).await
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.

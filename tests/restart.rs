@@ -1,98 +1,15 @@
 //! Restart tests with the real binary: `kill -9` in the middle of a write load loses no
 //! acknowledged write, and a graceful stop (SIGTERM) exits 0 with everything kept.
 
+mod common;
+
+use common::binary::Server;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use widgets::domain::{self, PortType, Serial, StateView, Tx, Widget};
-
-/// The real binary, serving on a free port in `data_dir`.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data_dir: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_widgets"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--flush-interval",
-                "200ms",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the widgets binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                    }
-                }
-                if std::env::var_os("TEST_LOG").is_some() {
-                    eprintln!("[server] {line}");
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server did not log its address");
-        Server {
-            child,
-            base: format!("http://{addr}"),
-        }
-    }
-
-    async fn wait_ready(&self, client: &Client) {
-        for _ in 0..600 {
-            if let Ok(r) = client.get(format!("{}/readyz", self.base)).send().await {
-                if r.status() == StatusCode::OK {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the server did not become ready");
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaping the server");
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let ok = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        assert!(ok.success());
-        self.child.wait().expect("waiting for the server")
-    }
-}
-
-impl Drop for Server {
-    /// A failing test must not leave a server running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The client's model of its own widgets: the association rules applied to what it sent.
 #[derive(Clone, Default)]
@@ -270,7 +187,7 @@ async fn kill_9_under_load_loses_no_acknowledged_write() {
     let dir = tempfile::TempDir::new().unwrap();
     let client = Client::new();
     for cycle in 0..3 {
-        let server = Server::start(dir.path());
+        let server = Server::start(dir.path(), &[]);
         server.wait_ready(&client).await;
         let acked_before = ACKED.load(std::sync::atomic::Ordering::Relaxed);
         let writers = 16;
@@ -295,7 +212,7 @@ async fn kill_9_under_load_loses_no_acknowledged_write() {
             t.await.unwrap();
         }
 
-        let server = Server::start(dir.path());
+        let server = Server::start(dir.path(), &[]);
         server.wait_ready(&client).await;
         for ledger in &ledgers {
             let (acked, maybe) = ledger.lock().unwrap().clone();
@@ -349,7 +266,7 @@ async fn kill_9_under_load_loses_no_acknowledged_write() {
 async fn graceful_stop_exits_zero_and_keeps_everything() {
     let dir = tempfile::TempDir::new().unwrap();
     let client = Client::new();
-    let server = Server::start(dir.path());
+    let server = Server::start(dir.path(), &[]);
     server.wait_ready(&client).await;
     for serial in ["g1", "g2", "g3"] {
         let r = client
@@ -373,7 +290,7 @@ async fn graceful_stop_exits_zero_and_keeps_everything() {
     let status = server.terminate();
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 
-    let server = Server::start(dir.path());
+    let server = Server::start(dir.path(), &[]);
     server.wait_ready(&client).await;
     let got = server_peers(
         &client,

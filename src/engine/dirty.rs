@@ -1,11 +1,49 @@
-//! The dirty set: serials changed since the durable store last took them, with the LSN the
-//! set covers and how old its oldest change is (the flush lag).
+//! The dirty set: serials changed since the durable store last took them, what about each
+//! changed (so a store can write only those rows), the LSN the set covers, and how old its
+//! oldest change is (the flush lag).
 
-use crate::domain::Serial;
-use std::collections::HashSet;
+use crate::domain::{Change, Serial, Widget};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// What changed about one widget since the store last took it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mark {
+    /// The widget row itself: created, deleted, or deleted and created again.
+    pub row: bool,
+    /// Bitmask (by port index) of the ports whose peer changed.
+    pub ports: u8,
+}
+
+impl Mark {
+    /// What `change` changes about a widget whose state before it was `before`.
+    pub fn of(before: Option<&Widget>, change: &Change) -> Mark {
+        let peers_before = before.map(|w| &w.peers);
+        let after = match change {
+            Change::Put { widget, .. } => Some(&widget.peers),
+            Change::Delete { .. } => None,
+        };
+        let mut ports = 0;
+        for i in 0..3 {
+            let a = peers_before.and_then(|p| p[i].as_ref());
+            let b = after.and_then(|p| p[i].as_ref());
+            if a != b {
+                ports |= 1 << i;
+            }
+        }
+        Mark {
+            row: before.is_none() || after.is_none(),
+            ports,
+        }
+    }
+
+    fn merge(&mut self, other: Mark) {
+        self.row |= other.row;
+        self.ports |= other.ports;
+    }
+}
 
 #[derive(Default)]
 pub struct DirtySet {
@@ -16,7 +54,7 @@ pub struct DirtySet {
 
 #[derive(Default)]
 struct Inner {
-    serials: HashSet<Serial>,
+    serials: HashMap<Serial, Mark>,
     /// Every change at or below this LSN has its serial in `serials` or in a taken batch.
     covered_lsn: u64,
     /// When the oldest change not yet in the store was made: in `serials`...
@@ -25,19 +63,22 @@ struct Inner {
     in_flight_since: Option<Instant>,
 }
 
-/// What a flusher takes: the serials, and the LSN their current state covers.
+/// What a flusher takes: the serials and what changed about each, and the LSN their
+/// current state covers.
 #[derive(Debug)]
 pub struct Taken {
-    pub serials: Vec<Serial>,
+    pub serials: Vec<(Serial, Mark)>,
     pub covered_lsn: u64,
     since: Option<Instant>,
 }
 
 impl DirtySet {
     /// Marks serials changed by records up to `lsn`; returns the set's new size.
-    pub fn mark<'a>(&self, serials: impl IntoIterator<Item = &'a Serial>, lsn: u64) -> usize {
+    pub fn mark(&self, marks: impl IntoIterator<Item = (Serial, Mark)>, lsn: u64) -> usize {
         let mut inner = self.inner.lock().expect("dirty set lock");
-        inner.serials.extend(serials.into_iter().cloned());
+        for (serial, mark) in marks {
+            inner.serials.entry(serial).or_default().merge(mark);
+        }
         inner.covered_lsn = inner.covered_lsn.max(lsn);
         if inner.since.is_none() && !inner.serials.is_empty() {
             inner.since = Some(Instant::now());
@@ -50,7 +91,7 @@ impl DirtySet {
     /// Takes the whole set for a flush.
     pub fn take(&self) -> Taken {
         let mut inner = self.inner.lock().expect("dirty set lock");
-        let serials: Vec<Serial> = inner.serials.drain().collect();
+        let serials: Vec<(Serial, Mark)> = inner.serials.drain().collect();
         let since = inner.since.take();
         inner.in_flight_since = since;
         self.len.store(0, Ordering::Relaxed);
@@ -69,7 +110,9 @@ impl DirtySet {
     /// The flush of `taken` failed: its serials are dirty again.
     pub fn restore(&self, taken: Taken) {
         let mut inner = self.inner.lock().expect("dirty set lock");
-        inner.serials.extend(taken.serials);
+        for (serial, mark) in taken.serials {
+            inner.serials.entry(serial).or_default().merge(mark);
+        }
         inner.since = match (inner.since, taken.since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -100,12 +143,69 @@ impl DirtySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Name, PortType, Ports};
+
+    #[test]
+    fn marks_name_exactly_what_changed() {
+        let s = |x: &str| Serial::parse("s", x).unwrap();
+        let new = Widget::new(
+            Name::parse("n", "w").unwrap(),
+            Ports::from_list("p", &PortType::ALL).unwrap(),
+        );
+        let put = |w: &Widget| Change::Put {
+            serial: s("a"),
+            widget: w.clone(),
+        };
+        assert_eq!(
+            Mark::of(None, &put(&new)),
+            Mark {
+                row: true,
+                ports: 0
+            }
+        );
+        let mut plugged = new.clone();
+        plugged.peers[PortType::R.index()] = Some(s("b"));
+        assert_eq!(
+            Mark::of(Some(&new), &put(&plugged)),
+            Mark {
+                row: false,
+                ports: 0b010
+            }
+        );
+        let mut replugged = plugged.clone();
+        replugged.peers[PortType::R.index()] = Some(s("c"));
+        replugged.peers[PortType::Q.index()] = Some(s("d"));
+        assert_eq!(
+            Mark::of(Some(&plugged), &put(&replugged)),
+            Mark {
+                row: false,
+                ports: 0b110
+            }
+        );
+        assert_eq!(Mark::of(Some(&plugged), &put(&plugged)), Mark::default());
+        let delete = Change::Delete { serial: s("a") };
+        assert_eq!(
+            Mark::of(Some(&replugged), &delete),
+            Mark {
+                row: true,
+                ports: 0b110
+            }
+        );
+    }
 
     #[test]
     fn take_restore_keeps_everything_and_the_oldest_time() {
         let d = DirtySet::default();
         let s = |x: &str| Serial::parse("s", x).unwrap();
-        assert_eq!(d.mark([&s("a"), &s("b")], 5), 2);
+        let row = Mark {
+            row: true,
+            ports: 0,
+        };
+        let port_p = Mark {
+            row: false,
+            ports: 1,
+        };
+        assert_eq!(d.mark([(s("a"), row), (s("b"), row)], 5), 2);
         let taken = d.take();
         assert_eq!((taken.serials.len(), taken.covered_lsn), (2, 5));
         assert!(d.is_empty());
@@ -114,11 +214,20 @@ mod tests {
             d.lag() >= Duration::from_millis(5),
             "an in-flight batch counts as lag"
         );
-        d.mark([&s("b"), &s("c")], 7);
+        d.mark([(s("b"), port_p), (s("c"), port_p)], 7);
         d.restore(taken);
         assert_eq!(d.len(), 3);
-        let again = d.take();
+        let mut again = d.take();
+        again.serials.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(again.covered_lsn, 7);
+        let merged = Mark {
+            row: true,
+            ports: 1,
+        };
+        assert_eq!(
+            again.serials,
+            vec![(s("a"), row), (s("b"), merged), (s("c"), port_p)]
+        );
         d.done(again);
         assert_eq!(d.lag(), Duration::ZERO);
     }

@@ -7,10 +7,11 @@
 //! `apply_lock`'s write side, and reads take its read side, so no reader sees one side of
 //! an association change without the other.
 
-use super::dirty::DirtySet;
+use super::dirty::{DirtySet, Mark};
 use super::sequencer::{self, Job};
 use super::WriteError;
 use crate::domain::{Change, Command, Reply, Serial, Widget};
+use crate::store::FlushItem;
 use crate::wal::{self, FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +75,11 @@ impl MemoryEngine {
                 settings.wal_recovery,
                 checkpoint,
                 |lsn, record| {
-                    dirty.mark(record.changes.iter().map(Change::serial), lsn);
+                    let marks = record.changes.iter().map(|c| {
+                        let mark = Mark::of(map.get(c.serial(), &guard), c);
+                        (c.serial().clone(), mark)
+                    });
+                    dirty.mark(marks.collect::<Vec<_>>(), lsn);
                     for change in record.changes {
                         apply(&map, &guard, change);
                     }
@@ -171,13 +176,14 @@ impl MemoryEngine {
     }
 
     /// The current state of each serial (`None`: deleted), for a flush.
-    pub fn snapshot(&self, serials: Vec<Serial>) -> Vec<(Serial, Option<Widget>)> {
+    pub fn snapshot(&self, serials: Vec<(Serial, Mark)>) -> Vec<FlushItem> {
         let map = self.shared.map.pin();
         serials
             .into_iter()
-            .map(|s| {
-                let w = map.get(&s).cloned();
-                (s, w)
+            .map(|(serial, mark)| FlushItem {
+                widget: map.get(&serial).cloned(),
+                serial,
+                mark,
             })
             .collect()
     }

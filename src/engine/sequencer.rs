@@ -7,6 +7,7 @@
 //! and form the next group, so under load many requests share one fsync. Blocking file
 //! I/O stays on this thread, off the async workers.
 
+use super::dirty::Mark;
 use super::memory::{apply, Shared};
 use super::WriteError;
 use crate::domain::{Change, Command, Reply, Serial, StateView, Tx, Widget};
@@ -73,10 +74,18 @@ struct GroupView<'a> {
 
 impl StateView for GroupView<'_> {
     fn get(&self, serial: &Serial) -> Option<Widget> {
-        match self.pending.get(serial) {
-            Some(w) => w.clone(),
-            None => self.shared.map.pin().get(serial).cloned(),
-        }
+        view_get(self.shared, self.pending, serial)
+    }
+}
+
+fn view_get(
+    shared: &Shared,
+    pending: &HashMap<Serial, Option<Widget>>,
+    serial: &Serial,
+) -> Option<Widget> {
+    match pending.get(serial) {
+        Some(w) => w.clone(),
+        None => shared.map.pin().get(serial).cloned(),
     }
 }
 
@@ -144,6 +153,7 @@ impl Sequencer {
         let mut answers: Vec<(oneshot::Sender<Result<Reply, WriteError>>, Reply)> = Vec::new();
         let mut pending: HashMap<Serial, Option<Widget>> = HashMap::new();
         let mut changes: Vec<Change> = Vec::new();
+        let mut marks: Vec<(Serial, Mark)> = Vec::new();
         let first_lsn = self.next_lsn;
         let mut lsn = first_lsn;
         self.buf.clear();
@@ -190,6 +200,8 @@ impl Sequencer {
                 }
                 encode_record(&mut self.buf, lsn, &record);
                 for change in &record.changes {
+                    let before = view_get(&self.shared, &pending, change.serial());
+                    marks.push((change.serial().clone(), Mark::of(before.as_ref(), change)));
                     let post = match change {
                         Change::Put { widget, .. } => Some(widget.clone()),
                         Change::Delete { .. } => None,
@@ -213,10 +225,7 @@ impl Sequencer {
             {
                 let _applying = self.shared.apply_lock.write().expect("apply lock");
                 let guard = self.shared.map.guard();
-                let dirty = self
-                    .shared
-                    .dirty
-                    .mark(changes.iter().map(Change::serial), lsn - 1);
+                let dirty = self.shared.dirty.mark(marks, lsn - 1);
                 for change in changes {
                     apply(&self.shared.map, &guard, change);
                 }

@@ -5,11 +5,14 @@
 //! either the whole batch and the new checkpoint or neither, so start-up knows exactly where
 //! WAL replay begins.
 
+pub mod postgres;
 pub mod sled;
 
+pub use self::postgres::PgStore;
 pub use self::sled::SledStore;
 
 use crate::domain::{Serial, Widget};
+use crate::engine::dirty::Mark;
 use std::future::Future;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,15 +21,27 @@ pub enum StoreError {
     Sled(#[from] ::sled::Error),
     #[error("the store holds a damaged entry for key {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("PostgreSQL migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store task failed: {0}")]
     Task(String),
 }
 
-/// One flush: each widget's current state (`None`: deleted) and the LSN it covers.
+/// One widget in a flush: its current state (`None`: deleted) and what changed about it
+/// since the last flush (a store may write only that).
+#[derive(Debug, Clone)]
+pub struct FlushItem {
+    pub serial: Serial,
+    pub mark: Mark,
+    pub widget: Option<Widget>,
+}
+
+/// One flush: the changed widgets, sorted by serial, and the LSN their state covers.
 #[derive(Debug, Clone)]
 pub struct FlushBatch {
-    /// Sorted by serial.
-    pub widgets: Vec<(Serial, Option<Widget>)>,
+    pub items: Vec<FlushItem>,
     pub checkpoint: u64,
 }
 

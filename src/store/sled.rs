@@ -59,14 +59,16 @@ impl SledStore {
 
     fn write_blocking(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
-        for (serial, widget) in &batch.widgets {
-            match widget {
+        // A key-value store keeps whole widgets, so every changed widget is written whole.
+        for item in &batch.items {
+            let key = item.serial.as_str().as_bytes();
+            match &item.widget {
                 Some(w) => {
                     let value = bincode::serde::encode_to_vec(w, bincode::config::standard())
                         .expect("encoding a widget into memory");
-                    b.insert(serial.as_str().as_bytes(), value);
+                    b.insert(key, value);
                 }
-                None => b.remove(serial.as_str().as_bytes()),
+                None => b.remove(key),
             }
         }
         b.insert(CHECKPOINT_KEY, &batch.checkpoint.to_be_bytes());

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod pg;
+
 use clap::Parser;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
@@ -68,7 +71,16 @@ pub async fn try_spawn_app_in(
 ) -> anyhow::Result<RunningApp> {
     init_tracing();
     let data_dir = dir.to_str().expect("utf-8 temp dir");
-    let mut argv = vec!["widgets", "--listen", "127.0.0.1:0", "--data-dir", data_dir];
+    // An empty --database-url means the embedded store, whatever DATABASE_URL says; PostgreSQL
+    // tests pass their own --database-url later in `args`, which wins.
+    let mut argv = vec![
+        "widgets",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+        "--database-url=",
+    ];
     argv.extend_from_slice(args);
     let config = Config::try_parse_from(argv)?;
     app::start_with_fs(config, fs).await

@@ -1,0 +1,296 @@
+//! The PostgreSQL store: `widgets` rows, one narrow table per port type for associations
+//! (both directions stored), and the checkpoint LSN, all written in one transaction per
+//! flush (schema in `migrations/`).
+//!
+//! A flush writes only what changed: the widget row when a widget was created or deleted,
+//! and the association rows of the ports whose peer changed. Rows are written with
+//! `UNNEST` arrays in key order, and an upsert or delete only touches a row whose stored
+//! version is older, so a retried or reordered batch never writes older state over newer.
+//! A row PostgreSQL refuses for a reason a retry cannot fix (a constraint, bad data) is
+//! found by bisecting the batch under savepoints, logged with its serial, and kept in
+//! `flush_rejects`; the rest of the batch and the checkpoint commit, so one bad row never
+//! blocks every flush behind it.
+
+use super::{FlushBatch, FlushItem, Store, StoreError, Visitor};
+use crate::domain::{Name, PortType, Ports, Serial, Widget};
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// The association table of each port type, by port index.
+const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "associations_q"];
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects (without applying migrations). Fails fast if the server is unreachable.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies the migrations in `migrations/` that are not applied yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn write_items(
+        tx: &mut Transaction<'_, Postgres>,
+        items: &[FlushItem],
+    ) -> Result<(), sqlx::Error> {
+        // Widget rows: created (or created again) widgets are upserted...
+        let created: Vec<(&Serial, &Widget)> = items
+            .iter()
+            .filter(|i| i.mark.row)
+            .filter_map(|i| i.widget.as_ref().map(|w| (&i.serial, w)))
+            .collect();
+        if !created.is_empty() {
+            sqlx::query(
+                "INSERT INTO widgets (serial_number, name, ports, version) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int8[]) \
+                 ON CONFLICT (serial_number) DO UPDATE \
+                 SET name = excluded.name, ports = excluded.ports, version = excluded.version, \
+                     updated_at = now() \
+                 WHERE widgets.version < excluded.version",
+            )
+            .bind(created.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>())
+            .bind(
+                created
+                    .iter()
+                    .map(|(_, w)| w.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                created
+                    .iter()
+                    .map(|(_, w)| i16::from(w.ports.bits()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(created.iter().map(|(_, w)| version(w)).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
+        }
+        // ...and deleted ones go, with their association rows (ON DELETE CASCADE).
+        let deleted: Vec<&str> = items
+            .iter()
+            .filter(|i| i.widget.is_none())
+            .map(|i| i.serial.as_str())
+            .collect();
+        if !deleted.is_empty() {
+            sqlx::query("DELETE FROM widgets WHERE serial_number = ANY($1::text[])")
+                .bind(deleted)
+                .execute(&mut **tx)
+                .await?;
+        }
+        // Association rows, only for the ports whose peer changed.
+        for port in PortType::ALL {
+            let table = ASSOCIATION_TABLES[port.index()];
+            let (mut plugged, mut freed) = (Vec::new(), Vec::new());
+            for item in items {
+                let Some(w) = &item.widget else { continue };
+                if item.mark.ports & (1 << port.index()) == 0 {
+                    continue;
+                }
+                match w.peer(port).filter(|_| w.ports.contains(port)) {
+                    Some(peer) => plugged.push((item.serial.as_str(), peer.as_str(), version(w))),
+                    None => freed.push((item.serial.as_str(), version(w))),
+                }
+            }
+            if !freed.is_empty() {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} t USING UNNEST($1::text[], $2::int8[]) AS f(serial, version) \
+                     WHERE t.serial_number = f.serial AND t.version < f.version"
+                ))
+                .bind(freed.iter().map(|f| f.0).collect::<Vec<_>>())
+                .bind(freed.iter().map(|f| f.1).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+            }
+            if !plugged.is_empty() {
+                sqlx::query(&format!(
+                    "INSERT INTO {table} (serial_number, peer_serial_number, version) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+                     ON CONFLICT (serial_number) DO UPDATE \
+                     SET peer_serial_number = excluded.peer_serial_number, version = excluded.version \
+                     WHERE {table}.version < excluded.version"
+                ))
+                .bind(plugged.iter().map(|p| p.0).collect::<Vec<_>>())
+                .bind(plugged.iter().map(|p| p.1).collect::<Vec<_>>())
+                .bind(plugged.iter().map(|p| p.2).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `items`; where PostgreSQL refuses a part for good, bisects under savepoints
+    /// down to the single refused items and returns them with the reason.
+    async fn write_or_bisect<'i>(
+        tx: &mut Transaction<'_, Postgres>,
+        items: &'i [FlushItem],
+    ) -> Result<Vec<(&'i FlushItem, String)>, sqlx::Error> {
+        let mut rejected = Vec::new();
+        let mut todo = vec![(0, items.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            sqlx::query("SAVEPOINT flush_part")
+                .execute(&mut **tx)
+                .await?;
+            match Self::write_items(tx, &items[lo..hi]).await {
+                Ok(()) => {
+                    sqlx::query("RELEASE SAVEPOINT flush_part")
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Err(e) if is_permanent(&e) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT flush_part")
+                        .execute(&mut **tx)
+                        .await?;
+                    sqlx::query("RELEASE SAVEPOINT flush_part")
+                        .execute(&mut **tx)
+                        .await?;
+                    if hi - lo == 1 {
+                        rejected.push((&items[lo], e.to_string()));
+                    } else {
+                        let mid = lo + (hi - lo) / 2;
+                        todo.push((mid, hi));
+                        todo.push((lo, mid));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(rejected)
+    }
+}
+
+/// Versions are LSNs, far below `i64::MAX`.
+fn version(w: &Widget) -> i64 {
+    i64::try_from(w.version).unwrap_or(i64::MAX)
+}
+
+/// An error a retry cannot fix: the data itself is refused (SQLSTATE class 22 data
+/// exception, 23 integrity constraint violation).
+fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
+}
+
+fn corrupt(key: &str, reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Store for PgStore {
+    async fn load(&self, mut visit: Visitor) -> Result<u64, StoreError> {
+        // One snapshot for the rows and the checkpoint that covers them.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let checkpoint: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut rows = sqlx::query(
+            "SELECT w.serial_number, w.name, w.ports, w.version, \
+                    p.peer_serial_number AS p, p.version AS pv, \
+                    r.peer_serial_number AS r, r.version AS rv, \
+                    q.peer_serial_number AS q, q.version AS qv \
+             FROM widgets w \
+             LEFT JOIN associations_p p USING (serial_number) \
+             LEFT JOIN associations_r r USING (serial_number) \
+             LEFT JOIN associations_q q USING (serial_number)",
+        )
+        .fetch(&mut *tx);
+        let mut loaded = 0u64;
+        while let Some(row) = rows.try_next().await? {
+            let key: String = row.try_get("serial_number")?;
+            let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
+            let name: String = row.try_get("name")?;
+            let mut widget = Widget::new(
+                Name::parse("name", &name).map_err(|e| corrupt(&key, e))?,
+                Ports::from_bits(row.try_get::<i16, _>("ports")? as u8)
+                    .ok_or_else(|| corrupt(&key, "ports out of range"))?,
+            );
+            let mut version: i64 = row.try_get("version")?;
+            for port in PortType::ALL {
+                let column = port.as_str().to_lowercase();
+                let peer: Option<String> = row.try_get(column.as_str())?;
+                if let Some(peer) = peer {
+                    widget.peers[port.index()] =
+                        Some(Serial::parse("peer", &peer).map_err(|e| corrupt(&key, e))?);
+                    let v: i64 = row.try_get(format!("{column}v").as_str())?;
+                    version = version.max(v);
+                }
+            }
+            widget.version = version as u64;
+            visit(serial, widget);
+            loaded += 1;
+            if loaded % 1_000_000 == 0 {
+                tracing::info!(loaded, "loading widgets from PostgreSQL");
+            }
+        }
+        drop(rows);
+        tx.commit().await?;
+        Ok(checkpoint as u64)
+    }
+
+    async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rejected = Self::write_or_bisect(&mut tx, &batch.items).await?;
+        for (item, error) in &rejected {
+            tracing::error!(serial = %item.serial, %error, checkpoint = batch.checkpoint,
+                "PostgreSQL refused this widget's change for good; kept in flush_rejects");
+            let state = item.widget.as_ref().map(|w| {
+                serde_json::json!({
+                    "widget": w.view(&item.serial),
+                    "version": w.version,
+                    "row_changed": item.mark.row,
+                    "ports_changed": item.mark.ports,
+                })
+            });
+            sqlx::query(
+                "INSERT INTO flush_rejects (serial_number, state, error, checkpoint_lsn) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(item.serial.as_str())
+            .bind(state)
+            .bind(error)
+            .bind(batch.checkpoint as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !rejected.is_empty() {
+            metrics::counter!("widgets_flush_rejected_total").increment(rejected.len() as u64);
+        }
+        sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
+            .bind(batch.checkpoint as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,538 @@
+//! PostgreSQL as the durable store, against a real server: each test gets its own database
+//! (see `common::pg`). Widgets written through the API reach the tables within the flush
+//! interval; restarts replay the WAL above the checkpoint; an outage loses nothing; older
+//! state never overwrites newer; a row PostgreSQL refuses is kept aside, not dropped.
+
+mod common;
+
+use common::binary::Server;
+use common::pg::{Proxy, TestDb};
+use common::{spawn_app_with, TestApp};
+use reqwest::StatusCode;
+use sqlx::{PgConnection, Row};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use widgets::domain::{Name, PortType, Ports, Serial, Widget};
+use widgets::engine::dirty::Mark;
+use widgets::store::{FlushBatch, FlushItem, PgStore, Store};
+
+/// A widget as the tables hold it: name, ports bitmask, peer per port (P, R, Q).
+type Row3 = (String, i16, [Option<String>; 3]);
+
+async fn pg_state(conn: &mut PgConnection) -> BTreeMap<String, Row3> {
+    let mut out = BTreeMap::new();
+    for row in sqlx::query("SELECT serial_number, name, ports FROM widgets")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+    {
+        out.insert(row.get(0), (row.get(1), row.get(2), [None, None, None]));
+    }
+    for (i, table) in ["associations_p", "associations_r", "associations_q"]
+        .iter()
+        .enumerate()
+    {
+        for row in sqlx::query(&format!(
+            "SELECT serial_number, peer_serial_number FROM {table}"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        {
+            let serial: String = row.get(0);
+            out.get_mut(&serial)
+                .expect("association row without a widget row")
+                .2[i] = Some(row.get(1));
+        }
+    }
+    out
+}
+
+/// The same view, read from the service over HTTP.
+async fn app_state(app_url: impl Fn(&str) -> String, serials: &[String]) -> BTreeMap<String, Row3> {
+    let client = reqwest::Client::new();
+    let mut out = BTreeMap::new();
+    for serial in serials {
+        let r = client
+            .get(app_url(&format!("/widgets/{serial}")))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::NOT_FOUND {
+            continue;
+        }
+        let w: serde_json::Value = r.json().await.unwrap();
+        let mut bits = 0i16;
+        let mut peers = [None, None, None];
+        for (i, port) in ["P", "R", "Q"].iter().enumerate() {
+            if w["ports"].as_array().unwrap().iter().any(|p| p == port) {
+                bits |= 1 << i;
+                peers[i] = w["associations"][port].as_str().map(str::to_owned);
+            }
+        }
+        out.insert(
+            serial.clone(),
+            (w["name"].as_str().unwrap().to_owned(), bits, peers),
+        );
+    }
+    out
+}
+
+async fn checkpoint(conn: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT lsn FROM checkpoint")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Polls `$check` (an expression that may `.await`) until it holds or `$secs` pass.
+macro_rules! eventually {
+    ($what:expr, $secs:expr, $check:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs($secs);
+        while !$check {
+            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+async fn widget_rows(conn: &mut PgConnection) -> Vec<(String, i64, String)> {
+    sqlx::query_as("SELECT serial_number, version, updated_at::text FROM widgets ORDER BY 1")
+        .fetch_all(conn)
+        .await
+        .unwrap()
+}
+
+async fn association_version(conn: &mut PgConnection, serial: &str) -> Option<i64> {
+    sqlx::query_scalar("SELECT version FROM associations_p WHERE serial_number = $1")
+        .bind(serial)
+        .fetch_optional(conn)
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+async fn pg_app(db_url: &str, extra: &[&str]) -> TestApp {
+    let mut args = vec!["--database-url", db_url, "--flush-interval", "100ms"];
+    args.extend_from_slice(extra);
+    spawn_app_with(&args).await
+}
+
+fn serials(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn writes_reach_postgres_within_the_flush_interval_both_directions() {
+    let db = TestDb::create().await;
+    let app = pg_app(&db.url, &[]).await;
+    let mut conn = db.connect().await;
+    for (s, ports) in [
+        ("a", &["P", "R"][..]),
+        ("b", &["P"]),
+        ("c", &["P", "R"]),
+        ("d", &["R"]),
+    ] {
+        assert_eq!(app.create(s, ports).await.status(), StatusCode::CREATED);
+    }
+    assert_eq!(app.associate("P", "a", "b").await.status(), StatusCode::OK);
+    assert_eq!(app.associate("R", "a", "c").await.status(), StatusCode::OK);
+    assert_eq!(app.associate("R", "d", "c").await.status(), StatusCode::OK); // re-plug: frees a.R
+    let all = serials(&["a", "b", "c", "d"]);
+    let want = app_state(|p| app.url(p), &all).await;
+    eventually!("PostgreSQL to match the service", 5, {
+        pg_state(&mut conn).await == want
+    });
+    assert_eq!(want["a"].2, [Some("b".into()), None, None]);
+    assert_eq!(want["c"].2, [None, Some("d".into()), None]);
+
+    // Deleting a widget removes its row and, by cascade, its association rows; its peer's
+    // association row goes too.
+    assert_eq!(
+        app.delete("/widgets/a").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let want = app_state(|p| app.url(p), &all).await;
+    eventually!("the delete to reach PostgreSQL", 5, {
+        pg_state(&mut conn).await == want
+    });
+    assert!(!want.contains_key("a") && want["b"].2 == [None, None, None]);
+    app.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_association_change_writes_association_rows_and_versions_only_grow() {
+    let db = TestDb::create().await;
+    let app = pg_app(&db.url, &[]).await;
+    let mut conn = db.connect().await;
+    for s in ["a", "b", "c"] {
+        app.create(s, &["P"]).await;
+    }
+    app.associate("P", "a", "b").await;
+    eventually!("the first flush", 5, {
+        sqlx::query("SELECT 1 FROM associations_p")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .len()
+            == 2
+    });
+    let before = widget_rows(&mut conn).await;
+    let b_before = association_version(&mut conn, "b").await.unwrap();
+
+    app.associate("P", "c", "b").await; // re-plug b from a to c
+    eventually!("the re-plug to reach PostgreSQL", 5, {
+        association_version(&mut conn, "c").await.is_some()
+            && association_version(&mut conn, "a").await.is_none()
+    });
+    assert!(
+        association_version(&mut conn, "b").await.unwrap() > b_before,
+        "versions only move forward"
+    );
+    assert_eq!(
+        widget_rows(&mut conn).await,
+        before,
+        "no widget row was written for an association change"
+    );
+    app.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replays_wal_records_above_the_postgres_checkpoint() {
+    let db = TestDb::create().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let client = reqwest::Client::new();
+    // No timed flushes: only once 10 widgets are dirty, so the last few stay in the WAL only.
+    let args = [
+        "--database-url",
+        &db.url,
+        "--flush-interval",
+        "1h",
+        "--flush-batch",
+        "10",
+    ];
+    let server = Server::start(dir.path(), &args);
+    server.wait_ready(&client).await;
+    let names: Vec<String> = (0..14).map(|i| format!("w{i}")).collect();
+    for (i, s) in names.iter().enumerate() {
+        let body = serde_json::json!({"name": "w", "serial_number": s, "ports": ["P"]});
+        let r = client
+            .post(format!("{}/widgets", server.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        if i == 9 {
+            let mut conn = db.connect().await;
+            eventually!("the size-triggered flush", 5, {
+                checkpoint(&mut conn).await == 10
+            });
+        }
+    }
+    let body = serde_json::json!({"port_type": "P", "widget_serial_num": "w0", "peer_widget_serial_num": "w13"});
+    let r = client
+        .put(format!("{}/widgets/associations", server.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    server.kill9();
+
+    let mut conn = db.connect().await;
+    assert_eq!(
+        checkpoint(&mut conn).await,
+        10,
+        "records 11..15 exist only in the WAL"
+    );
+    assert_eq!(pg_state(&mut conn).await.len(), 10);
+
+    let server = Server::start(dir.path(), &args);
+    server.wait_ready(&client).await;
+    let state = app_state(|p| format!("{}{p}", server.base), &names).await;
+    assert_eq!(state.len(), 14, "every acknowledged create is back");
+    assert_eq!(state["w0"].2[0].as_deref(), Some("w13"));
+    assert_eq!(state["w13"].2[0].as_deref(), Some("w0"));
+    // A graceful stop flushes the replayed records, and PostgreSQL equals the service.
+    assert!(server.terminate().success());
+    assert_eq!(pg_state(&mut conn).await, state);
+    assert_eq!(checkpoint(&mut conn).await, 15);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_loses_nothing_and_postgres_converges_when_it_returns() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let app = pg_app(&db.url_via(&proxy), &[]).await;
+    let names: Vec<String> = (0..20).map(|i| format!("o{i}")).collect();
+    for s in &names {
+        assert_eq!(
+            app.create(s, &["P", "R", "Q"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let mut conn = db.connect().await;
+    eventually!("the first flush", 5, {
+        pg_state(&mut conn).await.len() == 20
+    });
+
+    proxy.cut();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..300 {
+        let (a, b) = (&names[rng.usize(..20)], &names[rng.usize(..20)]);
+        let port = ["P", "R", "Q"][rng.usize(..3)];
+        let r = if a == b {
+            app.free(a, port).await
+        } else {
+            app.associate(port, a, b).await
+        };
+        assert!(
+            r.status().is_success(),
+            "writes go on while PostgreSQL is down: {}",
+            r.status()
+        );
+    }
+    assert_eq!(
+        app.delete("/widgets/o19").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let failures_before = metric(
+        &app.get("/metrics").await.text().await.unwrap(),
+        "widgets_flush_failures_total",
+    );
+    eventually!("a failed flush to show in /metrics", 10, {
+        let m = app.get("/metrics").await.text().await.unwrap();
+        metric(&m, "widgets_flush_failures_total") > failures_before
+    });
+    let m = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metric(&m, "widgets_dirty") > 0.0,
+        "the backlog shows in /metrics"
+    );
+    assert!(
+        metric(&m, "widgets_flush_lag_seconds") > 0.0,
+        "the lag shows in /metrics"
+    );
+
+    proxy.restore();
+    let want = app_state(|p| app.url(p), &names).await;
+    eventually!("PostgreSQL to converge after the outage", 40, {
+        pg_state(&mut conn).await == want
+    });
+    eventually!("the backlog to drain", 5, {
+        metric(
+            &app.get("/metrics").await.text().await.unwrap(),
+            "widgets_dirty",
+        ) == 0.0
+    });
+    app.stop().await;
+    drop(proxy);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_waits_for_postgres_and_readyz_says_so() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    proxy.cut();
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = db.url_via(&proxy);
+    let mut app = common::try_spawn_app_in(
+        dir.path(),
+        &["--database-url", &url],
+        std::sync::Arc::new(widgets::wal::RealFs),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", app.addr());
+    let client = reqwest::Client::new();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(common::error_code(r).await, "not_ready");
+    let r = client
+        .get(format!("{base}/widgets/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no reads before recovery"
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    proxy.restore();
+    tokio::time::timeout(Duration::from_secs(40), app.ready())
+        .await
+        .expect("ready in time")
+        .unwrap();
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    app.stop().await.unwrap();
+    drop(proxy);
+    db.drop_db().await;
+}
+
+fn item(serial: &str, peer: Option<&str>, version: u64, mark: Mark) -> FlushItem {
+    let mut w = Widget::new(
+        Name::parse("n", "w").unwrap(),
+        Ports::from_list("p", &[PortType::P]).unwrap(),
+    );
+    w.peers[0] = peer.map(|p| Serial::parse("s", p).unwrap());
+    w.version = version;
+    FlushItem {
+        serial: Serial::parse("s", serial).unwrap(),
+        mark,
+        widget: Some(w),
+    }
+}
+
+#[tokio::test]
+async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let created = Mark {
+        row: true,
+        ports: 1,
+    };
+    let plugged = Mark {
+        row: false,
+        ports: 1,
+    };
+    let batch = |items, checkpoint| FlushBatch { items, checkpoint };
+    store
+        .write_batch(batch(
+            vec![item("a", None, 1, created), item("b", None, 2, created)],
+            2,
+        ))
+        .await
+        .unwrap();
+    let newer = batch(
+        vec![
+            item("a", Some("b"), 9, plugged),
+            item("b", Some("a"), 9, plugged),
+        ],
+        9,
+    );
+    let older = batch(
+        vec![
+            item("a", None, 5, plugged),
+            item("b", Some("zz"), 5, plugged),
+        ],
+        5,
+    );
+    store.write_batch(newer).await.unwrap();
+    store.write_batch(older).await.unwrap();
+    let mut conn = db.connect().await;
+    let state = pg_state(&mut conn).await;
+    assert_eq!(
+        state["a"].2[0].as_deref(),
+        Some("b"),
+        "an older free did not undo a newer plug"
+    );
+    assert_eq!(
+        state["b"].2[0].as_deref(),
+        Some("a"),
+        "an older plug did not overwrite a newer one"
+    );
+    assert_eq!(
+        checkpoint(&mut conn).await,
+        9,
+        "the checkpoint never moves back"
+    );
+    drop(conn);
+    drop(store);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_row_postgres_refuses_is_kept_in_flush_rejects_and_the_rest_commits() {
+    let db = TestDb::create().await;
+    let app = pg_app(&db.url, &[]).await;
+    let mut conn = db.connect().await;
+    // A constraint the service does not know: PostgreSQL will refuse one widget for good.
+    sqlx::query(
+        "ALTER TABLE widgets ADD CONSTRAINT test_no_poison CHECK (serial_number <> 'poison')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for s in ["ok1", "poison", "ok2", "ok3"] {
+        assert_eq!(app.create(s, &["P"]).await.status(), StatusCode::CREATED);
+    }
+    eventually!("the good rows to commit", 5, {
+        pg_state(&mut conn).await.len() == 3
+    });
+    let rejects: Vec<(String, String)> =
+        sqlx::query_as("SELECT serial_number, error FROM flush_rejects")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(rejects[0].0, "poison");
+    assert!(rejects[0].1.contains("test_no_poison"), "{}", rejects[0].1);
+    assert!(
+        checkpoint(&mut conn).await >= 4,
+        "the checkpoint moved past the refused row"
+    );
+    // Later flushes are not blocked.
+    assert_eq!(
+        app.associate("P", "ok1", "ok2").await.status(),
+        StatusCode::OK
+    );
+    eventually!("a later flush", 5, {
+        pg_state(&mut conn).await["ok1"].2[0].as_deref() == Some("ok2")
+    });
+    app.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn widgets_migrate_applies_the_schema() {
+    let db = TestDb::create().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut conn = db.connect().await;
+    assert_eq!(checkpoint(&mut conn).await, 0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .args(["migrate", "--database-url", ""])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "migrate without a URL must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+    drop(conn);
+    db.drop_db().await;
+}
