@@ -1,9 +1,10 @@
 //! The flusher: writes the dirty widgets' current state behind to the durable store, then
 //! lets the WAL drop what the store now holds.
 //!
-//! [`Flusher::flush_once`] takes the whole dirty set and the LSN it covers, reads each
-//! widget's current state from the map, and writes the batch plus that LSN to the store in
-//! one atomic step. Only after the store has committed does the WAL trim segments wholly
+//! [`Flusher::flush_once`] takes the whole dirty set and the LSN it covers together with
+//! each of those widgets' state at exactly that LSN (an atomic cut, so the store never
+//! shows one side of a change), and writes the batch plus that LSN to the store in one
+//! atomic step. Only after the store has committed does the WAL trim segments wholly
 //! below the LSN; if the store fails, the serials go back into the dirty set and the WAL
 //! keeps everything. [`Flusher::run`] calls it every interval, or sooner when enough
 //! serials are dirty, backing off exponentially (with jitter) while the store fails.
@@ -37,12 +38,11 @@ impl<S: Store> Flusher<S> {
     /// Writes every dirty widget to the store; returns how many it wrote.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
         let dirty = self.engine.dirty();
-        let taken = dirty.take();
-        if taken.serials.is_empty() {
+        let (taken, mut items) = self.engine.take_for_flush();
+        if items.is_empty() {
             dirty.done(taken);
             return Ok(0);
         }
-        let mut items = self.engine.snapshot(taken.serials.clone());
         items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
         let count = items.len();
         let checkpoint = taken.covered_lsn;

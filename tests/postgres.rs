@@ -536,3 +536,70 @@ async fn widgets_migrate_applies_the_schema() {
     drop(conn);
     db.drop_db().await;
 }
+
+/// Every association row whose mirror row is missing or different, in one snapshot.
+async fn asymmetric_rows(conn: &mut PgConnection) -> Vec<String> {
+    let mut tx = sqlx::Connection::begin(conn).await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let mut bad = Vec::new();
+    for table in ["associations_p", "associations_r", "associations_q"] {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT a.serial_number, a.peer_serial_number FROM {table} a \
+             LEFT JOIN {table} b ON b.serial_number = a.peer_serial_number \
+             WHERE b.peer_serial_number IS DISTINCT FROM a.serial_number"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        bad.extend(
+            rows.into_iter()
+                .map(|(a, b)| format!("{table}: {a} -> {b}")),
+        );
+    }
+    tx.commit().await.unwrap();
+    bad
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_flush_is_a_consistent_cut_postgres_never_shows_one_side() {
+    let db = TestDb::create().await;
+    let app = std::sync::Arc::new(pg_app(&db.url, &["--flush-interval", "5ms"]).await);
+    let names: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
+    for s in &names {
+        app.create(s, &["P", "R"]).await;
+    }
+    let writers: Vec<_> = (0..8)
+        .map(|t| {
+            let (app, names) = (app.clone(), names.clone());
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(t);
+                for _ in 0..300 {
+                    let (a, b) = (&names[rng.usize(..12)], &names[rng.usize(..12)]);
+                    let port = ["P", "R"][rng.usize(..2)];
+                    if a != b {
+                        assert!(app.associate(port, a, b).await.status().is_success());
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut conn = db.connect().await;
+    let mut samples = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        let bad = asymmetric_rows(&mut conn).await;
+        assert!(
+            bad.is_empty(),
+            "PostgreSQL showed one side of an association: {bad:?}"
+        );
+        samples += 1;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(samples > 10, "too few samples ({samples}) to mean anything");
+    drop(conn);
+    db.drop_db().await;
+}

@@ -7,7 +7,7 @@
 //! `apply_lock`'s write side, and reads take its read side, so no reader sees one side of
 //! an association change without the other.
 
-use super::dirty::{DirtySet, Mark};
+use super::dirty::{DirtySet, Mark, Taken};
 use super::sequencer::{self, Job};
 use super::WriteError;
 use crate::domain::{Change, Command, Reply, Serial, Widget};
@@ -175,17 +175,24 @@ impl MemoryEngine {
         &self.shared.flush_wanted
     }
 
-    /// The current state of each serial (`None`: deleted), for a flush.
-    pub fn snapshot(&self, serials: Vec<(Serial, Mark)>) -> Vec<FlushItem> {
+    /// Takes the dirty set and the current state of each of its widgets (`None`: deleted),
+    /// for a flush. Both happen under the read side of the apply lock, and the sequencer
+    /// marks serials dirty under its write side, so the batch is an exact cut of the state
+    /// at `taken.covered_lsn`: a store that commits it never shows one side of a change.
+    pub fn take_for_flush(&self) -> (Taken, Vec<FlushItem>) {
+        let _applied = self.shared.apply_lock.read().expect("apply lock");
+        let taken = self.shared.dirty.take();
         let map = self.shared.map.pin();
-        serials
-            .into_iter()
+        let items = taken
+            .serials
+            .iter()
             .map(|(serial, mark)| FlushItem {
-                widget: map.get(&serial).cloned(),
-                serial,
-                mark,
+                widget: map.get(serial).cloned(),
+                serial: serial.clone(),
+                mark: *mark,
             })
-            .collect()
+            .collect();
+        (taken, items)
     }
 
     /// The durable store now holds every change up to `lsn`: the WAL may drop them.
