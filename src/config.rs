@@ -94,6 +94,25 @@ pub enum Cmd {
     Serve,
     /// Apply the PostgreSQL migrations to DATABASE_URL and exit (serving applies them too).
     Migrate,
+    /// Look at a WAL directory without changing it.
+    Wal {
+        #[command(subcommand)]
+        command: WalCmd,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum WalCmd {
+    /// List every segment and record (LSN, offset, changes), verifying checksums.
+    Inspect {
+        /// The WAL directory (`<data dir>/wal`).
+        dir: PathBuf,
+    },
+    /// Check every segment; exit 1 naming the file and offset of the first damage.
+    Verify {
+        /// The WAL directory (`<data dir>/wal`).
+        dir: PathBuf,
+    },
 }
 
 impl Config {

@@ -2,7 +2,7 @@ use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
-use widgets::config::{Cmd, Config};
+use widgets::config::{Cmd, Config, WalCmd};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -32,11 +32,37 @@ async fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     match config.command {
         Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
+        Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {
             let app = widgets::app::start(config).await?;
             app.run_until(shutdown_signal()).await
         }
     }
+}
+
+/// `widgets wal inspect|verify DIR`: prints the report; fails on the first damage (verify)
+/// or on any damage (inspect, after printing everything).
+fn wal_command(command: WalCmd) -> anyhow::Result<()> {
+    let (dir, verbose) = match &command {
+        WalCmd::Inspect { dir } => (dir, true),
+        WalCmd::Verify { dir } => (dir, false),
+    };
+    let reports = widgets::wal::inspect::inspect(dir)?;
+    let mut records = 0;
+    for report in &reports {
+        records += report.records.len();
+        if verbose {
+            print!("{report}");
+        }
+        if let Some(damage) = &report.damage {
+            anyhow::bail!("{}: {damage}", report.path.display());
+        }
+    }
+    println!(
+        "{} segments, {records} records, all checksums valid",
+        reports.len()
+    );
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM.

@@ -138,9 +138,7 @@ fn damage_first_record(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_damaged_log_stops_start_up_naming_file_and_offset_unless_told_to_truncate() {
-    // While the app runs, its WAL directory is exactly what a crash would leave: every
-    // acknowledged record is fsynced. Copy it into a fresh data dir (no store, so replay
-    // starts at LSN 1) and damage the first record.
+    // The crash image has no store, so replay starts at LSN 1; damage the first record.
     let app = spawn_app_with(&["--flush-interval", "1h"]).await;
     for i in 0..5 {
         assert_eq!(
@@ -148,12 +146,7 @@ async fn a_damaged_log_stops_start_up_naming_file_and_offset_unless_told_to_trun
             StatusCode::CREATED
         );
     }
-    let crashed = TempDir::new().unwrap();
-    std::fs::create_dir(crashed.path().join("wal")).unwrap();
-    for e in std::fs::read_dir(app.dir.path().join("wal")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), crashed.path().join("wal").join(e.file_name())).unwrap();
-    }
+    let crashed = app.crash_image();
     app.stop().await;
     let damaged = damage_first_record(crashed.path());
 

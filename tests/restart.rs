@@ -183,10 +183,18 @@ async fn send(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_under_load_loses_no_acknowledged_write() {
+async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
     let dir = tempfile::TempDir::new().unwrap();
     let client = Client::new();
-    for cycle in 0..3 {
+    // CRASH_CYCLES=200 cargo test --test restart for a longer run; CI runs the default.
+    let cycles: usize = std::env::var("CRASH_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(20);
+    let seed = fastrand::u64(..);
+    eprintln!("crash loop: {cycles} cycles, seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for cycle in 0..cycles {
         let server = Server::start(dir.path(), &[]);
         server.wait_ready(&client).await;
         let acked_before = ACKED.load(std::sync::atomic::Ordering::Relaxed);
@@ -206,7 +214,8 @@ async fn kill_9_under_load_loses_no_acknowledged_write() {
                 ))
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(700 + 300 * cycle as u64)).await;
+        // A random moment under load: right after start-up up to well into the run.
+        tokio::time::sleep(Duration::from_millis(rng.u64(150..1200))).await;
         server.kill9();
         for t in tasks {
             t.await.unwrap();

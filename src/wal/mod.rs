@@ -18,10 +18,12 @@
 //!   operator chose [`RecoveryMode::Truncate`], which cuts the log at the first damage.
 //!
 //! Layout: `format` (constants and framing), `fs` (the file-system seam), `writer`
-//! (append, group sync, rotation, trimming), `recovery` (start-up replay).
+//! (append, group sync, rotation, trimming), `recovery` (start-up replay), `inspect`
+//! (the read-only operators' view behind `widgets wal inspect|verify`).
 
 pub mod format;
 pub mod fs;
+pub mod inspect;
 mod recovery;
 mod writer;
 

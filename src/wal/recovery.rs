@@ -87,7 +87,7 @@ pub fn recover(
                         first_lsn - 1
                     ),
                 )),
-                _ => scan_records(&data, *first_lsn, |lsn, record| {
+                _ => scan_records(&data, *first_lsn, |_, lsn, record| {
                     if lsn > checkpoint {
                         apply(lsn, record);
                         out.replayed += 1;
@@ -153,10 +153,10 @@ struct Damage {
 
 /// Reads the records of one segment, checking that LSNs run on from `first_lsn`.
 /// Returns the LSN after the last record, or the offset and reason of the first damage.
-fn scan_records(
+pub(super) fn scan_records(
     data: &[u8],
     first_lsn: u64,
-    mut each: impl FnMut(u64, Record),
+    mut each: impl FnMut(usize, u64, Record),
 ) -> Result<u64, (usize, String)> {
     let mut at = SEGMENT_HEADER_LEN;
     let mut next = first_lsn;
@@ -168,7 +168,7 @@ fn scan_records(
                 format!("record has LSN {} where {next} was expected", d.lsn),
             ));
         }
-        each(d.lsn, d.record);
+        each(at, d.lsn, d.record);
         at += d.frame_len;
         next += 1;
     }
@@ -193,7 +193,7 @@ fn last_lsn_before(data: &[u8], offset: usize, first_lsn: u64) -> u64 {
 
 /// Whether any valid record frame starts after `offset`: if so, the damage at `offset` is
 /// not a torn tail but a hole in the middle of the log.
-fn valid_record_after(data: &[u8], offset: usize) -> bool {
+pub(super) fn valid_record_after(data: &[u8], offset: usize) -> bool {
     (offset + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
         .any(|at| check_frame(&data[at..]).is_ok())
 }

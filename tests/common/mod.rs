@@ -157,6 +157,19 @@ impl TestApp {
         w["associations"][port].as_str().map(str::to_owned)
     }
 
+    /// A new data dir holding a copy of this running app's WAL and no store: what a crash
+    /// would leave behind, since every acknowledged record is already fsynced.
+    pub fn crash_image(&self) -> TempDir {
+        let image = TempDir::new().expect("temp dir");
+        let wal = image.path().join("wal");
+        std::fs::create_dir(&wal).expect("wal dir");
+        for entry in std::fs::read_dir(self.dir.path().join("wal")).expect("reading the WAL") {
+            let entry = entry.expect("dir entry");
+            std::fs::copy(entry.path(), wal.join(entry.file_name())).expect("copying a segment");
+        }
+        image
+    }
+
     /// Graceful stop; the data dir stays for a restart.
     pub async fn stop(mut self) -> Arc<TempDir> {
         if let Some(app) = self.app.take() {
