@@ -409,6 +409,7 @@ fn item(serial: &str, peer: Option<&str>, version: u64, mark: Mark) -> FlushItem
         serial: Serial::parse("s", serial).unwrap(),
         mark,
         widget: Some(w),
+        version,
     }
 }
 
@@ -466,6 +467,43 @@ async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
         9,
         "the checkpoint never moves back"
     );
+
+    // A deletion at 12, then a slower flusher's older state of that widget (plugged at
+    // 11): the widget stays deleted, and its association row is not written.
+    let deletion = FlushItem {
+        serial: Serial::parse("s", "b").unwrap(),
+        mark: Mark {
+            row: true,
+            ports: 1,
+        },
+        widget: None,
+        version: 12,
+    };
+    store.write_batch(batch(vec![deletion], 12)).await.unwrap();
+    let stale = batch(
+        vec![item(
+            "b",
+            Some("a"),
+            11,
+            Mark {
+                row: true,
+                ports: 1,
+            },
+        )],
+        11,
+    );
+    store.write_batch(stale).await.unwrap();
+    let state = pg_state(&mut conn).await;
+    assert!(
+        !state.contains_key("b"),
+        "an older state brought a deleted widget back"
+    );
+    // A newer widget of the same serial is welcome.
+    store
+        .write_batch(batch(vec![item("b", None, 13, created)], 13))
+        .await
+        .unwrap();
+    assert!(pg_state(&mut conn).await.contains_key("b"));
     drop(conn);
     drop(store);
     db.drop_db().await;

@@ -186,10 +186,15 @@ impl MemoryEngine {
         let items = taken
             .serials
             .iter()
-            .map(|(serial, mark)| FlushItem {
-                widget: map.get(serial).cloned(),
-                serial: serial.clone(),
-                mark: *mark,
+            .map(|(serial, mark)| {
+                let widget = map.get(serial).cloned();
+                FlushItem {
+                    // A deletion is at or before the cut's LSN.
+                    version: widget.as_ref().map_or(taken.covered_lsn, |w| w.version),
+                    widget,
+                    serial: serial.clone(),
+                    mark: *mark,
+                }
             })
             .collect();
         (taken, items)

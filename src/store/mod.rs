@@ -29,13 +29,15 @@ pub enum StoreError {
     Task(String),
 }
 
-/// One widget in a flush: its current state (`None`: deleted) and what changed about it
-/// since the last flush (a store may write only that).
+/// One widget in a flush: its current state (`None`: deleted), what changed about it since
+/// the last flush (a store may write only that), and the version of that state.
 #[derive(Debug, Clone)]
 pub struct FlushItem {
     pub serial: Serial,
     pub mark: Mark,
     pub widget: Option<Widget>,
+    /// The widget's version, or for a deletion a version at or after it.
+    pub version: u64,
 }
 
 /// One flush: the changed widgets, sorted by serial, and the LSN their state covers.

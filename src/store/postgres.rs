@@ -6,6 +6,8 @@
 //! and the association rows of the ports whose peer changed. Rows are written with
 //! `UNNEST` arrays in key order, and an upsert or delete only touches a row whose stored
 //! version is older, so a retried or reordered batch never writes older state over newer.
+//! A deletion leaves a tombstone with its version, so an older state of a deleted widget
+//! (from a slower flusher in another instance) cannot bring it back.
 //! A row PostgreSQL refuses for a reason a retry cannot fix (a constraint, bad data) is
 //! found by bisecting the batch under savepoints, logged with its serial, and kept in
 //! `flush_rejects`; the rest of the batch and the checkpoint commit, so one bad row never
@@ -55,7 +57,33 @@ impl PgStore {
         tx: &mut Transaction<'_, Postgres>,
         items: &[FlushItem],
     ) -> Result<(), sqlx::Error> {
-        // Widget rows: created (or created again) widgets are upserted...
+        // Widget rows: deleted widgets leave a tombstone at their deletion's version and go,
+        // with their association rows (ON DELETE CASCADE), unless a newer widget of that
+        // serial is there...
+        let deleted: Vec<&FlushItem> = items.iter().filter(|i| i.widget.is_none()).collect();
+        if !deleted.is_empty() {
+            let serials: Vec<&str> = deleted.iter().map(|i| i.serial.as_str()).collect();
+            let versions: Vec<i64> = deleted.iter().map(|i| to_i64(i.version)).collect();
+            sqlx::query(
+                "INSERT INTO widget_tombstones (serial_number, version) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[]) \
+                 ON CONFLICT (serial_number) DO UPDATE \
+                 SET version = GREATEST(widget_tombstones.version, excluded.version)",
+            )
+            .bind(&serials)
+            .bind(&versions)
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query(
+                "DELETE FROM widgets w USING UNNEST($1::text[], $2::int8[]) AS d(serial, version) \
+                 WHERE w.serial_number = d.serial AND w.version < d.version",
+            )
+            .bind(&serials)
+            .bind(&versions)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // ...and created (or created again) widgets are upserted, unless deleted since.
         let created: Vec<(&Serial, &Widget)> = items
             .iter()
             .filter(|i| i.mark.row)
@@ -64,40 +92,20 @@ impl PgStore {
         if !created.is_empty() {
             sqlx::query(
                 "INSERT INTO widgets (serial_number, name, ports, version) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int8[]) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::int8[]) AS u(s, n, p, v) \
+                 WHERE NOT EXISTS (SELECT 1 FROM widget_tombstones t \
+                                   WHERE t.serial_number = u.s AND t.version >= u.v) \
                  ON CONFLICT (serial_number) DO UPDATE \
                  SET name = excluded.name, ports = excluded.ports, version = excluded.version, \
                      updated_at = now() \
                  WHERE widgets.version < excluded.version",
             )
             .bind(created.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>())
-            .bind(
-                created
-                    .iter()
-                    .map(|(_, w)| w.name.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                created
-                    .iter()
-                    .map(|(_, w)| i16::from(w.ports.bits()))
-                    .collect::<Vec<_>>(),
-            )
+            .bind(created.iter().map(|(_, w)| w.name.as_str()).collect::<Vec<_>>())
+            .bind(created.iter().map(|(_, w)| i16::from(w.ports.bits())).collect::<Vec<_>>())
             .bind(created.iter().map(|(_, w)| version(w)).collect::<Vec<_>>())
             .execute(&mut **tx)
             .await?;
-        }
-        // ...and deleted ones go, with their association rows (ON DELETE CASCADE).
-        let deleted: Vec<&str> = items
-            .iter()
-            .filter(|i| i.widget.is_none())
-            .map(|i| i.serial.as_str())
-            .collect();
-        if !deleted.is_empty() {
-            sqlx::query("DELETE FROM widgets WHERE serial_number = ANY($1::text[])")
-                .bind(deleted)
-                .execute(&mut **tx)
-                .await?;
         }
         // Association rows, only for the ports whose peer changed.
         for port in PortType::ALL {
@@ -124,9 +132,11 @@ impl PgStore {
                 .await?;
             }
             if !plugged.is_empty() {
+                // A row for a widget that is gone (deleted by a newer flush) is stale: skip it.
                 sqlx::query(&format!(
                     "INSERT INTO {table} (serial_number, peer_serial_number, version) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(s, peer, v) \
+                     WHERE EXISTS (SELECT 1 FROM widgets w WHERE w.serial_number = u.s) \
                      ON CONFLICT (serial_number) DO UPDATE \
                      SET peer_serial_number = excluded.peer_serial_number, version = excluded.version \
                      WHERE {table}.version < excluded.version"
@@ -181,9 +191,13 @@ impl PgStore {
     }
 }
 
-/// Versions are LSNs, far below `i64::MAX`.
+/// Versions are LSNs (or Redis sequence numbers), far below `i64::MAX`.
+fn to_i64(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
+}
+
 fn version(w: &Widget) -> i64 {
-    i64::try_from(w.version).unwrap_or(i64::MAX)
+    to_i64(w.version)
 }
 
 /// An error a retry cannot fix: the data itself is refused (SQLSTATE class 22 data
