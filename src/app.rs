@@ -9,8 +9,8 @@
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::engine::MemoryEngine;
-use crate::flush::Flusher;
+use crate::engine::{Engine, MemoryEngine};
+use crate::flush::{self, Flusher};
 use crate::listener::CappedListener;
 use crate::store::{PgStore, SledStore, Store};
 use crate::wal::{RealFs, WalFs};
@@ -21,9 +21,6 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// How often shutdown retries its last flush before leaving the rest to the WAL.
-const FINAL_FLUSH_ATTEMPTS: u32 = 3;
 
 /// A served app: its address, and the handles to make it ready or stop it.
 pub struct RunningApp {
@@ -82,8 +79,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
 
 /// [`start`], with the WAL on the given file system (tests inject faults through it).
 pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result<RunningApp> {
-    if config.redis_url.is_some() {
-        bail!("REDIS_URL is set, but this build has no Redis mode yet: unset it");
+    if config.redis_url().is_some() && config.postgres_url().is_none() {
+        bail!("Redis mode (REDIS_URL) needs PostgreSQL as its durable store: set DATABASE_URL too");
+    }
+    #[cfg(not(feature = "redis"))]
+    if config.redis_url().is_some() {
+        bail!("REDIS_URL is set, but this build has no Redis mode: build with --features redis, or unset it");
     }
     crate::metrics::handle();
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -136,7 +137,13 @@ async fn supervise(
     };
     match serving.config.postgres_url().map(str::to_owned) {
         Some(url) => match connect_postgres(&url, &serving.shutdown).await {
-            Some(store) => serving.run(store).await,
+            Some(store) => {
+                #[cfg(feature = "redis")]
+                if let Some(redis) = serving.config.redis_url().map(str::to_owned) {
+                    return serving.run_redis(&redis, store).await;
+                }
+                serving.run(store).await
+            }
             // Shut down while waiting for PostgreSQL.
             None => serving.drain().await,
         },
@@ -184,35 +191,68 @@ impl Serving {
             },
             _ = self.shutdown.cancelled() => return self.drain().await,
         };
-        self.state.set_engine(engine.clone());
+        self.state.set_engine(Engine::Memory(engine.clone()));
         self.recovered.send_replace(Some(Ok(())));
         tracing::info!(widgets = engine.len(), "ready");
 
         let interval = self.config.flush_interval;
         let flusher_stop = CancellationToken::new();
-        let flusher = tokio::spawn(
-            Flusher::new(engine.clone(), store.clone(), interval).run(flusher_stop.clone()),
-        );
+        let flusher = tokio::spawn(flush::run(
+            Flusher::new(engine.clone(), store.clone()),
+            interval,
+            flusher_stop.clone(),
+        ));
         self.shutdown.cancelled().await;
         // In-flight requests finish (and are acknowledged) before the last flush.
         let served = self.server.await.context("the HTTP server panicked")?;
         flusher_stop.cancel();
         flusher.await.context("the flusher panicked")?;
-        let last = Flusher::new(engine.clone(), store, interval);
-        for attempt in 1..=FINAL_FLUSH_ATTEMPTS {
-            match last.flush_once().await {
-                Ok(count) => {
-                    tracing::info!(count, "final flush done");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "final flush failed; the WAL keeps every change")
-                }
-            }
-        }
+        flush::finish(&Flusher::new(engine.clone(), store)).await;
         tokio::task::spawn_blocking(move || engine.stop())
             .await
             .context("stopping the sequencer")?;
+        served?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Serving {
+    /// Redis mode: connects, fills an empty Redis from PostgreSQL once, serves, and flushes
+    /// Redis's dirty widgets to PostgreSQL until shutdown.
+    async fn run_redis(self, url: &str, store: PgStore) -> anyhow::Result<()> {
+        use crate::engine::redis::{flush::RedisFlusher, load, RedisEngine};
+        let engine = match RedisEngine::connect(url, &self.config.redis_prefix).await {
+            Ok(engine) => Arc::new(engine),
+            Err(e) => {
+                return self
+                    .fail(anyhow::Error::new(e).context("connecting to Redis"))
+                    .await
+            }
+        };
+        match load::ensure_loaded(&engine, &store, &self.shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return self.drain().await,
+            Err(e) => return self.fail(e.context("loading Redis from PostgreSQL")).await,
+        }
+        self.state.set_engine(Engine::Redis(engine.clone()));
+        self.recovered.send_replace(Some(Ok(())));
+        tracing::info!(prefix = %self.config.redis_prefix, "ready (Redis mode)");
+
+        let store = Arc::new(store);
+        let batch = self.config.flush_batch as usize;
+        let flusher_stop = CancellationToken::new();
+        let flusher = tokio::spawn(flush::run(
+            RedisFlusher::new(engine.clone(), store.clone(), batch),
+            self.config.flush_interval,
+            flusher_stop.clone(),
+        ));
+        self.shutdown.cancelled().await;
+        let served = self.server.await.context("the HTTP server panicked")?;
+        flusher_stop.cancel();
+        flusher.await.context("the flusher panicked")?;
+        flush::finish(&RedisFlusher::new(engine, store, batch)).await;
         served?;
         tracing::info!("stopped");
         Ok(())

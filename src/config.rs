@@ -30,10 +30,15 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 
-    /// Redis URL for the shared hot state of several instances. Not supported by this
-    /// build yet.
+    /// Redis URL (e.g. redis://127.0.0.1:6379): keep the hot state in Redis, shared by
+    /// several instances, with PostgreSQL (DATABASE_URL, required) as the durable store.
+    /// Needs a build with `--features redis`. Unset or empty: single node.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Prefix for every Redis key this service uses (instances sharing state use the same).
+    #[arg(long, env = "WIDGETS_REDIS_PREFIX", default_value = "")]
+    pub redis_prefix: String,
 
     /// When the WAL is fsynced: `always` before every acknowledgement (grouped), `interval`
     /// at most once per --fsync-interval (a crash loses up to that much), `never` (benchmarks).
@@ -116,6 +121,11 @@ pub enum WalCmd {
 }
 
 impl Config {
+    /// The Redis URL, if one is set (an empty one means none).
+    pub fn redis_url(&self) -> Option<&str> {
+        self.redis_url.as_deref().filter(|u| !u.trim().is_empty())
+    }
+
     /// The PostgreSQL URL, if one is set (an empty one means none).
     pub fn postgres_url(&self) -> Option<&str> {
         self.database_url

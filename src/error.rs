@@ -3,7 +3,7 @@
 //! is logged where it happens.
 
 use crate::domain::{DomainError, ValidationError};
-use crate::engine::WriteError;
+use crate::engine::EngineError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -36,19 +36,25 @@ pub enum ApiError {
     StorageError,
     #[error("the write-ahead log has failed; this instance no longer accepts writes")]
     WalFailed,
+    #[error("the shared state is unavailable; try again shortly")]
+    Unavailable,
     #[error("internal error")]
     Internal,
 }
 
-impl From<WriteError> for ApiError {
-    fn from(e: WriteError) -> Self {
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
         match e {
-            WriteError::Domain(d) => ApiError::Domain(d),
-            WriteError::Overloaded(why) => ApiError::Overloaded(why),
-            WriteError::DiskFull => ApiError::DiskFull,
-            WriteError::Storage => ApiError::StorageError,
+            EngineError::Domain(d) => ApiError::Domain(d),
+            EngineError::Overloaded(why) => ApiError::Overloaded(why),
+            EngineError::DiskFull => ApiError::DiskFull,
+            EngineError::Storage => ApiError::StorageError,
             // The reason was logged when the WAL failed; clients get no internals.
-            WriteError::WalFailed(_) => ApiError::WalFailed,
+            EngineError::WalFailed(_) => ApiError::WalFailed,
+            EngineError::Unavailable(reason) => {
+                tracing::warn!(%reason, "shared state unavailable");
+                ApiError::Unavailable
+            }
         }
     }
 }
@@ -71,6 +77,7 @@ impl ApiError {
             ApiError::DiskFull => "disk_full",
             ApiError::StorageError => "storage_error",
             ApiError::WalFailed => "wal_failed",
+            ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal_error",
         }
     }
@@ -89,7 +96,8 @@ impl ApiError {
             | ApiError::Overloaded(_)
             | ApiError::DiskFull
             | ApiError::StorageError
-            | ApiError::WalFailed => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::WalFailed
+            | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,6 +110,7 @@ impl ApiError {
                 | ApiError::Overloaded(_)
                 | ApiError::DiskFull
                 | ApiError::StorageError
+                | ApiError::Unavailable
         )
     }
 }

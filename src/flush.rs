@@ -1,16 +1,17 @@
 //! The flusher: writes the dirty widgets' current state behind to the durable store, then
-//! lets the WAL drop what the store now holds.
+//! lets the WAL drop what the store now holds; and the loop ([`run`]) every flusher runs in.
 //!
 //! [`Flusher::flush_once`] takes the whole dirty set and the LSN it covers together with
 //! each of those widgets' state at exactly that LSN (an atomic cut, so the store never
 //! shows one side of a change), and writes the batch plus that LSN to the store in one
 //! atomic step. Only after the store has committed does the WAL trim segments wholly
 //! below the LSN; if the store fails, the serials go back into the dirty set and the WAL
-//! keeps everything. [`Flusher::run`] calls it every interval, or sooner when enough
+//! keeps everything. [`run`] calls it every interval, or sooner when enough
 //! serials are dirty, backing off exponentially (with jitter) while the store fails.
 
 use crate::engine::MemoryEngine;
 use crate::store::{FlushBatch, Store, StoreError};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -19,20 +20,17 @@ use tokio_util::sync::CancellationToken;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// First wait after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How often shutdown tries its last flush.
+const FINAL_FLUSH_ATTEMPTS: u32 = 3;
 
 pub struct Flusher<S> {
     engine: Arc<MemoryEngine>,
     store: Arc<S>,
-    interval: Duration,
 }
 
 impl<S: Store> Flusher<S> {
-    pub fn new(engine: Arc<MemoryEngine>, store: Arc<S>, interval: Duration) -> Self {
-        Self {
-            engine,
-            store,
-            interval,
-        }
+    pub fn new(engine: Arc<MemoryEngine>, store: Arc<S>) -> Self {
+        Self { engine, store }
     }
 
     /// Writes every dirty widget to the store; returns how many it wrote.
@@ -69,34 +67,72 @@ impl<S: Store> Flusher<S> {
             }
         }
     }
+}
 
-    /// Flushes every interval (or when enough serials are dirty) until `stop` is
-    /// cancelled. A flush in progress is never abandoned halfway.
-    pub async fn run(self, stop: CancellationToken) {
-        let mut failures: u32 = 0;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(self.interval) => {}
-                _ = self.engine.flush_wanted().notified() => {}
+/// A flusher the shared loop can drive: the single-node [`Flusher`], or Redis mode's.
+pub trait Flush: Send + Sync + 'static {
+    type Error: std::fmt::Display + Send;
+
+    /// Writes what is dirty to the store; returns how many widgets it wrote.
+    fn flush_once(&self) -> impl Future<Output = Result<usize, Self::Error>> + Send;
+
+    /// Resolves when a flush is wanted before the interval is up.
+    fn wanted(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl<S: Store> Flush for Flusher<S> {
+    type Error = StoreError;
+
+    async fn flush_once(&self) -> Result<usize, StoreError> {
+        Flusher::flush_once(self).await
+    }
+
+    async fn wanted(&self) {
+        self.engine.flush_wanted().notified().await
+    }
+}
+
+/// Flushes every `interval` (or sooner when `wanted`) until `stop` is cancelled, backing
+/// off while the store fails. A flush in progress is never abandoned halfway.
+pub async fn run<F: Flush>(flusher: F, interval: Duration, stop: CancellationToken) {
+    let mut failures: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+            _ = flusher.wanted() => {}
+        }
+        match flusher.flush_once().await {
+            Ok(_) => {
+                if failures > 0 {
+                    tracing::info!(failures, "the durable store is back: flushing again");
+                }
+                failures = 0;
             }
-            match self.flush_once().await {
-                Ok(_) => {
-                    if failures > 0 {
-                        tracing::info!(failures, "the durable store is back: flushing again");
-                    }
-                    failures = 0;
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures);
+                tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64,
+                    "flush failed; every change stays dirty and is retried");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let delay = backoff(failures);
-                    tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64,
-                        backlog = self.engine.dirty().len(), "flush failed; the WAL keeps every change");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+            }
+        }
+    }
+}
+
+/// The last flush at shutdown, tried a few times; what fails stays for the next start.
+pub async fn finish<F: Flush>(flusher: &F) {
+    for attempt in 1..=FINAL_FLUSH_ATTEMPTS {
+        match flusher.flush_once().await {
+            Ok(count) => {
+                tracing::info!(count, "final flush done");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "final flush failed; nothing is lost, it stays dirty")
             }
         }
     }
@@ -183,7 +219,7 @@ mod tests {
             MemoryEngine::start(WidgetMap::new(), 0, &wal_dir, Arc::new(RealFs), settings())
                 .unwrap(),
         );
-        let flusher = Flusher::new(engine.clone(), store.clone(), Duration::from_secs(3600));
+        let flusher = Flusher::new(engine.clone(), store.clone());
         assert_eq!(flusher.flush_once().await.unwrap(), 0, "nothing dirty yet");
 
         for i in 0..30 {

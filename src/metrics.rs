@@ -2,7 +2,6 @@
 //! here, WAL fsyncs in the WAL, flushes in the flusher); gauges that describe state (dirty
 //! widgets, flush lag, WAL bytes, widgets in memory) are read at scrape time.
 
-use crate::engine::MemoryEngine;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -42,16 +41,10 @@ pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration)
     metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
 }
 
-/// The text exposition, with the state gauges read now.
-pub fn render(engine: Option<&MemoryEngine>) -> String {
-    let handle = handle();
-    if let Some(engine) = engine {
-        metrics::gauge!("widgets_in_memory").set(engine.len() as f64);
-        metrics::gauge!("widgets_dirty").set(engine.dirty().len() as f64);
-        metrics::gauge!("widgets_flush_lag_seconds").set(engine.dirty().lag().as_secs_f64());
-        metrics::gauge!("widgets_wal_bytes").set(engine.wal_bytes() as f64);
-        metrics::gauge!("widgets_checkpoint_lsn").set(engine.checkpoint() as f64);
-        metrics::gauge!("widgets_wal_failed").set(f64::from(u8::from(engine.failure().is_some())));
+/// The text exposition, with the state gauges (read by the caller just now) set first.
+pub fn render(gauges: &[(&'static str, f64)]) -> String {
+    for (name, value) in gauges {
+        metrics::gauge!(*name).set(*value);
     }
-    handle.render()
+    handle().render()
 }

@@ -6,7 +6,7 @@ mod extract;
 pub mod ops;
 pub mod widgets;
 
-use crate::engine::MemoryEngine;
+use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::metrics;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -26,7 +26,7 @@ pub struct AppState {
 }
 
 struct Inner {
-    engine: OnceLock<Arc<MemoryEngine>>,
+    engine: OnceLock<Engine>,
 }
 
 impl AppState {
@@ -39,13 +39,13 @@ impl AppState {
     }
 
     /// Makes the service ready: from now on requests reach `engine`.
-    pub fn set_engine(&self, engine: Arc<MemoryEngine>) {
+    pub fn set_engine(&self, engine: Engine) {
         if self.inner.engine.set(engine).is_err() {
             tracing::error!("the engine was set twice; keeping the first");
         }
     }
 
-    pub fn engine(&self) -> Result<&Arc<MemoryEngine>, ApiError> {
+    pub fn engine(&self) -> Result<&Engine, ApiError> {
         self.inner.engine.get().ok_or(ApiError::NotReady)
     }
 }

@@ -62,10 +62,13 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let engine = state.engine().ok().map(|e| &**e);
+    let gauges = match state.engine() {
+        Ok(engine) => engine.gauges().await,
+        Err(_) => Vec::new(),
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(engine),
+        crate::metrics::render(&gauges),
     )
 }
 

@@ -93,9 +93,10 @@ pub async fn read(
     PathParams(serial): PathParams<String>,
 ) -> Result<Json<WidgetView>, ApiError> {
     let serial = path_serial(&serial)?;
-    let engine = state.engine()?;
-    let widget = engine
+    let widget = state
+        .engine()?
         .get(&serial)
+        .await?
         .ok_or_else(|| crate::domain::DomainError::NotFound(serial.clone()))?;
     Ok(Json(widget.view(&serial)))
 }

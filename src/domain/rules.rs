@@ -113,6 +113,16 @@ pub enum Reply {
 }
 
 impl Command {
+    /// The widgets the command names; the rules may read more (their old peers).
+    pub fn serials(&self) -> Vec<&Serial> {
+        match self {
+            Command::Create { serial, .. }
+            | Command::Delete { serial }
+            | Command::Free { serial, .. } => vec![serial],
+            Command::Associate { serial, peer, .. } => vec![serial, peer],
+        }
+    }
+
     /// Runs the command's rules in `tx`. On error `tx` may hold partial writes: drop it.
     pub fn apply<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<Reply, DomainError> {
         match self {

@@ -9,7 +9,7 @@
 
 use super::dirty::{DirtySet, Mark, Taken};
 use super::sequencer::{self, Job};
-use super::WriteError;
+use super::EngineError;
 use crate::domain::{Change, Command, Reply, Serial, Widget};
 use crate::store::FlushItem;
 use crate::wal::{self, FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
@@ -137,17 +137,17 @@ impl MemoryEngine {
     }
 
     /// Orders, logs and applies a write; returns once it is durable (or refused).
-    pub async fn execute(&self, command: Command) -> Result<Reply, WriteError> {
+    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
         if let Some(reason) = self.shared.failed.get() {
-            return Err(WriteError::WalFailed(reason.clone()));
+            return Err(EngineError::WalFailed(reason.clone()));
         }
         if self.shared.dirty.len() >= self.settings.max_dirty {
-            return Err(WriteError::Overloaded(
+            return Err(EngineError::Overloaded(
                 "too many changes are waiting for the durable store",
             ));
         }
         if self.wal_bytes() >= self.settings.wal_max_bytes {
-            return Err(WriteError::Overloaded(
+            return Err(EngineError::Overloaded(
                 "the WAL is over its size limit while the durable store catches up",
             ));
         }
@@ -155,15 +155,15 @@ impl MemoryEngine {
         match self.jobs.try_send(Job::Write { command, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(WriteError::Overloaded("the write queue is full"))
+                return Err(EngineError::Overloaded("the write queue is full"))
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(WriteError::WalFailed("the WAL writer has stopped".into()))
+                return Err(EngineError::WalFailed("the WAL writer has stopped".into()))
             }
         }
         answer
             .await
-            .unwrap_or_else(|_| Err(WriteError::WalFailed("the WAL writer has stopped".into())))
+            .unwrap_or_else(|_| Err(EngineError::WalFailed("the WAL writer has stopped".into())))
     }
 
     pub fn dirty(&self) -> &DirtySet {
@@ -222,6 +222,24 @@ impl MemoryEngine {
 
     pub fn wal_bytes(&self) -> u64 {
         self.shared.wal_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Gauges describing the state now, for `/metrics`.
+    pub fn gauges(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("widgets_in_memory", self.len() as f64),
+            ("widgets_dirty", self.dirty().len() as f64),
+            (
+                "widgets_flush_lag_seconds",
+                self.dirty().lag().as_secs_f64(),
+            ),
+            ("widgets_wal_bytes", self.wal_bytes() as f64),
+            ("widgets_checkpoint_lsn", self.checkpoint() as f64),
+            (
+                "widgets_wal_failed",
+                f64::from(u8::from(self.failure().is_some())),
+            ),
+        ]
     }
 
     /// Why the WAL stopped taking writes, if it did.

@@ -1,18 +1,70 @@
-//! The hot state behind one interface. Today one backend: [`memory`], the papaya map made
-//! durable by the local WAL through the [`sequencer`] thread.
+//! The hot state behind one interface, [`Engine`], so handlers do not know which backend
+//! they talk to: [`memory`] (the papaya map made durable by the local WAL through the
+//! sequencer thread) or, with the `redis` feature, `redis` (state shared by several
+//! instances).
 
 pub mod dirty;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod sequencer;
 
 pub use memory::{EngineSettings, MemoryEngine};
 
-use crate::domain::DomainError;
+use crate::domain::{Command, DomainError, Reply, Serial, Widget};
+use std::sync::Arc;
 
-/// Why a write was not applied. Nothing of a failed write is visible or durable, except
-/// that after [`WriteError::WalFailed`] the record may or may not have reached the disk.
+/// The hot state the API serves from.
+#[derive(Clone)]
+pub enum Engine {
+    Memory(Arc<MemoryEngine>),
+    #[cfg(feature = "redis")]
+    Redis(Arc<redis::RedisEngine>),
+}
+
+impl Engine {
+    /// The widget's current state.
+    pub async fn get(&self, serial: &Serial) -> Result<Option<Widget>, EngineError> {
+        match self {
+            Engine::Memory(m) => Ok(m.get(serial)),
+            #[cfg(feature = "redis")]
+            Engine::Redis(r) => r.get(serial).await,
+        }
+    }
+
+    /// Applies a write atomically; returns once it is as durable as the backend promises.
+    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
+        match self {
+            Engine::Memory(m) => m.execute(command).await,
+            #[cfg(feature = "redis")]
+            Engine::Redis(r) => r.execute(command).await,
+        }
+    }
+
+    /// Why this instance refuses writes for good, if it does.
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Engine::Memory(m) => m.failure().map(str::to_owned),
+            #[cfg(feature = "redis")]
+            Engine::Redis(_) => None,
+        }
+    }
+
+    /// Gauges describing the state now, for `/metrics`.
+    pub async fn gauges(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            Engine::Memory(m) => m.gauges(),
+            #[cfg(feature = "redis")]
+            Engine::Redis(r) => r.gauges().await,
+        }
+    }
+}
+
+/// Why a write (or a read) was not served. Nothing of a failed write is visible or durable,
+/// except that after [`EngineError::WalFailed`] the record may or may not have reached the
+/// disk.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
+pub enum EngineError {
     #[error(transparent)]
     Domain(#[from] DomainError),
     /// The write queue, the dirty set or the WAL is over its limit.
@@ -28,4 +80,7 @@ pub enum WriteError {
     /// process restarts.
     #[error("the WAL failed: {0}")]
     WalFailed(String),
+    /// The shared state (Redis) could not be reached or answered with an error.
+    #[error("the shared state is unavailable: {0}")]
+    Unavailable(String),
 }

@@ -9,7 +9,7 @@
 
 use super::dirty::Mark;
 use super::memory::{apply, Shared};
-use super::WriteError;
+use super::EngineError;
 use crate::domain::{Change, Command, Reply, Serial, StateView, Tx, Widget};
 use crate::wal::format::{encode_record, Record};
 use crate::wal::{AppendError, FsyncMode, WalWriter};
@@ -26,7 +26,7 @@ const MAX_GROUP: usize = 4096;
 pub(crate) enum Job {
     Write {
         command: Command,
-        reply: oneshot::Sender<Result<Reply, WriteError>>,
+        reply: oneshot::Sender<Result<Reply, EngineError>>,
     },
     /// The store holds everything up to this LSN.
     Trim(u64),
@@ -150,7 +150,7 @@ impl Sequencer {
     fn process(&mut self, group: &mut Vec<Job>) -> bool {
         let mut stop = false;
         let mut trim_to = None;
-        let mut answers: Vec<(oneshot::Sender<Result<Reply, WriteError>>, Reply)> = Vec::new();
+        let mut answers: Vec<(oneshot::Sender<Result<Reply, EngineError>>, Reply)> = Vec::new();
         let mut pending: HashMap<Serial, Option<Widget>> = HashMap::new();
         let mut changes: Vec<Change> = Vec::new();
         let mut marks: Vec<(Serial, Mark)> = Vec::new();
@@ -171,7 +171,7 @@ impl Sequencer {
                 }
             };
             if let Some(reason) = self.shared.failed.get() {
-                let _ = reply.send(Err(WriteError::WalFailed(reason.clone())));
+                let _ = reply.send(Err(EngineError::WalFailed(reason.clone())));
                 continue;
             }
             let view = GroupView {
@@ -244,20 +244,20 @@ impl Sequencer {
     }
 
     /// Appends the group's records and makes them as durable as the fsync mode asks.
-    fn log(&mut self, first_lsn: u64, records: u64) -> Result<(), WriteError> {
+    fn log(&mut self, first_lsn: u64, records: u64) -> Result<(), EngineError> {
         match self.writer.append(&self.buf, first_lsn) {
             Ok(()) => {}
             Err(AppendError::NoSpace(e)) => {
                 tracing::warn!(error = %e, "WAL disk full: write refused");
-                return Err(WriteError::DiskFull);
+                return Err(EngineError::DiskFull);
             }
             Err(AppendError::Write(e)) => {
                 tracing::error!(error = %e, "WAL write failed and was cut back: write refused");
-                return Err(WriteError::Storage);
+                return Err(EngineError::Storage);
             }
             Err(AppendError::Fatal(e)) => {
                 self.fail(e.to_string());
-                return Err(WriteError::WalFailed(e.to_string()));
+                return Err(EngineError::WalFailed(e.to_string()));
             }
         }
         metrics::counter!("widgets_wal_records_total").increment(records);
@@ -271,7 +271,7 @@ impl Sequencer {
         if sync_now {
             if let Err(e) = self.writer.sync() {
                 self.fail(e.to_string());
-                return Err(WriteError::WalFailed(e.to_string()));
+                return Err(EngineError::WalFailed(e.to_string()));
             }
             self.last_sync = Instant::now();
         }

@@ -94,7 +94,7 @@ pub enum Fault {
     /// Writes fail with "no space left on device" after writing half their bytes.
     NoSpace = 1,
     /// Writes fail with EIO before writing anything.
-    WriteError = 2,
+    EngineError = 2,
     /// fdatasync on a segment fails.
     SyncError = 3,
     /// fsync of the WAL directory fails.
@@ -133,7 +133,7 @@ impl WalFile for FaultyFile {
             FileExt::write_all_at(&self.inner, &buf[..buf.len() / 2], offset)?;
             return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
-        if self.faults.is(Fault::WriteError) {
+        if self.faults.is(Fault::EngineError) {
             return Err(io::Error::other("injected write error"));
         }
         FileExt::write_all_at(&self.inner, buf, offset)

@@ -1,0 +1,143 @@
+//! Filling an empty Redis from PostgreSQL, once, however many instances start together.
+//!
+//! The first instance to take `load_lock` (SET NX with an expiry, so a loader that dies
+//! releases it) streams every widget out of PostgreSQL into Redis, sets the version
+//! counter above every version PostgreSQL holds, and sets `loaded`. The others wait for
+//! `loaded`; nobody answers `/readyz` before it is there. A Redis that lost its data
+//! (restarted without AOF) has no `loaded` and is filled again from PostgreSQL.
+
+use super::RedisEngine;
+use crate::domain::{PortType, Serial, Widget};
+use crate::engine::EngineError;
+use crate::store::{PgStore, Store};
+use redis::AsyncCommands;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long a loader may hold the lock before another instance may take over.
+const LOCK_MS: u64 = 10 * 60 * 1000;
+/// Widgets per pipeline sent to Redis while loading.
+const PIPELINE: usize = 1000;
+
+fn unavailable(e: redis::RedisError) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+/// Returns once Redis holds PostgreSQL's widgets (loaded by this instance or another);
+/// `Ok(false)` if `stop` came first.
+pub async fn ensure_loaded(
+    engine: &RedisEngine,
+    store: &PgStore,
+    stop: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut conn = engine.conn();
+    let token = format!("{}-{}", std::process::id(), fastrand::u64(..));
+    loop {
+        if conn
+            .exists::<_, bool>(engine.key("loaded"))
+            .await
+            .map_err(unavailable)?
+        {
+            return Ok(true);
+        }
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(engine.key("load_lock"))
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_MS)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if locked.is_some() {
+            if !conn
+                .exists::<_, bool>(engine.key("loaded"))
+                .await
+                .map_err(unavailable)?
+            {
+                load(engine, store).await?;
+            }
+            let _: () = conn
+                .del(engine.key("load_lock"))
+                .await
+                .map_err(unavailable)?;
+            return Ok(true);
+        }
+        tracing::info!("another instance is loading Redis from PostgreSQL; waiting");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.cancelled() => return Ok(false),
+        }
+    }
+}
+
+async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
+    let reading = store.load(Box::new(move |serial, widget| {
+        let _ = tx.send((serial, widget));
+    }));
+    let writing = async {
+        let mut conn = engine.conn();
+        let (mut count, mut max_version) = (0u64, 0u64);
+        let mut batch = Vec::with_capacity(PIPELINE);
+        loop {
+            let done = rx.recv_many(&mut batch, PIPELINE).await == 0;
+            if !batch.is_empty() {
+                let mut pipe = redis::pipe();
+                for (serial, w) in batch.drain(..) {
+                    max_version = max_version.max(w.version);
+                    count += 1;
+                    pipe.hset_multiple(
+                        engine.key(&format!("w:{serial}")),
+                        &[
+                            ("name", w.name.as_str().to_owned()),
+                            ("ports", w.ports.bits().to_string()),
+                            ("version", w.version.to_string()),
+                        ],
+                    )
+                    .ignore();
+                    let peers: Vec<(&str, &str)> = PortType::ALL
+                        .into_iter()
+                        .filter_map(|p| w.peer(p).map(|s| (field(p), s.as_str())))
+                        .collect();
+                    if !peers.is_empty() {
+                        pipe.hset_multiple(engine.key(&format!("c:{serial}")), &peers)
+                            .ignore();
+                    }
+                }
+                let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            }
+            if done {
+                break;
+            }
+        }
+        Ok::<_, EngineError>((count, max_version))
+    };
+    let (read, written) = tokio::join!(reading, writing);
+    read?;
+    let (count, max_version) = written?;
+    let mut conn = engine.conn();
+    let seq: Option<u64> = conn.get(engine.key("seq")).await.map_err(unavailable)?;
+    let _: () = redis::pipe()
+        .set(engine.key("seq"), seq.unwrap_or(0).max(max_version))
+        .set(engine.key("count"), count)
+        .set(engine.key("loaded"), 1)
+        .query_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    tracing::info!(
+        widgets = count,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "loaded Redis from PostgreSQL"
+    );
+    Ok(())
+}
+
+fn field(port: PortType) -> &'static str {
+    match port {
+        PortType::P => "p",
+        PortType::R => "r",
+        PortType::Q => "q",
+    }
+}

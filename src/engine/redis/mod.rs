@@ -1,0 +1,297 @@
+//! Redis mode: the hot state lives in Redis so that any number of stateless instances
+//! serve the same widgets; PostgreSQL stays the durable truth, written behind by a flusher
+//! in every instance ([`flush`]), and loaded into an empty Redis once ([`load`]).
+//!
+//! A write is optimistic: the instance reads the widgets a command names (one atomic read
+//! script), runs the same association rules as every backend ([`crate::domain::rules`]),
+//! reading old peers in a second round if the rules need them, and then sends the
+//! post-images in one script ([`scripts::APPLY`]) that checks every widget read is still
+//! at the version read, and only then writes them all, bumps their versions from one
+//! counter and marks them dirty, atomically. If another write got there first the command
+//! runs again on fresh state. So every change is atomic and no client of any instance
+//! sees half of one, and the rules are written once, in Rust.
+//!
+//! A write is as durable as the Redis server's AOF setting (see the README).
+
+pub mod flush;
+pub mod load;
+mod scripts;
+
+use super::dirty::Mark;
+use super::EngineError;
+use crate::domain::{Change, Command, Name, PortType, Ports, Reply, Serial, StateView, Tx, Widget};
+use crate::store::FlushItem;
+use redis::aio::ConnectionManager;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// How often a write is retried after losing a race on the same widgets before it answers
+/// `503 overloaded`.
+const MAX_ATTEMPTS: usize = 64;
+
+pub struct RedisEngine {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+/// A widget as read, with its version as Redis holds it ("0" when absent).
+type Known = HashMap<Serial, (Option<Widget>, String)>;
+
+fn unavailable(e: redis::RedisError) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+fn corrupt(serial: &str, what: &str) -> EngineError {
+    EngineError::Unavailable(format!("widget {serial:?} in Redis has a bad {what}"))
+}
+
+impl RedisEngine {
+    /// Connects (the connection reconnects by itself later). `prefix` goes before every key.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let conn = client.get_connection_manager().await.map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub(crate) fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    pub async fn get(&self, serial: &Serial) -> Result<Option<Widget>, EngineError> {
+        let mut known = Known::new();
+        self.read_into(&[serial.clone()], &mut known).await?;
+        Ok(known.remove(serial).and_then(|(w, _)| w))
+    }
+
+    /// Reads `serials` atomically into `known`.
+    async fn read_into(&self, serials: &[Serial], known: &mut Known) -> Result<(), EngineError> {
+        let mut invocation = scripts::READ.prepare_invoke();
+        invocation.arg(&self.prefix);
+        for s in serials {
+            invocation.arg(s.as_str());
+        }
+        let flat: Vec<String> = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if flat.len() != serials.len() * 7 {
+            return Err(EngineError::Unavailable(
+                "unexpected answer from the read script".into(),
+            ));
+        }
+        for (serial, fields) in serials.iter().zip(flat.chunks(7)) {
+            known.insert(serial.clone(), parse_widget(serial.as_str(), fields)?);
+        }
+        Ok(())
+    }
+
+    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut known = Known::new();
+            let mut wanted: Vec<Serial> = command.serials().into_iter().cloned().collect();
+            let (reply, changes) = loop {
+                self.read_into(&wanted, &mut known).await?;
+                match run_rules(&command, &known) {
+                    Rules::NeedsMore(more) => wanted = more,
+                    Rules::Refused(e) => return Err(e.into()),
+                    Rules::Done(reply, changes) => break (reply, changes),
+                }
+            };
+            if changes.is_empty() {
+                return Ok(reply); // already so: nothing to write
+            }
+            if self.apply(&known, &changes).await? {
+                return Ok(reply);
+            }
+            metrics::counter!("widgets_redis_write_conflicts_total").increment(1);
+        }
+        Err(EngineError::Overloaded(
+            "too many concurrent changes to the same widgets",
+        ))
+    }
+
+    /// Sends the post-images; false if a widget read has changed since (a lost race).
+    async fn apply(&self, known: &Known, changes: &[Change]) -> Result<bool, EngineError> {
+        let mut invocation = scripts::APPLY.prepare_invoke();
+        invocation.arg(&self.prefix).arg(known.len());
+        for (serial, (_, version)) in known {
+            invocation.arg(serial.as_str()).arg(version);
+        }
+        invocation.arg(changes.len());
+        for change in changes {
+            let before = known.get(change.serial()).and_then(|(w, _)| w.as_ref());
+            let mark = Mark::of(before, change);
+            let bits = (u8::from(mark.row) << 3) | mark.ports;
+            match change {
+                Change::Put { serial, widget } => {
+                    invocation
+                        .arg(serial.as_str())
+                        .arg("put")
+                        .arg(widget.name.as_str())
+                        .arg(widget.ports.bits());
+                    for port in PortType::ALL {
+                        invocation.arg(widget.peer(port).map_or("", |p| p.as_str()));
+                    }
+                }
+                Change::Delete { serial } => {
+                    invocation
+                        .arg(serial.as_str())
+                        .arg("del")
+                        .arg("")
+                        .arg(0)
+                        .arg("")
+                        .arg("")
+                        .arg("");
+                }
+            }
+            invocation.arg(bits);
+        }
+        let answer: Vec<String> = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(answer.first().map(String::as_str) == Some("ok"))
+    }
+
+    /// Gauges describing the shared state now.
+    pub async fn gauges(&self) -> Vec<(&'static str, f64)> {
+        let read: Result<(i64, i64, i64), _> = scripts::GAUGES
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .invoke_async(&mut self.conn())
+            .await;
+        match read {
+            Ok((count, dirty, lag_ms)) => vec![
+                ("widgets_in_memory", count as f64),
+                ("widgets_dirty", dirty as f64),
+                ("widgets_flush_lag_seconds", lag_ms.max(0) as f64 / 1000.0),
+                ("widgets_redis_up", 1.0),
+            ],
+            Err(_) => vec![("widgets_redis_up", 0.0)],
+        }
+    }
+
+    /// Takes up to `count` dirty widgets with their state, atomically. Each comes with its
+    /// dirty entry, which [`RedisEngine::ack`] needs.
+    pub async fn take(&self, count: usize) -> Result<Vec<(FlushItem, String)>, EngineError> {
+        let flat: Vec<String> = scripts::TAKE
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .arg(count)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(flat.len() / 9);
+        for chunk in flat.chunks(9) {
+            let [serial, entry, fields @ ..] = chunk else {
+                return Err(EngineError::Unavailable(
+                    "unexpected answer from the take script".into(),
+                ));
+            };
+            let (bits, version) = entry
+                .split_once(':')
+                .and_then(|(b, v)| Some((b.parse::<u8>().ok()?, v.parse::<u64>().ok()?)))
+                .ok_or_else(|| corrupt(serial, "dirty entry"))?;
+            let (widget, _) = parse_widget(serial, fields)?;
+            let item = FlushItem {
+                serial: Serial::parse("serial", serial).map_err(|_| corrupt(serial, "serial"))?,
+                mark: Mark {
+                    row: bits & 0b1000 != 0,
+                    ports: bits & 0b111,
+                },
+                version: widget.as_ref().map_or(version, |w| w.version),
+                widget,
+            };
+            out.push((item, entry.clone()));
+        }
+        Ok(out)
+    }
+
+    /// PostgreSQL has committed these: drop each from the dirty set unless it changed since.
+    pub async fn ack(&self, entries: &[(Serial, String)]) -> Result<usize, EngineError> {
+        let mut invocation = scripts::ACK.prepare_invoke();
+        invocation.arg(&self.prefix);
+        for (serial, entry) in entries {
+            invocation.arg(serial.as_str()).arg(entry);
+        }
+        invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+enum Rules {
+    /// The rules need these widgets too (old peers): read them and run again.
+    NeedsMore(Vec<Serial>),
+    Refused(crate::domain::DomainError),
+    Done(Reply, Vec<Change>),
+}
+
+/// The widgets read so far; a read of any other is recorded as missing.
+struct Prefetched<'a> {
+    known: &'a Known,
+    missing: RefCell<Vec<Serial>>,
+}
+
+impl StateView for Prefetched<'_> {
+    fn get(&self, serial: &Serial) -> Option<Widget> {
+        match self.known.get(serial) {
+            Some((w, _)) => w.clone(),
+            None => {
+                self.missing.borrow_mut().push(serial.clone());
+                None
+            }
+        }
+    }
+}
+
+fn run_rules(command: &Command, known: &Known) -> Rules {
+    let view = Prefetched {
+        known,
+        missing: RefCell::new(Vec::new()),
+    };
+    let mut tx = Tx::new(&view);
+    let result = command.apply(&mut tx);
+    let changes = tx.into_changes();
+    let missing = view.missing.into_inner();
+    if !missing.is_empty() {
+        return Rules::NeedsMore(missing);
+    }
+    match result {
+        Ok(reply) => Rules::Done(reply, changes),
+        Err(e) => Rules::Refused(e),
+    }
+}
+
+/// Parses READ's 7 fields for one serial into the widget (if it exists) and its version.
+fn parse_widget(serial: &str, f: &[String]) -> Result<(Option<Widget>, String), EngineError> {
+    if f.len() != 7 {
+        return Err(corrupt(serial, "answer"));
+    }
+    if f[0] != "1" {
+        return Ok((None, "0".to_owned()));
+    }
+    let name = Name::parse("name", &f[1]).map_err(|_| corrupt(serial, "name"))?;
+    let ports = f[2]
+        .parse::<u8>()
+        .ok()
+        .and_then(Ports::from_bits)
+        .ok_or_else(|| corrupt(serial, "ports"))?;
+    let mut widget = Widget::new(name, ports);
+    widget.version = f[3].parse().map_err(|_| corrupt(serial, "version"))?;
+    for (i, peer) in f[4..7].iter().enumerate() {
+        if !peer.is_empty() {
+            widget.peers[i] =
+                Some(Serial::parse("peer", peer).map_err(|_| corrupt(serial, "peer"))?);
+        }
+    }
+    Ok((Some(widget), f[3].clone()))
+}

@@ -1,0 +1,151 @@
+//! The Lua scripts every Redis mutation and flush step runs as, each one atomic on the
+//! server. They are sent with `EVALSHA` and loaded again when Redis answers `NOSCRIPT`
+//! (redis-rs's `Script` does both).
+//!
+//! Keys, under the instance's prefix: `w:<serial>` (hash: `name`, `ports` bitmask,
+//! `version`), `c:<serial>` (hash: `p`, `r`, `q` peer serials, a field only while that
+//! port is plugged), `dirty` (hash: serial -> `<mark>:<version>`, the widgets PostgreSQL
+//! has not caught up with), `seq` (the version counter), `count` (widgets), `dirty_since`
+//! (ms timestamp of when `dirty` last became non-empty), `loaded` and `load_lock` (the
+//! one-time load from PostgreSQL). Scripts build keys from the serials they are given,
+//! which is why they need every key on one Redis node (no Cluster across slots).
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Reads widgets atomically. ARGV: prefix, serials... Returns 7 strings per serial:
+/// exists ("1"/"0"), name, ports, version, peer on P, R, Q ("" when free).
+pub static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local s = ARGV[i]
+  local w = redis.call('HMGET', prefix .. 'w:' .. s, 'name', 'ports', 'version')
+  if w[1] then
+    local c = redis.call('HMGET', prefix .. 'c:' .. s, 'p', 'r', 'q')
+    table.insert(out, '1'); table.insert(out, w[1]); table.insert(out, w[2]); table.insert(out, w[3])
+    table.insert(out, c[1] or ''); table.insert(out, c[2] or ''); table.insert(out, c[3] or '')
+  else
+    for _ = 1, 7 do table.insert(out, '') end
+    out[#out - 6] = '0'
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Applies one command's post-images if every widget it read is unchanged (compare and
+/// set on versions), bumping their versions and marking them dirty, all atomically.
+/// ARGV: prefix, n, then n pairs (serial, version read; "0" = absent), m, then m groups of
+/// 8 (serial, "put"/"del", name, ports, peer P, R, Q, mark bits). Returns {"ok", version}
+/// or {"conflict", serial}.
+pub static APPLY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+local i = 2
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local s, expected = ARGV[i], ARGV[i + 1]; i = i + 2
+  local current = redis.call('HGET', prefix .. 'w:' .. s, 'version')
+  if (current or '0') ~= expected then return {'conflict', s} end
+end
+local version = redis.call('INCR', prefix .. 'seq')
+local dirty = prefix .. 'dirty'
+if redis.call('HLEN', dirty) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', prefix .. 'dirty_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+end
+local m = tonumber(ARGV[i]); i = i + 1
+for _ = 1, m do
+  local s, kind, name, ports, p, r, q, mark = unpack(ARGV, i, i + 7); i = i + 8
+  local wk, ck = prefix .. 'w:' .. s, prefix .. 'c:' .. s
+  if kind == 'put' then
+    if redis.call('EXISTS', wk) == 0 then redis.call('INCR', prefix .. 'count') end
+    redis.call('HSET', wk, 'name', name, 'ports', ports, 'version', version)
+    redis.call('DEL', ck)
+    local peers = {}
+    if p ~= '' then table.insert(peers, 'p'); table.insert(peers, p) end
+    if r ~= '' then table.insert(peers, 'r'); table.insert(peers, r) end
+    if q ~= '' then table.insert(peers, 'q'); table.insert(peers, q) end
+    if #peers > 0 then redis.call('HSET', ck, unpack(peers)) end
+  else
+    if redis.call('DEL', wk) == 1 then redis.call('DECR', prefix .. 'count') end
+    redis.call('DEL', ck)
+  end
+  local bits = tonumber(mark)
+  local old = redis.call('HGET', dirty, s)
+  if old then bits = bit.bor(bits, tonumber(string.match(old, '^(%d+):'))) end
+  redis.call('HSET', dirty, s, bits .. ':' .. version)
+end
+return {'ok', tostring(version)}
+"#,
+    )
+});
+
+/// Takes up to ARGV[2] dirty widgets with their state, atomically. ARGV: prefix, count.
+/// Returns 9 strings per widget: serial, dirty entry, then as READ.
+pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+local entries = redis.call('HRANDFIELD', prefix .. 'dirty', tonumber(ARGV[2]), 'WITHVALUES')
+local out = {}
+for i = 1, #entries, 2 do
+  local s = entries[i]
+  table.insert(out, s); table.insert(out, entries[i + 1])
+  local w = redis.call('HMGET', prefix .. 'w:' .. s, 'name', 'ports', 'version')
+  if w[1] then
+    local c = redis.call('HMGET', prefix .. 'c:' .. s, 'p', 'r', 'q')
+    table.insert(out, '1'); table.insert(out, w[1]); table.insert(out, w[2]); table.insert(out, w[3])
+    table.insert(out, c[1] or ''); table.insert(out, c[2] or ''); table.insert(out, c[3] or '')
+  else
+    table.insert(out, '0')
+    for _ = 1, 6 do table.insert(out, '') end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// After PostgreSQL committed a batch: removes each serial from the dirty set only if its
+/// entry is still the one the batch was taken with (nothing changed since). ARGV: prefix,
+/// then pairs (serial, entry). Returns how many it removed.
+pub static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+local dirty = prefix .. 'dirty'
+local removed = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HGET', dirty, ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', dirty, ARGV[i])
+    removed = removed + 1
+  end
+end
+if redis.call('HLEN', dirty) == 0 then redis.call('DEL', prefix .. 'dirty_since') end
+return removed
+"#,
+    )
+});
+
+/// The state gauges in one atomic call. ARGV: prefix. Returns {count, dirty, lag_ms}.
+pub static GAUGES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+local dirty = redis.call('HLEN', prefix .. 'dirty')
+local lag = 0
+local since = redis.call('GET', prefix .. 'dirty_since')
+if dirty > 0 and since then
+  local t = redis.call('TIME')
+  lag = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(since)
+end
+return {tonumber(redis.call('GET', prefix .. 'count') or '0'), dirty, lag}
+"#,
+    )
+});
