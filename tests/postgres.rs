@@ -6,77 +6,14 @@
 mod common;
 
 use common::binary::Server;
-use common::pg::{Proxy, TestDb};
+use common::pg::{app_state, pg_state, Proxy, TestDb};
 use common::{spawn_app_with, TestApp};
 use reqwest::StatusCode;
-use sqlx::{PgConnection, Row};
-use std::collections::BTreeMap;
+use sqlx::PgConnection;
 use std::time::{Duration, Instant};
 use widgets::domain::{Name, PortType, Ports, Serial, Widget};
 use widgets::engine::dirty::Mark;
 use widgets::store::{FlushBatch, FlushItem, PgStore, Store};
-
-/// A widget as the tables hold it: name, ports bitmask, peer per port (P, R, Q).
-type Row3 = (String, i16, [Option<String>; 3]);
-
-async fn pg_state(conn: &mut PgConnection) -> BTreeMap<String, Row3> {
-    let mut out = BTreeMap::new();
-    for row in sqlx::query("SELECT serial_number, name, ports FROM widgets")
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap()
-    {
-        out.insert(row.get(0), (row.get(1), row.get(2), [None, None, None]));
-    }
-    for (i, table) in ["associations_p", "associations_r", "associations_q"]
-        .iter()
-        .enumerate()
-    {
-        for row in sqlx::query(&format!(
-            "SELECT serial_number, peer_serial_number FROM {table}"
-        ))
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap()
-        {
-            let serial: String = row.get(0);
-            out.get_mut(&serial)
-                .expect("association row without a widget row")
-                .2[i] = Some(row.get(1));
-        }
-    }
-    out
-}
-
-/// The same view, read from the service over HTTP.
-async fn app_state(app_url: impl Fn(&str) -> String, serials: &[String]) -> BTreeMap<String, Row3> {
-    let client = reqwest::Client::new();
-    let mut out = BTreeMap::new();
-    for serial in serials {
-        let r = client
-            .get(app_url(&format!("/widgets/{serial}")))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::NOT_FOUND {
-            continue;
-        }
-        let w: serde_json::Value = r.json().await.unwrap();
-        let mut bits = 0i16;
-        let mut peers = [None, None, None];
-        for (i, port) in ["P", "R", "Q"].iter().enumerate() {
-            if w["ports"].as_array().unwrap().iter().any(|p| p == port) {
-                bits |= 1 << i;
-                peers[i] = w["associations"][port].as_str().map(str::to_owned);
-            }
-        }
-        out.insert(
-            serial.clone(),
-            (w["name"].as_str().unwrap().to_owned(), bits, peers),
-        );
-    }
-    out
-}
 
 async fn checkpoint(conn: &mut PgConnection) -> i64 {
     sqlx::query_scalar("SELECT lsn FROM checkpoint")

@@ -28,6 +28,7 @@ impl Server {
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

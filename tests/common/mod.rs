@@ -36,6 +36,56 @@ pub struct TestApp {
     /// The data directory; kept alive as long as the app (and reusable for a restart).
     pub dir: Arc<TempDir>,
     app: Option<RunningApp>,
+    /// The PostgreSQL database of a Redis-mode app, dropped when the app stops.
+    db: Option<pg::TestDb>,
+}
+
+/// Which engine a test app runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    /// Single node: the in-process map, the WAL, the embedded store.
+    Memory,
+    /// Redis mode, on its own key prefix and its own PostgreSQL database.
+    #[cfg(feature = "redis")]
+    Redis,
+}
+
+/// The Redis tests use: `REDIS_URL`, or the local server CI and docker compose provide.
+#[cfg(feature = "redis")]
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A key prefix no other test uses.
+#[cfg(feature = "redis")]
+pub fn redis_prefix() -> String {
+    format!("test:{}:{}:", std::process::id(), fastrand::u64(..))
+}
+
+/// A ready app on `backend` with extra settings.
+pub async fn spawn_backend(backend: Backend, args: &[&str]) -> TestApp {
+    match backend {
+        Backend::Memory => spawn_app_with(args).await,
+        #[cfg(feature = "redis")]
+        Backend::Redis => {
+            let db = pg::TestDb::create().await;
+            let (redis, prefix) = (redis_url(), redis_prefix());
+            let mut all = vec![
+                "--database-url",
+                &db.url,
+                "--redis-url",
+                &redis,
+                "--redis-prefix",
+                &prefix,
+                "--flush-interval",
+                "100ms",
+            ];
+            all.extend_from_slice(args);
+            let mut app = spawn_app_with(&all).await;
+            app.db = Some(db);
+            app
+        }
+    }
 }
 
 /// A ready app with default settings in a new temp dir.
@@ -60,6 +110,7 @@ pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) 
         client: Client::new(),
         dir,
         app: Some(app),
+        db: None,
     }
 }
 
@@ -71,8 +122,9 @@ pub async fn try_spawn_app_in(
 ) -> anyhow::Result<RunningApp> {
     init_tracing();
     let data_dir = dir.to_str().expect("utf-8 temp dir");
-    // An empty --database-url means the embedded store, whatever DATABASE_URL says; PostgreSQL
-    // tests pass their own --database-url later in `args`, which wins.
+    // Empty --database-url and --redis-url mean single node on the embedded store, whatever
+    // the environment says; tests that want PostgreSQL or Redis pass their own in `args`,
+    // which win.
     let mut argv = vec![
         "widgets",
         "--listen",
@@ -80,6 +132,7 @@ pub async fn try_spawn_app_in(
         "--data-dir",
         data_dir,
         "--database-url=",
+        "--redis-url=",
     ];
     argv.extend_from_slice(args);
     let config = Config::try_parse_from(argv)?;
@@ -174,6 +227,9 @@ impl TestApp {
     pub async fn stop(mut self) -> Arc<TempDir> {
         if let Some(app) = self.app.take() {
             app.stop().await.expect("graceful stop");
+        }
+        if let Some(db) = self.db.take() {
+            db.drop_db().await;
         }
         self.dir
     }

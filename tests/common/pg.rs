@@ -1,7 +1,9 @@
 //! PostgreSQL for tests: a fresh database per test on the server `DATABASE_URL` names, and
 //! a TCP proxy in front of it that a test can cut and restore to simulate an outage.
 
-use sqlx::{Connection, PgConnection};
+use reqwest::StatusCode;
+use sqlx::{Connection, PgConnection, Row};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -157,4 +159,69 @@ impl Drop for Proxy {
         self.cut();
         self.accept.abort();
     }
+}
+
+/// A widget as the tables hold it: name, ports bitmask, peer per port (P, R, Q).
+pub type Row3 = (String, i16, [Option<String>; 3]);
+
+pub async fn pg_state(conn: &mut PgConnection) -> BTreeMap<String, Row3> {
+    let mut out = BTreeMap::new();
+    for row in sqlx::query("SELECT serial_number, name, ports FROM widgets")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+    {
+        out.insert(row.get(0), (row.get(1), row.get(2), [None, None, None]));
+    }
+    for (i, table) in ["associations_p", "associations_r", "associations_q"]
+        .iter()
+        .enumerate()
+    {
+        for row in sqlx::query(&format!(
+            "SELECT serial_number, peer_serial_number FROM {table}"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        {
+            let serial: String = row.get(0);
+            out.get_mut(&serial)
+                .expect("association row without a widget row")
+                .2[i] = Some(row.get(1));
+        }
+    }
+    out
+}
+
+/// The same view, read from the service over HTTP.
+pub async fn app_state(
+    app_url: impl Fn(&str) -> String,
+    serials: &[String],
+) -> BTreeMap<String, Row3> {
+    let client = reqwest::Client::new();
+    let mut out = BTreeMap::new();
+    for serial in serials {
+        let r = client
+            .get(app_url(&format!("/widgets/{serial}")))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::NOT_FOUND {
+            continue;
+        }
+        let w: serde_json::Value = r.json().await.unwrap();
+        let mut bits = 0i16;
+        let mut peers = [None, None, None];
+        for (i, port) in ["P", "R", "Q"].iter().enumerate() {
+            if w["ports"].as_array().unwrap().iter().any(|p| p == port) {
+                bits |= 1 << i;
+                peers[i] = w["associations"][port].as_str().map(str::to_owned);
+            }
+        }
+        out.insert(
+            serial.clone(),
+            (w["name"].as_str().unwrap().to_owned(), bits, peers),
+        );
+    }
+    out
 }

@@ -4,7 +4,8 @@
 //! releases it) streams every widget out of PostgreSQL into Redis, sets the version
 //! counter above every version PostgreSQL holds, and sets `loaded`. The others wait for
 //! `loaded`; nobody answers `/readyz` before it is there. A Redis that lost its data
-//! (restarted without AOF) has no `loaded` and is filled again from PostgreSQL.
+//! (restarted without AOF) has no `loaded` and is filled again from PostgreSQL. `loads`
+//! counts the fills, for operators (and tests) to see it happened once.
 
 use super::RedisEngine;
 use crate::domain::{PortType, Serial, Widget};
@@ -123,6 +124,7 @@ async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
         .set(engine.key("seq"), seq.unwrap_or(0).max(max_version))
         .set(engine.key("count"), count)
         .set(engine.key("loaded"), 1)
+        .incr(engine.key("loads"), 1)
         .query_async(&mut conn)
         .await
         .map_err(unavailable)?;

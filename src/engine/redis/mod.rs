@@ -66,7 +66,8 @@ impl RedisEngine {
 
     pub async fn get(&self, serial: &Serial) -> Result<Option<Widget>, EngineError> {
         let mut known = Known::new();
-        self.read_into(&[serial.clone()], &mut known).await?;
+        self.read_into(std::slice::from_ref(serial), &mut known)
+            .await?;
         Ok(known.remove(serial).and_then(|(w, _)| w))
     }
 

@@ -6,8 +6,8 @@
 //! `version`), `c:<serial>` (hash: `p`, `r`, `q` peer serials, a field only while that
 //! port is plugged), `dirty` (hash: serial -> `<mark>:<version>`, the widgets PostgreSQL
 //! has not caught up with), `seq` (the version counter), `count` (widgets), `dirty_since`
-//! (ms timestamp of when `dirty` last became non-empty), `loaded` and `load_lock` (the
-//! one-time load from PostgreSQL). Scripts build keys from the serials they are given,
+//! (ms timestamp of when `dirty` last became non-empty), `loaded`, `load_lock` and `loads`
+//! (the one-time load from PostgreSQL). Scripts build keys from the serials they are given,
 //! which is why they need every key on one Redis node (no Cluster across slots).
 
 use redis::Script;

@@ -1,0 +1,282 @@
+//! Redis mode against a real Redis and a real PostgreSQL: several instances serving one
+//! set of widgets, flushers that die at the worst moments, and the one-time load of an
+//! empty Redis. Each test has its own key prefix and its own database. (The whole API
+//! contract suite also runs on Redis mode: see tests/api.rs.)
+
+#![cfg(feature = "redis")]
+
+mod common;
+
+use common::pg::{app_state, pg_state, TestDb};
+use common::{redis_prefix, redis_url, spawn_app_with, TestApp};
+use redis::AsyncCommands;
+use reqwest::StatusCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use widgets::domain::{Command, Name, PortType, Ports, Serial};
+use widgets::engine::redis::flush::RedisFlusher;
+use widgets::engine::redis::RedisEngine;
+use widgets::store::{FlushBatch, PgStore, Store};
+
+/// Polls `$check` (an expression that may `.await`) until it holds or `$secs` pass.
+macro_rules! eventually {
+    ($what:expr, $secs:expr, $check:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs($secs);
+        while !$check {
+            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+async fn instance(db: &TestDb, prefix: &str) -> TestApp {
+    let redis = redis_url();
+    spawn_app_with(&[
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &redis,
+        "--redis-prefix",
+        prefix,
+        "--flush-interval",
+        "100ms",
+    ])
+    .await
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(-1.0, |v| v.parse().unwrap())
+}
+
+async fn dirty(app: &TestApp) -> f64 {
+    metric(
+        &app.get("/metrics").await.text().await.unwrap(),
+        "widgets_dirty",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_serve_one_consistent_set_and_postgres_converges() {
+    let db = TestDb::create().await;
+    let prefix = redis_prefix();
+    let (a, b) = (
+        Arc::new(instance(&db, &prefix).await),
+        Arc::new(instance(&db, &prefix).await),
+    );
+    let names: Vec<String> = (0..16).map(|i| format!("x{i}")).collect();
+    for (i, s) in names.iter().enumerate() {
+        let app = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            app.create(s, &["P", "R", "Q"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(
+        b.create("x0", &["P"]).await.status(),
+        StatusCode::CONFLICT,
+        "b sees a's widget"
+    );
+
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (a, b, names) = (a.clone(), b.clone(), names.clone());
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(t);
+                for i in 0..60 {
+                    let app = if (t + i) % 2 == 0 { &a } else { &b };
+                    let (x, y) = (&names[rng.usize(..16)], &names[rng.usize(..16)]);
+                    let port = ["P", "R", "Q"][rng.usize(..3)];
+                    let r = if x == y || rng.u8(..5) == 0 {
+                        app.free(x, port).await
+                    } else {
+                        app.associate(port, x, y).await
+                    };
+                    assert!(r.status().is_success(), "{}", r.status());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let via_a = app_state(|p| a.url(p), &names).await;
+    let via_b = app_state(|p| b.url(p), &names).await;
+    assert_eq!(via_a, via_b, "both instances read the same state");
+    for (serial, (_, _, peers)) in &via_a {
+        for (i, peer) in peers.iter().enumerate() {
+            if let Some(peer) = peer {
+                assert_eq!(
+                    via_a[peer].2[i].as_deref(),
+                    Some(serial.as_str()),
+                    "{serial} -> {peer} is one-sided"
+                );
+            }
+        }
+    }
+    eventually!("the dirty set to drain", 10, { dirty(&a).await == 0.0 });
+    let mut conn = db.connect().await;
+    assert_eq!(
+        pg_state(&mut conn).await,
+        via_a,
+        "PostgreSQL equals Redis once nothing is dirty"
+    );
+    drop(conn);
+    Arc::into_inner(a).unwrap().stop().await;
+    Arc::into_inner(b).unwrap().stop().await;
+    db.drop_db().await;
+}
+
+fn s(x: &str) -> Serial {
+    Serial::parse("s", x).unwrap()
+}
+
+async fn create(engine: &RedisEngine, serial: &str) {
+    let command = Command::Create {
+        serial: s(serial),
+        name: Name::parse("n", "w").unwrap(),
+        ports: Ports::from_list("p", &[PortType::P]).unwrap(),
+    };
+    engine.execute(command).await.unwrap();
+}
+
+async fn associate(engine: &RedisEngine, a: &str, b: &str) {
+    let command = Command::Associate {
+        port: PortType::P,
+        serial: s(a),
+        peer: s(b),
+    };
+    engine.execute(command).await.unwrap();
+}
+
+/// The engine's view of `serials`, in the same shape as `pg_state`.
+async fn redis_state(
+    engine: &RedisEngine,
+    serials: &[&str],
+) -> std::collections::BTreeMap<String, common::pg::Row3> {
+    let mut out = std::collections::BTreeMap::new();
+    for serial in serials {
+        if let Some(w) = engine.get(&s(serial)).await.unwrap() {
+            let peers = [0, 1, 2].map(|i| w.peers[i].as_ref().map(|p| p.to_string()));
+            out.insert(
+                serial.to_string(),
+                ("w".to_owned(), i16::from(w.ports.bits()), peers),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_nothing_stale() {
+    let db = TestDb::create().await;
+    let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
+    store.migrate().await.unwrap();
+    let engine = Arc::new(
+        RedisEngine::connect(&redis_url(), &redis_prefix())
+            .await
+            .unwrap(),
+    );
+    let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
+    let all = ["a", "b", "c", "d"];
+    for w in all {
+        create(&engine, w).await;
+    }
+    associate(&engine, "a", "b").await;
+
+    // Dies before its commit: it took a batch and wrote nothing.
+    assert_eq!(engine.take(1000).await.unwrap().len(), 4);
+    // Dies between its commit and the dirty-set removal.
+    assert_eq!(flusher.write_one_batch().await.unwrap().len(), 4);
+    let mut conn = db.connect().await;
+    assert_eq!(pg_state(&mut conn).await, redis_state(&engine, &all).await);
+    // Both left every serial dirty: a live flusher writes them again, harmlessly.
+    assert_eq!(engine.take(1000).await.unwrap().len(), 4);
+
+    // A slow flusher takes a batch; the state moves on and a fast flusher writes it...
+    let slow = engine.take(1000).await.unwrap();
+    associate(&engine, "c", "b").await; // b re-plugged from a to c
+    engine
+        .execute(Command::Delete { serial: s("d") })
+        .await
+        .unwrap();
+    assert_eq!(flusher.flush_once().await.unwrap(), 4);
+    // ...and changes again (c re-plugged from b to a: a, b, c dirty again).
+    associate(&engine, "a", "c").await;
+    // Only now does the slow one commit its older state and acknowledge it.
+    let (items, entries): (Vec<_>, Vec<_>) = slow
+        .into_iter()
+        .map(|(item, entry)| {
+            let serial = item.serial.clone();
+            (item, (serial, entry))
+        })
+        .unzip();
+    store
+        .write_batch(FlushBatch {
+            items,
+            checkpoint: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.ack(&entries).await.unwrap(),
+        0,
+        "the late ack removed newer dirty entries"
+    );
+    let gauges = engine.gauges().await;
+    assert!(gauges.contains(&("widgets_dirty", 3.0)), "{gauges:?}");
+    assert!(
+        !pg_state(&mut conn).await.contains_key("d"),
+        "the slow flusher brought a deleted widget back"
+    );
+    assert_eq!(
+        pg_state(&mut conn).await["b"].2[0].as_deref(),
+        Some("c"),
+        "older state won over newer"
+    );
+
+    flusher.flush_once().await.unwrap();
+    assert_eq!(pg_state(&mut conn).await, redis_state(&engine, &all).await);
+    drop(conn);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_redis_is_loaded_from_postgres_once_by_instances_starting_together() {
+    let db = TestDb::create().await;
+    // Fill PostgreSQL through a single-node instance on it.
+    let single = spawn_app_with(&["--database-url", &db.url]).await;
+    let names: Vec<String> = (0..30).map(|i| format!("l{i}")).collect();
+    for s in &names {
+        single.create(s, &["P", "R"]).await;
+    }
+    single.associate("P", "l0", "l1").await;
+    single.associate("R", "l1", "l2").await;
+    let want = app_state(|p| single.url(p), &names).await;
+    single.stop().await;
+
+    let prefix = redis_prefix();
+    let (a, b) = tokio::join!(instance(&db, &prefix), instance(&db, &prefix));
+    assert_eq!(app_state(|p| a.url(p), &names).await, want);
+    assert_eq!(app_state(|p| b.url(p), &names).await, want);
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let loads: u64 = conn.get(format!("{prefix}loads")).await.unwrap();
+    assert_eq!(
+        loads, 1,
+        "two instances starting together must load Redis once"
+    );
+
+    // New writes carry versions above everything PostgreSQL holds, so they reach it.
+    assert_eq!(b.associate("P", "l0", "l2").await.status(), StatusCode::OK);
+    let mut pg = db.connect().await;
+    eventually!("the new association in PostgreSQL", 10, {
+        pg_state(&mut pg).await["l0"].2[0].as_deref() == Some("l2")
+    });
+    drop(pg);
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
