@@ -250,8 +250,9 @@ pub fn replay(dir: &Path, mode: RecoveryMode, checkpoint: u64) -> Result<Replay,
 /// trimmed to the checkpoint), appends one record, and checks that a strict recovery then
 /// sees `before` and it: what recovery kept and cut is a log the service can go on with.
 fn check_writer_continues(dir: &Path, checkpoint: u64, before: Replay) {
-    let Some(next) = before.last_lsn.checked_add(1) else {
-        return; // every LSN is used: nothing more can be written
+    // u64::MAX is reserved (recovery refuses a record there): nothing more can be written.
+    let Some(next) = before.last_lsn.checked_add(1).filter(|&n| n < u64::MAX) else {
+        return;
     };
     let mut writer = WalWriter::open(
         Arc::new(RealFs),

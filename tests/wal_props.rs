@@ -40,6 +40,12 @@ fn decode_record_corpus() {
     replay("corpus/decode_record", wal_checks::check_decode);
 }
 
+/// The recover_dir corpus includes the inputs on which fuzzing caught recovery breaking
+/// its contract (fixed since): `lsn-zero-segment` and `lsn-max-segment` (LSN arithmetic on
+/// values read from disk), `gap-segment-raises-last-lsn` and `truncate-missing-records` (a
+/// segment cut whole after a hole still moved the log's end past the hole),
+/// `empty-older-segment` and `empty-segment-before-removed-gap` (an empty segment left at
+/// the end, which the writer then could not create again).
 #[test]
 fn recover_dir_corpus() {
     replay("corpus/recover_dir", wal_checks::check_recover_dir);
@@ -48,24 +54,6 @@ fn recover_dir_corpus() {
 #[test]
 fn round_trip_corpus() {
     replay("corpus/round_trip", wal_checks::check_round_trip_input);
-}
-
-/// Inputs on which the fuzzer caught `recover` (src/wal/recovery.rs) breaking its contract,
-/// kept until it is fixed; then move them into `fuzz/corpus/recover_dir` and drop this test.
-/// - `lsn-zero-segment`: a header-only segment named LSN 0: `next - 1` underflows (a panic
-///   in debug builds, `last_lsn = u64::MAX` in release).
-/// - `lsn-max-segment`: a record at LSN `u64::MAX`: `next += 1` overflows.
-/// - `gap-segment-raises-last-lsn`, `truncate-missing-records`: a segment cut whole at
-///   offset 0 (a gap, a missing first segment, a bad header) still raises `last_lsn` to its
-///   first LSN - 1, so the writer goes on past a hole and the next start finds the same
-///   hole: refused, or in truncate mode cut again with every record acknowledged since.
-/// - `empty-older-segment`, `empty-segment-before-removed-gap`: an empty segment is kept
-///   because a newer one followed it, that newer one is then removed (a half-written header,
-///   a gap), and the writer cannot open: it creates the empty segment's file again (EEXIST).
-#[test]
-#[ignore = "recovery bugs found by fuzzing, not fixed yet"]
-fn recover_dir_known_bugs() {
-    replay("regressions/recover_dir", wal_checks::check_recover_dir);
 }
 
 /// Between `min` and `max` records, each built from its own random bytes so that proptest

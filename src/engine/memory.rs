@@ -93,12 +93,22 @@ impl MemoryEngine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "WAL replayed"
         );
+        // LSN u64::MAX is reserved (see recovery), so the log can always say what comes next.
+        let next_lsn = recovered
+            .last_lsn
+            .checked_add(1)
+            .filter(|&n| n < u64::MAX)
+            .ok_or_else(|| WalError::Corrupt {
+                file: wal_dir.to_owned(),
+                offset: 0,
+                reason: "the log or the store's checkpoint has used up every LSN".into(),
+            })?;
         let wal_bytes = Arc::new(AtomicU64::new(0));
         let mut writer = WalWriter::open(
             fs,
             wal_dir,
             recovered.segments,
-            recovered.last_lsn + 1,
+            next_lsn,
             settings.wal_segment_bytes,
             wal_bytes.clone(),
         )?;
@@ -117,7 +127,7 @@ impl MemoryEngine {
             shared.clone(),
             writer,
             rx,
-            recovered.last_lsn + 1,
+            next_lsn,
             settings.fsync,
             settings.fsync_interval,
         );

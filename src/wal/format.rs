@@ -48,7 +48,8 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    // LSNs start at 1: no segment ever starts at 0.
+    digits.parse().ok().filter(|&lsn| lsn > 0)
 }
 
 pub fn encode_segment_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_LEN] {
@@ -280,6 +281,7 @@ pub(crate) mod tests {
         assert_eq!(decode_segment_header(&bad), Err(HeaderError::BadMagic));
         assert_eq!(parse_segment_file_name(&segment_file_name(42)), Some(42));
         assert_eq!(parse_segment_file_name("42.wal"), None);
+        assert_eq!(parse_segment_file_name(&segment_file_name(0)), None);
         assert_eq!(parse_segment_file_name("0000000000000000004x.wal"), None);
     }
 }

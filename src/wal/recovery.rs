@@ -78,12 +78,12 @@ pub fn recover(
                     0,
                     format!("segment starts at LSN {first_lsn}, but the previous one ended before LSN {exp}"),
                 )),
-                None if *first_lsn > checkpoint + 1 => Err(damage(
+                None if *first_lsn > checkpoint.saturating_add(1) => Err(damage(
                     0,
                     format!(
                         "the log starts at LSN {first_lsn} but the store's checkpoint is {checkpoint}: \
                          records {} to {} are missing",
-                        checkpoint + 1,
+                        checkpoint.saturating_add(1),
                         first_lsn - 1
                     ),
                 )),
@@ -116,13 +116,13 @@ pub fn recover(
                         "WAL damaged: cutting the log here as --wal-recovery truncate asks, dropping everything after it");
                 }
                 cut_log(fs, dir, &d, &names[i + 1..])?;
-                let next = last_lsn_before(&data, d.offset, *first_lsn);
                 if d.offset <= SEGMENT_HEADER_LEN {
-                    // Nothing valid left in this segment; the removal is in cut_log.
-                    out.last_lsn = out.last_lsn.max(next.saturating_sub(1));
+                    // Nothing valid was in this segment and cut_log removed it. It says
+                    // nothing about the LSNs before it (it may stand after a hole), so the
+                    // log ends where the previous segment ended.
                     break;
                 }
-                (d.offset, next)
+                (d.offset, last_lsn_before(&data, d.offset, *first_lsn))
             }
         };
         let had_records = next > *first_lsn;
@@ -137,10 +137,20 @@ pub fn recover(
             });
         }
         expected = Some(next);
-        out.last_lsn = out.last_lsn.max(next - 1);
+        // Segment names and LSNs start at 1, and scan_records checks for overflow.
+        out.last_lsn = out.last_lsn.max(next.saturating_sub(1));
         if valid_end < data.len() {
             break; // cut_log removed the later segments
         }
+    }
+    // Segments left with no record at the end of the log (an empty one whose successor was
+    // removed above) would be created again by the writer: remove them now.
+    while let Some(last) = out.segments.last() {
+        if last.len > SEGMENT_HEADER_LEN as u64 {
+            break;
+        }
+        fs.remove(&last.path).map_err(WalError::io(&last.path))?;
+        out.segments.pop();
     }
     Ok(out)
 }
@@ -168,6 +178,10 @@ pub(super) fn scan_records(
                 format!("record has LSN {} where {next} was expected", d.lsn),
             ));
         }
+        if d.lsn == u64::MAX {
+            // Reserved, so that the LSN after the last record always exists.
+            return Err((at, "LSN u64::MAX is reserved".to_owned()));
+        }
         each(at, d.lsn, d.record);
         at += d.frame_len;
         next += 1;
@@ -183,7 +197,7 @@ fn last_lsn_before(data: &[u8], offset: usize, first_lsn: u64) -> u64 {
         match check_frame(&data[at..]) {
             Ok((_, len)) => {
                 at += len;
-                next += 1;
+                next = next.saturating_add(1);
             }
             Err(_) => break,
         }
