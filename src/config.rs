@@ -1,6 +1,7 @@
 //! Every setting, by flag or environment variable (a `.env` file in the working directory
 //! is read at start-up). `widgets --help` prints this with the defaults.
 
+use crate::bench::BenchArgs;
 use crate::engine::EngineSettings;
 use crate::wal::{FsyncMode, RecoveryMode};
 use clap::{Parser, Subcommand};
@@ -104,6 +105,10 @@ pub enum Cmd {
         #[command(subcommand)]
         command: WalCmd,
     },
+    /// Load-test the service (started here, or at --url) and report throughput, latency
+    /// percentiles, errors, fsyncs and memory, next to the HTTP ceiling and, with a
+    /// database URL, PostgreSQL written directly.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -16,9 +16,11 @@
 //! - [`flush`]: the flusher that writes dirty widgets behind to the store and trims the WAL.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`listener`]: the TCP listener with a connection cap.
+//! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod engine;

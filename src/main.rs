@@ -2,6 +2,7 @@ use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
+use widgets::bench::BenchArgs;
 use widgets::config::{Cmd, Config, WalCmd};
 
 #[tokio::main]
@@ -30,7 +31,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let database_url = config.postgres_url().map(str::to_owned);
     match config.command {
+        Some(Cmd::Bench(args)) => bench(args, database_url).await,
         Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
         Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {
@@ -62,6 +65,22 @@ fn wal_command(command: WalCmd) -> anyhow::Result<()> {
         "{} segments, {records} records, all checksums valid",
         reports.len()
     );
+    Ok(())
+}
+
+/// `widgets bench`: prints the report as a table, or JSON with `--json`. Ctrl-C stops the
+/// run and the service it started.
+async fn bench(args: BenchArgs, database_url: Option<String>) -> anyhow::Result<()> {
+    let json = args.json;
+    let report = tokio::select! {
+        report = widgets::bench::run(args, database_url) => report?,
+        _ = shutdown_signal() => anyhow::bail!("interrupted"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
     Ok(())
 }
 

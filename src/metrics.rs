@@ -1,6 +1,7 @@
 //! Prometheus metrics. Counters and histograms are recorded where things happen (requests
 //! here, WAL fsyncs in the WAL, flushes in the flusher); gauges that describe state (dirty
-//! widgets, flush lag, WAL bytes, widgets in memory) are read at scrape time.
+//! widgets, flush lag, WAL bytes, widgets in memory, resident memory) are read at scrape
+//! time.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -46,5 +47,31 @@ pub fn render(gauges: &[(&'static str, f64)]) -> String {
     for (name, value) in gauges {
         metrics::gauge!(*name).set(*value);
     }
+    // Served by the process itself so `widgets bench --url` can report a remote server's
+    // memory, with no access to its /proc.
+    if let Some(rss) = resident_bytes() {
+        metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
+    }
     handle().render()
+}
+
+/// This process's resident set size: `/proc/self/statm` counts pages. `None` off Linux.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant; it has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_size).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_is_reported() {
+        let rss = resident_bytes().expect("/proc/self/statm on Linux");
+        assert!(rss > 0);
+        assert!(render(&[]).contains("process_resident_memory_bytes "));
+    }
 }

@@ -1,0 +1,456 @@
+//! `widgets bench`: the load generator. One run, in phases:
+//!
+//! 1. start the service (this binary, in a temporary directory) or reach `--url`;
+//! 2. create `--widgets` widgets, each with ports P, R and Q, from `--concurrency`
+//!    connections, with a progress bar;
+//! 3. the HTTP ceiling: `GET /healthz` at full speed for `--ceiling-secs`, same client and
+//!    connections, so the load numbers can be read against what HTTP alone costs here;
+//! 4. the load: the `--mix` of association PUTs, frees and GETs for `--duration`, at full
+//!    speed or at an offered `--rate` (open loop), with `/metrics` scraped before and after
+//!    for fsyncs, records per fsync, flush lag and the server's memory;
+//! 5. with a database URL, the "no cache" baseline (`baseline`): the same association
+//!    updates as one PostgreSQL transaction each, from as many clients.
+//!
+//! Answers that are not 2xx are counted by status and reported, never fatal: a benchmark
+//! of an overloaded service still reports. Only failing to start or reach the service (or
+//! to create at least two widgets) ends a run early.
+//!
+//! Files: `http` (client and requests), `load` (workers, closed and open loop), `mix`
+//! (the request mix), `report` (histograms and the printed report), `scrape` (`/metrics`),
+//! `server` (the child process), `scratch_db` (throwaway databases), `baseline`.
+
+pub mod baseline;
+pub mod http;
+pub mod load;
+pub mod mix;
+pub mod report;
+pub mod scrape;
+pub mod scratch_db;
+pub mod server;
+
+use crate::wal::FsyncMode;
+use anyhow::Context;
+use http::Http;
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use load::{Outcome, Pace};
+use mix::Mix;
+use report::{BaselineStats, PhaseStats, Report};
+use scrape::Scrape;
+use scratch_db::ScratchDb;
+use server::{Server, ServerOptions};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the service may take to answer `/readyz` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Load-test the service: create widgets, drive a mix of requests, report throughput,
+/// latency and what the server did, next to the HTTP ceiling and (with a database URL)
+/// PostgreSQL written directly.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Base URL of a running service to load (e.g. http://127.0.0.1:8080). Default: start
+    /// the service (this binary) on a free port with its data in a temporary directory.
+    #[arg(long)]
+    pub url: Option<String>,
+
+    /// Widgets to create before the load (default 100000).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(2..))]
+    pub widgets: u64,
+
+    /// Concurrent connections (and baseline clients) (default 64).
+    #[arg(short, long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub concurrency: u64,
+
+    /// How long the load runs (default 20s); takes units: 500ms, 20s, 1m.
+    #[arg(short, long, default_value = "20s", value_parser = positive_duration)]
+    pub duration: Duration,
+
+    /// Seconds of `GET /healthz` measuring the HTTP ceiling (default 5); 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    pub ceiling_secs: u64,
+
+    /// Offered rate in requests per second across all connections (open loop; latency
+    /// counts from each request's intended send time). Default: as fast as answers come.
+    #[arg(long, value_parser = positive_rate)]
+    pub rate: Option<f64>,
+
+    /// Weights of association PUTs, port frees and widget GETs (default
+    /// put=80,free=10,get=10); a key left out weighs 0.
+    #[arg(long, default_value_t = Mix::default())]
+    pub mix: Mix,
+
+    /// Print the report as JSON on stdout (default: a table); hides the progress bar.
+    #[arg(long)]
+    pub json: bool,
+
+    /// `--fsync` of the started service (default always); not with --url.
+    #[arg(long, value_enum, default_value_t = FsyncMode::Always, conflicts_with = "url")]
+    pub fsync: FsyncMode,
+
+    /// Another setting for the started service, as it would be written on its command line
+    /// (e.g. --server-arg=--flush-interval=200ms); repeatable (default none); not with --url.
+    #[arg(
+        long = "server-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        conflicts_with = "url"
+    )]
+    pub server_args: Vec<String>,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err("must be a number of requests per second above 0".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl BenchArgs {
+    fn pace(&self) -> Pace {
+        match self.rate {
+            Some(rate) => Pace::Open {
+                rate,
+                duration: self.duration,
+            },
+            None => Pace::Closed(self.duration),
+        }
+    }
+}
+
+/// Runs every phase. `database_url` (from `--database-url` or `DATABASE_URL`) makes the
+/// started service use PostgreSQL and adds the baseline; both get throwaway databases on
+/// that server, dropped at the end.
+pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Result<Report> {
+    let mut server_db = None;
+    let (server, base) = match &args.url {
+        Some(url) => (None, url.clone()),
+        None => {
+            if let Some(admin) = &database_url {
+                let db = ScratchDb::create(admin, "server")
+                    .await
+                    .context("creating the service's database")?;
+                server_db = Some(db);
+            }
+            let options = ServerOptions {
+                fsync: args.fsync,
+                database_url: server_db.as_ref().map(|db| db.url.clone()),
+                extra_args: args.server_args.clone(),
+            };
+            match Server::start(&options).await {
+                Ok(server) => {
+                    tracing::info!(url = %server.base, "started the service");
+                    let base = server.base.clone();
+                    (Some(server), base)
+                }
+                Err(e) => {
+                    drop_scratch(server_db).await;
+                    return Err(e).context("starting the service");
+                }
+            }
+        }
+    };
+    let result = measure(&args, &base, server, database_url.as_deref()).await;
+    drop_scratch(server_db).await;
+    result
+}
+
+async fn measure(
+    args: &BenchArgs,
+    base: &str,
+    mut server: Option<Server>,
+    database_url: Option<&str>,
+) -> anyhow::Result<Report> {
+    let concurrency = args.concurrency as usize;
+    let http = Http::new(base, concurrency)?;
+    http.wait_ready(READY_TIMEOUT)
+        .await
+        .context("waiting for the service")?;
+
+    let (create, serials) = create_widgets(args, &http).await?;
+
+    let ceiling = if args.ceiling_secs > 0 {
+        tracing::info!(
+            secs = args.ceiling_secs,
+            "measuring the HTTP ceiling (GET /healthz)"
+        );
+        let client = http.clone();
+        let r = load::drive(
+            concurrency,
+            Pace::Closed(Duration::from_secs(args.ceiling_secs)),
+            None,
+            move |_, _| client.healthz(),
+        )
+        .await;
+        Some(PhaseStats::new(&r.latency, &r.tally, r.elapsed, None))
+    } else {
+        None
+    };
+
+    let pace = args
+        .rate
+        .map_or("full speed".to_owned(), |r| format!("{r} req/s"));
+    tracing::info!(duration = ?args.duration, mix = %args.mix, %pace, "load");
+    let before = scrape(&http).await?;
+    let r = {
+        let (client, serials, mix) = (http.clone(), serials.clone(), args.mix);
+        load::drive(concurrency, args.pace(), None, move |rng, _| {
+            client.mix(mix.draw(rng, serials.len()), &serials)
+        })
+        .await
+    };
+    let after = scrape(&http).await?;
+    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop);
+    let server_stats = scrape::server_stats(&before, &after);
+
+    // The baseline gets the machine to itself.
+    let started = server.is_some();
+    if let Some(server) = server.take() {
+        let status = server.stop().await.context("stopping the service")?;
+        if !status.success() {
+            tracing::warn!(%status, "the service did not exit cleanly");
+        }
+    }
+
+    let baseline = match database_url {
+        Some(admin) => {
+            tracing::info!(duration = ?args.duration, "baseline: association updates straight to PostgreSQL");
+            let b = baseline::run(admin, serials.clone(), concurrency, args.pace())
+                .await
+                .context("the PostgreSQL baseline")?;
+            let p = &b.phase;
+            Some(BaselineStats {
+                phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop),
+                retries: b.retries,
+            })
+        }
+        None => None,
+    };
+
+    Ok(Report {
+        target: http.base().to_owned(),
+        store: match (started, database_url) {
+            (false, _) => "external",
+            (true, Some(_)) => "postgres",
+            (true, None) => "embedded",
+        }
+        .to_owned(),
+        fsync: started.then(|| server::fsync_name(args.fsync)),
+        widgets: serials.len() as u64,
+        concurrency,
+        duration_secs: args.duration.as_secs_f64(),
+        rate: args.rate,
+        mix: args.mix.to_string(),
+        create,
+        ceiling,
+        load,
+        server: server_stats,
+        baseline,
+    })
+}
+
+/// Creates the widgets; returns the phase and the serials that were created.
+async fn create_widgets(
+    args: &BenchArgs,
+    http: &Http,
+) -> anyhow::Result<(PhaseStats, Arc<Vec<String>>)> {
+    let n = args.widgets;
+    // A prefix of its own per run, so runs against one --url service never collide.
+    let prefix = format!("b{:08x}-", fastrand::u32(..));
+    let serials: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("{prefix}{i}")).collect());
+    let created: Arc<Vec<AtomicBool>> = Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
+    let progress = if args.json || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(n).with_style(
+            ProgressStyle::with_template(
+                "creating widgets {wide_bar} {pos}/{len} {rate} eta {eta}",
+            )
+            .expect("a valid progress template")
+            .with_key(
+                "rate",
+                |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            ),
+        )
+    };
+    tracing::info!(
+        widgets = n,
+        concurrency = args.concurrency,
+        "creating widgets"
+    );
+    let r = {
+        let (client, serials, created) = (http.clone(), serials.clone(), created.clone());
+        load::drive(
+            args.concurrency as usize,
+            Pace::Count(n),
+            Some(progress.clone()),
+            move |_, k| {
+                let send = client.create(&serials[k as usize]);
+                let created = created.clone();
+                async move {
+                    let outcome = send.await;
+                    if outcome == Outcome::Status(201) {
+                        created[k as usize].store(true, Ordering::Relaxed);
+                    }
+                    outcome
+                }
+            },
+        )
+        .await
+    };
+    progress.finish_and_clear();
+    let stats = PhaseStats::new(&r.latency, &r.tally, r.elapsed, None);
+    let live: Vec<String> = serials
+        .iter()
+        .zip(created.iter())
+        .filter(|(_, ok)| ok.load(Ordering::Relaxed))
+        .map(|(s, _)| s.clone())
+        .collect();
+    if live.len() < 2 {
+        anyhow::bail!(
+            "only {} of {n} widgets could be created (errors by status: {:?}, no answer: {})",
+            live.len(),
+            stats.errors,
+            stats.transport_errors
+        );
+    }
+    if (live.len() as u64) < n {
+        tracing::warn!(
+            created = live.len(),
+            of = n,
+            "not every widget could be created"
+        );
+    }
+    Ok((stats, Arc::new(live)))
+}
+
+async fn scrape(http: &Http) -> anyhow::Result<Scrape> {
+    let text = http
+        .text("/metrics")
+        .await
+        .context("reading the service's metrics")?;
+    Ok(Scrape::parse(&text))
+}
+
+async fn drop_scratch(db: Option<ScratchDb>) {
+    if let Some(db) = db {
+        let name = db.name.clone();
+        if let Err(e) = db.drop_db().await {
+            tracing::warn!("leaving database {name} behind: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cmd, Config};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let argv = ["widgets", "bench"].into_iter().chain(args.iter().copied());
+        match Config::try_parse_from(argv)?.command {
+            Some(Cmd::Bench(args)) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.url, None);
+        assert_eq!((a.widgets, a.concurrency, a.ceiling_secs), (100_000, 64, 5));
+        assert_eq!(a.duration, Duration::from_secs(20));
+        assert_eq!((a.rate, a.mix, a.json), (None, Mix::default(), false));
+        assert_eq!(a.fsync, FsyncMode::Always);
+        assert!(a.server_args.is_empty());
+        assert_eq!(a.pace(), Pace::Closed(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn every_flag() {
+        let a = parse(&[
+            "--widgets",
+            "200",
+            "-c",
+            "4",
+            "--duration",
+            "1500ms",
+            "--ceiling-secs",
+            "0",
+            "--rate",
+            "250.5",
+            "--mix",
+            "put=1,get=1",
+            "--json",
+            "--fsync",
+            "never",
+            "--server-arg",
+            "--flush-interval=200ms",
+            "--server-arg=--max-dirty=10",
+        ])
+        .unwrap();
+        assert_eq!((a.widgets, a.concurrency, a.ceiling_secs), (200, 4, 0));
+        assert_eq!(
+            a.pace(),
+            Pace::Open {
+                rate: 250.5,
+                duration: Duration::from_millis(1500)
+            }
+        );
+        assert_eq!((a.mix.put, a.mix.free, a.mix.get), (1, 0, 1));
+        assert!(a.json);
+        assert_eq!(a.fsync, FsyncMode::Never);
+        assert_eq!(a.server_args, ["--flush-interval=200ms", "--max-dirty=10"]);
+        let a = parse(&["--url", "http://127.0.0.1:8080"]).unwrap();
+        assert_eq!(a.url.as_deref(), Some("http://127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn the_database_url_is_the_global_one() {
+        let c = Config::try_parse_from(["widgets", "bench", "--database-url", "postgres://h/db"])
+            .unwrap();
+        assert_eq!(c.postgres_url(), Some("postgres://h/db"));
+        let c = Config::try_parse_from(["widgets", "bench", "--database-url="]).unwrap();
+        assert_eq!(c.postgres_url(), None);
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_with_a_reason() {
+        for (args, reason) in [
+            (&["--duration", "0s"][..], "more than 0"),
+            (&["--duration", "soon"], "soon"),
+            (&["--concurrency", "0"], "concurrency"),
+            (&["--widgets", "1"], "widgets"),
+            (&["--rate", "0"], "above 0"),
+            (&["--rate=-5"], "above 0"),
+            (&["--rate", "inf"], "above 0"),
+            (&["--mix", "put=0,free=0,get=0"], "add up to 0"),
+            (&["--mix", "put=1,delete=1"], "unknown mix key 'delete'"),
+            (&["--mix", "put"], "KEY=WEIGHT"),
+            (&["--url", "http://h", "--fsync", "never"], "--fsync"),
+            (
+                &["--url", "http://h", "--server-arg", "--max-dirty=1"],
+                "--server-arg",
+            ),
+            (&["--bogus"], "--bogus"),
+        ] {
+            let e = parse(args).expect_err(&format!("{args:?} was accepted"));
+            let message = e.to_string();
+            assert!(message.contains(reason), "{args:?}: {message}");
+        }
+    }
+}

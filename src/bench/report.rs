@@ -1,0 +1,416 @@
+//! What a bench run measured: the latency histogram wrapper (HDR, microseconds), the tally
+//! of answers by status, and the [`Report`] printed as a table or serialised with `--json`.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// Highest latency the histogram tells apart: anything slower is recorded as this much.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// Significant digits kept: values are exact to within 0.1%.
+const SIGNIFICANT_DIGITS: u8 = 3;
+
+/// Latencies in microseconds.
+#[derive(Debug, Clone)]
+pub struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency(
+            Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
+                .expect("constant histogram bounds are valid"),
+        )
+    }
+}
+
+impl Latency {
+    pub fn record(&mut self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        // The histogram's lowest value is 1: a sub-microsecond answer counts as 1 µs.
+        self.0.saturating_record(us.max(1));
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        self.0
+            .add(&other.0)
+            .expect("histograms with the same bounds always add");
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Percentiles of what was recorded; all zero when nothing was.
+    pub fn summary(&self) -> LatencySummary {
+        if self.0.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            p50: self.0.value_at_quantile(0.5),
+            p90: self.0.value_at_quantile(0.9),
+            p99: self.0.value_at_quantile(0.99),
+            p999: self.0.value_at_quantile(0.999),
+            max: self.0.max(),
+            mean: self.0.mean(),
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+/// Answers counted by kind: 2xx, other statuses, and requests that got no answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    pub ok: u64,
+    pub by_status: BTreeMap<u16, u64>,
+    /// No answer: connection refused or reset, timeout, or (for the baseline) a database
+    /// error.
+    pub failed: u64,
+}
+
+impl Tally {
+    pub fn count_status(&mut self, status: u16) {
+        if (200..300).contains(&status) {
+            self.ok += 1;
+        } else {
+            *self.by_status.entry(status).or_default() += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: &Tally) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        for (status, n) in &other.by_status {
+            *self.by_status.entry(*status).or_default() += n;
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.ok + self.failed + self.by_status.values().sum::<u64>()
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.total() - self.ok
+    }
+}
+
+/// One phase of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseStats {
+    /// Requests answered or failed (every one that was sent).
+    pub requests: u64,
+    /// Answered 2xx.
+    pub ok: u64,
+    pub secs: f64,
+    /// `requests / secs`.
+    pub throughput: f64,
+    pub latency_us: LatencySummary,
+    /// Non-2xx answers by status code.
+    pub errors: BTreeMap<String, u64>,
+    /// Requests that got no answer (or, for the baseline, failed in the database).
+    pub transport_errors: u64,
+    /// Only when the phase ran at a fixed offered rate.
+    pub open_loop: Option<OpenLoopStats>,
+}
+
+impl PhaseStats {
+    pub fn new(
+        latency: &Latency,
+        tally: &Tally,
+        elapsed: Duration,
+        open_loop: Option<OpenLoopStats>,
+    ) -> Self {
+        let secs = elapsed.as_secs_f64();
+        let requests = tally.total();
+        PhaseStats {
+            requests,
+            ok: tally.ok,
+            secs,
+            throughput: if secs > 0.0 {
+                requests as f64 / secs
+            } else {
+                0.0
+            },
+            latency_us: latency.summary(),
+            errors: tally
+                .by_status
+                .iter()
+                .map(|(s, n)| (s.to_string(), *n))
+                .collect(),
+            transport_errors: tally.failed,
+            open_loop,
+        }
+    }
+}
+
+/// How well a fixed-rate phase kept to its schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OpenLoopStats {
+    /// Requests per second offered.
+    pub rate: f64,
+    /// Requests the schedule held for the phase.
+    pub scheduled: u64,
+    /// Sent later than their intended time because every connection was busy (their
+    /// latency counts from the intended time, so the wait is in the percentiles).
+    pub late: u64,
+    /// Never sent: the phase ended before a connection was free for them.
+    pub missed: u64,
+}
+
+/// The server's side of the load phase, from `/metrics` before and after it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ServerStats {
+    pub fsyncs: u64,
+    pub wal_records: u64,
+    /// WAL records per fsync: how many writes one fsync acknowledged. `None` without fsyncs
+    /// (`--fsync never`).
+    pub requests_per_fsync: Option<f64>,
+    /// Age of the oldest change not yet in the durable store, at the end of the phase.
+    pub flush_lag_secs: Option<f64>,
+    pub widgets_in_memory: Option<u64>,
+    /// Resident memory of the server process at the end of the phase.
+    pub rss_bytes: Option<u64>,
+}
+
+/// The same association updates written straight to PostgreSQL, one transaction each.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineStats {
+    #[serde(flatten)]
+    pub phase: PhaseStats,
+    /// Transactions started again because a peer changed under them or PostgreSQL chose
+    /// them as a deadlock victim (not counted as requests).
+    pub retries: u64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The service's base URL.
+    pub target: String,
+    /// `embedded` or `postgres` for a service the bench started; `external` with `--url`.
+    pub store: String,
+    /// The started service's `--fsync`; `None` with `--url`.
+    pub fsync: Option<String>,
+    pub widgets: u64,
+    pub concurrency: usize,
+    pub duration_secs: f64,
+    /// Offered rate; `None` at full speed (closed loop).
+    pub rate: Option<f64>,
+    pub mix: String,
+    pub create: PhaseStats,
+    /// `GET /healthz` at full speed: the HTTP ceiling of this client and machine.
+    pub ceiling: Option<PhaseStats>,
+    /// The mix: the numbers the run is for.
+    pub load: PhaseStats,
+    pub server: ServerStats,
+    pub baseline: Option<BaselineStats>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fsync = self
+            .fsync
+            .as_deref()
+            .map_or(String::new(), |m| format!(", fsync {m}"));
+        writeln!(
+            f,
+            "widgets bench: {} ({} store{fsync})",
+            self.target, self.store
+        )?;
+        let pace = self
+            .rate
+            .map_or("full speed".to_owned(), |r| format!("{r} req/s offered"));
+        writeln!(
+            f,
+            "{} widgets, {} connections, mix {}, {} at {pace}",
+            self.widgets,
+            self.concurrency,
+            self.mix,
+            humantime::format_duration(Duration::from_secs_f64(self.duration_secs)),
+        )?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<18} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "phase", "requests", "req/s", "p50", "p90", "p99", "p99.9", "max", "errors"
+        )?;
+        let mut rows = vec![("create", &self.create)];
+        if let Some(ceiling) = &self.ceiling {
+            rows.push(("ceiling (healthz)", ceiling));
+        }
+        rows.push(("load (mix)", &self.load));
+        if let Some(baseline) = &self.baseline {
+            rows.push(("postgres baseline", &baseline.phase));
+        }
+        for (name, p) in &rows {
+            let l = &p.latency_us;
+            writeln!(
+                f,
+                "{name:<18} {:>9} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                p.requests,
+                p.throughput,
+                micros(l.p50),
+                micros(l.p90),
+                micros(l.p99),
+                micros(l.p999),
+                micros(l.max),
+                p.requests - p.ok,
+            )?;
+        }
+        writeln!(f)?;
+        for (name, p) in &rows {
+            if p.requests > p.ok {
+                let statuses: Vec<String> =
+                    p.errors.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+                writeln!(
+                    f,
+                    "errors, {name}: {} no answer{}{}",
+                    p.transport_errors,
+                    if statuses.is_empty() { "" } else { "; " },
+                    statuses.join(", ")
+                )?;
+            }
+            if let Some(o) = &p.open_loop {
+                writeln!(
+                    f,
+                    "open loop, {name}: {} scheduled at {} req/s, {} sent late, {} missed",
+                    o.scheduled, o.rate, o.late, o.missed
+                )?;
+            }
+        }
+        let s = &self.server;
+        writeln!(
+            f,
+            "server during load: {} fsyncs, {} WAL records, {} records per fsync",
+            s.fsyncs,
+            s.wal_records,
+            s.requests_per_fsync
+                .map_or("-".to_owned(), |r| format!("{r:.1}")),
+        )?;
+        writeln!(
+            f,
+            "server after load: flush lag {}, {} widgets in memory, RSS {}",
+            s.flush_lag_secs
+                .map_or("-".to_owned(), |l| format!("{l:.3}s")),
+            s.widgets_in_memory
+                .map_or("-".to_owned(), |n| n.to_string()),
+            s.rss_bytes.map_or("-".to_owned(), |b| format!(
+                "{:.1} MiB",
+                b as f64 / f64::from(1 << 20)
+            )),
+        )?;
+        if let Some(b) = &self.baseline {
+            writeln!(f, "postgres baseline: {} transactions retried", b.retries)?;
+        }
+        Ok(())
+    }
+}
+
+/// A latency in the unit that keeps it short.
+fn micros(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us}µs"),
+        1_000..1_000_000 => format!("{:.2}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Within the histogram's precision (3 significant digits) of `expected`.
+    fn close(actual: u64, expected: u64) -> bool {
+        actual.abs_diff(expected) <= expected / 1000 + 1
+    }
+
+    #[test]
+    fn percentiles_of_known_values() {
+        let mut latency = Latency::default();
+        for us in 1..=10_000 {
+            latency.record(Duration::from_micros(us));
+        }
+        let s = latency.summary();
+        for (name, actual, expected) in [
+            ("p50", s.p50, 5_000),
+            ("p90", s.p90, 9_000),
+            ("p99", s.p99, 9_900),
+            ("p99.9", s.p999, 9_990),
+            ("max", s.max, 10_000),
+        ] {
+            assert!(
+                close(actual, expected),
+                "{name} = {actual}, not ~{expected}"
+            );
+        }
+        assert!((s.mean - 5_000.5).abs() < 10.0, "mean {}", s.mean);
+    }
+
+    #[test]
+    fn a_slow_tail_shows_in_the_high_percentiles_only() {
+        let mut latency = Latency::default();
+        for _ in 0..990 {
+            latency.record(Duration::from_millis(1));
+        }
+        for _ in 0..10 {
+            latency.record(Duration::from_secs(2));
+        }
+        let s = latency.summary();
+        assert!(close(s.p50, 1_000) && close(s.p90, 1_000), "{s:?}");
+        assert!(close(s.p999, 2_000_000) && close(s.max, 2_000_000), "{s:?}");
+    }
+
+    #[test]
+    fn empty_and_out_of_range() {
+        let empty = Latency::default();
+        assert!(empty.is_empty());
+        assert_eq!(empty.summary(), LatencySummary::default());
+
+        let mut latency = Latency::default();
+        latency.record(Duration::ZERO);
+        latency.record(Duration::from_secs(100_000));
+        let s = latency.summary();
+        assert_eq!((latency.len(), s.p50), (2, 1));
+        assert!(close(s.max, MAX_LATENCY_US), "saturates: {}", s.max);
+    }
+
+    #[test]
+    fn merged_histograms_and_tallies_add_up() {
+        let (mut a, mut b) = (Latency::default(), Latency::default());
+        a.record(Duration::from_micros(100));
+        b.record(Duration::from_micros(300));
+        a.merge(&b);
+        assert_eq!((a.len(), a.summary().max), (2, 300));
+
+        let mut t = Tally::default();
+        t.count_status(201);
+        t.count_status(404);
+        let mut u = Tally {
+            failed: 1,
+            ..Tally::default()
+        };
+        u.count_status(404);
+        u.count_status(503);
+        t.merge(&u);
+        assert_eq!((t.ok, t.failed, t.total(), t.errors()), (1, 1, 5, 4));
+        assert_eq!(t.by_status, BTreeMap::from([(404, 2), (503, 1)]));
+        let stats = PhaseStats::new(&a, &t, Duration::from_secs(2), None);
+        assert_eq!((stats.requests, stats.throughput), (5, 2.5));
+        assert_eq!(stats.errors["404"], 2);
+    }
+}
