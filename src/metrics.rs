@@ -44,6 +44,8 @@ pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration)
 
 /// The text exposition, with the state gauges (read by the caller just now) set first.
 pub fn render(gauges: &[(&'static str, f64)]) -> String {
+    // Install the recorder first: gauges set before it would go nowhere.
+    let handle = handle();
     for (name, value) in gauges {
         metrics::gauge!(*name).set(*value);
     }
@@ -52,7 +54,7 @@ pub fn render(gauges: &[(&'static str, f64)]) -> String {
     if let Some(rss) = resident_bytes() {
         metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
     }
-    handle().render()
+    handle.render()
 }
 
 /// This process's resident set size: `/proc/self/statm` counts pages. `None` off Linux.

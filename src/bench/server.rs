@@ -227,6 +227,7 @@ mod tests {
                 "--fsync",
                 "never",
                 "--database-url=",
+                "--redis-url=",
                 "--flush-interval=200ms",
                 "serve"
             ]
