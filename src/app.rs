@@ -223,7 +223,8 @@ impl Serving {
     /// Redis's dirty widgets to PostgreSQL until shutdown.
     async fn run_redis(self, url: &str, store: PgStore) -> anyhow::Result<()> {
         use crate::engine::redis::{flush::RedisFlusher, load, RedisEngine};
-        let engine = match RedisEngine::connect(url, &self.config.redis_prefix).await {
+        let max_dirty = self.config.max_dirty as usize;
+        let engine = match RedisEngine::connect(url, &self.config.redis_prefix, max_dirty).await {
             Ok(engine) => Arc::new(engine),
             Err(e) => {
                 return self

@@ -175,7 +175,7 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
     let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
     store.migrate().await.unwrap();
     let engine = Arc::new(
-        RedisEngine::connect(&redis_url(), &redis_prefix())
+        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000)
             .await
             .unwrap(),
     );
@@ -278,5 +278,38 @@ async fn an_empty_redis_is_loaded_from_postgres_once_by_instances_starting_toget
     drop(pg);
     a.stop().await;
     b.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn writes_past_the_dirty_limit_get_503_overloaded_and_reads_go_on() {
+    let db = TestDb::create().await;
+    let (redis, prefix) = (redis_url(), redis_prefix());
+    let app = spawn_app_with(&[
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &redis,
+        "--redis-prefix",
+        &prefix,
+        "--flush-interval",
+        "1h",
+        "--max-dirty",
+        "3",
+    ])
+    .await;
+    for s in ["a", "b", "c"] {
+        assert_eq!(app.create(s, &["P"]).await.status(), StatusCode::CREATED);
+    }
+    let r = app.create("d", &["P"]).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(common::error_code(r).await, "overloaded");
+    assert!(app.widget("a").await.is_some(), "reads go on");
+    assert!(
+        app.widget("d").await.is_none(),
+        "the refused write changed nothing"
+    );
+    app.stop().await;
     db.drop_db().await;
 }

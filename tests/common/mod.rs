@@ -231,7 +231,24 @@ impl TestApp {
         if let Some(db) = self.db.take() {
             db.drop_db().await;
         }
-        self.dir
+        self.dir.clone()
+    }
+}
+
+impl Drop for TestApp {
+    /// A test that ends without `stop()` still drops its database. Drop cannot await, and
+    /// the test's runtime is busy, so a thread of its own does it.
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            let dropped = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to drop the test database")
+                    .block_on(db.drop_db())
+            });
+            let _ = dropped.join();
+        }
     }
 }
 

@@ -41,6 +41,7 @@ impl TestDb {
     /// Creates an empty database for one test.
     pub async fn create() -> TestDb {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
+        static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
         let admin = admin_url();
         let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
             panic!(
@@ -48,6 +49,7 @@ impl TestDb {
                  DATABASE (default {DEFAULT_URL}; `docker compose up -d` starts one): {e}"
             )
         });
+        SWEPT.get_or_init(|| drop_orphans(&admin)).await;
         let name = format!(
             "widgets_test_{}_{}_{}",
             std::process::id(),
@@ -92,6 +94,28 @@ impl TestDb {
             .map_or(self.url.as_str(), |(_, rest)| rest);
         let host_port = after_at.split('/').next().expect("host:port");
         self.url.replacen(host_port, &proxy.addr.to_string(), 1)
+    }
+}
+
+/// Drops the databases of test processes that are gone (a failed test, or one that never
+/// stopped its app, leaves its database behind); names carry the process id.
+async fn drop_orphans(admin: &str) {
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .expect("admin connection");
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'widgets\\_test\\_%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("listing test databases");
+    for name in names {
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
     }
 }
 

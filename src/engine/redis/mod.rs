@@ -32,6 +32,8 @@ const MAX_ATTEMPTS: usize = 64;
 pub struct RedisEngine {
     conn: ConnectionManager,
     prefix: String,
+    /// Most widgets waiting for PostgreSQL before writes answer `503 overloaded`.
+    max_dirty: usize,
 }
 
 /// A widget as read, with its version as Redis holds it ("0" when absent).
@@ -46,13 +48,15 @@ fn corrupt(serial: &str, what: &str) -> EngineError {
 }
 
 impl RedisEngine {
-    /// Connects (the connection reconnects by itself later). `prefix` goes before every key.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, EngineError> {
+    /// Connects (the connection reconnects by itself later). `prefix` goes before every key;
+    /// past `max_dirty` widgets waiting for PostgreSQL, writes are refused as overloaded.
+    pub async fn connect(url: &str, prefix: &str, max_dirty: usize) -> Result<Self, EngineError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let conn = client.get_connection_manager().await.map_err(unavailable)?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
+            max_dirty,
         })
     }
 
@@ -108,20 +112,31 @@ impl RedisEngine {
             if changes.is_empty() {
                 return Ok(reply); // already so: nothing to write
             }
-            if self.apply(&known, &changes).await? {
-                return Ok(reply);
+            match self.apply(&known, &changes).await? {
+                Applied::Done => return Ok(reply),
+                Applied::Overloaded => {
+                    return Err(EngineError::Overloaded(
+                        "too many changes are waiting for the durable store",
+                    ))
+                }
+                Applied::Conflict => {
+                    metrics::counter!("widgets_redis_write_conflicts_total").increment(1)
+                }
             }
-            metrics::counter!("widgets_redis_write_conflicts_total").increment(1);
         }
         Err(EngineError::Overloaded(
             "too many concurrent changes to the same widgets",
         ))
     }
 
-    /// Sends the post-images; false if a widget read has changed since (a lost race).
-    async fn apply(&self, known: &Known, changes: &[Change]) -> Result<bool, EngineError> {
+    /// Sends the post-images, unless a widget read has changed since (a lost race) or the
+    /// dirty set is full.
+    async fn apply(&self, known: &Known, changes: &[Change]) -> Result<Applied, EngineError> {
         let mut invocation = scripts::APPLY.prepare_invoke();
-        invocation.arg(&self.prefix).arg(known.len());
+        invocation
+            .arg(&self.prefix)
+            .arg(self.max_dirty)
+            .arg(known.len());
         for (serial, (_, version)) in known {
             invocation.arg(serial.as_str()).arg(version);
         }
@@ -158,7 +173,11 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(answer.first().map(String::as_str) == Some("ok"))
+        Ok(match answer.first().map(String::as_str) {
+            Some("ok") => Applied::Done,
+            Some("overloaded") => Applied::Overloaded,
+            _ => Applied::Conflict,
+        })
     }
 
     /// Gauges describing the shared state now.
@@ -227,6 +246,12 @@ impl RedisEngine {
             .await
             .map_err(unavailable)
     }
+}
+
+enum Applied {
+    Done,
+    Conflict,
+    Overloaded,
 }
 
 enum Rules {

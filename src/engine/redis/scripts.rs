@@ -39,14 +39,18 @@ return out
 
 /// Applies one command's post-images if every widget it read is unchanged (compare and
 /// set on versions), bumping their versions and marking them dirty, all atomically.
-/// ARGV: prefix, n, then n pairs (serial, version read; "0" = absent), m, then m groups of
-/// 8 (serial, "put"/"del", name, ports, peer P, R, Q, mark bits). Returns {"ok", version}
-/// or {"conflict", serial}.
+/// ARGV: prefix, max dirty, n, then n pairs (serial, version read; "0" = absent), m, then
+/// m groups of 8 (serial, "put"/"del", name, ports, peer P, R, Q, mark bits). Returns
+/// {"ok", version}, {"conflict", serial}, or {"overloaded", dirty count} when the dirty set
+/// is at its limit (PostgreSQL is behind) and the write would add to it.
 pub static APPLY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
-local i = 2
+local dirty = prefix .. 'dirty'
+local waiting = redis.call('HLEN', dirty)
+if waiting >= tonumber(ARGV[2]) then return {'overloaded', tostring(waiting)} end
+local i = 3
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local s, expected = ARGV[i], ARGV[i + 1]; i = i + 2
@@ -54,8 +58,7 @@ for _ = 1, n do
   if (current or '0') ~= expected then return {'conflict', s} end
 end
 local version = redis.call('INCR', prefix .. 'seq')
-local dirty = prefix .. 'dirty'
-if redis.call('HLEN', dirty) == 0 then
+if waiting == 0 then
   local t = redis.call('TIME')
   redis.call('SET', prefix .. 'dirty_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
 end
