@@ -187,16 +187,16 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
     associate(&engine, "a", "b").await;
 
     // Dies before its commit: it took a batch and wrote nothing.
-    assert_eq!(engine.take(1000).await.unwrap().len(), 4);
+    assert_eq!(engine.take(1000).await.unwrap().items.len(), 4);
     // Dies between its commit and the dirty-set removal.
-    assert_eq!(flusher.write_one_batch().await.unwrap().len(), 4);
+    assert_eq!(flusher.write_one_batch().await.unwrap().0.len(), 4);
     let mut conn = db.connect().await;
     assert_eq!(pg_state(&mut conn).await, redis_state(&engine, &all).await);
     // Both left every serial dirty: a live flusher writes them again, harmlessly.
-    assert_eq!(engine.take(1000).await.unwrap().len(), 4);
+    assert_eq!(engine.take(1000).await.unwrap().items.len(), 4);
 
     // A slow flusher takes a batch; the state moves on and a fast flusher writes it...
-    let slow = engine.take(1000).await.unwrap();
+    let slow = engine.take(1000).await.unwrap().items;
     associate(&engine, "c", "b").await; // b re-plugged from a to c
     engine
         .execute(Command::Delete { serial: s("d") })
@@ -221,7 +221,7 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
         .await
         .unwrap();
     assert_eq!(
-        engine.ack(&entries).await.unwrap(),
+        engine.ack(&entries, None).await.unwrap(),
         0,
         "the late ack removed newer dirty entries"
     );
@@ -311,5 +311,36 @@ async fn writes_past_the_dirty_limit_get_503_overloaded_and_reads_go_on() {
         "the refused write changed nothing"
     );
     app.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn flush_lag_is_the_age_of_the_oldest_unflushed_change_not_of_the_backlog() {
+    let db = TestDb::create().await;
+    let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
+    store.migrate().await.unwrap();
+    let engine = Arc::new(
+        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000)
+            .await
+            .unwrap(),
+    );
+    let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
+    let lag = |gauges: Vec<(&'static str, f64)>| {
+        gauges
+            .into_iter()
+            .find(|(n, _)| *n == "widgets_flush_lag_seconds")
+            .unwrap()
+            .1
+    };
+    create(&engine, "old").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // A flush takes the whole dirty set; a new change lands before its acknowledgement.
+    let (entries, whole_set_at) = flusher.write_one_batch().await.unwrap();
+    assert!(whole_set_at.is_some(), "the batch held the whole dirty set");
+    create(&engine, "new").await;
+    engine.ack(&entries, whole_set_at.as_deref()).await.unwrap();
+    // The dirty set was never empty, but its oldest change is the new one.
+    let lag = lag(engine.gauges().await);
+    assert!(lag < 0.5, "lag {lag}s counts the flushed change's age");
     db.drop_db().await;
 }

@@ -8,13 +8,17 @@
 //! slow flusher from writing older state over what a faster one wrote.
 
 use super::RedisEngine;
+use crate::domain::Serial;
 use crate::engine::EngineError;
 use crate::flush::Flush;
 use crate::store::{FlushBatch, PgStore, Store, StoreError};
 use std::sync::Arc;
 
+/// Most widgets one round takes: each take is one script, and a script blocks Redis while
+/// it runs, so rounds stay small.
+const MAX_ROUND: usize = 2000;
 /// Most rounds one flush runs, so a flush under constant load still ends.
-const MAX_ROUNDS: usize = 16;
+const MAX_ROUNDS: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
@@ -35,21 +39,24 @@ impl RedisFlusher {
         Self {
             engine,
             store,
-            batch: batch.max(1),
+            batch: batch.clamp(1, MAX_ROUND),
         }
     }
 
     /// Takes one batch and writes it to PostgreSQL, without acknowledging it: what a
-    /// flusher that dies right after its commit leaves behind. Returns the entries an
-    /// [`RedisEngine::ack`] would need.
+    /// flusher that dies right after its commit leaves behind. Returns what
+    /// [`RedisEngine::ack`] needs: the entries, and the take's time if it took the whole
+    /// dirty set.
     pub async fn write_one_batch(
         &self,
-    ) -> Result<Vec<(crate::domain::Serial, String)>, FlushError> {
+    ) -> Result<(Vec<(Serial, String)>, Option<String>), FlushError> {
         let taken = self.engine.take(self.batch).await?;
-        if taken.is_empty() {
-            return Ok(Vec::new());
+        if taken.items.is_empty() {
+            return Ok((Vec::new(), None));
         }
+        let whole_set_at = taken.whole_set.then_some(taken.at_ms);
         let (mut items, entries): (Vec<_>, Vec<_>) = taken
+            .items
             .into_iter()
             .map(|(item, entry)| {
                 let serial = item.serial.clone();
@@ -64,21 +71,21 @@ impl RedisFlusher {
                 checkpoint: 0,
             })
             .await?;
-        Ok(entries)
+        Ok((entries, whole_set_at))
     }
 
     pub async fn flush_once(&self) -> Result<usize, FlushError> {
         let mut written = 0;
         for _ in 0..MAX_ROUNDS {
-            let entries = self.write_one_batch().await?;
+            let (entries, whole_set_at) = self.write_one_batch().await?;
             if entries.is_empty() {
                 break;
             }
             written += entries.len();
-            self.engine.ack(&entries).await?;
+            self.engine.ack(&entries, whole_set_at.as_deref()).await?;
             metrics::counter!("widgets_flush_batches_total").increment(1);
             metrics::counter!("widgets_flushed_widgets_total").increment(entries.len() as u64);
-            if entries.len() < self.batch {
+            if whole_set_at.is_some() {
                 break;
             }
         }

@@ -200,7 +200,7 @@ impl RedisEngine {
 
     /// Takes up to `count` dirty widgets with their state, atomically. Each comes with its
     /// dirty entry, which [`RedisEngine::ack`] needs.
-    pub async fn take(&self, count: usize) -> Result<Vec<(FlushItem, String)>, EngineError> {
+    pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
         let flat: Vec<String> = scripts::TAKE
             .prepare_invoke()
             .arg(&self.prefix)
@@ -208,6 +208,11 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
+        let Some((at_ms, flat)) = flat.split_first() else {
+            return Err(EngineError::Unavailable(
+                "unexpected answer from the take script".into(),
+            ));
+        };
         let mut out = Vec::with_capacity(flat.len() / 9);
         for chunk in flat.chunks(9) {
             let [serial, entry, fields @ ..] = chunk else {
@@ -231,13 +236,22 @@ impl RedisEngine {
             };
             out.push((item, entry.clone()));
         }
-        Ok(out)
+        Ok(Taken {
+            whole_set: out.len() < count,
+            at_ms: at_ms.clone(),
+            items: out,
+        })
     }
 
     /// PostgreSQL has committed these: drop each from the dirty set unless it changed since.
-    pub async fn ack(&self, entries: &[(Serial, String)]) -> Result<usize, EngineError> {
+    /// `whole_set_at`: the take's time if it took the whole dirty set (see [`Taken`]).
+    pub async fn ack(
+        &self,
+        entries: &[(Serial, String)],
+        whole_set_at: Option<&str>,
+    ) -> Result<usize, EngineError> {
         let mut invocation = scripts::ACK.prepare_invoke();
-        invocation.arg(&self.prefix);
+        invocation.arg(&self.prefix).arg(whole_set_at.unwrap_or(""));
         for (serial, entry) in entries {
             invocation.arg(serial.as_str()).arg(entry);
         }
@@ -246,6 +260,16 @@ impl RedisEngine {
             .await
             .map_err(unavailable)
     }
+}
+
+/// A batch taken for a flush.
+pub struct Taken {
+    /// Each widget with its dirty entry.
+    pub items: Vec<(FlushItem, String)>,
+    /// Fewer than asked: the batch is the whole dirty set as it was at `at_ms`.
+    pub whole_set: bool,
+    /// Redis's clock at the take, in ms.
+    pub at_ms: String,
 }
 
 enum Applied {

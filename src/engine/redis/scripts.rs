@@ -90,13 +90,15 @@ return {'ok', tostring(version)}
 });
 
 /// Takes up to ARGV[2] dirty widgets with their state, atomically. ARGV: prefix, count.
-/// Returns 9 strings per widget: serial, dirty entry, then as READ.
+/// Returns the server time in ms, then 9 strings per widget: serial, dirty entry, then as
+/// READ.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
 local entries = redis.call('HRANDFIELD', prefix .. 'dirty', tonumber(ARGV[2]), 'WITHVALUES')
-local out = {}
+local t = redis.call('TIME')
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
 for i = 1, #entries, 2 do
   local s = entries[i]
   table.insert(out, s); table.insert(out, entries[i + 1])
@@ -117,20 +119,26 @@ return out
 
 /// After PostgreSQL committed a batch: removes each serial from the dirty set only if its
 /// entry is still the one the batch was taken with (nothing changed since). ARGV: prefix,
-/// then pairs (serial, entry). Returns how many it removed.
+/// the take's time in ms if the batch held the whole dirty set (else ""), then pairs
+/// (serial, entry). Returns how many it removed. After a whole-set batch, everything still
+/// dirty changed after the take, so `dirty_since` moves up to the take's time.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
 local dirty = prefix .. 'dirty'
 local removed = 0
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   if redis.call('HGET', dirty, ARGV[i]) == ARGV[i + 1] then
     redis.call('HDEL', dirty, ARGV[i])
     removed = removed + 1
   end
 end
-if redis.call('HLEN', dirty) == 0 then redis.call('DEL', prefix .. 'dirty_since') end
+if redis.call('HLEN', dirty) == 0 then
+  redis.call('DEL', prefix .. 'dirty_since')
+elseif ARGV[2] ~= '' then
+  redis.call('SET', prefix .. 'dirty_since', ARGV[2])
+end
 return removed
 "#,
     )
