@@ -10,7 +10,7 @@
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::engine::{Engine, MemoryEngine};
-use crate::flush::{self, Flusher};
+use crate::flush::{self, Flush, Flusher};
 use crate::listener::CappedListener;
 use crate::store::{PgStore, SledStore, Store};
 use crate::wal::{RealFs, WalFs};
@@ -102,56 +102,22 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     let serve =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { serve.await });
-    let (recovered_tx, recovery) = watch::channel(None);
-    let task = tokio::spawn(supervise(
+    let (recovered, recovery) = watch::channel(None);
+    let serving = Serving {
         config,
         fs,
         state,
-        shutdown.clone(),
+        shutdown: shutdown.clone(),
         server,
-        recovered_tx,
-    ));
+        recovered,
+    };
+    let task = tokio::spawn(serving.supervise());
     Ok(RunningApp {
         addr,
         shutdown,
         recovery,
         task,
     })
-}
-
-async fn supervise(
-    config: Config,
-    fs: Arc<dyn WalFs>,
-    state: AppState,
-    shutdown: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
-    recovered: watch::Sender<Option<Result<(), String>>>,
-) -> anyhow::Result<()> {
-    let serving = Serving {
-        config,
-        fs,
-        state,
-        shutdown,
-        server,
-        recovered,
-    };
-    match serving.config.postgres_url().map(str::to_owned) {
-        Some(url) => match connect_postgres(&url, &serving.shutdown).await {
-            Some(store) => {
-                #[cfg(feature = "redis")]
-                if let Some(redis) = serving.config.redis_url().map(str::to_owned) {
-                    return serving.run_redis(&redis, store).await;
-                }
-                serving.run(store).await
-            }
-            // Shut down while waiting for PostgreSQL.
-            None => serving.drain().await,
-        },
-        None => match open_sled(&serving.config).await {
-            Ok(store) => serving.run(store).await,
-            Err(e) => serving.fail(e).await,
-        },
-    }
 }
 
 /// Everything one serving run needs besides its store.
@@ -165,6 +131,46 @@ struct Serving {
 }
 
 impl Serving {
+    /// Picks the store (and in Redis mode the engine), recovers, and serves until shutdown.
+    async fn supervise(self) -> anyhow::Result<()> {
+        match self.config.postgres_url().map(str::to_owned) {
+            Some(url) => match connect_postgres(&url, &self.shutdown).await {
+                Some(store) => {
+                    #[cfg(feature = "redis")]
+                    if let Some(redis) = self.config.redis_url().map(str::to_owned) {
+                        return self.run_redis(&redis, store).await;
+                    }
+                    self.run(store).await
+                }
+                // Shut down while waiting for PostgreSQL.
+                None => self.drain().await,
+            },
+            None => match open_sled(&self.config).await {
+                Ok(store) => self.run(store).await,
+                Err(e) => self.fail(e).await,
+            },
+        }
+    }
+
+    /// Runs `flusher` every flush interval until shutdown; then lets in-flight requests
+    /// finish (they are acknowledged before the last flush) and flushes once more.
+    async fn flush_until_shutdown<F: Flush>(self, flusher: F) -> anyhow::Result<()> {
+        let flusher = Arc::new(flusher);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn({
+            let (flusher, interval, stop) =
+                (flusher.clone(), self.config.flush_interval, stop.clone());
+            async move { flush::run(&*flusher, interval, stop).await }
+        });
+        self.shutdown.cancelled().await;
+        let served = self.server.await.context("the HTTP server panicked")?;
+        stop.cancel();
+        running.await.context("the flusher panicked")?;
+        flush::finish(&*flusher).await;
+        served?;
+        Ok(())
+    }
+
     /// Start-up failed: say why, stop serving, return the error.
     async fn fail(self, e: anyhow::Error) -> anyhow::Result<()> {
         self.recovered.send_replace(Some(Err(format!("{e:#}"))));
@@ -195,19 +201,8 @@ impl Serving {
         self.recovered.send_replace(Some(Ok(())));
         tracing::info!(widgets = engine.len(), "ready");
 
-        let interval = self.config.flush_interval;
-        let flusher_stop = CancellationToken::new();
-        let flusher = tokio::spawn(flush::run(
-            Flusher::new(engine.clone(), store.clone()),
-            interval,
-            flusher_stop.clone(),
-        ));
-        self.shutdown.cancelled().await;
-        // In-flight requests finish (and are acknowledged) before the last flush.
-        let served = self.server.await.context("the HTTP server panicked")?;
-        flusher_stop.cancel();
-        flusher.await.context("the flusher panicked")?;
-        flush::finish(&Flusher::new(engine.clone(), store)).await;
+        let flusher = Flusher::new(engine.clone(), store);
+        let served = self.flush_until_shutdown(flusher).await;
         tokio::task::spawn_blocking(move || engine.stop())
             .await
             .context("stopping the sequencer")?;
@@ -241,20 +236,9 @@ impl Serving {
         self.recovered.send_replace(Some(Ok(())));
         tracing::info!(prefix = %self.config.redis_prefix, "ready (Redis mode)");
 
-        let store = Arc::new(store);
         let batch = self.config.flush_batch as usize;
-        let flusher_stop = CancellationToken::new();
-        let flusher = tokio::spawn(flush::run(
-            RedisFlusher::new(engine.clone(), store.clone(), batch),
-            self.config.flush_interval,
-            flusher_stop.clone(),
-        ));
-        self.shutdown.cancelled().await;
-        let served = self.server.await.context("the HTTP server panicked")?;
-        flusher_stop.cancel();
-        flusher.await.context("the flusher panicked")?;
-        flush::finish(&RedisFlusher::new(engine, store, batch)).await;
-        served?;
+        self.flush_until_shutdown(RedisFlusher::new(engine, Arc::new(store), batch))
+            .await?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -94,7 +94,7 @@ impl<S: Store> Flush for Flusher<S> {
 
 /// Flushes every `interval` (or sooner when `wanted`) until `stop` is cancelled, backing
 /// off while the store fails. A flush in progress is never abandoned halfway.
-pub async fn run<F: Flush>(flusher: F, interval: Duration, stop: CancellationToken) {
+pub async fn run<F: Flush>(flusher: &F, interval: Duration, stop: CancellationToken) {
     let mut failures: u32 = 0;
     loop {
         tokio::select! {

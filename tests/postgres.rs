@@ -3,6 +3,7 @@
 //! interval; restarts replay the WAL above the checkpoint; an outage loses nothing; older
 //! state never overwrites newer; a row PostgreSQL refuses is kept aside, not dropped.
 
+#[macro_use]
 mod common;
 
 use common::binary::Server;
@@ -10,7 +11,7 @@ use common::pg::{app_state, pg_state, Proxy, TestDb};
 use common::{spawn_app_with, TestApp};
 use reqwest::StatusCode;
 use sqlx::PgConnection;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use widgets::domain::{Name, PortType, Ports, Serial, Widget};
 use widgets::engine::dirty::Mark;
 use widgets::store::{FlushBatch, FlushItem, PgStore, Store};
@@ -20,17 +21,6 @@ async fn checkpoint(conn: &mut PgConnection) -> i64 {
         .fetch_one(conn)
         .await
         .unwrap()
-}
-
-/// Polls `$check` (an expression that may `.await`) until it holds or `$secs` pass.
-macro_rules! eventually {
-    ($what:expr, $secs:expr, $check:expr) => {{
-        let deadline = Instant::now() + Duration::from_secs($secs);
-        while !$check {
-            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }};
 }
 
 async fn widget_rows(conn: &mut PgConnection) -> Vec<(String, i64, String)> {

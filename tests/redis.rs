@@ -5,6 +5,7 @@
 
 #![cfg(feature = "redis")]
 
+#[macro_use]
 mod common;
 
 use common::pg::{app_state, pg_state, TestDb};
@@ -12,36 +13,29 @@ use common::{redis_prefix, redis_url, spawn_app_with, TestApp};
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use widgets::domain::{Command, Name, PortType, Ports, Serial};
 use widgets::engine::redis::flush::RedisFlusher;
 use widgets::engine::redis::RedisEngine;
 use widgets::store::{FlushBatch, PgStore, Store};
 
-/// Polls `$check` (an expression that may `.await`) until it holds or `$secs` pass.
-macro_rules! eventually {
-    ($what:expr, $secs:expr, $check:expr) => {{
-        let deadline = Instant::now() + Duration::from_secs($secs);
-        while !$check {
-            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }};
+async fn instance(db: &TestDb, prefix: &str) -> TestApp {
+    common::spawn_redis_instance(db, prefix, &[]).await
 }
 
-async fn instance(db: &TestDb, prefix: &str) -> TestApp {
-    let redis = redis_url();
-    spawn_app_with(&[
-        "--database-url",
-        &db.url,
-        "--redis-url",
-        &redis,
-        "--redis-prefix",
-        prefix,
-        "--flush-interval",
-        "100ms",
-    ])
-    .await
+/// A database with the schema, an engine on a fresh prefix, and a flusher between them,
+/// for driving flushes step by step.
+async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher) {
+    let db = TestDb::create().await;
+    let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
+    store.migrate().await.unwrap();
+    let engine = Arc::new(
+        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000)
+            .await
+            .unwrap(),
+    );
+    let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
+    (db, store, engine, flusher)
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -171,15 +165,7 @@ async fn redis_state(
 
 #[tokio::test]
 async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_nothing_stale() {
-    let db = TestDb::create().await;
-    let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
-    store.migrate().await.unwrap();
-    let engine = Arc::new(
-        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000)
-            .await
-            .unwrap(),
-    );
-    let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
+    let (db, store, engine, flusher) = flush_parts().await;
     let all = ["a", "b", "c", "d"];
     for w in all {
         create(&engine, w).await;
@@ -284,19 +270,11 @@ async fn an_empty_redis_is_loaded_from_postgres_once_by_instances_starting_toget
 #[tokio::test]
 async fn writes_past_the_dirty_limit_get_503_overloaded_and_reads_go_on() {
     let db = TestDb::create().await;
-    let (redis, prefix) = (redis_url(), redis_prefix());
-    let app = spawn_app_with(&[
-        "--database-url",
-        &db.url,
-        "--redis-url",
-        &redis,
-        "--redis-prefix",
-        &prefix,
-        "--flush-interval",
-        "1h",
-        "--max-dirty",
-        "3",
-    ])
+    let app = common::spawn_redis_instance(
+        &db,
+        &redis_prefix(),
+        &["--flush-interval", "1h", "--max-dirty", "3"],
+    )
     .await;
     for s in ["a", "b", "c"] {
         assert_eq!(app.create(s, &["P"]).await.status(), StatusCode::CREATED);
@@ -316,15 +294,7 @@ async fn writes_past_the_dirty_limit_get_503_overloaded_and_reads_go_on() {
 
 #[tokio::test]
 async fn flush_lag_is_the_age_of_the_oldest_unflushed_change_not_of_the_backlog() {
-    let db = TestDb::create().await;
-    let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
-    store.migrate().await.unwrap();
-    let engine = Arc::new(
-        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000)
-            .await
-            .unwrap(),
-    );
-    let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
+    let (db, _store, engine, flusher) = flush_parts().await;
     let lag = |gauges: Vec<(&'static str, f64)>| {
         gauges
             .into_iter()

@@ -3,6 +3,22 @@
 
 #![allow(dead_code)]
 
+/// Polls `$check` (an expression that may `.await`) until it holds or `$secs` pass.
+#[allow(unused_macros)]
+macro_rules! eventually {
+    ($what:expr, $secs:expr, $check:expr) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs($secs);
+        while !$check {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {}",
+                $what
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }};
+}
+
 pub mod binary;
 pub mod pg;
 
@@ -69,28 +85,30 @@ pub async fn spawn_backend(backend: Backend, args: &[&str]) -> TestApp {
         #[cfg(feature = "redis")]
         Backend::Redis => {
             let db = pg::TestDb::create().await;
-            let (redis, prefix) = (redis_url(), redis_prefix());
-            let mut all = vec![
-                "--database-url",
-                &db.url,
-                "--redis-url",
-                &redis,
-                "--redis-prefix",
-                &prefix,
-                "--flush-interval",
-                "100ms",
-            ];
-            all.extend_from_slice(args);
-            let mut app = spawn_app_with(&all).await;
+            let mut app = spawn_redis_instance(&db, &redis_prefix(), args).await;
             app.db = Some(db);
             app
         }
     }
 }
 
-/// A ready app with default settings in a new temp dir.
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(&[]).await
+/// A ready Redis-mode app on `db` and the keys under `prefix` (instances given the same
+/// ones share their state), flushing every 100 ms, with extra settings.
+#[cfg(feature = "redis")]
+pub async fn spawn_redis_instance(db: &pg::TestDb, prefix: &str, args: &[&str]) -> TestApp {
+    let redis = redis_url();
+    let mut all = vec![
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &redis,
+        "--redis-prefix",
+        prefix,
+        "--flush-interval",
+        "100ms",
+    ];
+    all.extend_from_slice(args);
+    spawn_app_with(&all).await
 }
 
 /// A ready app in a new temp dir, with extra command-line settings.

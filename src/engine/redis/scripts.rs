@@ -13,28 +13,40 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// Reads widgets atomically. ARGV: prefix, serials... Returns 7 strings per serial:
-/// exists ("1"/"0"), name, ports, version, peer on P, R, Q ("" when free).
+/// A Lua function the read scripts share: appends 7 strings for widget `s` to `out`:
+/// exists ("1"/"0"), name, ports, version, and the peer on P, R, Q ("" when free).
+macro_rules! read_widget_lua {
+    () => {
+        r#"
+local function read_widget(prefix, s, out)
+  local w = redis.call('HMGET', prefix .. 'w:' .. s, 'name', 'ports', 'version')
+  if w[1] then
+    local c = redis.call('HMGET', prefix .. 'c:' .. s, 'p', 'r', 'q')
+    for _, v in ipairs({'1', w[1], w[2], w[3], c[1] or '', c[2] or '', c[3] or ''}) do
+      table.insert(out, v)
+    end
+  else
+    for _, v in ipairs({'0', '', '', '', '', '', ''}) do table.insert(out, v) end
+  end
+end
+"#
+    };
+}
+
+/// Reads widgets atomically. ARGV: prefix, serials... Returns 7 strings per serial (see
+/// `read_widget_lua`).
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        read_widget_lua!(),
         r#"
 local prefix = ARGV[1]
 local out = {}
 for i = 2, #ARGV do
-  local s = ARGV[i]
-  local w = redis.call('HMGET', prefix .. 'w:' .. s, 'name', 'ports', 'version')
-  if w[1] then
-    local c = redis.call('HMGET', prefix .. 'c:' .. s, 'p', 'r', 'q')
-    table.insert(out, '1'); table.insert(out, w[1]); table.insert(out, w[2]); table.insert(out, w[3])
-    table.insert(out, c[1] or ''); table.insert(out, c[2] or ''); table.insert(out, c[3] or '')
-  else
-    for _ = 1, 7 do table.insert(out, '') end
-    out[#out - 6] = '0'
-  end
+  read_widget(prefix, ARGV[i], out)
 end
 return out
-"#,
-    )
+"#
+    ))
 });
 
 /// Applies one command's post-images if every widget it read is unchanged (compare and
@@ -93,7 +105,8 @@ return {'ok', tostring(version)}
 /// Returns the server time in ms, then 9 strings per widget: serial, dirty entry, then as
 /// READ.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        read_widget_lua!(),
         r#"
 local prefix = ARGV[1]
 local entries = redis.call('HRANDFIELD', prefix .. 'dirty', tonumber(ARGV[2]), 'WITHVALUES')
@@ -102,19 +115,11 @@ local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 for i = 1, #entries, 2 do
   local s = entries[i]
   table.insert(out, s); table.insert(out, entries[i + 1])
-  local w = redis.call('HMGET', prefix .. 'w:' .. s, 'name', 'ports', 'version')
-  if w[1] then
-    local c = redis.call('HMGET', prefix .. 'c:' .. s, 'p', 'r', 'q')
-    table.insert(out, '1'); table.insert(out, w[1]); table.insert(out, w[2]); table.insert(out, w[3])
-    table.insert(out, c[1] or ''); table.insert(out, c[2] or ''); table.insert(out, c[3] or '')
-  else
-    table.insert(out, '0')
-    for _ = 1, 6 do table.insert(out, '') end
-  end
+  read_widget(prefix, s, out)
 end
 return out
-"#,
-    )
+"#
+    ))
 });
 
 /// After PostgreSQL committed a batch: removes each serial from the dirty set only if its
