@@ -36,7 +36,11 @@ impl<S: Store> Flusher<S> {
     /// Writes every dirty widget to the store; returns how many it wrote.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
         let dirty = self.engine.dirty();
-        let (taken, mut items) = self.engine.take_for_flush();
+        // Cloning a large batch under the apply lock is blocking work: off the async workers.
+        let engine = self.engine.clone();
+        let (taken, mut items) = tokio::task::spawn_blocking(move || engine.take_for_flush())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
         if items.is_empty() {
             dirty.done(taken);
             return Ok(0);

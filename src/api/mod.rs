@@ -64,7 +64,12 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/widgets/{serial_number}",
             get(widgets::read).delete(widgets::delete),
         )
-        .route("/widgets/associations", put(associations::associate))
+        .route(
+            "/widgets/associations",
+            put(associations::associate)
+                .get(widgets::read_associations_serial)
+                .delete(widgets::delete_associations_serial),
+        )
         .route(
             "/widgets/{serial_number}/associations/{port_type}",
             delete(associations::free),

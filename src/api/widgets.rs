@@ -92,7 +92,26 @@ pub async fn read(
     State(state): State<AppState>,
     PathParams(serial): PathParams<String>,
 ) -> Result<Json<WidgetView>, ApiError> {
-    let serial = path_serial(&serial)?;
+    read_serial(&state, &serial).await
+}
+
+/// `associations` is a valid serial, but `/widgets/associations` is also the association
+/// route, which the router prefers: its GET and DELETE come here.
+pub async fn read_associations_serial(
+    State(state): State<AppState>,
+) -> Result<Json<WidgetView>, ApiError> {
+    read_serial(&state, "associations").await
+}
+
+/// See [`read_associations_serial`].
+pub async fn delete_associations_serial(
+    State(state): State<AppState>,
+) -> Result<StatusCode, ApiError> {
+    delete_serial(&state, "associations").await
+}
+
+async fn read_serial(state: &AppState, serial: &str) -> Result<Json<WidgetView>, ApiError> {
+    let serial = path_serial(serial)?;
     let widget = state
         .engine()?
         .get(&serial)
@@ -114,7 +133,11 @@ pub async fn delete(
     State(state): State<AppState>,
     PathParams(serial): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
-    let serial = path_serial(&serial)?;
+    delete_serial(&state, &serial).await
+}
+
+async fn delete_serial(state: &AppState, serial: &str) -> Result<StatusCode, ApiError> {
+    let serial = path_serial(serial)?;
     state.engine()?.execute(Command::Delete { serial }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -48,7 +48,8 @@ impl Mark {
 #[derive(Default)]
 pub struct DirtySet {
     inner: Mutex<Inner>,
-    /// The set's size, readable without the lock (for the overload check and metrics).
+    /// Widgets waiting for the store (in the set or in a flush under way), readable without
+    /// the lock (for the overload check and metrics).
     len: AtomicUsize,
 }
 
@@ -61,6 +62,8 @@ struct Inner {
     since: Option<Instant>,
     /// ...or in a batch a flusher has taken and not yet finished.
     in_flight_since: Option<Instant>,
+    /// How many widgets that batch holds: they still wait for the store.
+    in_flight: usize,
 }
 
 /// What a flusher takes: the serials and what changed about each, and the LSN their
@@ -83,9 +86,7 @@ impl DirtySet {
         if inner.since.is_none() && !inner.serials.is_empty() {
             inner.since = Some(Instant::now());
         }
-        let len = inner.serials.len();
-        self.len.store(len, Ordering::Relaxed);
-        len
+        self.publish_len(&inner)
     }
 
     /// Takes the whole set for a flush.
@@ -94,7 +95,8 @@ impl DirtySet {
         let serials: Vec<(Serial, Mark)> = inner.serials.drain().collect();
         let since = inner.since.take();
         inner.in_flight_since = since;
-        self.len.store(0, Ordering::Relaxed);
+        inner.in_flight = serials.len();
+        self.publish_len(&inner);
         Taken {
             serials,
             covered_lsn: inner.covered_lsn,
@@ -104,7 +106,10 @@ impl DirtySet {
 
     /// The flush of `taken` reached the store.
     pub fn done(&self, _taken: Taken) {
-        self.inner.lock().expect("dirty set lock").in_flight_since = None;
+        let mut inner = self.inner.lock().expect("dirty set lock");
+        inner.in_flight_since = None;
+        inner.in_flight = 0;
+        self.publish_len(&inner);
     }
 
     /// The flush of `taken` failed: its serials are dirty again.
@@ -118,7 +123,14 @@ impl DirtySet {
             (a, b) => a.or(b),
         };
         inner.in_flight_since = None;
-        self.len.store(inner.serials.len(), Ordering::Relaxed);
+        inner.in_flight = 0;
+        self.publish_len(&inner);
+    }
+
+    fn publish_len(&self, inner: &Inner) -> usize {
+        let len = inner.serials.len() + inner.in_flight;
+        self.len.store(len, Ordering::Relaxed);
+        len
     }
 
     pub fn len(&self) -> usize {
@@ -208,7 +220,11 @@ mod tests {
         assert_eq!(d.mark([(s("a"), row), (s("b"), row)], 5), 2);
         let taken = d.take();
         assert_eq!((taken.serials.len(), taken.covered_lsn), (2, 5));
-        assert!(d.is_empty());
+        assert_eq!(
+            d.len(),
+            2,
+            "a flush under way still counts against the limit"
+        );
         std::thread::sleep(Duration::from_millis(5));
         assert!(
             d.lag() >= Duration::from_millis(5),

@@ -150,7 +150,13 @@ impl Sequencer {
     fn process(&mut self, group: &mut Vec<Job>) -> bool {
         let mut stop = false;
         let mut trim_to = None;
-        let mut answers: Vec<(oneshot::Sender<Result<Reply, EngineError>>, Reply)> = Vec::new();
+        // Every answer, refusals included, waits for the group's log: a refusal may rest on
+        // an earlier change in the group (a create of the same serial), which is not durable
+        // until the group is.
+        let mut answers: Vec<(
+            oneshot::Sender<Result<Reply, EngineError>>,
+            Result<Reply, EngineError>,
+        )> = Vec::new();
         let mut pending: HashMap<Serial, Option<Widget>> = HashMap::new();
         let mut changes: Vec<Change> = Vec::new();
         let mut marks: Vec<(Serial, Mark)> = Vec::new();
@@ -182,7 +188,7 @@ impl Sequencer {
             let answer = match command.apply(&mut tx) {
                 Ok(answer) => answer,
                 Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+                    answers.push((reply, Err(e.into())));
                     continue;
                 }
             };
@@ -211,9 +217,13 @@ impl Sequencer {
                 changes.extend(record.changes);
                 lsn += 1;
             }
-            answers.push((reply, answer));
+            answers.push((reply, Ok(answer)));
         }
 
+        // Trim first: it frees disk space, which a group failing for lack of it needs.
+        if let Some(to) = trim_to {
+            self.writer.trim(to);
+        }
         if !self.buf.is_empty() {
             if let Err(error) = self.log(first_lsn, lsn - first_lsn) {
                 for (reply, _) in answers {
@@ -235,10 +245,7 @@ impl Sequencer {
             }
         }
         for (reply, answer) in answers {
-            let _ = reply.send(Ok(answer));
-        }
-        if let Some(to) = trim_to {
-            self.writer.trim(to);
+            let _ = reply.send(answer);
         }
         stop
     }

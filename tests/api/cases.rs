@@ -1113,3 +1113,19 @@ async fn garbage_bodies_get_a_4xx_json_error_and_change_nothing() {
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
     assert_eq!(snapshot(&app, &watched).await, before);
 }
+
+#[tokio::test]
+async fn a_widget_whose_serial_is_associations_is_reachable_like_any_other() {
+    let app = spawn_app().await;
+    let created = app.create("associations", &["P"]).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()[header::LOCATION], "/widgets/associations");
+    assert_eq!(app.create("other", &["P"]).await.status(), StatusCode::CREATED);
+    let got = expect_widget(app.get("/widgets/associations").await, StatusCode::OK).await;
+    assert_eq!(got["serial_number"], "associations");
+    plug(&app, "P", "associations", "other").await;
+    expect_no_content(app.free("associations", "P").await).await;
+    assert_eq!(app.peer("other", "P").await, None);
+    expect_no_content(app.delete("/widgets/associations").await).await;
+    expect_error(app.get("/widgets/associations").await, StatusCode::NOT_FOUND, "widget_not_found").await;
+}
