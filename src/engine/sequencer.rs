@@ -23,10 +23,13 @@ use tokio::sync::oneshot;
 /// Most writes one group takes, so one group's latency stays bounded.
 const MAX_GROUP: usize = 4096;
 
+/// Where a write's outcome goes.
+pub(crate) type Answer = oneshot::Sender<Result<Reply, EngineError>>;
+
 pub(crate) enum Job {
     Write {
         command: Command,
-        reply: oneshot::Sender<Result<Reply, EngineError>>,
+        reply: Answer,
     },
     /// The store holds everything up to this LSN.
     Trim(u64),
@@ -153,10 +156,7 @@ impl Sequencer {
         // Every answer, refusals included, waits for the group's log: a refusal may rest on
         // an earlier change in the group (a create of the same serial), which is not durable
         // until the group is.
-        let mut answers: Vec<(
-            oneshot::Sender<Result<Reply, EngineError>>,
-            Result<Reply, EngineError>,
-        )> = Vec::new();
+        let mut answers: Vec<(Answer, Result<Reply, EngineError>)> = Vec::new();
         let mut pending: HashMap<Serial, Option<Widget>> = HashMap::new();
         let mut changes: Vec<Change> = Vec::new();
         let mut marks: Vec<(Serial, Mark)> = Vec::new();
