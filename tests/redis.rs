@@ -34,6 +34,12 @@ async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher)
             .await
             .unwrap(),
     );
+    let stop = tokio_util::sync::CancellationToken::new();
+    assert!(
+        widgets::engine::redis::load::ensure_loaded(&engine, &store, &stop)
+            .await
+            .unwrap()
+    );
     let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
     (db, store, engine, flusher)
 }
@@ -312,5 +318,52 @@ async fn flush_lag_is_the_age_of_the_oldest_unflushed_change_not_of_the_backlog(
     // The dirty set was never empty, but its oldest change is the new one.
     let lag = lag(engine.gauges().await);
     assert!(lag < 0.5, "lag {lag}s counts the flushed change's age");
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn versions_start_above_everything_postgres_holds_tombstones_included() {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    // A widget deleted at version 1000 by an earlier life of the service.
+    sqlx::query("INSERT INTO widget_tombstones (serial_number, version) VALUES ('zombie', 1000)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let app = instance(&db, &redis_prefix()).await;
+    assert_eq!(
+        app.create("zombie", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    let mut conn = db.connect().await;
+    eventually!("the re-created widget in PostgreSQL", 10, {
+        pg_state(&mut conn).await.contains_key("zombie")
+    });
+    drop(conn);
+    app.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_is_refused_not_served_as_empty() {
+    let db = TestDb::create().await;
+    let prefix = redis_prefix();
+    let app = instance(&db, &prefix).await;
+    assert_eq!(
+        app.create("kept", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = conn.del(format!("{prefix}loaded")).await.unwrap(); // what a restart without AOF leaves
+    for r in [
+        app.get("/widgets/kept").await,
+        app.create("new", &["P"]).await,
+    ] {
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(common::error_code(r).await, "unavailable");
+    }
+    app.stop().await;
     db.drop_db().await;
 }

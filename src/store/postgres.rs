@@ -53,6 +53,22 @@ impl PgStore {
         &self.pool
     }
 
+    /// The highest version any row holds (widgets, associations, tombstones): a version
+    /// counter that starts below it would write changes the version guards then ignore.
+    pub async fn max_version(&self) -> Result<u64, StoreError> {
+        let max: i64 = sqlx::query_scalar(
+            "SELECT GREATEST( \
+                (SELECT COALESCE(max(version), 0) FROM widgets), \
+                (SELECT COALESCE(max(version), 0) FROM widget_tombstones), \
+                (SELECT COALESCE(max(version), 0) FROM associations_p), \
+                (SELECT COALESCE(max(version), 0) FROM associations_r), \
+                (SELECT COALESCE(max(version), 0) FROM associations_q))",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(max.max(0) as u64)
+    }
+
     async fn write_items(
         tx: &mut Transaction<'_, Postgres>,
         items: &[FlushItem],

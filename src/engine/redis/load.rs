@@ -1,8 +1,9 @@
 //! Filling an empty Redis from PostgreSQL, once, however many instances start together.
 //!
 //! The first instance to take `load_lock` (SET NX with an expiry, so a loader that dies
-//! releases it) streams every widget out of PostgreSQL into Redis, sets the version
-//! counter above every version PostgreSQL holds, and sets `loaded`. The others wait for
+//! releases it) streams every widget out of PostgreSQL into Redis and sets `loaded`. Every
+//! instance, loader or not, raises the version counter `seq` above every version
+//! PostgreSQL holds (tombstones included) before it serves. The others wait for
 //! `loaded`; nobody answers `/readyz` before it is there. A Redis that lost its data
 //! (restarted without AOF) has no `loaded` and is filled again from PostgreSQL. `loads`
 //! counts the fills, for operators (and tests) to see it happened once.
@@ -39,6 +40,7 @@ pub async fn ensure_loaded(
             .await
             .map_err(unavailable)?
         {
+            raise_seq(engine, store.max_version().await?).await?;
             return Ok(true);
         }
         let locked: Option<String> = redis::cmd("SET")
@@ -118,10 +120,9 @@ async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
     let (read, written) = tokio::join!(reading, writing);
     read?;
     let (count, max_version) = written?;
+    raise_seq(engine, max_version.max(store.max_version().await?)).await?;
     let mut conn = engine.conn();
-    let seq: Option<u64> = conn.get(engine.key("seq")).await.map_err(unavailable)?;
     let _: () = redis::pipe()
-        .set(engine.key("seq"), seq.unwrap_or(0).max(max_version))
         .set(engine.key("count"), count)
         .set(engine.key("loaded"), 1)
         .incr(engine.key("loads"), 1)
@@ -133,6 +134,23 @@ async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "loaded Redis from PostgreSQL"
     );
+    Ok(())
+}
+
+/// Moves `seq` up to at least `floor` (never down), atomically. Every instance does it at
+/// start, so a Redis that lost increments (a crash under `appendfsync everysec`) cannot
+/// hand out versions PostgreSQL already holds.
+async fn raise_seq(engine: &RedisEngine, floor: u64) -> Result<(), EngineError> {
+    let _: () = redis::Script::new(
+        "local k = KEYS[1] \
+         if tonumber(redis.call('GET', k) or '0') < tonumber(ARGV[1]) then \
+           redis.call('SET', k, ARGV[1]) end",
+    )
+    .key(engine.key("seq"))
+    .arg(floor)
+    .invoke_async(&mut engine.conn())
+    .await
+    .map_err(unavailable)?;
     Ok(())
 }
 

@@ -43,6 +43,15 @@ fn unavailable(e: redis::RedisError) -> EngineError {
     EngineError::Unavailable(e.to_string())
 }
 
+/// Redis has no `loaded` key: it lost its data (a restart without AOF, a flush). Serving
+/// it as an empty store would answer 404 for every widget PostgreSQL holds.
+fn lost_data() -> EngineError {
+    tracing::error!(
+        "Redis has lost its data (no 'loaded' key): restart the instances to load it again from PostgreSQL"
+    );
+    EngineError::Unavailable("Redis has lost its data; restart the instances to reload it".into())
+}
+
 fn corrupt(serial: &str, what: &str) -> EngineError {
     EngineError::Unavailable(format!("widget {serial:?} in Redis has a bad {what}"))
 }
@@ -86,6 +95,9 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
+        if flat.first().map(String::as_str) == Some("not_loaded") {
+            return Err(lost_data());
+        }
         if flat.len() != serials.len() * 7 {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the read script".into(),
@@ -176,6 +188,7 @@ impl RedisEngine {
         Ok(match answer.first().map(String::as_str) {
             Some("ok") => Applied::Done,
             Some("overloaded") => Applied::Overloaded,
+            Some("not_loaded") => return Err(lost_data()),
             _ => Applied::Conflict,
         })
     }

@@ -34,12 +34,13 @@ end
 }
 
 /// Reads widgets atomically. ARGV: prefix, serials... Returns 7 strings per serial (see
-/// `read_widget_lua`).
+/// `read_widget_lua`), or {"not_loaded"} if Redis has lost its data (no `loaded` key).
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         read_widget_lua!(),
         r#"
 local prefix = ARGV[1]
+if redis.call('EXISTS', prefix .. 'loaded') == 0 then return {'not_loaded'} end
 local out = {}
 for i = 2, #ARGV do
   read_widget(prefix, ARGV[i], out)
@@ -54,11 +55,13 @@ return out
 /// ARGV: prefix, max dirty, n, then n pairs (serial, version read; "0" = absent), m, then
 /// m groups of 8 (serial, "put"/"del", name, ports, peer P, R, Q, mark bits). Returns
 /// {"ok", version}, {"conflict", serial}, or {"overloaded", dirty count} when the dirty set
-/// is at its limit (PostgreSQL is behind) and the write would add to it.
+/// is at its limit (PostgreSQL is behind) and the write would add to it, or
+/// {"not_loaded"} if Redis has lost its data.
 pub static APPLY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
+if redis.call('EXISTS', prefix .. 'loaded') == 0 then return {'not_loaded'} end
 local dirty = prefix .. 'dirty'
 local waiting = redis.call('HLEN', dirty)
 if waiting >= tonumber(ARGV[2]) then return {'overloaded', tostring(waiting)} end
