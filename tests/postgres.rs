@@ -30,8 +30,12 @@ async fn widget_rows(conn: &mut PgConnection) -> Vec<(String, i64, String)> {
         .unwrap()
 }
 
+/// The version of `serial`'s association on P, if it is plugged (a freed port's row has
+/// no peer).
 async fn association_version(conn: &mut PgConnection, serial: &str) -> Option<i64> {
-    sqlx::query_scalar("SELECT version FROM associations_p WHERE serial_number = $1")
+    sqlx::query_scalar(
+        "SELECT version FROM associations_p WHERE serial_number = $1 AND peer_serial_number IS NOT NULL",
+    )
         .bind(serial)
         .fetch_optional(conn)
         .await
@@ -514,7 +518,8 @@ async fn asymmetric_rows(conn: &mut PgConnection) -> Vec<String> {
         let rows: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT a.serial_number, a.peer_serial_number FROM {table} a \
              LEFT JOIN {table} b ON b.serial_number = a.peer_serial_number \
-             WHERE b.peer_serial_number IS DISTINCT FROM a.serial_number"
+             WHERE a.peer_serial_number IS NOT NULL \
+               AND b.peer_serial_number IS DISTINCT FROM a.serial_number"
         ))
         .fetch_all(&mut *tx)
         .await

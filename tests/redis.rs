@@ -367,3 +367,38 @@ async fn a_redis_that_lost_its_data_is_refused_not_served_as_empty() {
     app.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_slow_flusher_cannot_plug_a_freed_port_again() {
+    let (db, store, engine, flusher) = flush_parts().await;
+    for w in ["x", "y"] {
+        create(&engine, w).await;
+    }
+    associate(&engine, "x", "y").await;
+    let slow = engine.take(1000).await.unwrap().items; // x and y plugged
+    engine
+        .execute(Command::Free {
+            serial: s("x"),
+            port: PortType::P,
+        })
+        .await
+        .unwrap();
+    flusher.flush_once().await.unwrap(); // the freed state reaches PostgreSQL first
+    let items = slow.into_iter().map(|(item, _)| item).collect();
+    store
+        .write_batch(FlushBatch {
+            items,
+            checkpoint: 0,
+        })
+        .await
+        .unwrap();
+    let mut conn = db.connect().await;
+    let state = pg_state(&mut conn).await;
+    assert_eq!(
+        state["x"].2[0], None,
+        "an older state plugged a freed port again"
+    );
+    assert_eq!(state["y"].2[0], None);
+    drop(conn);
+    db.drop_db().await;
+}

@@ -6,8 +6,9 @@
 //! and the association rows of the ports whose peer changed. Rows are written with
 //! `UNNEST` arrays in key order, and an upsert or delete only touches a row whose stored
 //! version is older, so a retried or reordered batch never writes older state over newer.
-//! A deletion leaves a tombstone with its version, so an older state of a deleted widget
-//! (from a slower flusher in another instance) cannot bring it back.
+//! A deletion leaves a tombstone with its version, and a freed port keeps its association
+//! row with no peer, so an older state (from a slower flusher in another instance) can
+//! neither bring a deleted widget back nor plug a freed port again.
 //! A row PostgreSQL refuses for a reason a retry cannot fix (a constraint, bad data) is
 //! found by bisecting the batch under savepoints, logged with its serial, and kept in
 //! `flush_rejects`; the rest of the batch and the checkpoint commit, so one bad row never
@@ -123,46 +124,36 @@ impl PgStore {
             .execute(&mut **tx)
             .await?;
         }
-        // Association rows, only for the ports whose peer changed.
+        // Association rows, only for the ports whose peer changed: the new peer, or none
+        // (a freed port keeps its row as a versioned tombstone). A row for a widget that is
+        // gone (deleted by a newer flush) is stale: skip it.
         for port in PortType::ALL {
             let table = ASSOCIATION_TABLES[port.index()];
-            let (mut plugged, mut freed) = (Vec::new(), Vec::new());
-            for item in items {
-                let Some(w) = &item.widget else { continue };
-                if item.mark.ports & (1 << port.index()) == 0 {
-                    continue;
-                }
-                match w.peer(port).filter(|_| w.ports.contains(port)) {
-                    Some(peer) => plugged.push((item.serial.as_str(), peer.as_str(), version(w))),
-                    None => freed.push((item.serial.as_str(), version(w))),
-                }
+            let rows: Vec<(&str, Option<&str>, i64)> = items
+                .iter()
+                .filter(|i| i.mark.ports & (1 << port.index()) != 0)
+                .filter_map(|i| {
+                    let w = i.widget.as_ref()?;
+                    let peer = w.peer(port).filter(|_| w.ports.contains(port));
+                    Some((i.serial.as_str(), peer.map(Serial::as_str), version(w)))
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
             }
-            if !freed.is_empty() {
-                sqlx::query(&format!(
-                    "DELETE FROM {table} t USING UNNEST($1::text[], $2::int8[]) AS f(serial, version) \
-                     WHERE t.serial_number = f.serial AND t.version < f.version"
-                ))
-                .bind(freed.iter().map(|f| f.0).collect::<Vec<_>>())
-                .bind(freed.iter().map(|f| f.1).collect::<Vec<_>>())
-                .execute(&mut **tx)
-                .await?;
-            }
-            if !plugged.is_empty() {
-                // A row for a widget that is gone (deleted by a newer flush) is stale: skip it.
-                sqlx::query(&format!(
-                    "INSERT INTO {table} (serial_number, peer_serial_number, version) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(s, peer, v) \
-                     WHERE EXISTS (SELECT 1 FROM widgets w WHERE w.serial_number = u.s) \
-                     ON CONFLICT (serial_number) DO UPDATE \
-                     SET peer_serial_number = excluded.peer_serial_number, version = excluded.version \
-                     WHERE {table}.version < excluded.version"
-                ))
-                .bind(plugged.iter().map(|p| p.0).collect::<Vec<_>>())
-                .bind(plugged.iter().map(|p| p.1).collect::<Vec<_>>())
-                .bind(plugged.iter().map(|p| p.2).collect::<Vec<_>>())
-                .execute(&mut **tx)
-                .await?;
-            }
+            sqlx::query(&format!(
+                "INSERT INTO {table} (serial_number, peer_serial_number, version) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(s, peer, v) \
+                 WHERE EXISTS (SELECT 1 FROM widgets w WHERE w.serial_number = u.s) \
+                 ON CONFLICT (serial_number) DO UPDATE \
+                 SET peer_serial_number = excluded.peer_serial_number, version = excluded.version \
+                 WHERE {table}.version < excluded.version"
+            ))
+            .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
         }
         Ok(())
     }
@@ -272,9 +263,10 @@ impl Store for PgStore {
                 if let Some(peer) = peer {
                     widget.peers[port.index()] =
                         Some(Serial::parse("peer", &peer).map_err(|e| corrupt(&key, e))?);
-                    let v: i64 = row.try_get(format!("{column}v").as_str())?;
-                    version = version.max(v);
                 }
+                // A freed port's row (no peer) still carries the version that freed it.
+                let v: Option<i64> = row.try_get(format!("{column}v").as_str())?;
+                version = version.max(v.unwrap_or(0));
             }
             widget.version = version as u64;
             visit(serial, widget);

@@ -202,7 +202,8 @@ pub async fn pg_state(conn: &mut PgConnection) -> BTreeMap<String, Row3> {
         .enumerate()
     {
         for row in sqlx::query(&format!(
-            "SELECT serial_number, peer_serial_number FROM {table}"
+            "SELECT serial_number, peer_serial_number FROM {table} \
+             WHERE peer_serial_number IS NOT NULL"
         ))
         .fetch_all(&mut *conn)
         .await
