@@ -42,10 +42,9 @@ async fn association_version(conn: &mut PgConnection, serial: &str) -> Option<i6
         .unwrap()
 }
 
+/// A metric from `/metrics`; a counter the service has not touched yet reads 0.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
+    common::metric(text, name).unwrap_or(0.0)
 }
 
 async fn pg_app(db_url: &str, extra: &[&str]) -> TestApp {

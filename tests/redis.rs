@@ -44,17 +44,20 @@ async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher)
     (db, store, engine, flusher)
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(-1.0, |v| v.parse().unwrap())
+async fn dirty(app: &TestApp) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    common::metric(&text, "widgets_dirty").expect("widgets_dirty in /metrics")
 }
 
-async fn dirty(app: &TestApp) -> f64 {
-    metric(
-        &app.get("/metrics").await.text().await.unwrap(),
-        "widgets_dirty",
-    )
+/// What a slow flusher does last: commits the older state it took long ago.
+async fn commit_late(store: &PgStore, items: Vec<widgets::store::FlushItem>) {
+    store
+        .write_batch(FlushBatch {
+            items,
+            checkpoint: 0,
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -205,13 +208,7 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
             (item, (serial, entry))
         })
         .unzip();
-    store
-        .write_batch(FlushBatch {
-            items,
-            checkpoint: 0,
-        })
-        .await
-        .unwrap();
+    commit_late(&store, items).await;
     assert_eq!(
         engine.ack(&entries, None).await.unwrap(),
         0,
@@ -385,13 +382,7 @@ async fn a_slow_flusher_cannot_plug_a_freed_port_again() {
         .unwrap();
     flusher.flush_once().await.unwrap(); // the freed state reaches PostgreSQL first
     let items = slow.into_iter().map(|(item, _)| item).collect();
-    store
-        .write_batch(FlushBatch {
-            items,
-            checkpoint: 0,
-        })
-        .await
-        .unwrap();
+    commit_late(&store, items).await;
     let mut conn = db.connect().await;
     let state = pg_state(&mut conn).await;
     assert_eq!(

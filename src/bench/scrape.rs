@@ -44,7 +44,7 @@ pub fn server_stats(before: &Scrape, after: &Scrape) -> ServerStats {
 }
 
 /// The sum of every sample of metric `name`, whatever its labels; `None` if it has none.
-fn sample_sum(text: &str, name: &str) -> Option<f64> {
+pub fn sample_sum(text: &str, name: &str) -> Option<f64> {
     let mut sum = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some(rest) = line.strip_prefix(name) else {

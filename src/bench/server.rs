@@ -119,9 +119,9 @@ impl Server {
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
+                if let Some(addr) = crate::app::listen_addr_in_log(&line) {
                     if let Some(tx) = addr_tx.take() {
-                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                        let _ = tx.send(addr.to_owned());
                     }
                 }
                 tracing::debug!(target: "widgets::bench::server", "{line}");

@@ -39,9 +39,9 @@ impl Server {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1) {
+                if let Some(addr) = widgets::app::listen_addr_in_log(&line) {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                        let _ = tx.send(addr.to_owned());
                     }
                 }
                 if std::env::var_os("TEST_LOG").is_some() {
