@@ -9,6 +9,7 @@
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::engine::packed::PackedWidget;
 use crate::engine::{Engine, MemoryEngine};
 use crate::flush::{self, Flush, Flusher};
 use crate::listener::CappedListener;
@@ -303,7 +304,7 @@ async fn recover<S: Store>(
     let sink = map.clone();
     let checkpoint = store
         .load(Box::new(move |serial, widget| {
-            sink.pin().insert(serial, widget);
+            sink.pin().insert(serial, PackedWidget::pack(&widget));
         }))
         .await
         .context("loading the durable store")?;

@@ -10,5 +10,5 @@ pub mod values;
 pub mod widget;
 
 pub use rules::{Command, DomainError, Reply, StateView, Tx};
-pub use values::{Name, PortType, Ports, Serial, ValidationError};
+pub use values::{Name, PortType, Ports, Serial, ValidationError, MAX_NAME_LEN, MAX_SERIAL_LEN};
 pub use widget::{Change, Widget, WidgetView};

@@ -4,6 +4,7 @@
 //! are the ones in `API.md` ("Values"). Decoding from the WAL or a store skips the checks:
 //! those bytes were validated when they were first accepted and are checksummed since.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use std::borrow::Borrow;
 use std::fmt;
@@ -31,9 +32,12 @@ impl ValidationError {
 }
 
 /// A widget's serial number: 1 to 36 characters from `A-Z a-z 0-9 . _ : -`.
+///
+/// Held inline up to 24 bytes (most serials), so cloning one, which the write path does
+/// for every widget it touches, does not allocate.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Serial(Box<str>);
+pub struct Serial(CompactString);
 
 impl Serial {
     pub fn parse(field: &str, s: &str) -> Result<Self, ValidationError> {
@@ -51,6 +55,13 @@ impl Serial {
             ));
         }
         Ok(Self(s.into()))
+    }
+
+    /// A serial read back from the engine's own packed state, which held only parsed
+    /// serials: not checked again.
+    pub(crate) fn trusted(s: &str) -> Self {
+        debug_assert!(Self::parse("serial", s).is_ok(), "{s:?}");
+        Self(s.into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -79,7 +90,7 @@ impl fmt::Debug for Serial {
 /// A widget's name: 1 to 64 printable ASCII characters (0x20 to 0x7E).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Name(Box<str>);
+pub struct Name(CompactString);
 
 impl Name {
     pub fn parse(field: &str, s: &str) -> Result<Self, ValidationError> {
@@ -96,6 +107,13 @@ impl Name {
             ));
         }
         Ok(Self(s.into()))
+    }
+
+    /// A name read back from the engine's own packed state, which held only parsed
+    /// names: not checked again.
+    pub(crate) fn trusted(s: &str) -> Self {
+        debug_assert!(Self::parse("name", s).is_ok(), "{s:?}");
+        Self(s.into())
     }
 
     pub fn as_str(&self) -> &str {

@@ -92,7 +92,8 @@ impl DirtySet {
     /// Takes the whole set for a flush.
     pub fn take(&self) -> Taken {
         let mut inner = self.inner.lock().expect("dirty set lock");
-        let serials: Vec<(Serial, Mark)> = inner.serials.drain().collect();
+        // Taken, not drained: a burst must not leave its capacity behind for good.
+        let serials: Vec<(Serial, Mark)> = std::mem::take(&mut inner.serials).into_iter().collect();
         let since = inner.since.take();
         inner.in_flight_since = since;
         inner.in_flight = serials.len();

@@ -8,6 +8,7 @@
 //! an association change without the other.
 
 use super::dirty::{DirtySet, Mark, Taken};
+use super::packed::PackedWidget;
 use super::sequencer::{self, Job};
 use super::EngineError;
 use crate::domain::{Change, Command, Reply, Serial, Widget};
@@ -21,7 +22,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
-pub type WidgetMap = papaya::HashMap<Serial, Widget>;
+/// Serial to widget, packed: the map holds only durable state.
+pub type WidgetMap = papaya::HashMap<Serial, PackedWidget>;
 
 /// The engine's limits and WAL settings (see `Config` for what each means).
 #[derive(Debug, Clone)]
@@ -76,7 +78,8 @@ impl MemoryEngine {
                 checkpoint,
                 |lsn, record| {
                     let marks = record.changes.iter().map(|c| {
-                        let mark = Mark::of(map.get(c.serial(), &guard), c);
+                        let before = map.get(c.serial(), &guard).map(PackedWidget::unpack);
+                        let mark = Mark::of(before.as_ref(), c);
                         (c.serial().clone(), mark)
                     });
                     dirty.mark(marks.collect::<Vec<_>>(), lsn);
@@ -143,7 +146,7 @@ impl MemoryEngine {
     /// The widget's durable state.
     pub fn get(&self, serial: &Serial) -> Option<Widget> {
         let _applied = self.shared.apply_lock.read().expect("apply lock");
-        self.shared.map.pin().get(serial).cloned()
+        self.shared.map.pin().get(serial).map(PackedWidget::unpack)
     }
 
     /// Orders, logs and applies a write; returns once it is durable (or refused).
@@ -197,7 +200,7 @@ impl MemoryEngine {
             .serials
             .iter()
             .map(|(serial, mark)| {
-                let widget = map.get(serial).cloned();
+                let widget = map.get(serial).map(PackedWidget::unpack);
                 FlushItem {
                     // A deletion is at or before the cut's LSN.
                     version: widget.as_ref().map_or(taken.covered_lsn, |w| w.version),
@@ -273,7 +276,7 @@ impl MemoryEngine {
 pub(crate) fn apply(map: &WidgetMap, guard: &impl papaya::Guard, change: Change) {
     match change {
         Change::Put { serial, widget } => {
-            map.insert(serial, widget, guard);
+            map.insert(serial, PackedWidget::pack(&widget), guard);
         }
         Change::Delete { serial } => {
             map.remove(&serial, guard);

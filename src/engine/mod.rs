@@ -5,6 +5,7 @@
 
 pub mod dirty;
 pub mod memory;
+pub mod packed;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod sequencer;

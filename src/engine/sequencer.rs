@@ -9,6 +9,7 @@
 
 use super::dirty::Mark;
 use super::memory::{apply, Shared};
+use super::packed::PackedWidget;
 use super::EngineError;
 use crate::domain::{Change, Command, Reply, Serial, StateView, Tx, Widget};
 use crate::wal::format::{encode_record, Record};
@@ -88,7 +89,7 @@ fn view_get(
 ) -> Option<Widget> {
     match pending.get(serial) {
         Some(w) => w.clone(),
-        None => shared.map.pin().get(serial).cloned(),
+        None => shared.map.pin().get(serial).map(PackedWidget::unpack),
     }
 }
 
