@@ -252,7 +252,7 @@ impl Serving {
     }
 }
 
-async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
+pub(crate) async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
     let dir = config.store_dir();
     let cache = config.sled_cache_bytes;
     let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache)).await?;

@@ -1,6 +1,7 @@
 //! Every setting, by flag or environment variable (a `.env` file in the working directory
 //! is read at start-up). `widgets --help` prints this with the defaults.
 
+use crate::bench::seed::SeedArgs;
 use crate::bench::BenchArgs;
 use crate::engine::EngineSettings;
 use crate::wal::{FsyncMode, RecoveryMode};
@@ -109,6 +110,9 @@ pub enum Cmd {
     /// percentiles, errors, fsyncs and memory, next to the HTTP ceiling and, with a
     /// database URL, PostgreSQL written directly.
     Bench(BenchArgs),
+    /// Fill an empty durable store (the data directory's, or DATABASE_URL) with widgets
+    /// paired on two ports, to measure memory and restart at scale.
+    BenchSeed(SeedArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]
