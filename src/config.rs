@@ -90,8 +90,9 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
-    /// Page cache of the embedded store, in bytes.
-    #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 128 << 20)]
+    /// Page cache of the embedded store, in bytes. sled's own memory grows with it
+    /// several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS than 32 MiB.
+    #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20)]
     pub sled_cache_bytes: u64,
 }
 

@@ -38,9 +38,10 @@ impl<S: Store> Flusher<S> {
         let dirty = self.engine.dirty();
         // Cloning a large batch under the apply lock is blocking work: off the async workers.
         let engine = self.engine.clone();
-        let (taken, mut items) = tokio::task::spawn_blocking(move || engine.take_for_flush())
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?;
+        let (taken, mut items, widgets) =
+            tokio::task::spawn_blocking(move || engine.take_for_flush())
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?;
         if items.is_empty() {
             dirty.done(taken);
             return Ok(0);
@@ -51,7 +52,11 @@ impl<S: Store> Flusher<S> {
         let started = Instant::now();
         match self
             .store
-            .write_batch(FlushBatch { items, checkpoint })
+            .write_batch(FlushBatch {
+                items,
+                checkpoint,
+                widgets: Some(widgets),
+            })
             .await
         {
             Ok(()) => {
@@ -170,6 +175,10 @@ mod tests {
     impl Store for Switchable {
         async fn load(&self, visit: Visitor) -> Result<u64, StoreError> {
             self.inner.load(visit).await
+        }
+
+        async fn len_hint(&self) -> Result<u64, StoreError> {
+            self.inner.len_hint().await
         }
 
         async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {

@@ -356,7 +356,11 @@ async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
         row: false,
         ports: 1,
     };
-    let batch = |items, checkpoint| FlushBatch { items, checkpoint };
+    let batch = |items, checkpoint| FlushBatch {
+        items,
+        checkpoint,
+        widgets: None,
+    };
     store
         .write_batch(batch(
             vec![item("a", None, 1, created), item("b", None, 2, created)],

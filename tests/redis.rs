@@ -55,6 +55,7 @@ async fn commit_late(store: &PgStore, items: Vec<widgets::store::FlushItem>) {
         .write_batch(FlushBatch {
             items,
             checkpoint: 0,
+            widgets: None,
         })
         .await
         .unwrap();

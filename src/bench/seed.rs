@@ -127,6 +127,7 @@ async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::Resul
             .write_batch(FlushBatch {
                 items,
                 checkpoint: SEED_LSN,
+                widgets: Some(end),
             })
             .await
             .with_context(|| format!("writing widgets {start}..{end} to {what}"))?;

@@ -189,10 +189,10 @@ impl MemoryEngine {
     }
 
     /// Takes the dirty set and the current state of each of its widgets (`None`: deleted),
-    /// for a flush. Both happen under the read side of the apply lock, and the sequencer
+    /// and how many widgets the map holds, for a flush. Both happen under the read side of the apply lock, and the sequencer
     /// marks serials dirty under its write side, so the batch is an exact cut of the state
     /// at `taken.covered_lsn`: a store that commits it never shows one side of a change.
-    pub fn take_for_flush(&self) -> (Taken, Vec<FlushItem>) {
+    pub fn take_for_flush(&self) -> (Taken, Vec<FlushItem>, u64) {
         let _applied = self.shared.apply_lock.read().expect("apply lock");
         let taken = self.shared.dirty.take();
         let map = self.shared.map.pin();
@@ -210,7 +210,7 @@ impl MemoryEngine {
                 }
             })
             .collect();
-        (taken, items)
+        (taken, items, map.len() as u64)
     }
 
     /// The durable store now holds every change up to `lsn`: the WAL may drop them.

@@ -12,7 +12,8 @@
 
 use crate::domain::{Name, Ports, Serial, Widget, MAX_NAME_LEN, MAX_SERIAL_LEN};
 
-const _: () = assert!(MAX_NAME_LEN <= u8::MAX as usize && MAX_SERIAL_LEN <= u8::MAX as usize);
+const _: () = assert!(MAX_NAME_LEN <= u8::MAX as usize);
+const _: () = assert!(MAX_SERIAL_LEN <= u8::MAX as usize);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackedWidget {

@@ -45,6 +45,9 @@ pub struct FlushItem {
 pub struct FlushBatch {
     pub items: Vec<FlushItem>,
     pub checkpoint: u64,
+    /// How many widgets the hot state held at the batch's cut, when the writer knows: a
+    /// store may keep it for [`Store::len_hint`].
+    pub widgets: Option<u64>,
 }
 
 /// Called with every widget the store holds, while it loads.
@@ -53,6 +56,10 @@ pub type Visitor = Box<dyn FnMut(Serial, Widget) + Send>;
 pub trait Store: Send + Sync + 'static {
     /// Streams every widget to `visit` and returns the checkpoint LSN (0 for a new store).
     fn load(&self, visit: Visitor) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// About how many widgets `load` will stream (0: no idea), cheaply: start-up sizes the
+    /// map with it, since growing a 10-million-entry map doubles its table near the end.
+    fn len_hint(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Writes the batch and its checkpoint atomically and durably.
     fn write_batch(&self, batch: FlushBatch)

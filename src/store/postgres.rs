@@ -226,6 +226,16 @@ fn corrupt(key: &str, reason: impl ToString) -> StoreError {
 }
 
 impl Store for PgStore {
+    /// The planner's row estimate (kept by ANALYZE and autovacuum): free to read, and
+    /// `-1` (no estimate yet) reads as 0.
+    async fn len_hint(&self) -> Result<u64, StoreError> {
+        let estimate: f32 =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'widgets'::regclass")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(estimate.max(0.0) as u64)
+    }
+
     async fn load(&self, mut visit: Visitor) -> Result<u64, StoreError> {
         // One snapshot for the rows and the checkpoint that covers them.
         let mut tx = self.pool.begin().await?;

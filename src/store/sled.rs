@@ -6,8 +6,19 @@ use super::{FlushBatch, Store, StoreError, Visitor};
 use crate::domain::{Serial, Widget};
 use std::path::Path;
 
-/// Serials never contain a NUL byte, so this key cannot collide with a widget.
+/// Serials never contain a NUL byte, so these keys cannot collide with a widget.
 const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
+/// The hot state's widget count at the last flush (for [`Store::len_hint`]).
+const WIDGETS_KEY: &[u8] = b"\0widgets";
+
+fn decode_u64(name: &str, value: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(value.try_into().map_err(|_| {
+        StoreError::Corrupt {
+            key: name.into(),
+            reason: format!("{} bytes, expected 8", value.len()),
+        }
+    })?))
+}
 
 #[derive(Clone)]
 pub struct SledStore {
@@ -30,12 +41,10 @@ impl SledStore {
         for entry in self.db.iter() {
             let (key, value) = entry?;
             if &*key == CHECKPOINT_KEY {
-                checkpoint = u64::from_be_bytes(value.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt {
-                        key: "checkpoint".into(),
-                        reason: format!("{} bytes, expected 8", value.len()),
-                    }
-                })?);
+                checkpoint = decode_u64("checkpoint", &value)?;
+                continue;
+            }
+            if &*key == WIDGETS_KEY {
                 continue;
             }
             let corrupt = |reason: String| StoreError::Corrupt {
@@ -72,6 +81,9 @@ impl SledStore {
             }
         }
         b.insert(CHECKPOINT_KEY, &batch.checkpoint.to_be_bytes());
+        if let Some(widgets) = batch.widgets {
+            b.insert(WIDGETS_KEY, &widgets.to_be_bytes());
+        }
         self.db.apply_batch(b)?;
         self.db.flush()?;
         Ok(())
@@ -86,10 +98,69 @@ impl Store for SledStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    async fn len_hint(&self) -> Result<u64, StoreError> {
+        match self.db.get(WIDGETS_KEY)? {
+            Some(value) => decode_u64("widgets", &value),
+            None => Ok(0),
+        }
+    }
+
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.write_blocking(batch))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Name, PortType, Ports};
+    use crate::engine::dirty::Mark;
+    use crate::store::FlushItem;
+
+    fn item(serial: &str) -> FlushItem {
+        let widget = Widget::new(
+            Name::parse("name", "n").unwrap(),
+            Ports::from_list("ports", &[PortType::P]).unwrap(),
+        );
+        FlushItem {
+            serial: Serial::parse("serial", serial).unwrap(),
+            mark: Mark::default(),
+            widget: Some(widget),
+            version: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_the_widget_count_apart_from_the_widgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.len_hint().await.unwrap(),
+            0,
+            "a new store has no hint"
+        );
+        let batch = FlushBatch {
+            items: vec![item("a"), item("b")],
+            checkpoint: 9,
+            widgets: Some(2),
+        };
+        store.write_batch(batch).await.unwrap();
+        assert_eq!(store.len_hint().await.unwrap(), 2);
+
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let checkpoint = store
+            .load(Box::new(move |serial, _| sink.lock().unwrap().push(serial)))
+            .await
+            .unwrap();
+        assert_eq!(checkpoint, 9);
+        assert_eq!(seen.lock().unwrap().len(), 2, "the count is not a widget");
+
+        store.db.insert(WIDGETS_KEY, &b"bad"[..]).unwrap();
+        let err = store.len_hint().await.unwrap_err();
+        assert!(err.to_string().contains("widgets"), "{err}");
     }
 }

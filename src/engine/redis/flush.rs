@@ -69,6 +69,7 @@ impl RedisFlusher {
             .write_batch(FlushBatch {
                 items,
                 checkpoint: 0,
+                widgets: None,
             })
             .await?;
         Ok((entries, whole_set_at))

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Start-up time and memory at scale: seeds a store with `widgets bench-seed` (unless it is
+# seeded already), starts the service on it, and prints how long it took to answer
+# /readyz with 200, what the log says about loading and WAL replay, and the server's RSS.
+#
+#   scripts/restart.sh sled DATA_DIR [WIDGETS]            # the embedded store in DATA_DIR
+#   scripts/restart.sh postgres DATABASE_URL [WIDGETS]    # PostgreSQL (DATA_DIR is a temp dir)
+#
+# WIDGETS defaults to 10000000. Set WIDGETS_BIN to use another binary than
+# target/release/widgets (build it first: cargo build --release).
+set -euo pipefail
+
+mode=${1:?usage: restart.sh sled DATA_DIR [WIDGETS] | restart.sh postgres DATABASE_URL [WIDGETS]}
+where=${2:?a data directory (sled) or a database URL (postgres)}
+widgets=${3:-10000000}
+bin=${WIDGETS_BIN:-target/release/widgets}
+port=${PORT:-18480}
+
+case "$mode" in
+sled)
+    data_dir=$where
+    store_args=(--database-url=)
+    seeded() { [ -d "$data_dir/store" ]; }
+    ;;
+postgres)
+    data_dir=$(mktemp -d)
+    trap 'rm -rf "$data_dir"' EXIT
+    store_args=(--database-url "$where")
+    seeded() { [ "$(psql "$where" -Atc 'select count(*) > 0 from widgets' 2>/dev/null)" = t ]; }
+    ;;
+*)
+    echo "restart.sh: unknown mode $mode (sled or postgres)" >&2
+    exit 2
+    ;;
+esac
+
+if ! seeded; then
+    echo "seeding $widgets widgets..." >&2
+    start=$(date +%s.%N)
+    "$bin" --data-dir "$data_dir" "${store_args[@]}" bench-seed --widgets "$widgets"
+    echo "seeded in $(echo "$(date +%s.%N) - $start" | bc) s" >&2
+fi
+
+log=$(mktemp)
+start=$(date +%s.%N)
+RUST_LOG=info "$bin" --listen "127.0.0.1:$port" --data-dir "$data_dir" --redis-url= \
+    "${store_args[@]}" 2>"$log" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do
+    if ! kill -0 $pid 2>/dev/null; then
+        cat "$log" >&2
+        echo "restart.sh: the service exited" >&2
+        exit 1
+    fi
+    sleep 0.05
+done
+ready=$(echo "$(date +%s.%N) - $start" | bc)
+rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+# Again once the allocator has had time to hand back what loading freed.
+sleep "${SETTLE_SECS:-10}"
+settled_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+echo "mode=$mode widgets=$widgets ready_secs=$ready rss_mib_at_ready=$((rss_kib / 1024)) rss_mib=$((settled_kib / 1024)) bytes_per_widget=$((settled_kib * 1024 / widgets))"
+grep -E "store loaded|WAL replayed" "$log" | sed 's/\x1b\[[0-9;]*m//g'
+kill -TERM $pid
+wait $pid || true
