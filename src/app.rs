@@ -306,10 +306,10 @@ async fn recover<S: Store>(
     let started = Instant::now();
     // Sized up front: grown instead, the map doubles its table near the end of a large
     // load (~150 MB more at 10 M widgets). A hint past any sane size is not trusted.
-    let hint = store
-        .len_hint()
-        .await
-        .context("reading the durable store")?;
+    let hint = store.len_hint().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no widget count from the store; the map grows as it loads");
+        0
+    });
     let capacity = if hint <= MAX_PRESIZE {
         hint as usize
     } else {
