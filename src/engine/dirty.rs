@@ -3,7 +3,8 @@
 //! oldest change is (the flush lag).
 
 use crate::domain::{Change, Serial, Widget};
-use std::collections::HashMap;
+// foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,15 +21,20 @@ pub struct Mark {
 impl Mark {
     /// What `change` changes about a widget whose state before it was `before`.
     pub fn of(before: Option<&Widget>, change: &Change) -> Mark {
-        let peers_before = before.map(|w| &w.peers);
         let after = match change {
-            Change::Put { widget, .. } => Some(&widget.peers),
+            Change::Put { widget, .. } => Some(widget),
             Change::Delete { .. } => None,
         };
+        Mark::between(peers(before), peers(after))
+    }
+
+    /// What changed between two states of a widget, known by their peers on each port
+    /// (`None`: the widget does not exist).
+    pub fn between(before: Option<[Option<&str>; 3]>, after: Option<[Option<&str>; 3]>) -> Mark {
         let mut ports = 0;
         for i in 0..3 {
-            let a = peers_before.and_then(|p| p[i].as_ref());
-            let b = after.and_then(|p| p[i].as_ref());
+            let a = before.and_then(|p| p[i]);
+            let b = after.and_then(|p| p[i]);
             if a != b {
                 ports |= 1 << i;
             }
@@ -43,6 +49,11 @@ impl Mark {
         self.row |= other.row;
         self.ports |= other.ports;
     }
+}
+
+/// A widget's peers as [`Mark::between`] takes them.
+pub fn peers(widget: Option<&Widget>) -> Option<[Option<&str>; 3]> {
+    widget.map(|w| w.peers.each_ref().map(|p| p.as_ref().map(Serial::as_str)))
 }
 
 #[derive(Default)]

@@ -70,6 +70,22 @@ impl PackedWidget {
         }
     }
 
+    /// The peer on each port, by [`crate::domain::PortType::index`], without unpacking.
+    pub fn peers(&self) -> [Option<&str>; 3] {
+        let ports = Ports::from_bits(self.bytes[0]).expect("packed from a valid port set");
+        let mut at = 2 + usize::from(self.bytes[1]);
+        let mut peers = [None, None, None];
+        for port in ports.iter() {
+            let len = usize::from(self.bytes[at]);
+            if len > 0 {
+                let peer = &self.bytes[at + 1..at + 1 + len];
+                peers[port.index()] = Some(std::str::from_utf8(peer).expect("packed from a str"));
+            }
+            at += 1 + len;
+        }
+        peers
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -105,7 +121,9 @@ mod tests {
                     }
                 }
                 let w = widget(ports, peers, u64::MAX - 1);
-                assert_eq!(PackedWidget::pack(&w).unpack(), w, "{ports:?} {mask:b}");
+                let packed = PackedWidget::pack(&w);
+                assert_eq!(packed.unpack(), w, "{ports:?} {mask:b}");
+                assert_eq!(packed.peers(), peers, "{ports:?} {mask:b}");
             }
         }
     }
