@@ -315,7 +315,7 @@ async fn recover<S: Store>(
     } else {
         0
     };
-    let map = Arc::new(crate::engine::memory::WidgetMap::with_capacity(capacity));
+    let map = Arc::new(crate::engine::memory::new_map(capacity));
     let sink = map.clone();
     let checkpoint = store
         .load(Box::new(move |serial, widget| {

@@ -158,7 +158,7 @@ pub fn backoff(failures: u32) -> Duration {
 mod tests {
     use super::*;
     use crate::domain::{Command, Name, PortType, Ports, Serial, Widget};
-    use crate::engine::memory::WidgetMap;
+    use crate::engine::memory::new_map;
     use crate::engine::EngineSettings;
     use crate::store::{SledStore, Visitor};
     use crate::wal::{FsyncMode, RealFs, RecoveryMode};
@@ -229,8 +229,7 @@ mod tests {
             down: AtomicBool::new(false),
         });
         let engine = Arc::new(
-            MemoryEngine::start(WidgetMap::new(), 0, &wal_dir, Arc::new(RealFs), settings())
-                .unwrap(),
+            MemoryEngine::start(new_map(0), 0, &wal_dir, Arc::new(RealFs), settings()).unwrap(),
         );
         let flusher = Flusher::new(engine.clone(), store.clone());
         assert_eq!(flusher.flush_once().await.unwrap(), 0, "nothing dirty yet");

@@ -45,7 +45,7 @@ impl Mark {
         }
     }
 
-    fn merge(&mut self, other: Mark) {
+    pub(crate) fn merge(&mut self, other: Mark) {
         self.row |= other.row;
         self.ports |= other.ports;
     }

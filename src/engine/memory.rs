@@ -7,13 +7,14 @@
 //! `apply_lock`'s write side, and reads take its read side, so no reader sees one side of
 //! an association change without the other.
 
-use super::dirty::{self, DirtySet, Mark, Taken};
+use super::dirty::{DirtySet, Taken};
 use super::packed::PackedWidget;
+use super::replay;
 use super::sequencer::{self, Job};
 use super::EngineError;
 use crate::domain::{Change, Command, Reply, Serial, Widget};
 use crate::store::FlushItem;
-use crate::wal::{self, FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
+use crate::wal::{FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -24,6 +25,20 @@ use tokio::sync::{oneshot, Notify};
 
 /// Serial to widget, packed: the map holds only durable state.
 pub type WidgetMap = papaya::HashMap<Serial, PackedWidget>;
+
+/// Replaced entries a thread collects before it tries to free them. Each try costs a
+/// process-wide memory barrier (an IPI to every CPU running the process): at papaya's
+/// default of 32, a third of a multi-threaded WAL replay went to those barriers. At 1024
+/// a thread holds at most ~100 KB of replaced widgets.
+const RECLAIM_BATCH: usize = 1024;
+
+/// An empty map with room for `capacity` widgets before it grows.
+pub fn new_map(capacity: usize) -> WidgetMap {
+    papaya::HashMap::builder()
+        .capacity(capacity)
+        .collector(seize::Collector::new().batch_size(RECLAIM_BATCH))
+        .build()
+}
 
 /// The engine's limits and WAL settings (see `Config` for what each means).
 #[derive(Debug, Clone)]
@@ -69,39 +84,13 @@ impl MemoryEngine {
     ) -> Result<Self, WalError> {
         let dirty = DirtySet::default();
         let started = std::time::Instant::now();
-        let recovered = wal::recover(
+        let recovered = replay::replay(
+            &map,
+            &dirty,
             &*fs,
             wal_dir,
             settings.wal_recovery,
             checkpoint,
-            |lsn, record| {
-                // A guard a record: replaced entries are reclaimed as replay goes, where
-                // one guard for the whole log kept every one of them (and the page faults
-                // of their memory were a third of replay's time).
-                let guard = map.guard();
-                // One probe a change: the replaced state comes back from the insert.
-                // (A record's changes are to distinct serials.)
-                let marks: Vec<_> = record
-                    .changes
-                    .into_iter()
-                    .map(|change| match change {
-                        Change::Put { serial, widget } => {
-                            let packed = PackedWidget::pack(&widget);
-                            let before = map.insert(serial.clone(), packed, &guard);
-                            let after = dirty::peers(Some(&widget));
-                            (
-                                serial,
-                                Mark::between(before.map(PackedWidget::peers), after),
-                            )
-                        }
-                        Change::Delete { serial } => {
-                            let before = map.remove(&serial, &guard);
-                            (serial, Mark::between(before.map(PackedWidget::peers), None))
-                        }
-                    })
-                    .collect();
-                dirty.mark(marks, lsn);
-            },
         )?;
         tracing::info!(
             replayed = recovered.replayed,

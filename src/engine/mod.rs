@@ -8,6 +8,7 @@ pub mod memory;
 pub mod packed;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod replay;
 mod sequencer;
 
 pub use memory::{EngineSettings, MemoryEngine};
