@@ -36,17 +36,20 @@ impl<S: Store> Flusher<S> {
     /// Writes every dirty widget to the store; returns how many it wrote.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
         let dirty = self.engine.dirty();
-        // Cloning a large batch under the apply lock is blocking work: off the async workers.
+        // Unpacking and sorting 100,000 widgets takes milliseconds: off the async workers,
+        // where it would hold up every request queued on the same worker.
         let engine = self.engine.clone();
-        let (taken, mut items, widgets) =
-            tokio::task::spawn_blocking(move || engine.take_for_flush())
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))?;
+        let (taken, items, widgets) = tokio::task::spawn_blocking(move || {
+            let (taken, mut items, widgets) = engine.take_for_flush();
+            items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+            (taken, items, widgets)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
         if items.is_empty() {
             dirty.done(taken);
             return Ok(0);
         }
-        items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
         let count = items.len();
         let checkpoint = taken.covered_lsn;
         let started = Instant::now();

@@ -12,7 +12,7 @@ use super::packed::PackedWidget;
 use super::replay;
 use super::sequencer::{self, Job};
 use super::EngineError;
-use crate::domain::{Change, Command, Reply, Serial, Widget};
+use crate::domain::{Command, Reply, Serial, Widget};
 use crate::store::FlushItem;
 use crate::wal::{FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
 use std::path::Path;
@@ -191,29 +191,28 @@ impl MemoryEngine {
         &self.shared.flush_wanted
     }
 
-    /// Takes the dirty set and the current state of each of its widgets (`None`: deleted),
-    /// and how many widgets the map holds, for a flush. Both happen under the read side of the apply lock, and the sequencer
-    /// marks serials dirty under its write side, so the batch is an exact cut of the state
-    /// at `taken.covered_lsn`: a store that commits it never shows one side of a change.
+    /// Takes the dirty set, with the state of each of its widgets (`None`: deleted), and
+    /// how many widgets the map holds, for a flush. The sequencer marks a group's widgets
+    /// dirty with their states in one step, so the batch is an exact cut of the state at
+    /// `taken.covered_lsn`: a store that commits it never shows one side of a change. The
+    /// take itself is a swap under the dirty set's lock; writes never wait for the rest.
     pub fn take_for_flush(&self) -> (Taken, Vec<FlushItem>, u64) {
-        let _applied = self.shared.apply_lock.read().expect("apply lock");
         let taken = self.shared.dirty.take();
-        let map = self.shared.map.pin();
         let items = taken
-            .serials
+            .widgets
             .iter()
-            .map(|(serial, mark)| {
-                let widget = map.get(serial).map(PackedWidget::unpack);
+            .map(|(serial, dirty)| {
+                let widget = dirty.state.as_ref().map(PackedWidget::unpack);
                 FlushItem {
                     // A deletion is at or before the cut's LSN.
                     version: widget.as_ref().map_or(taken.covered_lsn, |w| w.version),
                     widget,
                     serial: serial.clone(),
-                    mark: *mark,
+                    mark: dirty.mark,
                 }
             })
             .collect();
-        (taken, items, map.len() as u64)
+        (taken, items, self.len() as u64)
     }
 
     /// The durable store now holds every change up to `lsn`: the WAL may drop them.
@@ -271,18 +270,6 @@ impl MemoryEngine {
             if thread.join().is_err() {
                 tracing::error!("the sequencer thread panicked");
             }
-        }
-    }
-}
-
-/// Puts one post-image into the map.
-pub(crate) fn apply(map: &WidgetMap, guard: &impl papaya::Guard, change: Change) {
-    match change {
-        Change::Put { serial, widget } => {
-            map.insert(serial, PackedWidget::pack(&widget), guard);
-        }
-        Change::Delete { serial } => {
-            map.remove(&serial, guard);
         }
     }
 }

@@ -6,11 +6,12 @@
 //! as a one-thread replay would leave it. Each applier keeps its marks to itself and they
 //! join the dirty set once, at the end.
 
-use super::dirty::{self, DirtySet, Mark};
+use super::dirty::{self, Dirty, DirtySet, Mark};
 use super::memory::WidgetMap;
 use super::packed::PackedWidget;
 use crate::domain::{Change, Serial};
 use crate::wal::{self, Recovered, RecoveryMode, WalError, WalFs};
+use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::mpsc;
@@ -73,8 +74,8 @@ pub fn replay(
 fn apply_all(
     map: &WidgetMap,
     changes: mpsc::Receiver<Vec<Change>>,
-) -> foldhash::HashMap<Serial, Mark> {
-    let mut marks = foldhash::HashMap::<Serial, Mark>::default();
+) -> foldhash::HashMap<Serial, Dirty> {
+    let mut marks = foldhash::HashMap::<Serial, Dirty>::default();
     for batch in changes {
         // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
         // the whole log kept every one of them, and zeroing their fresh pages was a third
@@ -82,21 +83,32 @@ fn apply_all(
         let guard = map.guard();
         for change in batch {
             // One probe a change: the replaced state comes back from the insert.
-            let (serial, mark) = match change {
+            let (serial, dirty) = match change {
                 Change::Put { serial, widget } => {
-                    let before = map.insert(serial.clone(), PackedWidget::pack(&widget), &guard);
+                    let packed = PackedWidget::pack(&widget);
+                    let before = map.insert(serial.clone(), packed.clone(), &guard);
                     let after = dirty::peers(Some(&widget));
+                    let mark = Mark::between(before.map(PackedWidget::peers), after);
                     (
                         serial,
-                        Mark::between(before.map(PackedWidget::peers), after),
+                        Dirty {
+                            mark,
+                            state: Some(packed),
+                        },
                     )
                 }
                 Change::Delete { serial } => {
                     let before = map.remove(&serial, &guard);
-                    (serial, Mark::between(before.map(PackedWidget::peers), None))
+                    let mark = Mark::between(before.map(PackedWidget::peers), None);
+                    (serial, Dirty { mark, state: None })
                 }
             };
-            marks.entry(serial).or_default().merge(mark);
+            match marks.entry(serial) {
+                Entry::Occupied(mut e) => e.get_mut().then(dirty),
+                Entry::Vacant(e) => {
+                    e.insert(dirty);
+                }
+            }
         }
     }
     marks
@@ -169,10 +181,10 @@ mod tests {
         assert_eq!(replayed, model);
         let taken = dirty.take();
         assert_eq!(taken.covered_lsn, records);
-        assert_eq!(
-            taken.serials.len(),
-            97,
-            "every serial the log touched is dirty"
-        );
+        assert_eq!(taken.widgets.len(), 97, "every serial the log touched");
+        for (serial, dirty) in &taken.widgets {
+            let state = dirty.state.as_ref().map(PackedWidget::unpack);
+            assert_eq!(state.as_ref(), model.get(serial), "{serial:?}");
+        }
     }
 }

@@ -7,8 +7,8 @@
 //! and form the next group, so under load many requests share one fsync. Blocking file
 //! I/O stays on this thread, off the async workers.
 
-use super::dirty::Mark;
-use super::memory::{apply, Shared};
+use super::dirty::{Dirty, Mark};
+use super::memory::Shared;
 use super::packed::PackedWidget;
 use super::EngineError;
 use crate::domain::{Change, Command, Reply, Serial, StateView, Tx, Widget};
@@ -234,16 +234,37 @@ impl Sequencer {
                 return stop;
             }
             self.next_lsn = lsn;
+            // Packed before the apply lock: readers wait while it is held.
+            let durable: Vec<(Serial, Dirty)> = marks
+                .into_iter()
+                .zip(changes)
+                .map(|((serial, mark), change)| {
+                    debug_assert_eq!(&serial, change.serial());
+                    let state = match change {
+                        Change::Put { widget, .. } => Some(PackedWidget::pack(&widget)),
+                        Change::Delete { .. } => None,
+                    };
+                    (serial, Dirty { mark, state })
+                })
+                .collect();
             {
                 let _applying = self.shared.apply_lock.write().expect("apply lock");
                 let guard = self.shared.map.guard();
-                let dirty = self.shared.dirty.mark(marks, lsn - 1);
-                for change in changes {
-                    apply(&self.shared.map, &guard, change);
+                for (serial, dirty) in &durable {
+                    match &dirty.state {
+                        Some(packed) => {
+                            self.shared
+                                .map
+                                .insert(serial.clone(), packed.clone(), &guard);
+                        }
+                        None => {
+                            self.shared.map.remove(serial, &guard);
+                        }
+                    }
                 }
-                if dirty >= self.shared.flush_batch_size {
-                    self.shared.flush_wanted.notify_one();
-                }
+            }
+            if self.shared.dirty.mark(durable, lsn - 1) >= self.shared.flush_batch_size {
+                self.shared.flush_wanted.notify_one();
             }
         }
         for (reply, answer) in answers {
