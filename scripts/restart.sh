@@ -61,6 +61,6 @@ rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
 sleep "${SETTLE_SECS:-10}"
 settled_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
 echo "mode=$mode widgets=$widgets ready_secs=$ready rss_mib_at_ready=$((rss_kib / 1024)) rss_mib=$((settled_kib / 1024)) bytes_per_widget=$((settled_kib * 1024 / widgets))"
-grep -E "store loaded|WAL replayed" "$log" | sed 's/\x1b\[[0-9;]*m//g'
+grep -E "store loaded widgets|WAL replayed" "$log" | sed 's/\x1b\[[0-9;]*m//g'
 kill -TERM $pid
 wait $pid || true

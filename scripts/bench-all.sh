@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every run behind BENCHMARKS.md, one after the other, each report as JSON in bench/results/
+# (the chart's input), then the chart. Run from the repository root on an idle machine:
+#
+#   cargo build --release --features redis && scripts/bench-all.sh
+#
+# Needs PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres: the
+# runs create and drop throwaway databases there) and Redis (REDIS_URL, default
+# redis://127.0.0.1:6379; keys go under a prefix of their own). Takes about ten minutes.
+set -euo pipefail
+
+bin=${WIDGETS_BIN:-target/release/widgets}
+pg=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+redis=${REDIS_URL:-redis://127.0.0.1:6379}
+out=bench/results
+mkdir -p "$out"
+
+# Association PUTs only, 100,000 widgets, fsync always (the bench's default).
+puts=(--widgets 100000 --duration 20s --ceiling-secs 5 --mix put=100 --json)
+
+run() {
+    local name=$1
+    shift
+    echo "== $name: $bin bench $*" >&2
+    "$bin" bench "$@" >"$out/$name.json"
+}
+
+run 1-embedded-c64 "${puts[@]}" --concurrency 64 --database-url=
+run 2-embedded-c256 "${puts[@]}" --concurrency 256 --database-url=
+run 3-postgres-c64 "${puts[@]}" --concurrency 64 --database-url "$pg"
+run 4-redis-c64 "${puts[@]}" --concurrency 64 --database-url "$pg" \
+    --server-arg=--redis-url="$redis" --server-arg=--redis-prefix="bench-$$:"
+# The fixed-rate target: 20,000 updates/s for 60 s on PostgreSQL, latency from each
+# request's intended send time.
+run 5-postgres-20k-rate --widgets 100000 --duration 60s --ceiling-secs 5 --mix put=100 --json \
+    --concurrency 64 --rate 20000 --database-url "$pg"
+
+# Redis mode leaves its keys under the run's prefix.
+if command -v redis-cli >/dev/null; then
+    redis-cli -u "$redis" --scan --pattern "bench-$$:*" | xargs -r -n 1000 redis-cli -u "$redis" del >/dev/null
+fi
+
+python3 scripts/chart.py "$out" --out bench/chart.svg
+echo "wrote $out/*.json and bench/chart.svg" >&2
