@@ -151,3 +151,51 @@ async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("only into"), "{stderr}");
 }
+
+/// A baseline the PostgreSQL server has no room for fails at once with what to do, and the
+/// run still reports everything else it measured.
+#[tokio::test]
+async fn a_baseline_without_enough_connections_is_reported_not_fatal() {
+    let admin = common::pg::admin_url();
+    let db = common::pg::TestDb::create().await;
+    let mut conn = db.connect().await;
+    let max: String = sqlx::query_scalar("SHOW max_connections")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    db.drop_db().await;
+    let too_many = (max.parse::<u64>().unwrap() + 1).to_string();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .args([
+            "bench",
+            "--widgets",
+            "50",
+            "--duration",
+            "1s",
+            "--ceiling-secs",
+            "0",
+        ])
+        .args([
+            "--concurrency",
+            &too_many,
+            "--json",
+            "--database-url",
+            &admin,
+        ])
+        .env_remove("REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running widgets bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "widgets bench failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the JSON report");
+    assert!(report["baseline"].is_null(), "{report:#}");
+    let why = report["baseline_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("max_connections") && why.contains(&too_many),
+        "{report:#}"
+    );
+    assert!(report["load"]["ok"].as_f64().unwrap() > 0.0, "{report:#}");
+}

@@ -39,6 +39,16 @@ pub enum BaselineError {
     Seed(String, #[source] sqlx::Error),
     #[error("opening {1} connections to the baseline database {0}")]
     Connect(String, usize, #[source] sqlx::Error),
+    #[error(
+        "the baseline needs {needed} connections (one per --concurrency), but the server \
+         allows {max} (max_connections) and {in_use} are open: use --concurrency {free} or less"
+    )]
+    TooFewConnections {
+        needed: usize,
+        max: i64,
+        in_use: i64,
+        free: i64,
+    },
 }
 
 /// What the baseline measured.
@@ -62,6 +72,37 @@ pub async fn run(
     result
 }
 
+enum Budget {
+    Short(BaselineError),
+    Query(sqlx::Error),
+}
+
+/// Fails at once, saying what to do, when the server cannot open a connection per
+/// client; otherwise opening them would wait out the pool's timeout and fail vaguely.
+/// The connection this check runs on is closed before the clients connect.
+async fn check_connection_budget(pool: &PgPool, needed: usize) -> Result<(), Budget> {
+    let (max, reserved, in_use): (i64, i64, i64) = sqlx::query_as(
+        "SELECT current_setting('max_connections')::bigint, \
+                current_setting('superuser_reserved_connections')::bigint, \
+                (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(Budget::Query)?;
+    // This check's own connections close before the clients open theirs.
+    let others = (in_use - i64::from(pool.size())).max(0);
+    let free = max - reserved - others;
+    if needed as i64 > free {
+        return Err(Budget::Short(BaselineError::TooFewConnections {
+            needed,
+            max,
+            in_use: others,
+            free: free.max(0),
+        }));
+    }
+    Ok(())
+}
+
 async fn run_in(
     db: &ScratchDb,
     serials: Arc<Vec<String>>,
@@ -78,6 +119,12 @@ async fn run_in(
     seed(store.pool(), &serials)
         .await
         .map_err(|e| BaselineError::Seed(db.name.clone(), e))?;
+    check_connection_budget(store.pool(), concurrency)
+        .await
+        .map_err(|e| match e {
+            Budget::Short(e) => e,
+            Budget::Query(e) => BaselineError::Connect(db.name.clone(), concurrency, e),
+        })?;
     store.pool().close().await;
 
     let connect = |e| BaselineError::Connect(db.name.clone(), concurrency, e);

@@ -224,19 +224,27 @@ async fn measure(
         }
     }
 
-    let baseline = match database_url {
+    // A baseline that cannot run is reported, not allowed to discard the run's numbers.
+    let (baseline, baseline_error) = match database_url {
         Some(admin) => {
             tracing::info!(duration = ?args.duration, "baseline: association updates straight to PostgreSQL");
-            let b = baseline::run(admin, serials.clone(), concurrency, args.pace())
-                .await
-                .context("the PostgreSQL baseline")?;
-            let p = &b.phase;
-            Some(BaselineStats {
-                phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop),
-                retries: b.retries,
-            })
+            match baseline::run(admin, serials.clone(), concurrency, args.pace()).await {
+                Ok(b) => {
+                    let p = &b.phase;
+                    let stats = BaselineStats {
+                        phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop),
+                        retries: b.retries,
+                    };
+                    (Some(stats), None)
+                }
+                Err(e) => {
+                    let e = format!("{:#}", anyhow::Error::from(e));
+                    tracing::error!("the PostgreSQL baseline did not run: {e}");
+                    (None, Some(e))
+                }
+            }
         }
-        None => None,
+        None => (None, None),
     };
 
     Ok(Report {
@@ -258,6 +266,7 @@ async fn measure(
         load,
         server: server_stats,
         baseline,
+        baseline_error,
     })
 }
 

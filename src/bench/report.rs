@@ -219,6 +219,8 @@ pub struct Report {
     pub load: PhaseStats,
     pub server: ServerStats,
     pub baseline: Option<BaselineStats>,
+    /// Why the baseline did not run, when a database URL asked for it.
+    pub baseline_error: Option<String>,
 }
 
 impl fmt::Display for Report {
@@ -316,6 +318,9 @@ impl fmt::Display for Report {
         )?;
         if let Some(b) = &self.baseline {
             writeln!(f, "postgres baseline: {} transactions retried", b.retries)?;
+        }
+        if let Some(e) = &self.baseline_error {
+            writeln!(f, "postgres baseline: did not run: {e}")?;
         }
         Ok(())
     }

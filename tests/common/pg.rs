@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 /// `docker compose up -d` provide.
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-fn admin_url() -> String {
+pub fn admin_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
 }
 
