@@ -60,6 +60,7 @@ pub struct Config {
     pub flush_batch: u64,
 
     /// Most widgets waiting for the durable store; past it writes answer `503 overloaded`.
+    /// Each one holds a copy of its packed state (~100 bytes) until it is flushed.
     #[arg(long, env = "WIDGETS_MAX_DIRTY", default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_dirty: u64,
 
