@@ -36,16 +36,29 @@ impl<S: Store> Flusher<S> {
     /// Writes every dirty widget to the store; returns how many it wrote.
     pub async fn flush_once(&self) -> Result<usize, StoreError> {
         let dirty = self.engine.dirty();
+        let taken = dirty.take();
+        let widgets = self.engine.len() as u64;
         // Unpacking and sorting 100,000 widgets takes milliseconds: off the async workers,
-        // where it would hold up every request queued on the same worker.
-        let engine = self.engine.clone();
-        let (taken, items, widgets) = tokio::task::spawn_blocking(move || {
-            let (taken, mut items, widgets) = engine.take_for_flush();
-            items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
-            (taken, items, widgets)
+        // where it would hold up every request queued on the same worker. Whatever goes
+        // wrong there, the taken widgets go back to the dirty set: dropped, the next flush
+        // would checkpoint past them and the WAL would lose them.
+        let (taken, items) = tokio::task::spawn_blocking(move || {
+            let items = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut items = MemoryEngine::flush_items(&taken);
+                items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+                items
+            }));
+            (taken, items)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?;
+        let items = match items {
+            Ok(items) => items,
+            Err(_) => {
+                dirty.restore(taken);
+                return Err(StoreError::Task("building the flush batch panicked".into()));
+            }
+        };
         if items.is_empty() {
             dirty.done(taken);
             return Ok(0);

@@ -60,22 +60,29 @@ pub async fn run(args: SeedArgs, config: &Config) -> anyhow::Result<()> {
     if args.widgets >= 10_000_000_000 {
         bail!("--widgets: at most 9999999999 (serials have ten digits)");
     }
+    // A WAL from an earlier run would be replayed over the seed's checkpoint.
+    let wal = config.wal_dir();
+    if std::fs::read_dir(&wal).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "{} is not empty: bench-seed writes only into a new data directory",
+            wal.display()
+        );
+    }
     match config.postgres_url() {
         Some(url) => {
             let store = PgStore::connect(url)
                 .await
                 .context("connecting to PostgreSQL")?;
             store.migrate().await.context("applying migrations")?;
-            fill(&store, &args, "PostgreSQL").await
+            fill(&store, &args, "PostgreSQL").await?;
+            // The planner's row count is what start-up sizes its map by (len_hint).
+            sqlx::query("ANALYZE widgets")
+                .execute(store.pool())
+                .await
+                .context("ANALYZE widgets")?;
+            Ok(())
         }
         None => {
-            let wal = config.wal_dir();
-            if std::fs::read_dir(&wal).is_ok_and(|mut d| d.next().is_some()) {
-                bail!(
-                    "{} is not empty: bench-seed writes only into a new data directory",
-                    wal.display()
-                );
-            }
             let store = crate::app::open_sled(config).await?;
             fill(&store, &args, "the embedded store").await
         }

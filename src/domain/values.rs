@@ -41,6 +41,12 @@ pub struct Serial(CompactString);
 
 impl Serial {
     pub fn parse(field: &str, s: &str) -> Result<Self, ValidationError> {
+        Self::check(field, s)?;
+        Ok(Self(s.into()))
+    }
+
+    /// The rules of [`Serial::parse`], without building a serial.
+    pub fn check(field: &str, s: &str) -> Result<(), ValidationError> {
         if s.is_empty() || s.len() > MAX_SERIAL_LEN {
             return Err(ValidationError::new(
                 field,
@@ -54,7 +60,7 @@ impl Serial {
                 "may only contain the characters A-Z a-z 0-9 . _ : -",
             ));
         }
-        Ok(Self(s.into()))
+        Ok(())
     }
 
     /// A serial read back from the engine's own packed state, which held only parsed
@@ -94,6 +100,12 @@ pub struct Name(CompactString);
 
 impl Name {
     pub fn parse(field: &str, s: &str) -> Result<Self, ValidationError> {
+        Self::check(field, s)?;
+        Ok(Self(s.into()))
+    }
+
+    /// The rules of [`Name::parse`], without building a name.
+    pub fn check(field: &str, s: &str) -> Result<(), ValidationError> {
         if s.is_empty() || s.len() > MAX_NAME_LEN {
             return Err(ValidationError::new(
                 field,
@@ -106,7 +118,7 @@ impl Name {
                 "may only contain printable ASCII characters (0x20 to 0x7E)",
             ));
         }
-        Ok(Self(s.into()))
+        Ok(())
     }
 
     /// A name read back from the engine's own packed state, which held only parsed

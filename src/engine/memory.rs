@@ -191,14 +191,13 @@ impl MemoryEngine {
         &self.shared.flush_wanted
     }
 
-    /// Takes the dirty set, with the state of each of its widgets (`None`: deleted), and
-    /// how many widgets the map holds, for a flush. The sequencer marks a group's widgets
-    /// dirty with their states in one step, so the batch is an exact cut of the state at
-    /// `taken.covered_lsn`: a store that commits it never shows one side of a change. The
-    /// take itself is a swap under the dirty set's lock; writes never wait for the rest.
-    pub fn take_for_flush(&self) -> (Taken, Vec<FlushItem>, u64) {
-        let taken = self.shared.dirty.take();
-        let items = taken
+    /// The flush items of a take from [`MemoryEngine::dirty`]: each widget's state
+    /// (`None`: deleted), unpacked. The sequencer marks a group's widgets dirty with their
+    /// states in one step, so a take is an exact cut of the state at `taken.covered_lsn`:
+    /// a store that commits it never shows one side of a change. The take itself is a swap
+    /// under the dirty set's lock; writes never wait for this part.
+    pub fn flush_items(taken: &Taken) -> Vec<FlushItem> {
+        taken
             .widgets
             .iter()
             .map(|(serial, dirty)| {
@@ -211,8 +210,7 @@ impl MemoryEngine {
                     mark: dirty.mark,
                 }
             })
-            .collect();
-        (taken, items, self.len() as u64)
+            .collect()
     }
 
     /// The durable store now holds every change up to `lsn`: the WAL may drop them.

@@ -31,11 +31,11 @@ impl PackedWidget {
             .sum();
         let mut bytes = Vec::with_capacity(2 + name.len() + peers_len);
         bytes.push(widget.ports.bits());
-        bytes.push(name.len() as u8);
+        bytes.push(u8::try_from(name.len()).expect("a checked name fits a length byte"));
         bytes.extend_from_slice(name);
         for port in widget.ports.iter() {
             let peer = widget.peer(port).map_or(&[][..], |s| s.as_str().as_bytes());
-            bytes.push(peer.len() as u8);
+            bytes.push(u8::try_from(peer.len()).expect("a checked serial fits a length byte"));
             bytes.extend_from_slice(peer);
         }
         Self {

@@ -23,6 +23,10 @@ const BATCH: usize = 4096;
 const QUEUE: usize = 8;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
+///
+/// Appliers check the shape of every change the packed map relies on (a record's checksum
+/// says its bytes are the ones written, not that a build of this service wrote them); the
+/// first one that fails stops the replay with [`WalError::Invalid`].
 pub fn replay(
     map: &WidgetMap,
     dirty: &DirtySet,
@@ -38,19 +42,24 @@ pub fn replay(
         let mut queues = Vec::with_capacity(appliers);
         let mut handles = Vec::with_capacity(appliers);
         for _ in 0..appliers {
-            let (tx, rx) = mpsc::sync_channel::<Vec<Change>>(QUEUE);
+            let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Change)>>(QUEUE);
             queues.push((tx, Vec::with_capacity(BATCH)));
             handles.push(scope.spawn(move || apply_all(map, rx)));
         }
-        let recovered = wal::recover(fs, dir, mode, checkpoint, |_, record| {
+        // An applier that stopped (a bad change, or a panic) drops its queue; the log is
+        // still read to its end, cheaply, and the joins below say what happened.
+        let mut stopped = false;
+        let recovered = wal::recover(fs, dir, mode, checkpoint, |lsn, record| {
+            if stopped {
+                return;
+            }
             for change in record.changes {
                 let i = (split.hash_one(change.serial().as_str()) % appliers as u64) as usize;
                 let (tx, batch) = &mut queues[i];
-                batch.push(change);
+                batch.push((lsn, change));
                 if batch.len() == BATCH {
                     let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
-                    // An applier only stops by panicking, which the join below reports.
-                    let _ = tx.send(full);
+                    stopped |= tx.send(full).is_err();
                 }
             }
         });
@@ -59,29 +68,40 @@ pub fn replay(
                 let _ = tx.send(batch);
             }
         }
-        let marks = handles
-            .into_iter()
-            .map(|h| h.join().expect("a WAL replay thread panicked"));
+        // Every applier is joined before anything is returned.
+        let applied: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
         let recovered = recovered?;
-        for marks in marks {
+        let mut all = Vec::with_capacity(applied.len());
+        for result in applied {
+            match result {
+                Ok(Ok(marks)) => all.push(marks),
+                Ok(Err((lsn, reason))) => return Err(WalError::Invalid { lsn, reason }),
+                Err(_) => return Err(WalError::Replay("a replay thread panicked".into())),
+            }
+        }
+        for marks in all {
             dirty.mark(marks, recovered.last_lsn);
         }
         Ok(recovered)
     })
 }
 
-/// Applies every change it is sent, in order; returns what each serial's changes changed.
+/// Applies every change it is sent, in order; returns what each serial's changes changed,
+/// or the LSN and fault of the first change that is not one the service could have made.
 fn apply_all(
     map: &WidgetMap,
-    changes: mpsc::Receiver<Vec<Change>>,
-) -> foldhash::HashMap<Serial, Dirty> {
+    changes: mpsc::Receiver<Vec<(u64, Change)>>,
+) -> Result<foldhash::HashMap<Serial, Dirty>, (u64, String)> {
     let mut marks = foldhash::HashMap::<Serial, Dirty>::default();
     for batch in changes {
         // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
         // the whole log kept every one of them, and zeroing their fresh pages was a third
         // of replay's time.)
         let guard = map.guard();
-        for change in batch {
+        for (lsn, change) in batch {
+            change
+                .check_shape()
+                .map_err(|e| (lsn, format!("{:?}: {e}", change.serial())))?;
             // One probe a change: the replaced state comes back from the insert.
             let (serial, dirty) = match change {
                 Change::Put { serial, widget } => {
@@ -111,7 +131,7 @@ fn apply_all(
             }
         }
     }
-    marks
+    Ok(marks)
 }
 
 #[cfg(test)]
@@ -185,6 +205,52 @@ mod tests {
         for (serial, dirty) in &taken.widgets {
             let state = dirty.state.as_ref().map(PackedWidget::unpack);
             assert_eq!(state.as_ref(), model.get(serial), "{serial:?}");
+        }
+    }
+
+    /// A record whose checksum holds but whose values no build of the service writes (a
+    /// name longer than a length byte) stops the start, naming its LSN; nothing panics.
+    #[test]
+    fn an_intact_record_with_impossible_values_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = WalWriter::open(
+            Arc::new(RealFs),
+            dir.path(),
+            vec![],
+            1,
+            1 << 20,
+            Arc::new(AtomicU64::new(0)),
+        )
+        .unwrap();
+        let ports = Ports::from_list("ports", &PortType::ALL).unwrap();
+        let fine = Widget::new(Name::parse("n", "n").unwrap(), ports);
+        // Decoded, not parsed: what a record from elsewhere could hold.
+        let long: Name = serde_json::from_str(&format!("\"{}\"", "n".repeat(300))).unwrap();
+        let impossible = Widget::new(long, ports);
+        for (lsn, widget) in [(1, fine), (2, impossible)] {
+            let serial = Serial::parse("s", &format!("w{lsn}")).unwrap();
+            let mut buf = Vec::new();
+            let changes = vec![Change::Put { serial, widget }];
+            encode_record(&mut buf, lsn, &Record { changes });
+            writer.append(&buf, lsn).unwrap();
+        }
+        writer.sync().unwrap();
+
+        let err = replay(
+            &new_map(0),
+            &DirtySet::default(),
+            &RealFs,
+            dir.path(),
+            RecoveryMode::Strict,
+            0,
+        )
+        .unwrap_err();
+        match err {
+            WalError::Invalid { lsn, reason } => {
+                assert_eq!(lsn, 2);
+                assert!(reason.contains("name"), "{reason}");
+            }
+            other => panic!("expected WalError::Invalid, got {other}"),
         }
     }
 }

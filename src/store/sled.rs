@@ -57,6 +57,7 @@ impl SledStore {
             let (widget, _): (Widget, usize) =
                 bincode::serde::decode_from_slice(&value, bincode::config::standard())
                     .map_err(|e| corrupt(e.to_string()))?;
+            widget.check().map_err(|e| corrupt(e.to_string()))?;
             visit(serial, widget);
             loaded += 1;
             if loaded % 1_000_000 == 0 {
@@ -162,5 +163,20 @@ mod tests {
         store.db.insert(WIDGETS_KEY, &b"bad"[..]).unwrap();
         let err = store.len_hint().await.unwrap_err();
         assert!(err.to_string().contains("widgets"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stored_widget_with_impossible_values_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let mut widget = item("a").widget.unwrap();
+        widget.peers[PortType::Q.index()] = Some(Serial::parse("s", "b").unwrap());
+        let value = bincode::serde::encode_to_vec(&widget, bincode::config::standard()).unwrap();
+        store.db.insert("a", value).unwrap();
+        let err = store.load(Box::new(|_, _| {})).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { key, reason } if key == "a" && reason.contains("port Q")),
+            "{err}"
+        );
     }
 }

@@ -14,7 +14,9 @@ pub trait WalFs: Send + Sync + 'static {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// The names of the entries in `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The whole file, into `buf` (replacing what it held): one buffer serves every
+    /// segment of a replay, so its pages are not faulted in afresh for each.
+    fn read(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()>;
     /// Creates a file that must not exist yet, for writing.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>>;
     /// Opens an existing file for writing (recovery cuts a torn tail through it).
@@ -50,8 +52,13 @@ impl WalFs for RealFs {
         Ok(names)
     }
 
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        fs::read(path)
+    fn read(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+        use std::io::Read;
+        let mut file = fs::File::open(path)?;
+        buf.clear();
+        buf.reserve(file.metadata()?.len() as usize);
+        file.read_to_end(buf)?;
+        Ok(())
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
@@ -160,8 +167,8 @@ impl WalFs for FaultyFs {
         RealFs.list(dir)
     }
 
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        RealFs.read(path)
+    fn read(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+        RealFs.read(path, buf)
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {

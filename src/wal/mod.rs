@@ -75,6 +75,13 @@ pub enum WalError {
         offset: u64,
         reason: String,
     },
+    #[error(
+        "WAL record {lsn} is intact but holds a change this service never writes ({reason}): \
+         the log was not written by this service; start refused, the log left as it is"
+    )]
+    Invalid { lsn: u64, reason: String },
+    #[error("WAL replay failed: {0}")]
+    Replay(String),
 }
 
 impl WalError {

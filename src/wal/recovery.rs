@@ -50,10 +50,11 @@ pub fn recover(
     // The LSN the next record must have; None until the first segment is read.
     let mut expected: Option<u64> = None;
     let count = names.len();
+    let mut data = Vec::new();
     for (i, (first_lsn, name)) in names.iter().enumerate() {
         let path = dir.join(name);
         let is_last = i + 1 == count;
-        let data = fs.read(&path).map_err(WalError::io(&path))?;
+        fs.read(&path, &mut data).map_err(WalError::io(&path))?;
         let damage = |offset: usize, reason: String| Damage {
             path: path.clone(),
             offset,
