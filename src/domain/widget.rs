@@ -1,7 +1,7 @@
 //! The widget record as the hot state holds it, the change records that carry post-images,
 //! and the JSON view the API returns.
 
-use super::values::{Name, PortType, Ports, Serial, ValidationError, MAX_NAME_LEN, MAX_SERIAL_LEN};
+use super::values::{Name, PortType, Ports, Serial, ValidationError};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -31,42 +31,12 @@ impl Widget {
     /// Checks a widget that was decoded rather than parsed (from a store): every value as
     /// the API would have accepted it, and a peer only on a port the widget has.
     pub fn check(&self) -> Result<(), ValidationError> {
-        self.check_with(Name::check, Serial::check)
-    }
-
-    /// The part of [`Widget::check`] the engine's packed map relies on, in constant time:
-    /// lengths within bounds, a valid port set, peers only on its ports. WAL replay checks
-    /// this much of every change (the characters were checked when the change was made,
-    /// and the record's checksum covers them since).
-    pub fn check_shape(&self) -> Result<(), ValidationError> {
-        fn length(field: &str, s: &str, max: usize) -> Result<(), ValidationError> {
-            if s.is_empty() || s.len() > max {
-                return Err(ValidationError::new(
-                    field,
-                    format!("{} bytes long", s.len()),
-                ));
-            }
-            Ok(())
-        }
-        self.check_with(
-            |f, s| length(f, s, MAX_NAME_LEN),
-            |f, s| length(f, s, MAX_SERIAL_LEN),
-        )
-    }
-
-    fn check_with(
-        &self,
-        name: impl Fn(&str, &str) -> Result<(), ValidationError>,
-        serial: impl Fn(&str, &str) -> Result<(), ValidationError>,
-    ) -> Result<(), ValidationError> {
-        name("name", self.name.as_str())?;
+        Name::check("name", self.name.as_str())?;
         let ports = Ports::from_bits(self.ports.bits())
             .ok_or_else(|| ValidationError::new("ports", "must be a non-empty set of P, R, Q"))?;
         for port in PortType::ALL {
             match self.peer(port) {
-                Some(peer) if ports.contains(port) => {
-                    serial("peer", peer.as_str())?;
-                }
+                Some(peer) if ports.contains(port) => Serial::check("peer", peer.as_str())?,
                 Some(_) => {
                     return Err(ValidationError::new(
                         "peers",
@@ -107,21 +77,6 @@ pub enum Change {
 }
 
 impl Change {
-    /// [`Widget::check_shape`] for a decoded change, its serial's length included.
-    pub fn check_shape(&self) -> Result<(), ValidationError> {
-        let serial = self.serial().as_str();
-        if serial.is_empty() || serial.len() > MAX_SERIAL_LEN {
-            return Err(ValidationError::new(
-                "serial",
-                format!("{} bytes long", serial.len()),
-            ));
-        }
-        match self {
-            Change::Put { widget, .. } => widget.check_shape(),
-            Change::Delete { .. } => Ok(()),
-        }
-    }
-
     pub fn serial(&self) -> &Serial {
         match self {
             Change::Put { serial, .. } | Change::Delete { serial } => serial,
