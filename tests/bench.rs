@@ -9,23 +9,13 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-#[test]
-fn a_short_bench_reports_sane_numbers() {
+/// Runs `widgets bench <args> --json` (without REDIS_URL, and without DATABASE_URL unless
+/// `args` give one) and returns its report; fails the test if it exits non-zero.
+fn bench_report(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_widgets"))
-        .args([
-            "bench",
-            "--widgets",
-            "200",
-            "--duration",
-            "1s",
-            "--ceiling-secs",
-            "1",
-            "--concurrency",
-            "4",
-            "--json",
-            // The embedded store, whatever DATABASE_URL or a .env says.
-            "--database-url=",
-        ])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
         .stdin(Stdio::null())
@@ -33,12 +23,28 @@ fn a_short_bench_reports_sane_numbers() {
         .expect("running widgets bench");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "widgets bench failed:\n{stderr}");
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout is not the JSON report ({e}):\n{}\nstderr:\n{stderr}",
             String::from_utf8_lossy(&output.stdout)
         )
-    });
+    })
+}
+
+#[test]
+fn a_short_bench_reports_sane_numbers() {
+    let report = bench_report(&[
+        "--widgets",
+        "200",
+        "--duration",
+        "1s",
+        "--ceiling-secs",
+        "1",
+        "--concurrency",
+        "4",
+        // The embedded store, whatever a .env says.
+        "--database-url=",
+    ]);
     let num = |path: &str| -> f64 {
         report
             .pointer(path)
@@ -167,30 +173,18 @@ async fn a_baseline_without_enough_connections_is_reported_not_fatal() {
     db.drop_db().await;
     let too_many = (max.parse::<u64>().unwrap() + 1).to_string();
 
-    let output = Command::new(env!("CARGO_BIN_EXE_widgets"))
-        .args([
-            "bench",
-            "--widgets",
-            "50",
-            "--duration",
-            "1s",
-            "--ceiling-secs",
-            "0",
-        ])
-        .args([
-            "--concurrency",
-            &too_many,
-            "--json",
-            "--database-url",
-            &admin,
-        ])
-        .env_remove("REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running widgets bench");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "widgets bench failed:\n{stderr}");
-    let report: Value = serde_json::from_slice(&output.stdout).expect("the JSON report");
+    let report = bench_report(&[
+        "--widgets",
+        "50",
+        "--duration",
+        "1s",
+        "--ceiling-secs",
+        "0",
+        "--concurrency",
+        &too_many,
+        "--database-url",
+        &admin,
+    ]);
     assert!(report["baseline"].is_null(), "{report:#}");
     let why = report["baseline_error"].as_str().unwrap_or_default();
     assert!(

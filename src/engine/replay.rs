@@ -147,10 +147,8 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
-    /// A log of puts and deletes over few serials, so every serial changes many times and
-    /// its changes land in many batches: replay must end where applying in order ends.
-    #[test]
-    fn parallel_replay_ends_as_applying_in_log_order() {
+    /// A WAL in a new directory holding `records`, LSN 1 upwards, synced.
+    fn write_log(records: impl IntoIterator<Item = Vec<Change>>) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = WalWriter::open(
             Arc::new(RealFs),
@@ -161,13 +159,26 @@ mod tests {
             Arc::new(AtomicU64::new(0)),
         )
         .unwrap();
+        for (lsn, changes) in (1..).zip(records) {
+            let mut buf = Vec::new();
+            encode_record(&mut buf, lsn, &Record { changes });
+            writer.append(&buf, lsn).unwrap();
+        }
+        writer.sync().unwrap();
+        dir
+    }
+
+    /// A log of puts and deletes over few serials, so every serial changes many times and
+    /// its changes land in many batches: replay must end where applying in order ends.
+    #[test]
+    fn parallel_replay_ends_as_applying_in_log_order() {
         let serial = |i: u64| Serial::parse("s", &format!("w{i}")).unwrap();
         let ports = Ports::from_list("ports", &PortType::ALL).unwrap();
         let mut model: HashMap<Serial, Widget> = HashMap::new();
         let mut rng = fastrand::Rng::with_seed(7);
         let records = 3 * BATCH as u64;
-        for lsn in 1..=records {
-            let changes = (0..3)
+        let log = (1..=records).map(|lsn| {
+            (0..3)
                 .map(|k| {
                     let s = serial((lsn * 3 + k) % 97);
                     if rng.u8(..10) == 0 {
@@ -184,12 +195,9 @@ mod tests {
                         }
                     }
                 })
-                .collect();
-            let mut buf = Vec::new();
-            encode_record(&mut buf, lsn, &Record { changes });
-            writer.append(&buf, lsn).unwrap();
-        }
-        writer.sync().unwrap();
+                .collect()
+        });
+        let dir = write_log(log);
 
         let map = new_map(0);
         let dirty = DirtySet::default();
@@ -214,29 +222,16 @@ mod tests {
     /// name longer than a length byte) stops the start, naming its LSN; nothing panics.
     #[test]
     fn an_intact_record_with_impossible_values_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut writer = WalWriter::open(
-            Arc::new(RealFs),
-            dir.path(),
-            vec![],
-            1,
-            1 << 20,
-            Arc::new(AtomicU64::new(0)),
-        )
-        .unwrap();
         let ports = Ports::from_list("ports", &PortType::ALL).unwrap();
         let fine = Widget::new(Name::parse("n", "n").unwrap(), ports);
         // Decoded, not parsed: what a record from elsewhere could hold.
         let long: Name = serde_json::from_str(&format!("\"{}\"", "n".repeat(300))).unwrap();
         let impossible = Widget::new(long, ports);
-        for (lsn, widget) in [(1, fine), (2, impossible)] {
-            let serial = Serial::parse("s", &format!("w{lsn}")).unwrap();
-            let mut buf = Vec::new();
-            let changes = vec![Change::Put { serial, widget }];
-            encode_record(&mut buf, lsn, &Record { changes });
-            writer.append(&buf, lsn).unwrap();
-        }
-        writer.sync().unwrap();
+        let put = |serial: &str, widget| Change::Put {
+            serial: Serial::parse("s", serial).unwrap(),
+            widget,
+        };
+        let dir = write_log([vec![put("w1", fine)], vec![put("w2", impossible)]]);
 
         let err = replay(
             &new_map(0),
