@@ -39,7 +39,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let database_url = config.postgres_url().map(str::to_owned);
     match config.command {
         Some(Cmd::Bench(args)) => bench(args, database_url).await,
-        Some(Cmd::BenchSeed(ref args)) => widgets::bench::seed::run(args.clone(), &config).await,
+        Some(Cmd::BenchSeed(ref args)) => widgets::bench::seed::run(args, &config).await,
         Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
         Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {

@@ -56,7 +56,7 @@ fn widget(i: u64, name: &Name, ports: Ports) -> Widget {
     w
 }
 
-pub async fn run(args: SeedArgs, config: &Config) -> anyhow::Result<()> {
+pub async fn run(args: &SeedArgs, config: &Config) -> anyhow::Result<()> {
     if args.widgets >= 10_000_000_000 {
         bail!("--widgets: at most 9999999999 (serials have ten digits)");
     }
@@ -74,7 +74,7 @@ pub async fn run(args: SeedArgs, config: &Config) -> anyhow::Result<()> {
                 .await
                 .context("connecting to PostgreSQL")?;
             store.migrate().await.context("applying migrations")?;
-            fill(&store, &args, "PostgreSQL").await?;
+            fill(&store, args, "PostgreSQL").await?;
             // The planner's row count is what start-up sizes its map by (len_hint).
             sqlx::query("ANALYZE widgets")
                 .execute(store.pool())
@@ -84,7 +84,7 @@ pub async fn run(args: SeedArgs, config: &Config) -> anyhow::Result<()> {
         }
         None => {
             let store = crate::app::open_sled(config).await?;
-            fill(&store, &args, "the embedded store").await
+            fill(&store, args, "the embedded store").await
         }
     }
 }
