@@ -23,7 +23,9 @@ use widgets::wal::format::{
     check_frame, decode_record, encode_record, encode_segment_header, parse_segment_file_name,
     segment_file_name, Decoded, FrameError, MAX_PAYLOAD_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
-use widgets::wal::{recover, RealFs, Record, RecoveryMode, SegmentInfo, WalError, WalWriter};
+use widgets::wal::{
+    recover, LogBatch, RealFs, Record, RecoveryMode, SegmentInfo, WalError, WalWriter,
+};
 
 /// A cursor over fuzz input that never runs dry: past the end it yields zeros.
 pub struct Bytes<'a>(&'a [u8]);
@@ -269,9 +271,9 @@ fn check_writer_continues(dir: &Path, checkpoint: u64, before: Replay) {
     .unwrap_or_else(|e| panic!("the writer cannot open after recovery: {e}"));
     writer.trim(checkpoint);
     let new = Record { changes: vec![] };
-    let mut buf = Vec::new();
-    encode_record(&mut buf, next, &new);
-    writer.append(&buf, next).expect("appending after recovery");
+    let mut batch = LogBatch::new(next);
+    batch.push(&new);
+    writer.append(&batch).expect("appending after recovery");
     writer.sync().expect("syncing after recovery");
     drop(writer);
     let after = replay(dir, RecoveryMode::Strict, checkpoint)
@@ -459,10 +461,16 @@ pub fn check_round_trip(first_lsn: u64, records: &[Record], batch: usize, segmen
     .expect("opening the writer");
     for first in (0..records.len()).step_by(batch.max(1)) {
         let last = (first + batch.max(1)).min(records.len());
-        let frames = &log.bytes[log.starts[first]..log.end(last)];
-        writer
-            .append(frames, first_lsn + first as u64)
-            .expect("appending");
+        let mut frames = LogBatch::new(first_lsn + first as u64);
+        for record in &records[first..last] {
+            frames.push(record);
+        }
+        assert_eq!(
+            frames.bytes(),
+            &log.bytes[log.starts[first]..log.end(last)],
+            "a batch frames its records as encode_record does"
+        );
+        writer.append(&frames).expect("appending");
     }
     writer.sync().expect("syncing");
     drop(writer);

@@ -1,24 +1,22 @@
 //! Start-up, serving and shutdown.
 //!
 //! [`start`] binds the listener and serves at once (`/healthz` answers, `/readyz` says
-//! `503` while recovering), then recovers in the background: open the store, load it into
-//! the map, replay the WAL above the store's checkpoint, start the sequencer and the
-//! flusher. [`RunningApp::stop`] (what `SIGTERM` and Ctrl-C trigger) stops accepting,
+//! `503` while recovering), then recovers in the background: open the store, let the
+//! engine recover on it (`MemoryEngine::recover`: load the store, replay the WAL above its
+//! checkpoint, start the sequencer), and start the flusher. [`RunningApp::stop`] (what `SIGTERM` and Ctrl-C trigger) stops accepting,
 //! finishes in-flight requests, stops the flusher, flushes once more, and syncs and closes
 //! the WAL.
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::engine::packed::PackedWidget;
 use crate::engine::{Engine, MemoryEngine};
-use crate::flush::{self, Flush, Flusher};
+use crate::flush::{self, Flusher, Source};
 use crate::listener::CappedListener;
 use crate::store::{PgStore, SledStore, Store};
 use crate::wal::{RealFs, WalFs};
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -162,19 +160,22 @@ impl Serving {
 
     /// Runs `flusher` every flush interval until shutdown; then lets in-flight requests
     /// finish (they are acknowledged before the last flush) and flushes once more.
-    async fn flush_until_shutdown<F: Flush>(self, flusher: F) -> anyhow::Result<()> {
+    async fn flush_until_shutdown<E: Source, S: Store>(
+        self,
+        flusher: Flusher<E, S>,
+    ) -> anyhow::Result<()> {
         let flusher = Arc::new(flusher);
         let stop = CancellationToken::new();
         let running = tokio::spawn({
             let (flusher, interval, stop) =
                 (flusher.clone(), self.config.flush_interval, stop.clone());
-            async move { flush::run(&*flusher, interval, stop).await }
+            async move { flush::run(&flusher, interval, stop).await }
         });
         self.shutdown.cancelled().await;
         let served = self.server.await.context("the HTTP server panicked")?;
         stop.cancel();
         running.await.context("the flusher panicked")?;
-        flush::finish(&*flusher).await;
+        flush::flush_at_shutdown(&flusher).await;
         served?;
         Ok(())
     }
@@ -197,11 +198,17 @@ impl Serving {
     /// more and closes the WAL. The HTTP server itself is drained by the caller.
     async fn run<S: Store>(self, store: S) -> anyhow::Result<()> {
         let store = Arc::new(store);
-        let recovery = recover(&self.config, self.fs.clone(), &*store);
+        let wal_dir = self.config.wal_dir();
+        let recovery = MemoryEngine::recover(
+            &*store,
+            &wal_dir,
+            self.fs.clone(),
+            self.config.engine_settings(),
+        );
         let engine = tokio::select! {
             r = recovery => match r {
-                Ok(engine) => engine,
-                Err(e) => return self.fail(e).await,
+                Ok(engine) => Arc::new(engine),
+                Err(e) => return self.fail(e.into()).await,
             },
             _ = self.shutdown.cancelled() => return self.drain().await,
         };
@@ -225,7 +232,8 @@ impl Serving {
     /// Redis mode: connects, fills an empty Redis from PostgreSQL once, serves, and flushes
     /// Redis's dirty widgets to PostgreSQL until shutdown.
     async fn run_redis(self, url: &str, store: PgStore) -> anyhow::Result<()> {
-        use crate::engine::redis::{flush::RedisFlusher, load, RedisEngine};
+        use crate::engine::redis::{load, RedisEngine};
+        use crate::flush::redis::RedisSource;
         let max_dirty = self.config.max_dirty as usize;
         let engine = match RedisEngine::connect(url, &self.config.redis_prefix, max_dirty).await {
             Ok(engine) => Arc::new(engine),
@@ -245,7 +253,8 @@ impl Serving {
         tracing::info!(prefix = %self.config.redis_prefix, "ready (Redis mode)");
 
         let batch = self.config.flush_batch as usize;
-        self.flush_until_shutdown(RedisFlusher::new(engine, Arc::new(store), batch))
+        let source = Arc::new(RedisSource::new(engine, batch));
+        self.flush_until_shutdown(Flusher::new(source, Arc::new(store)))
             .await?;
         tracing::info!("stopped");
         Ok(())
@@ -291,53 +300,6 @@ async fn connect_postgres(url: &str, shutdown: &CancellationToken) -> Option<PgS
             }
         }
     }
-}
-
-/// The most widgets start-up sizes the map for from the store's hint (ten times the
-/// design's 10 million); a larger hint is ignored and the map grows as it loads.
-const MAX_PRESIZE: u64 = 100_000_000;
-
-/// Loads the store into a map, replays the WAL over it and starts the engine.
-async fn recover<S: Store>(
-    config: &Config,
-    fs: Arc<dyn WalFs>,
-    store: &S,
-) -> anyhow::Result<Arc<MemoryEngine>> {
-    let started = Instant::now();
-    // Sized up front: grown instead, the map doubles its table near the end of a large
-    // load (~150 MB more at 10 M widgets). A hint past any sane size is not trusted.
-    let hint = store.len_hint().await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "no widget count from the store; the map grows as it loads");
-        0
-    });
-    let capacity = if hint <= MAX_PRESIZE {
-        hint as usize
-    } else {
-        0
-    };
-    let map = Arc::new(crate::engine::memory::new_map(capacity));
-    let sink = map.clone();
-    let checkpoint = store
-        .load(Box::new(move |serial, widget| {
-            sink.pin().insert(serial, PackedWidget::pack(&widget));
-        }))
-        .await
-        .context("loading the durable store")?;
-    let map = Arc::try_unwrap(map).map_err(|_| anyhow::anyhow!("the store kept the map"))?;
-    tracing::info!(
-        widgets = map.len(),
-        checkpoint,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "store loaded"
-    );
-    let wal_dir = config.wal_dir();
-    let settings = config.engine_settings();
-    let engine = tokio::task::spawn_blocking(move || {
-        MemoryEngine::start(map, checkpoint, &wal_dir, fs, settings)
-    })
-    .await?
-    .context("recovering the WAL")?;
-    Ok(Arc::new(engine))
 }
 
 /// `widgets migrate`: applies the migrations to `DATABASE_URL`.

@@ -32,8 +32,10 @@ pub enum ApiError {
     Overloaded(&'static str),
     #[error("no disk space left for the write-ahead log; the write was not made")]
     DiskFull,
+    /// The WAL write failed and was cut back (its wire code, `storage_error`, predates
+    /// the name and stays for clients that branch on it).
     #[error("the write could not be logged and was not made; try again")]
-    StorageError,
+    WalWrite,
     #[error("the write-ahead log has failed; this instance no longer accepts writes")]
     WalFailed,
     #[error("the shared state is unavailable; try again shortly")]
@@ -48,12 +50,16 @@ impl From<EngineError> for ApiError {
             EngineError::Domain(d) => ApiError::Domain(d),
             EngineError::Overloaded(why) => ApiError::Overloaded(why),
             EngineError::DiskFull => ApiError::DiskFull,
-            EngineError::Storage => ApiError::StorageError,
+            EngineError::WalWrite => ApiError::WalWrite,
             // The reason was logged when the WAL failed; clients get no internals.
             EngineError::WalFailed(_) => ApiError::WalFailed,
             EngineError::Unavailable(reason) => {
                 tracing::warn!(%reason, "shared state unavailable");
                 ApiError::Unavailable
+            }
+            EngineError::Internal(reason) => {
+                tracing::error!(%reason, "internal error");
+                ApiError::Internal
             }
         }
     }
@@ -75,7 +81,7 @@ impl ApiError {
             ApiError::NotReady => "not_ready",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::DiskFull => "disk_full",
-            ApiError::StorageError => "storage_error",
+            ApiError::WalWrite => "storage_error",
             ApiError::WalFailed => "wal_failed",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal_error",
@@ -95,7 +101,7 @@ impl ApiError {
             ApiError::NotReady
             | ApiError::Overloaded(_)
             | ApiError::DiskFull
-            | ApiError::StorageError
+            | ApiError::WalWrite
             | ApiError::WalFailed
             | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,7 +115,7 @@ impl ApiError {
             ApiError::NotReady
                 | ApiError::Overloaded(_)
                 | ApiError::DiskFull
-                | ApiError::StorageError
+                | ApiError::WalWrite
                 | ApiError::Unavailable
         )
     }

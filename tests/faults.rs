@@ -60,7 +60,7 @@ async fn no_space_answers_503_changes_nothing_and_recovers_when_space_returns() 
 #[tokio::test]
 async fn a_write_error_answers_503_and_the_next_write_works() {
     let (app, fs) = faulty_app(&[]).await;
-    fs.set(Fault::EngineError);
+    fs.set(Fault::WalWrite);
     assert_503(app.create("a", &["P"]).await, "storage_error", true).await;
     fs.set(Fault::None);
     assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);

@@ -12,8 +12,7 @@ use common::{spawn_app_with, TestApp};
 use reqwest::StatusCode;
 use sqlx::PgConnection;
 use std::time::Duration;
-use widgets::domain::{Name, PortType, Ports, Serial, Widget};
-use widgets::engine::dirty::Mark;
+use widgets::domain::{Mark, Name, PortType, Ports, Serial, Widget};
 use widgets::store::{FlushBatch, FlushItem, PgStore, Store};
 
 async fn checkpoint(conn: &mut PgConnection) -> i64 {
@@ -358,7 +357,7 @@ async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
     };
     let batch = |items, checkpoint| FlushBatch {
         items,
-        checkpoint,
+        checkpoint: Some(checkpoint),
         widgets: None,
     };
     store

@@ -15,8 +15,9 @@ use reqwest::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
 use widgets::domain::{Command, Name, PortType, Ports, Serial};
-use widgets::engine::redis::flush::RedisFlusher;
 use widgets::engine::redis::RedisEngine;
+use widgets::flush::redis::RedisSource;
+use widgets::flush::Flusher;
 use widgets::store::{FlushBatch, PgStore, Store};
 
 async fn instance(db: &TestDb, prefix: &str) -> TestApp {
@@ -25,6 +26,9 @@ async fn instance(db: &TestDb, prefix: &str) -> TestApp {
 
 /// A database with the schema, an engine on a fresh prefix, and a flusher between them,
 /// for driving flushes step by step.
+/// A Redis-mode flusher, as every instance runs one.
+type RedisFlusher = Flusher<RedisSource, PgStore>;
+
 async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher) {
     let db = TestDb::create().await;
     let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
@@ -40,7 +44,8 @@ async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher)
             .await
             .unwrap()
     );
-    let flusher = RedisFlusher::new(engine.clone(), store.clone(), 1000);
+    let source = Arc::new(RedisSource::new(engine.clone(), 1000));
+    let flusher = Flusher::new(source, store.clone());
     (db, store, engine, flusher)
 }
 
@@ -54,7 +59,7 @@ async fn commit_late(store: &PgStore, items: Vec<widgets::store::FlushItem>) {
     store
         .write_batch(FlushBatch {
             items,
-            checkpoint: 0,
+            checkpoint: None,
             widgets: None,
         })
         .await
@@ -185,7 +190,8 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
     // Dies before its commit: it took a batch and wrote nothing.
     assert_eq!(engine.take(1000).await.unwrap().items.len(), 4);
     // Dies between its commit and the dirty-set removal.
-    assert_eq!(flusher.write_one_batch().await.unwrap().0.len(), 4);
+    let unacked = flusher.write_unfinished().await.unwrap().unwrap();
+    assert_eq!(unacked.entries.len(), 4);
     let mut conn = db.connect().await;
     assert_eq!(pg_state(&mut conn).await, redis_state(&engine, &all).await);
     // Both left every serial dirty: a live flusher writes them again, harmlessly.
@@ -309,7 +315,8 @@ async fn flush_lag_is_the_age_of_the_oldest_unflushed_change_not_of_the_backlog(
     create(&engine, "old").await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     // A flush takes the whole dirty set; a new change lands before its acknowledgement.
-    let (entries, whole_set_at) = flusher.write_one_batch().await.unwrap();
+    let acks = flusher.write_unfinished().await.unwrap().unwrap();
+    let (entries, whole_set_at) = (acks.entries, acks.whole_set_at);
     assert!(whole_set_at.is_some(), "the batch held the whole dirty set");
     create(&engine, "new").await;
     engine.ack(&entries, whole_set_at.as_deref()).await.unwrap();

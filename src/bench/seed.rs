@@ -8,8 +8,8 @@
 //! empty WAL and its next write is LSN 2.
 
 use crate::config::Config;
+use crate::domain::Mark;
 use crate::domain::{Name, PortType, Ports, Serial, Widget};
-use crate::engine::dirty::Mark;
 use crate::store::{FlushBatch, FlushItem, PgStore, Store};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -133,7 +133,7 @@ async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::Resul
         store
             .write_batch(FlushBatch {
                 items,
-                checkpoint: SEED_LSN,
+                checkpoint: Some(SEED_LSN),
                 widgets: Some(end),
             })
             .await

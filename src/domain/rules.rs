@@ -6,8 +6,9 @@
 //! post-images of every widget the command touched, which is what a backend makes durable
 //! as one atomic step. Every backend shares these rules, so they answer alike.
 
+use super::change::Change;
 use super::values::{Name, PortType, Ports, Serial};
-use super::widget::{Change, Widget, WidgetView};
+use super::widget::{Widget, WidgetView};
 
 /// Read access to the current state a command validates against.
 pub trait StateView {
@@ -17,40 +18,83 @@ pub trait StateView {
 /// A command's reads and writes, layered over a [`StateView`].
 pub struct Tx<'a, V: StateView + ?Sized> {
     base: &'a V,
-    /// Widgets written so far, in the order first touched; `None` is a deletion. A command
-    /// touches at most four widgets, so a linear scan beats a map.
-    touched: Vec<(Serial, Option<Widget>)>,
+    /// Every widget read so far, in the order first read: its state in `base` and, once
+    /// written, its state now (`Some(None)`: deleted). A command touches at most four
+    /// widgets, so a linear scan beats a map, and each is read from `base` once.
+    seen: Vec<Seen>,
+}
+
+struct Seen {
+    serial: Serial,
+    before: Option<Widget>,
+    written: Option<Option<Widget>>,
+}
+
+/// One widget a transaction wrote: its post-image, and its state before the command (what
+/// a backend needs to know what changed, without reading it again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touched {
+    pub change: Change,
+    pub before: Option<Widget>,
 }
 
 impl<'a, V: StateView + ?Sized> Tx<'a, V> {
     pub fn new(base: &'a V) -> Self {
         Self {
             base,
-            touched: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
-    pub fn get(&self, serial: &Serial) -> Option<Widget> {
-        match self.touched.iter().find(|(s, _)| s == serial) {
-            Some((_, w)) => w.clone(),
-            None => self.base.get(serial),
+    pub fn get(&mut self, serial: &Serial) -> Option<Widget> {
+        let seen = self.seen(serial);
+        match &seen.written {
+            Some(now) => now.clone(),
+            None => seen.before.clone(),
         }
+    }
+
+    fn seen(&mut self, serial: &Serial) -> &mut Seen {
+        let at = match self.seen.iter().position(|s| &s.serial == serial) {
+            Some(at) => at,
+            None => {
+                let before = self.base.get(serial);
+                self.seen.push(Seen {
+                    serial: serial.clone(),
+                    before,
+                    written: None,
+                });
+                self.seen.len() - 1
+            }
+        };
+        &mut self.seen[at]
     }
 
     fn set(&mut self, serial: &Serial, widget: Option<Widget>) {
-        match self.touched.iter_mut().find(|(s, _)| s == serial) {
-            Some((_, slot)) => *slot = widget,
-            None => self.touched.push((serial.clone(), widget)),
-        }
+        self.seen(serial).written = Some(widget);
     }
 
     /// The post-images of everything this transaction wrote.
     pub fn into_changes(self) -> Vec<Change> {
-        self.touched
+        self.into_touched().into_iter().map(|t| t.change).collect()
+    }
+
+    /// Everything this transaction wrote, each with its state before.
+    pub fn into_touched(self) -> Vec<Touched> {
+        self.seen
             .into_iter()
-            .map(|(serial, w)| match w {
-                Some(widget) => Change::Put { serial, widget },
-                None => Change::Delete { serial },
+            .filter_map(|s| {
+                let change = match s.written? {
+                    Some(widget) => Change::Put {
+                        serial: s.serial,
+                        widget,
+                    },
+                    None => Change::Delete { serial: s.serial },
+                };
+                Some(Touched {
+                    change,
+                    before: s.before,
+                })
             })
             .collect()
     }
@@ -200,7 +244,10 @@ impl Command {
     }
 }
 
-fn existing<V: StateView + ?Sized>(tx: &Tx<'_, V>, serial: &Serial) -> Result<Widget, DomainError> {
+fn existing<V: StateView + ?Sized>(
+    tx: &mut Tx<'_, V>,
+    serial: &Serial,
+) -> Result<Widget, DomainError> {
     tx.get(serial)
         .ok_or_else(|| DomainError::NotFound(serial.clone()))
 }

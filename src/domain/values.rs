@@ -1,8 +1,9 @@
 //! Validated value types: serial numbers, names, port types and port sets.
 //!
 //! A value of these types is valid by construction when it came through `parse`; the rules
-//! are the ones in `API.md` ("Values"). Decoding from the WAL or a store skips the checks:
-//! those bytes were validated when they were first accepted and are checksummed since.
+//! are the ones in `docs/API.md` ("Values"). A value decoded from the WAL or a store (serde)
+//! is not checked by decoding: every load runs [`crate::domain::Widget::check`] on what it
+//! decoded before the engine takes it.
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};

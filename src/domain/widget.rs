@@ -1,5 +1,5 @@
-//! The widget record as the hot state holds it, the change records that carry post-images,
-//! and the JSON view the API returns.
+//! The widget record as the hot state holds it, the one validator every widget read from
+//! outside the rules passes, and the JSON view the API returns.
 
 use super::values::{Name, PortType, Ports, Serial, ValidationError};
 use serde::ser::SerializeMap;
@@ -28,21 +28,34 @@ impl Widget {
         }
     }
 
-    /// Checks a widget that was decoded rather than parsed (from a store): every value as
-    /// the API would have accepted it, and a peer only on a port the widget has.
-    pub fn check(&self) -> Result<(), ValidationError> {
+    /// The one check for a widget that was decoded rather than made by the rules (from
+    /// the WAL, the embedded store or PostgreSQL): its serial, name and ports as the API
+    /// would have accepted them, and a peer only on a port the widget has, never itself.
+    /// Every load runs it, so damage anywhere is a clean error naming the serial, never a
+    /// panic further on.
+    pub fn check(&self, serial: &Serial) -> Result<(), ValidationError> {
+        Serial::check("serial", serial.as_str())?;
         Name::check("name", self.name.as_str())?;
         let ports = Ports::from_bits(self.ports.bits())
             .ok_or_else(|| ValidationError::new("ports", "must be a non-empty set of P, R, Q"))?;
         for port in PortType::ALL {
             match self.peer(port) {
-                Some(peer) if ports.contains(port) => Serial::check("peer", peer.as_str())?,
-                Some(_) => {
+                Some(peer) if !ports.contains(port) => {
                     return Err(ValidationError::new(
                         "peers",
-                        format!("a peer on port {}, which the widget lacks", port.as_str()),
+                        format!(
+                            "a peer ({peer}) on port {}, which the widget lacks",
+                            port.as_str()
+                        ),
                     ))
                 }
+                Some(peer) if peer == serial => {
+                    return Err(ValidationError::new(
+                        "peers",
+                        format!("associated with itself on port {}", port.as_str()),
+                    ))
+                }
+                Some(peer) => Serial::check("peer", peer.as_str())?,
                 None => {}
             }
         }
@@ -64,22 +77,6 @@ impl Widget {
                     .map(|p| (p, self.peer(p).map(|s| s.to_string())))
                     .collect(),
             ),
-        }
-    }
-}
-
-/// One widget's post-image in a WAL record: its whole new state, or its deletion.
-/// Applying a change twice is harmless.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Change {
-    Put { serial: Serial, widget: Widget },
-    Delete { serial: Serial },
-}
-
-impl Change {
-    pub fn serial(&self) -> &Serial {
-        match self {
-            Change::Put { serial, .. } | Change::Delete { serial } => serial,
         }
     }
 }

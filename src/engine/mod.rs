@@ -1,17 +1,14 @@
 //! The hot state behind one interface, [`Engine`], so handlers do not know which backend
 //! they talk to: [`memory`] (the papaya map made durable by the local WAL through the
 //! sequencer thread) or, with the `redis` feature, `redis` (state shared by several
-//! instances).
+//! instances). Each engine recovers itself and offers a flush protocol (take a batch,
+//! finish it) that `crate::flush` drives.
 
-pub mod dirty;
 pub mod memory;
-pub mod packed;
 #[cfg(feature = "redis")]
 pub mod redis;
-mod replay;
-mod sequencer;
 
-pub use memory::{EngineSettings, MemoryEngine};
+pub use memory::{EngineSettings, MemoryEngine, RecoveryError};
 
 use crate::domain::{Command, DomainError, Reply, Serial, Widget};
 use std::sync::Arc;
@@ -77,7 +74,7 @@ pub enum EngineError {
     DiskFull,
     /// The WAL write failed and was cut back; the write was not logged.
     #[error("WAL write failed")]
-    Storage,
+    WalWrite,
     /// The WAL can no longer make writes durable; no write will be acknowledged until the
     /// process restarts.
     #[error("the WAL failed: {0}")]
@@ -85,4 +82,7 @@ pub enum EngineError {
     /// The shared state (Redis) could not be reached or answered with an error.
     #[error("the shared state is unavailable: {0}")]
     Unavailable(String),
+    /// A bug: something the engine relies on did not hold. Nothing was changed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }

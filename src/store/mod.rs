@@ -11,8 +11,7 @@ pub mod sled;
 pub use self::postgres::PgStore;
 pub use self::sled::SledStore;
 
-use crate::domain::{Serial, Widget};
-use crate::engine::dirty::Mark;
+use crate::domain::{Mark, Serial, Widget};
 use std::future::Future;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +43,9 @@ pub struct FlushItem {
 #[derive(Debug, Clone)]
 pub struct FlushBatch {
     pub items: Vec<FlushItem>,
-    pub checkpoint: u64,
+    /// The WAL LSN the store is complete up to once it holds this batch; `None` where no
+    /// WAL stands behind the batch (Redis mode): the stored checkpoint stays as it is.
+    pub checkpoint: Option<u64>,
     /// How many widgets the hot state held at the batch's cut, when the writer knows: a
     /// store may keep it for [`Store::len_hint`].
     pub widgets: Option<u64>,
@@ -55,6 +56,8 @@ pub type Visitor = Box<dyn FnMut(Serial, Widget) + Send>;
 
 pub trait Store: Send + Sync + 'static {
     /// Streams every widget to `visit` and returns the checkpoint LSN (0 for a new store).
+    /// Every widget visited has passed [`Widget::check`]: damage is a
+    /// [`StoreError::Corrupt`] naming its key, never a widget the engine cannot hold.
     fn load(&self, visit: Visitor) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// About how many widgets `load` will stream (0: no idea), cheaply: start-up sizes the

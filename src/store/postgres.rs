@@ -279,6 +279,7 @@ impl Store for PgStore {
                 version = version.max(v.unwrap_or(0));
             }
             widget.version = version as u64;
+            widget.check(&serial).map_err(|e| corrupt(&key, e))?;
             visit(serial, widget);
             loaded += 1;
             if loaded % 1_000_000 == 0 {
@@ -294,7 +295,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let rejected = Self::write_or_bisect(&mut tx, &batch.items).await?;
         for (item, error) in &rejected {
-            tracing::error!(serial = %item.serial, %error, checkpoint = batch.checkpoint,
+            tracing::error!(serial = %item.serial, %error, checkpoint = ?batch.checkpoint,
                 "PostgreSQL refused this widget's change for good; kept in flush_rejects");
             let state = item.widget.as_ref().map(|w| {
                 serde_json::json!({
@@ -311,17 +312,20 @@ impl Store for PgStore {
             .bind(item.serial.as_str())
             .bind(state)
             .bind(error)
-            .bind(batch.checkpoint as i64)
+            // 0: no WAL stands behind the batch (Redis mode).
+            .bind(to_i64(batch.checkpoint.unwrap_or(0)))
             .execute(&mut *tx)
             .await?;
         }
         if !rejected.is_empty() {
             metrics::counter!("widgets_flush_rejected_total").increment(rejected.len() as u64);
         }
-        sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
-            .bind(batch.checkpoint as i64)
-            .execute(&mut *tx)
-            .await?;
+        if let Some(checkpoint) = batch.checkpoint {
+            sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
+                .bind(to_i64(checkpoint))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

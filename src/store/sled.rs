@@ -57,7 +57,7 @@ impl SledStore {
             let (widget, _): (Widget, usize) =
                 bincode::serde::decode_from_slice(&value, bincode::config::standard())
                     .map_err(|e| corrupt(e.to_string()))?;
-            widget.check().map_err(|e| corrupt(e.to_string()))?;
+            widget.check(&serial).map_err(|e| corrupt(e.to_string()))?;
             visit(serial, widget);
             loaded += 1;
             if loaded % 1_000_000 == 0 {
@@ -81,7 +81,9 @@ impl SledStore {
                 None => b.remove(key),
             }
         }
-        b.insert(CHECKPOINT_KEY, &batch.checkpoint.to_be_bytes());
+        if let Some(checkpoint) = batch.checkpoint {
+            b.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+        }
         if let Some(widgets) = batch.widgets {
             b.insert(WIDGETS_KEY, &widgets.to_be_bytes());
         }
@@ -117,8 +119,8 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Mark;
     use crate::domain::{Name, PortType, Ports};
-    use crate::engine::dirty::Mark;
     use crate::store::FlushItem;
 
     fn item(serial: &str) -> FlushItem {
@@ -145,7 +147,7 @@ mod tests {
         );
         let batch = FlushBatch {
             items: vec![item("a"), item("b")],
-            checkpoint: 9,
+            checkpoint: Some(9),
             widgets: Some(2),
         };
         store.write_batch(batch).await.unwrap();

@@ -110,6 +110,66 @@ pub fn encode_record(out: &mut Vec<u8>, lsn: u64, record: &Record) {
     out[start + 4..start + 8].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
+/// Records framed for one append, with consecutive LSNs from [`LogBatch::first_lsn`]. The
+/// WAL frames every record it writes: a caller pushes records and learns each one's LSN,
+/// and the writer checks that a batch starts where the log ends (as raft-engine's
+/// `LogBatch` does), so no caller can write a gap or a duplicate LSN.
+#[derive(Debug, Default)]
+pub struct LogBatch {
+    bytes: Vec<u8>,
+    first_lsn: u64,
+    records: u64,
+}
+
+impl LogBatch {
+    /// An empty batch whose first record will have `first_lsn`.
+    pub fn new(first_lsn: u64) -> Self {
+        Self {
+            bytes: Vec::new(),
+            first_lsn,
+            records: 0,
+        }
+    }
+
+    /// Empties the batch for records from `first_lsn` on, keeping its buffer.
+    pub fn reset(&mut self, first_lsn: u64) {
+        self.bytes.clear();
+        self.first_lsn = first_lsn;
+        self.records = 0;
+    }
+
+    /// The LSN the next record pushed gets.
+    pub fn next_lsn(&self) -> u64 {
+        self.first_lsn + self.records
+    }
+
+    /// Frames `record` at [`LogBatch::next_lsn`]; returns that LSN.
+    pub fn push(&mut self, record: &Record) -> u64 {
+        let lsn = self.next_lsn();
+        encode_record(&mut self.bytes, lsn, record);
+        self.records += 1;
+        lsn
+    }
+
+    pub fn first_lsn(&self) -> u64 {
+        self.first_lsn
+    }
+
+    /// How many records the batch holds.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// The framed records, as they go into a segment.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// Why the bytes at some offset are not a whole, valid record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {

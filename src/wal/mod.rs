@@ -1,6 +1,9 @@
 //! The write-ahead log: what makes a write durable before it is acknowledged.
 //!
 //! # Contract
+//! - The WAL frames every record: a caller pushes [`Record`]s into a [`LogBatch`], which
+//!   gives each the next LSN, and [`WalWriter::append`] refuses a batch that does not start
+//!   where the log ends, so the log has no gap and no LSN twice.
 //! - When [`WalWriter::append`] and then [`WalWriter::sync`] return `Ok`, every record of
 //!   the batch is on disk and fdatasynced; a new segment file and the WAL directory entry
 //!   naming it were fsynced before the first record went into it. Under
@@ -17,18 +20,23 @@
 //!   damaged older segment, or a gap in the LSNs, naming the file and offset, unless the
 //!   operator chose [`RecoveryMode::Truncate`], which cuts the log at the first damage.
 //!
-//! Layout: `format` (constants and framing), `fs` (the file-system seam), `writer`
+//! Layout: `format` (constants and framing), `fs` (the file-system seam; `faulty_fs`, its
+//! fault-injecting twin for tests), `writer`
 //! (append, group sync, rotation, trimming), `recovery` (start-up replay), `inspect`
 //! (the read-only operators' view behind `widgets wal inspect|verify`).
 
+#[cfg(any(test, feature = "fault-injection"))]
+mod faulty_fs;
 pub mod format;
 pub mod fs;
 pub mod inspect;
 mod recovery;
 mod writer;
 
-pub use format::Record;
-pub use fs::{Fault, FaultyFs, RealFs, WalFs};
+#[cfg(any(test, feature = "fault-injection"))]
+pub use faulty_fs::{Fault, FaultyFs};
+pub use format::{LogBatch, Record};
+pub use fs::{RealFs, WalFs};
 pub use recovery::{recover, Recovered};
 pub use writer::{AppendError, SegmentInfo, WalWriter};
 

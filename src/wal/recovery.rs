@@ -239,8 +239,8 @@ fn cut_log(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::format::{encode_record, tests::sample};
-    use crate::wal::{RealFs, WalWriter};
+    use crate::wal::format::tests::sample;
+    use crate::wal::{LogBatch, RealFs, WalWriter};
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
     use tempfile::TempDir;
@@ -258,13 +258,13 @@ mod tests {
         .unwrap();
         let mut lsn = 1;
         while lsn <= n {
-            let mut buf = Vec::new();
+            let mut batch = LogBatch::new(lsn);
             let first = lsn;
             while lsn <= n && lsn < first + per_batch {
-                encode_record(&mut buf, lsn, &sample(lsn));
+                batch.push(&sample(lsn));
                 lsn += 1;
             }
-            w.append(&buf, first).unwrap();
+            w.append(&batch).unwrap();
             w.sync().unwrap();
         }
     }

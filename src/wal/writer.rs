@@ -1,7 +1,7 @@
 //! Appending to the log: one write and (by the caller's choice) one fdatasync per batch,
 //! segment rotation at a set size, and trimming of segments the store has absorbed.
 
-use super::format::{encode_segment_header, segment_file_name, SEGMENT_HEADER_LEN};
+use super::format::{encode_segment_header, segment_file_name, LogBatch, SEGMENT_HEADER_LEN};
 use super::fs::{WalFile, WalFs};
 use super::WalError;
 use std::collections::VecDeque;
@@ -27,6 +27,10 @@ pub enum AppendError {
     /// Another write error; nothing of the batch is in the log.
     #[error("WAL write failed: {0}")]
     Write(io::Error),
+    /// The batch does not start where the log ends (a bug in the caller); nothing of it
+    /// was written.
+    #[error("a batch starting at LSN {got} does not follow the log, which ends before {expected}")]
+    OutOfOrder { expected: u64, got: u64 },
     /// The log's state on disk is unknown: stop acknowledging writes.
     #[error("{0}")]
     Fatal(WalError),
@@ -53,6 +57,8 @@ pub struct WalWriter {
     total_bytes: Arc<AtomicU64>,
     /// Whether the active segment has bytes not yet fdatasynced.
     unsynced: bool,
+    /// The LSN the next batch must start at.
+    next_lsn: u64,
 }
 
 impl WalWriter {
@@ -66,11 +72,15 @@ impl WalWriter {
         segment_size: u64,
         total_bytes: Arc<AtomicU64>,
     ) -> Result<Self, WalError> {
+        let path = dir.join(segment_file_name(next_lsn));
         let (active, file) = create_segment(&*fs, dir, next_lsn).map_err(|e| match e {
             AppendError::Fatal(e) => e,
-            AppendError::NoSpace(source) | AppendError::Write(source) => WalError::Io {
-                path: dir.join(segment_file_name(next_lsn)),
-                source,
+            AppendError::NoSpace(source) | AppendError::Write(source) => {
+                WalError::Io { path, source }
+            }
+            other => WalError::Io {
+                path,
+                source: io::Error::other(other.to_string()),
             },
         })?;
         let bytes = sealed.iter().map(|s| s.len).sum::<u64>() + active.len;
@@ -84,19 +94,30 @@ impl WalWriter {
             segment_size,
             total_bytes,
             unsynced: false,
+            next_lsn,
         })
     }
 
-    /// Appends a batch of framed records whose first record has `first_lsn`. On error no
-    /// byte of the batch remains in the log.
-    pub fn append(&mut self, batch: &[u8], first_lsn: u64) -> Result<(), AppendError> {
+    /// Appends `batch`, which must start at [`WalWriter::next_lsn`]. On error no byte of
+    /// the batch remains in the log and its LSNs are not used up.
+    pub fn append(&mut self, batch: &LogBatch) -> Result<(), AppendError> {
+        if batch.first_lsn() != self.next_lsn {
+            return Err(AppendError::OutOfOrder {
+                expected: self.next_lsn,
+                got: batch.first_lsn(),
+            });
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let bytes = batch.bytes();
         if self.active.len > SEGMENT_HEADER_LEN as u64
-            && self.active.len + batch.len() as u64 > self.segment_size
+            && self.active.len + bytes.len() as u64 > self.segment_size
         {
-            self.rotate(first_lsn)?;
+            self.rotate(batch.first_lsn())?;
         }
         let at = self.active.len;
-        if let Err(e) = self.file.write_all_at(batch, at) {
+        if let Err(e) = self.file.write_all_at(bytes, at) {
             // Part of the batch may be in the file: cut it off so the log ends on a whole
             // record, as if the batch had never been written.
             if let Err(cut) = self.file.set_len(at) {
@@ -110,11 +131,17 @@ impl WalWriter {
             }
             return Err(AppendError::from_write(e));
         }
-        self.active.len += batch.len() as u64;
+        self.active.len += bytes.len() as u64;
         self.total_bytes
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.unsynced = true;
+        self.next_lsn = batch.next_lsn();
         Ok(())
+    }
+
+    /// The LSN the next batch must start at.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
     }
 
     /// fdatasyncs the active segment if it has unsynced bytes; returns whether it did.

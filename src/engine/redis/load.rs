@@ -8,7 +8,7 @@
 //! (restarted without AOF) has no `loaded` and is filled again from PostgreSQL. `loads`
 //! counts the fills, for operators (and tests) to see it happened once.
 
-use super::RedisEngine;
+use super::{unavailable, RedisEngine};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
 use crate::store::{PgStore, Store};
@@ -20,10 +20,6 @@ use tokio_util::sync::CancellationToken;
 const LOCK_MS: u64 = 10 * 60 * 1000;
 /// Widgets per pipeline sent to Redis while loading.
 const PIPELINE: usize = 1000;
-
-fn unavailable(e: redis::RedisError) -> EngineError {
-    EngineError::Unavailable(e.to_string())
-}
 
 /// Returns once Redis holds PostgreSQL's widgets (loaded by this instance or another);
 /// `Ok(false)` if `stop` came first.

@@ -13,14 +13,14 @@
 //!
 //! A write is as durable as the Redis server's AOF setting (see the README).
 
-pub mod flush;
 pub mod load;
 mod scripts;
 
-use super::dirty::Mark;
 use super::EngineError;
-use crate::domain::{Change, Command, Name, PortType, Ports, Reply, Serial, StateView, Tx, Widget};
-use crate::store::FlushItem;
+use crate::domain::{
+    Command, Mark, Name, PortType, Ports, Reply, Serial, StateView, Touched, Tx, Widget,
+};
+use crate::store::{FlushBatch, FlushItem};
 use redis::aio::ConnectionManager;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,7 +39,8 @@ pub struct RedisEngine {
 /// A widget as read, with its version as Redis holds it ("0" when absent).
 type Known = HashMap<Serial, (Option<Widget>, String)>;
 
-fn unavailable(e: redis::RedisError) -> EngineError {
+/// Redis could not be reached or answered with an error.
+pub(super) fn unavailable(e: redis::RedisError) -> EngineError {
     EngineError::Unavailable(e.to_string())
 }
 
@@ -98,12 +99,12 @@ impl RedisEngine {
         if flat.first().map(String::as_str) == Some("not_loaded") {
             return Err(lost_data());
         }
-        if flat.len() != serials.len() * 7 {
+        if flat.len() != serials.len() * scripts::WIDGET_FIELDS {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the read script".into(),
             ));
         }
-        for (serial, fields) in serials.iter().zip(flat.chunks(7)) {
+        for (serial, fields) in serials.iter().zip(flat.chunks(scripts::WIDGET_FIELDS)) {
             known.insert(serial.clone(), parse_widget(serial.as_str(), fields)?);
         }
         Ok(())
@@ -113,18 +114,18 @@ impl RedisEngine {
         for _ in 0..MAX_ATTEMPTS {
             let mut known = Known::new();
             let mut wanted: Vec<Serial> = command.serials().into_iter().cloned().collect();
-            let (reply, changes) = loop {
+            let (reply, touched) = loop {
                 self.read_into(&wanted, &mut known).await?;
                 match run_rules(&command, &known) {
                     Rules::NeedsMore(more) => wanted = more,
                     Rules::Refused(e) => return Err(e.into()),
-                    Rules::Done(reply, changes) => break (reply, changes),
+                    Rules::Done(reply, touched) => break (reply, touched),
                 }
             };
-            if changes.is_empty() {
+            if touched.is_empty() {
                 return Ok(reply); // already so: nothing to write
             }
-            match self.apply(&known, &changes).await? {
+            match self.apply(&known, &touched).await? {
                 Applied::Done => return Ok(reply),
                 Applied::Overloaded => {
                     return Err(EngineError::Overloaded(
@@ -142,8 +143,9 @@ impl RedisEngine {
     }
 
     /// Sends the post-images, unless a widget read has changed since (a lost race) or the
-    /// dirty set is full.
-    async fn apply(&self, known: &Known, changes: &[Change]) -> Result<Applied, EngineError> {
+    /// dirty set is full. Each goes with the mark of what it changes, from the state the
+    /// rules read.
+    async fn apply(&self, known: &Known, touched: &[Touched]) -> Result<Applied, EngineError> {
         let mut invocation = scripts::APPLY.prepare_invoke();
         invocation
             .arg(&self.prefix)
@@ -152,15 +154,14 @@ impl RedisEngine {
         for (serial, (_, version)) in known {
             invocation.arg(serial.as_str()).arg(version);
         }
-        invocation.arg(changes.len());
-        for change in changes {
-            let before = known.get(change.serial()).and_then(|(w, _)| w.as_ref());
-            let mark = Mark::of(before, change);
-            let bits = (u8::from(mark.row) << 3) | mark.ports;
-            match change {
-                Change::Put { serial, widget } => {
+        invocation.arg(touched.len());
+        for Touched { change, before } in touched {
+            // The eight strings APPLY reads per change: serial, kind, name, ports, the peer
+            // on P, R, Q, and the mark.
+            invocation.arg(change.serial().as_str());
+            match change.after() {
+                Some(widget) => {
                     invocation
-                        .arg(serial.as_str())
                         .arg("put")
                         .arg(widget.name.as_str())
                         .arg(widget.ports.bits());
@@ -168,18 +169,11 @@ impl RedisEngine {
                         invocation.arg(widget.peer(port).map_or("", |p| p.as_str()));
                     }
                 }
-                Change::Delete { serial } => {
-                    invocation
-                        .arg(serial.as_str())
-                        .arg("del")
-                        .arg("")
-                        .arg(0)
-                        .arg("")
-                        .arg("")
-                        .arg("");
+                None => {
+                    invocation.arg("del").arg("").arg(0).arg("").arg("").arg("");
                 }
             }
-            invocation.arg(bits);
+            invocation.arg(Mark::of(before.as_ref(), change).to_bits());
         }
         let answer: Vec<String> = invocation
             .invoke_async(&mut self.conn())
@@ -226,24 +220,26 @@ impl RedisEngine {
                 "unexpected answer from the take script".into(),
             ));
         };
-        let mut out = Vec::with_capacity(flat.len() / 9);
-        for chunk in flat.chunks(9) {
+        let mut out = Vec::with_capacity(flat.len() / scripts::TAKEN_FIELDS);
+        for chunk in flat.chunks(scripts::TAKEN_FIELDS) {
             let [serial, entry, fields @ ..] = chunk else {
                 return Err(EngineError::Unavailable(
                     "unexpected answer from the take script".into(),
                 ));
             };
-            let (bits, version) = entry
+            let (mark, version) = entry
                 .split_once(':')
-                .and_then(|(b, v)| Some((b.parse::<u8>().ok()?, v.parse::<u64>().ok()?)))
+                .and_then(|(b, v)| {
+                    Some((
+                        Mark::from_bits(b.parse::<u8>().ok()?)?,
+                        v.parse::<u64>().ok()?,
+                    ))
+                })
                 .ok_or_else(|| corrupt(serial, "dirty entry"))?;
             let (widget, _) = parse_widget(serial, fields)?;
             let item = FlushItem {
                 serial: Serial::parse("serial", serial).map_err(|_| corrupt(serial, "serial"))?,
-                mark: Mark {
-                    row: bits & 0b1000 != 0,
-                    ports: bits & 0b111,
-                },
+                mark,
                 version: widget.as_ref().map_or(version, |w| w.version),
                 widget,
             };
@@ -275,6 +271,56 @@ impl RedisEngine {
     }
 }
 
+/// What acknowledging a flushed batch needs: each serial with the dirty entry it was taken
+/// with, and the take's time if it took the whole dirty set (see [`Taken`]).
+#[derive(Debug)]
+pub struct Acks {
+    pub entries: Vec<(Serial, String)>,
+    pub whole_set_at: Option<String>,
+}
+
+impl RedisEngine {
+    /// Takes up to `count` dirty widgets as one flush batch (sorted by serial, no WAL
+    /// checkpoint) and what [`RedisEngine::finish_flush`] needs once PostgreSQL has
+    /// committed it; `None` when nothing is dirty.
+    pub async fn take_flush(
+        &self,
+        count: usize,
+    ) -> Result<Option<(FlushBatch, Acks)>, EngineError> {
+        let taken = self.take(count).await?;
+        if taken.items.is_empty() {
+            return Ok(None);
+        }
+        let whole_set_at = taken.whole_set.then_some(taken.at_ms);
+        let (mut items, entries): (Vec<_>, Vec<_>) = taken
+            .items
+            .into_iter()
+            .map(|(item, entry)| {
+                let serial = item.serial.clone();
+                (item, (serial, entry))
+            })
+            .unzip();
+        items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+        let batch = FlushBatch {
+            items,
+            checkpoint: None,
+            widgets: None,
+        };
+        Ok(Some((
+            batch,
+            Acks {
+                entries,
+                whole_set_at,
+            },
+        )))
+    }
+
+    /// PostgreSQL has committed the batch of `acks`: see [`RedisEngine::ack`].
+    pub async fn finish_flush(&self, acks: &Acks) -> Result<usize, EngineError> {
+        self.ack(&acks.entries, acks.whole_set_at.as_deref()).await
+    }
+}
+
 /// A batch taken for a flush.
 pub struct Taken {
     /// Each widget with its dirty entry.
@@ -295,7 +341,7 @@ enum Rules {
     /// The rules need these widgets too (old peers): read them and run again.
     NeedsMore(Vec<Serial>),
     Refused(crate::domain::DomainError),
-    Done(Reply, Vec<Change>),
+    Done(Reply, Vec<Touched>),
 }
 
 /// The widgets read so far; a read of any other is recorded as missing.
@@ -323,20 +369,20 @@ fn run_rules(command: &Command, known: &Known) -> Rules {
     };
     let mut tx = Tx::new(&view);
     let result = command.apply(&mut tx);
-    let changes = tx.into_changes();
+    let touched = tx.into_touched();
     let missing = view.missing.into_inner();
     if !missing.is_empty() {
         return Rules::NeedsMore(missing);
     }
     match result {
-        Ok(reply) => Rules::Done(reply, changes),
+        Ok(reply) => Rules::Done(reply, touched),
         Err(e) => Rules::Refused(e),
     }
 }
 
-/// Parses READ's 7 fields for one serial into the widget (if it exists) and its version.
+/// Parses READ's fields for one serial into the widget (if it exists) and its version.
 fn parse_widget(serial: &str, f: &[String]) -> Result<(Option<Widget>, String), EngineError> {
-    if f.len() != 7 {
+    if f.len() != scripts::WIDGET_FIELDS {
         return Err(corrupt(serial, "answer"));
     }
     if f[0] != "1" {

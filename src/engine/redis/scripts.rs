@@ -13,8 +13,14 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-/// A Lua function the read scripts share: appends 7 strings for widget `s` to `out`:
-/// exists ("1"/"0"), name, ports, version, and the peer on P, R, Q ("" when free).
+/// Strings the read scripts give per widget: exists ("1"/"0"), name, ports, version, and
+/// the peer on P, R, Q ("" when free). Keep in step with `read_widget_lua`.
+pub const WIDGET_FIELDS: usize = 7;
+/// Strings TAKE gives per widget: its serial and dirty entry, then the widget's fields.
+pub const TAKEN_FIELDS: usize = 2 + WIDGET_FIELDS;
+
+/// A Lua function the read scripts share: appends the [`WIDGET_FIELDS`] strings of widget
+/// `s` to `out`.
 macro_rules! read_widget_lua {
     () => {
         r#"
@@ -33,8 +39,8 @@ end
     };
 }
 
-/// Reads widgets atomically. ARGV: prefix, serials... Returns 7 strings per serial (see
-/// `read_widget_lua`), or {"not_loaded"} if Redis has lost its data (no `loaded` key).
+/// Reads widgets atomically. ARGV: prefix, serials... Returns [`WIDGET_FIELDS`] strings per
+/// serial, or {"not_loaded"} if Redis has lost its data (no `loaded` key).
 pub static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         read_widget_lua!(),
@@ -105,8 +111,7 @@ return {'ok', tostring(version)}
 });
 
 /// Takes up to ARGV[2] dirty widgets with their state, atomically. ARGV: prefix, count.
-/// Returns the server time in ms, then 9 strings per widget: serial, dirty entry, then as
-/// READ.
+/// Returns the server time in ms, then [`TAKEN_FIELDS`] strings per widget.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         read_widget_lua!(),

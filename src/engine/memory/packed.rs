@@ -10,9 +10,7 @@
 //! widget has, in canonical order P, R, Q: `peer_len` (0 = free) and the peer's serial.
 //! Lengths fit a byte: names are at most 64 bytes, serials at most 36.
 
-use crate::domain::{
-    Name, PortType, Ports, Serial, ValidationError, Widget, MAX_NAME_LEN, MAX_SERIAL_LEN,
-};
+use crate::domain::{Name, Ports, Serial, Widget, MAX_NAME_LEN, MAX_SERIAL_LEN};
 
 const _: () = assert!(MAX_NAME_LEN <= u8::MAX as usize);
 const _: () = assert!(MAX_SERIAL_LEN <= u8::MAX as usize);
@@ -24,40 +22,12 @@ pub struct PackedWidget {
 }
 
 impl PackedWidget {
-    /// Packs a widget the rules produced (valid by construction).
+    /// Packs a widget the rules made, or one that passed [`Widget::check`] (every load
+    /// runs it first): the lengths then fit their bytes and every peer is on a port the
+    /// widget has, which is all the packed form relies on.
     pub fn pack(widget: &Widget) -> Self {
-        Self::try_pack(widget).expect("the rules produce widgets of a valid shape")
-    }
-
-    /// Packs a decoded widget, refusing one whose shape the packed form cannot hold as it
-    /// is: a name or peer of a length outside the API's bounds, a port set outside 1..=7, a
-    /// peer on a port the widget lacks. (Checked here, where the lengths are read anyway:
-    /// a separate pass cost WAL replay about 15%.)
-    pub fn try_pack(widget: &Widget) -> Result<Self, ValidationError> {
-        let name = widget.name.as_str().as_bytes();
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
-            return Err(ValidationError::new(
-                "name",
-                format!("{} bytes long", name.len()),
-            ));
-        }
-        if Ports::from_bits(widget.ports.bits()).is_none() {
-            return Err(ValidationError::new("ports", "not a set of P, R, Q"));
-        }
-        for port in PortType::ALL {
-            match widget.peer(port).map(|s| s.as_str().len()) {
-                Some(_) if !widget.ports.contains(port) => {
-                    return Err(ValidationError::new(
-                        "peers",
-                        format!("a peer on port {}, which the widget lacks", port.as_str()),
-                    ))
-                }
-                Some(len) if len == 0 || len > MAX_SERIAL_LEN => {
-                    return Err(ValidationError::new("peer", format!("{len} bytes long")))
-                }
-                _ => {}
-            }
-        }
+        let len = |s: &str| u8::try_from(s.len()).expect("a checked name or serial fits a byte");
+        let name = widget.name.as_str();
         let peers_len: usize = widget
             .ports
             .iter()
@@ -65,17 +35,17 @@ impl PackedWidget {
             .sum();
         let mut bytes = Vec::with_capacity(2 + name.len() + peers_len);
         bytes.push(widget.ports.bits());
-        bytes.push(name.len() as u8);
-        bytes.extend_from_slice(name);
+        bytes.push(len(name));
+        bytes.extend_from_slice(name.as_bytes());
         for port in widget.ports.iter() {
-            let peer = widget.peer(port).map_or(&[][..], |s| s.as_str().as_bytes());
-            bytes.push(peer.len() as u8);
-            bytes.extend_from_slice(peer);
+            let peer = widget.peer(port).map_or("", |s| s.as_str());
+            bytes.push(len(peer));
+            bytes.extend_from_slice(peer.as_bytes());
         }
-        Ok(Self {
+        Self {
             version: widget.version,
             bytes: bytes.into_boxed_slice(),
-        })
+        }
     }
 
     pub fn unpack(&self) -> Widget {
@@ -120,6 +90,7 @@ impl PackedWidget {
         peers
     }
 
+    #[cfg(test)]
     pub fn version(&self) -> u64 {
         self.version
     }

@@ -8,60 +8,13 @@
 //! the map under the apply lock stalled every write for 5-24 ms twice a second.)
 
 use super::packed::PackedWidget;
-use crate::domain::{Change, Serial, Widget};
+use crate::domain::{Mark, Serial};
 // foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
 use foldhash::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// What changed about one widget since the store last took it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Mark {
-    /// The widget row itself: created, deleted, or deleted and created again.
-    pub row: bool,
-    /// Bitmask (by port index) of the ports whose peer changed.
-    pub ports: u8,
-}
-
-impl Mark {
-    /// What `change` changes about a widget whose state before it was `before`.
-    pub fn of(before: Option<&Widget>, change: &Change) -> Mark {
-        let after = match change {
-            Change::Put { widget, .. } => Some(widget),
-            Change::Delete { .. } => None,
-        };
-        Mark::between(peers(before), peers(after))
-    }
-
-    /// What changed between two states of a widget, known by their peers on each port
-    /// (`None`: the widget does not exist).
-    pub fn between(before: Option<[Option<&str>; 3]>, after: Option<[Option<&str>; 3]>) -> Mark {
-        let mut ports = 0;
-        for i in 0..3 {
-            let a = before.and_then(|p| p[i]);
-            let b = after.and_then(|p| p[i]);
-            if a != b {
-                ports |= 1 << i;
-            }
-        }
-        Mark {
-            row: before.is_none() || after.is_none(),
-            ports,
-        }
-    }
-
-    pub(crate) fn merge(&mut self, other: Mark) {
-        self.row |= other.row;
-        self.ports |= other.ports;
-    }
-}
-
-/// A widget's peers as [`Mark::between`] takes them.
-pub fn peers(widget: Option<&Widget>) -> Option<[Option<&str>; 3]> {
-    widget.map(|w| w.peers.each_ref().map(|p| p.as_ref().map(Serial::as_str)))
-}
 
 /// A widget waiting for the store: what changed, and its state (`None`: deleted).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,10 +137,6 @@ impl DirtySet {
         self.len.load(Ordering::Relaxed)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// How long the oldest change not yet in the store has waited (zero when none waits).
     pub fn lag(&self) -> Duration {
         let inner = self.inner.lock().expect("dirty set lock");
@@ -202,55 +151,7 @@ impl DirtySet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Name, PortType, Ports};
-
-    #[test]
-    fn marks_name_exactly_what_changed() {
-        let s = |x: &str| Serial::parse("s", x).unwrap();
-        let new = Widget::new(
-            Name::parse("n", "w").unwrap(),
-            Ports::from_list("p", &PortType::ALL).unwrap(),
-        );
-        let put = |w: &Widget| Change::Put {
-            serial: s("a"),
-            widget: w.clone(),
-        };
-        assert_eq!(
-            Mark::of(None, &put(&new)),
-            Mark {
-                row: true,
-                ports: 0
-            }
-        );
-        let mut plugged = new.clone();
-        plugged.peers[PortType::R.index()] = Some(s("b"));
-        assert_eq!(
-            Mark::of(Some(&new), &put(&plugged)),
-            Mark {
-                row: false,
-                ports: 0b010
-            }
-        );
-        let mut replugged = plugged.clone();
-        replugged.peers[PortType::R.index()] = Some(s("c"));
-        replugged.peers[PortType::Q.index()] = Some(s("d"));
-        assert_eq!(
-            Mark::of(Some(&plugged), &put(&replugged)),
-            Mark {
-                row: false,
-                ports: 0b110
-            }
-        );
-        assert_eq!(Mark::of(Some(&plugged), &put(&plugged)), Mark::default());
-        let delete = Change::Delete { serial: s("a") };
-        assert_eq!(
-            Mark::of(Some(&replugged), &delete),
-            Mark {
-                row: true,
-                ports: 0b110
-            }
-        );
-    }
+    use crate::domain::{Name, PortType, Ports, Widget};
 
     #[test]
     fn take_restore_keeps_everything_and_the_oldest_time() {

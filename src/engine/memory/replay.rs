@@ -6,10 +6,11 @@
 //! as a one-thread replay would leave it. Each applier keeps its marks to itself and they
 //! join the dirty set once, at the end.
 
-use super::dirty::{self, Dirty, DirtySet, Mark};
-use super::memory::WidgetMap;
+use super::dirty::{Dirty, DirtySet};
 use super::packed::PackedWidget;
-use crate::domain::{Change, Serial, MAX_SERIAL_LEN};
+use super::state::WidgetMap;
+use crate::domain::change::{self, Change, Mark};
+use crate::domain::Serial;
 use crate::wal::{self, Recovered, RecoveryMode, WalError, WalFs};
 use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
@@ -24,10 +25,10 @@ const QUEUE: usize = 8;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
 ///
-/// Appliers check the shape of every change the packed map relies on (`try_pack`; a record's checksum
-/// says its bytes are the ones written, not that a build of this service wrote them); the
-/// first one that fails stops the replay with [`WalError::Invalid`].
-pub fn replay(
+/// Appliers check every change as every load checks what it reads ([`Change::check`]: a
+/// record's checksum says its bytes are the ones written, not that a build of this service
+/// wrote them); the first one that fails stops the replay with [`WalError::Invalid`].
+pub(super) fn replay(
     map: &WidgetMap,
     dirty: &DirtySet,
     fs: &dyn WalFs,
@@ -99,17 +100,15 @@ fn apply_all(
         // of replay's time.)
         let guard = map.guard();
         for (lsn, change) in batch {
-            let serial_len = change.serial().as_str().len();
-            if serial_len == 0 || serial_len > MAX_SERIAL_LEN {
-                return Err((lsn, format!("a serial {serial_len} bytes long")));
-            }
+            change
+                .check()
+                .map_err(|e| (lsn, format!("{:?}: {e}", change.serial())))?;
             // One probe a change: the replaced state comes back from the insert.
             let (serial, dirty) = match change {
                 Change::Put { serial, widget } => {
-                    let packed = PackedWidget::try_pack(&widget)
-                        .map_err(|e| (lsn, format!("{serial:?}: {e}")))?;
+                    let packed = PackedWidget::pack(&widget);
                     let before = map.insert(serial.clone(), packed.clone(), &guard);
-                    let after = dirty::peers(Some(&widget));
+                    let after = change::peers(Some(&widget));
                     let mark = Mark::between(before.map(PackedWidget::peers), after);
                     (
                         serial,
@@ -138,11 +137,10 @@ fn apply_all(
 
 #[cfg(test)]
 mod tests {
+    use super::super::state::new_map;
     use super::*;
     use crate::domain::{Name, PortType, Ports, Widget};
-    use crate::engine::memory::new_map;
-    use crate::wal::format::{encode_record, Record};
-    use crate::wal::{RealFs, WalWriter};
+    use crate::wal::{LogBatch, RealFs, Record, WalWriter};
     use std::collections::HashMap;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
@@ -160,9 +158,9 @@ mod tests {
         )
         .unwrap();
         for (lsn, changes) in (1..).zip(records) {
-            let mut buf = Vec::new();
-            encode_record(&mut buf, lsn, &Record { changes });
-            writer.append(&buf, lsn).unwrap();
+            let mut batch = LogBatch::new(lsn);
+            batch.push(&Record { changes });
+            writer.append(&batch).unwrap();
         }
         writer.sync().unwrap();
         dir
@@ -186,7 +184,10 @@ mod tests {
                         Change::Delete { serial: s }
                     } else {
                         let mut w = Widget::new(Name::parse("n", "n").unwrap(), ports);
-                        w.peers[rng.usize(..3)] = Some(serial(rng.u64(..97)));
+                        // Never itself, which no state the service makes holds: w97 is
+                        // no key of the log.
+                        let peer = Some(serial(rng.u64(..97))).filter(|p| *p != s);
+                        w.peers[rng.usize(..3)] = peer.or(Some(serial(97)));
                         w.version = lsn;
                         model.insert(s.clone(), w.clone());
                         Change::Put {

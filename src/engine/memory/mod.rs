@@ -1,0 +1,361 @@
+//! The single-node hot state: a papaya map that only ever holds durable state, the dirty
+//! set, and the sequencer thread that orders and logs every write.
+//!
+//! [`MemoryEngine::recover`] is the whole of start-up recovery: it loads the durable store
+//! into the map, replays the WAL above the store's checkpoint and starts the sequencer.
+//! Reads go straight to the map. Writes go through the sequencer, which applies a change
+//! to the map only after its WAL record is durable, so a read never returns a change that
+//! a crash could still lose; a group's changes appear under one write lock, so no reader
+//! sees one side of an association change without the other. A flush takes the dirty set
+//! with [`MemoryEngine::take_flush`] and hands it back with [`MemoryEngine::finish_flush`].
+//!
+//! Files: `state` (what the parts share), `packed` (the map's form of a widget), `dirty`
+//! (the dirty set), `replay` (WAL replay on every core), `sequencer` (plan, log, publish).
+
+mod dirty;
+mod packed;
+mod replay;
+mod sequencer;
+mod state;
+
+use self::dirty::{DirtySet, Taken};
+use self::packed::PackedWidget;
+use self::sequencer::Job;
+use self::state::{new_map, Shared};
+use super::EngineError;
+use crate::domain::{Command, Reply, Serial, Widget};
+use crate::store::{FlushBatch, FlushItem, Store, StoreError};
+use crate::wal::{FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The most widgets start-up sizes the map for from the store's hint (ten times the
+/// design's 10 million); a larger hint is ignored and the map grows as it loads.
+const MAX_PRESIZE: u64 = 100_000_000;
+
+/// The engine's limits and WAL settings (see `Config` for what each means).
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub fsync: FsyncMode,
+    pub fsync_interval: Duration,
+    pub wal_segment_bytes: u64,
+    pub wal_max_bytes: u64,
+    pub wal_recovery: RecoveryMode,
+    pub queue_depth: usize,
+    pub max_dirty: usize,
+    pub flush_batch_size: usize,
+}
+
+/// Why recovery could not bring the hot state back.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("loading the durable store: {0}")]
+    Store(#[from] StoreError),
+    #[error("recovering the WAL: {0}")]
+    Wal(#[from] WalError),
+}
+
+pub struct MemoryEngine {
+    shared: Arc<Shared>,
+    settings: EngineSettings,
+    jobs: SyncSender<Job>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    checkpoint: AtomicU64,
+}
+
+/// A flush under way: the taken widgets, which go back to the dirty set if the store did
+/// not take them.
+pub struct FlushTicket {
+    taken: Taken,
+}
+
+impl MemoryEngine {
+    /// Brings back the hot state and starts taking writes: sizes the map from the store's
+    /// count, loads the store into it, replays the WAL in `wal_dir` above the store's
+    /// checkpoint (marking what it replays dirty, for the next flush), opens the WAL for
+    /// appending after it and starts the sequencer.
+    pub async fn recover<S: Store>(
+        store: &S,
+        wal_dir: &Path,
+        fs: Arc<dyn WalFs>,
+        settings: EngineSettings,
+    ) -> Result<Self, RecoveryError> {
+        let started = Instant::now();
+        // Sized up front: grown instead, the map doubles its table near the end of a large
+        // load (~150 MB more at 10 M widgets). A hint past any sane size is not trusted.
+        let hint = store.len_hint().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no widget count from the store; the map grows as it loads");
+            0
+        });
+        let capacity = if hint <= MAX_PRESIZE {
+            hint as usize
+        } else {
+            0
+        };
+        let shared = Arc::new(Shared::new(
+            new_map(capacity),
+            DirtySet::default(),
+            settings.flush_batch_size,
+        ));
+        // Every store checks what it loads (`Widget::check`), so packing cannot fail here.
+        let sink = shared.clone();
+        let checkpoint = store
+            .load(Box::new(move |serial, widget| {
+                sink.map.pin().insert(serial, PackedWidget::pack(&widget));
+            }))
+            .await?;
+        tracing::info!(
+            widgets = shared.map.len(),
+            checkpoint,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store loaded"
+        );
+        let (wal_dir, replaying) = (wal_dir.to_owned(), shared.clone());
+        let settings_ = settings.clone();
+        let (writer, next_lsn) = tokio::task::spawn_blocking(move || {
+            replay_and_open(&replaying, &wal_dir, fs, &settings_, checkpoint)
+        })
+        .await
+        .map_err(|e| WalError::Replay(e.to_string()))??;
+        let (jobs, rx) = mpsc::sync_channel(settings.queue_depth);
+        let thread = sequencer::spawn(
+            shared.clone(),
+            writer,
+            rx,
+            settings.fsync,
+            settings.fsync_interval,
+        );
+        tracing::debug!(next_lsn, "sequencer started");
+        Ok(Self {
+            shared,
+            settings,
+            jobs,
+            thread: Mutex::new(Some(thread)),
+            checkpoint: AtomicU64::new(checkpoint),
+        })
+    }
+
+    /// The widget's durable state.
+    pub fn get(&self, serial: &Serial) -> Option<Widget> {
+        let _applied = self.shared.apply_lock.read().expect("apply lock");
+        self.shared.map.pin().get(serial).map(PackedWidget::unpack)
+    }
+
+    /// Orders, logs and applies a write; returns once it is durable (or refused).
+    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
+        if let Some(reason) = self.shared.failed.get() {
+            return Err(EngineError::WalFailed(reason.clone()));
+        }
+        if self.shared.dirty.len() >= self.settings.max_dirty {
+            return Err(EngineError::Overloaded(
+                "too many changes are waiting for the durable store",
+            ));
+        }
+        if self.wal_bytes() >= self.settings.wal_max_bytes {
+            return Err(EngineError::Overloaded(
+                "the WAL is over its size limit while the durable store catches up",
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        match self.jobs.try_send(Job::Write { command, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(EngineError::Overloaded("the write queue is full"))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(EngineError::WalFailed("the WAL writer has stopped".into()))
+            }
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(EngineError::WalFailed("the WAL writer has stopped".into())))
+    }
+
+    /// Takes every dirty widget for a flush: the batch to write (sorted by serial, each
+    /// widget's state and what changed about it) and the ticket to hand back to
+    /// [`MemoryEngine::finish_flush`]; `None` when nothing is dirty.
+    ///
+    /// The sequencer marks a group's widgets dirty with their states in one step, so a
+    /// take is an exact cut of the state at the batch's checkpoint: a store that commits it
+    /// never shows one side of a change. The take itself is a swap under the dirty set's
+    /// lock; unpacking and sorting (milliseconds for 100,000 widgets) run off the async
+    /// workers, and whatever goes wrong there puts the widgets back, since a lost take
+    /// would let the next checkpoint trim their records from the WAL.
+    pub async fn take_flush(&self) -> Result<Option<(FlushBatch, FlushTicket)>, EngineError> {
+        let taken = self.shared.dirty.take();
+        if taken.widgets.is_empty() {
+            self.shared.dirty.done(taken);
+            return Ok(None);
+        }
+        let widgets = self.len() as u64;
+        let (taken, items) = tokio::task::spawn_blocking(move || {
+            let items =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flush_items(&taken)));
+            (taken, items)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("building the flush batch: {e}")))?;
+        let Ok(items) = items else {
+            self.shared.dirty.restore(taken);
+            return Err(EngineError::Internal(
+                "building the flush batch panicked".into(),
+            ));
+        };
+        let batch = FlushBatch {
+            items,
+            checkpoint: Some(taken.covered_lsn),
+            widgets: Some(widgets),
+        };
+        Ok(Some((batch, FlushTicket { taken })))
+    }
+
+    /// The store has committed the ticket's batch (`written`), and the WAL may drop every
+    /// record up to its checkpoint; or it has not, and the widgets are dirty again (a
+    /// widget changed since the take keeps its newer state).
+    pub fn finish_flush(&self, ticket: FlushTicket, written: bool) {
+        let lsn = ticket.taken.covered_lsn;
+        if written {
+            self.shared.dirty.done(ticket.taken);
+            self.checkpoint.fetch_max(lsn, Ordering::Relaxed);
+            // If the queue is full the next checkpoint trims instead.
+            let _ = self.jobs.try_send(Job::Trim(lsn));
+        } else {
+            self.shared.dirty.restore(ticket.taken);
+        }
+    }
+
+    /// Resolves when enough widgets are dirty to flush before the interval is up.
+    pub async fn flush_wanted(&self) {
+        self.shared.flush_wanted.notified().await
+    }
+
+    /// Widgets waiting for the durable store (in the dirty set or in a flush under way).
+    pub fn dirty_len(&self) -> usize {
+        self.shared.dirty.len()
+    }
+
+    /// The LSN the durable store holds everything up to, as far as this process knows.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.load(Ordering::Relaxed)
+    }
+
+    /// Widgets in memory.
+    pub fn len(&self) -> usize {
+        self.shared.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn wal_bytes(&self) -> u64 {
+        self.shared.wal_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Gauges describing the state now, for `/metrics`.
+    pub fn gauges(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("widgets_in_memory", self.len() as f64),
+            ("widgets_dirty", self.dirty_len() as f64),
+            (
+                "widgets_flush_lag_seconds",
+                self.shared.dirty.lag().as_secs_f64(),
+            ),
+            ("widgets_wal_bytes", self.wal_bytes() as f64),
+            ("widgets_checkpoint_lsn", self.checkpoint() as f64),
+            (
+                "widgets_wal_failed",
+                f64::from(u8::from(self.failure().is_some())),
+            ),
+        ]
+    }
+
+    /// Why the WAL stopped taking writes, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failed.get().map(String::as_str)
+    }
+
+    /// Stops the sequencer after the writes already queued, syncs the WAL, and waits for
+    /// the thread. Blocking: call it off the async workers.
+    pub fn stop(&self) {
+        let _ = self.jobs.send(Job::Stop);
+        if let Some(thread) = self.thread.lock().expect("thread lock").take() {
+            if thread.join().is_err() {
+                tracing::error!("the sequencer thread panicked");
+            }
+        }
+    }
+}
+
+/// Replays the WAL above `checkpoint` into the shared map and dirty set, then opens the
+/// log for appending after its last record (trimmed to the checkpoint). Blocking.
+fn replay_and_open(
+    shared: &Shared,
+    wal_dir: &Path,
+    fs: Arc<dyn WalFs>,
+    settings: &EngineSettings,
+    checkpoint: u64,
+) -> Result<(WalWriter, u64), WalError> {
+    let started = Instant::now();
+    let recovered = replay::replay(
+        &shared.map,
+        &shared.dirty,
+        &*fs,
+        wal_dir,
+        settings.wal_recovery,
+        checkpoint,
+    )?;
+    tracing::info!(
+        replayed = recovered.replayed,
+        last_lsn = recovered.last_lsn,
+        segments = recovered.segments.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "WAL replayed"
+    );
+    // LSN u64::MAX is reserved (see recovery), so the log can always say what comes next.
+    let next_lsn = recovered
+        .last_lsn
+        .checked_add(1)
+        .filter(|&n| n < u64::MAX)
+        .ok_or_else(|| WalError::Corrupt {
+            file: wal_dir.to_owned(),
+            offset: 0,
+            reason: "the log or the store's checkpoint has used up every LSN".into(),
+        })?;
+    let mut writer = WalWriter::open(
+        fs,
+        wal_dir,
+        recovered.segments,
+        next_lsn,
+        settings.wal_segment_bytes,
+        shared.wal_bytes.clone(),
+    )?;
+    writer.trim(checkpoint);
+    Ok((writer, next_lsn))
+}
+
+/// The flush items of a take: each widget's state (`None`: deleted), unpacked, sorted by
+/// serial.
+fn flush_items(taken: &Taken) -> Vec<FlushItem> {
+    let mut items: Vec<FlushItem> = taken
+        .widgets
+        .iter()
+        .map(|(serial, dirty)| {
+            let widget = dirty.state.as_ref().map(PackedWidget::unpack);
+            FlushItem {
+                // A deletion is at or before the cut's LSN.
+                version: widget.as_ref().map_or(taken.covered_lsn, |w| w.version),
+                widget,
+                serial: serial.clone(),
+                mark: dirty.mark,
+            }
+        })
+        .collect();
+    items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+    items
+}

@@ -1,0 +1,570 @@
+//! The sequencer: one OS thread that gives every write its place in one total order.
+//!
+//! It takes whatever writes are queued (a group) and runs the group in three stages, each
+//! owning its data:
+//!
+//! 1. [`plan`]: runs each write's rules against the map plus the group's earlier changes,
+//!    stamps each post-image with its record's LSN, pushes the records into the group's
+//!    [`LogBatch`], and works out each touched widget's dirty mark from the state the
+//!    rules read (no second look into the map);
+//! 2. [`Log::write`]: appends the batch with one `write` and, as the fsync mode says, one
+//!    `fdatasync`;
+//! 3. [`publish`]: only once the batch is durable, puts the post-images into the map
+//!    under the apply lock and marks them dirty with the group's last LSN; then every write
+//!    is answered.
+//!
+//! Requests that arrive during an fsync wait in the queue and form the next group, so under
+//! load many requests share one fsync. Blocking file I/O stays on this thread, off the
+//! async workers.
+
+use super::dirty::Dirty;
+use super::packed::PackedWidget;
+use super::state::{Shared, WidgetMap};
+use crate::domain::{Change, Command, Mark, Reply, Serial, StateView, Touched, Tx, Widget};
+use crate::engine::EngineError;
+use crate::wal::{AppendError, FsyncMode, LogBatch, Record, WalWriter};
+// foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
+use foldhash::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Most writes one group takes, so one group's latency stays bounded.
+const MAX_GROUP: usize = 4096;
+
+/// Where a write's outcome goes.
+pub(super) type Answer = oneshot::Sender<Result<Reply, EngineError>>;
+
+pub(super) enum Job {
+    Write {
+        command: Command,
+        reply: Answer,
+    },
+    /// The store holds everything up to this LSN.
+    Trim(u64),
+    Stop,
+}
+
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    writer: WalWriter,
+    jobs: Receiver<Job>,
+    fsync: FsyncMode,
+    fsync_interval: Duration,
+) -> JoinHandle<()> {
+    let mut seq = Sequencer {
+        shared,
+        log: Log {
+            writer,
+            fsync,
+            fsync_interval,
+            last_sync: Instant::now(),
+        },
+        batch: LogBatch::default(),
+    };
+    std::thread::Builder::new()
+        .name("widgets-sequencer".into())
+        .spawn(move || seq.run(jobs))
+        .expect("spawning the sequencer thread")
+}
+
+struct Sequencer {
+    shared: Arc<Shared>,
+    log: Log,
+    /// The group's records; its buffer is kept from group to group.
+    batch: LogBatch,
+}
+
+impl Sequencer {
+    fn run(&mut self, jobs: Receiver<Job>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        loop {
+            let first = if self.syncs_on_interval() {
+                let until_sync = self
+                    .log
+                    .fsync_interval
+                    .saturating_sub(self.log.last_sync.elapsed());
+                match jobs.recv_timeout(until_sync) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.log.interval_sync(&self.shared);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            if self.process(&mut group) {
+                break;
+            }
+        }
+        if self.shared.failed.get().is_none() {
+            if let Err(e) = self.log.writer.sync() {
+                tracing::error!(error = %e, "final WAL fsync failed");
+            }
+        }
+        tracing::debug!("sequencer stopped");
+    }
+
+    /// Whether the WAL is synced on a timer (`--fsync interval`) rather than per group, and
+    /// can still be.
+    fn syncs_on_interval(&self) -> bool {
+        self.log.fsync == FsyncMode::Interval && self.shared.failed.get().is_none()
+    }
+
+    /// Runs one group through its three stages; returns true when a `Stop` was among it.
+    fn process(&mut self, group: &mut Vec<Job>) -> bool {
+        self.batch.reset(self.log.writer.next_lsn());
+        let plan = plan(&self.shared, group.drain(..), &mut self.batch);
+        // Trim first: it frees disk space, which a group failing for lack of it needs.
+        if let Some(to) = plan.trim_to {
+            self.log.writer.trim(to);
+        }
+        let logged = if self.batch.is_empty() {
+            Ok(())
+        } else {
+            self.log.write(&self.batch, &self.shared)
+        };
+        match logged {
+            Ok(()) => {
+                if !self.batch.is_empty() {
+                    publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
+                }
+                for (reply, answer) in plan.answers {
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(error) => {
+                for (reply, _) in plan.answers {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+        plan.stop
+    }
+}
+
+/// What one group will do: the records (in the caller's [`LogBatch`]), what to publish once
+/// they are durable, and every write's answer.
+#[derive(Default)]
+struct Plan {
+    /// Every change's widget, in log order, with its mark and packed post-image.
+    durable: Vec<(Serial, Dirty)>,
+    /// Every write's answer, refusals included: a refusal may rest on an earlier change in
+    /// the group (a create of the same serial), which is not durable until the group is.
+    answers: Vec<(Answer, Result<Reply, EngineError>)>,
+    /// The highest checkpoint among the group's trims.
+    trim_to: Option<u64>,
+    stop: bool,
+}
+
+/// The map plus the group's earlier changes, which are not in the map yet.
+struct GroupView<'a> {
+    map: &'a WidgetMap,
+    pending: &'a HashMap<Serial, Option<Widget>>,
+}
+
+impl StateView for GroupView<'_> {
+    fn get(&self, serial: &Serial) -> Option<Widget> {
+        match self.pending.get(serial) {
+            Some(w) => w.clone(),
+            None => self.map.pin().get(serial).map(PackedWidget::unpack),
+        }
+    }
+}
+
+/// Stage 1: runs the group's writes in order, each seeing the ones before it, and frames
+/// one record per write that changes something into `batch` (which gives it its LSN).
+/// Touches nothing but `batch`: the map and the dirty set wait for [`publish`].
+fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBatch) -> Plan {
+    let mut plan = Plan::default();
+    let mut pending: HashMap<Serial, Option<Widget>> = HashMap::default();
+    for job in jobs {
+        let (command, reply) = match job {
+            Job::Write { command, reply } => (command, reply),
+            Job::Trim(to) => {
+                plan.trim_to = plan.trim_to.max(Some(to));
+                continue;
+            }
+            Job::Stop => {
+                plan.stop = true;
+                continue;
+            }
+        };
+        if let Some(reason) = shared.failed.get() {
+            plan.answers
+                .push((reply, Err(EngineError::WalFailed(reason.clone()))));
+            continue;
+        }
+        let view = GroupView {
+            map: &shared.map,
+            pending: &pending,
+        };
+        let mut tx = Tx::new(&view);
+        let answer = command.apply(&mut tx).map_err(EngineError::from);
+        let touched = if answer.is_ok() {
+            tx.into_touched()
+        } else {
+            Vec::new()
+        };
+        // A write that changes nothing (an association that already holds) logs nothing.
+        if !touched.is_empty() {
+            let lsn = batch.next_lsn();
+            let mut changes = Vec::with_capacity(touched.len());
+            for Touched { mut change, before } in touched {
+                if let Change::Put { widget, .. } = &mut change {
+                    widget.version = lsn;
+                }
+                let mark = Mark::of(before.as_ref(), &change);
+                let state = change.after().map(PackedWidget::pack);
+                pending.insert(change.serial().clone(), change.after().cloned());
+                plan.durable
+                    .push((change.serial().clone(), Dirty { mark, state }));
+                changes.push(change);
+            }
+            batch.push(&Record { changes });
+        }
+        plan.answers.push((reply, answer));
+    }
+    plan
+}
+
+/// Stage 2: the WAL writer and when it syncs.
+struct Log {
+    writer: WalWriter,
+    fsync: FsyncMode,
+    fsync_interval: Duration,
+    last_sync: Instant,
+}
+
+impl Log {
+    /// Appends the group's records and makes them as durable as the fsync mode asks. A
+    /// failed fsync (or an append that leaves the log in an unknown state) fails the WAL
+    /// for good: see [`Shared::fail`].
+    fn write(&mut self, batch: &LogBatch, shared: &Shared) -> Result<(), EngineError> {
+        match self.writer.append(batch) {
+            Ok(()) => {}
+            Err(AppendError::NoSpace(e)) => {
+                tracing::warn!(error = %e, "WAL disk full: write refused");
+                return Err(EngineError::DiskFull);
+            }
+            Err(AppendError::Write(e)) => {
+                tracing::error!(error = %e, "WAL write failed and was cut back: write refused");
+                return Err(EngineError::WalWrite);
+            }
+            Err(e @ (AppendError::OutOfOrder { .. } | AppendError::Fatal(_))) => {
+                shared.fail(e.to_string());
+                return Err(EngineError::WalFailed(e.to_string()));
+            }
+        }
+        let records = batch.records();
+        metrics::counter!("widgets_wal_records_total").increment(records);
+        metrics::counter!("widgets_wal_bytes_written_total").increment(batch.bytes().len() as u64);
+        metrics::histogram!("widgets_wal_group_records").record(records as f64);
+        let sync_now = match self.fsync {
+            FsyncMode::Always => true,
+            FsyncMode::Interval => self.last_sync.elapsed() >= self.fsync_interval,
+            FsyncMode::Never => false,
+        };
+        if sync_now {
+            if let Err(e) = self.writer.sync() {
+                shared.fail(e.to_string());
+                return Err(EngineError::WalFailed(e.to_string()));
+            }
+            self.last_sync = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// `--fsync interval`: the interval is up with no write to carry the sync.
+    fn interval_sync(&mut self, shared: &Shared) {
+        if let Err(e) = self.writer.sync() {
+            shared.fail(e.to_string());
+        }
+        self.last_sync = Instant::now();
+    }
+}
+
+/// Stage 3: makes a logged group visible: its post-images go into the map under the apply
+/// lock (readers see all of them or none) and into the dirty set, which then covers
+/// `covered_lsn`.
+fn publish(shared: &Shared, durable: Vec<(Serial, Dirty)>, covered_lsn: u64) {
+    {
+        let _applying = shared.apply_lock.write().expect("apply lock");
+        let guard = shared.map.guard();
+        for (serial, dirty) in &durable {
+            match &dirty.state {
+                Some(packed) => {
+                    shared.map.insert(serial.clone(), packed.clone(), &guard);
+                }
+                None => {
+                    shared.map.remove(serial, &guard);
+                }
+            }
+        }
+    }
+    if shared.dirty.mark(durable, covered_lsn) >= shared.flush_batch_size {
+        shared.flush_wanted.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::dirty::DirtySet;
+    use super::super::state::new_map;
+    use super::*;
+    use crate::domain::{DomainError, Name, PortType, Ports};
+    use crate::wal::{Fault, FaultyFs};
+    use std::sync::atomic::AtomicU64;
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    fn s(x: &str) -> Serial {
+        Serial::parse("s", x).unwrap()
+    }
+
+    fn create(serial: &str) -> Command {
+        Command::Create {
+            serial: s(serial),
+            name: Name::parse("n", "w").unwrap(),
+            ports: Ports::from_list("p", &[PortType::P]).unwrap(),
+        }
+    }
+
+    fn associate(a: &str, b: &str) -> Command {
+        Command::Associate {
+            port: PortType::P,
+            serial: s(a),
+            peer: s(b),
+        }
+    }
+
+    /// Shared state whose map holds widgets `a` and `b` (port P, free) at version 1.
+    fn shared_with_a_and_b() -> Shared {
+        let shared = Shared::new(new_map(0), DirtySet::default(), 3);
+        for serial in ["a", "b"] {
+            let mut w = Widget::new(
+                Name::parse("n", "w").unwrap(),
+                Ports::from_list("p", &[PortType::P]).unwrap(),
+            );
+            w.version = 1;
+            shared.map.pin().insert(s(serial), PackedWidget::pack(&w));
+        }
+        shared
+    }
+
+    type Outcome = oneshot::Receiver<Result<Reply, EngineError>>;
+
+    fn write(command: Command) -> (Job, Outcome) {
+        let (reply, outcome) = oneshot::channel();
+        (Job::Write { command, reply }, outcome)
+    }
+
+    #[test]
+    fn plan_orders_a_group_and_touches_nothing_but_the_batch() {
+        let shared = shared_with_a_and_b();
+        let (c, _) = write(create("c"));
+        let (ab, _) = write(associate("a", "b"));
+        let (c_again, _) = write(create("c"));
+        let (ab_again, _) = write(associate("b", "a"));
+        let group = vec![c, ab, Job::Trim(5), c_again, Job::Trim(3), ab_again];
+        let mut batch = LogBatch::new(10);
+
+        let plan = plan(&shared, group, &mut batch);
+
+        assert_eq!(
+            (batch.first_lsn(), batch.records()),
+            (10, 2),
+            "one record for the create, one for the association; the refusal and the \
+             association that already holds log nothing"
+        );
+        let durable: Vec<(&str, Mark, Option<u64>)> = plan
+            .durable
+            .iter()
+            .map(|(serial, d)| {
+                (
+                    serial.as_str(),
+                    d.mark,
+                    d.state.as_ref().map(PackedWidget::version),
+                )
+            })
+            .collect();
+        let plugged = Mark {
+            row: false,
+            ports: 0b001,
+        };
+        assert_eq!(
+            durable,
+            vec![
+                (
+                    "c",
+                    Mark {
+                        row: true,
+                        ports: 0
+                    },
+                    Some(10)
+                ),
+                ("a", plugged, Some(11)),
+                ("b", plugged, Some(11)),
+            ],
+            "each post-image carries its record's LSN and the mark from its before-image"
+        );
+        let answers: Vec<_> = plan.answers.iter().map(|(_, a)| a.clone()).collect();
+        assert!(matches!(answers[0], Ok(Reply::Created(_))));
+        assert!(matches!(answers[1], Ok(Reply::Associated { .. })));
+        assert!(
+            matches!(&answers[2], Err(EngineError::Domain(DomainError::WidgetExists(x))) if x.as_str() == "c"),
+            "the second create sees the first one in the same group: {:?}",
+            answers[2]
+        );
+        assert!(matches!(answers[3], Ok(Reply::Associated { .. })));
+        assert_eq!(plan.trim_to, Some(5));
+        assert!(!plan.stop);
+        assert!(
+            shared.map.pin().get("c").is_none() && shared.dirty.len() == 0,
+            "nothing is visible before the group is logged"
+        );
+        assert_eq!(shared.map.pin().get("a").unwrap().peers()[0], None);
+    }
+
+    #[test]
+    fn publish_shows_the_group_and_marks_it_dirty_up_to_its_lsn() {
+        let shared = shared_with_a_and_b();
+        let (c, _) = write(create("c"));
+        let (ab, _) = write(associate("a", "b"));
+        let (delete, _) = write(Command::Delete { serial: s("c") });
+        let mut batch = LogBatch::new(7);
+        let plan = plan(&shared, vec![c, ab, delete], &mut batch);
+
+        publish(&shared, plan.durable, batch.next_lsn() - 1);
+
+        assert!(shared.map.pin().get("c").is_none(), "created, then deleted");
+        assert_eq!(shared.map.pin().get("a").unwrap().peers()[0], Some("b"));
+        assert_eq!(shared.map.pin().get("b").unwrap().peers()[0], Some("a"));
+        let taken = shared.dirty.take();
+        assert_eq!(taken.covered_lsn, 9);
+        assert_eq!(taken.widgets.len(), 3);
+        assert_eq!(
+            taken.widgets[&s("c")],
+            Dirty {
+                mark: Mark {
+                    row: true,
+                    ports: 0
+                },
+                state: None
+            },
+            "a widget's marks add up and its last state wins"
+        );
+    }
+
+    #[test]
+    fn log_turns_each_disk_fault_into_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let shared = Shared::new(new_map(0), DirtySet::default(), 1);
+        let writer = WalWriter::open(
+            Arc::new(fs.clone()),
+            dir.path(),
+            vec![],
+            1,
+            1 << 20,
+            Arc::new(AtomicU64::new(0)),
+        )
+        .unwrap();
+        let mut log = Log {
+            writer,
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_secs(1),
+            last_sync: Instant::now(),
+        };
+        let batch_at = |lsn| {
+            let mut batch = LogBatch::new(lsn);
+            batch.push(&Record { changes: vec![] });
+            batch
+        };
+
+        log.write(&batch_at(1), &shared).unwrap();
+        fs.set(Fault::NoSpace);
+        assert!(matches!(
+            log.write(&batch_at(2), &shared),
+            Err(EngineError::DiskFull)
+        ));
+        fs.set(Fault::WalWrite);
+        assert!(matches!(
+            log.write(&batch_at(2), &shared),
+            Err(EngineError::WalWrite)
+        ));
+        fs.set(Fault::None);
+        assert_eq!(
+            log.writer.next_lsn(),
+            2,
+            "a refused batch leaves the log where it was"
+        );
+        log.write(&batch_at(2), &shared).unwrap();
+        assert!(shared.failed.get().is_none());
+
+        fs.set(Fault::SyncError);
+        assert!(matches!(
+            log.write(&batch_at(3), &shared),
+            Err(EngineError::WalFailed(_))
+        ));
+        assert!(
+            shared.failed.get().is_some(),
+            "a failed fsync fails the WAL for good"
+        );
+    }
+
+    #[test]
+    fn a_failed_log_answers_every_write_of_the_group_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FaultyFs::new();
+        let shared = Arc::new(shared_with_a_and_b());
+        let writer = WalWriter::open(
+            Arc::new(fs.clone()),
+            dir.path(),
+            vec![],
+            1,
+            1 << 20,
+            shared.wal_bytes.clone(),
+        )
+        .unwrap();
+        let mut seq = Sequencer {
+            shared: shared.clone(),
+            log: Log {
+                writer,
+                fsync: FsyncMode::Always,
+                fsync_interval: Duration::from_secs(1),
+                last_sync: Instant::now(),
+            },
+            batch: LogBatch::default(),
+        };
+        let (c, mut c_outcome) = write(create("c"));
+        let (refused, mut refused_outcome) = write(associate("a", "zz"));
+        fs.set(Fault::NoSpace);
+        assert!(!seq.process(&mut vec![c, refused]));
+        for outcome in [&mut c_outcome, &mut refused_outcome] {
+            assert!(matches!(outcome.try_recv(), Ok(Err(EngineError::DiskFull))));
+        }
+        assert!(shared.map.pin().get("c").is_none());
+        assert!(shared.dirty.len() == 0);
+
+        fs.set(Fault::None);
+        let (c, mut c_outcome) = write(create("c"));
+        assert!(seq.process(&mut vec![c, Job::Stop]));
+        assert!(matches!(c_outcome.try_recv(), Ok(Ok(Reply::Created(_)))));
+        assert!(matches!(c_outcome.try_recv(), Err(TryRecvError::Closed)));
+        assert_eq!(shared.map.pin().get("c").unwrap().version(), 1);
+    }
+}

@@ -1,0 +1,174 @@
+//! The single-node engine's side of a flush: one batch a flush, the whole dirty set as an
+//! exact cut at its checkpoint (see [`MemoryEngine::take_flush`]); once the store has it,
+//! the WAL drops what the checkpoint covers.
+
+use super::{Source, Taken};
+use crate::engine::memory::FlushTicket;
+use crate::engine::{EngineError, MemoryEngine};
+
+impl Source for MemoryEngine {
+    type Ticket = FlushTicket;
+
+    async fn take(&self) -> Result<Option<Taken<FlushTicket>>, EngineError> {
+        Ok(self.take_flush().await?.map(|(batch, ticket)| Taken {
+            batch,
+            ticket,
+            last: true,
+        }))
+    }
+
+    async fn finish(&self, ticket: FlushTicket, written: bool) -> Result<(), EngineError> {
+        self.finish_flush(ticket, written);
+        Ok(())
+    }
+
+    async fn wanted(&self) {
+        self.flush_wanted().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::domain::{Command, Name, PortType, Ports, Serial, Widget};
+    use crate::engine::{EngineSettings, MemoryEngine};
+    use crate::flush::Flusher;
+    use crate::store::{FlushBatch, SledStore, Store, StoreError, Visitor};
+    use crate::wal::{FsyncMode, RealFs, RecoveryMode};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// The real sled store, with a switch that makes writes fail.
+    struct Switchable {
+        inner: SledStore,
+        down: AtomicBool,
+    }
+
+    impl Store for Switchable {
+        async fn load(&self, visit: Visitor) -> Result<u64, StoreError> {
+            self.inner.load(visit).await
+        }
+
+        async fn len_hint(&self) -> Result<u64, StoreError> {
+            self.inner.len_hint().await
+        }
+
+        async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Task("store switched off by the test".into()));
+            }
+            self.inner.write_batch(batch).await
+        }
+    }
+
+    fn settings() -> EngineSettings {
+        EngineSettings {
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_secs(1),
+            wal_segment_bytes: 1024,
+            wal_max_bytes: 1 << 30,
+            wal_recovery: RecoveryMode::Strict,
+            queue_depth: 1024,
+            max_dirty: 1 << 20,
+            flush_batch_size: 1 << 20,
+        }
+    }
+
+    fn s(x: &str) -> Serial {
+        Serial::parse("s", x).unwrap()
+    }
+
+    async fn stored(store: &SledStore) -> (HashMap<Serial, Widget>, u64) {
+        let all = Arc::new(Mutex::new(HashMap::new()));
+        let sink = all.clone();
+        let checkpoint = store
+            .load(Box::new(move |serial, w| {
+                sink.lock().unwrap().insert(serial, w);
+            }))
+            .await
+            .unwrap();
+        let map = std::mem::take(&mut *all.lock().unwrap());
+        (map, checkpoint)
+    }
+
+    #[tokio::test]
+    async fn flush_once_writes_current_state_and_checkpoint_then_trims_the_wal() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let wal_dir = dir.path().join("wal");
+        let sled = SledStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+        let store = Arc::new(Switchable {
+            inner: sled.clone(),
+            down: AtomicBool::new(false),
+        });
+        let engine = Arc::new(
+            MemoryEngine::recover(&*store, &wal_dir, Arc::new(RealFs), settings())
+                .await
+                .unwrap(),
+        );
+        let flusher = Flusher::new(engine.clone(), store.clone());
+        assert_eq!(flusher.flush_once().await.unwrap(), 0, "nothing dirty yet");
+
+        for i in 0..30 {
+            engine
+                .execute(Command::Create {
+                    serial: s(&format!("w{i}")),
+                    name: Name::parse("n", "widget").unwrap(),
+                    ports: Ports::from_list("p", &[PortType::P]).unwrap(),
+                })
+                .await
+                .unwrap();
+        }
+        let assoc = Command::Associate {
+            port: PortType::P,
+            serial: s("w0"),
+            peer: s("w1"),
+        };
+        engine.execute(assoc).await.unwrap();
+        engine
+            .execute(Command::Delete { serial: s("w2") })
+            .await
+            .unwrap();
+        let segments_before = std::fs::read_dir(&wal_dir).unwrap().count();
+        assert!(segments_before > 1, "the test needs a rotated WAL");
+
+        // The store is down: nothing is lost, the serials stay dirty, the WAL stays.
+        store.down.store(true, Ordering::SeqCst);
+        assert!(flusher.flush_once().await.is_err());
+        assert_eq!(engine.dirty_len(), 30);
+        assert_eq!(engine.checkpoint(), 0);
+
+        store.down.store(false, Ordering::SeqCst);
+        assert_eq!(
+            flusher.flush_once().await.unwrap(),
+            30,
+            "29 widgets and one deletion"
+        );
+        assert!(engine.dirty_len() == 0);
+        let (widgets, checkpoint) = stored(&sled).await;
+        assert_eq!(checkpoint, 32);
+        assert_eq!(widgets.len(), 29);
+        assert!(!widgets.contains_key(&s("w2")));
+        assert_eq!(widgets[&s("w0")].peer(PortType::P), Some(&s("w1")));
+        assert_eq!(widgets[&s("w1")].peer(PortType::P), Some(&s("w0")));
+        assert_eq!(
+            widgets[&s("w1")].version,
+            31,
+            "a widget's version is the LSN that last touched it"
+        );
+
+        // The trim runs on the sequencer thread after the checkpoint; stop() waits for it.
+        tokio::task::spawn_blocking({
+            let engine = engine.clone();
+            move || engine.stop()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            std::fs::read_dir(&wal_dir).unwrap().count(),
+            1,
+            "only the active segment is left"
+        );
+    }
+}
