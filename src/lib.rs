@@ -6,14 +6,19 @@
 //!
 //! # Layout
 //! - [`config`]: every setting, by flag or environment variable, with its default.
-//! - [`app`]: start-up (recovery), serving, graceful shutdown.
+//! - [`app`]: picks the store and engine, serves, runs the flusher, graceful shutdown.
 //! - [`api`]: the HTTP routes, one file per resource, plus health, readiness, metrics, OpenAPI.
 //! - [`error`]: `ApiError`, the one HTTP error type and its JSON body.
-//! - [`domain`]: serials, names, ports, widgets, and the association rules as pure functions.
-//! - [`engine`]: the hot state: the papaya map, the dirty set, the sequencer thread.
-//! - [`wal`]: the write-ahead log: format, writer with group commit, recovery, file-system seam.
-//! - [`store`]: the durable-store trait and the embedded sled store.
-//! - [`flush`]: the flusher that writes dirty widgets behind to the store and trims the WAL.
+//! - [`domain`]: serials, names, ports, widgets and their one validator, changes and their
+//!   marks, and the association rules as pure functions.
+//! - [`engine`]: the hot state behind one interface: `memory` (the papaya map, the dirty
+//!   set, the sequencer thread, recovery from the store and the WAL) and, with the `redis`
+//!   feature, `redis` (scripts, optimistic writes, the one-time load from PostgreSQL).
+//! - [`wal`]: the write-ahead log: format and framing, writer with group commit, recovery,
+//!   file-system seam.
+//! - [`store`]: the durable-store trait; the embedded sled store and PostgreSQL.
+//! - [`flush`]: write-behind: the loop with its backoff and the one flusher, driving each
+//!   engine's side of a flush.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`listener`]: the TCP listener with a connection cap.
 //! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.

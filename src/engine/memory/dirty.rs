@@ -5,7 +5,7 @@
 //! Keeping the state here, not only in the map, makes a flush's take a swap of one hash
 //! table under this set's lock: the taken states are exactly those at `covered_lsn`, and
 //! nothing reads the map under a lock that writes wait for. (Reading 100,000 widgets out of
-//! the map under the apply lock stalled every write for 5-24 ms twice a second.)
+//! the map under the lock writes publish under stalled every write for 5-24 ms twice a second.)
 
 use super::packed::PackedWidget;
 use crate::domain::{Mark, Serial};

@@ -142,7 +142,7 @@ impl MemoryEngine {
 
     /// The widget's durable state.
     pub fn get(&self, serial: &Serial) -> Option<Widget> {
-        let _applied = self.shared.apply_lock.read().expect("apply lock");
+        let _published = self.shared.publish_lock.read().expect("publish lock");
         self.shared.map.pin().get(serial).map(PackedWidget::unpack)
     }
 

@@ -10,7 +10,7 @@
 //! 2. [`Log::write`]: appends the batch with one `write` and, as the fsync mode says, one
 //!    `fdatasync`;
 //! 3. [`publish`]: only once the batch is durable, puts the post-images into the map
-//!    under the apply lock and marks them dirty with the group's last LSN; then every write
+//!    under the publish lock and marks them dirty with the group's last LSN; then every write
 //!    is answered.
 //!
 //! Requests that arrive during an fsync wait in the queue and form the next group, so under
@@ -298,12 +298,12 @@ impl Log {
     }
 }
 
-/// Stage 3: makes a logged group visible: its post-images go into the map under the apply
+/// Stage 3: makes a logged group visible: its post-images go into the map under the publish
 /// lock (readers see all of them or none) and into the dirty set, which then covers
 /// `covered_lsn`.
 fn publish(shared: &Shared, durable: Vec<(Serial, Dirty)>, covered_lsn: u64) {
     {
-        let _applying = shared.apply_lock.write().expect("apply lock");
+        let _publishing = shared.publish_lock.write().expect("publish lock");
         let guard = shared.map.guard();
         for (serial, dirty) in &durable {
             match &dirty.state {

@@ -31,7 +31,7 @@ pub(super) struct Shared {
     pub map: WidgetMap,
     /// The sequencer publishes a group's changes under the write side; reads take the
     /// read side, so no reader sees one side of an association change.
-    pub apply_lock: RwLock<()>,
+    pub publish_lock: RwLock<()>,
     pub dirty: DirtySet,
     /// Bytes of every WAL segment on disk (the writer keeps it current).
     pub wal_bytes: Arc<AtomicU64>,
@@ -46,7 +46,7 @@ impl Shared {
     pub fn new(map: WidgetMap, dirty: DirtySet, flush_batch_size: usize) -> Self {
         Self {
             map,
-            apply_lock: RwLock::new(()),
+            publish_lock: RwLock::new(()),
             dirty,
             wal_bytes: Arc::new(AtomicU64::new(0)),
             failed: OnceLock::new(),

@@ -5,7 +5,7 @@
 //! A write is optimistic: the instance reads the widgets a command names (one atomic read
 //! script), runs the same association rules as every backend ([`crate::domain::rules`]),
 //! reading old peers in a second round if the rules need them, and then sends the
-//! post-images in one script ([`scripts::APPLY`]) that checks every widget read is still
+//! post-images in one script ([`scripts::WRITE_IF_UNCHANGED`]) that checks every widget read is still
 //! at the version read, and only then writes them all, bumps their versions from one
 //! counter and marks them dirty, atomically. If another write got there first the command
 //! runs again on fresh state. So every change is atomic and no client of any instance
@@ -125,14 +125,14 @@ impl RedisEngine {
             if touched.is_empty() {
                 return Ok(reply); // already so: nothing to write
             }
-            match self.apply(&known, &touched).await? {
-                Applied::Done => return Ok(reply),
-                Applied::Overloaded => {
+            match self.write_if_unchanged(&known, &touched).await? {
+                Written::Done => return Ok(reply),
+                Written::Overloaded => {
                     return Err(EngineError::Overloaded(
                         "too many changes are waiting for the durable store",
                     ))
                 }
-                Applied::Conflict => {
+                Written::Conflict => {
                     metrics::counter!("widgets_redis_write_conflicts_total").increment(1)
                 }
             }
@@ -145,8 +145,12 @@ impl RedisEngine {
     /// Sends the post-images, unless a widget read has changed since (a lost race) or the
     /// dirty set is full. Each goes with the mark of what it changes, from the state the
     /// rules read.
-    async fn apply(&self, known: &Known, touched: &[Touched]) -> Result<Applied, EngineError> {
-        let mut invocation = scripts::APPLY.prepare_invoke();
+    async fn write_if_unchanged(
+        &self,
+        known: &Known,
+        touched: &[Touched],
+    ) -> Result<Written, EngineError> {
+        let mut invocation = scripts::WRITE_IF_UNCHANGED.prepare_invoke();
         invocation
             .arg(&self.prefix)
             .arg(self.max_dirty)
@@ -156,7 +160,7 @@ impl RedisEngine {
         }
         invocation.arg(touched.len());
         for Touched { change, before } in touched {
-            // The eight strings APPLY reads per change: serial, kind, name, ports, the peer
+            // The eight strings WRITE_IF_UNCHANGED reads per change: serial, kind, name, ports, the peer
             // on P, R, Q, and the mark.
             invocation.arg(change.serial().as_str());
             match change.after() {
@@ -180,10 +184,10 @@ impl RedisEngine {
             .await
             .map_err(unavailable)?;
         Ok(match answer.first().map(String::as_str) {
-            Some("ok") => Applied::Done,
-            Some("overloaded") => Applied::Overloaded,
+            Some("ok") => Written::Done,
+            Some("overloaded") => Written::Overloaded,
             Some("not_loaded") => return Err(lost_data()),
-            _ => Applied::Conflict,
+            _ => Written::Conflict,
         })
     }
 
@@ -331,7 +335,7 @@ pub struct Taken {
     pub at_ms: String,
 }
 
-enum Applied {
+enum Written {
     Done,
     Conflict,
     Overloaded,

@@ -63,7 +63,7 @@ return out
 /// {"ok", version}, {"conflict", serial}, or {"overloaded", dirty count} when the dirty set
 /// is at its limit (PostgreSQL is behind) and the write would add to it, or
 /// {"not_loaded"} if Redis has lost its data.
-pub static APPLY: LazyLock<Script> = LazyLock::new(|| {
+pub static WRITE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
