@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use reqwest::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
-use widgets::domain::{Command, Name, PortType, Ports, Serial};
+use widgets::domain::{Associate, Create, Delete, Free, Name, PortType, Ports, Serial};
 use widgets::engine::redis::RedisEngine;
 use widgets::flush::redis::RedisSource;
 use widgets::flush::Flusher;
@@ -143,7 +143,7 @@ fn s(x: &str) -> Serial {
 }
 
 async fn create(engine: &RedisEngine, serial: &str) {
-    let command = Command::Create {
+    let command = Create {
         serial: s(serial),
         name: Name::parse("n", "w").unwrap(),
         ports: Ports::from_list("p", &[PortType::P]).unwrap(),
@@ -152,7 +152,7 @@ async fn create(engine: &RedisEngine, serial: &str) {
 }
 
 async fn associate(engine: &RedisEngine, a: &str, b: &str) {
-    let command = Command::Associate {
+    let command = Associate {
         port: PortType::P,
         serial: s(a),
         peer: s(b),
@@ -200,10 +200,7 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
     // A slow flusher takes a batch; the state moves on and a fast flusher writes it...
     let slow = engine.take(1000).await.unwrap().items;
     associate(&engine, "c", "b").await; // b re-plugged from a to c
-    engine
-        .execute(Command::Delete { serial: s("d") })
-        .await
-        .unwrap();
+    engine.execute(Delete { serial: s("d") }).await.unwrap();
     assert_eq!(flusher.flush_once().await.unwrap(), 4);
     // ...and changes again (c re-plugged from b to a: a, b, c dirty again).
     associate(&engine, "a", "c").await;
@@ -382,7 +379,7 @@ async fn a_slow_flusher_cannot_plug_a_freed_port_again() {
     associate(&engine, "x", "y").await;
     let slow = engine.take(1000).await.unwrap().items; // x and y plugged
     engine
-        .execute(Command::Free {
+        .execute(Free {
             serial: s("x"),
             port: PortType::P,
         })

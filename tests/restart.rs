@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use widgets::domain::{self, PortType, Serial, StateView, Tx, Widget};
+use widgets::domain::{self, PortType, Rule, Serial, StateView, Tx, Widget};
 
 /// The client's model of its own widgets: the association rules applied to what it sent.
 #[derive(Clone, Default)]
@@ -22,10 +22,10 @@ impl StateView for Model {
 }
 
 impl Model {
-    fn apply(&mut self, command: &domain::Command) {
+    fn apply<R: Rule>(&mut self, write: &R) {
         let mut tx = Tx::new(&*self);
-        command
-            .apply(&mut tx)
+        write
+            .run(&mut tx)
             .expect("the model accepts what the server accepted");
         for change in tx.into_changes() {
             match change {
@@ -89,7 +89,7 @@ async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Mode
     let mut rng = fastrand::Rng::with_seed(id as u64);
     for serial in &serials {
         let body = json!({"name": "crash", "serial_number": serial, "ports": ["P", "R", "Q"]});
-        let command = domain::Command::Create {
+        let command = domain::Create {
             serial: s(serial),
             name: domain::Name::parse("n", "crash").unwrap(),
             ports: domain::Ports::from_list("p", &PortType::ALL).unwrap(),
@@ -113,7 +113,7 @@ async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Mode
         let a = &serials[rng.usize(..WIDGETS_PER_WRITER)];
         let b = &serials[rng.usize(..WIDGETS_PER_WRITER)];
         let sent = if rng.u8(..4) == 0 || a == b {
-            let command = domain::Command::Free { serial: s(a), port };
+            let command = domain::Free { serial: s(a), port };
             let path = format!("/widgets/{a}/associations/{}", port.as_str());
             send(
                 &client,
@@ -127,7 +127,7 @@ async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Mode
             .await
         } else {
             let body = json!({"port_type": port.as_str(), "widget_serial_num": a, "peer_widget_serial_num": b});
-            let command = domain::Command::Associate {
+            let command = domain::Associate {
                 port,
                 serial: s(a),
                 peer: s(b),
@@ -151,14 +151,14 @@ async fn writer(client: Client, base: String, id: usize, ledger: Arc<Mutex<(Mode
 }
 
 /// Sends one write; on success moves the ledger forward. Returns false once the server is gone.
-async fn send(
+async fn send<R: Rule>(
     client: &Client,
     base: &str,
     ledger: &Mutex<(Model, Model)>,
     method: reqwest::Method,
     path: String,
     body: Option<Value>,
-    command: domain::Command,
+    command: R,
 ) -> bool {
     {
         let mut l = ledger.lock().unwrap();

@@ -3,12 +3,12 @@
 use super::extract::{JsonBody, PathParams};
 use super::widgets::path_serial;
 use super::AppState;
-use crate::domain::{Command, PortType, Reply, Serial, ValidationError, WidgetView};
+use crate::domain::{self, Associated, Free, PortType, Serial, ValidationError};
 use crate::error::{ApiError, ErrorBody};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Body of `PUT /widgets/associations`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -21,8 +21,8 @@ pub struct Associate {
 }
 
 impl Associate {
-    fn validate(&self) -> Result<Command, ValidationError> {
-        Ok(Command::Associate {
+    fn validate(&self) -> Result<domain::Associate, ValidationError> {
+        Ok(domain::Associate {
             port: PortType::parse("port_type", &self.port_type)?,
             serial: Serial::parse("widget_serial_num", &self.widget_serial_num)?,
             peer: Serial::parse("peer_widget_serial_num", &self.peer_widget_serial_num)?,
@@ -31,12 +31,6 @@ impl Associate {
 }
 
 /// Both widgets as they are after the association.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Associated {
-    pub widget: WidgetView,
-    pub peer: WidgetView,
-}
-
 /// Associate two widgets on a port. Either side's previous peer on that port is freed in
 /// the same atomic step; repeating the call changes nothing.
 #[utoipa::path(put, path = "/widgets/associations", tag = "associations", request_body = Associate,
@@ -52,14 +46,8 @@ pub async fn associate(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Associate>,
 ) -> Result<Json<Associated>, ApiError> {
-    let command = body.validate()?;
-    match state.engine()?.execute(command).await? {
-        Reply::Associated { widget, peer } => Ok(Json(Associated { widget, peer })),
-        other => {
-            tracing::error!(?other, "the engine answered with the wrong kind of reply");
-            Err(ApiError::Internal)
-        }
-    }
+    let associate = body.validate()?;
+    Ok(Json(state.engine()?.execute(associate).await?))
 }
 
 /// Free a port; the peer's port is freed too. Freeing a free port is a `204`.
@@ -80,9 +68,6 @@ pub async fn free(
 ) -> Result<StatusCode, ApiError> {
     let serial = path_serial(&serial)?;
     let port = PortType::parse("port_type", &port)?;
-    state
-        .engine()?
-        .execute(Command::Free { serial, port })
-        .await?;
+    state.engine()?.execute(Free { serial, port }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,9 +1,9 @@
 //! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
 
-use super::associations::{self, Associate, Associated};
+use super::associations::{self, Associate};
 use super::widgets::{self, CreateWidget};
 use super::AppState;
-use crate::domain::{PortType, WidgetView};
+use crate::domain::{Associated, PortType, WidgetView};
 use crate::error::{ApiError, ErrorBody, ErrorDetail};
 use axum::extract::State;
 use axum::http::header;

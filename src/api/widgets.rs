@@ -2,7 +2,7 @@
 
 use super::extract::{JsonBody, PathParams};
 use super::AppState;
-use crate::domain::{Command, Name, PortType, Ports, Reply, Serial, ValidationError, WidgetView};
+use crate::domain::{Create, Delete, Name, PortType, Ports, Serial, ValidationError, WidgetView};
 use crate::error::{ApiError, ErrorBody};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -23,7 +23,7 @@ pub struct CreateWidget {
 }
 
 impl CreateWidget {
-    fn validate(&self) -> Result<Command, ValidationError> {
+    fn validate(&self) -> Result<Create, ValidationError> {
         let serial = Serial::parse("serial_number", &self.serial_number)?;
         let name = Name::parse("name", &self.name)?;
         let list = self
@@ -33,7 +33,7 @@ impl CreateWidget {
             .map(|(i, p)| PortType::parse(&format!("ports[{i}]"), p))
             .collect::<Result<Vec<_>, _>>()?;
         let ports = Ports::from_list("ports", &list)?;
-        Ok(Command::Create {
+        Ok(Create {
             serial,
             name,
             ports,
@@ -61,23 +61,15 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateWidget>,
 ) -> Result<Response, ApiError> {
-    let command = body.validate()?;
-    let engine = state.engine()?;
-    match engine.execute(command).await? {
-        Reply::Created(view) => {
-            let location = format!("/widgets/{}", view.serial_number);
-            Ok((
-                StatusCode::CREATED,
-                [(header::LOCATION, location)],
-                Json(view),
-            )
-                .into_response())
-        }
-        other => {
-            tracing::error!(?other, "the engine answered with the wrong kind of reply");
-            Err(ApiError::Internal)
-        }
-    }
+    let create = body.validate()?;
+    let view = state.engine()?.execute(create).await?;
+    let location = format!("/widgets/{}", view.serial_number);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(view),
+    )
+        .into_response())
 }
 
 /// Read a widget.
@@ -138,6 +130,6 @@ pub async fn delete(
 
 async fn delete_serial(state: &AppState, serial: &str) -> Result<StatusCode, ApiError> {
     let serial = path_serial(serial)?;
-    state.engine()?.execute(Command::Delete { serial }).await?;
+    state.engine()?.execute(Delete { serial }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -12,6 +12,8 @@ pub mod values;
 pub mod widget;
 
 pub use change::{Change, Mark};
-pub use rules::{Command, DomainError, Reply, StateView, Touched, Tx};
+pub use rules::{
+    Associate, Associated, Create, Delete, DomainError, Free, Rule, StateView, Touched, Tx,
+};
 pub use values::{Name, PortType, Ports, Serial, ValidationError, MAX_NAME_LEN, MAX_SERIAL_LEN};
 pub use widget::{Widget, WidgetView};

@@ -1,8 +1,9 @@
 //! The association rules as pure functions: create, delete (freeing every peer), associate
 //! (re-plugging frees the old peers) and free a port.
 //!
-//! A [`Command`] runs against a [`Tx`]: reads go through the transaction to the state
-//! underneath, writes stay in the transaction. The transaction's [`Change`]s are the
+//! A write ([`Create`], [`Delete`], [`Associate`], [`Free`], each a [`Rule`]) runs against
+//! a [`Tx`]: reads go through the transaction to the state underneath, writes stay in the
+//! transaction. The transaction's [`Change`]s are the
 //! post-images of every widget the command touched, which is what a backend makes durable
 //! as one atomic step. Every backend shares these rules, so they answer alike.
 
@@ -123,124 +124,159 @@ pub enum DomainError {
     SelfAssociation(Serial),
 }
 
-/// A validated write request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Create {
-        serial: Serial,
-        name: Name,
-        ports: Ports,
-    },
-    Delete {
-        serial: Serial,
-    },
-    Associate {
-        port: PortType,
-        serial: Serial,
-        peer: Serial,
-    },
-    Free {
-        serial: Serial,
-        port: PortType,
-    },
+/// One kind of write: the widgets it names, its rules over a transaction, and what it
+/// answers with once it is durable. Each kind is its own type, so every backend's
+/// `execute` hands a caller exactly the answer its kind has.
+pub trait Rule: Send + 'static {
+    /// What the write answers with.
+    type Output: Send + 'static;
+
+    /// The widgets the write names; the rules may read more (their old peers).
+    fn serials(&self) -> Vec<&Serial>;
+
+    /// Runs the rules in `tx`. On error `tx` may hold partial writes: drop it.
+    fn run<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<Self::Output, DomainError>;
 }
 
-/// What a command answers with once it is durable.
+/// Create a widget; answers with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Created(WidgetView),
-    Associated {
-        widget: WidgetView,
-        peer: WidgetView,
-    },
-    Done,
+pub struct Create {
+    pub serial: Serial,
+    pub name: Name,
+    pub ports: Ports,
 }
 
-impl Command {
-    /// The widgets the command names; the rules may read more (their old peers).
-    pub fn serials(&self) -> Vec<&Serial> {
-        match self {
-            Command::Create { serial, .. }
-            | Command::Delete { serial }
-            | Command::Free { serial, .. } => vec![serial],
-            Command::Associate { serial, peer, .. } => vec![serial, peer],
-        }
+/// Delete a widget, freeing every peer's port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delete {
+    pub serial: Serial,
+}
+
+/// Plug two widgets together on a port, freeing whatever either was plugged into;
+/// answers with both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Associate {
+    pub port: PortType,
+    pub serial: Serial,
+    pub peer: Serial,
+}
+
+/// Free a widget's port and its peer's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Free {
+    pub serial: Serial,
+    pub port: PortType,
+}
+
+/// Both widgets of an association as they are now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Associated {
+    pub widget: WidgetView,
+    pub peer: WidgetView,
+}
+
+impl Rule for Create {
+    type Output = WidgetView;
+
+    fn serials(&self) -> Vec<&Serial> {
+        vec![&self.serial]
     }
 
-    /// Runs the command's rules in `tx`. On error `tx` may hold partial writes: drop it.
-    pub fn apply<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<Reply, DomainError> {
-        match self {
-            Command::Create {
-                serial,
-                name,
-                ports,
-            } => {
-                if tx.get(serial).is_some() {
-                    return Err(DomainError::WidgetExists(serial.clone()));
-                }
-                let widget = Widget::new(name.clone(), *ports);
-                let view = widget.view(serial);
-                tx.set(serial, Some(widget));
-                Ok(Reply::Created(view))
-            }
-            Command::Delete { serial } => {
-                let widget = existing(tx, serial)?;
-                for port in widget.ports.iter() {
-                    if let Some(peer) = widget.peer(port) {
-                        tx.unplug(peer, port, serial);
-                    }
-                }
-                tx.set(serial, None);
-                Ok(Reply::Done)
-            }
-            Command::Associate { port, serial, peer } => {
-                let port = *port;
-                if serial == peer {
-                    return Err(DomainError::SelfAssociation(serial.clone()));
-                }
-                let mut a = existing(tx, serial)?;
-                let mut b = existing(tx, peer)?;
-                for (s, w) in [(serial, &a), (peer, &b)] {
-                    if !w.ports.contains(port) {
-                        return Err(DomainError::PortNotAvailable {
-                            serial: s.clone(),
-                            port,
-                        });
-                    }
-                }
-                if a.peer(port) != Some(peer) || b.peer(port) != Some(serial) {
-                    // Re-plug: whoever either side was plugged into loses its end.
-                    if let Some(old) = a.peer(port).filter(|old| *old != peer) {
-                        tx.unplug(old, port, serial);
-                    }
-                    if let Some(old) = b.peer(port).filter(|old| *old != serial) {
-                        tx.unplug(old, port, peer);
-                    }
-                    a.peers[port.index()] = Some(peer.clone());
-                    b.peers[port.index()] = Some(serial.clone());
-                    tx.set(serial, Some(a.clone()));
-                    tx.set(peer, Some(b.clone()));
-                }
-                Ok(Reply::Associated {
-                    widget: a.view(serial),
-                    peer: b.view(peer),
-                })
-            }
-            Command::Free { serial, port } => {
-                let mut widget = existing(tx, serial)?;
-                if !widget.ports.contains(*port) {
-                    return Err(DomainError::PortNotAvailable {
-                        serial: serial.clone(),
-                        port: *port,
-                    });
-                }
-                if let Some(peer) = widget.peers[port.index()].take() {
-                    tx.set(serial, Some(widget));
-                    tx.unplug(&peer, *port, serial);
-                }
-                Ok(Reply::Done)
+    fn run<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<WidgetView, DomainError> {
+        if tx.get(&self.serial).is_some() {
+            return Err(DomainError::WidgetExists(self.serial.clone()));
+        }
+        let widget = Widget::new(self.name.clone(), self.ports);
+        let view = widget.view(&self.serial);
+        tx.set(&self.serial, Some(widget));
+        Ok(view)
+    }
+}
+
+impl Rule for Delete {
+    type Output = ();
+
+    fn serials(&self) -> Vec<&Serial> {
+        vec![&self.serial]
+    }
+
+    fn run<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<(), DomainError> {
+        let serial = &self.serial;
+        let widget = existing(tx, serial)?;
+        for port in widget.ports.iter() {
+            if let Some(peer) = widget.peer(port) {
+                tx.unplug(peer, port, serial);
             }
         }
+        tx.set(serial, None);
+        Ok(())
+    }
+}
+
+impl Rule for Associate {
+    type Output = Associated;
+
+    fn serials(&self) -> Vec<&Serial> {
+        vec![&self.serial, &self.peer]
+    }
+
+    fn run<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<Associated, DomainError> {
+        let Associate { port, serial, peer } = self;
+        let port = *port;
+        if serial == peer {
+            return Err(DomainError::SelfAssociation(serial.clone()));
+        }
+        let mut a = existing(tx, serial)?;
+        let mut b = existing(tx, peer)?;
+        for (s, w) in [(serial, &a), (peer, &b)] {
+            if !w.ports.contains(port) {
+                return Err(DomainError::PortNotAvailable {
+                    serial: s.clone(),
+                    port,
+                });
+            }
+        }
+        if a.peer(port) != Some(peer) || b.peer(port) != Some(serial) {
+            // Re-plug: whoever either side was plugged into loses its end.
+            if let Some(old) = a.peer(port).filter(|old| *old != peer) {
+                tx.unplug(old, port, serial);
+            }
+            if let Some(old) = b.peer(port).filter(|old| *old != serial) {
+                tx.unplug(old, port, peer);
+            }
+            a.peers[port.index()] = Some(peer.clone());
+            b.peers[port.index()] = Some(serial.clone());
+            tx.set(serial, Some(a.clone()));
+            tx.set(peer, Some(b.clone()));
+        }
+        Ok(Associated {
+            widget: a.view(serial),
+            peer: b.view(peer),
+        })
+    }
+}
+
+impl Rule for Free {
+    type Output = ();
+
+    fn serials(&self) -> Vec<&Serial> {
+        vec![&self.serial]
+    }
+
+    fn run<V: StateView + ?Sized>(&self, tx: &mut Tx<'_, V>) -> Result<(), DomainError> {
+        let Free { serial, port } = self;
+        let mut widget = existing(tx, serial)?;
+        if !widget.ports.contains(*port) {
+            return Err(DomainError::PortNotAvailable {
+                serial: serial.clone(),
+                port: *port,
+            });
+        }
+        if let Some(peer) = widget.peers[port.index()].take() {
+            tx.set(serial, Some(widget));
+            tx.unplug(&peer, *port, serial);
+        }
+        Ok(())
     }
 }
 
@@ -267,9 +303,9 @@ mod tests {
     }
 
     impl Map {
-        fn run(&mut self, cmd: Command) -> Result<(Reply, usize), DomainError> {
+        fn run<R: Rule>(&mut self, rule: R) -> Result<(R::Output, usize), DomainError> {
             let mut tx = Tx::new(&*self);
-            let reply = cmd.apply(&mut tx)?;
+            let reply = rule.run(&mut tx)?;
             let changes = tx.into_changes();
             let n = changes.len();
             for change in changes {
@@ -291,7 +327,7 @@ mod tests {
     }
 
     fn create(map: &mut Map, serial: &str, ports: &[PortType]) {
-        map.run(Command::Create {
+        map.run(Create {
             serial: s(serial),
             name: Name::parse("name", "w").unwrap(),
             ports: Ports::from_list("ports", ports).unwrap(),
@@ -299,8 +335,8 @@ mod tests {
         .unwrap();
     }
 
-    fn assoc(port: PortType, a: &str, b: &str) -> Command {
-        Command::Associate {
+    fn assoc(port: PortType, a: &str, b: &str) -> Associate {
+        Associate {
             port,
             serial: s(a),
             peer: s(b),
@@ -367,13 +403,13 @@ mod tests {
         m.run(assoc(P, "a", "b")).unwrap();
         m.run(assoc(R, "b", "a")).unwrap();
         m.run(assoc(Q, "a", "c")).unwrap();
-        m.run(Command::Delete { serial: s("a") }).unwrap();
+        m.run(Delete { serial: s("a") }).unwrap();
         assert!(!m.0.contains_key(&s("a")));
         assert_eq!(m.peer("b", P), None);
         assert_eq!(m.peer("b", R), None);
         assert_eq!(m.peer("c", Q), None);
         assert_eq!(
-            m.run(Command::Delete { serial: s("a") }),
+            m.run(Delete { serial: s("a") }),
             Err(DomainError::NotFound(s("a")))
         );
     }
@@ -384,7 +420,7 @@ mod tests {
         create(&mut m, "a", &[P]);
         create(&mut m, "b", &[P]);
         m.run(assoc(P, "a", "b")).unwrap();
-        let free = |x: &str, port| Command::Free { serial: s(x), port };
+        let free = |x: &str, port| Free { serial: s(x), port };
         assert_eq!(m.run(free("b", P)).unwrap().1, 2);
         assert_eq!(m.peer("a", P), None);
         assert_eq!(m.run(free("b", P)).unwrap().1, 0, "freeing a free port");
@@ -394,7 +430,7 @@ mod tests {
         ));
         create(&mut m, "a2", &[P]);
         assert_eq!(
-            m.run(Command::Create {
+            m.run(Create {
                 serial: s("a2"),
                 name: Name::parse("name", "x").unwrap(),
                 ports: Ports::from_list("ports", &[P]).unwrap()

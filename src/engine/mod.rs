@@ -10,7 +10,7 @@ pub mod redis;
 
 pub use memory::{EngineSettings, MemoryEngine, RecoveryError};
 
-use crate::domain::{Command, DomainError, Reply, Serial, Widget};
+use crate::domain::{DomainError, Rule, Serial, Widget};
 use std::sync::Arc;
 
 /// The hot state the API serves from.
@@ -31,12 +31,13 @@ impl Engine {
         }
     }
 
-    /// Applies a write atomically; returns once it is as durable as the backend promises.
-    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
+    /// Makes a write atomically; returns its answer once it is as durable as the backend
+    /// promises.
+    pub async fn execute<R: Rule>(&self, rule: R) -> Result<R::Output, EngineError> {
         match self {
-            Engine::Memory(m) => m.execute(command).await,
+            Engine::Memory(m) => m.execute(rule).await,
             #[cfg(feature = "redis")]
-            Engine::Redis(r) => r.execute(command).await,
+            Engine::Redis(r) => r.execute(rule).await,
         }
     }
 

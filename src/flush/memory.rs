@@ -29,7 +29,7 @@ impl Source for MemoryEngine {
 
 #[cfg(test)]
 mod tests {
-    use crate::domain::{Command, Name, PortType, Ports, Serial, Widget};
+    use crate::domain::{Associate, Create, Delete, Name, PortType, Ports, Serial, Widget};
     use crate::engine::{EngineSettings, MemoryEngine};
     use crate::flush::Flusher;
     use crate::store::{FlushBatch, SledStore, Store, StoreError, Visitor};
@@ -112,7 +112,7 @@ mod tests {
 
         for i in 0..30 {
             engine
-                .execute(Command::Create {
+                .execute(Create {
                     serial: s(&format!("w{i}")),
                     name: Name::parse("n", "widget").unwrap(),
                     ports: Ports::from_list("p", &[PortType::P]).unwrap(),
@@ -120,16 +120,13 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let assoc = Command::Associate {
+        let assoc = Associate {
             port: PortType::P,
             serial: s("w0"),
             peer: s("w1"),
         };
         engine.execute(assoc).await.unwrap();
-        engine
-            .execute(Command::Delete { serial: s("w2") })
-            .await
-            .unwrap();
+        engine.execute(Delete { serial: s("w2") }).await.unwrap();
         let segments_before = std::fs::read_dir(&wal_dir).unwrap().count();
         assert!(segments_before > 1, "the test needs a rotated WAL");
 

@@ -23,7 +23,7 @@ use self::packed::PackedWidget;
 use self::sequencer::Job;
 use self::state::{new_map, Shared};
 use super::EngineError;
-use crate::domain::{Command, Reply, Serial, Widget};
+use crate::domain::{Rule, Serial, Widget};
 use crate::store::{FlushBatch, FlushItem, Store, StoreError};
 use crate::wal::{FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
 use std::path::Path;
@@ -32,7 +32,6 @@ use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
 /// The most widgets start-up sizes the map for from the store's hint (ten times the
 /// design's 10 million); a larger hint is ignored and the map grows as it loads.
@@ -146,8 +145,9 @@ impl MemoryEngine {
         self.shared.map.pin().get(serial).map(PackedWidget::unpack)
     }
 
-    /// Orders, logs and applies a write; returns once it is durable (or refused).
-    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
+    /// Orders, logs and publishes a write; returns its answer once it is durable (or
+    /// refused).
+    pub async fn execute<R: Rule>(&self, rule: R) -> Result<R::Output, EngineError> {
         if let Some(reason) = self.shared.failed.get() {
             return Err(EngineError::WalFailed(reason.clone()));
         }
@@ -161,8 +161,8 @@ impl MemoryEngine {
                 "the WAL is over its size limit while the durable store catches up",
             ));
         }
-        let (reply, answer) = oneshot::channel();
-        match self.jobs.try_send(Job::Write { command, reply }) {
+        let (job, answer) = sequencer::write(rule);
+        match self.jobs.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(EngineError::Overloaded("the write queue is full"))

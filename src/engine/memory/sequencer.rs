@@ -20,7 +20,7 @@
 use super::dirty::Dirty;
 use super::packed::PackedWidget;
 use super::state::{Shared, WidgetMap};
-use crate::domain::{Change, Command, Mark, Reply, Serial, StateView, Touched, Tx, Widget};
+use crate::domain::{Change, Mark, Rule, Serial, StateView, Touched, Tx, Widget};
 use crate::engine::EngineError;
 use crate::wal::{AppendError, FsyncMode, LogBatch, Record, WalWriter};
 // foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
@@ -34,17 +34,60 @@ use tokio::sync::oneshot;
 /// Most writes one group takes, so one group's latency stays bounded.
 const MAX_GROUP: usize = 4096;
 
-/// Where a write's outcome goes.
-pub(super) type Answer = oneshot::Sender<Result<Reply, EngineError>>;
-
 pub(super) enum Job {
-    Write {
-        command: Command,
-        reply: Answer,
-    },
+    Write(Box<dyn Write>),
     /// The store holds everything up to this LSN.
     Trim(u64),
     Stop,
+}
+
+/// A write of any kind, waiting for its group: its rules, and where its answer goes.
+pub(super) trait Write: Send {
+    /// Runs the write's rules in `tx` and keeps their outcome for the answer; returns
+    /// whether they accepted it.
+    fn run(&mut self, tx: &mut Tx<'_, GroupView<'_>>) -> bool;
+
+    /// Answers with the kept outcome if the group was `logged`, else with its error.
+    fn answer(self: Box<Self>, logged: Result<(), EngineError>);
+}
+
+/// A write of kind `R`, and the channel its typed answer goes to.
+struct Pending<R: Rule> {
+    rule: R,
+    outcome: Option<Result<R::Output, EngineError>>,
+    reply: oneshot::Sender<Result<R::Output, EngineError>>,
+}
+
+/// The job for `rule`, and where its answer will come.
+pub(super) fn write<R: Rule>(rule: R) -> (Job, oneshot::Receiver<Result<R::Output, EngineError>>) {
+    let (reply, answer) = oneshot::channel();
+    let pending = Pending {
+        rule,
+        outcome: None,
+        reply,
+    };
+    (Job::Write(Box::new(pending)), answer)
+}
+
+impl<R: Rule> Write for Pending<R> {
+    fn run(&mut self, tx: &mut Tx<'_, GroupView<'_>>) -> bool {
+        let outcome = self.rule.run(tx).map_err(EngineError::from);
+        let accepted = outcome.is_ok();
+        self.outcome = Some(outcome);
+        accepted
+    }
+
+    fn answer(self: Box<Self>, logged: Result<(), EngineError>) {
+        let answer = match (logged, self.outcome) {
+            (Err(error), _) => Err(error),
+            (Ok(()), Some(outcome)) => outcome,
+            // Refused before its rules ran (the WAL had failed).
+            (Ok(()), None) => Err(EngineError::WalFailed(
+                "the WAL can no longer make writes durable".into(),
+            )),
+        };
+        let _ = self.reply.send(answer);
+    }
 }
 
 pub(super) fn spawn(
@@ -138,20 +181,11 @@ impl Sequencer {
         } else {
             self.log.write(&self.batch, &self.shared)
         };
-        match logged {
-            Ok(()) => {
-                if !self.batch.is_empty() {
-                    publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
-                }
-                for (reply, answer) in plan.answers {
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(error) => {
-                for (reply, _) in plan.answers {
-                    let _ = reply.send(Err(error.clone()));
-                }
-            }
+        if logged.is_ok() && !self.batch.is_empty() {
+            publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
+        }
+        for write in plan.writes {
+            write.answer(logged.clone());
         }
         plan.stop
     }
@@ -163,16 +197,17 @@ impl Sequencer {
 struct Plan {
     /// Every change's widget, in log order, with its mark and packed post-image.
     durable: Vec<(Serial, Dirty)>,
-    /// Every write's answer, refusals included: a refusal may rest on an earlier change in
-    /// the group (a create of the same serial), which is not durable until the group is.
-    answers: Vec<(Answer, Result<Reply, EngineError>)>,
+    /// Every write, to answer once the group is logged, refusals included: a refusal may
+    /// rest on an earlier change in the group (a create of the same serial), which is not
+    /// durable until the group is.
+    writes: Vec<Box<dyn Write>>,
     /// The highest checkpoint among the group's trims.
     trim_to: Option<u64>,
     stop: bool,
 }
 
 /// The map plus the group's earlier changes, which are not in the map yet.
-struct GroupView<'a> {
+pub(super) struct GroupView<'a> {
     map: &'a WidgetMap,
     pending: &'a HashMap<Serial, Option<Widget>>,
 }
@@ -193,8 +228,8 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
     let mut plan = Plan::default();
     let mut pending: HashMap<Serial, Option<Widget>> = HashMap::default();
     for job in jobs {
-        let (command, reply) = match job {
-            Job::Write { command, reply } => (command, reply),
+        let mut write = match job {
+            Job::Write(write) => write,
             Job::Trim(to) => {
                 plan.trim_to = plan.trim_to.max(Some(to));
                 continue;
@@ -204,9 +239,8 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
                 continue;
             }
         };
-        if let Some(reason) = shared.failed.get() {
-            plan.answers
-                .push((reply, Err(EngineError::WalFailed(reason.clone()))));
+        if shared.failed.get().is_some() {
+            plan.writes.push(write);
             continue;
         }
         let view = GroupView {
@@ -214,8 +248,7 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
             pending: &pending,
         };
         let mut tx = Tx::new(&view);
-        let answer = command.apply(&mut tx).map_err(EngineError::from);
-        let touched = if answer.is_ok() {
+        let touched = if write.run(&mut tx) {
             tx.into_touched()
         } else {
             Vec::new()
@@ -237,7 +270,7 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
             }
             batch.push(&Record { changes });
         }
-        plan.answers.push((reply, answer));
+        plan.writes.push(write);
     }
     plan
 }
@@ -326,7 +359,9 @@ mod tests {
     use super::super::dirty::DirtySet;
     use super::super::state::new_map;
     use super::*;
-    use crate::domain::{DomainError, Name, PortType, Ports};
+    use crate::domain::{
+        Associate, Associated, Create, Delete, DomainError, Name, PortType, Ports, WidgetView,
+    };
     use crate::wal::{Fault, FaultyFs};
     use std::sync::atomic::AtomicU64;
     use tokio::sync::oneshot::error::TryRecvError;
@@ -335,16 +370,16 @@ mod tests {
         Serial::parse("s", x).unwrap()
     }
 
-    fn create(serial: &str) -> Command {
-        Command::Create {
+    fn create(serial: &str) -> Create {
+        Create {
             serial: s(serial),
             name: Name::parse("n", "w").unwrap(),
             ports: Ports::from_list("p", &[PortType::P]).unwrap(),
         }
     }
 
-    fn associate(a: &str, b: &str) -> Command {
-        Command::Associate {
+    fn associate(a: &str, b: &str) -> Associate {
+        Associate {
             port: PortType::P,
             serial: s(a),
             peer: s(b),
@@ -365,20 +400,13 @@ mod tests {
         shared
     }
 
-    type Outcome = oneshot::Receiver<Result<Reply, EngineError>>;
-
-    fn write(command: Command) -> (Job, Outcome) {
-        let (reply, outcome) = oneshot::channel();
-        (Job::Write { command, reply }, outcome)
-    }
-
     #[test]
     fn plan_orders_a_group_and_touches_nothing_but_the_batch() {
         let shared = shared_with_a_and_b();
-        let (c, _) = write(create("c"));
-        let (ab, _) = write(associate("a", "b"));
-        let (c_again, _) = write(create("c"));
-        let (ab_again, _) = write(associate("b", "a"));
+        let (c, mut c_outcome) = write(create("c"));
+        let (ab, mut ab_outcome) = write(associate("a", "b"));
+        let (c_again, mut c_again_outcome) = write(create("c"));
+        let (ab_again, mut ab_again_outcome) = write(associate("b", "a"));
         let group = vec![c, ab, Job::Trim(5), c_again, Job::Trim(3), ab_again];
         let mut batch = LogBatch::new(10);
 
@@ -421,15 +449,29 @@ mod tests {
             ],
             "each post-image carries its record's LSN and the mark from its before-image"
         );
-        let answers: Vec<_> = plan.answers.iter().map(|(_, a)| a.clone()).collect();
-        assert!(matches!(answers[0], Ok(Reply::Created(_))));
-        assert!(matches!(answers[1], Ok(Reply::Associated { .. })));
-        assert!(
-            matches!(&answers[2], Err(EngineError::Domain(DomainError::WidgetExists(x))) if x.as_str() == "c"),
-            "the second create sees the first one in the same group: {:?}",
-            answers[2]
+        assert_eq!(
+            plan.writes.len(),
+            4,
+            "every write waits for the log to be answered"
         );
-        assert!(matches!(answers[3], Ok(Reply::Associated { .. })));
+        assert!(
+            c_outcome.try_recv().is_err(),
+            "nothing is answered before the group is logged"
+        );
+        for write in plan.writes {
+            write.answer(Ok(()));
+        }
+        assert!(matches!(c_outcome.try_recv(), Ok(Ok(WidgetView { .. }))));
+        assert!(matches!(ab_outcome.try_recv(), Ok(Ok(Associated { .. }))));
+        let c_again = c_again_outcome.try_recv().unwrap();
+        assert!(
+            matches!(&c_again, Err(EngineError::Domain(DomainError::WidgetExists(x))) if x.as_str() == "c"),
+            "the second create sees the first one in the same group: {c_again:?}"
+        );
+        assert!(matches!(
+            ab_again_outcome.try_recv(),
+            Ok(Ok(Associated { .. }))
+        ));
         assert_eq!(plan.trim_to, Some(5));
         assert!(!plan.stop);
         assert!(
@@ -444,7 +486,7 @@ mod tests {
         let shared = shared_with_a_and_b();
         let (c, _) = write(create("c"));
         let (ab, _) = write(associate("a", "b"));
-        let (delete, _) = write(Command::Delete { serial: s("c") });
+        let (delete, _) = write(Delete { serial: s("c") });
         let mut batch = LogBatch::new(7);
         let plan = plan(&shared, vec![c, ab, delete], &mut batch);
 
@@ -554,16 +596,21 @@ mod tests {
         let (refused, mut refused_outcome) = write(associate("a", "zz"));
         fs.set(Fault::NoSpace);
         assert!(!seq.process(&mut vec![c, refused]));
-        for outcome in [&mut c_outcome, &mut refused_outcome] {
-            assert!(matches!(outcome.try_recv(), Ok(Err(EngineError::DiskFull))));
-        }
+        assert!(matches!(
+            c_outcome.try_recv(),
+            Ok(Err(EngineError::DiskFull))
+        ));
+        assert!(matches!(
+            refused_outcome.try_recv(),
+            Ok(Err(EngineError::DiskFull))
+        ));
         assert!(shared.map.pin().get("c").is_none());
         assert!(shared.dirty.len() == 0);
 
         fs.set(Fault::None);
         let (c, mut c_outcome) = write(create("c"));
         assert!(seq.process(&mut vec![c, Job::Stop]));
-        assert!(matches!(c_outcome.try_recv(), Ok(Ok(Reply::Created(_)))));
+        assert!(matches!(c_outcome.try_recv(), Ok(Ok(WidgetView { .. }))));
         assert!(matches!(c_outcome.try_recv(), Err(TryRecvError::Closed)));
         assert_eq!(shared.map.pin().get("c").unwrap().version(), 1);
     }

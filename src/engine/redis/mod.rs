@@ -17,9 +17,7 @@ pub mod load;
 mod scripts;
 
 use super::EngineError;
-use crate::domain::{
-    Command, Mark, Name, PortType, Ports, Reply, Serial, StateView, Touched, Tx, Widget,
-};
+use crate::domain::{Mark, Name, PortType, Ports, Rule, Serial, StateView, Touched, Tx, Widget};
 use crate::store::{FlushBatch, FlushItem};
 use redis::aio::ConnectionManager;
 use std::cell::RefCell;
@@ -110,13 +108,13 @@ impl RedisEngine {
         Ok(())
     }
 
-    pub async fn execute(&self, command: Command) -> Result<Reply, EngineError> {
+    pub async fn execute<R: Rule>(&self, rule: R) -> Result<R::Output, EngineError> {
         for _ in 0..MAX_ATTEMPTS {
             let mut known = Known::new();
-            let mut wanted: Vec<Serial> = command.serials().into_iter().cloned().collect();
+            let mut wanted: Vec<Serial> = rule.serials().into_iter().cloned().collect();
             let (reply, touched) = loop {
                 self.read_into(&wanted, &mut known).await?;
-                match run_rules(&command, &known) {
+                match run_rules(&rule, &known) {
                     Rules::NeedsMore(more) => wanted = more,
                     Rules::Refused(e) => return Err(e.into()),
                     Rules::Done(reply, touched) => break (reply, touched),
@@ -341,11 +339,11 @@ enum Written {
     Overloaded,
 }
 
-enum Rules {
+enum Rules<T> {
     /// The rules need these widgets too (old peers): read them and run again.
     NeedsMore(Vec<Serial>),
     Refused(crate::domain::DomainError),
-    Done(Reply, Vec<Touched>),
+    Done(T, Vec<Touched>),
 }
 
 /// The widgets read so far; a read of any other is recorded as missing.
@@ -366,13 +364,13 @@ impl StateView for Prefetched<'_> {
     }
 }
 
-fn run_rules(command: &Command, known: &Known) -> Rules {
+fn run_rules<R: Rule>(rule: &R, known: &Known) -> Rules<R::Output> {
     let view = Prefetched {
         known,
         missing: RefCell::new(Vec::new()),
     };
     let mut tx = Tx::new(&view);
-    let result = command.apply(&mut tx);
+    let result = rule.run(&mut tx);
     let touched = tx.into_touched();
     let missing = view.missing.into_inner();
     if !missing.is_empty() {
