@@ -40,5 +40,8 @@ if command -v redis-cli >/dev/null; then
     redis-cli -u "$redis" --scan --pattern "bench-$$:*" | xargs -r -n 1000 redis-cli -u "$redis" del >/dev/null
 fi
 
-python3 scripts/chart.py "$out" --out bench/chart.svg
+# The chart needs the versions scripts/requirements.txt pins; .ci/run installs them in .venv-ci/.
+py=python3
+[ -x .venv-ci/bin/python ] && py=.venv-ci/bin/python
+"$py" scripts/chart.py "$out" --out bench/chart.svg
 echo "wrote $out/*.json and bench/chart.svg" >&2

@@ -6,9 +6,11 @@ Regenerate the committed chart after adding or replacing a run in bench/results/
     python3 scripts/chart.py bench/results --out bench/chart.svg
 
 Each `<label>.json` in the directory is one run (`widgets bench --json > bench/results/sled.json`);
-the label names the run in the chart and runs appear in file-name order. The SVG depends
-only on the reports, byte for byte, so `--check` tells whether a committed chart is stale
-(exit status 1 if it is). Python 3.11 standard library only: nothing to install.
+the label names the run in the chart and runs appear in file-name order. The chart is drawn
+with matplotlib, at the exact versions scripts/requirements.txt pins (`.ci/run` installs
+them in `.venv-ci/`). With those versions the SVG depends only on the reports, byte for byte:
+no date, no random ids, text kept as text. So `--check` tells whether a committed chart is
+stale (exit status 1 if it is). An `--out` ending in `.png` writes a picture instead.
 
 Fields read, as `src/bench/report.rs` serialises them (the baseline's `PhaseStats` is
 `#[serde(flatten)]`, so its throughput is `baseline.throughput`):
@@ -21,30 +23,45 @@ Fields read, as `src/bench/report.rs` serialises them (the baseline's `PhaseStat
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
+
+try:
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+except ImportError:
+    sys.exit(
+        "chart.py: matplotlib is not installed. Install the pinned version in a venv:\n"
+        "  python3 -m venv .venv-ci && .venv-ci/bin/pip install -r scripts/requirements.txt\n"
+        "and run this script with .venv-ci/bin/python."
+    )
 
 DEFAULT_DIR = Path("bench/results")
 DEFAULT_OUT = Path("bench/chart.svg")
+TITLE = "widgets bench: throughput and latency per run"
 
-WIDTH = 960
-MARGIN = 24
-FONT = "-apple-system, BlinkMacSystemFont, 'Segoe UI', Helvetica, Arial, sans-serif"
-BAR = 14
-BAR_GAP = 2
-GROUP_GAP = 14
-# Room right of the plot for the value printed past the longest bar.
-VALUE_ROOM = 84
-# Rough advance of one character at 13px in the fonts above, to size the label column.
-CHAR_WIDTH = 7.6
-
-INK = "#24292f"
-MUTED = "#57606a"
-GRID = "#d0d7de"
+# Same bytes on every machine: text is measured in the font matplotlib ships (DejaVu Sans,
+# found in its own files before the system's) and written as text, ids are fixed, and the
+# metadata has no date and no version. A viewer without DejaVu Sans uses the next font.
+STYLE = {
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],
+    "font.size": 9,
+    "svg.fonttype": "none",
+    "svg.hashsalt": "widgets-bench-chart",
+    "svg.id": "widgets-bench-chart",
+    "axes.edgecolor": "#57606a",
+    "axes.labelcolor": "#57606a",
+    "xtick.color": "#57606a",
+    "ytick.color": "#24292f",
+    "text.color": "#24292f",
+}
+METADATA = {"Title": TITLE, "Date": None, "Creator": None}
 
 # (key, legend name, colour): throughput series, drawn in this order within a run.
 THROUGHPUT_SERIES = (
@@ -154,14 +171,6 @@ def load_runs(directory: Path) -> list[Run]:
     return runs
 
 
-# --- number formatting -------------------------------------------------------------------
-
-
-def fmt(v: float) -> str:
-    """A coordinate: one decimal is below a pixel and keeps the output stable."""
-    return f"{v:.1f}"
-
-
 def fmt_ms(ms: float) -> str:
     """Three significant figures at most, no exponent: 0.215, 4.98, 37.9, 115."""
     if ms == 0:
@@ -171,30 +180,9 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:,.{decimals}f}"
 
 
-def fmt_rate(v: float) -> str:
-    return f"{v:,.0f}"
-
-
-def fmt_tick(v: float) -> str:
-    return f"{int(v):,}" if v == int(v) else f"{v:,.1f}"
-
-
-def decade_label(k: int) -> str:
-    return f"{10**k:,}" if k >= 0 else "0." + "0" * (-k - 1) + "1"
-
-
-def nice_step(top: float, ticks: int = 5) -> float:
-    raw = top / ticks
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * magnitude:
-            return m * magnitude
-    return 10 * magnitude
-
-
 def decade_floor(v: float) -> int:
+    """The k with 10**k <= v < 10**(k+1), exactly (log10 may land a hair off)."""
     k = math.floor(math.log10(v))
-    # log10 may land a hair off an exact power of ten.
     if 10.0**k > v:
         k -= 1
     elif 10.0 ** (k + 1) <= v:
@@ -202,172 +190,149 @@ def decade_floor(v: float) -> int:
     return k
 
 
-# --- SVG ---------------------------------------------------------------------------------
+def fmt_decade(v: float, _pos=None) -> str:
+    return f"{v:,.0f}" if v >= 1 else f"{v:.10f}".rstrip("0")
 
 
-class Svg:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
+# --- drawing -------------------------------------------------------------------------------
+# Sizes in inches; the figure is WIDTH wide and as tall as its runs need.
 
-    def rect(self, x: float, y: float, w: float, h: float, fill: str) -> None:
-        self.parts.append(
-            f'<rect x="{fmt(x)}" y="{fmt(y)}" width="{fmt(w)}" height="{fmt(h)}" fill="{fill}"/>'
-        )
-
-    def line(self, x1: float, y1: float, x2: float, y2: float, stroke: str) -> None:
-        self.parts.append(
-            f'<line x1="{fmt(x1)}" y1="{fmt(y1)}" x2="{fmt(x2)}" y2="{fmt(y2)}" '
-            f'stroke="{stroke}" stroke-width="1"/>'
-        )
-
-    def text(
-        self,
-        x: float,
-        y: float,
-        s: str,
-        size: int = 12,
-        anchor: str = "start",
-        fill: str = INK,
-        weight: str = "normal",
-    ) -> None:
-        attrs = f'x="{fmt(x)}" y="{fmt(y)}" font-size="{size}" fill="{fill}"'
-        if anchor != "start":
-            attrs += f' text-anchor="{anchor}"'
-        if weight != "normal":
-            attrs += f' font-weight="{weight}"'
-        self.parts.append(f"<text {attrs}>{escape(s)}</text>")
+WIDTH = 9.6
+MARGIN = 0.25
+BAR = 0.16  # one bar
+GROUP_GAP = 0.2  # between runs
+PANEL_HEAD = 0.6  # a panel's title and legend, above its plot
+PANEL_FOOT = 0.6  # tick labels and axis label, below it
+LINE = 0.19  # one caption line
+VALUE_ROOM = 0.95  # right of the plot, for the value printed past the longest bar
 
 
-def legend(svg: Svg, x: float, y: float, entries: list[tuple[str, str]]) -> None:
-    for name, colour in entries:
-        svg.rect(x, y - 10, 12, 12, colour)
-        svg.text(x + 17, y, name, size=12, fill=MUTED)
-        x += 17 + len(name) * 6.8 + 22
+def panel(fig, top, runs, title, series, bars_of, start, value_label, label_room):
+    """A horizontal bar panel whose head starts `top` inches from the figure's bottom.
 
-
-def panel(
-    svg: Svg,
-    y: float,
-    runs: list[Run],
-    left: float,
-    right: float,
-    title: str,
-    axis_label: str,
-    entries: list[tuple[str, str]],
-    bars_of,
-    position,
-    ticks: list[tuple[float, str]],
-    value_label,
-) -> float:
-    """One bar panel from y down; returns the y below it.
-
-    `bars_of(run)` gives (value, colour) per bar; `position(value)` the x a bar ends at, or
-    None for a value the scale cannot show (it gets its label but no bar)."""
-    svg.text(MARGIN, y + 16, title, size=15, weight="600")
-    legend(svg, left, y + 40, entries)
-    top = y + 56
-    groups = []
-    group_y = top
-    for run in runs:
-        bars = bars_of(run)
-        height = len(bars) * BAR + (len(bars) - 1) * BAR_GAP
-        groups.append((run, bars, group_y, height))
-        group_y += height + GROUP_GAP
-    bottom = group_y - GROUP_GAP + 6
-    for x, label in ticks:
-        svg.line(x, top - 6, x, bottom, GRID)
-        svg.text(x, bottom + 16, label, size=11, anchor="middle", fill=MUTED)
-    svg.line(left, top - 6, left, bottom, MUTED)
-    for run, bars, by, height in groups:
-        svg.text(left - 10, by + height / 2 + 4.5, run.label, size=13, anchor="end", weight="600")
-        for value, colour in bars:
-            end = position(value)
-            if end is not None:
-                svg.rect(left, by, max(end - left, 1.0), BAR, colour)
-            svg.text(
-                (end if end is not None else left) + 5, by + BAR - 3, value_label(value), size=11
+    `bars_of(run)` gives (value, series index) per bar; a bar runs from `start` to its
+    value. A run's bars are stacked top to bottom, runs in file-name order, each run's
+    label at its group's middle. Returns the axes and the height it took."""
+    groups = [bars_of(run) for run in runs]
+    plot = sum(len(g) for g in groups) * BAR + (len(runs) - 1) * GROUP_GAP
+    fig_w, fig_h = fig.get_size_inches()
+    fig.text(MARGIN / fig_w, (top - 0.25) / fig_h, title, fontsize=11, fontweight="bold")
+    bottom = top - PANEL_HEAD - plot
+    ax = fig.add_axes(
+        (label_room / fig_w, bottom / fig_h, 1 - (label_room + VALUE_ROOM) / fig_w, plot / fig_h)
+    )
+    y, centres, drawn = 0.0, [], {}
+    for bars in groups:
+        first = y
+        for value, index in bars:
+            name, colour = series[index]
+            container = ax.barh(
+                y + BAR / 2, max(value - start, 0), left=start, height=BAR * 0.88, color=colour
             )
-            by += BAR + BAR_GAP
-    svg.text((left + right) / 2, bottom + 34, axis_label, size=12, anchor="middle", fill=MUTED)
-    return bottom + 48
+            drawn.setdefault(index, container)
+            ax.bar_label(container, labels=[value_label(value)], padding=3, fontsize=8)
+            y += BAR
+        centres.append((first + y) / 2)
+        y += GROUP_GAP
+    ax.set_ylim(y - GROUP_GAP + 0.04, -0.04)
+    ax.yaxis.set_major_locator(FixedLocator(centres))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda _v, i: runs[i].label))
+    ax.tick_params(axis="y", length=0, labelsize=9, pad=8)
+    for label in ax.get_yticklabels():
+        label.set_fontweight("bold")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="x", color="#d0d7de", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    legend = sorted(drawn)
+    ax.legend(
+        [drawn[i] for i in legend],
+        [series[i][0] for i in legend],
+        loc="lower left",
+        bbox_to_anchor=(0, 1.0),
+        ncols=len(legend),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.0,
+        handleheight=1.0,
+        borderaxespad=0.3,
+        borderpad=0,
+        columnspacing=1.6,
+    )
+    return ax, PANEL_HEAD + plot + PANEL_FOOT
 
 
-def render(runs: list[Run]) -> str:
-    longest = max(len(run.label) for run in runs)
-    left = MARGIN + max(80.0, longest * CHAR_WIDTH + 16)
-    right = WIDTH - MARGIN - VALUE_ROOM
-    span = right - left
-    svg = Svg()
+def render(runs: list[Run], fmt: str = "svg") -> bytes:
+    """The chart as SVG (or PNG) bytes."""
+    with matplotlib.rc_context(STYLE):
+        return _render(runs, fmt)
 
-    title = "widgets bench: throughput and latency per run"
-    svg.text(MARGIN, 34, title, size=20, weight="600")
-    y = 52.0
+
+def _render(runs: list[Run], fmt: str) -> bytes:
+    keys = [k for k, _, _ in THROUGHPUT_SERIES if any(k in r.throughput for r in runs)]
+    bars = sum(len(r.throughput) for r in runs) + len(runs) * len(PERCENTILES)
+    plots = bars * BAR + 2 * (len(runs) - 1) * GROUP_GAP
+    height = 0.6 + 2 * (PANEL_HEAD + PANEL_FOOT) + 0.15 + plots + 0.3 + LINE * len(runs) + 0.2
+    fig = Figure(figsize=(WIDTH, height))
+    fig.text(MARGIN / WIDTH, 1 - 0.4 / height, TITLE, fontsize=14, fontweight="bold")
+    label_room = MARGIN + 0.15 + 0.075 * max(len(r.label) for r in runs)
 
     # Throughput: a linear axis from zero, so bar lengths compare.
-    present = [s for s in THROUGHPUT_SERIES if any(s[0] in run.throughput for run in runs)]
-    peak = max(v for run in runs for v in run.throughput.values())
-    step = nice_step(peak) if peak > 0 else 1.0
-    axis_top = math.ceil(peak / step) * step if peak > 0 else step
-    count = round(axis_top / step)
-    rate_ticks = [(left + span * i / count, fmt_tick(step * i)) for i in range(count + 1)]
-    y = panel(
-        svg,
-        y,
+    ax, used = panel(
+        fig,
+        height - 0.6,
         runs,
-        left,
-        right,
         "Throughput (higher is better)",
-        "requests per second",
-        [(name, colour) for _, name, colour in present],
-        lambda run: [(run.throughput[k], c) for k, _, c in present if k in run.throughput],
-        lambda v: left + span * v / axis_top,
-        rate_ticks,
-        fmt_rate,
+        [(name, colour) for k, name, colour in THROUGHPUT_SERIES if k in keys],
+        lambda r: [(r.throughput[k], i) for i, k in enumerate(keys) if k in r.throughput],
+        0.0,
+        lambda v: f"{v:,.0f}",
+        label_room,
     )
+    peak = max(v for r in runs for v in r.throughput.values())
+    ax.set_xlim(0, peak * 1.1 if peak > 0 else 1)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.set_xlabel("requests per second")
+    top = height - 0.6 - used - 0.15
 
-    # Latency: a log axis, since p50 and p99.9 are often orders of magnitude apart.
-    positive = [v for run in runs for v in run.latency_ms if v > 0]
-    if positive:
-        lo = decade_floor(min(positive))
-        if 10.0**lo == min(positive):
-            lo -= 1  # a bar needs some length above the axis
-        hi = decade_floor(max(positive)) + 1
-    else:
-        lo, hi = -3, 0
-    decades = hi - lo
-    ms_ticks = [(left + span * i / decades, decade_label(lo + i)) for i in range(decades + 1)]
-    y = panel(
-        svg,
-        y + 8,
+    # Latency: a log axis, since p50 and p99.9 are often orders of magnitude apart. Bars
+    # start at the decade below the smallest value; a zero gets its label but no bar.
+    positive = [v for r in runs for v in r.latency_ms if v > 0]
+    lo = decade_floor(min(positive)) if positive else -3
+    if positive and 10.0**lo == min(positive):
+        lo -= 1  # a bar needs some length above the axis
+    hi = decade_floor(max(positive)) + 1 if positive else 0
+    ax, used = panel(
+        fig,
+        top,
         runs,
-        left,
-        right,
         "Latency of the load phase (lower is better)",
-        "milliseconds, log scale",
         [(name, colour) for _, name, colour in PERCENTILES],
-        lambda run: [(v, c) for v, (_, _, c) in zip(run.latency_ms, PERCENTILES)],
-        lambda v: left + span * (math.log10(v) - lo) / decades if v > 0 else None,
-        ms_ticks,
+        lambda r: [(v, i) for i, v in enumerate(r.latency_ms)],
+        10.0**lo,
         fmt_ms,
+        label_room,
     )
+    ax.set_xscale("log")
+    ax.set_xlim(10.0**lo, 10.0**hi)
+    ax.xaxis.set_major_locator(FixedLocator([10.0**k for k in range(lo, hi + 1)]))
+    ax.xaxis.set_major_formatter(FuncFormatter(fmt_decade))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("milliseconds (log scale)")
+    y = top - used - 0.25
 
-    svg.text(MARGIN, y + 4, "Runs", size=13, weight="600")
-    y += 24
+    fig.text(MARGIN / WIDTH, y / height, "Runs", fontsize=10, fontweight="bold")
     for run in runs:
+        y -= LINE
         details = run.caption or "no details in the report"
-        svg.text(MARGIN, y, f"{run.label}: {details}", size=12, fill=MUTED)
-        y += 18
-    height = math.ceil(y + MARGIN - 10)
+        fig.text(MARGIN / WIDTH, y / height, f"{run.label}: {details}", fontsize=8.5,
+                 color="#57606a")
 
-    head = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-        f'viewBox="0 0 {WIDTH} {height}" font-family="{FONT}" role="img" '
-        f'aria-label="{escape(title)}">\n'
-        f"<title>{escape(title)}</title>\n"
-        f'<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>\n'
-    )
-    return head + "\n".join(svg.parts) + "\n</svg>\n"
+    out = io.BytesIO()
+    metadata = METADATA if fmt == "svg" else None
+    fig.savefig(out, format=fmt, metadata=metadata, facecolor="white", dpi=100)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"directory of <label>.json reports (default {DEFAULT_DIR})",
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"SVG to write (default {DEFAULT_OUT})"
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"SVG to write (default {DEFAULT_OUT}); a name ending in .png writes a PNG",
     )
     parser.add_argument(
         "--check",
@@ -390,18 +358,26 @@ def main(argv: list[str] | None = None) -> int:
         help="write nothing; exit 1 if --out differs from what the reports give",
     )
     args = parser.parse_args(argv)
-    svg = render(load_runs(args.results))
+    fmt = "png" if args.out.suffix.lower() == ".png" else "svg"
+    chart = render(load_runs(args.results), fmt)
     if args.check:
         try:
-            current = args.out.read_text(encoding="utf-8")
+            current = args.out.read_bytes()
         except OSError:
             current = None
-        if current != svg:
-            print(f"chart.py: {args.out} is stale; regenerate it without --check", file=sys.stderr)
+        if current != chart:
+            why = "does not exist" if current is None else "is stale"
+            print(
+                f"chart.py: {args.out} {why}: it is not what matplotlib "
+                f"{matplotlib.__version__} makes of {args.results}; regenerate it with\n"
+                f"  .venv-ci/bin/python scripts/chart.py {args.results} --out {args.out}\n"
+                "(.ci/run makes .venv-ci/ with the versions scripts/requirements.txt pins)",
+                file=sys.stderr,
+            )
             return 1
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(svg, encoding="utf-8", newline="\n")
+    args.out.write_bytes(chart)
     return 0
 
 

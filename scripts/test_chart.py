@@ -1,16 +1,21 @@
 """Tests for chart.py: run it as the README says, on reports shaped as report.rs serialises
-them. Run with `python3 scripts/test_chart.py`."""
+them. Run with the Python that has scripts/requirements.txt installed, as .ci/run does:
+`.venv-ci/bin/python scripts/test_chart.py`."""
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import unittest
 import xml.etree.ElementTree as ET
+from importlib import metadata
 from pathlib import Path
 
-CHART = Path(__file__).resolve().parent / "chart.py"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CHART = HERE / "chart.py"
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
 
@@ -94,12 +99,19 @@ class ChartTest(unittest.TestCase):
         path.write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
         return path
 
-    def chart(self, *extra):
+    def chart(self, *extra, results=None, python=(sys.executable,), env=None):
+        results = self.results if results is None else results
         return subprocess.run(
-            [sys.executable, str(CHART), str(self.results), "--out", str(self.out), *extra],
+            [*python, str(CHART), str(results), "--out", str(self.out), *extra],
             capture_output=True,
             text=True,
+            env=env,
         )
+
+    def texts(self, path=None):
+        root = ET.parse(path or self.out).getroot()
+        self.assertEqual(root.tag, SVG_NS + "svg")
+        return [t.text for t in root.iter(SVG_NS + "text")]
 
     def test_two_runs_give_a_labelled_svg(self):
         self.write("postgres.json", POSTGRES)
@@ -107,11 +119,15 @@ class ChartTest(unittest.TestCase):
         done = self.chart()
         self.assertEqual(done.returncode, 0, done.stderr)
 
-        root = ET.parse(self.out).getroot()
-        self.assertEqual(root.tag, SVG_NS + "svg")
-        texts = [t.text for t in root.iter(SVG_NS + "text")]
+        texts = self.texts()
+        self.assertIn("widgets bench: throughput and latency per run", texts)
         for label in ("postgres", "sled"):
             self.assertIn(label, texts)
+        # Axes say what they measure, legends name every series charted.
+        for text in ("requests per second", "milliseconds (log scale)", "load (the mix)",
+                     "HTTP ceiling (GET /healthz)", "PostgreSQL directly (baseline)",
+                     "p50", "p90", "p99", "p99.9"):
+            self.assertIn(text, texts)
         # Throughputs: load, ceiling and baseline of postgres, load of sled.
         for rate in ("12,914", "35,566", "2,110", "11,607"):
             self.assertIn(rate, texts)
@@ -127,44 +143,118 @@ class ChartTest(unittest.TestCase):
             texts,
         )
 
+    def test_a_series_no_run_measured_has_no_legend_entry(self):
+        self.write("sled.json", SLED)
+        self.assertEqual(self.chart().returncode, 0)
+        texts = self.texts()
+        self.assertIn("load (the mix)", texts)
+        self.assertNotIn("HTTP ceiling (GET /healthz)", texts)
+        self.assertNotIn("PostgreSQL directly (baseline)", texts)
+
+    def test_a_zero_latency_is_labelled_without_a_bar(self):
+        report = copy.deepcopy(POSTGRES)
+        report["load"]["latency_us"]["p50"] = 0
+        self.write("fast.json", report)
+        done = self.chart()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("0", self.texts())
+
     def test_same_reports_give_the_same_bytes(self):
         self.write("b.json", SLED)
         self.write("a.json", POSTGRES)
         self.assertEqual(self.chart().returncode, 0)
         first = self.out.read_bytes()
+        self.assertNotIn(b"dc:date", first)
+        self.assertNotIn(b"Matplotlib v", first)
         self.out.unlink()
-        self.assertEqual(self.chart().returncode, 0)
+        # Another process, another matplotlib cache, a build date set: the same bytes.
+        env = {**os.environ, "MPLCONFIGDIR": str(self.dir / "mplconfig"), "SOURCE_DATE_EPOCH": "0"}
+        self.assertEqual(self.chart(env=env).returncode, 0)
         self.assertEqual(self.out.read_bytes(), first)
         self.assertEqual(self.chart("--check").returncode, 0)
 
         self.write("c.json", POSTGRES)
         stale = self.chart("--check")
         self.assertEqual(stale.returncode, 1)
-        self.assertIn("stale", stale.stderr)
+        self.assertIn("is stale", stale.stderr)
+        self.assertIn("regenerate it", stale.stderr)
         self.assertEqual(self.out.read_bytes(), first, "--check writes nothing")
+
+    def test_check_without_a_chart_fails(self):
+        self.write("a.json", POSTGRES)
+        done = self.chart("--check")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("does not exist", done.stderr)
+        self.assertFalse(self.out.exists())
+
+    def test_the_committed_runs_chart(self):
+        results = REPO / "bench" / "results"
+        done = self.chart(results=results)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        texts = self.texts()
+        for path in sorted(results.glob("*.json")):
+            report = json.loads(path.read_text())
+            self.assertIn(path.stem, texts)
+            self.assertIn(f"{report['load']['throughput']:,.0f}", texts)
+
+    def test_png_for_a_look(self):
+        self.write("a.json", POSTGRES)
+        self.out = self.dir / "chart.png"
+        self.assertEqual(self.chart().returncode, 0)
+        self.assertEqual(self.out.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
 
     def test_a_file_that_is_not_a_report_is_named(self):
         self.write("postgres.json", POSTGRES)
         broken = self.write("broken.json", '{"load": {"throughput": 12')
+        listed = self.write("listed.json", "[1, 2]")
         done = self.chart()
         self.assertEqual(done.returncode, 1)
-        self.assertIn(str(broken), done.stderr)
-        self.assertIn("not JSON", done.stderr)
+        self.assertIn(f"{broken}: not a widgets bench --json report: not JSON", done.stderr)
+        self.assertIn(f"{listed}: not a widgets bench --json report: the top level is list",
+                      done.stderr)
         self.assertFalse(self.out.exists())
 
     def test_a_report_missing_a_required_field_is_named(self):
         report = copy.deepcopy(POSTGRES)
         del report["load"]["latency_us"]["p99"]
         bad = self.write("redis.json", report)
+        negative = copy.deepcopy(POSTGRES)
+        negative["load"]["throughput"] = -1
+        worse = self.write("worse.json", negative)
         done = self.chart()
         self.assertEqual(done.returncode, 1)
-        self.assertIn(str(bad), done.stderr)
-        self.assertIn("load.latency_us.p99 is missing", done.stderr)
+        self.assertIn(f"{bad}: not a widgets bench --json report: load.latency_us.p99 is missing",
+                      done.stderr)
+        self.assertIn(f"{worse}: not a widgets bench --json report: load.throughput is -1",
+                      done.stderr)
 
-    def test_an_empty_directory_is_an_error(self):
+    def test_an_empty_or_missing_directory_is_an_error(self):
         done = self.chart()
         self.assertEqual(done.returncode, 1)
         self.assertIn("no <label>.json reports", done.stderr)
+        done = self.chart(results=self.dir / "nowhere")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("not a directory", done.stderr)
+
+    def test_without_matplotlib_it_says_what_to_install(self):
+        self.write("a.json", POSTGRES)
+        # -S: no site-packages, so no matplotlib.
+        done = self.chart(python=(sys.executable, "-S"))
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("matplotlib is not installed", done.stderr)
+        self.assertIn("scripts/requirements.txt", done.stderr)
+
+    def test_the_pinned_versions_are_installed(self):
+        # The committed chart is what these versions make; others draw other bytes.
+        for line in (HERE / "requirements.txt").read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                name, pinned = line.split("==")
+                self.assertEqual(
+                    metadata.version(name),
+                    pinned,
+                    f"{name}: install scripts/requirements.txt (see .ci/run)",
+                )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-//! The HTTP contract of `/work/shared/API.md`, row by row: status codes, error codes, the
+//! The HTTP contract of `docs/API.md`, row by row: status codes, error codes, the
 //! exact JSON shape (canonical port order included) and headers. Every test starts its own
 //! app, so they run in parallel.
 //!

@@ -1,5 +1,5 @@
-// The contract cases, included once per backend by tests/api.rs; `spawn_app` and
-// `spawn_app_with` come from the including module and start that backend.
+// The contract cases of docs/API.md, included once per backend by tests/api.rs;
+// `spawn_app` and `spawn_app_with` come from the including module and start that backend.
 
 use reqwest::{header, Method, Response, StatusCode};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
