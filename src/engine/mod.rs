@@ -1,14 +1,14 @@
 //! The hot state behind one interface, [`Engine`], so handlers do not know which backend
-//! they talk to: [`memory`] (the papaya map made durable by the local WAL through the
+//! they talk to: [`MemoryEngine`] (the papaya map made durable by the local WAL through the
 //! sequencer thread) or, with the `redis` feature, `redis` (state shared by several
 //! instances). Each engine recovers itself and offers a flush protocol (take a batch,
 //! finish it) that `crate::flush` drives.
 
-pub mod memory;
+mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-pub use memory::{EngineSettings, MemoryEngine, RecoveryError};
+pub use memory::{EngineSettings, FlushTicket, MemoryEngine, RecoveryError};
 
 use crate::domain::{DomainError, Rule, Serial, Widget};
 use std::sync::Arc;

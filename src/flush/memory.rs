@@ -3,8 +3,7 @@
 //! the WAL drops what the checkpoint covers.
 
 use super::{Source, Taken};
-use crate::engine::memory::FlushTicket;
-use crate::engine::{EngineError, MemoryEngine};
+use crate::engine::{EngineError, FlushTicket, MemoryEngine};
 
 impl Source for MemoryEngine {
     type Ticket = FlushTicket;
