@@ -316,14 +316,25 @@ mod tests {
         }
     }
 
-    /// Runs the loop with `source` and `store` for `secs` of paused time, then stops it.
-    async fn run_for(source: &Arc<Counting>, store: &Arc<Recording>, secs: u64) {
-        let flusher = Arc::new(Flusher::new(source.clone(), store.clone()));
+    /// Starts the loop on `source` and `store` at `interval`; cancel the token to stop it.
+    fn start(
+        source: &Arc<Counting>,
+        store: &Arc<Recording>,
+        interval: Duration,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let flusher = Flusher::new(source.clone(), store.clone());
         let stop = CancellationToken::new();
         let running = tokio::spawn({
-            let (flusher, stop) = (flusher.clone(), stop.clone());
-            async move { run(&flusher, Duration::from_secs(1), stop).await }
+            let stop = stop.clone();
+            async move { run(&flusher, interval, stop).await }
         });
+        (stop, running)
+    }
+
+    /// Runs the loop at a 1 s interval for `secs` of paused time (and half a second), then
+    /// stops it.
+    async fn run_for(source: &Arc<Counting>, store: &Arc<Recording>, secs: u64) {
+        let (stop, running) = start(source, store, Duration::from_secs(1));
         tokio::time::sleep(Duration::from_secs(secs) + Duration::from_millis(500)).await;
         stop.cancel();
         running.await.unwrap();
@@ -345,12 +356,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wanted_flush_comes_before_the_interval() {
         let (source, store) = (Counting::new(1), Recording::new(0));
-        let flusher = Arc::new(Flusher::new(source.clone(), store.clone()));
-        let stop = CancellationToken::new();
-        let running = tokio::spawn({
-            let (flusher, stop) = (flusher.clone(), stop.clone());
-            async move { run(&flusher, Duration::from_secs(10), stop).await }
-        });
+        let (stop, running) = start(&source, &store, Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(300)).await;
         source.wanted.notify_one();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -392,12 +398,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stop_ends_the_loop_even_during_a_backoff() {
         let (source, store) = (Counting::new(1), Recording::new(u32::MAX));
-        let flusher = Arc::new(Flusher::new(source.clone(), store.clone()));
-        let stop = CancellationToken::new();
-        let running = tokio::spawn({
-            let (flusher, stop) = (flusher.clone(), stop.clone());
-            async move { run(&flusher, Duration::from_secs(1), stop).await }
-        });
+        let (stop, running) = start(&source, &store, Duration::from_secs(1));
         // After the first failure, the loop backs off; stop it then.
         tokio::time::sleep(Duration::from_millis(1010)).await;
         assert_eq!(store.writes().len(), 1);
