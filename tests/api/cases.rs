@@ -922,6 +922,31 @@ async fn metrics_are_prometheus_text() {
 }
 
 #[tokio::test]
+async fn made_up_methods_do_not_grow_the_metrics() {
+    let app = spawn_app().await;
+    let junk: Vec<String> = (0..50).map(|i| format!("JUNK{i}X{}", fastrand::u32(..))).collect();
+    for method in &junk {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = app
+            .client
+            .request(method, app.url("/widgets/w1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for method in &junk {
+        assert!(!text.contains(method.as_str()), "{method} became a label");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("http_requests_total{") && l.contains(r#"method="other""#)),
+        "no method=\"other\" series:\n{text}"
+    );
+}
+
+#[tokio::test]
 async fn openapi_document_describes_every_endpoint() {
     let app = spawn_app().await;
     let raw = expect_json(app.get("/openapi.json").await, StatusCode::OK).await;
