@@ -9,6 +9,7 @@
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::data_dir::DataDirLock;
 use crate::engine::{Engine, MemoryEngine};
 use crate::flush::{self, Flusher, Source};
 use crate::listener::CappedListener;
@@ -91,6 +92,12 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     if config.redis_url().is_some() {
         bail!("REDIS_URL is set, but this build has no Redis mode: build with --features redis, or unset it");
     }
+    // Single node: the WAL and the embedded store in the data directory are this
+    // process's alone. (Redis mode keeps nothing there.)
+    let data_dir = match config.redis_url() {
+        None => Some(DataDirLock::acquire(&config.data_dir)?),
+        Some(_) => None,
+    };
     crate::metrics::handle();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -104,7 +111,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     let listener = CappedListener::new(listener, config.max_connections as usize);
     let state = AppState::new();
     let shutdown = CancellationToken::new();
-    let router = api::router(state.clone(), config.max_body_bytes);
+    let router = api::router(state.clone(), config.max_body_bytes as usize);
     let serve =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { serve.await });
@@ -117,7 +124,11 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         server,
         recovered,
     };
-    let task = tokio::spawn(serving.supervise());
+    let task = tokio::spawn(async move {
+        // Held until the run has ended, the WAL's last fsync included.
+        let _data_dir = data_dir;
+        serving.supervise().await
+    });
     Ok(RunningApp {
         addr,
         shutdown,

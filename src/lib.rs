@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: every setting, by flag or environment variable, with its default.
+//! - [`data_dir`]: the lock that makes a data directory one process's alone.
 //! - [`app`]: picks the store and engine, serves, runs the flusher, graceful shutdown.
 //! - [`api`]: the HTTP routes, one file per resource, plus health, readiness, metrics, OpenAPI.
 //! - [`error`]: `ApiError`, the one HTTP error type and its JSON body.
@@ -27,6 +28,7 @@ pub mod api;
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod data_dir;
 pub mod domain;
 pub mod engine;
 pub mod error;

@@ -1,0 +1,106 @@
+//! One process per data directory. A single-node instance's WAL and embedded store are its
+//! own: two processes appending to one WAL, or sharing one LSN space, lose acknowledged
+//! writes without a word. So an instance holds an exclusive lock on `<data dir>/lock` for
+//! its whole life (`flock`, released by the kernel however the process ends, `kill -9`
+//! included), and a second one refuses to start, naming the lock and the holder's PID.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// The lock file's name inside the data directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Why the data directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "the data directory {} is in use by another widgets process (PID {holder}, holding \
+         {}): one instance owns its data directory. Stop the other process, give this one \
+         another --data-dir, or run several instances in Redis mode",
+        dir.display(), lock.display()
+    )]
+    Held {
+        dir: PathBuf,
+        lock: PathBuf,
+        holder: String,
+    },
+    #[error("locking the data directory ({}): {source}", lock.display())]
+    Io {
+        lock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The held lock; dropping it releases the directory.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Creates `dir` if needed and locks it, or fails at once if another process holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        let lock = dir.join(LOCK_FILE);
+        let io = |source| LockError::Io {
+            lock: lock.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "unknown".to_owned(),
+                    pid => pid.to_owned(),
+                };
+                return Err(LockError::Held {
+                    dir: dir.to_owned(),
+                    lock,
+                    holder,
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // For whoever is refused next: who holds it.
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_is_refused_naming_the_holder_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = DataDirLock::acquire(&data).unwrap();
+        let err = DataDirLock::acquire(&data).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(&err, LockError::Held { holder, .. } if *holder == std::process::id().to_string()),
+            "{message}"
+        );
+        assert!(
+            message.contains(&data.join(LOCK_FILE).display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("Redis mode"), "{message}");
+        drop(first);
+        DataDirLock::acquire(&data).expect("free again once the holder is gone");
+    }
+}
