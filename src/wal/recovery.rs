@@ -30,7 +30,7 @@ pub fn recover(
     checkpoint: u64,
     mut apply: impl FnMut(u64, Record),
 ) -> Result<Recovered, WalError> {
-    fs.create_dir_all(dir).map_err(WalError::io(dir))?;
+    create_dir_durably(fs, dir)?;
     let mut names: Vec<(u64, String)> = Vec::new();
     for name in fs.list(dir).map_err(WalError::io(dir))? {
         match parse_segment_file_name(&name) {
@@ -236,6 +236,21 @@ fn cut_log(
     fs.sync_dir(dir).map_err(WalError::io(dir))
 }
 
+/// Creates `dir` (and any missing parent) so that it survives a crash: each new directory's
+/// entry is fsynced into its parent, as every new segment's entry is fsynced into `dir`.
+fn create_dir_durably(fs: &dyn WalFs, dir: &Path) -> Result<(), WalError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    fs.create_dir_all(dir).map_err(WalError::io(dir))?;
+    for created in missing {
+        let parent = match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs.sync_dir(parent).map_err(WalError::io(parent))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,5 +432,24 @@ mod tests {
         let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 17).unwrap();
         assert!(seen.is_empty());
         assert_eq!((r.last_lsn, r.segments.len()), (17, 0));
+    }
+
+    #[test]
+    fn a_new_wal_directory_is_fsynced_into_its_parent() {
+        use crate::wal::{Fault, FaultyFs};
+        let root = TempDir::new().unwrap();
+        let fs = FaultyFs::new();
+        fs.set(Fault::DirSyncError);
+        let new = root.path().join("data").join("wal");
+        let err = recover(&fs, &new, RecoveryMode::Strict, 0, |_, _| {}).unwrap_err();
+        assert!(
+            matches!(&err, WalError::Io { path, .. } if path == root.path() || path == &root.path().join("data")),
+            "{err}"
+        );
+        fs.set(Fault::None);
+        recover(&fs, &new, RecoveryMode::Strict, 0, |_, _| {}).unwrap();
+        fs.set(Fault::DirSyncError);
+        recover(&fs, &new, RecoveryMode::Strict, 0, |_, _| {})
+            .expect("an existing directory needs no directory fsync");
     }
 }
