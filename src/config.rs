@@ -47,12 +47,12 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_FSYNC", value_enum, default_value_t = FsyncMode::Always)]
     pub fsync: FsyncMode,
 
-    /// How often `--fsync interval` fsyncs.
-    #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often `--fsync interval` fsyncs (1ms to 1h).
+    #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", default_value = "1s", value_parser = duration_up_to_an_hour)]
     pub fsync_interval: Duration,
 
-    /// How often the flusher writes dirty widgets to the durable store.
-    #[arg(long, env = "WIDGETS_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often the flusher writes dirty widgets to the durable store (1ms to 1h).
+    #[arg(long, env = "WIDGETS_FLUSH_INTERVAL", default_value = "1s", value_parser = duration_up_to_an_hour)]
     pub flush_interval: Duration,
 
     /// Flush early once this many widgets are dirty.
@@ -64,8 +64,9 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_MAX_DIRTY", default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_dirty: u64,
 
-    /// WAL segment size in bytes: a segment is closed and a new one started past it.
-    #[arg(long, env = "WIDGETS_WAL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    /// WAL segment size in bytes (4 KiB to 1 GiB): a segment is closed and a new one
+    /// started past it.
+    #[arg(long, env = "WIDGETS_WAL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
     pub wal_segment_bytes: u64,
 
     /// Most bytes the WAL may hold on disk (it grows while the durable store is down); past
@@ -83,17 +84,19 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_queue: u64,
 
-    /// Largest request body in bytes; larger ones answer `413 payload_too_large`.
-    #[arg(long, env = "WIDGETS_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
-    pub max_body_bytes: usize,
+    /// Largest request body in bytes (64 B to 64 MiB); larger ones answer
+    /// `413 payload_too_large`.
+    #[arg(long, env = "WIDGETS_MAX_BODY_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(64..=64 << 20))]
+    pub max_body_bytes: u64,
 
     /// Most open HTTP connections; further ones wait to be accepted.
     #[arg(long, env = "WIDGETS_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
-    /// Page cache of the embedded store, in bytes. sled's own memory grows with it
-    /// several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS than 32 MiB.
-    #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20)]
+    /// Page cache of the embedded store, in bytes (1 MiB to 64 GiB). sled's own memory
+    /// grows with it several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS
+    /// than 32 MiB.
+    #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=64 << 30))]
     pub sled_cache_bytes: u64,
 }
 
@@ -129,6 +132,16 @@ pub enum WalCmd {
         /// The WAL directory (`<data dir>/wal`).
         dir: PathBuf,
     },
+}
+
+/// A duration from 1 ms to 1 hour: zero would spin a thread (an fsync or flush timer that
+/// is always due), and more than an hour is a typo, not a setting.
+fn duration_up_to_an_hour(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(3600) {
+        return Err(format!("{s} is outside 1ms..=1h"));
+    }
+    Ok(d)
 }
 
 impl Config {
@@ -194,6 +207,12 @@ mod tests {
             &["widgets", "--flush-interval", "soon"],
             &["widgets", "--flush-batch", "0"],
             &["widgets", "--wal-segment-bytes", "10"],
+            &["widgets", "--wal-segment-bytes", "4294967296"],
+            &["widgets", "--fsync-interval", "0s"],
+            &["widgets", "--flush-interval", "0ms"],
+            &["widgets", "--flush-interval", "3days"],
+            &["widgets", "--max-body-bytes", "0"],
+            &["widgets", "--sled-cache-bytes", "0"],
         ] {
             assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
