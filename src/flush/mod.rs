@@ -254,7 +254,7 @@ mod tests {
                     widgets: None,
                 },
                 ticket: (),
-                last: n % self.per_flush == 0,
+                last: n.is_multiple_of(self.per_flush),
             }))
         }
 

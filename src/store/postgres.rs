@@ -282,7 +282,7 @@ impl Store for PgStore {
             widget.check(&serial).map_err(|e| corrupt(&key, e))?;
             visit(serial, widget);
             loaded += 1;
-            if loaded % 1_000_000 == 0 {
+            if loaded.is_multiple_of(1_000_000) {
                 tracing::info!(loaded, "loading widgets from PostgreSQL");
             }
         }

@@ -60,7 +60,7 @@ impl SledStore {
             widget.check(&serial).map_err(|e| corrupt(e.to_string()))?;
             visit(serial, widget);
             loaded += 1;
-            if loaded % 1_000_000 == 0 {
+            if loaded.is_multiple_of(1_000_000) {
                 tracing::info!(loaded, "loading widgets from the embedded store");
             }
         }
