@@ -12,7 +12,6 @@ use crate::config::Config;
 use crate::data_dir::DataDirLock;
 use crate::engine::{Engine, MemoryEngine};
 use crate::flush::{self, Flusher, Source};
-use crate::listener::CappedListener;
 use crate::store::{PgStore, SledStore, Store};
 use crate::wal::{RealFs, WalFs};
 use anyhow::{bail, Context};
@@ -108,13 +107,15 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     if config.fsync != crate::wal::FsyncMode::Always {
         tracing::warn!(fsync = ?config.fsync, "WAL fsync is not `always`: a crash can lose acknowledged writes");
     }
-    let listener = CappedListener::new(listener, config.max_connections as usize);
-    let state = AppState::new();
+    let state = AppState::new(config.body_timeout);
     let shutdown = CancellationToken::new();
     let router = api::router(state.clone(), config.max_body_bytes as usize);
-    let serve =
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = tokio::spawn(async move { serve.await });
+    let server = tokio::spawn(crate::serve::serve(
+        listener,
+        router,
+        config.connection_limits(),
+        shutdown.clone(),
+    ));
     let (recovered, recovery) = watch::channel(None);
     let serving = Serving {
         config,

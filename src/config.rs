@@ -4,6 +4,7 @@
 use crate::bench::seed::SeedArgs;
 use crate::bench::BenchArgs;
 use crate::engine::EngineSettings;
+use crate::serve::ConnectionLimits;
 use crate::wal::{FsyncMode, RecoveryMode};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -89,9 +90,31 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_MAX_BODY_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(64..=64 << 20))]
     pub max_body_bytes: u64,
 
-    /// Most open HTTP connections; further ones wait to be accepted.
+    /// Most open HTTP connections. At the cap a new connection replaces the one idle
+    /// longest; only when every connection is in a request does it wait to be accepted.
     #[arg(long, env = "WIDGETS_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+
+    /// How long a connection may take to send a whole request head, counted from when it
+    /// opens or its last answer is sent (1ms to 1h): it bounds idle keep-alive connections
+    /// and slowly sent headers alike. Past it the connection is closed.
+    #[arg(long, env = "WIDGETS_IDLE_TIMEOUT", default_value = "30s", value_parser = duration_up_to_an_hour)]
+    pub idle_timeout: Duration,
+
+    /// How long a client may take to send a request body once its head is in (1ms to 1h);
+    /// past it the request answers `408 request_timeout`.
+    #[arg(long, env = "WIDGETS_BODY_TIMEOUT", default_value = "30s", value_parser = duration_up_to_an_hour)]
+    pub body_timeout: Duration,
+
+    /// Largest request head in bytes (8 KiB to 1 MiB); a longer one is refused, and no
+    /// connection buffers more than this while it waits for one.
+    #[arg(long, env = "WIDGETS_MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(8192..=1 << 20))]
+    pub max_header_bytes: u64,
+
+    /// At shutdown, how long requests in progress may take to finish (1ms to 1h); then the
+    /// connections still open are closed, the last flush runs and the process exits.
+    #[arg(long, env = "WIDGETS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration_up_to_an_hour)]
+    pub drain_timeout: Duration,
 
     /// Page cache of the embedded store, in bytes (1 MiB to 64 GiB). sled's own memory
     /// grows with it several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS
@@ -167,6 +190,15 @@ impl Config {
             queue_depth: self.write_queue as usize,
             max_dirty: self.max_dirty as usize,
             flush_batch_size: self.flush_batch as usize,
+        }
+    }
+
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            idle_timeout: self.idle_timeout,
+            max_header_bytes: self.max_header_bytes as usize,
+            drain_timeout: self.drain_timeout,
         }
     }
 

@@ -20,6 +20,8 @@ pub enum ApiError {
     Validation(#[from] ValidationError),
     #[error("request body is larger than the limit (--max-body-bytes)")]
     PayloadTooLarge,
+    #[error("the request body did not arrive in time (--body-timeout)")]
+    BodyTimeout,
     #[error(transparent)]
     Domain(#[from] DomainError),
     #[error("no route for {0}")]
@@ -72,6 +74,7 @@ impl ApiError {
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::Validation(_) => "validation_failed",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::BodyTimeout => "request_timeout",
             ApiError::Domain(DomainError::WidgetExists(_)) => "widget_exists",
             ApiError::Domain(DomainError::NotFound(_)) => "widget_not_found",
             ApiError::Domain(DomainError::PortNotAvailable { .. }) => "port_not_available",
@@ -93,6 +96,7 @@ impl ApiError {
             ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Domain(DomainError::WidgetExists(_)) => StatusCode::CONFLICT,
             ApiError::Domain(DomainError::NotFound(_)) => StatusCode::NOT_FOUND,
             ApiError::Domain(_) => StatusCode::UNPROCESSABLE_ENTITY,

@@ -21,7 +21,8 @@
 //! - [`flush`]: write-behind: the loop with its backoff and the one flusher, driving each
 //!   engine's side of a flush.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
-//! - [`listener`]: the TCP listener with a connection cap.
+//! - [`serve`]: the HTTP server: connection cap with idle eviction, timeouts, header
+//!   limit, graceful drain with a deadline.
 //! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.
 
 pub mod api;
@@ -33,7 +34,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod flush;
-pub mod listener;
 pub mod metrics;
+pub mod serve;
 pub mod store;
 pub mod wal;

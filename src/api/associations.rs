@@ -37,6 +37,7 @@ impl Associate {
     responses(
         (status = 200, description = "Both widgets as they are now", body = Associated),
         (status = 400, description = "Body is not JSON (`invalid_json`)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time (`request_timeout`)", body = ErrorBody),
         (status = 404, description = "Either widget is missing (`widget_not_found`, naming it)", body = ErrorBody),
         (status = 413, description = "Body too large (`payload_too_large`)", body = ErrorBody),
         (status = 422, description = "`validation_failed`, `port_not_available` or `self_association`", body = ErrorBody),

@@ -2,8 +2,10 @@
 //! extractor [`JsonBody`]. Bodies are parsed as JSON whatever `Content-Type` says (the
 //! original curl examples send form-encoded headers), and every way a body can be wrong
 //! becomes an [`ApiError`] with the one error shape: not JSON is `400 invalid_json`, JSON
-//! of the wrong shape is `422 validation_failed` naming the field, too large is `413`.
+//! of the wrong shape is `422 validation_failed` naming the field, too large is `413`, too
+//! slow is `408`.
 
+use super::AppState;
 use crate::domain::ValidationError;
 use crate::error::ApiError;
 use axum::body::Bytes;
@@ -30,15 +32,17 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
     }
 }
 
-/// A JSON request body.
+/// A JSON request body, which must arrive within `--body-timeout` of the request head.
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state)
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let reading = Bytes::from_request(req, state);
+        let bytes = tokio::time::timeout(state.body_timeout(), reading)
             .await
+            .map_err(|_| ApiError::BodyTimeout)?
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::PayloadTooLarge

@@ -15,7 +15,7 @@ use axum::response::Response;
 use axum::routing::{delete, get, put};
 use axum::Router;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tower_http::trace::TraceLayer;
 
 /// What every handler shares. The engine is set once recovery has finished; until then
@@ -27,15 +27,22 @@ pub struct AppState {
 
 struct Inner {
     engine: OnceLock<Engine>,
+    body_timeout: Duration,
 }
 
 impl AppState {
-    pub fn new() -> Self {
+    /// State whose request bodies must arrive within `body_timeout`.
+    pub fn new(body_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
+                body_timeout,
             }),
         }
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        self.inner.body_timeout
     }
 
     /// Makes the service ready: from now on requests reach `engine`.
@@ -47,12 +54,6 @@ impl AppState {
 
     pub fn engine(&self) -> Result<&Engine, ApiError> {
         self.inner.engine.get().ok_or(ApiError::NotReady)
-    }
-}
-
-impl Default for AppState {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

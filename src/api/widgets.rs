@@ -52,6 +52,7 @@ pub(super) fn path_serial(raw: &str) -> Result<Serial, ApiError> {
         (status = 201, description = "Created", body = WidgetView,
             headers(("Location" = String, description = "/widgets/{serial_number}"))),
         (status = 400, description = "Body is not JSON (`invalid_json`)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time (`request_timeout`)", body = ErrorBody),
         (status = 409, description = "Serial taken (`widget_exists`)", body = ErrorBody),
         (status = 413, description = "Body too large (`payload_too_large`)", body = ErrorBody),
         (status = 422, description = "A field breaks its rule (`validation_failed`)", body = ErrorBody),

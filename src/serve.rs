@@ -1,0 +1,264 @@
+//! The HTTP server: accepts connections and serves the router on each, with the bounds a
+//! hostile or broken client must not get past (axum's own `serve` has none of them):
+//!
+//! - **A cap on open connections** (`--max-connections`). At the cap, a new connection
+//!   takes the place of the connection that has been idle longest (open, but with no
+//!   request in progress: a keep-alive socket, or one still sending its headers), which is
+//!   closed. Only when every connection is in a request does the new one wait in the
+//!   kernel's backlog. So idle or half-sent sockets cannot lock other clients out, and
+//!   `/healthz` and `/readyz` answer while an attacker holds thousands of them.
+//! - **An idle timeout** (`--idle-timeout`): a connection must send a whole request head
+//!   within this time of opening or of its last answer, or it is closed. (hyper starts the
+//!   header clock when a connection goes idle, so this one bound covers both keep-alive
+//!   idling and slowly sent headers.)
+//! - **A header size limit** (`--max-header-bytes`): a longer request head is refused, and
+//!   no connection buffers more than that while it waits for one.
+//! - **A drain deadline** (`--drain-timeout`): at shutdown, idle connections close at once
+//!   and requests in progress may finish; whatever is still open at the deadline is closed,
+//!   so a client stalled mid-body cannot hold the process up.
+//!
+//! The request body's own deadline (`--body-timeout`) is the body extractor's.
+
+use axum::extract::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// The bounds on connections (see `Config` for each setting).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then drains: stops
+/// accepting, lets requests in progress finish until the drain deadline, and closes what
+/// is left.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let open = Arc::new(Connections::default());
+    let mut tasks = JoinSet::new();
+    let drain = CancellationToken::new();
+    loop {
+        // At the cap: close the longest-idle connection, or wait for one to end.
+        while open.len() >= limits.max_connections {
+            if open.evict_idlest() {
+                metrics::counter!("http_connections_evicted_total").increment(1);
+                break;
+            }
+            tokio::select! {
+                _ = open.changed.notified() => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = open.add();
+        let (builder, open, drain) = (builder.clone(), open.clone(), drain.clone());
+        let router = router.clone();
+        let idle_timeout = limits.idle_timeout;
+        tasks.spawn(async move {
+            // hyper's header clock starts only once it knows the protocol, that is once the
+            // first bytes are in: until then the idle timeout is kept here.
+            let first_bytes = async {
+                let mut byte = [0u8; 1];
+                matches!(stream.peek(&mut byte).await, Ok(n) if n > 0)
+            };
+            let arrived = tokio::select! {
+                arrived = tokio::time::timeout(idle_timeout, first_bytes) => arrived == Ok(true),
+                _ = connection.close.cancelled() => false,
+                _ = drain.cancelled() => false,
+            };
+            if arrived {
+                serve_connection(&builder, stream, router, &connection, &drain).await;
+            }
+            open.remove(connection.id);
+        });
+        // Reap finished tasks so the set does not grow with every connection ever made.
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    drain.cancel();
+    let deadline = tokio::time::sleep(limits.drain_timeout);
+    let mut deadline = pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = &mut deadline => {
+                let left = tasks.len();
+                tracing::warn!(connections = left, timeout = ?limits.drain_timeout,
+                    "drain deadline passed: closing the connections still open");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection until it ends, is evicted, or the drain begins (then it finishes
+/// the request in progress, if any, and closes).
+async fn serve_connection(
+    builder: &Builder<TokioExecutor>,
+    stream: tokio::net::TcpStream,
+    router: Router,
+    connection: &Connection,
+    drain: &CancellationToken,
+) {
+    let busy = connection.busy.clone();
+    // Busy from the request's arrival until its answer is ready.
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let in_request = InRequest::enter(&busy);
+        let router = router.clone();
+        async move {
+            let answer = router.oneshot(req.map(axum::body::Body::new)).await;
+            drop(in_request);
+            answer
+        }
+    });
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let mut served = pin!(served);
+    tokio::select! {
+        _ = served.as_mut() => return,
+        _ = connection.close.cancelled() => {}
+        _ = drain.cancelled() => {}
+    }
+    served.as_mut().graceful_shutdown();
+    let _ = served.as_mut().await;
+}
+
+/// The open connections, by id.
+#[derive(Default)]
+struct Connections {
+    inner: Mutex<Inner>,
+    /// Notified whenever a connection ends.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    open: HashMap<u64, Arc<Connection>>,
+}
+
+/// One open connection: whether it is in a request, since when it has been idle, and how
+/// to close it.
+struct Connection {
+    id: u64,
+    busy: Arc<Busy>,
+    close: CancellationToken,
+}
+
+/// Requests in progress on one connection (HTTP/2 runs several), and when the last ended.
+struct Busy {
+    requests: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Connections {
+    fn len(&self) -> usize {
+        self.inner.lock().expect("connections lock").open.len()
+    }
+
+    fn add(&self) -> Arc<Connection> {
+        let mut inner = self.inner.lock().expect("connections lock");
+        inner.next_id += 1;
+        let connection = Arc::new(Connection {
+            id: inner.next_id,
+            busy: Arc::new(Busy {
+                requests: AtomicUsize::new(0),
+                idle_since: Mutex::new(Instant::now()),
+            }),
+            close: CancellationToken::new(),
+        });
+        inner.open.insert(connection.id, connection.clone());
+        connection
+    }
+
+    fn remove(&self, id: u64) {
+        self.inner
+            .lock()
+            .expect("connections lock")
+            .open
+            .remove(&id);
+        self.changed.notify_one();
+    }
+
+    /// Closes the connection idle longest, if one is idle and not already closing;
+    /// returns whether it found one. It leaves the table when its task ends.
+    fn evict_idlest(&self) -> bool {
+        let mut inner = self.inner.lock().expect("connections lock");
+        let idlest = inner
+            .open
+            .values()
+            .filter(|c| !c.close.is_cancelled() && c.busy.requests.load(Ordering::Acquire) == 0)
+            .min_by_key(|c| *c.busy.idle_since.lock().expect("idle lock"))
+            .cloned();
+        match idlest {
+            Some(c) => {
+                c.close.cancel();
+                // Counted out now: the new connection may take its place at once.
+                inner.open.remove(&c.id);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Marks its connection busy while a request is in progress.
+struct InRequest(Arc<Busy>);
+
+impl InRequest {
+    fn enter(busy: &Arc<Busy>) -> Self {
+        busy.requests.fetch_add(1, Ordering::AcqRel);
+        Self(busy.clone())
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().expect("idle lock") = Instant::now();
+        self.0.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}

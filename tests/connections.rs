@@ -1,0 +1,183 @@
+//! Connections a hostile or broken client holds open: idle sockets and half-sent heads
+//! cannot lock other clients out, slow heads and bodies are cut off, oversized heads are
+//! refused, and a client stalled mid-body cannot hold up a graceful stop.
+
+mod common;
+
+use common::binary::Server;
+use reqwest::StatusCode;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the server closes the connection or `within` passes; returns what it read,
+/// or `None` if the connection was still open.
+async fn read_until_closed(socket: &mut TcpStream, within: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, socket.read_to_end(&mut got)).await;
+    match read {
+        Ok(_) => Some(String::from_utf8_lossy(&got).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_sockets_at_twice_the_cap_do_not_lock_out_readyz() {
+    let app = common::spawn_app_with(&["--max-connections", "20"]).await;
+    let mut held = Vec::new();
+    for i in 0..40 {
+        let mut socket = TcpStream::connect(app.addr).await.unwrap();
+        if i % 2 == 1 {
+            // A head that never ends.
+            socket
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        held.push(socket);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        for path in ["/readyz", "/healthz"] {
+            let r = client.get(app.url(path)).send().await;
+            assert_eq!(
+                r.map(|r| r.status()).ok(),
+                Some(StatusCode::OK),
+                "{path} while 40 sockets are held open against a cap of 20"
+            );
+        }
+    }
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        common::metric(&metrics, "http_connections_evicted_total").unwrap_or(0.0) >= 20.0,
+        "the idle sockets made room"
+    );
+    drop(held);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_and_a_slow_head_are_closed_after_the_idle_timeout() {
+    let app = common::spawn_app_with(&["--idle-timeout", "300ms"]).await;
+    let mut idle = TcpStream::connect(app.addr).await.unwrap();
+    let mut slow = TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for socket in [&mut idle, &mut slow] {
+        assert!(
+            read_until_closed(socket, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "the server kept the connection open"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // A connection that keeps sending requests is not idle.
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = client.get(app.url("/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_head_is_refused() {
+    let app = common::spawn_app_with(&["--max-header-bytes", "8192"]).await;
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    // The server may close before it has read everything: a failed write is a refusal too.
+    let _ = socket.write_all(head.as_bytes()).await;
+    let answer = read_until_closed(&mut socket, Duration::from_secs(5))
+        .await
+        .expect("the connection stayed open");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    let r = app.get("/healthz").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_answers_408_and_changes_nothing() {
+    let app = common::spawn_app_with(&["--body-timeout", "300ms"]).await;
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    let body = r#"{"name": "w", "serial_number": "slow", "ports": ["P"]}"#;
+    let head = format!(
+        "POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let answer = read_until_closed(&mut socket, Duration::from_secs(5))
+        .await
+        .expect("the request was not answered");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert!(app.widget("slow").await.is_none());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_stalled_mid_body_cannot_hold_up_a_graceful_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--drain-timeout", "1s", "--body-timeout", "1h"],
+    );
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+    let created = client
+        .post(format!("{}/widgets", server.base))
+        .body(r#"{"name": "w", "serial_number": "kept", "ports": ["P"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"na")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the stalled client held the stop up for {:?}",
+        started.elapsed()
+    );
+
+    let again = Server::start(dir.path(), &[]);
+    again.wait_ready(&client).await;
+    let kept = client
+        .get(format!("{}/widgets/kept", again.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.status(),
+        StatusCode::OK,
+        "acknowledged before the stop"
+    );
+    drop(stalled);
+}
