@@ -252,7 +252,8 @@ impl Serving {
     }
 }
 
-pub(crate) async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
+/// Opens the embedded store in the data directory (serving, and `widgets bench-seed`).
+pub async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
     let dir = config.store_dir();
     let cache = config.sled_cache_bytes;
     let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache)).await?;

@@ -1,9 +1,9 @@
 //! Every setting, by flag or environment variable (a `.env` file in the working directory
 //! is read at start-up). `widgets --help` prints this with the defaults.
 
-use crate::bench::seed::SeedArgs;
 use crate::bench::BenchArgs;
 use crate::engine::EngineSettings;
+use crate::seed::SeedArgs;
 use crate::wal::{FsyncMode, RecoveryMode};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;

@@ -16,6 +16,7 @@
 //! - [`flush`]: the flusher that writes dirty widgets behind to the store and trims the WAL.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`listener`]: the TCP listener with a connection cap.
+//! - [`seed`]: `widgets bench-seed`, filling an empty store with paired widgets to measure at scale.
 //! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.
 
 pub mod api;
@@ -28,5 +29,6 @@ pub mod error;
 pub mod flush;
 pub mod listener;
 pub mod metrics;
+pub mod seed;
 pub mod store;
 pub mod wal;

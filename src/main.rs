@@ -1,9 +1,12 @@
+use anyhow::Context;
 use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 use widgets::bench::BenchArgs;
 use widgets::config::{Cmd, Config, WalCmd};
+use widgets::seed::{self, SeedArgs};
+use widgets::store::PgStore;
 
 /// The write path allocates per request (bodies, widget clones, views): glibc's malloc took
 /// about a quarter of the server's CPU under an association-PUT load (perf), so use mimalloc.
@@ -39,12 +42,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let database_url = config.postgres_url().map(str::to_owned);
     match config.command {
         Some(Cmd::Bench(args)) => bench(args, database_url).await,
-        Some(Cmd::BenchSeed(ref args)) => widgets::bench::seed::run(args, &config).await,
+        Some(Cmd::BenchSeed(ref args)) => bench_seed(args, &config).await,
         Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
         Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {
             let app = widgets::app::start(config).await?;
             app.run_until(shutdown_signal()).await
+        }
+    }
+}
+
+/// `widgets bench-seed`: opens the store the service would serve from (PostgreSQL, migrated,
+/// with DATABASE_URL; else the embedded store in the data directory) and seeds it.
+async fn bench_seed(args: &SeedArgs, config: &Config) -> anyhow::Result<()> {
+    seed::check(args, &config.wal_dir())?;
+    match config.postgres_url() {
+        Some(url) => {
+            let store = PgStore::connect(url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            store.migrate().await.context("applying migrations")?;
+            seed::into_postgres(args, &store).await
+        }
+        None => {
+            let store = widgets::app::open_sled(config).await?;
+            seed::fill(&store, args, "the embedded store").await
         }
     }
 }

@@ -26,7 +26,6 @@ pub mod mix;
 pub mod report;
 pub mod scrape;
 pub mod scratch_db;
-pub mod seed;
 pub mod server;
 
 use crate::wal::FsyncMode;
