@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::binary::Server;
+use common::binary;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -104,9 +104,8 @@ async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench-seed failed:\n{stderr}");
 
-    let server = Server::start(dir.path(), &[]);
+    let server = binary::start(dir.path(), &[]).await;
     let client = reqwest::Client::new();
-    server.wait_ready(&client).await;
     let get = |base: &str, serial: &str| {
         let url = format!("{base}/widgets/{serial}");
         let client = client.clone();
@@ -139,15 +138,14 @@ async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
         json!({"P": null, "R": "seed-0000000000", "Q": null}),
         "re-plugging freed the old peer"
     );
-    assert!(server.terminate().success());
+    assert!(server.stop().await.expect("stopping the server").success());
 
-    let server = Server::start(dir.path(), &[]);
-    server.wait_ready(&client).await;
+    let server = binary::start(dir.path(), &[]).await;
     assert_eq!(
         get(&server.base, "seed-0000000000").await["associations"],
         json!({"P": "seed-0000000002", "R": "seed-0000000001", "Q": null})
     );
-    assert!(server.terminate().success());
+    assert!(server.stop().await.expect("stopping the server").success());
 
     let again = seed(dir.path(), "10");
     assert!(
@@ -162,7 +160,7 @@ async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
 /// run still reports everything else it measured.
 #[tokio::test]
 async fn a_baseline_without_enough_connections_is_reported_not_fatal() {
-    let admin = common::pg::admin_url();
+    let admin = widgets_testkit::pg::admin_url();
     let db = common::pg::TestDb::create().await;
     let mut conn = db.connect().await;
     let max: String = sqlx::query_scalar("SHOW max_connections")
