@@ -17,11 +17,9 @@
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`listener`]: the TCP listener with a connection cap.
 //! - [`seed`]: `widgets bench-seed`, filling an empty store with paired widgets to measure at scale.
-//! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.
 
 pub mod api;
 pub mod app;
-pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod engine;
