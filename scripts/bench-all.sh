@@ -4,12 +4,16 @@
 #
 #   cargo build --release --features redis && scripts/bench-all.sh
 #
+# (At the workspace root that builds the service and the load generator, widgets-bench,
+# side by side in target/release; WIDGETS_BIN and WIDGETS_BENCH_BIN pick other builds.)
+#
 # Needs PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres: the
 # runs create and drop throwaway databases there) and Redis (REDIS_URL, default
 # redis://127.0.0.1:6379; keys go under a prefix of their own). Takes about ten minutes.
 set -euo pipefail
 
-bin=${WIDGETS_BIN:-target/release/widgets}
+bench=${WIDGETS_BENCH_BIN:-target/release/widgets-bench}
+server=${WIDGETS_BIN:-target/release/widgets}
 pg=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 redis=${REDIS_URL:-redis://127.0.0.1:6379}
 out=bench/results
@@ -21,8 +25,8 @@ puts=(--widgets 100000 --duration 20s --ceiling-secs 5 --mix put=100 --json)
 run() {
     local name=$1
     shift
-    echo "== $name: $bin bench $*" >&2
-    "$bin" bench "$@" >"$out/$name.json"
+    echo "== $name: $bench $*" >&2
+    "$bench" --server-bin "$server" "$@" >"$out/$name.json"
 }
 
 run 1-embedded-c64 "${puts[@]}" --concurrency 64 --database-url=

@@ -71,12 +71,6 @@ impl RunningApp {
     }
 }
 
-/// The address in the "listening" line the service logs at start-up, for whoever started
-/// it as a child process with `--listen 127.0.0.1:0` (the load generator, tests).
-pub fn listen_addr_in_log(line: &str) -> Option<&str> {
-    line.split("addr=").nth(1)?.split_whitespace().next()
-}
-
 /// Binds, serves and starts recovery on the real file system.
 pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
     start_with_fs(config, Arc::new(RealFs)).await
@@ -102,7 +96,8 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    // `addr=` is what listen_addr_in_log reads: keep the two together.
+    // Whoever started the service with `--listen 127.0.0.1:0` (its tests, the load
+    // generator) reads its address from `addr=` here (widgets-testkit's server.rs).
     tracing::info!(%addr, data_dir = %config.data_dir.display(), fsync = ?config.fsync, "listening");
     if config.fsync != crate::wal::FsyncMode::Always {
         tracing::warn!(fsync = ?config.fsync, "WAL fsync is not `always`: a crash can lose acknowledged writes");
@@ -273,7 +268,8 @@ impl Serving {
     }
 }
 
-pub(crate) async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
+/// Opens the embedded store in the data directory (serving, and `widgets bench-seed`).
+pub async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
     let dir = config.store_dir();
     let cache = config.sled_cache_bytes;
     let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache)).await?;

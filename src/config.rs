@@ -1,12 +1,12 @@
 //! Every setting, by flag or environment variable (a `.env` file in the working directory
-//! is read at start-up). `widgets --help` prints this with the defaults.
+//! is read at start-up). `widgets --help` prints this with the defaults. The subcommands
+//! (`migrate`, `wal`, `bench-seed`) are `main.rs`'s, which flattens this into its command
+//! line; [`Config`] also parses on its own, as tests build apps from argument lists.
 
-use crate::bench::seed::SeedArgs;
-use crate::bench::BenchArgs;
 use crate::engine::EngineSettings;
 use crate::serve::ConnectionLimits;
 use crate::wal::{FsyncMode, RecoveryMode};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,9 +17,6 @@ use std::time::Duration;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "widgets", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
-    #[command(subcommand)]
-    pub command: Option<Cmd>,
-
     /// Address to serve HTTP on.
     #[arg(long, env = "WIDGETS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -30,6 +27,8 @@ pub struct Config {
 
     /// PostgreSQL URL for the durable store (e.g. postgres://user@host:5432/widgets). Unset
     /// or empty: the embedded store in the data directory.
+    // Global: `widgets migrate --database-url URL` and `widgets bench-seed --database-url URL`
+    // take it after the subcommand too.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 
@@ -121,40 +120,6 @@ pub struct Config {
     /// than 32 MiB.
     #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=64 << 30))]
     pub sled_cache_bytes: u64,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum Cmd {
-    /// Serve the API (the default).
-    Serve,
-    /// Apply the PostgreSQL migrations to DATABASE_URL and exit (serving applies them too).
-    Migrate,
-    /// Look at a WAL directory without changing it.
-    Wal {
-        #[command(subcommand)]
-        command: WalCmd,
-    },
-    /// Load-test the service (started here, or at --url) and report throughput, latency
-    /// percentiles, errors, fsyncs and memory, next to the HTTP ceiling and, with a
-    /// database URL, PostgreSQL written directly.
-    Bench(BenchArgs),
-    /// Fill an empty durable store (the data directory's, or DATABASE_URL) with widgets
-    /// paired on two ports, to measure memory and restart at scale.
-    BenchSeed(SeedArgs),
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum WalCmd {
-    /// List every segment and record (LSN, offset, changes), verifying checksums.
-    Inspect {
-        /// The WAL directory (`<data dir>/wal`).
-        dir: PathBuf,
-    },
-    /// Check every segment; exit 1 naming the file and offset of the first damage.
-    Verify {
-        /// The WAL directory (`<data dir>/wal`).
-        dir: PathBuf,
-    },
 }
 
 /// A duration from 1 ms to 1 hour: zero would spin a thread (an fsync or flush timer that

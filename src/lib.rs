@@ -23,11 +23,10 @@
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`serve`]: the HTTP server: connection cap with idle eviction, timeouts, header
 //!   limit, graceful drain with a deadline.
-//! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.
+//! - [`seed`]: `widgets bench-seed`, filling an empty store with paired widgets to measure at scale.
 
 pub mod api;
 pub mod app;
-pub mod bench;
 pub mod config;
 pub mod data_dir;
 pub mod domain;
@@ -35,6 +34,7 @@ pub mod engine;
 pub mod error;
 pub mod flush;
 pub mod metrics;
+pub mod seed;
 pub mod serve;
 pub mod store;
 pub mod wal;

@@ -1,14 +1,60 @@
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
-use widgets::bench::BenchArgs;
-use widgets::config::{Cmd, Config, WalCmd};
+use widgets::config::Config;
+use widgets::seed::{self, SeedArgs};
+use widgets::store::PgStore;
 
 /// The write path allocates per request (bodies, widget clones, views): glibc's malloc took
 /// about a quarter of the server's CPU under an association-PUT load (perf), so use mimalloc.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Widgets and the associations between their ports: an HTTP service that keeps its state
+/// in memory, makes every write durable in a local write-ahead log before answering, and
+/// writes behind to a durable store.
+#[derive(Debug, Parser)]
+#[command(name = "widgets", version, about, long_about = None, args_override_self = true)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply the PostgreSQL migrations to DATABASE_URL and exit (serving applies them too).
+    Migrate,
+    /// Look at a WAL directory without changing it.
+    Wal {
+        #[command(subcommand)]
+        command: WalCmd,
+    },
+    /// Fill an empty durable store (the data directory's, or DATABASE_URL) with widgets
+    /// paired on two ports, to measure memory and restart at scale.
+    BenchSeed(SeedArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum WalCmd {
+    /// List every segment and record (LSN, offset, changes), verifying checksums.
+    Inspect {
+        /// The WAL directory (`<data dir>/wal`).
+        dir: PathBuf,
+    },
+    /// Check every segment; exit 1 naming the file and offset of the first damage.
+    Verify {
+        /// The WAL directory (`<data dir>/wal`).
+        dir: PathBuf,
+    },
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -18,7 +64,7 @@ async fn main() -> ExitCode {
             eprintln!("ignoring .env: {e}");
         }
     }
-    let config = Config::parse();
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -26,7 +72,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(config).await {
+    match run(cli.config, cli.cmd).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -35,16 +81,33 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let database_url = config.postgres_url().map(str::to_owned);
-    match config.command {
-        Some(Cmd::Bench(args)) => bench(args, database_url).await,
-        Some(Cmd::BenchSeed(ref args)) => widgets::bench::seed::run(args, &config).await,
+async fn run(config: Config, cmd: Option<Cmd>) -> anyhow::Result<()> {
+    match cmd {
+        Some(Cmd::BenchSeed(args)) => bench_seed(&args, &config).await,
         Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
         Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {
             let app = widgets::app::start(config).await?;
             app.run_until(shutdown_signal()).await
+        }
+    }
+}
+
+/// `widgets bench-seed`: opens the store the service would serve from (PostgreSQL, migrated,
+/// with DATABASE_URL; else the embedded store in the data directory) and seeds it.
+async fn bench_seed(args: &SeedArgs, config: &Config) -> anyhow::Result<()> {
+    seed::check(args, &config.wal_dir())?;
+    match config.postgres_url() {
+        Some(url) => {
+            let store = PgStore::connect(url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            store.migrate().await.context("applying migrations")?;
+            seed::into_postgres(args, &store).await
+        }
+        None => {
+            let store = widgets::app::open_sled(config).await?;
+            seed::fill(&store, args, "the embedded store").await
         }
     }
 }
@@ -74,22 +137,6 @@ fn wal_command(command: WalCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `widgets bench`: prints the report as a table, or JSON with `--json`. Ctrl-C stops the
-/// run and the service it started.
-async fn bench(args: BenchArgs, database_url: Option<String>) -> anyhow::Result<()> {
-    let json = args.json;
-    let report = tokio::select! {
-        report = widgets::bench::run(args, database_url) => report?,
-        _ = shutdown_signal() => anyhow::bail!("interrupted"),
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{report}");
-    }
-    Ok(())
-}
-
 /// Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -106,5 +153,59 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use widgets::wal::FsyncMode;
+
+    fn parse(argv: &[&str]) -> Cli {
+        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    #[test]
+    fn settings_come_before_the_subcommand_and_a_later_one_wins() {
+        let cli = parse(&["widgets", "--fsync", "never", "--database-url=", "serve"]);
+        assert!(matches!(cli.cmd, Some(Cmd::Serve)));
+        assert_eq!(cli.config.fsync, FsyncMode::Never);
+        assert_eq!(cli.config.postgres_url(), None);
+        let cli = parse(&["widgets", "--fsync", "never", "--fsync", "interval"]);
+        assert!(cli.cmd.is_none(), "serving is the default");
+        assert_eq!(cli.config.fsync, FsyncMode::Interval);
+        assert!(Cli::try_parse_from(["widgets", "serve", "--fsync", "never"]).is_err());
+    }
+
+    #[test]
+    fn the_database_url_may_follow_the_subcommand() {
+        let cli = parse(&["widgets", "migrate", "--database-url", "postgres://h/db"]);
+        assert!(matches!(cli.cmd, Some(Cmd::Migrate)));
+        assert_eq!(cli.config.postgres_url(), Some("postgres://h/db"));
+        let cli = parse(&[
+            "widgets",
+            "--data-dir",
+            "d",
+            "bench-seed",
+            "--database-url=",
+        ]);
+        assert_eq!(cli.config.postgres_url(), None);
+        assert_eq!(cli.config.data_dir, PathBuf::from("d"));
+        match cli.cmd {
+            Some(Cmd::BenchSeed(args)) => {
+                assert_eq!((args.widgets, args.batch), (10_000_000, 10_000))
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wal_commands_take_a_directory() {
+        match parse(&["widgets", "wal", "verify", "data/wal"]).cmd {
+            Some(Cmd::Wal {
+                command: WalCmd::Verify { dir },
+            }) => assert_eq!(dir, PathBuf::from("data/wal")),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }

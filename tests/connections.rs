@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::binary::Server;
+use common::binary;
 use reqwest::StatusCode;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -134,12 +134,12 @@ async fn a_body_that_stalls_answers_408_and_changes_nothing() {
 #[tokio::test]
 async fn a_client_stalled_mid_body_cannot_hold_up_a_graceful_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
+    let server = binary::start(
         dir.path(),
         &["--drain-timeout", "1s", "--body-timeout", "1h"],
-    );
+    )
+    .await;
     let client = reqwest::Client::new();
-    server.wait_ready(&client).await;
     let created = client
         .post(format!("{}/widgets", server.base))
         .body(r#"{"name": "w", "serial_number": "kept", "ports": ["P"]}"#)
@@ -157,9 +157,7 @@ async fn a_client_stalled_mid_body_cannot_hold_up_a_graceful_stop() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let started = Instant::now();
-    let status = tokio::task::spawn_blocking(move || server.terminate())
-        .await
-        .unwrap();
+    let status = server.stop().await.expect("stopping the server");
     assert_eq!(status.code(), Some(0), "a graceful stop exits 0");
     assert!(
         started.elapsed() < Duration::from_secs(8),
@@ -167,8 +165,7 @@ async fn a_client_stalled_mid_body_cannot_hold_up_a_graceful_stop() {
         started.elapsed()
     );
 
-    let again = Server::start(dir.path(), &[]);
-    again.wait_ready(&client).await;
+    let again = binary::start(dir.path(), &[]).await;
     let kept = client
         .get(format!("{}/widgets/kept", again.base))
         .send()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::binary::Server;
+use common::binary;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,8 +43,7 @@ async fn a_second_app_on_one_data_directory_is_refused_until_the_first_stops() {
 #[tokio::test]
 async fn a_second_process_on_one_data_directory_exits_at_once_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Server::start(dir.path(), &[]);
-    first.wait_ready(&reqwest::Client::new()).await;
+    let first = binary::start(dir.path(), &[]).await;
     let holder = std::fs::read_to_string(dir.path().join("lock")).unwrap();
 
     let started = Instant::now();
@@ -70,5 +69,5 @@ async fn a_second_process_on_one_data_directory_exits_at_once_naming_the_holder(
         stderr.contains(&format!("PID {}", holder.trim())),
         "the refusal names the holder's PID {holder}:\n{stderr}"
     );
-    assert_eq!(first.terminate().code(), Some(0));
+    assert_eq!(first.stop().await.expect("stopping").code(), Some(0));
 }

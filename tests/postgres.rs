@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use common::binary::Server;
+use common::binary;
 use common::pg::{app_state, pg_state, Proxy, TestDb};
 use common::{spawn_app_with, TestApp};
 use reqwest::StatusCode;
@@ -147,8 +147,7 @@ async fn a_restart_replays_wal_records_above_the_postgres_checkpoint() {
         "--flush-batch",
         "10",
     ];
-    let server = Server::start(dir.path(), &args);
-    server.wait_ready(&client).await;
+    let server = binary::start(dir.path(), &args).await;
     let names: Vec<String> = (0..14).map(|i| format!("w{i}")).collect();
     for (i, s) in names.iter().enumerate() {
         let body = serde_json::json!({"name": "w", "serial_number": s, "ports": ["P"]});
@@ -174,7 +173,7 @@ async fn a_restart_replays_wal_records_above_the_postgres_checkpoint() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    server.kill9();
+    server.kill9().expect("SIGKILL");
 
     let mut conn = db.connect().await;
     assert_eq!(
@@ -184,14 +183,13 @@ async fn a_restart_replays_wal_records_above_the_postgres_checkpoint() {
     );
     assert_eq!(pg_state(&mut conn).await.len(), 10);
 
-    let server = Server::start(dir.path(), &args);
-    server.wait_ready(&client).await;
+    let server = binary::start(dir.path(), &args).await;
     let state = app_state(|p| format!("{}{p}", server.base), &names).await;
     assert_eq!(state.len(), 14, "every acknowledged create is back");
     assert_eq!(state["w0"].2[0].as_deref(), Some("w13"));
     assert_eq!(state["w13"].2[0].as_deref(), Some("w0"));
     // A graceful stop flushes the replayed records, and PostgreSQL equals the service.
-    assert!(server.terminate().success());
+    assert!(server.stop().await.expect("stopping the server").success());
     assert_eq!(pg_state(&mut conn).await, state);
     assert_eq!(checkpoint(&mut conn).await, 15);
     db.drop_db().await;
@@ -201,7 +199,7 @@ async fn a_restart_replays_wal_records_above_the_postgres_checkpoint() {
 async fn an_outage_loses_nothing_and_postgres_converges_when_it_returns() {
     let db = TestDb::create().await;
     let proxy = Proxy::start(&db).await;
-    let app = pg_app(&db.url_via(&proxy), &[]).await;
+    let app = pg_app(&db.url_via(proxy.addr), &[]).await;
     let names: Vec<String> = (0..20).map(|i| format!("o{i}")).collect();
     for s in &names {
         assert_eq!(
@@ -274,7 +272,7 @@ async fn start_up_waits_for_postgres_and_readyz_says_so() {
     let proxy = Proxy::start(&db).await;
     proxy.cut();
     let dir = tempfile::TempDir::new().unwrap();
-    let url = db.url_via(&proxy);
+    let url = db.url_via(proxy.addr);
     let mut app = common::try_spawn_app_in(
         dir.path(),
         &["--database-url", &url],

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::binary::Server;
+use common::binary;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -195,8 +195,7 @@ async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
     eprintln!("crash loop: {cycles} cycles, seed {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     for cycle in 0..cycles {
-        let server = Server::start(dir.path(), &[]);
-        server.wait_ready(&client).await;
+        let server = binary::start(dir.path(), &[]).await;
         let acked_before = ACKED.load(std::sync::atomic::Ordering::Relaxed);
         let writers = 16;
         let ledgers: Vec<_> = (0..writers)
@@ -216,13 +215,12 @@ async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
             .collect();
         // A random moment under load: right after start-up up to well into the run.
         tokio::time::sleep(Duration::from_millis(rng.u64(150..1200))).await;
-        server.kill9();
+        server.kill9().expect("SIGKILL");
         for t in tasks {
             t.await.unwrap();
         }
 
-        let server = Server::start(dir.path(), &[]);
-        server.wait_ready(&client).await;
+        let server = binary::start(dir.path(), &[]).await;
         for ledger in &ledgers {
             let (acked, maybe) = ledger.lock().unwrap().clone();
             let serials: Vec<String> = maybe.0.keys().map(|k| k.to_string()).collect();
@@ -267,7 +265,7 @@ async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
             acked >= 100,
             "the load acknowledged only {acked} writes before the kill"
         );
-        server.kill9();
+        server.kill9().expect("SIGKILL");
     }
 }
 
@@ -275,8 +273,7 @@ async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
 async fn graceful_stop_exits_zero_and_keeps_everything() {
     let dir = tempfile::TempDir::new().unwrap();
     let client = Client::new();
-    let server = Server::start(dir.path(), &[]);
-    server.wait_ready(&client).await;
+    let server = binary::start(dir.path(), &[]).await;
     for serial in ["g1", "g2", "g3"] {
         let r = client
             .post(format!("{}/widgets", server.base))
@@ -296,11 +293,10 @@ async fn graceful_stop_exits_zero_and_keeps_everything() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let status = server.terminate();
+    let status = server.stop().await.expect("stopping the server");
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 
-    let server = Server::start(dir.path(), &[]);
-    server.wait_ready(&client).await;
+    let server = binary::start(dir.path(), &[]).await;
     let got = server_peers(
         &client,
         &server.base,
@@ -311,7 +307,7 @@ async fn graceful_stop_exits_zero_and_keeps_everything() {
     assert_eq!(got["g3"], [None, None, Some("g1".into())]);
     assert_eq!(got["g2"], [None, None, None]);
     // The final flush reached the store, so only the new active segment is left in the WAL.
-    let status = server.terminate();
+    let status = server.stop().await.expect("stopping the server");
     assert!(status.success());
     let segments = std::fs::read_dir(dir.path().join("wal")).unwrap().count();
     assert_eq!(segments, 1, "the WAL kept segments the store already holds");

@@ -272,7 +272,7 @@ impl Drop for TestApp {
 
 /// The value of metric `name` in a `/metrics` text (summed over its labels), if present.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    widgets::bench::scrape::sample_sum(text, name)
+    widgets_testkit::metrics::sample_sum(text, name)
 }
 
 /// Reads an error body and returns its code, checking its shape.

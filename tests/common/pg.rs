@@ -1,123 +1,16 @@
-//! PostgreSQL for tests: a fresh database per test on the server `DATABASE_URL` names, and
-//! a TCP proxy in front of it that a test can cut and restore to simulate an outage.
+//! PostgreSQL for tests: a fresh database per test on the server `DATABASE_URL` names
+//! (`TestDb`, from widgets-testkit), a TCP proxy in front of it that a test can cut and
+//! restore to simulate an outage, and the tables' view of every widget.
 
 use reqwest::StatusCode;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
-
-/// The server tests use when `DATABASE_URL` is unset: the local one this project's CI and
-/// `docker compose up -d` provide.
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("DATABASE_URL has a /database part");
-    match query {
-        Some(q) => format!("{server}/{db}?{q}"),
-        None => format!("{server}/{db}"),
-    }
-}
-
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    /// Creates an empty database for one test.
-    pub async fn create() -> TestDb {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-        let admin = admin_url();
-        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL tests need a server. Set DATABASE_URL to a role that may CREATE \
-                 DATABASE (default {DEFAULT_URL}; `docker compose up -d` starts one): {e}"
-            )
-        });
-        SWEPT.get_or_init(|| drop_orphans(&admin)).await;
-        let name = format!(
-            "widgets_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            fastrand::u32(..)
-        );
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .expect("CREATE DATABASE");
-        TestDb {
-            url: with_database(&admin, &name),
-            name,
-        }
-    }
-
-    pub async fn connect(&self) -> PgConnection {
-        PgConnection::connect(&self.url)
-            .await
-            .expect("connecting to the test database")
-    }
-
-    /// Drops the database (call at the end of a test that passed).
-    pub async fn drop_db(self) {
-        let mut conn = PgConnection::connect(&admin_url())
-            .await
-            .expect("admin connection");
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await
-        .expect("DROP DATABASE");
-    }
-
-    /// The URL of this database reached through `proxy`.
-    pub fn url_via(&self, proxy: &Proxy) -> String {
-        let after_at = self
-            .url
-            .rsplit_once('@')
-            .map_or(self.url.as_str(), |(_, rest)| rest);
-        let host_port = after_at.split('/').next().expect("host:port");
-        self.url.replacen(host_port, &proxy.addr.to_string(), 1)
-    }
-}
-
-/// Drops the databases of test processes that are gone (a failed test, or one that never
-/// stopped its app, leaves its database behind); names carry the process id.
-async fn drop_orphans(admin: &str) {
-    let mut conn = PgConnection::connect(admin)
-        .await
-        .expect("admin connection");
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT datname FROM pg_database WHERE datname LIKE 'widgets\\_test\\_%'",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .expect("listing test databases");
-    for name in names {
-        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut conn)
-                .await;
-        }
-    }
-}
+pub use widgets_testkit::pg::TestDb;
 
 /// A TCP proxy to the PostgreSQL server that can be cut (every connection dropped, new
 /// ones refused) and restored.

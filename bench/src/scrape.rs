@@ -3,6 +3,7 @@
 //! their ratio, plus the state gauges at the end (flush lag, widgets, resident memory).
 
 use super::report::ServerStats;
+use widgets_testkit::metrics::sample_sum;
 
 /// The numbers the bench needs from one scrape. A counter the server has not touched yet
 /// is absent from the text and reads as 0; a missing gauge stays `None`.
@@ -41,29 +42,6 @@ pub fn server_stats(before: &Scrape, after: &Scrape) -> ServerStats {
         widgets_in_memory: after.widgets_in_memory.map(|n| n as u64),
         rss_bytes: after.rss_bytes.map(|n| n as u64),
     }
-}
-
-/// The sum of every sample of metric `name`, whatever its labels; `None` if it has none.
-pub fn sample_sum(text: &str, name: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        // `name{labels} value` or `name value`, not a longer name sharing the prefix.
-        let value = if let Some(labelled) = rest.strip_prefix('{') {
-            labelled.rsplit_once('}').map(|(_, v)| v)
-        } else if rest.starts_with(' ') {
-            Some(rest)
-        } else {
-            None
-        };
-        // A sample may end with a timestamp after the value.
-        if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
-            *sum.get_or_insert(0.0) += v;
-        }
-    }
-    sum
 }
 
 #[cfg(test)]
@@ -110,17 +88,6 @@ process_resident_memory_bytes 52428800
                 rss_bytes: Some(52_428_800),
             }
         );
-    }
-
-    #[test]
-    fn labelled_samples_add_up_and_prefixes_do_not_match() {
-        assert_eq!(sample_sum(AFTER, "http_requests_total"), Some(1000.0));
-        assert_eq!(
-            sample_sum(BEFORE, "widgets_wal_records_total"),
-            Some(1000.0)
-        );
-        assert_eq!(sample_sum(AFTER, "widgets_wal_group_records"), None);
-        assert_eq!(sample_sum(AFTER, "widgets_dirty"), None);
     }
 
     #[test]

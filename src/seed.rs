@@ -6,14 +6,16 @@
 //! are associated on P and on R, so every widget has two associations and one free port.
 //! Everything is written at version 1 with checkpoint 1: the service then starts with an
 //! empty WAL and its next write is LSN 2.
+//!
+//! An admin command like `migrate`: the caller (`main`) opens the store and hands it over,
+//! so seeding writes through exactly the store the service will load.
 
-use crate::config::Config;
-use crate::domain::Mark;
-use crate::domain::{Name, PortType, Ports, Serial, Widget};
+use crate::domain::{Mark, Name, PortType, Ports, Serial, Widget};
 use crate::store::{FlushBatch, FlushItem, PgStore, Store};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,40 +58,35 @@ fn widget(i: u64, name: &Name, ports: Ports) -> Widget {
     w
 }
 
-pub async fn run(args: &SeedArgs, config: &Config) -> anyhow::Result<()> {
+/// What can be refused before the store is opened (so a refused seed leaves nothing
+/// behind): more widgets than the serials can number, or a WAL that holds anything.
+pub fn check(args: &SeedArgs, wal_dir: &Path) -> anyhow::Result<()> {
     if args.widgets >= 10_000_000_000 {
         bail!("--widgets: at most 9999999999 (serials have ten digits)");
     }
     // A WAL from an earlier run would be replayed over the seed's checkpoint.
-    let wal = config.wal_dir();
-    if std::fs::read_dir(&wal).is_ok_and(|mut d| d.next().is_some()) {
+    if std::fs::read_dir(wal_dir).is_ok_and(|mut d| d.next().is_some()) {
         bail!(
             "{} is not empty: bench-seed writes only into a new data directory",
-            wal.display()
+            wal_dir.display()
         );
     }
-    match config.postgres_url() {
-        Some(url) => {
-            let store = PgStore::connect(url)
-                .await
-                .context("connecting to PostgreSQL")?;
-            store.migrate().await.context("applying migrations")?;
-            fill(&store, args, "PostgreSQL").await?;
-            // The planner's row count is what start-up sizes its map by (len_hint).
-            sqlx::query("ANALYZE widgets")
-                .execute(store.pool())
-                .await
-                .context("ANALYZE widgets")?;
-            Ok(())
-        }
-        None => {
-            let store = crate::app::open_sled(config).await?;
-            fill(&store, args, "the embedded store").await
-        }
-    }
+    Ok(())
 }
 
-async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::Result<()> {
+/// Seeds PostgreSQL (connected and migrated; [`check`] first), then updates the planner's row count, which is
+/// what start-up sizes its map by (`len_hint`).
+pub async fn into_postgres(args: &SeedArgs, store: &PgStore) -> anyhow::Result<()> {
+    fill(store, args, "PostgreSQL").await?;
+    sqlx::query("ANALYZE widgets")
+        .execute(store.pool())
+        .await
+        .context("ANALYZE widgets")?;
+    Ok(())
+}
+
+/// Seeds `store` (named `what` in messages), which must be empty; [`check`] first.
+pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::Result<()> {
     let held = Arc::new(AtomicU64::new(0));
     let count = held.clone();
     let checkpoint = store

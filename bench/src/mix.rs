@@ -3,9 +3,9 @@
 //! run created (all of which have ports P, R and Q), so every request is valid by
 //! construction and any error the server answers is the server's.
 
-use crate::domain::PortType;
 use std::fmt;
 use std::str::FromStr;
+use widgets::domain::PortType;
 
 /// The kinds of request the mix can weigh.
 const KEYS: [&str; 3] = ["put", "free", "get"];

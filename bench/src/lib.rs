@@ -1,6 +1,12 @@
-//! `widgets bench`: the load generator. One run, in phases:
+//! # widgets-bench
 //!
-//! 1. start the service (this binary, in a temporary directory) or reach `--url`;
+//! The load generator of the widgets service, a crate of its own so that the service
+//! links none of it. It drives the service from outside, over HTTP, and reads only the
+//! service's domain types, its PostgreSQL store (for the baseline) and its fsync modes.
+//! One run, in phases:
+//!
+//! 1. start the service (the `widgets` binary beside this one, or `--server-bin`, in a
+//!    temporary directory) or reach `--url`;
 //! 2. create `--widgets` widgets, each with ports P, R and Q, from `--concurrency`
 //!    connections, with a progress bar;
 //! 3. the HTTP ceiling: `GET /healthz` at full speed for `--ceiling-secs`, same client and
@@ -15,9 +21,17 @@
 //! of an overloaded service still reports. Only failing to start or reach the service (or
 //! to create at least two widgets) ends a run early.
 //!
-//! Files: `http` (client and requests), `load` (workers, closed and open loop), `mix`
-//! (the request mix), `report` (histograms and the printed report), `scrape` (`/metrics`),
-//! `server` (the child process), `scratch_db` (throwaway databases), `baseline`.
+//! # Layout
+//! - [`http`]: the client and the requests the phases send.
+//! - [`load`]: the workers, closed and open loop.
+//! - [`mix`]: the request mix.
+//! - [`report`]: histograms and the printed report.
+//! - [`scrape`]: `/metrics` before and after the load.
+//! - [`server`]: which service binary to start, and its command line.
+//! - [`baseline`]: PostgreSQL written directly, one transaction per update.
+//!
+//! The child process and the throwaway databases are widgets-testkit's, shared with the
+//! service's tests.
 
 pub mod baseline;
 pub mod http;
@@ -25,37 +39,51 @@ pub mod load;
 pub mod mix;
 pub mod report;
 pub mod scrape;
-pub mod scratch_db;
-pub mod seed;
 pub mod server;
 
-use crate::wal::FsyncMode;
 use anyhow::Context;
+use clap::Parser;
 use http::Http;
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use load::{Outcome, Pace};
 use mix::Mix;
 use report::{BaselineStats, PhaseStats, Report};
 use scrape::Scrape;
-use scratch_db::ScratchDb;
-use server::{Server, ServerOptions};
+use server::ServerOptions;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use widgets::wal::FsyncMode;
+use widgets_testkit::pg::{ScratchDb, ScratchDbError};
+use widgets_testkit::server::{Server, ServerCommand};
 
 /// How long the service may take to answer `/readyz` with 200.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Load-test the service: create widgets, drive a mix of requests, report throughput,
-/// latency and what the server did, next to the HTTP ceiling and (with a database URL)
-/// PostgreSQL written directly.
-#[derive(Debug, Clone, clap::Args)]
+/// Load-test the widgets service (started here, or at --url) and report throughput,
+/// latency percentiles, errors, fsyncs and memory, next to the HTTP ceiling and, with a
+/// database URL, PostgreSQL written directly.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "widgets-bench", version, about, long_about = None, args_override_self = true)]
 pub struct BenchArgs {
     /// Base URL of a running service to load (e.g. http://127.0.0.1:8080). Default: start
-    /// the service (this binary) on a free port with its data in a temporary directory.
+    /// the service (see --server-bin) on a free port with its data in a temporary directory.
     #[arg(long)]
     pub url: Option<String>,
+
+    /// The service binary to start (default: `widgets` in this binary's directory, where
+    /// `cargo build` puts it); not with --url.
+    #[arg(long, value_name = "PATH", conflicts_with = "url")]
+    pub server_bin: Option<PathBuf>,
+
+    /// PostgreSQL (e.g. postgres://postgres@127.0.0.1:5432/postgres, a role that may
+    /// CREATE DATABASE): the started service's store and the direct-PostgreSQL baseline,
+    /// each in a throwaway database dropped at the end. Unset or empty: the embedded store
+    /// and no baseline.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 
     /// Widgets to create before the load (default 100000).
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(2..))]
@@ -119,6 +147,13 @@ fn positive_rate(s: &str) -> Result<f64, String> {
 }
 
 impl BenchArgs {
+    /// The PostgreSQL URL, if one is set (an empty one means none).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+    }
+
     fn pace(&self) -> Pace {
         match self.rate {
             Some(rate) => Pace::Open {
@@ -130,16 +165,18 @@ impl BenchArgs {
     }
 }
 
-/// Runs every phase. `database_url` (from `--database-url` or `DATABASE_URL`) makes the
+/// Runs every phase. A database URL (`--database-url` or `DATABASE_URL`) makes the
 /// started service use PostgreSQL and adds the baseline; both get throwaway databases on
 /// that server, dropped at the end.
-pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Result<Report> {
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    let database_url = args.postgres_url().map(str::to_owned);
     let mut server_db = None;
     let (server, base) = match &args.url {
         Some(url) => (None, url.clone()),
         None => {
+            let bin = server::server_bin(args.server_bin.as_deref())?;
             if let Some(admin) = &database_url {
-                let db = ScratchDb::create(admin, "server")
+                let db = scratch_db(admin, "server")
                     .await
                     .context("creating the service's database")?;
                 server_db = Some(db);
@@ -149,9 +186,11 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
                 database_url: server_db.as_ref().map(|db| db.url.clone()),
                 extra_args: args.server_args.clone(),
             };
-            match Server::start(&options).await {
+            let mut command = ServerCommand::new(&bin);
+            command.args = options.args();
+            match Server::start(&command).await {
                 Ok(server) => {
-                    tracing::info!(url = %server.base, "started the service");
+                    tracing::info!(url = %server.base, bin = %bin.display(), "started the service");
                     let base = server.base.clone();
                     (Some(server), base)
                 }
@@ -355,6 +394,12 @@ async fn scrape(http: &Http) -> anyhow::Result<Scrape> {
     Ok(Scrape::parse(&text))
 }
 
+/// A throwaway database `widgets_bench_<purpose>_<pid>` on the server `admin_url` names.
+pub async fn scratch_db(admin_url: &str, purpose: &str) -> Result<ScratchDb, ScratchDbError> {
+    let name = format!("widgets_bench_{purpose}_{}", std::process::id());
+    ScratchDb::create(admin_url, &name).await
+}
+
 async fn drop_scratch(db: Option<ScratchDb>) {
     if let Some(db) = db {
         let name = db.name.clone();
@@ -367,15 +412,10 @@ async fn drop_scratch(db: Option<ScratchDb>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Cmd, Config};
-    use clap::Parser;
 
     fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
-        let argv = ["widgets", "bench"].into_iter().chain(args.iter().copied());
-        match Config::try_parse_from(argv)?.command {
-            Some(Cmd::Bench(args)) => Ok(args),
-            other => panic!("parsed as {other:?}"),
-        }
+        let argv = ["widgets-bench"].into_iter().chain(args.iter().copied());
+        BenchArgs::try_parse_from(argv)
     }
 
     #[test]
@@ -425,17 +465,19 @@ mod tests {
         assert!(a.json);
         assert_eq!(a.fsync, FsyncMode::Never);
         assert_eq!(a.server_args, ["--flush-interval=200ms", "--max-dirty=10"]);
+        assert_eq!(a.server_bin, None);
+        let a = parse(&["--server-bin", "target/debug/widgets"]).unwrap();
+        assert_eq!(a.server_bin, Some(PathBuf::from("target/debug/widgets")));
         let a = parse(&["--url", "http://127.0.0.1:8080"]).unwrap();
         assert_eq!(a.url.as_deref(), Some("http://127.0.0.1:8080"));
     }
 
     #[test]
-    fn the_database_url_is_the_global_one() {
-        let c = Config::try_parse_from(["widgets", "bench", "--database-url", "postgres://h/db"])
-            .unwrap();
-        assert_eq!(c.postgres_url(), Some("postgres://h/db"));
-        let c = Config::try_parse_from(["widgets", "bench", "--database-url="]).unwrap();
-        assert_eq!(c.postgres_url(), None);
+    fn an_empty_database_url_means_none() {
+        let a = parse(&["--database-url", "postgres://h/db"]).unwrap();
+        assert_eq!(a.postgres_url(), Some("postgres://h/db"));
+        let a = parse(&["--database-url="]).unwrap();
+        assert_eq!(a.postgres_url(), None);
     }
 
     #[test]
@@ -456,6 +498,7 @@ mod tests {
                 &["--url", "http://h", "--server-arg", "--max-dirty=1"],
                 "--server-arg",
             ),
+            (&["--url", "http://h", "--server-bin", "w"], "--server-bin"),
             (&["--bogus"], "--bogus"),
         ] {
             let e = parse(args).expect_err(&format!("{args:?} was accepted"));

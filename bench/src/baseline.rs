@@ -12,15 +12,15 @@
 
 use super::load::{self, Outcome, Pace, PhaseResult};
 use super::mix::{distinct_pair, random_port};
-use super::scratch_db::{ScratchDb, ScratchDbError};
-use crate::domain::PortType;
-use crate::store::{PgStore, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use widgets::domain::PortType;
+use widgets::store::{PgStore, StoreError};
+use widgets_testkit::pg::{ScratchDb, ScratchDbError};
 
 /// The association table of each port type, by port index (as in `migrations/`).
 const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "associations_q"];
@@ -64,7 +64,7 @@ pub async fn run(
     concurrency: usize,
     pace: Pace,
 ) -> Result<BaselineResult, BaselineError> {
-    let db = ScratchDb::create(admin_url, "baseline").await?;
+    let db = crate::scratch_db(admin_url, "baseline").await?;
     let result = run_in(&db, serials, concurrency, pace).await;
     if let Err(e) = db.drop_db().await {
         tracing::warn!("leaving the baseline database behind: {e}");

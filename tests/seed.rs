@@ -1,0 +1,87 @@
+//! `widgets bench-seed` through the real binary: the service must load the seeded store as
+//! if it had written it, and a seeded store is never seeded again.
+
+mod common;
+
+use common::binary;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn seed(data_dir: &Path, widgets: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--database-url=",
+            "bench-seed",
+            "--widgets",
+            widgets,
+            "--batch",
+            "100",
+        ])
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running widgets bench-seed")
+}
+
+#[tokio::test]
+async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = seed(dir.path(), "1000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench-seed failed:\n{stderr}");
+
+    let server = binary::start(dir.path(), &[]).await;
+    let client = reqwest::Client::new();
+    let get = |base: &str, serial: &str| {
+        let url = format!("{base}/widgets/{serial}");
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        get(&server.base, "seed-0000000999").await["associations"],
+        json!({"P": "seed-0000000998", "R": "seed-0000000998", "Q": null})
+    );
+    // The seed's last LSN is behind the service's first: a write over it lands and stays.
+    let put = client
+        .put(format!("{}/widgets/associations", server.base))
+        .body(r#"{"port_type":"P","widget_serial_num":"seed-0000000000","peer_widget_serial_num":"seed-0000000002"}"#)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    assert_eq!(
+        get(&server.base, "seed-0000000001").await["associations"],
+        json!({"P": null, "R": "seed-0000000000", "Q": null}),
+        "re-plugging freed the old peer"
+    );
+    assert!(server.stop().await.expect("stopping the server").success());
+
+    let server = binary::start(dir.path(), &[]).await;
+    assert_eq!(
+        get(&server.base, "seed-0000000000").await["associations"],
+        json!({"P": "seed-0000000002", "R": "seed-0000000001", "Q": null})
+    );
+    assert!(server.stop().await.expect("stopping the server").success());
+
+    let again = seed(dir.path(), "10");
+    assert!(
+        !again.status.success(),
+        "seeding a store that holds widgets must fail"
+    );
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("only into"), "{stderr}");
+}
