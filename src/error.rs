@@ -125,6 +125,10 @@ impl ApiError {
     }
 }
 
+/// The `code` of an error response, kept in its extensions for the request metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// The error body, as the OpenAPI document describes it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
@@ -148,6 +152,8 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
+        // For the request metrics: which refusal this was, without parsing the body.
+        response.extensions_mut().insert(ErrorCode(self.code()));
         if self.retryable() {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -5,8 +5,9 @@
 
 use axum::http::Method;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -44,6 +45,58 @@ pub fn record_request(method: &Method, route: &str, status: u16, elapsed: Durati
     ];
     metrics::counter!("http_requests_total", &labels).increment(1);
     metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+}
+
+/// Counts a `5xx` answer by its error code (`widgets_refused_total{code}`) and logs it,
+/// at most once a second per code with how many there were since the last line.
+pub fn record_refusal(code: &'static str) {
+    metrics::counter!("widgets_refused_total", "code" => code).increment(1);
+    static LOGS: OnceLock<Mutex<HashMap<&'static str, Throttle>>> = OnceLock::new();
+    let mut logs = LOGS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("refusal log lock");
+    if let Some(count) = logs.entry(code).or_default().hit(Instant::now()) {
+        drop(logs);
+        if code == "internal_error" {
+            tracing::error!(
+                code,
+                count,
+                "requests answered 5xx in the last second or so"
+            );
+        } else {
+            tracing::warn!(
+                code,
+                count,
+                "requests answered 5xx in the last second or so"
+            );
+        }
+    }
+}
+
+/// Lets one log line through per [`Throttle::PERIOD`], carrying how many events it stands
+/// for.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Throttle {
+    const PERIOD: Duration = Duration::from_secs(1);
+
+    /// An event at `now`: `Some(events since the last line, this one included)` when a
+    /// line should be logged now, `None` when it is only counted.
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        match self.last {
+            Some(last) if now.duration_since(last) < Self::PERIOD => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
 }
 
 /// The `method` label of a request: its method if HTTP defines it, else `other`.
@@ -92,6 +145,23 @@ fn resident_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_a_second_through_with_the_count() {
+        let mut t = Throttle::default();
+        let start = Instant::now();
+        assert_eq!(t.hit(start), Some(1), "the first event is logged");
+        for ms in [1, 10, 500, 999] {
+            assert_eq!(t.hit(start + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(
+            t.hit(start + Duration::from_millis(1000)),
+            Some(5),
+            "a second later: one line for the five events since the last"
+        );
+        assert_eq!(t.hit(start + Duration::from_millis(1500)), None);
+        assert_eq!(t.hit(start + Duration::from_secs(5)), Some(2));
+    }
 
     #[test]
     fn a_made_up_method_is_labelled_other() {

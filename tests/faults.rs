@@ -58,6 +58,28 @@ async fn no_space_answers_503_changes_nothing_and_recovers_when_space_returns() 
 }
 
 #[tokio::test]
+async fn refusals_are_counted_by_code() {
+    let (app, fs) = faulty_app(&[]).await;
+    let refused = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("widgets_refused_total{") && l.contains(r#"code="disk_full""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = refused(&app.get("/metrics").await.text().await.unwrap());
+    fs.set(Fault::NoSpace);
+    for i in 0..20 {
+        let r = app.create(&format!("full{i}"), &["P"]).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    fs.set(Fault::None);
+    let after = refused(&app.get("/metrics").await.text().await.unwrap());
+    assert!(after - before >= 20.0, "{before} -> {after}");
+}
+
+#[tokio::test]
 async fn a_write_error_answers_503_and_the_next_write_works() {
     let (app, fs) = faulty_app(&[]).await;
     fs.set(Fault::WalWrite);

@@ -7,7 +7,7 @@ pub mod ops;
 pub mod widgets;
 
 use crate::engine::Engine;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
@@ -85,7 +85,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn(track))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers are counted and logged once a second per code by `track`, not once
+        // each: one line per refused request would flood the log exactly when the node is
+        // overloaded or its disk is full.
+        .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
 }
 
@@ -99,11 +102,12 @@ async fn track(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let started = Instant::now();
     let response = next.run(req).await;
-    metrics::record_request(
-        &method,
-        &route,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    let status = response.status();
+    metrics::record_request(&method, &route, status.as_u16(), started.elapsed());
+    if status.is_server_error() {
+        if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+            metrics::record_refusal(code);
+        }
+    }
     response
 }

@@ -22,6 +22,7 @@ use super::packed::PackedWidget;
 use super::state::{Shared, WidgetMap};
 use crate::domain::{Change, Mark, Rule, Serial, StateView, Touched, Tx, Widget};
 use crate::engine::EngineError;
+use crate::metrics::Throttle;
 use crate::wal::{AppendError, FsyncMode, LogBatch, Record, WalWriter};
 // foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
 use foldhash::HashMap;
@@ -99,12 +100,7 @@ pub(super) fn spawn(
 ) -> JoinHandle<()> {
     let mut seq = Sequencer {
         shared,
-        log: Log {
-            writer,
-            fsync,
-            fsync_interval,
-            last_sync: Instant::now(),
-        },
+        log: Log::new(writer, fsync, fsync_interval),
         batch: LogBatch::default(),
     };
     std::thread::Builder::new()
@@ -281,6 +277,23 @@ struct Log {
     fsync: FsyncMode,
     fsync_interval: Duration,
     last_sync: Instant,
+    /// Groups refused for a full disk, or a failed write, logged once a second: a line a
+    /// group would flood the log while the disk stays full.
+    disk_full: Throttle,
+    write_failed: Throttle,
+}
+
+impl Log {
+    fn new(writer: WalWriter, fsync: FsyncMode, fsync_interval: Duration) -> Self {
+        Self {
+            writer,
+            fsync,
+            fsync_interval,
+            last_sync: Instant::now(),
+            disk_full: Throttle::default(),
+            write_failed: Throttle::default(),
+        }
+    }
 }
 
 impl Log {
@@ -291,11 +304,15 @@ impl Log {
         match self.writer.append(batch) {
             Ok(()) => {}
             Err(AppendError::NoSpace(e)) => {
-                tracing::warn!(error = %e, "WAL disk full: write refused");
+                if let Some(groups) = self.disk_full.hit(Instant::now()) {
+                    tracing::warn!(error = %e, groups, "WAL disk full: writes refused");
+                }
                 return Err(EngineError::DiskFull);
             }
             Err(AppendError::Write(e)) => {
-                tracing::error!(error = %e, "WAL write failed and was cut back: write refused");
+                if let Some(groups) = self.write_failed.hit(Instant::now()) {
+                    tracing::error!(error = %e, groups, "WAL write failed and was cut back: writes refused");
+                }
                 return Err(EngineError::WalWrite);
             }
             Err(e @ (AppendError::OutOfOrder { .. } | AppendError::Fatal(_))) => {
@@ -525,12 +542,7 @@ mod tests {
             Arc::new(AtomicU64::new(0)),
         )
         .unwrap();
-        let mut log = Log {
-            writer,
-            fsync: FsyncMode::Always,
-            fsync_interval: Duration::from_secs(1),
-            last_sync: Instant::now(),
-        };
+        let mut log = Log::new(writer, FsyncMode::Always, Duration::from_secs(1));
         let batch_at = |lsn| {
             let mut batch = LogBatch::new(lsn);
             batch.push(&Record { changes: vec![] });
@@ -584,12 +596,7 @@ mod tests {
         .unwrap();
         let mut seq = Sequencer {
             shared: shared.clone(),
-            log: Log {
-                writer,
-                fsync: FsyncMode::Always,
-                fsync_interval: Duration::from_secs(1),
-                last_sync: Instant::now(),
-            },
+            log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
             batch: LogBatch::default(),
         };
         let (c, mut c_outcome) = write(create("c"));
