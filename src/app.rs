@@ -153,6 +153,13 @@ impl Serving {
                     if let Some(redis) = self.config.redis_url().map(str::to_owned) {
                         return self.run_redis(&redis, store).await;
                     }
+                    // Single node: this instance's LSNs are the database's only ones.
+                    match store.claim_single_writer().await {
+                        Ok(token) => {
+                            tracing::info!(token, "this instance is the database's single writer")
+                        }
+                        Err(e) => return self.fail(anyhow::Error::new(e)).await,
+                    }
                     self.run(store).await
                 }
                 // Shut down while waiting for PostgreSQL.

@@ -483,6 +483,71 @@ async fn a_row_postgres_refuses_is_kept_in_flush_rejects_and_the_rest_commits() 
 }
 
 #[tokio::test]
+async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
+    let db = TestDb::create().await;
+    let first = pg_app(&db.url, &[]).await;
+    assert_eq!(
+        first.create("a1", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+
+    // A second single-node instance on the same database refuses to start.
+    let dir = tempfile::TempDir::new().unwrap();
+    let args = ["--database-url", &db.url, "--flush-interval", "100ms"];
+    let mut second =
+        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
+            .await
+            .unwrap();
+    let refused = second.ready().await.expect_err("a second writer started");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("single-node") && message.contains("Redis mode"),
+        "{message}"
+    );
+
+    // The first loses its lock (its session dies) and a third instance takes over: the
+    // first can no longer commit a flush, and what it acknowledges since stays its own.
+    let mut conn = db.connect().await;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let third_dir = tempfile::TempDir::new().unwrap();
+    let third = common::spawn_app_in(
+        std::sync::Arc::new(third_dir),
+        &args,
+        std::sync::Arc::new(widgets::wal::RealFs),
+    )
+    .await;
+    assert!(
+        third.widget("a1").await.is_some(),
+        "the takeover loads what was flushed"
+    );
+    assert_eq!(
+        first.create("a2", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    let text = first.get("/metrics").await.text().await.unwrap();
+    let failures = metric(&text, "widgets_flush_failures_total");
+    eventually!("the fenced flush to fail", 5, {
+        let text = first.get("/metrics").await.text().await.unwrap();
+        metric(&text, "widgets_flush_failures_total") > failures
+    });
+    // Ten flush intervals: an unfenced flush would have committed a2 long since.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = widget_rows(&mut conn).await;
+    assert!(
+        rows.iter().all(|(serial, _, _)| serial != "a2"),
+        "a fenced instance committed a flush: {rows:?}"
+    );
+    third.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
 async fn widgets_migrate_applies_the_schema() {
     let db = TestDb::create().await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"))

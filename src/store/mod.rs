@@ -26,6 +26,18 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store task failed: {0}")]
     Task(String),
+    #[error(
+        "another single-node widgets instance writes to this PostgreSQL database (its \
+         session, backend PID {}, holds the single-writer lock): one single-node instance \
+         owns its database; run several instances in Redis mode",
+        backend_pid.map_or("unknown".to_owned(), |p| p.to_string())
+    )]
+    WriterHeld { backend_pid: Option<i32> },
+    #[error(
+        "this instance is no longer the database's writer (its token {mine}, the database's \
+         {current}): another single-node instance took over; flush refused"
+    )]
+    Fenced { mine: i64, current: i64 },
 }
 
 /// One widget in a flush: its current state (`None`: deleted), what changed about it since

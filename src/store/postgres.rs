@@ -18,8 +18,9 @@ use super::{FlushBatch, FlushItem, Store, StoreError, Visitor};
 use crate::domain::{Name, PortType, Ports, Serial, Widget};
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -27,9 +28,24 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// The association table of each port type, by port index.
 const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "associations_q"];
 
+/// The session advisory lock a single-node instance holds on its database ("widgets1").
+const SINGLE_WRITER_LOCK: i64 = 0x7769_6467_6574_7331;
+/// Tries for the lock, 200 ms apart, before a start is refused (about 3 s).
+const CLAIM_ATTEMPTS: u32 = 15;
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Single node: the fencing token this instance holds, checked in every flush. Unset
+    /// in Redis mode, whose instances all write.
+    writer: Arc<OnceLock<WriterClaim>>,
+}
+
+/// A single-node instance's claim on its database: the connection whose session holds the
+/// advisory lock (kept open for the process's life), and the token it took.
+struct WriterClaim {
+    _session: Mutex<PgConnection>,
+    token: i64,
 }
 
 impl PgStore {
@@ -41,7 +57,60 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writer: Arc::default(),
+        })
+    }
+
+    /// Makes this instance the database's one single-node writer: takes the advisory lock
+    /// on a session of its own (held until the process ends) and the next fencing token,
+    /// which every later flush checks. Fails with [`StoreError::WriterHeld`] while another
+    /// single-node instance holds the lock.
+    pub async fn claim_single_writer(&self) -> Result<i64, StoreError> {
+        let mut session = self.pool.acquire().await?.detach();
+        // A predecessor that was just killed holds the lock until PostgreSQL notices its
+        // session is gone, which takes a moment: wait that long before refusing.
+        let mut locked = false;
+        for attempt in 0..CLAIM_ATTEMPTS {
+            locked = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(SINGLE_WRITER_LOCK)
+                .fetch_one(&mut session)
+                .await?;
+            if locked {
+                break;
+            }
+            if attempt + 1 < CLAIM_ATTEMPTS {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        if !locked {
+            let holder: Option<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND ((classid::bigint << 32) | objid::bigint) = $1 LIMIT 1",
+            )
+            .bind(SINGLE_WRITER_LOCK)
+            .fetch_optional(&mut session)
+            .await?;
+            return Err(StoreError::WriterHeld {
+                backend_pid: holder,
+            });
+        }
+        let token: i64 =
+            sqlx::query_scalar("UPDATE single_writer SET token = token + 1 RETURNING token")
+                .fetch_one(&mut session)
+                .await?;
+        let claim = WriterClaim {
+            _session: Mutex::new(session),
+            token,
+        };
+        if self.writer.set(claim).is_err() {
+            return Err(StoreError::Task(
+                "the single writer was claimed twice".into(),
+            ));
+        }
+        Ok(token)
     }
 
     /// Applies the migrations in `migrations/` that are not applied yet.
@@ -293,6 +362,19 @@ impl Store for PgStore {
 
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(claim) = self.writer.get() {
+            // Share-locked until the commit: a newer writer's claim waits for this flush,
+            // and a flush after that claim sees the new token and is refused.
+            let current: i64 = sqlx::query_scalar("SELECT token FROM single_writer FOR SHARE")
+                .fetch_one(&mut *tx)
+                .await?;
+            if current != claim.token {
+                return Err(StoreError::Fenced {
+                    mine: claim.token,
+                    current,
+                });
+            }
+        }
         let rejected = Self::write_or_bisect(&mut tx, &batch.items).await?;
         for (item, error) in &rejected {
             tracing::error!(serial = %item.serial, %error, checkpoint = ?batch.checkpoint,
