@@ -72,8 +72,12 @@ impl RunningApp {
 }
 
 /// The address in the "listening" line the service logs at start-up, for whoever started
-/// it as a child process with `--listen 127.0.0.1:0` (the load generator, tests).
+/// it as a child process with `--listen 127.0.0.1:0` (the load generator, tests), in
+/// either log format (`WIDGETS_LOG_FORMAT` may be set in the child's environment).
 pub fn listen_addr_in_log(line: &str) -> Option<&str> {
+    if let Some(json) = line.split(r#""addr":""#).nth(1) {
+        return json.split('"').next();
+    }
     line.split("addr=").nth(1)?.split_whitespace().next()
 }
 

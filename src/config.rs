@@ -91,10 +91,24 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// Log format on stderr: `text` (the default) for people, `json` for log pipelines (one
+    /// object a line with timestamp, level, target, fields and the spans it is in).
+    #[arg(long, env = "WIDGETS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
     /// Page cache of the embedded store, in bytes. sled's own memory grows with it
     /// several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS than 32 MiB.
     #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20)]
     pub sled_cache_bytes: u64,
+}
+
+/// How log lines are written (see `crate::logging`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event, coloured on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -197,5 +211,14 @@ mod tests {
         ] {
             assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn log_format_is_text_unless_asked() {
+        let c = Config::try_parse_from(["widgets"]).unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c = Config::try_parse_from(["widgets", "--log-format", "json"]).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["widgets", "--log-format", "xml"]).is_err());
     }
 }

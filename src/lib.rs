@@ -20,6 +20,7 @@
 //! - [`flush`]: write-behind: the loop with its backoff and the one flusher, driving each
 //!   engine's side of a flush.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
+//! - [`logging`]: the log subscriber: `RUST_LOG`, text or JSON lines on stderr.
 //! - [`listener`]: the TCP listener with a connection cap.
 //! - [`bench`]: `widgets bench`, the load generator: phases, open/closed loop, report, baseline.
 
@@ -32,6 +33,7 @@ pub mod engine;
 pub mod error;
 pub mod flush;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod store;
 pub mod wal;

@@ -1,7 +1,5 @@
 use clap::Parser;
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
 use widgets::bench::BenchArgs;
 use widgets::config::{Cmd, Config, WalCmd};
 
@@ -19,13 +17,7 @@ async fn main() -> ExitCode {
         }
     }
     let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    widgets::logging::init(config.log_format);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
