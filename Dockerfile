@@ -44,5 +44,5 @@ EXPOSE 8080
 # the WAL (README, Durability). Give it the time that takes (docker stop -t, Kubernetes'
 # terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
+# No subcommand: serve. `docker run IMAGE migrate` and the like run the others.
 ENTRYPOINT ["/usr/local/bin/widgets"]
-CMD ["serve"]
