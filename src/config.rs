@@ -115,11 +115,25 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration_up_to_an_hour)]
     pub drain_timeout: Duration,
 
+    /// Log format on stderr: `text` (the default) for people, `json` for log pipelines (one
+    /// object a line with timestamp, level, target, fields and the spans it is in).
+    #[arg(long, env = "WIDGETS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
     /// Page cache of the embedded store, in bytes (1 MiB to 64 GiB). sled's own memory
     /// grows with it several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS
     /// than 32 MiB.
     #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=64 << 30))]
     pub sled_cache_bytes: u64,
+}
+
+/// How log lines are written (see `crate::logging`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event, coloured on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A duration from 1 ms to 1 hour: zero would spin a thread (an fsync or flush timer that
@@ -213,5 +227,14 @@ mod tests {
         ] {
             assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn log_format_is_text_unless_asked() {
+        let c = Config::try_parse_from(["widgets"]).unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c = Config::try_parse_from(["widgets", "--log-format", "json"]).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["widgets", "--log-format", "xml"]).is_err());
     }
 }

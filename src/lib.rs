@@ -21,6 +21,7 @@
 //! - [`flush`]: write-behind: the loop with its backoff and the one flusher, driving each
 //!   engine's side of a flush.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
+//! - [`logging`]: the log subscriber: `RUST_LOG`, text or JSON lines on stderr.
 //! - [`serve`]: the HTTP server: connection cap with idle eviction, timeouts, header
 //!   limit, graceful drain with a deadline.
 //! - [`seed`]: `widgets bench-seed`, filling an empty store with paired widgets to measure at scale.
@@ -33,6 +34,7 @@ pub mod domain;
 pub mod engine;
 pub mod error;
 pub mod flush;
+pub mod logging;
 pub mod metrics;
 pub mod seed;
 pub mod serve;

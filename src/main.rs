@@ -1,9 +1,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
 use widgets::config::Config;
 use widgets::seed::{self, SeedArgs};
 use widgets::store::PgStore;
@@ -65,13 +63,7 @@ async fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    widgets::logging::init(cli.config.log_format);
     match run(cli.config, cli.cmd).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

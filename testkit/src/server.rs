@@ -83,8 +83,13 @@ pub fn command_line(data_dir: &Path, args: &[String]) -> Vec<OsString> {
     line
 }
 
-/// The address in the "listening" line the service logs at start-up (`addr=HOST:PORT`).
-fn listen_addr_in_log(line: &str) -> Option<&str> {
+/// The address in the "listening" line the service logs at start-up, in either log format
+/// (`addr=HOST:PORT`, or `"addr":"HOST:PORT"` with `--log-format json`, which a
+/// `WIDGETS_LOG_FORMAT` in the child's environment may choose).
+pub fn listen_addr_in_log(line: &str) -> Option<&str> {
+    if let Some(json) = line.split(r#""addr":""#).nth(1) {
+        return json.split('"').next();
+    }
     line.split("addr=").nth(1)?.split_whitespace().next()
 }
 
@@ -261,6 +266,8 @@ mod tests {
             listen_addr_in_log("INFO widgets::app: ready widgets=0"),
             None
         );
+        let json = r#"{"timestamp":"t","level":"INFO","fields":{"message":"listening","addr":"127.0.0.1:41234","data_dir":"/d"},"target":"widgets::app"}"#;
+        assert_eq!(listen_addr_in_log(json), Some("127.0.0.1:41234"));
     }
 
     #[test]

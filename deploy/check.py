@@ -1,0 +1,210 @@
+"""What the schema checks cannot see in deploy/, Dockerfile and docker-compose.yml: the
+rules this repository's deployment promises (security context on every pod, one replica
+for the single node, probes on /healthz and /readyz, ...) and that every name in them
+still matches the service (settings in src/config.rs, metrics in src/).
+
+Run from the repository root with PyYAML: python deploy/check.py
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBE = ROOT / "deploy" / "kubernetes"
+results = []
+
+
+def check(name):
+    def wrap(fn):
+        try:
+            fn()
+            results.append((name, None))
+        except AssertionError as e:
+            results.append((name, str(e) or "assertion failed"))
+        return fn
+
+    return wrap
+
+
+def manifests():
+    for path in sorted(KUBE.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                yield path.relative_to(ROOT), doc
+
+
+def workloads():
+    return [(p, d) for p, d in manifests() if d["kind"] in ("StatefulSet", "Deployment")]
+
+
+def service_env_vars():
+    """Every environment variable src/config.rs reads, and RUST_LOG."""
+    source = (ROOT / "src" / "config.rs").read_text()
+    return set(re.findall(r'env = "([A-Z_]+)"', source)) | {"RUST_LOG"}
+
+
+def source_strings():
+    return "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.rs"))
+
+
+def metric_names(expr):
+    """The metric names in a PromQL expression: its identifiers less the language's words
+    and label names, quoted values and dashboard variables dropped first."""
+    expr = re.sub(r'"[^"]*"|\$\w+', "", expr)
+    names = set(re.findall(r"\b([a-z_][a-z0-9_]*)\s*(?:\{|\[|\)|$|\s)", expr))
+    keywords = {"sum", "by", "rate", "increase", "histogram_quantile", "count", "unless",
+                "on", "vector", "max", "min", "and", "or", "bool", "le", "route", "status",
+                "instance", "job", "up"}
+    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names - keywords
+            if "_" in n}
+
+
+@check("every pod runs as non-root, read-only, without privilege escalation or capabilities")
+def _():
+    found = workloads()
+    assert len(found) >= 2, "no workloads found"
+    for path, doc in found:
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, f"{path}: runAsNonRoot"
+        assert pod["securityContext"]["runAsUser"] == 10001, f"{path}: the image's user is 10001"
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, f"{path}: allowPrivilegeEscalation"
+            assert sc["readOnlyRootFilesystem"] is True, f"{path}: readOnlyRootFilesystem"
+            assert sc["capabilities"]["drop"] == ["ALL"], f"{path}: capabilities"
+
+
+@check("probes: liveness on /healthz, readiness on /readyz; memory requested and limited")
+def _():
+    for path, doc in workloads():
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", path
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", path
+            assert c["resources"]["requests"]["memory"], path
+            assert c["resources"]["limits"]["memory"], path
+
+
+@check("single node: a StatefulSet of exactly one replica with its volume and a long grace")
+def _():
+    sets = [(p, d) for p, d in workloads() if d["kind"] == "StatefulSet"]
+    assert len(sets) == 1, sets
+    path, doc = sets[0]
+    assert doc["spec"]["replicas"] == 1, f"{path}: the WAL is local state: one replica"
+    assert doc["spec"]["volumeClaimTemplates"], path
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 60, f"{path}: drain + final flush"
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    config = next(d for p, d in manifests() if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"] == pod["containers"][0]["envFrom"][0]["configMapRef"]["name"])
+    assert config["data"]["WIDGETS_DATA_DIR"] in mounts, "the data dir is the volume"
+
+
+@check("Redis mode: a Deployment of two or more, its PDB and autoscalers select it")
+def _():
+    deployments = [d for _, d in workloads() if d["kind"] == "Deployment"]
+    assert len(deployments) == 1
+    dep = deployments[0]
+    assert dep["spec"]["replicas"] >= 2
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    kinds = {}
+    for path, doc in manifests():
+        kinds.setdefault(doc["kind"], []).append(doc)
+        if doc["kind"] == "PodDisruptionBudget":
+            assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items(), path
+        if doc["kind"] == "HorizontalPodAutoscaler":
+            assert doc["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"], path
+            assert doc["spec"]["minReplicas"] >= 2, path
+    assert kinds.get("PodDisruptionBudget") and kinds.get("HorizontalPodAutoscaler")
+
+
+@check("every Service selects pods of a workload")
+def _():
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for _, d in workloads()]
+    for path, doc in manifests():
+        if doc["kind"] == "Service" and doc["spec"].get("type") != "ExternalName":
+            sel = doc["spec"]["selector"]
+            assert any(sel.items() <= labels.items() for labels in pod_labels), path
+
+
+@check("ConfigMaps, Secrets and compose set only settings the service has")
+def _():
+    known = service_env_vars()
+    assert {"WIDGETS_LOG_FORMAT", "WIDGETS_MAX_DIRTY", "DATABASE_URL"} <= known, known
+    for path, doc in manifests():
+        if doc["kind"] == "ConfigMap":
+            unknown = set(doc["data"]) - known
+            assert not unknown, f"{path}: {unknown}"
+        if doc["kind"] == "Secret":
+            unknown = set(doc["stringData"]) - known
+            assert not unknown, f"{path}: {unknown}"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("widgets", "widgets-redis"):
+        unknown = set(compose["services"][name].get("environment", {})) - known
+        assert not unknown, f"docker-compose.yml {name}: {unknown}"
+
+
+@check("compose: single node, and two Redis-mode instances behind the load balancer")
+def _():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert services["widgets"]["profiles"] == ["single"]
+    assert services["widgets"]["build"]["args"]["FEATURES"] == ""
+    redis = services["widgets-redis"]
+    assert redis["profiles"] == ["redis"] and redis["deploy"]["replicas"] >= 2
+    assert redis["build"]["args"]["FEATURES"] == "redis"
+    assert redis["environment"]["REDIS_URL"].startswith("redis://redis:")
+    assert redis["environment"]["DATABASE_URL"].startswith("postgres://postgres@postgres:")
+    assert services["lb"]["profiles"] == ["redis"]
+    cfg = (ROOT / "deploy" / "compose" / "haproxy.cfg").read_text()
+    assert re.search(r"server-template \S+ \d+ widgets-redis:8080", cfg), "haproxy targets"
+    assert "GET /readyz" in cfg
+    for name in ("postgres", "redis"):
+        assert "profiles" not in services[name], "docker compose up -d still starts it alone"
+
+
+@check("Dockerfile: the user the manifests run as, SIGTERM, the data volume")
+def _():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER 10001:10001" in text
+    assert "STOPSIGNAL SIGTERM" in text
+    assert 'VOLUME ["/data"]' in text
+    assert "cargo build --release --locked -p widgets" in text
+
+
+@check("every metric the alerts, the dashboard and the adapter use exists in src/")
+def _():
+    source = source_strings()
+    exprs = []
+    for group in yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]:
+        exprs += [r["expr"] for r in group["rules"]]
+    dashboard = json.loads((ROOT / "deploy/grafana/widgets.json").read_text())
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    adapter = yaml.safe_load((ROOT / "deploy/prometheus/adapter-rules.yaml").read_text())
+    exprs += [r["seriesQuery"] for r in adapter["rules"]]
+    names = set().union(*(metric_names(e) for e in exprs))
+    assert "widgets_flush_lag_seconds" in names and "http_requests_total" in names, names
+    missing = sorted(n for n in names if f'"{n}"' not in source)
+    assert not missing, f"not in src/: {missing}"
+
+
+@check("dashboard: unique panel ids, every query on the datasource variable")
+def _():
+    dashboard = json.loads((ROOT / "deploy/grafana/widgets.json").read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "instance", "max_dirty", "wal_max_bytes"} <= variables
+    for p in dashboard["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+            assert p["targets"], p["title"]
+
+
+failed = [(n, e) for n, e in results if e]
+for name, error in results:
+    print(f"{'ok  ' if error is None else 'FAIL'} {name}" + (f"\n     {error}" if error else ""))
+print(f"deploy/check.py: {len(results) - len(failed)} passed, {len(failed)} failed")
+sys.exit(1 if failed else 0)
