@@ -11,6 +11,9 @@
 //!   within this time of opening or of its last answer, or it is closed. (hyper starts the
 //!   header clock when a connection goes idle, so this one bound covers both keep-alive
 //!   idling and slowly sent headers.)
+//! - **HTTP/1.1 only.** The API has no use for HTTP/2 over plain TCP (clients speak it only
+//!   with prior knowledge), and its connections would need bounds of their own: an evicted
+//!   HTTP/2 connection waits for the client's answer to a PING before it closes.
 //! - **A header size limit** (`--max-header-bytes`): a longer request head is refused, and
 //!   no connection buffers more than that while it waits for one.
 //! - **A drain deadline** (`--drain-timeout`): at shutdown, idle connections close at once
@@ -22,8 +25,8 @@
 use axum::extract::Request;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,33 +56,33 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
         .max_buf_size(limits.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let open = Arc::new(Connections::default());
     let mut tasks = JoinSet::new();
     let drain = CancellationToken::new();
     loop {
-        // At the cap: close the longest-idle connection, or wait for one to end.
+        // At the cap: close the longest-idle connection and wait for it to go, or, when
+        // every connection is in a request, wait for one to end or go idle (a request
+        // ending notifies nothing, hence the tick).
         while open.len() >= limits.max_connections {
             if open.evict_idlest() {
                 metrics::counter!("http_connections_evicted_total").increment(1);
-                break;
             }
             tokio::select! {
-                _ = open.changed.notified() => {}
+                biased;
                 _ = shutdown.cancelled() => break,
+                _ = open.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
         }
         let (stream, _) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -89,28 +92,13 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
         let connection = open.add();
         let (builder, open, drain) = (builder.clone(), open.clone(), drain.clone());
         let router = router.clone();
-        let idle_timeout = limits.idle_timeout;
         tasks.spawn(async move {
-            // hyper's header clock starts only once it knows the protocol, that is once the
-            // first bytes are in: until then the idle timeout is kept here.
-            let first_bytes = async {
-                let mut byte = [0u8; 1];
-                matches!(stream.peek(&mut byte).await, Ok(n) if n > 0)
-            };
-            let arrived = tokio::select! {
-                arrived = tokio::time::timeout(idle_timeout, first_bytes) => arrived == Ok(true),
-                _ = connection.close.cancelled() => false,
-                _ = drain.cancelled() => false,
-            };
-            if arrived {
-                serve_connection(&builder, stream, router, &connection, &drain).await;
-            }
+            serve_connection(&builder, stream, router, &connection, &drain).await;
             open.remove(connection.id);
         });
         // Reap finished tasks so the set does not grow with every connection ever made.
@@ -136,10 +124,11 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it ends, is evicted, or the drain begins (then it finishes
-/// the request in progress, if any, and closes).
+/// Serves one connection until it ends, is evicted (closed at once, unless a request has
+/// just begun on it), or the drain begins (then it finishes the request in progress, if
+/// any, and closes).
 async fn serve_connection(
-    builder: &Builder<TokioExecutor>,
+    builder: &Builder,
     stream: tokio::net::TcpStream,
     router: Router,
     connection: &Connection,
@@ -156,11 +145,17 @@ async fn serve_connection(
             answer
         }
     });
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let served = builder.serve_connection(TokioIo::new(stream), service);
     let mut served = pin!(served);
     tokio::select! {
         _ = served.as_mut() => return,
-        _ = connection.close.cancelled() => {}
+        _ = connection.close.cancelled() => {
+            if connection.busy.requests.load(Ordering::Acquire) == 0 {
+                // Idle: nothing to finish. Dropping the connection closes the socket now,
+                // where a graceful close would wait for a half-sent head to time out.
+                return;
+            }
+        }
         _ = drain.cancelled() => {}
     }
     served.as_mut().graceful_shutdown();
@@ -225,9 +220,10 @@ impl Connections {
     }
 
     /// Closes the connection idle longest, if one is idle and not already closing;
-    /// returns whether it found one. It leaves the table when its task ends.
+    /// returns whether it found one. It stays counted until its task has closed it, so
+    /// the cap bounds open sockets, evicted ones included.
     fn evict_idlest(&self) -> bool {
-        let mut inner = self.inner.lock().expect("connections lock");
+        let inner = self.inner.lock().expect("connections lock");
         let idlest = inner
             .open
             .values()
@@ -237,8 +233,6 @@ impl Connections {
         match idlest {
             Some(c) => {
                 c.close.cancel();
-                // Counted out now: the new connection may take its place at once.
-                inner.open.remove(&c.id);
                 true
             }
             None => false,

@@ -56,6 +56,19 @@ async fn idle_and_half_sent_sockets_at_twice_the_cap_do_not_lock_out_readyz() {
         common::metric(&metrics, "http_connections_evicted_total").unwrap_or(0.0) >= 20.0,
         "the idle sockets made room"
     );
+    let mut closed = 0;
+    for socket in &mut held {
+        if read_until_closed(socket, Duration::from_millis(100))
+            .await
+            .is_some()
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 20,
+        "only {closed} of the 40 held sockets were closed: evicted sockets must not linger"
+    );
     drop(held);
     app.stop().await;
 }
