@@ -38,7 +38,9 @@ pub enum ApiError {
     /// the name and stays for clients that branch on it).
     #[error("the write could not be logged and was not made; try again")]
     WalWrite,
-    #[error("the write-ahead log has failed; this instance no longer accepts writes")]
+    /// The WAL failed (an fsync), or another instance took over the store: this process
+    /// acknowledges no write until it is restarted.
+    #[error("this instance can no longer make writes durable (see its log) and accepts no writes until it is restarted")]
     WalFailed,
     #[error("the shared state is unavailable; try again shortly")]
     Unavailable,

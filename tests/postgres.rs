@@ -543,6 +543,14 @@ async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
         rows.iter().all(|(serial, _, _)| serial != "a2"),
         "a fenced instance committed a flush: {rows:?}"
     );
+    // Nor does it acknowledge writes it could never flush: it says so and is not ready.
+    let refused = first.create("a3", &["P"]).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(common::error_code(refused).await, "wal_failed");
+    assert_eq!(
+        first.get("/readyz").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     third.stop().await;
     db.drop_db().await;
 }

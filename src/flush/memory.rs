@@ -24,6 +24,10 @@ impl Source for MemoryEngine {
     async fn wanted(&self) {
         self.flush_wanted().await
     }
+
+    fn halt(&self, reason: String) {
+        self.refuse_writes(reason);
+    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,10 @@ pub trait Source: Send + Sync + 'static {
 
     /// Resolves when a flush is wanted before the interval is up.
     fn wanted(&self) -> impl Future<Output = ()> + Send;
+
+    /// The store refused this instance for good ([`StoreError::is_fatal`]): stop
+    /// acknowledging writes, since none could ever reach the store.
+    fn halt(&self, reason: String);
 }
 
 /// A batch taken for the store.
@@ -119,6 +123,9 @@ impl<E: Source, S: Store> Flusher<E, S> {
                 metrics::counter!("widgets_flush_failures_total").increment(1);
                 if let Err(finishing) = self.source.finish(ticket, false).await {
                     tracing::warn!(error = %finishing, "handing a failed batch back failed too; it stays dirty");
+                }
+                if e.is_fatal() {
+                    self.source.halt(e.to_string());
                 }
                 Err(e.into())
             }
@@ -266,6 +273,8 @@ mod tests {
         async fn wanted(&self) {
             self.wanted.notified().await
         }
+
+        fn halt(&self, _: String) {}
     }
 
     /// A store that fails its first `failing` writes and records when each write came

@@ -60,4 +60,9 @@ impl Source for RedisSource {
         // Redis mode flushes on the interval only.
         std::future::pending().await
     }
+
+    fn halt(&self, reason: String) {
+        // Redis-mode instances all write; none is ever fenced off.
+        tracing::error!(%reason, "the store refused this instance for good");
+    }
 }

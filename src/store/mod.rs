@@ -40,6 +40,14 @@ pub enum StoreError {
     Fenced { mine: i64, current: i64 },
 }
 
+impl StoreError {
+    /// No later write from this instance can succeed either: another instance owns the
+    /// store now, so acknowledging more writes would only strand them in this one's WAL.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
+    }
+}
+
 /// One widget in a flush: its current state (`None`: deleted), what changed about it since
 /// the last flush (a store may write only that), and the version of that state.
 #[derive(Debug, Clone)]

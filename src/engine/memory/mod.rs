@@ -275,7 +275,13 @@ impl MemoryEngine {
         ]
     }
 
-    /// Why the WAL stopped taking writes, if it did.
+    /// Stops acknowledging writes for good (as after a failed fsync): the store has
+    /// refused this instance, so a write could never get past its WAL.
+    pub fn refuse_writes(&self, reason: String) {
+        self.shared.fail(reason);
+    }
+
+    /// Why this instance stopped taking writes, if it did.
     pub fn failure(&self) -> Option<&str> {
         self.shared.failed.get().map(String::as_str)
     }

@@ -35,7 +35,7 @@ pub(super) struct Shared {
     pub dirty: DirtySet,
     /// Bytes of every WAL segment on disk (the writer keeps it current).
     pub wal_bytes: Arc<AtomicU64>,
-    /// Set once, when the WAL can no longer make writes durable.
+    /// Set once, when writes can no longer be made durable.
     pub failed: OnceLock<String>,
     /// Woken when enough widgets are dirty to flush before the interval is up.
     pub flush_wanted: Notify,
@@ -55,9 +55,10 @@ impl Shared {
         }
     }
 
-    /// The WAL can no longer make writes durable: refuse every write from now on.
+    /// Writes can no longer be made durable (the WAL failed, or the store refused this
+    /// instance): refuse every write from now on.
     pub fn fail(&self, reason: String) {
-        tracing::error!(reason = %reason, "the WAL can no longer make writes durable: refusing all writes until restart");
+        tracing::error!(reason = %reason, "writes can no longer be made durable: refusing all writes until restart");
         let _ = self.failed.set(reason);
     }
 }
