@@ -4,6 +4,8 @@
 //! its whole life (`flock`, released by the kernel however the process ends, `kill -9`
 //! included), and a second one refuses to start, naming the lock and the holder's PID.
 
+use crate::wal::fs::create_dir_durably;
+use crate::wal::RealFs;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -47,7 +49,9 @@ impl DataDirLock {
             lock: lock.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // A new data directory's entry is made durable too, or a power loss could take it
+        // with the fsynced WAL inside.
+        create_dir_durably(&RealFs, dir).map_err(|(_, e)| io(e))?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

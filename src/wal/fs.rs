@@ -6,7 +6,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The file-system calls the WAL needs.
 pub trait WalFs: Send + Sync + 'static {
@@ -32,6 +32,22 @@ pub trait WalFile: Send {
     /// fdatasync.
     fn sync_data(&mut self) -> io::Result<()>;
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// Creates `dir` (and any missing parent) so that it survives a crash: each new directory's
+/// entry is fsynced into its parent, as every new segment's entry is fsynced into the WAL
+/// directory. On failure, the path it failed on.
+pub fn create_dir_durably(fs: &dyn WalFs, dir: &Path) -> Result<(), (PathBuf, io::Error)> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    fs.create_dir_all(dir).map_err(|e| (dir.to_owned(), e))?;
+    for created in missing {
+        let parent = match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs.sync_dir(parent).map_err(|e| (parent.to_owned(), e))?;
+    }
+    Ok(())
 }
 
 /// The real file system.

@@ -5,7 +5,7 @@ use super::format::{
     check_frame, decode_record, decode_segment_header, parse_segment_file_name, HeaderError,
     Record, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
-use super::fs::WalFs;
+use super::fs::{create_dir_durably, WalFs};
 use super::writer::SegmentInfo;
 use super::{RecoveryMode, WalError};
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ pub fn recover(
     checkpoint: u64,
     mut apply: impl FnMut(u64, Record),
 ) -> Result<Recovered, WalError> {
-    create_dir_durably(fs, dir)?;
+    create_dir_durably(fs, dir).map_err(|(path, source)| WalError::Io { path, source })?;
     let mut names: Vec<(u64, String)> = Vec::new();
     for name in fs.list(dir).map_err(WalError::io(dir))? {
         match parse_segment_file_name(&name) {
@@ -234,21 +234,6 @@ fn cut_log(
             .map_err(WalError::io(&damage.path))?;
     }
     fs.sync_dir(dir).map_err(WalError::io(dir))
-}
-
-/// Creates `dir` (and any missing parent) so that it survives a crash: each new directory's
-/// entry is fsynced into its parent, as every new segment's entry is fsynced into `dir`.
-fn create_dir_durably(fs: &dyn WalFs, dir: &Path) -> Result<(), WalError> {
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    fs.create_dir_all(dir).map_err(WalError::io(dir))?;
-    for created in missing {
-        let parent = match created.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        fs.sync_dir(parent).map_err(WalError::io(parent))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
