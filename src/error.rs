@@ -58,7 +58,9 @@ impl From<EngineError> for ApiError {
             // The reason was logged when the WAL failed; clients get no internals.
             EngineError::WalFailed(_) => ApiError::WalFailed,
             EngineError::Unavailable(reason) => {
-                tracing::warn!(%reason, "shared state unavailable");
+                if let Some(count) = crate::metrics::throttled("shared state unavailable") {
+                    tracing::warn!(%reason, count, "shared state unavailable");
+                }
                 ApiError::Unavailable
             }
             EngineError::Internal(reason) => {

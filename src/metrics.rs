@@ -51,27 +51,32 @@ pub fn record_request(method: &Method, route: &str, status: u16, elapsed: Durati
 /// at most once a second per code with how many there were since the last line.
 pub fn record_refusal(code: &'static str) {
     metrics::counter!("widgets_refused_total", "code" => code).increment(1);
-    static LOGS: OnceLock<Mutex<HashMap<&'static str, Throttle>>> = OnceLock::new();
-    let mut logs = LOGS
-        .get_or_init(Default::default)
-        .lock()
-        .expect("refusal log lock");
-    if let Some(count) = logs.entry(code).or_default().hit(Instant::now()) {
-        drop(logs);
+    if let Some(count) = throttled(code) {
         if code == "internal_error" {
             tracing::error!(
                 code,
                 count,
-                "requests answered 5xx in the last second or so"
+                "requests answered 5xx since the last such line"
             );
         } else {
             tracing::warn!(
                 code,
                 count,
-                "requests answered 5xx in the last second or so"
+                "requests answered 5xx since the last such line"
             );
         }
     }
+}
+
+/// An event of kind `key` that is worth a log line, but not one a request: `Some(events
+/// since the last line, this one included)` at most once a second per key, else `None`.
+pub fn throttled(key: &'static str) -> Option<u64> {
+    static LINES: OnceLock<Mutex<HashMap<&'static str, Throttle>>> = OnceLock::new();
+    let mut lines = LINES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("throttle lock");
+    lines.entry(key).or_default().hit(Instant::now())
 }
 
 /// Lets one log line through per [`Throttle::PERIOD`], carrying how many events it stands

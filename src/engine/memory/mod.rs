@@ -193,18 +193,27 @@ impl MemoryEngine {
             return Ok(None);
         }
         let widgets = self.len() as u64;
-        let (taken, items) = tokio::task::spawn_blocking(move || {
-            let items =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flush_items(&taken)));
-            (taken, items)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("building the flush batch: {e}")))?;
-        let Ok(items) = items else {
-            self.shared.dirty.restore(taken);
-            return Err(EngineError::Internal(
-                "building the flush batch panicked".into(),
-            ));
+        // The blocking task shares the take, so it comes back whatever happens there (a
+        // panic included: tokio catches it and the task's share is dropped).
+        let taken = Arc::new(taken);
+        let building = taken.clone();
+        let built = tokio::task::spawn_blocking(move || flush_items(&building)).await;
+        let Some(taken) = Arc::into_inner(taken) else {
+            // Cannot happen (the task has ended, and its share with it); were it to, the
+            // widgets would be in no take, so stop acknowledging writes rather than risk
+            // a checkpoint past them.
+            let reason = "a flush lost its take of the dirty set".to_owned();
+            self.shared.fail(reason.clone());
+            return Err(EngineError::Internal(reason));
+        };
+        let items = match built {
+            Ok(items) => items,
+            Err(e) => {
+                self.shared.dirty.restore(taken);
+                return Err(EngineError::Internal(format!(
+                    "building the flush batch failed: {e}"
+                )));
+            }
         };
         let batch = FlushBatch {
             items,

@@ -45,9 +45,12 @@ pub(super) fn unavailable(e: redis::RedisError) -> EngineError {
 /// Redis has no `loaded` key: it lost its data (a restart without AOF, a flush). Serving
 /// it as an empty store would answer 404 for every widget PostgreSQL holds.
 fn lost_data() -> EngineError {
-    tracing::error!(
-        "Redis has lost its data (no 'loaded' key): restart the instances to load it again from PostgreSQL"
-    );
+    if let Some(count) = crate::metrics::throttled("redis lost its data") {
+        tracing::error!(
+            count,
+            "Redis has lost its data (no 'loaded' key): restart the instances to load it again from PostgreSQL"
+        );
+    }
     EngineError::Unavailable("Redis has lost its data; restart the instances to reload it".into())
 }
 
