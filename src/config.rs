@@ -80,6 +80,13 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_WAL_RECOVERY", value_enum, default_value_t = RecoveryMode::Strict)]
     pub wal_recovery: RecoveryMode,
 
+    /// Start even when the WAL and the durable store are not from one history (a WAL of
+    /// another store, a store whose WAL is missing, a WAL older than the store), which is
+    /// refused otherwise with a message saying which. Read that message first: it names
+    /// what would be lost.
+    #[arg(long, env = "WIDGETS_ACCEPT_MISMATCHED_WAL")]
+    pub accept_mismatched_wal: bool,
+
     /// Most writes waiting for the sequencer; past it writes answer `503 overloaded`.
     #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_queue: u64,
@@ -169,6 +176,7 @@ impl Config {
             queue_depth: self.write_queue as usize,
             max_dirty: self.max_dirty as usize,
             flush_batch_size: self.flush_batch as usize,
+            accept_mismatched_wal: self.accept_mismatched_wal,
         }
     }
 

@@ -1,5 +1,7 @@
-//! One writer per data directory: a second instance on the same directory refuses to start
-//! at once, naming the lock and the holder's PID, in-process and as a real process.
+//! One writer, one history: a second instance on the same data directory refuses to start
+//! at once, naming the lock and the holder's PID, in-process and as a real process; and a
+//! WAL and a store that are not from one history (another store's WAL, a store whose WAL
+//! is gone, a WAL older than the store) refuse to start together unless told to.
 
 mod common;
 
@@ -70,4 +72,88 @@ async fn a_second_process_on_one_data_directory_exits_at_once_naming_the_holder(
         "the refusal names the holder's PID {holder}:\n{stderr}"
     );
     assert_eq!(first.stop().await.expect("stopping").code(), Some(0));
+}
+
+/// Replaces `dir`'s WAL directory with a copy of `from`.
+fn put_wal(dir: &std::path::Path, from: &std::path::Path) {
+    let wal = dir.join("wal");
+    std::fs::remove_dir_all(&wal).unwrap();
+    std::fs::create_dir(&wal).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), wal.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Starts an app on `dir` and returns why it did not become ready.
+async fn refusal(dir: &std::path::Path, args: &[&str]) -> String {
+    let mut app = common::try_spawn_app_in(dir, args, Arc::new(RealFs))
+        .await
+        .expect("binding");
+    let err = app.ready().await.expect_err("the app started");
+    format!("{err:#}")
+}
+
+#[tokio::test]
+async fn a_wal_and_a_store_from_different_histories_refuse_to_start_together() {
+    let a = common::spawn_app_with(&[]).await;
+    assert_eq!(a.create("a", &["P"]).await.status(), 201);
+    let b = common::spawn_app_with(&[]).await;
+    assert_eq!(b.create("b", &["P"]).await.status(), 201);
+    let (a_dir, b_dir) = (a.stop().await, b.stop().await);
+
+    put_wal(b_dir.path(), &a_dir.path().join("wal"));
+    let message = refusal(b_dir.path(), &[]).await;
+    assert!(
+        message.contains("belongs to history") && message.contains("--accept-mismatched-wal"),
+        "{message}"
+    );
+    let accepted =
+        common::spawn_app_in(b_dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await;
+    assert!(
+        accepted.widget("b").await.is_some(),
+        "the store's own widgets"
+    );
+    accepted.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_whose_wal_is_gone_refuses_to_start() {
+    let app = common::spawn_app_with(&["--flush-interval", "1h"]).await;
+    assert_eq!(app.create("kept", &["P"]).await.status(), 201);
+    let dir = app.stop().await;
+    std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+
+    let message = refusal(dir.path(), &[]).await;
+    assert!(message.contains("holds no WAL"), "{message}");
+    let accepted = common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await;
+    assert!(
+        accepted.widget("kept").await.is_some(),
+        "flushed at the graceful stop"
+    );
+    accepted.stop().await;
+}
+
+#[tokio::test]
+async fn a_wal_older_than_its_store_refuses_to_start() {
+    let app = common::spawn_app_with(&["--flush-interval", "1h"]).await;
+    assert_eq!(app.create("early", &["P"]).await.status(), 201);
+    let old_wal = app.crash_image();
+    assert_eq!(app.create("late", &["P"]).await.status(), 201);
+    let dir = app.stop().await;
+
+    put_wal(dir.path(), &old_wal.path().join("wal"));
+    let message = refusal(dir.path(), &[]).await;
+    assert!(
+        message.contains("below the store's checkpoint"),
+        "{message}"
+    );
+    let accepted = common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await;
+    assert!(accepted.widget("late").await.is_some());
+    assert_eq!(
+        accepted.create("after", &["P"]).await.status(),
+        201,
+        "new writes go on above the store's checkpoint"
+    );
+    accepted.stop().await;
 }

@@ -515,10 +515,12 @@ async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
     .execute(&mut conn)
     .await
     .unwrap();
+    // (Without the first one's WAL: the operator says so, or the store's identity refuses.)
     let third_dir = tempfile::TempDir::new().unwrap();
+    let takeover = [&args[..], &["--accept-mismatched-wal"]].concat();
     let third = common::spawn_app_in(
         std::sync::Arc::new(third_dir),
-        &args,
+        &takeover,
         std::sync::Arc::new(widgets::wal::RealFs),
     )
     .await;

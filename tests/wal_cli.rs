@@ -43,6 +43,7 @@ fn only_segment(wal_dir: &Path) -> std::path::PathBuf {
     let mut segments: Vec<_> = std::fs::read_dir(wal_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension() == Some("wal".as_ref()))
         .collect();
     assert_eq!(segments.len(), 1);
     segments.pop().unwrap()

@@ -308,6 +308,14 @@ mod tests {
             Ok(0)
         }
 
+        async fn identity(&self) -> Result<Option<String>, StoreError> {
+            Ok(None)
+        }
+
+        async fn set_identity(&self, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+
         async fn write_batch(&self, _: FlushBatch) -> Result<(), StoreError> {
             let ok = self
                 .failing

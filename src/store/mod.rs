@@ -84,6 +84,13 @@ pub trait Store: Send + Sync + 'static {
     /// map with it, since growing a 10-million-entry map doubles its table near the end.
     fn len_hint(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// The identity of the history the store belongs to (the same as its WAL's); `None`
+    /// for a store that has none yet (new, or written before identities existed).
+    fn identity(&self) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Records `identity` as the store's, durably, replacing any it had.
+    fn set_identity(&self, identity: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Writes the batch and its checkpoint atomically and durably.
     fn write_batch(&self, batch: FlushBatch)
         -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -360,6 +360,23 @@ impl Store for PgStore {
         Ok(checkpoint as u64)
     }
 
+    async fn identity(&self) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT identity FROM store_identity")
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO store_identity (id, identity) VALUES (true, $1) \
+             ON CONFLICT (id) DO UPDATE SET identity = excluded.identity",
+        )
+        .bind(identity)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Some(claim) = self.writer.get() {

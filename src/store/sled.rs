@@ -10,6 +10,8 @@ use std::path::Path;
 const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
 /// The hot state's widget count at the last flush (for [`Store::len_hint`]).
 const WIDGETS_KEY: &[u8] = b"\0widgets";
+/// The identity of the history the store belongs to (see [`Store::identity`]).
+const IDENTITY_KEY: &[u8] = b"\0identity";
 
 fn decode_u64(name: &str, value: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(value.try_into().map_err(|_| {
@@ -44,7 +46,7 @@ impl SledStore {
                 checkpoint = decode_u64("checkpoint", &value)?;
                 continue;
             }
-            if &*key == WIDGETS_KEY {
+            if &*key == WIDGETS_KEY || &*key == IDENTITY_KEY {
                 continue;
             }
             let corrupt = |reason: String| StoreError::Corrupt {
@@ -106,6 +108,31 @@ impl Store for SledStore {
             Some(value) => decode_u64("widgets", &value),
             None => Ok(0),
         }
+    }
+
+    async fn identity(&self) -> Result<Option<String>, StoreError> {
+        match self.db.get(IDENTITY_KEY)? {
+            Some(value) => {
+                String::from_utf8(value.to_vec())
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        key: "identity".into(),
+                        reason: e.to_string(),
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
+        let (db, identity) = (self.db.clone(), identity.to_owned());
+        tokio::task::spawn_blocking(move || {
+            db.insert(IDENTITY_KEY, identity.as_bytes())?;
+            db.flush()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {

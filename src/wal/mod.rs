@@ -29,6 +29,7 @@
 mod faulty_fs;
 pub mod format;
 pub mod fs;
+pub mod identity;
 pub mod inspect;
 mod recovery;
 mod writer;

@@ -19,6 +19,9 @@ pub struct Recovered {
     pub last_lsn: u64,
     /// How many records above the checkpoint were handed to the caller.
     pub replayed: u64,
+    /// The LSN of the log's last whole record, if it holds any (at or below the
+    /// checkpoint too).
+    pub last_record: Option<u64>,
 }
 
 /// Replays the log in `dir`. `apply` gets every record whose LSN is above `checkpoint`, in
@@ -35,6 +38,7 @@ pub fn recover(
     for name in fs.list(dir).map_err(WalError::io(dir))? {
         match parse_segment_file_name(&name) {
             Some(first) => names.push((first, name)),
+            None if name == super::identity::IDENTITY_FILE => {}
             None => {
                 tracing::warn!(file = %name, "ignoring a file in the WAL directory that is not a segment")
             }
@@ -46,6 +50,7 @@ pub fn recover(
         segments: Vec::new(),
         last_lsn: checkpoint,
         replayed: 0,
+        last_record: None,
     };
     // The LSN the next record must have; None until the first segment is read.
     let mut expected: Option<u64> = None;
@@ -127,6 +132,9 @@ pub fn recover(
             }
         };
         let had_records = next > *first_lsn;
+        if had_records {
+            out.last_record = Some(next - 1);
+        }
         if is_last && !had_records {
             // An empty newest segment: the writer will create it again.
             fs.remove(&path).map_err(WalError::io(&path))?;

@@ -25,7 +25,7 @@ use self::state::{new_map, Shared};
 use super::EngineError;
 use crate::domain::{Rule, Serial, Widget};
 use crate::store::{FlushBatch, FlushItem, Store, StoreError};
-use crate::wal::{FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
+use crate::wal::{identity, FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -48,6 +48,9 @@ pub struct EngineSettings {
     pub queue_depth: usize,
     pub max_dirty: usize,
     pub flush_batch_size: usize,
+    /// Start even when the WAL and the store are not from one history (see
+    /// [`RecoveryError::Identity`]).
+    pub accept_mismatched_wal: bool,
 }
 
 /// Why recovery could not bring the hot state back.
@@ -57,6 +60,10 @@ pub enum RecoveryError {
     Store(#[from] StoreError),
     #[error("recovering the WAL: {0}")]
     Wal(#[from] WalError),
+    /// The WAL and the store are not from one history: replaying one over the other would
+    /// mix them, or lose acknowledged writes without a word.
+    #[error("{0}")]
+    Identity(String),
 }
 
 pub struct MemoryEngine {
@@ -114,6 +121,7 @@ impl MemoryEngine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "store loaded"
         );
+        check_identity(store, &*fs, wal_dir, settings.accept_mismatched_wal).await?;
         let (wal_dir, replaying) = (wal_dir.to_owned(), shared.clone());
         let settings_ = settings.clone();
         let (writer, next_lsn) = tokio::task::spawn_blocking(move || {
@@ -315,7 +323,7 @@ fn replay_and_open(
     fs: Arc<dyn WalFs>,
     settings: &EngineSettings,
     checkpoint: u64,
-) -> Result<(WalWriter, u64), WalError> {
+) -> Result<(WalWriter, u64), RecoveryError> {
     let started = Instant::now();
     let recovered = replay::replay(
         &shared.map,
@@ -332,6 +340,20 @@ fn replay_and_open(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "WAL replayed"
     );
+    if let Some(last) = recovered.last_record.filter(|&last| last < checkpoint) {
+        let reason = format!(
+            "the WAL in {} ends at LSN {last}, below the store's checkpoint {checkpoint}: it is \
+             older than the store (a copy restored from before the store's last flush?), so \
+             it is not the log of the writes the store holds. Point --data-dir at the WAL \
+             that belongs to this store, or start with --accept-mismatched-wal to go on \
+             from the store (new writes are numbered above its checkpoint)",
+            wal_dir.display()
+        );
+        if !settings.accept_mismatched_wal {
+            return Err(RecoveryError::Identity(reason));
+        }
+        tracing::warn!(%reason, "--accept-mismatched-wal: starting anyway");
+    }
     // LSN u64::MAX is reserved (see recovery), so the log can always say what comes next.
     let next_lsn = recovered
         .last_lsn
@@ -342,6 +364,8 @@ fn replay_and_open(
             offset: 0,
             reason: "the log or the store's checkpoint has used up every LSN".into(),
         })?;
+    // The LSNs the WAL goes on with are above the store's checkpoint even when the WAL
+    // ended below it (accepted above): recovered.last_lsn counts the checkpoint in.
     let mut writer = WalWriter::open(
         fs,
         wal_dir,
@@ -352,6 +376,57 @@ fn replay_and_open(
     )?;
     writer.trim(checkpoint);
     Ok((writer, next_lsn))
+}
+
+/// Checks that the WAL in `wal_dir` and `store` are from one history, and gives both the
+/// same identity on their first start (or when either was written before identities).
+/// Refused: a WAL and a store with different identities, and a store with an identity
+/// beside a WAL directory without one (the WAL was deleted or moved away: writes
+/// acknowledged after the store's checkpoint would be lost without a word).
+async fn check_identity<S: Store>(
+    store: &S,
+    fs: &dyn WalFs,
+    wal_dir: &Path,
+    accept: bool,
+) -> Result<(), RecoveryError> {
+    let in_store = store.identity().await?;
+    let in_wal = identity::read(fs, wal_dir)?;
+    let refusal = match (&in_store, &in_wal) {
+        (Some(s), Some(w)) if s != w => Some(format!(
+            "the WAL in {} belongs to history {w}, the store to history {s}: they are not \
+             the log and the store of one service, and replaying one over the other would \
+             mix two histories. Give --data-dir and the store (DATABASE_URL) that belong \
+             together, or start with --accept-mismatched-wal to replay this WAL's records \
+             above the store's checkpoint into this store",
+            wal_dir.display()
+        )),
+        (Some(s), None) => Some(format!(
+            "the store belongs to history {s}, but {} holds no WAL of it: the WAL was deleted \
+             or moved, and every write acknowledged after the store's last flush would be \
+             lost without a word. Restore the WAL directory, or start with \
+             --accept-mismatched-wal to go on from the store alone",
+            wal_dir.display()
+        )),
+        _ => None,
+    };
+    if let Some(reason) = refusal {
+        if !accept {
+            return Err(RecoveryError::Identity(reason));
+        }
+        tracing::warn!(%reason, "--accept-mismatched-wal: starting anyway");
+    }
+    // From here on both carry one identity: the store's, if it has one.
+    let identity = in_store
+        .clone()
+        .or_else(|| in_wal.clone())
+        .unwrap_or_else(identity::new_identity);
+    if in_wal.as_deref() != Some(identity.as_str()) {
+        identity::write(fs, wal_dir, &identity)?;
+    }
+    if in_store.as_deref() != Some(identity.as_str()) {
+        store.set_identity(&identity).await?;
+    }
+    Ok(())
 }
 
 /// The flush items of a take: each widget's state (`None`: deleted), unpacked, sorted by
