@@ -329,3 +329,23 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     tracing::info!("migrations applied");
     Ok(())
 }
+
+/// Ctrl-C or SIGTERM: what stops the service (and the load generator, which stops the
+/// service it started).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

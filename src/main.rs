@@ -80,7 +80,7 @@ async fn run(config: Config, cmd: Option<Cmd>) -> anyhow::Result<()> {
         Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {
             let app = widgets::app::start(config).await?;
-            app.run_until(shutdown_signal()).await
+            app.run_until(widgets::app::shutdown_signal()).await
         }
     }
 }
@@ -127,25 +127,6 @@ fn wal_command(command: WalCmd) -> anyhow::Result<()> {
         reports.len()
     );
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let json = args.json;
     let report = tokio::select! {
         report = widgets_bench::run(args) => report?,
-        _ = shutdown_signal() => anyhow::bail!("interrupted"),
+        _ = widgets::app::shutdown_signal() => anyhow::bail!("interrupted"),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -51,23 +51,4 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         print!("{report}");
     }
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

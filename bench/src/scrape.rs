@@ -47,32 +47,7 @@ pub fn server_stats(before: &Scrape, after: &Scrape) -> ServerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const BEFORE: &str = "\
-# TYPE widgets_wal_fsyncs_total counter
-widgets_wal_fsyncs_total 100
-# TYPE widgets_wal_records_total counter
-widgets_wal_records_total 1000
-widgets_wal_records_total_extra 5
-widgets_in_memory 200
-";
-
-    const AFTER: &str = "\
-# HELP widgets_wal_fsyncs_total fsyncs
-# TYPE widgets_wal_fsyncs_total counter
-widgets_wal_fsyncs_total 150
-# TYPE widgets_wal_records_total counter
-widgets_wal_records_total 2000
-# TYPE widgets_wal_group_records histogram
-widgets_wal_group_records_bucket{le=\"1\"} 3
-widgets_wal_group_records_sum 2000
-widgets_wal_group_records_count 50
-http_requests_total{method=\"PUT\",route=\"/widgets/associations\",status=\"200\"} 900
-http_requests_total{method=\"GET\",route=\"/widgets/{serial_number}\",status=\"200\"} 100 1700000000000
-widgets_flush_lag_seconds 0.25
-widgets_in_memory 200
-process_resident_memory_bytes 52428800
-";
+    use widgets_testkit::metrics::examples::{AFTER, BEFORE};
 
     #[test]
     fn requests_per_fsync_from_two_scrapes() {

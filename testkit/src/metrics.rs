@@ -24,11 +24,11 @@ pub fn sample_sum(text: &str, name: &str) -> Option<f64> {
     sum
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BEFORE: &str = "\
+/// Two `/metrics` texts as the service writes them, a load phase apart, for the tests of
+/// what reads them (here and in the load generator): unlabelled and labelled samples, a
+/// histogram, a timestamped sample, and a name that is another's prefix.
+pub mod examples {
+    pub const BEFORE: &str = "\
 # TYPE widgets_wal_fsyncs_total counter
 widgets_wal_fsyncs_total 100
 # TYPE widgets_wal_records_total counter
@@ -37,7 +37,7 @@ widgets_wal_records_total_extra 5
 widgets_in_memory 200
 ";
 
-    const AFTER: &str = "\
+    pub const AFTER: &str = "\
 # HELP widgets_wal_fsyncs_total fsyncs
 # TYPE widgets_wal_fsyncs_total counter
 widgets_wal_fsyncs_total 150
@@ -53,6 +53,12 @@ widgets_flush_lag_seconds 0.25
 widgets_in_memory 200
 process_resident_memory_bytes 52428800
 ";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::examples::{AFTER, BEFORE};
+    use super::*;
 
     #[test]
     fn labelled_samples_add_up_and_prefixes_do_not_match() {
