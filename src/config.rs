@@ -87,6 +87,12 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_ACCEPT_MISMATCHED_WAL")]
     pub accept_mismatched_wal: bool,
 
+    /// `/readyz` answers `503 flush_stalled` while the oldest change waiting for the durable
+    /// store is older than this (1ms to 1h): the store has been failing that long. Writes
+    /// go on meanwhile (into the WAL), up to the limits.
+    #[arg(long, env = "WIDGETS_READY_MAX_FLUSH_LAG", default_value = "60s", value_parser = duration_up_to_an_hour)]
+    pub ready_max_flush_lag: Duration,
+
     /// Most writes waiting for the sequencer; past it writes answer `503 overloaded`.
     #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_queue: u64,

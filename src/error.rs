@@ -44,6 +44,9 @@ pub enum ApiError {
     WalFailed,
     #[error("the shared state is unavailable; try again shortly")]
     Unavailable,
+    /// `/readyz` only: the durable store has not taken a change for this long.
+    #[error("a change has waited {} s for the durable store (over --ready-max-flush-lag)", .0.as_secs())]
+    FlushStalled(std::time::Duration),
     #[error("internal error")]
     Internal,
 }
@@ -91,6 +94,7 @@ impl ApiError {
             ApiError::WalWrite => "storage_error",
             ApiError::WalFailed => "wal_failed",
             ApiError::Unavailable => "unavailable",
+            ApiError::FlushStalled(_) => "flush_stalled",
             ApiError::Internal => "internal_error",
         }
     }
@@ -111,7 +115,8 @@ impl ApiError {
             | ApiError::DiskFull
             | ApiError::WalWrite
             | ApiError::WalFailed
-            | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Unavailable
+            | ApiError::FlushStalled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

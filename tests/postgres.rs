@@ -267,6 +267,36 @@ async fn an_outage_loses_nothing_and_postgres_converges_when_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_503_while_the_store_takes_no_change_and_200_once_it_does() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let app = pg_app(&db.url_via(proxy.addr), &["--ready-max-flush-lag", "500ms"]).await;
+    assert_eq!(app.create("s1", &["P"]).await.status(), StatusCode::CREATED);
+    assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+
+    proxy.cut();
+    assert_eq!(app.create("s2", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("/readyz to say the flusher is stalled", 10, {
+        let r = app.get("/readyz").await;
+        r.status() == StatusCode::SERVICE_UNAVAILABLE
+            && common::error_code(r).await == "flush_stalled"
+    });
+    assert_eq!(
+        app.create("s3", &["P"]).await.status(),
+        StatusCode::CREATED,
+        "writes go on into the WAL meanwhile"
+    );
+
+    proxy.restore();
+    eventually!("/readyz to be 200 once the backlog is in", 40, {
+        app.get("/readyz").await.status() == StatusCode::OK
+    });
+    app.stop().await;
+    drop(proxy);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_waits_for_postgres_and_readyz_says_so() {
     let db = TestDb::create().await;
     let proxy = Proxy::start(&db).await;

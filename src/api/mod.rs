@@ -28,21 +28,28 @@ pub struct AppState {
 struct Inner {
     engine: OnceLock<Engine>,
     body_timeout: Duration,
+    ready_max_flush_lag: Duration,
 }
 
 impl AppState {
-    /// State whose request bodies must arrive within `body_timeout`.
-    pub fn new(body_timeout: Duration) -> Self {
+    /// State whose request bodies must arrive within `body_timeout`, and which is not
+    /// ready while a change has waited for the store longer than `ready_max_flush_lag`.
+    pub fn new(body_timeout: Duration, ready_max_flush_lag: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 body_timeout,
+                ready_max_flush_lag,
             }),
         }
     }
 
     pub fn body_timeout(&self) -> Duration {
         self.inner.body_timeout
+    }
+
+    pub fn ready_max_flush_lag(&self) -> Duration {
+        self.inner.ready_max_flush_lag
     }
 
     /// Makes the service ready: from now on requests reach `engine`.

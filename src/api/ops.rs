@@ -49,12 +49,18 @@ pub async fn healthz() -> Json<Value> {
 /// Readiness: `200` once recovery has finished and writes can be made durable.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Takes traffic"),
-    (status = 503, description = "Recovering (`not_ready`) or the WAL failed (`wal_failed`)", body = ErrorBody),
+    (status = 503, description = "Recovering (`not_ready`), writes can no longer be made durable (`wal_failed`), or a change has waited for the durable store longer than `--ready-max-flush-lag` (`flush_stalled`)", body = ErrorBody),
 ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     if engine.failure().is_some() {
         return Err(ApiError::WalFailed);
+    }
+    if let Some(lag) = engine
+        .flush_lag()
+        .filter(|&lag| lag > state.ready_max_flush_lag())
+    {
+        return Err(ApiError::FlushStalled(lag));
     }
     Ok(Json(json!({"status": "ready"})))
 }

@@ -50,6 +50,17 @@ impl Engine {
         }
     }
 
+    /// How long the oldest change not yet in the durable store has waited, where this
+    /// instance knows it cheaply (single node; Redis mode answers `None`: its lag is a
+    /// script away, in `/metrics`).
+    pub fn flush_lag(&self) -> Option<std::time::Duration> {
+        match self {
+            Engine::Memory(m) => Some(m.flush_lag()),
+            #[cfg(feature = "redis")]
+            Engine::Redis(_) => None,
+        }
+    }
+
     /// Gauges describing the state now, for `/metrics`.
     pub async fn gauges(&self) -> Vec<(&'static str, f64)> {
         match self {

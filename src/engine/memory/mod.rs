@@ -251,6 +251,12 @@ impl MemoryEngine {
         self.shared.flush_wanted.notified().await
     }
 
+    /// How long the oldest change not yet in the durable store has waited (zero when none
+    /// waits).
+    pub fn flush_lag(&self) -> Duration {
+        self.shared.dirty.lag()
+    }
+
     /// Widgets waiting for the durable store (in the dirty set or in a flush under way).
     pub fn dirty_len(&self) -> usize {
         self.shared.dirty.len()
@@ -279,10 +285,7 @@ impl MemoryEngine {
         vec![
             ("widgets_in_memory", self.len() as f64),
             ("widgets_dirty", self.dirty_len() as f64),
-            (
-                "widgets_flush_lag_seconds",
-                self.shared.dirty.lag().as_secs_f64(),
-            ),
+            ("widgets_flush_lag_seconds", self.flush_lag().as_secs_f64()),
             ("widgets_wal_bytes", self.wal_bytes() as f64),
             ("widgets_checkpoint_lsn", self.checkpoint() as f64),
             (
