@@ -1,10 +1,16 @@
 //! The embedded store: one sled tree, serial -> bincode-encoded widget, plus the checkpoint
 //! LSN under a key no serial can have. A flush is one `apply_batch` (atomic in sled) and
 //! one `flush` (durable).
+//!
+//! After an I/O error (a full disk, above all) sled refuses every later write until it is
+//! opened again, so the store closes it on such an error and the next operation reopens
+//! it: sled recovers from its own log as after a crash, and the flusher's retry finds a
+//! working store once there is space again, with no restart.
 
 use super::{FlushBatch, Store, StoreError, Visitor};
 use crate::domain::{Serial, Widget};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Serials never contain a NUL byte, so these keys cannot collide with a widget.
 const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
@@ -24,23 +30,66 @@ fn decode_u64(name: &str, value: &[u8]) -> Result<u64, StoreError> {
 
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// `None` after an I/O error closed it, until the next operation opens it again.
+    db: Mutex<Option<sled::Db>>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `path`; `cache_bytes` bounds sled's page cache.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
+        let inner = Inner {
+            path: path.to_owned(),
+            cache_bytes,
+            db: Mutex::new(None),
+        };
+        let store = Self {
+            inner: Arc::new(inner),
+        };
+        store.db()?;
+        Ok(store)
+    }
+
+    /// The open database, opened again if an I/O error closed it.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        let mut db = self.inner.db.lock().expect("sled handle lock");
+        if let Some(db) = db.as_ref() {
+            return Ok(db.clone());
+        }
+        let opened = sled::Config::new()
+            .path(&self.inner.path)
+            .cache_capacity(self.inner.cache_bytes)
             .open()?;
-        Ok(Self { db })
+        *db = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// Passes `result` on; an I/O error first closes the database (its handle `used` and
+    /// the kept one), so that the next operation opens it again.
+    fn closing_on_io_error<T>(
+        &self,
+        used: sled::Db,
+        result: Result<T, sled::Error>,
+    ) -> Result<T, StoreError> {
+        if let Err(sled::Error::Io(e)) = &result {
+            tracing::warn!(error = %e, path = %self.inner.path.display(),
+                "the embedded store failed an I/O; it is opened again for the next flush");
+            drop(used);
+            self.inner.db.lock().expect("sled handle lock").take();
+            metrics::counter!("widgets_store_reopens_total").increment(1);
+        }
+        Ok(result?)
     }
 
     fn load_blocking(&self, mut visit: Visitor) -> Result<u64, StoreError> {
         let mut checkpoint = 0;
         let mut loaded = 0u64;
-        for entry in self.db.iter() {
+        for entry in self.db()?.iter() {
             let (key, value) = entry?;
             if &*key == CHECKPOINT_KEY {
                 checkpoint = decode_u64("checkpoint", &value)?;
@@ -89,8 +138,9 @@ impl SledStore {
         if let Some(widgets) = batch.widgets {
             b.insert(WIDGETS_KEY, &widgets.to_be_bytes());
         }
-        self.db.apply_batch(b)?;
-        self.db.flush()?;
+        let db = self.db()?;
+        let written = db.apply_batch(b).and_then(|()| db.flush());
+        self.closing_on_io_error(db, written)?;
         Ok(())
     }
 }
@@ -104,14 +154,14 @@ impl Store for SledStore {
     }
 
     async fn len_hint(&self) -> Result<u64, StoreError> {
-        match self.db.get(WIDGETS_KEY)? {
+        match self.db()?.get(WIDGETS_KEY)? {
             Some(value) => decode_u64("widgets", &value),
             None => Ok(0),
         }
     }
 
     async fn identity(&self) -> Result<Option<String>, StoreError> {
-        match self.db.get(IDENTITY_KEY)? {
+        match self.db()?.get(IDENTITY_KEY)? {
             Some(value) => {
                 String::from_utf8(value.to_vec())
                     .map(Some)
@@ -125,7 +175,7 @@ impl Store for SledStore {
     }
 
     async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
-        let (db, identity) = (self.db.clone(), identity.to_owned());
+        let (db, identity) = (self.db()?, identity.to_owned());
         tokio::task::spawn_blocking(move || {
             db.insert(IDENTITY_KEY, identity.as_bytes())?;
             db.flush()?;
@@ -189,7 +239,11 @@ mod tests {
         assert_eq!(checkpoint, 9);
         assert_eq!(seen.lock().unwrap().len(), 2, "the count is not a widget");
 
-        store.db.insert(WIDGETS_KEY, &b"bad"[..]).unwrap();
+        store
+            .db()
+            .unwrap()
+            .insert(WIDGETS_KEY, &b"bad"[..])
+            .unwrap();
         let err = store.len_hint().await.unwrap_err();
         assert!(err.to_string().contains("widgets"), "{err}");
     }
@@ -201,7 +255,7 @@ mod tests {
         let mut widget = item("a").widget.unwrap();
         widget.peers[PortType::Q.index()] = Some(Serial::parse("s", "b").unwrap());
         let value = bincode::serde::encode_to_vec(&widget, bincode::config::standard()).unwrap();
-        store.db.insert("a", value).unwrap();
+        store.db().unwrap().insert("a", value).unwrap();
         let err = store.load(Box::new(|_, _| {})).await.unwrap_err();
         assert!(
             matches!(&err, StoreError::Corrupt { key, reason } if key == "a" && reason.contains("port Q")),
