@@ -85,13 +85,18 @@ fn put_wal(dir: &std::path::Path, from: &std::path::Path) {
     }
 }
 
-/// Starts an app on `dir` and returns why it did not become ready.
-async fn refusal(dir: &std::path::Path, args: &[&str]) -> String {
-    let mut app = common::try_spawn_app_in(dir, args, Arc::new(RealFs))
+/// Starts an app on `dir`, which must refuse with a message holding every one of `why`;
+/// then starts it with `--accept-mismatched-wal`, which must work.
+async fn refused_unless_accepted(dir: Arc<tempfile::TempDir>, why: &[&str]) -> common::TestApp {
+    let mut app = common::try_spawn_app_in(dir.path(), &[], Arc::new(RealFs))
         .await
         .expect("binding");
     let err = app.ready().await.expect_err("the app started");
-    format!("{err:#}")
+    let message = format!("{err:#}");
+    for part in why {
+        assert!(message.contains(part), "{part:?} not in: {message}");
+    }
+    common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await
 }
 
 #[tokio::test]
@@ -103,13 +108,8 @@ async fn a_wal_and_a_store_from_different_histories_refuse_to_start_together() {
     let (a_dir, b_dir) = (a.stop().await, b.stop().await);
 
     put_wal(b_dir.path(), &a_dir.path().join("wal"));
-    let message = refusal(b_dir.path(), &[]).await;
-    assert!(
-        message.contains("belongs to history") && message.contains("--accept-mismatched-wal"),
-        "{message}"
-    );
     let accepted =
-        common::spawn_app_in(b_dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await;
+        refused_unless_accepted(b_dir, &["belongs to history", "--accept-mismatched-wal"]).await;
     assert!(
         accepted.widget("b").await.is_some(),
         "the store's own widgets"
@@ -124,9 +124,7 @@ async fn a_store_whose_wal_is_gone_refuses_to_start() {
     let dir = app.stop().await;
     std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
 
-    let message = refusal(dir.path(), &[]).await;
-    assert!(message.contains("holds no WAL"), "{message}");
-    let accepted = common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await;
+    let accepted = refused_unless_accepted(dir, &["holds no WAL"]).await;
     assert!(
         accepted.widget("kept").await.is_some(),
         "flushed at the graceful stop"
@@ -143,12 +141,7 @@ async fn a_wal_older_than_its_store_refuses_to_start() {
     let dir = app.stop().await;
 
     put_wal(dir.path(), &old_wal.path().join("wal"));
-    let message = refusal(dir.path(), &[]).await;
-    assert!(
-        message.contains("below the store's checkpoint"),
-        "{message}"
-    );
-    let accepted = common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await;
+    let accepted = refused_unless_accepted(dir, &["below the store's checkpoint"]).await;
     assert!(accepted.widget("late").await.is_some());
     assert_eq!(
         accepted.create("after", &["P"]).await.status(),
