@@ -3,9 +3,7 @@
 //! Ctrl-C or SIGTERM stops the run and the service it started.
 
 use clap::Parser;
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
 use widgets_bench::BenchArgs;
 
 /// The service's allocator: the client shares the machine's cores with the service, and
@@ -23,13 +21,7 @@ async fn main() -> ExitCode {
         }
     }
     let args = BenchArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    widgets::logging::init(widgets::config::LogFormat::Text);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
