@@ -149,6 +149,7 @@ impl Serving {
         match self.config.postgres_url().map(str::to_owned) {
             Some(url) => match connect_postgres(&url, &self.shutdown).await {
                 Some(store) => {
+                    let store = store.with_flush_settings(self.config.flush_tx_settings());
                     #[cfg(feature = "redis")]
                     if let Some(redis) = self.config.redis_url().map(str::to_owned) {
                         return self.run_redis(&redis, store).await;

@@ -5,6 +5,7 @@
 
 use crate::engine::EngineSettings;
 use crate::serve::ConnectionLimits;
+use crate::store::postgres::{FlushTxSettings, SynchronousCommit};
 use crate::wal::{FsyncMode, RecoveryMode};
 use clap::Parser;
 use std::net::SocketAddr;
@@ -31,6 +32,19 @@ pub struct Config {
     // take it after the subcommand too.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
+
+    /// `synchronous_commit` of every flush transaction to PostgreSQL, whatever the database
+    /// sets: `on` (the default) waits for the primary's disk and any synchronous standbys'
+    /// disks; `remote_apply` also until the standbys show it, for reads off standbys;
+    /// `remote_write` and `local` wait less on standbys. Never `off`: the flusher trims
+    /// the WAL and clears dirty marks once a flush commits.
+    #[arg(long, env = "WIDGETS_PG_SYNCHRONOUS_COMMIT", value_enum, default_value_t = SynchronousCommit::On)]
+    pub pg_synchronous_commit: SynchronousCommit,
+
+    /// Longest a flush transaction may run a statement or sit idle waiting on this
+    /// instance (1ms to 1h); PostgreSQL then ends it, and the flush is tried again.
+    #[arg(long, env = "WIDGETS_PG_FLUSH_TIMEOUT", default_value = "30s", value_parser = duration_up_to_an_hour)]
+    pub pg_flush_timeout: Duration,
 
     /// Redis URL (e.g. redis://127.0.0.1:6379): keep the hot state in Redis, shared by
     /// several instances, with PostgreSQL (DATABASE_URL, required) as the durable store.
@@ -183,6 +197,14 @@ impl Config {
             max_dirty: self.max_dirty as usize,
             flush_batch_size: self.flush_batch as usize,
             accept_mismatched_wal: self.accept_mismatched_wal,
+        }
+    }
+
+    /// What every flush transaction to PostgreSQL sets for itself.
+    pub fn flush_tx_settings(&self) -> FlushTxSettings {
+        FlushTxSettings {
+            synchronous_commit: self.pg_synchronous_commit,
+            timeout: self.pg_flush_timeout,
         }
     }
 

@@ -678,3 +678,110 @@ async fn every_flush_is_a_consistent_cut_postgres_never_shows_one_side() {
     drop(conn);
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_load_names_a_one_sided_association_row_instead_of_loading_it() {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(
+        "INSERT INTO widgets (serial_number, name, ports, version) VALUES \
+           ('a', 'w', 1, 1), ('b', 'w', 1, 1), ('c', 'w', 1, 1), ('d', 'w', 1, 1); \
+         INSERT INTO associations_p (serial_number, peer_serial_number, version) VALUES \
+           ('a', 'b', 2), ('b', 'a', 2), ('c', 'd', 3)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    match store.load(Box::new(|_, _| {})).await {
+        Err(widgets::store::StoreError::Corrupt { key, reason }) => {
+            assert_eq!(key, "c", "{reason}");
+            assert!(reason.contains("\"d\""), "{reason}");
+        }
+        other => panic!("a one-sided row was not named: {other:?}"),
+    }
+    // Its mirror written, the same rows load.
+    sqlx::query("INSERT INTO associations_p VALUES ('d', 'c', 3)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    store
+        .load(Box::new(move |_, _| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }))
+        .await
+        .unwrap();
+    assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 4);
+    drop(conn);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_flush_commits_synchronously_within_its_timeout_whatever_the_database_default() {
+    let db = TestDb::create().await;
+    let mut conn = db.connect().await;
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    // The database's own defaults would let a commit vanish in a crash and a stalled
+    // transaction hold its locks for ever.
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE \"{name}\" SET synchronous_commit = off; \
+         ALTER DATABASE \"{name}\" SET statement_timeout = 0; \
+         ALTER DATABASE \"{name}\" SET idle_in_transaction_session_timeout = 0"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let store = PgStore::connect(&db.url)
+        .await
+        .unwrap()
+        .with_flush_settings(widgets::store::postgres::FlushTxSettings {
+            synchronous_commit: widgets::store::postgres::SynchronousCommit::RemoteApply,
+            timeout: Duration::from_millis(2500),
+        });
+    store.migrate().await.unwrap();
+    // What the flush transaction runs with, as a trigger inside it sees.
+    sqlx::raw_sql(
+        "CREATE TABLE seen (sync text, statement text, idle text); \
+         CREATE FUNCTION note_settings() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO seen VALUES (current_setting('synchronous_commit'), \
+             current_setting('statement_timeout'), \
+             current_setting('idle_in_transaction_session_timeout')); \
+           RETURN NULL; END $$; \
+         CREATE TRIGGER note AFTER UPDATE ON checkpoint FOR EACH ROW EXECUTE FUNCTION note_settings()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let created = Mark {
+        row: true,
+        ports: 0,
+    };
+    store
+        .write_batch(FlushBatch {
+            items: vec![item("a", None, 1, created)],
+            checkpoint: Some(1),
+            widgets: None,
+        })
+        .await
+        .unwrap();
+    let seen: Vec<(String, String, String)> = sqlx::query_as("SELECT * FROM seen")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen,
+        [(
+            "remote_apply".to_owned(),
+            "2500ms".to_owned(),
+            "2500ms".to_owned()
+        )]
+    );
+    drop(conn);
+    db.drop_db().await;
+}

@@ -398,3 +398,146 @@ async fn a_slow_flusher_cannot_plug_a_freed_port_again() {
     drop(conn);
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_slow_flusher_cannot_plug_an_old_incarnation_into_a_recreated_widget() {
+    let (db, store, engine, flusher) = flush_parts().await;
+    for w in ["a", "b"] {
+        create(&engine, w).await;
+    }
+    flusher.flush_once().await.unwrap();
+    associate(&engine, "a", "b").await;
+    let slow = engine.take(1000).await.unwrap().items; // a and b plugged
+                                                       // Deleted and created again with no port P, all flushed before the slow one commits.
+    engine.execute(Delete { serial: s("a") }).await.unwrap();
+    flusher.flush_once().await.unwrap();
+    let command = Create {
+        serial: s("a"),
+        name: Name::parse("n", "w").unwrap(),
+        ports: Ports::from_list("p", &[PortType::R]).unwrap(),
+    };
+    engine.execute(command).await.unwrap();
+    flusher.flush_once().await.unwrap();
+    let items = slow.into_iter().map(|(item, _)| item).collect();
+    commit_late(&store, items).await;
+
+    let mut conn = db.connect().await;
+    let p_rows: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT serial_number, peer_serial_number FROM associations_p")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        !p_rows.iter().any(|(s, peer)| s == "a" && peer.is_some()),
+        "the old incarnation's association came back: {p_rows:?}"
+    );
+    assert_eq!(
+        pg_state(&mut conn).await,
+        redis_state(&engine, &["a", "b"]).await
+    );
+    // And the database loads, as a single-node start would load it.
+    store
+        .load(Box::new(|_, _| {}))
+        .await
+        .expect("the rows PostgreSQL holds are ones the API allows");
+    drop(conn);
+    db.drop_db().await;
+}
+
+/// A connection of the test's own to Redis.
+async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(redis_url()).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_that_died_mid_load_costs_the_others_seconds() {
+    let db = TestDb::create().await;
+    let prefix = redis_prefix();
+    // What a loader killed mid-load leaves: its lock, at most one lease long, and a part
+    // of the widgets.
+    let mut conn = redis_conn().await;
+    let lease = widgets::engine::redis::load::LOCK_LEASE;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}load_lock"))
+        .arg("a loader that was killed")
+        .arg("PX")
+        .arg(lease.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset_multiple(
+            format!("{prefix}w:half"),
+            &[("name", "w"), ("ports", "1"), ("version", "1")],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let app = instance(&db, &prefix).await;
+    assert!(
+        started.elapsed() < lease + Duration::from_secs(5),
+        "took {:?} to take over the load",
+        started.elapsed()
+    );
+    let loads: u64 = conn.get(format!("{prefix}loads")).await.unwrap();
+    assert_eq!(loads, 1);
+    assert_eq!(
+        app.create("new", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    app.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_load_lock_is_renewed_while_held_and_released_only_by_its_holder() {
+    use widgets::engine::redis::load::{holding_lock, release_lock};
+    let prefix = redis_prefix();
+    let engine = RedisEngine::connect(&redis_url(), &prefix, 1000)
+        .await
+        .unwrap();
+    let lock = format!("{prefix}load_lock");
+    let mut conn = redis_conn().await;
+    let lease = Duration::from_millis(300);
+    let take = |token: &'static str| {
+        redis::cmd("SET")
+            .arg(&lock)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis() as u64)
+            .clone()
+    };
+    let taken: Option<String> = take("mine").query_async(&mut conn).await.unwrap();
+    assert!(taken.is_some());
+    let mut other = redis_conn().await;
+    let held = holding_lock(&engine, "mine", lease, async {
+        for _ in 0..10 {
+            tokio::time::sleep(lease / 3).await;
+            let stolen: Option<String> = take("theirs").query_async(&mut other).await.unwrap();
+            assert!(stolen.is_none(), "the lock lapsed while its holder worked");
+        }
+        Ok(())
+    });
+    held.await.unwrap();
+    assert!(!release_lock(&engine, "theirs").await.unwrap());
+    let holder: Option<String> = conn.get(&lock).await.unwrap();
+    assert_eq!(
+        holder.as_deref(),
+        Some("mine"),
+        "another loader's release took it"
+    );
+    assert!(release_lock(&engine, "mine").await.unwrap());
+    let holder: Option<String> = conn.get(&lock).await.unwrap();
+    assert_eq!(holder, None);
+
+    // A holder that finds the lock another's stops, leaving its work undone.
+    let _: Option<String> = take("theirs").query_async(&mut conn).await.unwrap();
+    let lost = holding_lock(&engine, "mine", lease, async {
+        tokio::time::sleep(lease * 2).await;
+        Ok(())
+    })
+    .await;
+    assert!(lost.is_err(), "a holder went on without its lock");
+}

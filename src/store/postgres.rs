@@ -36,6 +36,8 @@ const CLAIM_ATTEMPTS: u32 = 15;
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// What every flush transaction sets for itself.
+    flush: FlushTxSettings,
     /// Single node: the fencing token this instance holds, checked in every flush. Unset
     /// in Redis mode, whose instances all write.
     writer: Arc<OnceLock<WriterClaim>>,
@@ -46,6 +48,52 @@ pub struct PgStore {
 struct WriterClaim {
     _session: Mutex<PgConnection>,
     token: i64,
+}
+
+/// What a flush transaction asks of PostgreSQL, whatever the database or role defaults
+/// say: a commit the flusher may trust (it trims the WAL or clears dirty marks after it),
+/// and a bound on how long the transaction may run or sit idle, so a stalled connection
+/// gives up its locks and its stale batch instead of holding them until TCP gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushTxSettings {
+    pub synchronous_commit: SynchronousCommit,
+    /// `statement_timeout` and `idle_in_transaction_session_timeout` of the transaction.
+    pub timeout: Duration,
+}
+
+impl Default for FlushTxSettings {
+    fn default() -> Self {
+        Self {
+            synchronous_commit: SynchronousCommit::On,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The `synchronous_commit` levels a flush may run at: each one waits at least for the
+/// primary's own WAL flush, so a commit the flusher sees survives a PostgreSQL crash
+/// (`off` and `local` without replicas would not, so `off` is not offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynchronousCommit {
+    /// Durable on the primary, and on synchronous standbys' disks if any are configured.
+    On,
+    /// Durable on the primary only, even with synchronous standbys configured.
+    Local,
+    /// As `on`, but standbys need only have received the WAL (written, not flushed).
+    RemoteWrite,
+    /// As `on`, and synchronous standbys have applied it: a read on them sees the flush.
+    RemoteApply,
+}
+
+impl SynchronousCommit {
+    fn as_setting(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Local => "local",
+            Self::RemoteWrite => "remote_write",
+            Self::RemoteApply => "remote_apply",
+        }
+    }
 }
 
 impl PgStore {
@@ -59,8 +107,15 @@ impl PgStore {
             .await?;
         Ok(Self {
             pool,
+            flush: FlushTxSettings::default(),
             writer: Arc::default(),
         })
+    }
+
+    /// The same store, its flush transactions set up as `settings` say.
+    pub fn with_flush_settings(mut self, settings: FlushTxSettings) -> Self {
+        self.flush = settings;
+        self
     }
 
     /// Makes this instance the database's one single-node writer: takes the advisory lock
@@ -194,8 +249,12 @@ impl PgStore {
             .await?;
         }
         // Association rows, only for the ports whose peer changed: the new peer, or none
-        // (a freed port keeps its row as a versioned tombstone). A row for a widget that is
-        // gone (deleted by a newer flush) is stale: skip it.
+        // (a freed port keeps its row as a versioned tombstone). A row belongs to the
+        // incarnation of its widget whose row is at or below its version: for a widget that
+        // is gone (deleted by a newer flush), or that was created again since (its row is
+        // newer), the state is stale and skipped. Deleting a widget drops its association
+        // rows with their versions, so without this a slow flusher would plug a port of
+        // the old incarnation into the new one.
         for port in PortType::ALL {
             let table = ASSOCIATION_TABLES[port.index()];
             let rows: Vec<(&str, Option<&str>, i64)> = items
@@ -213,7 +272,8 @@ impl PgStore {
             sqlx::query(&format!(
                 "INSERT INTO {table} (serial_number, peer_serial_number, version) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(s, peer, v) \
-                 WHERE EXISTS (SELECT 1 FROM widgets w WHERE w.serial_number = u.s) \
+                 WHERE EXISTS (SELECT 1 FROM widgets w \
+                               WHERE w.serial_number = u.s AND w.version <= u.v) \
                  ON CONFLICT (serial_number) DO UPDATE \
                  SET peer_serial_number = excluded.peer_serial_number, version = excluded.version \
                  WHERE {table}.version < excluded.version"
@@ -287,6 +347,67 @@ fn is_permanent(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Checks, in one pass and constant memory, that every association row has its mirror
+/// (`A -> B` on a port and `B -> A` on the same port): each row adds or subtracts a hash
+/// of the unordered pair and the port, by the direction it points, so mirrored rows
+/// cancel and the sum ends at zero unless a row is one-sided (a false zero needs a 64-bit
+/// collision). The rare failure is then named by [`one_sided_association`].
+#[derive(Default)]
+struct LinkBalance(u64);
+
+impl LinkBalance {
+    fn add(&mut self, serial: &str, peer: &str, port: PortType) {
+        use std::hash::{Hash, Hasher};
+        let (low, high) = if serial < peer {
+            (serial, peer)
+        } else {
+            (peer, serial)
+        };
+        let mut hasher = std::hash::DefaultHasher::new();
+        (low, high, port.index()).hash(&mut hasher);
+        let h = hasher.finish();
+        self.0 = if serial < peer {
+            self.0.wrapping_add(h)
+        } else {
+            self.0.wrapping_sub(h)
+        };
+    }
+
+    fn balanced(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The first association row whose mirror is missing, as the error that names it.
+async fn one_sided_association(
+    tx: &mut Transaction<'_, Postgres>,
+) -> Result<StoreError, StoreError> {
+    for port in PortType::ALL {
+        let table = ASSOCIATION_TABLES[port.index()];
+        let row: Option<(String, String)> = sqlx::query_as(&format!(
+            "SELECT a.serial_number, a.peer_serial_number FROM {table} a \
+             WHERE a.peer_serial_number IS NOT NULL AND NOT EXISTS ( \
+                 SELECT 1 FROM {table} b WHERE b.serial_number = a.peer_serial_number \
+                 AND b.peer_serial_number = a.serial_number) \
+             ORDER BY a.serial_number LIMIT 1"
+        ))
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some((serial, peer)) = row {
+            return Ok(corrupt(
+                &serial,
+                format!(
+                    "{table}: associated with {peer:?} on port {}, which is not associated back",
+                    port.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(StoreError::Task(
+        "the association rows do not mirror each other, but no one-sided row was found".into(),
+    ))
+}
+
 fn corrupt(key: &str, reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
         key: key.to_owned(),
@@ -326,6 +447,7 @@ impl Store for PgStore {
         )
         .fetch(&mut *tx);
         let mut loaded = 0u64;
+        let mut links = LinkBalance::default();
         while let Some(row) = rows.try_next().await? {
             let key: String = row.try_get("serial_number")?;
             let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
@@ -340,6 +462,7 @@ impl Store for PgStore {
                 let column = port.as_str().to_lowercase();
                 let peer: Option<String> = row.try_get(column.as_str())?;
                 if let Some(peer) = peer {
+                    links.add(&key, &peer, port);
                     widget.peers[port.index()] =
                         Some(Serial::parse("peer", &peer).map_err(|e| corrupt(&key, e))?);
                 }
@@ -356,6 +479,9 @@ impl Store for PgStore {
             }
         }
         drop(rows);
+        if !links.balanced() {
+            return Err(one_sided_association(&mut tx).await?);
+        }
         tx.commit().await?;
         Ok(checkpoint as u64)
     }
@@ -379,6 +505,16 @@ impl Store for PgStore {
 
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        let timeout = format!("{}ms", self.flush.timeout.as_millis().max(1));
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', $1, true), \
+                    set_config('statement_timeout', $2, true), \
+                    set_config('idle_in_transaction_session_timeout', $2, true)",
+        )
+        .bind(self.flush.synchronous_commit.as_setting())
+        .bind(&timeout)
+        .execute(&mut *tx)
+        .await?;
         if let Some(claim) = self.writer.get() {
             // Share-locked until the commit: a newer writer's claim waits for this flush,
             // and a flush after that claim sees the new token and is refused.

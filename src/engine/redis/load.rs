@@ -1,7 +1,9 @@
 //! Filling an empty Redis from PostgreSQL, once, however many instances start together.
 //!
-//! The first instance to take `load_lock` (SET NX with an expiry, so a loader that dies
-//! releases it) streams every widget out of PostgreSQL into Redis and sets `loaded`. Every
+//! The first instance to take `load_lock` (SET NX with a short lease, renewed while it
+//! loads) streams every widget out of PostgreSQL into Redis and sets `loaded`. The lock is
+//! released only by its holder (compare and delete); a loader that dies stops renewing,
+//! and another instance takes over once the lease runs out, seconds later. Every
 //! instance, loader or not, raises the version counter `seq` above every version
 //! PostgreSQL holds (tombstones included) before it serves. The others wait for
 //! `loaded`; nobody answers `/readyz` before it is there. A Redis that lost its data
@@ -13,11 +15,13 @@ use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
 use crate::store::{PgStore, Store};
 use redis::AsyncCommands;
+use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// How long a loader may hold the lock before another instance may take over.
-const LOCK_MS: u64 = 10 * 60 * 1000;
+/// How long the load lock lasts unless its holder renews it (every third of it): what a
+/// loader that dies costs the other instances.
+pub const LOCK_LEASE: Duration = Duration::from_secs(5);
 /// Widgets per pipeline sent to Redis while loading.
 const PIPELINE: usize = 1000;
 
@@ -44,22 +48,24 @@ pub async fn ensure_loaded(
             .arg(&token)
             .arg("NX")
             .arg("PX")
-            .arg(LOCK_MS)
+            .arg(LOCK_LEASE.as_millis() as u64)
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
         if locked.is_some() {
-            if !conn
-                .exists::<_, bool>(engine.key("loaded"))
-                .await
-                .map_err(unavailable)?
-            {
-                load(engine, store).await?;
-            }
-            let _: () = conn
-                .del(engine.key("load_lock"))
-                .await
-                .map_err(unavailable)?;
+            let loading = async {
+                if !conn
+                    .exists::<_, bool>(engine.key("loaded"))
+                    .await
+                    .map_err(unavailable)?
+                {
+                    load(engine, store).await?;
+                }
+                Ok(())
+            };
+            let loaded = holding_lock(engine, &token, LOCK_LEASE, loading).await;
+            release_lock(engine, &token).await?;
+            loaded?;
             return Ok(true);
         }
         tracing::info!("another instance is loading Redis from PostgreSQL; waiting");
@@ -68,6 +74,58 @@ pub async fn ensure_loaded(
             _ = stop.cancelled() => return Ok(false),
         }
     }
+}
+
+/// Runs `work` while holding the load lock as `token`, renewing its `lease` every third
+/// of it. Fails, leaving `work` unfinished, if the lock is found to be another's (this
+/// instance stalled past its lease and another took over).
+pub async fn holding_lock<T>(
+    engine: &RedisEngine,
+    token: &str,
+    lease: Duration,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let renew = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+         return 0",
+    );
+    let mut ticks = tokio::time::interval(lease / 3);
+    ticks.tick().await; // the first tick is now: the lock was just taken
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticks.tick() => {
+                let renewed: i64 = renew
+                    .key(engine.key("load_lock"))
+                    .arg(token)
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(&mut engine.conn())
+                    .await
+                    .map_err(unavailable)?;
+                anyhow::ensure!(
+                    renewed == 1,
+                    "the Redis load lock expired while this instance held it (it stalled for \
+                     longer than {lease:?}); another instance is loading"
+                );
+            }
+        }
+    }
+}
+
+/// Deletes the load lock if `token` still holds it, never another loader's.
+pub async fn release_lock(engine: &RedisEngine, token: &str) -> Result<bool, EngineError> {
+    let released: i64 = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+         return 0",
+    )
+    .key(engine.key("load_lock"))
+    .arg(token)
+    .invoke_async(&mut engine.conn())
+    .await
+    .map_err(unavailable)?;
+    Ok(released == 1)
 }
 
 async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
