@@ -8,7 +8,7 @@
 #[macro_use]
 mod common;
 
-use common::pg::{app_state, pg_state, TestDb};
+use common::pg::{app_state, asymmetric_rows, pg_state, TestDb};
 use common::{redis_prefix, redis_url, spawn_app_with, TestApp};
 use redis::AsyncCommands;
 use reqwest::StatusCode;
@@ -540,4 +540,107 @@ async fn the_load_lock_is_renewed_while_held_and_released_only_by_its_holder() {
     })
     .await;
     assert!(lost.is_err(), "a holder went on without its lock");
+}
+
+/// Flushes until nothing is dirty.
+async fn flush_all(flusher: &RedisFlusher, engine: &RedisEngine) {
+    for _ in 0..100 {
+        flusher.flush_once().await.unwrap();
+        if engine.gauges().await.contains(&("widgets_dirty", 0.0)) {
+            return;
+        }
+    }
+    panic!("the dirty set did not drain");
+}
+
+#[tokio::test]
+async fn a_flush_round_takes_every_change_whole() {
+    let (db, _store, engine, flusher) = flush_parts().await;
+    for w in ["a", "b", "c"] {
+        create(&engine, w).await;
+    }
+    associate(&engine, "a", "b").await;
+    flush_all(&flusher, &engine).await;
+    associate(&engine, "a", "c").await; // a re-plugged from b to c: b freed
+    create(&engine, "e").await; // a change of its own
+    let footprint = ["a", "b", "c"].map(String::from);
+    for _ in 0..20 {
+        let taken = engine.take(1).await.unwrap();
+        let mut serials: Vec<String> = taken
+            .items
+            .iter()
+            .map(|(item, _)| item.serial.to_string())
+            .collect();
+        serials.sort();
+        assert!(
+            serials == footprint || serials == ["e"],
+            "a round took part of a change: {serials:?}"
+        );
+        assert!(!taken.whole_set, "{serials:?} is not the whole dirty set");
+    }
+    assert!(engine.take(4).await.unwrap().whole_set);
+    flush_all(&flusher, &engine).await;
+    let mut conn = db.connect().await;
+    assert_eq!(
+        pg_state(&mut conn).await,
+        redis_state(&engine, &["a", "b", "c", "e"]).await
+    );
+    drop(conn);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_never_shows_one_side_of_a_re_plug_even_with_one_side_locked() {
+    let (db, _store, engine, _) = flush_parts().await;
+    let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
+    // Rounds of one widget each: the smallest a round can be.
+    let flusher = Arc::new(Flusher::new(
+        Arc::new(RedisSource::new(engine.clone(), 1)),
+        store,
+    ));
+    for w in ["a", "b", "c"] {
+        create(&engine, w).await;
+    }
+    associate(&engine, "a", "b").await;
+    flush_all(&flusher, &engine).await;
+
+    // b's row is locked: a flush that writes b waits, and one that does not could commit
+    // a -> c without b's side.
+    let mut locker = db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM associations_p WHERE serial_number = 'b' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    associate(&engine, "a", "c").await; // a re-plugged from b to c: b freed
+                                        // Flushers of four instances, each taking rounds of one widget.
+    let flushers: Vec<_> = (0..4)
+        .map(|_| {
+            let flusher = flusher.clone();
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    flusher.flush_once().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut reader = db.connect().await;
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        let bad = asymmetric_rows(&mut reader).await;
+        assert!(bad.is_empty(), "PostgreSQL showed one side: {bad:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.rollback().await.unwrap();
+    for f in flushers {
+        f.await.unwrap();
+    }
+    flush_all(&flusher, &engine).await;
+    assert!(asymmetric_rows(&mut reader).await.is_empty());
+    assert_eq!(
+        pg_state(&mut reader).await,
+        redis_state(&engine, &["a", "b", "c"]).await
+    );
+    drop((reader, locker));
+    db.drop_db().await;
 }

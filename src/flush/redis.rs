@@ -1,7 +1,9 @@
 //! Redis mode's side of a flush, run by a flusher in every instance, safe to run
 //! concurrently.
 //!
-//! Each round takes a batch of dirty widgets with their state (atomically), the flusher
+//! Each round takes a batch of dirty widgets with their state (atomically), every change
+//! in it whole: both ends of an association and the peers it freed, so PostgreSQL never
+//! shows one side of an association (see [`crate::engine::redis::RedisEngine::take`]). The flusher
 //! writes it to PostgreSQL, and only after the commit is each serial removed from Redis's
 //! dirty set, and only if its entry has not moved since it was taken. A flusher that dies
 //! before its commit or between its commit and that removal loses nothing: the serials are
@@ -14,8 +16,9 @@ use crate::engine::redis::{Acks, RedisEngine};
 use crate::engine::EngineError;
 use std::sync::Arc;
 
-/// Most widgets one round takes: each take is one script, and a script blocks Redis while
-/// it runs, so rounds stay small.
+/// Most widgets one round picks: each take is one script, and a script blocks Redis while
+/// it runs, so rounds stay small. The other widgets of the picked widgets' changes come
+/// along (so every change commits whole), which can make a round larger.
 const MAX_ROUND: usize = 2000;
 
 /// The Redis engine, taken from in rounds of at most `round` widgets.

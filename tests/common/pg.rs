@@ -143,3 +143,30 @@ pub async fn app_state(
     }
     out
 }
+
+/// Every association row whose mirror row is missing or different, in one snapshot.
+pub async fn asymmetric_rows(conn: &mut PgConnection) -> Vec<String> {
+    let mut tx = sqlx::Connection::begin(conn).await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let mut bad = Vec::new();
+    for table in ["associations_p", "associations_r", "associations_q"] {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT a.serial_number, a.peer_serial_number FROM {table} a \
+             LEFT JOIN {table} b ON b.serial_number = a.peer_serial_number \
+             WHERE a.peer_serial_number IS NOT NULL \
+               AND b.peer_serial_number IS DISTINCT FROM a.serial_number"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        bad.extend(
+            rows.into_iter()
+                .map(|(a, b)| format!("{table}: {a} -> {b}")),
+        );
+    }
+    tx.commit().await.unwrap();
+    bad
+}

@@ -210,8 +210,9 @@ impl RedisEngine {
         }
     }
 
-    /// Takes up to `count` dirty widgets with their state, atomically. Each comes with its
-    /// dirty entry, which [`RedisEngine::ack`] needs.
+    /// Takes `count` dirty widgets at random with their state, atomically, and with them
+    /// every dirty widget their changes touched (transitively), so each change is taken
+    /// whole. Each comes with its dirty entry, which [`RedisEngine::ack`] needs.
     pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
         let flat: Vec<String> = scripts::TAKE
             .prepare_invoke()
@@ -220,7 +221,7 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        let Some((at_ms, flat)) = flat.split_first() else {
+        let [at_ms, whole, flat @ ..] = &flat[..] else {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the take script".into(),
             ));
@@ -251,7 +252,7 @@ impl RedisEngine {
             out.push((item, entry.clone()));
         }
         Ok(Taken {
-            whole_set: out.len() < count,
+            whole_set: whole == "1",
             at_ms: at_ms.clone(),
             items: out,
         })
@@ -330,7 +331,7 @@ impl RedisEngine {
 pub struct Taken {
     /// Each widget with its dirty entry.
     pub items: Vec<(FlushItem, String)>,
-    /// Fewer than asked: the batch is the whole dirty set as it was at `at_ms`.
+    /// The batch is the whole dirty set as it was at `at_ms`.
     pub whole_set: bool,
     /// Redis's clock at the take, in ms.
     pub at_ms: String,

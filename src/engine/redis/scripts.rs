@@ -5,7 +5,9 @@
 //! Keys, under the instance's prefix: `w:<serial>` (hash: `name`, `ports` bitmask,
 //! `version`), `c:<serial>` (hash: `p`, `r`, `q` peer serials, a field only while that
 //! port is plugged), `dirty` (hash: serial -> `<mark>:<version>`, the widgets PostgreSQL
-//! has not caught up with), `seq` (the version counter), `count` (widgets), `dirty_since`
+//! has not caught up with), `l:<serial>` (set: the other widgets of the changes that made
+//! a dirty widget dirty, so a flush takes every change whole), `seq` (the version
+//! counter), `count` (widgets), `dirty_since`
 //! (ms timestamp of when `dirty` last became non-empty), `loaded`, `load_lock` and `loads`
 //! (the one-time load from PostgreSQL). Scripts build keys from the serials they are given,
 //! which is why they need every key on one Redis node (no Cluster across slots).
@@ -84,6 +86,7 @@ if waiting == 0 then
   redis.call('SET', prefix .. 'dirty_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
 end
 local m = tonumber(ARGV[i]); i = i + 1
+local written = {}
 for _ = 1, m do
   local s, kind, name, ports, p, r, q, mark = unpack(ARGV, i, i + 7); i = i + 8
   local wk, ck = prefix .. 'w:' .. s, prefix .. 'c:' .. s
@@ -104,25 +107,57 @@ for _ = 1, m do
   local old = redis.call('HGET', dirty, s)
   if old then bits = bit.bor(bits, tonumber(string.match(old, '^(%d+):'))) end
   redis.call('HSET', dirty, s, bits .. ':' .. version)
+  table.insert(written, s)
+end
+-- The change's footprint: each widget it wrote links to the others, until flushed.
+if #written > 1 then
+  for a = 1, #written do
+    local others = {}
+    for b = 1, #written do
+      if a ~= b then table.insert(others, written[b]) end
+    end
+    redis.call('SADD', prefix .. 'l:' .. written[a], unpack(others))
+  end
 end
 return {'ok', tostring(version)}
 "#,
     )
 });
 
-/// Takes up to ARGV[2] dirty widgets with their state, atomically. ARGV: prefix, count.
-/// Returns the server time in ms, then [`TAKEN_FIELDS`] strings per widget.
+/// Takes a batch of dirty widgets with their state, atomically: up to ARGV[2] picked at
+/// random, and with each every dirty widget linked to it (`l:<serial>`), transitively, so
+/// that every change in the batch is there whole (both ends, the freed old peers) and
+/// PostgreSQL never commits one side of it. The links can make a batch larger than asked.
+/// ARGV: prefix, count. Returns the server time in ms, "1" if the batch is the whole dirty
+/// set (else "0"), then [`TAKEN_FIELDS`] strings per widget.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         read_widget_lua!(),
         r#"
 local prefix = ARGV[1]
-local entries = redis.call('HRANDFIELD', prefix .. 'dirty', tonumber(ARGV[2]), 'WITHVALUES')
+local dirty = prefix .. 'dirty'
+local picked = redis.call('HRANDFIELD', dirty, tonumber(ARGV[2]))
+local seen, taken = {}, {}
+for _, s in ipairs(picked) do
+  seen[s] = true
+  table.insert(taken, s)
+end
+local i = 1
+while i <= #taken do
+  for _, other in ipairs(redis.call('SMEMBERS', prefix .. 'l:' .. taken[i])) do
+    -- A linked widget no longer dirty had its side of the change flushed with this one.
+    if not seen[other] then
+      seen[other] = true
+      if redis.call('HEXISTS', dirty, other) == 1 then table.insert(taken, other) end
+    end
+  end
+  i = i + 1
+end
 local t = redis.call('TIME')
-local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
-for i = 1, #entries, 2 do
-  local s = entries[i]
-  table.insert(out, s); table.insert(out, entries[i + 1])
+local whole = (#taken == redis.call('HLEN', dirty)) and '1' or '0'
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)), whole}
+for _, s in ipairs(taken) do
+  table.insert(out, s); table.insert(out, redis.call('HGET', dirty, s))
   read_widget(prefix, s, out)
 end
 return out
@@ -133,7 +168,7 @@ return out
 /// After PostgreSQL committed a batch: removes each serial from the dirty set only if its
 /// entry is still the one the batch was taken with (nothing changed since). ARGV: prefix,
 /// the take's time in ms if the batch held the whole dirty set (else ""), then pairs
-/// (serial, entry). Returns how many it removed. After a whole-set batch, everything still
+/// (serial, entry), each removed with its links. Returns how many it removed. After a whole-set batch, everything still
 /// dirty changed after the take, so `dirty_since` moves up to the take's time.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -144,6 +179,7 @@ local removed = 0
 for i = 3, #ARGV, 2 do
   if redis.call('HGET', dirty, ARGV[i]) == ARGV[i + 1] then
     redis.call('HDEL', dirty, ARGV[i])
+    redis.call('DEL', prefix .. 'l:' .. ARGV[i])
     removed = removed + 1
   end
 end
