@@ -17,12 +17,15 @@
 //! 5. with a database URL, the "no cache" baseline (`baseline`): the same association
 //!    updates as one PostgreSQL transaction each, from as many clients.
 //!
+//! Every phase reports the CPU the server process and this client spent per request (`cpu`), read from `/proc` just before and after its load.
+//!
 //! Answers that are not 2xx are counted by status and reported, never fatal: a benchmark
 //! of an overloaded service still reports. Only failing to start or reach the service (or
 //! to create at least two widgets) ends a run early.
 //!
 //! # Layout
 //! - [`http`]: the client and the requests the phases send.
+//! - [`cpu`]: CPU time of the server and of the bench, from `/proc/<pid>/stat`.
 //! - [`load`]: the workers, closed and open loop.
 //! - [`mix`]: the request mix.
 //! - [`report`]: histograms and the printed report.
@@ -34,6 +37,7 @@
 //! service's tests.
 
 pub mod baseline;
+pub mod cpu;
 pub mod http;
 pub mod load;
 pub mod mix;
@@ -217,8 +221,10 @@ async fn measure(
     http.wait_ready(READY_TIMEOUT)
         .await
         .context("waiting for the service")?;
+    // The service's CPU, when the bench started it (a --url service may be anywhere).
+    let meter = cpu::Meter::new(server.as_ref().map(Server::pid));
 
-    let (create, serials) = create_widgets(args, &http).await?;
+    let (create, serials) = create_widgets(args, &http, &meter).await?;
 
     let ceiling = if args.ceiling_secs > 0 {
         tracing::info!(
@@ -226,6 +232,7 @@ async fn measure(
             "measuring the HTTP ceiling (GET /healthz)"
         );
         let client = http.clone();
+        let mark = meter.mark();
         let r = load::drive(
             concurrency,
             Pace::Closed(Duration::from_secs(args.ceiling_secs)),
@@ -233,7 +240,8 @@ async fn measure(
             move |_, _| client.healthz(),
         )
         .await;
-        Some(PhaseStats::new(&r.latency, &r.tally, r.elapsed, None))
+        let used = meter.since(&mark);
+        Some(PhaseStats::new(&r.latency, &r.tally, r.elapsed, None).with_cpu(used))
     } else {
         None
     };
@@ -243,6 +251,8 @@ async fn measure(
         .map_or("full speed".to_owned(), |r| format!("{r} req/s"));
     tracing::info!(duration = ?args.duration, mix = %args.mix, %pace, "load");
     let before = scrape(&http).await?;
+    // Inside the scrapes: their CPU is not the load's.
+    let mark = meter.mark();
     let r = {
         let (client, serials, mix) = (http.clone(), serials.clone(), args.mix);
         load::drive(concurrency, args.pace(), None, move |rng, _| {
@@ -250,8 +260,9 @@ async fn measure(
         })
         .await
     };
+    let used = meter.since(&mark);
     let after = scrape(&http).await?;
-    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop);
+    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop).with_cpu(used);
     let server_stats = scrape::server_stats(&before, &after);
 
     // The baseline gets the machine to itself.
@@ -271,7 +282,8 @@ async fn measure(
                 Ok(b) => {
                     let p = &b.phase;
                     let stats = BaselineStats {
-                        phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop),
+                        phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop)
+                            .with_cpu(b.cpu),
                         retries: b.retries,
                     };
                     (Some(stats), None)
@@ -313,6 +325,7 @@ async fn measure(
 async fn create_widgets(
     args: &BenchArgs,
     http: &Http,
+    meter: &cpu::Meter,
 ) -> anyhow::Result<(PhaseStats, Arc<Vec<String>>)> {
     let n = args.widgets;
     // A prefix of its own per run, so runs against one --url service never collide.
@@ -340,6 +353,7 @@ async fn create_widgets(
         concurrency = args.concurrency,
         "creating widgets"
     );
+    let mark = meter.mark();
     let r = {
         let (client, serials, created) = (http.clone(), serials.clone(), created.clone());
         load::drive(
@@ -360,8 +374,9 @@ async fn create_widgets(
         )
         .await
     };
+    let used = meter.since(&mark);
     progress.finish_and_clear();
-    let stats = PhaseStats::new(&r.latency, &r.tally, r.elapsed, None);
+    let stats = PhaseStats::new(&r.latency, &r.tally, r.elapsed, None).with_cpu(used);
     let live: Vec<String> = serials
         .iter()
         .zip(created.iter())

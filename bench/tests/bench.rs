@@ -9,10 +9,12 @@ use serde_json::Value;
 use std::process::{Command, Stdio};
 use widgets_testkit::pg::{admin_url, TestDb};
 
+const BENCH: &str = env!("CARGO_BIN_EXE_widgets-bench");
+
 /// Runs `widgets-bench <args> --json` (without REDIS_URL, and without DATABASE_URL unless
 /// `args` give one) and returns its report; fails the test if it exits non-zero.
 fn bench_report(args: &[&str]) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_widgets-bench"))
+    let output = Command::new(BENCH)
         .args(args)
         .arg("--json")
         .env_remove("DATABASE_URL")
@@ -75,6 +77,22 @@ fn a_short_bench_reports_sane_numbers() {
     assert!(num("/server/requests_per_fsync") > 0.0, "{report:#}");
     assert!(num("/server/rss_bytes") > 0.0, "{report:#}");
     assert!(report["baseline"].is_null(), "no database, no baseline");
+
+    // CPU per request on both sides of every phase (a second of load is many clock
+    // ticks on each side).
+    for phase in ["create", "ceiling", "load"] {
+        for field in ["server_secs", "client_secs"] {
+            assert!(num(&format!("/{phase}/cpu/{field}")) > 0.0, "{report:#}");
+        }
+        let server = num(&format!("/{phase}/cpu/server_us_per_request"));
+        let secs = num(&format!("/{phase}/cpu/server_secs"));
+        let requests = num(&format!("/{phase}/requests"));
+        assert!(
+            (server - secs * 1e6 / requests).abs() < 1e-6 * server,
+            "{phase}: {server} µs/request is not {secs} s over {requests}"
+        );
+        assert!(num(&format!("/{phase}/cpu/client_us_per_request")) > 0.0);
+    }
 }
 
 /// A baseline the PostgreSQL server has no room for fails at once with what to do, and the
