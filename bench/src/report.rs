@@ -173,7 +173,8 @@ impl PhaseStats {
 /// side of the connection. A side the bench could not read is `None`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct CpuStats {
-    /// Seconds of CPU the server process used. `None` for a service the bench did not start (`--url`) and for the
+    /// Seconds of CPU the server process used: the service, or the echo reference in the
+    /// echo phase. `None` for a service the bench did not start (`--url`) and for the
     /// PostgreSQL baseline (the database server is not the bench's child).
     pub server_secs: Option<f64>,
     pub server_us_per_request: Option<f64>,
@@ -192,6 +193,15 @@ impl CpuStats {
             client_us_per_request: used.client.and_then(per_request),
         }
     }
+}
+
+/// The service's CPU per request of `load` over the echo reference's per request of
+/// `echo`: how many bare JSON round trips one request of the mix costs the server. `None`
+/// unless both were measured and the echo's is above zero.
+pub fn server_cpu_vs_echo(load: &PhaseStats, echo: &PhaseStats) -> Option<f64> {
+    let load = load.cpu.server_us_per_request?;
+    let echo = echo.cpu.server_us_per_request.filter(|&us| us > 0.0)?;
+    Some(load / echo)
 }
 
 /// How well a fixed-rate phase kept to its schedule.
@@ -251,8 +261,14 @@ pub struct Report {
     pub create: PhaseStats,
     /// `GET /healthz` at full speed: the HTTP ceiling of this client and machine.
     pub ceiling: Option<PhaseStats>,
+    /// The load's association PUTs, at full speed, answered by a bare axum JSON echo in a
+    /// process of its own: what parsing the request and answering it cost, without the
+    /// service's work.
+    pub echo: Option<PhaseStats>,
     /// The mix: the numbers the run is for.
     pub load: PhaseStats,
+    /// [`server_cpu_vs_echo`] of the load and the echo, when both ran and were measured.
+    pub server_cpu_vs_echo: Option<f64>,
     pub server: ServerStats,
     pub baseline: Option<BaselineStats>,
     /// Why the baseline did not run, when a database URL asked for it.
@@ -290,6 +306,9 @@ impl fmt::Display for Report {
         let mut rows = vec![("create", &self.create)];
         if let Some(ceiling) = &self.ceiling {
             rows.push(("ceiling (healthz)", ceiling));
+        }
+        if let Some(echo) = &self.echo {
+            rows.push(("echo (axum JSON)", echo));
         }
         rows.push(("load (mix)", &self.load));
         if let Some(baseline) = &self.baseline {
@@ -329,6 +348,14 @@ impl fmt::Display for Report {
                 cpu_micros(c.client_us_per_request),
                 cores(c.server_secs),
                 cores(c.client_secs),
+            )?;
+        }
+        if let (Some(ratio), Some(echo)) = (self.server_cpu_vs_echo, &self.echo) {
+            writeln!(
+                f,
+                "server CPU per load request: {ratio:.2}x the echo's ({} against {})",
+                cpu_micros(self.load.cpu.server_us_per_request),
+                cpu_micros(echo.cpu.server_us_per_request),
             )?;
         }
         writeln!(f)?;
@@ -522,11 +549,30 @@ mod tests {
     }
 
     #[test]
-    fn the_report_shows_cpu_per_request() {
+    fn the_load_against_the_echo_is_a_ratio_of_server_cpu_per_request() {
+        let cpu = |server_ms: Option<u64>| Used {
+            server: server_ms.map(Duration::from_millis),
+            client: Some(Duration::from_secs(1)),
+        };
+        // 120 µs per load request against 20 µs per echo: six echoes' worth.
+        let load = phase(10_000, 1, cpu(Some(1_200)));
+        let echo = phase(50_000, 1, cpu(Some(1_000)));
+        assert_eq!(server_cpu_vs_echo(&load, &echo), Some(6.0));
+        assert_eq!(server_cpu_vs_echo(&phase(10, 1, cpu(None)), &echo), None);
+        assert_eq!(server_cpu_vs_echo(&load, &phase(10, 1, cpu(None))), None);
+        assert_eq!(server_cpu_vs_echo(&load, &phase(10, 1, cpu(Some(0)))), None);
+    }
+
+    #[test]
+    fn the_report_shows_cpu_per_request_and_the_echo() {
         let used = |server_ms: u64, client_ms: u64| Used {
             server: Some(Duration::from_millis(server_ms)),
             client: Some(Duration::from_millis(client_ms)),
         };
+        let (load, echo) = (
+            phase(10_000, 2, used(1_200, 900)),
+            phase(50_000, 2, used(1_000, 2_000)),
+        );
         let report = Report {
             target: "http://127.0.0.1:1".into(),
             store: "embedded".into(),
@@ -537,20 +583,24 @@ mod tests {
             rate: None,
             mix: "put=1,free=0,get=0".into(),
             create: phase(100, 1, Used::default()),
-            ceiling: Some(phase(50_000, 2, used(1_000, 2_000))),
-            load: phase(10_000, 2, used(1_200, 900)),
+            ceiling: None,
+            server_cpu_vs_echo: server_cpu_vs_echo(&load, &echo),
+            echo: Some(echo),
+            load,
             server: ServerStats::default(),
             baseline: None,
             baseline_error: None,
         };
         let table = report.to_string();
         for expected in [
+            "echo (axum JSON)",
             "server/req",
             // The load: 120 µs of server and 90 µs of client CPU a request, 0.60 and 0.45
             // cores over its 2 s.
             "120.0µs       90.0µs         0.60         0.45",
-            // The ceiling: 20 µs and 40 µs a request.
+            // The echo: 20 µs and 40 µs a request.
             "20.0µs       40.0µs         0.50         1.00",
+            "server CPU per load request: 6.00x the echo's (120.0µs against 20.0µs)",
         ] {
             assert!(table.contains(expected), "no {expected:?} in\n{table}");
         }
@@ -563,8 +613,9 @@ mod tests {
         );
 
         let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["server_cpu_vs_echo"], 6.0, "{json:#}");
         assert_eq!(
-            json["ceiling"]["cpu"]["server_us_per_request"], 20.0,
+            json["echo"]["cpu"]["server_us_per_request"], 20.0,
             "{json:#}"
         );
         assert_eq!(
