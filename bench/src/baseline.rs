@@ -10,6 +10,7 @@
 //! not association rows, because a free port has no association row to lock; every
 //! transaction that changes a widget's association rows holds that widget's row lock.
 
+use super::cpu::{self, Used};
 use super::load::{self, Outcome, Pace, PhaseResult};
 use super::mix::{distinct_pair, random_port};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -55,6 +56,8 @@ pub enum BaselineError {
 pub struct BaselineResult {
     pub phase: PhaseResult,
     pub retries: u64,
+    /// This client's CPU during the updates (PostgreSQL's own is not the bench's to read).
+    pub cpu: Used,
 }
 
 /// Runs the baseline in a new database on the server `admin_url` names, then drops it.
@@ -147,6 +150,8 @@ async fn run_in(
     let retries = Arc::new(AtomicU64::new(0));
     let version = Arc::new(AtomicI64::new(1));
     let warned = Arc::new(AtomicBool::new(false));
+    let meter = cpu::Meter::new(None);
+    let mark = meter.mark();
     let phase = {
         let (pool, retries) = (pool.clone(), retries.clone());
         load::drive(concurrency, pace, None, move |rng, _| {
@@ -173,10 +178,12 @@ async fn run_in(
         })
         .await
     };
+    let cpu = meter.since(&mark);
     pool.close().await;
     Ok(BaselineResult {
         phase,
         retries: retries.load(Ordering::Relaxed),
+        cpu,
     })
 }
 

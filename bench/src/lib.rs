@@ -11,18 +11,26 @@
 //!    connections, with a progress bar;
 //! 3. the HTTP ceiling: `GET /healthz` at full speed for `--ceiling-secs`, same client and
 //!    connections, so the load numbers can be read against what HTTP alone costs here;
-//! 4. the load: the `--mix` of association PUTs, frees and GETs for `--duration`, at full
+//! 4. the echo reference (`echo`): the load's association PUTs at full speed for
+//!    `--echo-secs`, answered by a bare axum JSON echo in a process of its own, so the
+//!    service's CPU per PUT can be read against what parsing and answering one costs;
+//! 5. the load: the `--mix` of association PUTs, frees and GETs for `--duration`, at full
 //!    speed or at an offered `--rate` (open loop), with `/metrics` scraped before and after
 //!    for fsyncs, records per fsync, flush lag and the server's memory;
-//! 5. with a database URL, the "no cache" baseline (`baseline`): the same association
+//! 6. with a database URL, the "no cache" baseline (`baseline`): the same association
 //!    updates as one PostgreSQL transaction each, from as many clients.
+//!
+//! Every phase reports the CPU the server process (the service, or the echo) and this
+//! client spent per request (`cpu`), read from `/proc` just before and after its load.
 //!
 //! Answers that are not 2xx are counted by status and reported, never fatal: a benchmark
 //! of an overloaded service still reports. Only failing to start or reach the service (or
-//! to create at least two widgets) ends a run early.
+//! the echo, or to create at least two widgets) ends a run early.
 //!
 //! # Layout
 //! - [`http`]: the client and the requests the phases send.
+//! - [`cpu`]: CPU time of the server and of the bench, from `/proc/<pid>/stat`.
+//! - [`echo`]: the echo reference, its server and its child process.
 //! - [`load`]: the workers, closed and open loop.
 //! - [`mix`]: the request mix.
 //! - [`report`]: histograms and the printed report.
@@ -34,6 +42,8 @@
 //! service's tests.
 
 pub mod baseline;
+pub mod cpu;
+pub mod echo;
 pub mod http;
 pub mod load;
 pub mod mix;
@@ -42,7 +52,8 @@ pub mod scrape;
 pub mod server;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use echo::EchoServer;
 use http::Http;
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use load::{Outcome, Pace};
@@ -51,6 +62,7 @@ use report::{BaselineStats, PhaseStats, Report};
 use scrape::Scrape;
 use server::ServerOptions;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -61,6 +73,12 @@ use widgets_testkit::server::{Server, ServerCommand};
 
 /// How long the service may take to answer `/readyz` with 200.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The echo phase's requests: the load's association PUTs, nothing else.
+const PUTS_ONLY: Mix = Mix {
+    put: 1,
+    free: 0,
+    get: 0,
+};
 
 /// Load-test the widgets service (started here, or at --url) and report throughput,
 /// latency percentiles, errors, fsyncs and memory, next to the HTTP ceiling and, with a
@@ -101,6 +119,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub ceiling_secs: u64,
 
+    /// Seconds of the load's association PUTs against a bare axum JSON echo, the reference
+    /// for the service's CPU per PUT (default 5); 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    pub echo_secs: u64,
+
     /// Offered rate in requests per second across all connections (open loop; latency
     /// counts from each request's intended send time). Default: as fast as answers come.
     #[arg(long, value_parser = positive_rate)]
@@ -128,6 +151,22 @@ pub struct BenchArgs {
         conflicts_with = "url"
     )]
     pub server_args: Vec<String>,
+
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+}
+
+/// What `widgets-bench` runs besides the bench itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum BenchCommand {
+    /// Serve the echo reference and print its address on stdout (the bench starts it
+    /// itself for the echo phase).
+    #[command(hide = true)]
+    EchoServer {
+        /// Address to serve on (default 127.0.0.1:0: a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -217,8 +256,10 @@ async fn measure(
     http.wait_ready(READY_TIMEOUT)
         .await
         .context("waiting for the service")?;
+    // The service's CPU, when the bench started it (a --url service may be anywhere).
+    let meter = cpu::Meter::new(server.as_ref().map(Server::pid));
 
-    let (create, serials) = create_widgets(args, &http).await?;
+    let (create, serials) = create_widgets(args, &http, &meter).await?;
 
     let ceiling = if args.ceiling_secs > 0 {
         tracing::info!(
@@ -226,6 +267,7 @@ async fn measure(
             "measuring the HTTP ceiling (GET /healthz)"
         );
         let client = http.clone();
+        let mark = meter.mark();
         let r = load::drive(
             concurrency,
             Pace::Closed(Duration::from_secs(args.ceiling_secs)),
@@ -233,7 +275,14 @@ async fn measure(
             move |_, _| client.healthz(),
         )
         .await;
-        Some(PhaseStats::new(&r.latency, &r.tally, r.elapsed, None))
+        let used = meter.since(&mark);
+        Some(PhaseStats::new(&r.latency, &r.tally, r.elapsed, None).with_cpu(used))
+    } else {
+        None
+    };
+
+    let echo = if args.echo_secs > 0 {
+        Some(echo_phase(args, &serials).await?)
     } else {
         None
     };
@@ -243,6 +292,8 @@ async fn measure(
         .map_or("full speed".to_owned(), |r| format!("{r} req/s"));
     tracing::info!(duration = ?args.duration, mix = %args.mix, %pace, "load");
     let before = scrape(&http).await?;
+    // Inside the scrapes: their CPU is not the load's.
+    let mark = meter.mark();
     let r = {
         let (client, serials, mix) = (http.clone(), serials.clone(), args.mix);
         load::drive(concurrency, args.pace(), None, move |rng, _| {
@@ -250,8 +301,9 @@ async fn measure(
         })
         .await
     };
+    let used = meter.since(&mark);
     let after = scrape(&http).await?;
-    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop);
+    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop).with_cpu(used);
     let server_stats = scrape::server_stats(&before, &after);
 
     // The baseline gets the machine to itself.
@@ -271,7 +323,8 @@ async fn measure(
                 Ok(b) => {
                     let p = &b.phase;
                     let stats = BaselineStats {
-                        phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop),
+                        phase: PhaseStats::new(&p.latency, &p.tally, p.elapsed, p.open_loop)
+                            .with_cpu(b.cpu),
                         retries: b.retries,
                     };
                     (Some(stats), None)
@@ -302,6 +355,10 @@ async fn measure(
         mix: args.mix.to_string(),
         create,
         ceiling,
+        server_cpu_vs_echo: echo
+            .as_ref()
+            .and_then(|echo| report::server_cpu_vs_echo(&load, echo)),
+        echo,
         load,
         server: server_stats,
         baseline,
@@ -309,10 +366,40 @@ async fn measure(
     })
 }
 
+/// The echo phase: the echo reference started from this executable, then the load's
+/// association PUTs (the same requests, from as many connections) at full speed for
+/// `--echo-secs`, with the echo's CPU and this process's measured around them.
+async fn echo_phase(args: &BenchArgs, serials: &Arc<Vec<String>>) -> anyhow::Result<PhaseStats> {
+    let bin = std::env::current_exe()
+        .context("cannot find this executable to start the echo reference")?;
+    let echo = EchoServer::start(&bin)
+        .await
+        .context("starting the echo reference")?;
+    tracing::info!(secs = args.echo_secs, url = %echo.base, "measuring the echo reference (PUT /widgets/associations)");
+    let concurrency = args.concurrency as usize;
+    let http = Http::new(&echo.base, concurrency)?;
+    let meter = cpu::Meter::new(Some(echo.pid()));
+    let mark = meter.mark();
+    let r = {
+        let serials = serials.clone();
+        load::drive(
+            concurrency,
+            Pace::Closed(Duration::from_secs(args.echo_secs)),
+            None,
+            move |rng, _| http.mix(PUTS_ONLY.draw(rng, serials.len()), &serials),
+        )
+        .await
+    };
+    let used = meter.since(&mark);
+    drop(echo);
+    Ok(PhaseStats::new(&r.latency, &r.tally, r.elapsed, None).with_cpu(used))
+}
+
 /// Creates the widgets; returns the phase and the serials that were created.
 async fn create_widgets(
     args: &BenchArgs,
     http: &Http,
+    meter: &cpu::Meter,
 ) -> anyhow::Result<(PhaseStats, Arc<Vec<String>>)> {
     let n = args.widgets;
     // A prefix of its own per run, so runs against one --url service never collide.
@@ -340,6 +427,7 @@ async fn create_widgets(
         concurrency = args.concurrency,
         "creating widgets"
     );
+    let mark = meter.mark();
     let r = {
         let (client, serials, created) = (http.clone(), serials.clone(), created.clone());
         load::drive(
@@ -360,8 +448,9 @@ async fn create_widgets(
         )
         .await
     };
+    let used = meter.since(&mark);
     progress.finish_and_clear();
-    let stats = PhaseStats::new(&r.latency, &r.tally, r.elapsed, None);
+    let stats = PhaseStats::new(&r.latency, &r.tally, r.elapsed, None).with_cpu(used);
     let live: Vec<String> = serials
         .iter()
         .zip(created.iter())
@@ -423,6 +512,7 @@ mod tests {
         let a = parse(&[]).unwrap();
         assert_eq!(a.url, None);
         assert_eq!((a.widgets, a.concurrency, a.ceiling_secs), (100_000, 64, 5));
+        assert_eq!((a.echo_secs, a.command), (5, None));
         assert_eq!(a.duration, Duration::from_secs(20));
         assert_eq!((a.rate, a.mix, a.json), (None, Mix::default(), false));
         assert_eq!(a.fsync, FsyncMode::Always);
@@ -441,6 +531,8 @@ mod tests {
             "1500ms",
             "--ceiling-secs",
             "0",
+            "--echo-secs",
+            "2",
             "--rate",
             "250.5",
             "--mix",
@@ -454,6 +546,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((a.widgets, a.concurrency, a.ceiling_secs), (200, 4, 0));
+        assert_eq!(a.echo_secs, 2);
         assert_eq!(
             a.pace(),
             Pace::Open {
@@ -470,6 +563,22 @@ mod tests {
         assert_eq!(a.server_bin, Some(PathBuf::from("target/debug/widgets")));
         let a = parse(&["--url", "http://127.0.0.1:8080"]).unwrap();
         assert_eq!(a.url.as_deref(), Some("http://127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn the_echo_server_is_a_hidden_subcommand() {
+        let a = parse(&["echo-server"]).unwrap();
+        let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(
+            a.command,
+            Some(BenchCommand::EchoServer { listen: any_port })
+        );
+        let a = parse(&["echo-server", "--listen", "127.0.0.1:9999"]).unwrap();
+        let listen: SocketAddr = "127.0.0.1:9999".parse().unwrap();
+        assert_eq!(a.command, Some(BenchCommand::EchoServer { listen }));
+        let help = parse(&["--help"]).unwrap_err().to_string();
+        assert!(help.contains("--echo-secs"), "{help}");
+        assert!(!help.contains("echo-server"), "{help}");
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! `widgets-bench`: parses the arguments (a `.env` in the working directory counts, as for
 //! the service), runs the phases, prints the report as a table, or JSON with `--json`.
-//! Ctrl-C or SIGTERM stops the run and the service it started.
+//! Ctrl-C or SIGTERM stops the run and the service it started. `widgets-bench echo-server`
+//! (hidden) is the echo reference the bench starts for its echo phase.
 
 use clap::Parser;
 use std::process::ExitCode;
-use widgets_bench::BenchArgs;
+use widgets_bench::{BenchArgs, BenchCommand};
 
 /// The service's allocator: the client shares the machine's cores with the service, and
 /// every number in BENCHMARKS.md was measured with the client on mimalloc (it ran inside
-/// the service's binary then).
+/// the service's binary then). The echo reference needs it too, to be built like the
+/// service.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -32,6 +34,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchCommand::EchoServer { listen }) = args.command {
+        return widgets_bench::echo::serve(listen, widgets::app::shutdown_signal()).await;
+    }
     let json = args.json;
     let report = tokio::select! {
         report = widgets_bench::run(args) => report?,

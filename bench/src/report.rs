@@ -1,6 +1,8 @@
 //! What a bench run measured: the latency histogram wrapper (HDR, microseconds), the tally
-//! of answers by status, and the [`Report`] printed as a table or serialised with `--json`.
+//! of answers by status, the CPU each side spent per request, and the [`Report`] printed as
+//! a table or serialised with `--json`.
 
+use super::cpu::{self, Used};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -126,6 +128,8 @@ pub struct PhaseStats {
     pub transport_errors: u64,
     /// Only when the phase ran at a fixed offered rate.
     pub open_loop: Option<OpenLoopStats>,
+    /// CPU spent during the phase, by the server and by this client.
+    pub cpu: CpuStats,
 }
 
 impl PhaseStats {
@@ -154,8 +158,50 @@ impl PhaseStats {
                 .collect(),
             transport_errors: tally.failed,
             open_loop,
+            cpu: CpuStats::default(),
         }
     }
+
+    /// With the CPU `used` during the phase, per request sent.
+    pub fn with_cpu(mut self, used: Used) -> Self {
+        self.cpu = CpuStats::new(used, self.requests);
+        self
+    }
+}
+
+/// CPU time (user + system, every thread) during a phase, in all and per request, on each
+/// side of the connection. A side the bench could not read is `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuStats {
+    /// Seconds of CPU the server process used: the service, or the echo reference in the
+    /// echo phase. `None` for a service the bench did not start (`--url`) and for the
+    /// PostgreSQL baseline (the database server is not the bench's child).
+    pub server_secs: Option<f64>,
+    pub server_us_per_request: Option<f64>,
+    /// Seconds of CPU this client (the whole `widgets-bench` process) used.
+    pub client_secs: Option<f64>,
+    pub client_us_per_request: Option<f64>,
+}
+
+impl CpuStats {
+    pub fn new(used: Used, requests: u64) -> Self {
+        let per_request = |cpu| cpu::micros_per_request(cpu, requests);
+        CpuStats {
+            server_secs: used.server.map(|d| d.as_secs_f64()),
+            server_us_per_request: used.server.and_then(per_request),
+            client_secs: used.client.map(|d| d.as_secs_f64()),
+            client_us_per_request: used.client.and_then(per_request),
+        }
+    }
+}
+
+/// The service's CPU per request of `load` over the echo reference's per request of
+/// `echo`: how many bare JSON round trips one request of the mix costs the server. `None`
+/// unless both were measured and the echo's is above zero.
+pub fn server_cpu_vs_echo(load: &PhaseStats, echo: &PhaseStats) -> Option<f64> {
+    let load = load.cpu.server_us_per_request?;
+    let echo = echo.cpu.server_us_per_request.filter(|&us| us > 0.0)?;
+    Some(load / echo)
 }
 
 /// How well a fixed-rate phase kept to its schedule.
@@ -215,8 +261,14 @@ pub struct Report {
     pub create: PhaseStats,
     /// `GET /healthz` at full speed: the HTTP ceiling of this client and machine.
     pub ceiling: Option<PhaseStats>,
+    /// The load's association PUTs, at full speed, answered by a bare axum JSON echo in a
+    /// process of its own: what parsing the request and answering it cost, without the
+    /// service's work.
+    pub echo: Option<PhaseStats>,
     /// The mix: the numbers the run is for.
     pub load: PhaseStats,
+    /// [`server_cpu_vs_echo`] of the load and the echo, when both ran and were measured.
+    pub server_cpu_vs_echo: Option<f64>,
     pub server: ServerStats,
     pub baseline: Option<BaselineStats>,
     /// Why the baseline did not run, when a database URL asked for it.
@@ -255,6 +307,9 @@ impl fmt::Display for Report {
         if let Some(ceiling) = &self.ceiling {
             rows.push(("ceiling (healthz)", ceiling));
         }
+        if let Some(echo) = &self.echo {
+            rows.push(("echo (axum JSON)", echo));
+        }
         rows.push(("load (mix)", &self.load));
         if let Some(baseline) = &self.baseline {
             rows.push(("postgres baseline", &baseline.phase));
@@ -272,6 +327,35 @@ impl fmt::Display for Report {
                 micros(l.p999),
                 micros(l.max),
                 p.requests - p.ok,
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<18} {:>12} {:>12} {:>12} {:>12}",
+            "CPU", "server/req", "client/req", "server cores", "client cores"
+        )?;
+        for (name, p) in &rows {
+            let c = &p.cpu;
+            let cores = |secs: Option<f64>| match secs {
+                Some(secs) if p.secs > 0.0 => format!("{:.2}", secs / p.secs),
+                _ => "-".to_owned(),
+            };
+            writeln!(
+                f,
+                "{name:<18} {:>12} {:>12} {:>12} {:>12}",
+                cpu_micros(c.server_us_per_request),
+                cpu_micros(c.client_us_per_request),
+                cores(c.server_secs),
+                cores(c.client_secs),
+            )?;
+        }
+        if let (Some(ratio), Some(echo)) = (self.server_cpu_vs_echo, &self.echo) {
+            writeln!(
+                f,
+                "server CPU per load request: {ratio:.2}x the echo's ({} against {})",
+                cpu_micros(self.load.cpu.server_us_per_request),
+                cpu_micros(echo.cpu.server_us_per_request),
             )?;
         }
         writeln!(f)?;
@@ -324,6 +408,11 @@ impl fmt::Display for Report {
         }
         Ok(())
     }
+}
+
+/// CPU microseconds per request, or `-` when not measured.
+fn cpu_micros(us: Option<f64>) -> String {
+    us.map_or("-".to_owned(), |us| format!("{us:.1}µs"))
 }
 
 /// A latency in the unit that keeps it short.
@@ -417,5 +506,126 @@ mod tests {
         let stats = PhaseStats::new(&a, &t, Duration::from_secs(2), None);
         assert_eq!((stats.requests, stats.throughput), (5, 2.5));
         assert_eq!(stats.errors["404"], 2);
+    }
+
+    /// A phase of `requests` 2xx answers in `secs`, with `used` CPU.
+    fn phase(requests: u64, secs: u64, used: Used) -> PhaseStats {
+        let tally = Tally {
+            ok: requests,
+            ..Tally::default()
+        };
+        let mut latency = Latency::default();
+        latency.record(Duration::from_micros(500));
+        PhaseStats::new(&latency, &tally, Duration::from_secs(secs), None).with_cpu(used)
+    }
+
+    #[test]
+    fn cpu_per_request_is_cpu_time_over_requests() {
+        let used = Used {
+            server: Some(Duration::from_millis(3_000)),
+            client: Some(Duration::from_millis(1_500)),
+        };
+        let cpu = phase(60_000, 2, used).cpu;
+        assert_eq!(
+            cpu,
+            CpuStats {
+                server_secs: Some(3.0),
+                server_us_per_request: Some(50.0),
+                client_secs: Some(1.5),
+                client_us_per_request: Some(25.0),
+            }
+        );
+        // No server to read, no requests: unknown, not zero or infinite.
+        let client_only = Used {
+            server: None,
+            client: Some(Duration::from_secs(1)),
+        };
+        let cpu = phase(0, 1, client_only).cpu;
+        assert_eq!((cpu.server_secs, cpu.server_us_per_request), (None, None));
+        assert_eq!(
+            (cpu.client_secs, cpu.client_us_per_request),
+            (Some(1.0), None)
+        );
+    }
+
+    #[test]
+    fn the_load_against_the_echo_is_a_ratio_of_server_cpu_per_request() {
+        let cpu = |server_ms: Option<u64>| Used {
+            server: server_ms.map(Duration::from_millis),
+            client: Some(Duration::from_secs(1)),
+        };
+        // 120 µs per load request against 20 µs per echo: six echoes' worth.
+        let load = phase(10_000, 1, cpu(Some(1_200)));
+        let echo = phase(50_000, 1, cpu(Some(1_000)));
+        assert_eq!(server_cpu_vs_echo(&load, &echo), Some(6.0));
+        assert_eq!(server_cpu_vs_echo(&phase(10, 1, cpu(None)), &echo), None);
+        assert_eq!(server_cpu_vs_echo(&load, &phase(10, 1, cpu(None))), None);
+        assert_eq!(server_cpu_vs_echo(&load, &phase(10, 1, cpu(Some(0)))), None);
+    }
+
+    #[test]
+    fn the_report_shows_cpu_per_request_and_the_echo() {
+        let used = |server_ms: u64, client_ms: u64| Used {
+            server: Some(Duration::from_millis(server_ms)),
+            client: Some(Duration::from_millis(client_ms)),
+        };
+        let (load, echo) = (
+            phase(10_000, 2, used(1_200, 900)),
+            phase(50_000, 2, used(1_000, 2_000)),
+        );
+        let report = Report {
+            target: "http://127.0.0.1:1".into(),
+            store: "embedded".into(),
+            fsync: Some("always".into()),
+            widgets: 100,
+            concurrency: 4,
+            duration_secs: 2.0,
+            rate: None,
+            mix: "put=1,free=0,get=0".into(),
+            create: phase(100, 1, Used::default()),
+            ceiling: None,
+            server_cpu_vs_echo: server_cpu_vs_echo(&load, &echo),
+            echo: Some(echo),
+            load,
+            server: ServerStats::default(),
+            baseline: None,
+            baseline_error: None,
+        };
+        let table = report.to_string();
+        for expected in [
+            "echo (axum JSON)",
+            "server/req",
+            // The load: 120 µs of server and 90 µs of client CPU a request, 0.60 and 0.45
+            // cores over its 2 s.
+            "120.0µs       90.0µs         0.60         0.45",
+            // The echo: 20 µs and 40 µs a request.
+            "20.0µs       40.0µs         0.50         1.00",
+            "server CPU per load request: 6.00x the echo's (120.0µs against 20.0µs)",
+        ] {
+            assert!(table.contains(expected), "no {expected:?} in\n{table}");
+        }
+        // Not measured: a dash, not a zero.
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("create") && l.contains(" -")),
+            "{table}"
+        );
+
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["server_cpu_vs_echo"], 6.0, "{json:#}");
+        assert_eq!(
+            json["echo"]["cpu"]["server_us_per_request"], 20.0,
+            "{json:#}"
+        );
+        assert_eq!(
+            json["load"]["cpu"]["client_us_per_request"], 90.0,
+            "{json:#}"
+        );
+        assert_eq!(json["load"]["cpu"]["server_secs"], 1.2, "{json:#}");
+        assert!(json["create"]["cpu"]["server_secs"].is_null(), "{json:#}");
+        // The fields the chart reads are still there.
+        assert_eq!(json["load"]["throughput"], 5_000.0, "{json:#}");
+        assert_eq!(json["load"]["latency_us"]["p99"], 500, "{json:#}");
     }
 }

@@ -6,13 +6,26 @@
 //! alone (`cargo test -p widgets-bench`) runs whatever `widgets` binary was built last.
 
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
+use widgets::wal::FsyncMode;
+use widgets_bench::echo::EchoServer;
+use widgets_bench::server::ServerOptions;
 use widgets_testkit::pg::{admin_url, TestDb};
+use widgets_testkit::server::{Server, ServerCommand};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_widgets-bench");
+
+/// The `widgets` binary beside `widgets-bench`, as the bench finds it.
+fn service_bin() -> PathBuf {
+    Path::new(BENCH).with_file_name(format!("widgets{}", std::env::consts::EXE_SUFFIX))
+}
 
 /// Runs `widgets-bench <args> --json` (without REDIS_URL, and without DATABASE_URL unless
 /// `args` give one) and returns its report; fails the test if it exits non-zero.
 fn bench_report(args: &[&str]) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_widgets-bench"))
+    let output = Command::new(BENCH)
         .args(args)
         .arg("--json")
         .env_remove("DATABASE_URL")
@@ -38,6 +51,8 @@ fn a_short_bench_reports_sane_numbers() {
         "--duration",
         "1s",
         "--ceiling-secs",
+        "1",
+        "--echo-secs",
         "1",
         "--concurrency",
         "4",
@@ -75,6 +90,86 @@ fn a_short_bench_reports_sane_numbers() {
     assert!(num("/server/requests_per_fsync") > 0.0, "{report:#}");
     assert!(num("/server/rss_bytes") > 0.0, "{report:#}");
     assert!(report["baseline"].is_null(), "no database, no baseline");
+
+    // The echo reference answered every PUT.
+    assert!(num("/echo/requests") > 0.0, "{report:#}");
+    assert_eq!(num("/echo/ok"), num("/echo/requests"), "{report:#}");
+    // CPU per request on both sides of every phase (a second of load is many clock
+    // ticks on each side), and the load against the echo.
+    for phase in ["create", "ceiling", "echo", "load"] {
+        for field in ["server_secs", "client_secs"] {
+            assert!(num(&format!("/{phase}/cpu/{field}")) > 0.0, "{report:#}");
+        }
+        let server = num(&format!("/{phase}/cpu/server_us_per_request"));
+        let secs = num(&format!("/{phase}/cpu/server_secs"));
+        let requests = num(&format!("/{phase}/requests"));
+        assert!(
+            (server - secs * 1e6 / requests).abs() < 1e-6 * server,
+            "{phase}: {server} µs/request is not {secs} s over {requests}"
+        );
+        assert!(num(&format!("/{phase}/cpu/client_us_per_request")) > 0.0);
+    }
+    let ratio = num("/server_cpu_vs_echo");
+    let expected = num("/load/cpu/server_us_per_request") / num("/echo/cpu/server_us_per_request");
+    assert!((ratio - expected).abs() < 1e-9 * expected, "{report:#}");
+}
+
+/// The echo reference, as the bench starts it, answers the load's PUT with what the
+/// service answers for two fresh widgets, and is gone when dropped.
+#[tokio::test]
+async fn the_echo_answers_the_put_as_the_service_does() {
+    let echo = EchoServer::start(Path::new(BENCH)).await.unwrap();
+    let options = ServerOptions {
+        fsync: FsyncMode::Never,
+        database_url: None,
+        extra_args: vec![],
+    };
+    let mut command = ServerCommand::new(service_bin());
+    command.args = options.args();
+    let service = Server::start(&command).await.unwrap();
+    service.wait_ready(Duration::from_secs(30)).await.unwrap();
+
+    let client = reqwest::Client::new();
+    for serial in ["e-1", "e-2"] {
+        let body =
+            format!(r#"{{"name":"bench","serial_number":"{serial}","ports":["P","R","Q"]}}"#);
+        let r = client
+            .post(format!("{}/widgets", service.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    // The body the load sends, as it sends it (no content type).
+    let put = r#"{"port_type":"Q","widget_serial_num":"e-1","peer_widget_serial_num":"e-2"}"#;
+    let mut answers = Vec::new();
+    for base in [&service.base, &echo.base] {
+        let r = client
+            .put(format!("{base}/widgets/associations"))
+            .body(put)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{base}");
+        assert_eq!(r.headers()["content-type"], "application/json", "{base}");
+        let body = r.bytes().await.unwrap();
+        answers.push(serde_json::from_slice::<Value>(&body).unwrap());
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "the service's answer, then the echo's"
+    );
+    assert_eq!(answers[1]["peer"]["associations"]["Q"], "e-1");
+
+    let pid = echo.pid();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    drop(echo);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "still running"
+    );
+    service.stop().await.unwrap();
 }
 
 /// A baseline the PostgreSQL server has no room for fails at once with what to do, and the

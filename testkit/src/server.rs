@@ -168,6 +168,11 @@ impl Server {
         Ok(server)
     }
 
+    /// The child's process id, e.g. to read its CPU time from `/proc/<pid>/stat`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn tail(&self) -> String {
         let tail = self.log_tail.lock().expect("log tail lock");
         tail.iter().cloned().collect::<Vec<_>>().join("\n")
