@@ -250,14 +250,17 @@ impl Serving {
         use crate::engine::redis::{load, RedisEngine};
         use crate::flush::redis::RedisSource;
         let max_dirty = self.config.max_dirty as usize;
-        let engine = match RedisEngine::connect(url, &self.config.redis_prefix, max_dirty).await {
-            Ok(engine) => Arc::new(engine),
-            Err(e) => {
-                return self
-                    .fail(anyhow::Error::new(e).context("connecting to Redis"))
-                    .await
-            }
-        };
+        let engine =
+            match RedisEngine::connect(url, &self.config.redis_prefix, max_dirty, store.clone())
+                .await
+            {
+                Ok(engine) => Arc::new(engine),
+                Err(e) => {
+                    return self
+                        .fail(anyhow::Error::new(e).context("connecting to Redis"))
+                        .await
+                }
+            };
         match load::ensure_loaded(&engine, &store, &self.shutdown).await {
             Ok(true) => {}
             Ok(false) => return self.drain().await,

@@ -34,7 +34,7 @@ async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher)
     let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
     store.migrate().await.unwrap();
     let engine = Arc::new(
-        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000)
+        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000, (*store).clone())
             .await
             .unwrap(),
     );
@@ -347,8 +347,8 @@ async fn versions_start_above_everything_postgres_holds_tombstones_included() {
     db.drop_db().await;
 }
 
-#[tokio::test]
-async fn a_redis_that_lost_its_data_is_refused_not_served_as_empty() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_is_refused_not_served_as_empty_then_loaded_again() {
     let db = TestDb::create().await;
     let prefix = redis_prefix();
     let app = instance(&db, &prefix).await;
@@ -356,18 +356,98 @@ async fn a_redis_that_lost_its_data_is_refused_not_served_as_empty() {
         app.create("kept", &["P"]).await.status(),
         StatusCode::CREATED
     );
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = conn.del(format!("{prefix}loaded")).await.unwrap(); // what a restart without AOF leaves
-    for r in [
-        app.get("/widgets/kept").await,
-        app.create("new", &["P"]).await,
-    ] {
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(common::error_code(r).await, "unavailable");
-    }
+    eventually!("kept in PostgreSQL", 10, dirty(&app).await == 0.0);
+    let mut conn = redis_conn().await;
+    // What a restart without AOF leaves: nothing, not even `loaded`.
+    let _: () = conn
+        .del(&[format!("{prefix}loaded"), format!("{prefix}w:kept")])
+        .await
+        .unwrap();
+    // Never answered as if it did not exist: refused until loaded again, then there.
+    eventually!("kept loaded again", 15, {
+        let r = app.get("/widgets/kept").await;
+        match r.status() {
+            StatusCode::OK => true,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(common::error_code(r).await, "unavailable");
+                false
+            }
+            other => panic!("a widget Redis lost was answered {other}"),
+        }
+    });
+    assert_eq!(
+        app.create("new", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    let loads: u64 = conn.get(format!("{prefix}loads")).await.unwrap();
+    assert_eq!(loads, 2, "loaded at start and once again");
     app.stop().await;
     db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_older_snapshot_loses_no_acknowledged_write() {
+    let db = TestDb::create().await;
+    let mut redis = common::OwnRedis::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &url,
+        "--flush-interval",
+        "50ms",
+    ])
+    .await;
+    let serials = serials_of(&["a", "b", "c"]);
+    for s in ["a", "b"] {
+        assert_eq!(app.create(s, &["P"]).await.status(), StatusCode::CREATED);
+    }
+    eventually!("a and b in PostgreSQL", 10, dirty(&app).await == 0.0);
+    redis.save().await; // the snapshot: a and b, free, at version 2
+    assert_eq!(app.associate("P", "a", "b").await.status(), StatusCode::OK);
+    assert_eq!(app.free("a", "P").await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(app.create("c", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("every write in PostgreSQL", 10, dirty(&app).await == 0.0);
+    let mut pg = db.connect().await;
+    let before = pg_state(&mut pg).await;
+    assert_eq!(before, app_state(|p| app.url(p), &serials).await);
+
+    // Redis crashes and comes back from the snapshot: versions 3 to 5 forgotten, which
+    // PostgreSQL holds.
+    redis.kill();
+    redis.restart().await;
+    // The next write is refused until Redis is in line, never acknowledged and dropped.
+    eventually!("a write after the restore", 20, {
+        let r = app.associate("P", "a", "b").await;
+        match r.status() {
+            StatusCode::OK => true,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(r.headers().contains_key("retry-after"));
+                assert_eq!(common::error_code(r).await, "unavailable");
+                false
+            }
+            other => panic!("the write after the restore answered {other}"),
+        }
+    });
+    assert!(
+        app.widget("c").await.is_some(),
+        "a widget created after the snapshot was lost"
+    );
+    eventually!("the new association in PostgreSQL", 10, {
+        pg_state(&mut pg).await["a"].2[0].as_deref() == Some("b")
+    });
+    assert_eq!(
+        pg_state(&mut pg).await,
+        app_state(|p| app.url(p), &serials).await
+    );
+    drop(pg);
+    app.stop().await;
+    db.drop_db().await;
+}
+
+fn serials_of(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
 }
 
 #[tokio::test]
@@ -493,8 +573,10 @@ async fn a_loader_that_died_mid_load_costs_the_others_seconds() {
 #[tokio::test]
 async fn the_load_lock_is_renewed_while_held_and_released_only_by_its_holder() {
     use widgets::engine::redis::load::{holding_lock, release_lock};
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
     let prefix = redis_prefix();
-    let engine = RedisEngine::connect(&redis_url(), &prefix, 1000)
+    let engine = RedisEngine::connect(&redis_url(), &prefix, 1000, store)
         .await
         .unwrap();
     let lock = format!("{prefix}load_lock");
@@ -540,6 +622,8 @@ async fn the_load_lock_is_renewed_while_held_and_released_only_by_its_holder() {
     })
     .await;
     assert!(lost.is_err(), "a holder went on without its lock");
+    drop(engine);
+    db.drop_db().await;
 }
 
 /// Flushes until nothing is dirty.

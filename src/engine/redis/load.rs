@@ -33,14 +33,15 @@ pub async fn ensure_loaded(
     stop: &CancellationToken,
 ) -> anyhow::Result<bool> {
     let mut conn = engine.conn();
-    let token = format!("{}-{}", std::process::id(), fastrand::u64(..));
+    let token = lock_token();
     loop {
+        // A loaded Redis is checked against PostgreSQL by the first script this instance
+        // runs on it (RedisEngine::check_server), and brought in line if behind.
         if conn
             .exists::<_, bool>(engine.key("loaded"))
             .await
             .map_err(unavailable)?
         {
-            raise_seq(engine, store.max_version().await?).await?;
             return Ok(true);
         }
         let locked: Option<String> = redis::cmd("SET")
@@ -74,6 +75,152 @@ pub async fn ensure_loaded(
             _ = stop.cancelled() => return Ok(false),
         }
     }
+}
+
+/// A token no other loader has.
+fn lock_token() -> String {
+    format!("{}-{}", std::process::id(), fastrand::u64(..))
+}
+
+/// Widgets per round while the dirty set of a server being brought in line is written.
+const DRAIN_ROUND: usize = 2000;
+
+/// Brings a Redis server that is behind PostgreSQL (restored from an older snapshot,
+/// failed over to a lagging replica, an AOF that lost its last writes) or that lost its
+/// data back in line, under the load lock: the widgets it still has dirty go to PostgreSQL
+/// first (whole changes, as every flush; where PostgreSQL holds a newer version of a row,
+/// the newer stays), then its widgets are cleared and loaded again from PostgreSQL, with
+/// `seq` above every version there. Returns whether the server is now trusted: `false` if
+/// another instance holds the lock (it is doing the same; the next round checks again).
+pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
+    match engine.check_server().await {
+        Ok(()) => return Ok(true),
+        Err(e) => tracing::debug!(error = %e, "Redis needs bringing in line"),
+    }
+    let token = lock_token();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(engine.key("load_lock"))
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(LOCK_LEASE.as_millis() as u64)
+        .query_async(&mut engine.conn())
+        .await
+        .map_err(unavailable)?;
+    if locked.is_none() {
+        return Ok(false);
+    }
+    let done = holding_lock(engine, &token, LOCK_LEASE, async {
+        let store = engine.store();
+        let (run_id, seq, loaded) = engine.server_state().await?;
+        let high = store.max_version().await?;
+        if loaded && seq >= high {
+            engine.trust(&run_id); // another instance has just done it
+            return Ok(true);
+        }
+        tracing::warn!(
+            run_id,
+            redis_seq = seq,
+            postgres_version = high,
+            loaded,
+            "loading Redis again from PostgreSQL"
+        );
+        let drained = drain_dirty(engine, &run_id).await?;
+        let cleared = clear(engine).await?;
+        load(engine, store).await?;
+        let (now, seq, loaded) = engine.server_state().await?;
+        anyhow::ensure!(
+            now == run_id && loaded && seq >= high,
+            "the Redis server changed while it was loaded again"
+        );
+        metrics::counter!("widgets_redis_resyncs_total").increment(1);
+        tracing::warn!(
+            run_id,
+            drained,
+            cleared,
+            "Redis is in line with PostgreSQL again"
+        );
+        engine.trust(&run_id);
+        Ok(true)
+    })
+    .await;
+    release_lock(engine, &token).await?;
+    done
+}
+
+/// Writes every widget dirty on the server `run_id` to PostgreSQL, whole changes at a
+/// time; returns how many.
+async fn drain_dirty(engine: &RedisEngine, run_id: &str) -> anyhow::Result<usize> {
+    let mut drained = 0;
+    loop {
+        let Some(taken) = engine.take_on(run_id, DRAIN_ROUND).await? else {
+            anyhow::bail!("the Redis server changed while its dirty widgets were written");
+        };
+        if taken.items.is_empty() {
+            return Ok(drained);
+        }
+        drained += taken.items.len();
+        let (batch, acks) = taken.into_flush();
+        engine.store().write_batch(batch).await?;
+        engine.finish_flush(&acks).await?;
+    }
+}
+
+/// Deletes `loaded` (so every instance refuses to serve meanwhile), then every widget,
+/// association, link and dirty key under the prefix; returns how many widget keys went.
+async fn clear(engine: &RedisEngine) -> Result<u64, EngineError> {
+    let mut conn = engine.conn();
+    let _: () = conn
+        .del(&[
+            engine.key("loaded"),
+            engine.key("dirty"),
+            engine.key("dirty_since"),
+            engine.key("count"),
+        ])
+        .await
+        .map_err(unavailable)?;
+    let pattern = format!("{}*", glob_escape(&engine.key("")));
+    let kinds = ["w:", "c:", "l:"].map(|kind| engine.key(kind));
+    let (mut cursor, mut cleared) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(PIPELINE)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let ours: Vec<&String> = keys
+            .iter()
+            .filter(|k| kinds.iter().any(|kind| k.starts_with(kind.as_str())))
+            .collect();
+        if !ours.is_empty() {
+            cleared += ours.iter().filter(|k| k.starts_with(&kinds[0])).count() as u64;
+            let _: () = redis::cmd("UNLINK")
+                .arg(&ours)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        if next == 0 {
+            return Ok(cleared);
+        }
+        cursor = next;
+    }
+}
+
+/// `text` as a SCAN pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Runs `work` while holding the load lock as `token`, renewing its `lease` every third

@@ -11,17 +11,27 @@
 //! runs again on fresh state. So every change is atomic and no client of any instance
 //! sees half of one, and the rules are written once, in Rust.
 //!
-//! A write is as durable as the Redis server's AOF setting (see the README).
+//! A write is as durable as the Redis server's AOF setting (see the README). A Redis
+//! server that comes back older than PostgreSQL (restored from an older snapshot, a
+//! failover to a lagging replica, an AOF that lost its last second) would hand out
+//! versions PostgreSQL already holds, whose writes its version guards then drop: so every
+//! script that reads or writes widgets runs only on a server this instance has checked
+//! ([`RedisEngine::check_server`]: its `seq` is not below PostgreSQL's newest version),
+//! and a server that fails the check is brought back in line by the flusher
+//! ([`load::resync`]) while writes and reads answer `503 unavailable`.
 
 pub mod load;
 mod scripts;
 
 use super::EngineError;
 use crate::domain::{Mark, Name, PortType, Ports, Rule, Serial, StateView, Touched, Tx, Widget};
+use crate::store::PgStore;
 use crate::store::{FlushBatch, FlushItem};
 use redis::aio::ConnectionManager;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 /// How often a write is retried after losing a race on the same widgets before it answers
 /// `503 overloaded`.
@@ -32,7 +42,18 @@ pub struct RedisEngine {
     prefix: String,
     /// Most widgets waiting for PostgreSQL before writes answer `503 overloaded`.
     max_dirty: usize,
+    /// The durable truth a Redis server must not be behind.
+    store: PgStore,
+    /// The `run_id` of the Redis server this instance has checked; the scripts refuse to
+    /// run on any other ("" until the first check).
+    trusted: RwLock<String>,
+    /// One check at a time, and the server last found behind, with when: a burst of
+    /// requests to a server found behind a moment ago does not each ask PostgreSQL.
+    checking: tokio::sync::Mutex<Option<(String, Instant)>>,
 }
+
+/// How long a server found behind PostgreSQL is answered for without asking again.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// A widget as read, with its version as Redis holds it ("0" when absent).
 type Known = HashMap<Serial, (Option<Widget>, String)>;
@@ -48,10 +69,30 @@ fn lost_data() -> EngineError {
     if let Some(count) = crate::metrics::throttled("redis lost its data") {
         tracing::error!(
             count,
-            "Redis has lost its data (no 'loaded' key): restart the instances to load it again from PostgreSQL"
+            "Redis has lost its data (no 'loaded' key): refusing reads and writes until the \
+             flusher has loaded it again from PostgreSQL"
         );
     }
-    EngineError::Unavailable("Redis has lost its data; restart the instances to reload it".into())
+    EngineError::Unavailable(
+        "Redis has lost its data; it is being loaded again from PostgreSQL".into(),
+    )
+}
+
+/// The Redis server is older than PostgreSQL: it went back in time.
+fn behind(seq: u64, high: u64) -> EngineError {
+    if let Some(count) = crate::metrics::throttled("redis behind postgres") {
+        tracing::error!(
+            count,
+            redis_seq = seq,
+            postgres_version = high,
+            "Redis is behind PostgreSQL (restored from an older snapshot, failed over to a \
+             lagging replica, or lost writes): refusing reads and writes until the flusher \
+             has loaded it again from PostgreSQL"
+        );
+    }
+    EngineError::Unavailable(
+        "Redis is behind PostgreSQL; it is being loaded again from PostgreSQL".into(),
+    )
 }
 
 fn corrupt(serial: &str, what: &str) -> EngineError {
@@ -61,14 +102,91 @@ fn corrupt(serial: &str, what: &str) -> EngineError {
 impl RedisEngine {
     /// Connects (the connection reconnects by itself later). `prefix` goes before every key;
     /// past `max_dirty` widgets waiting for PostgreSQL, writes are refused as overloaded.
-    pub async fn connect(url: &str, prefix: &str, max_dirty: usize) -> Result<Self, EngineError> {
+    /// `store` is the PostgreSQL the Redis server is checked against.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        max_dirty: usize,
+        store: PgStore,
+    ) -> Result<Self, EngineError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let conn = client.get_connection_manager().await.map_err(unavailable)?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
             max_dirty,
+            store,
+            trusted: RwLock::default(),
+            checking: tokio::sync::Mutex::default(),
         })
+    }
+
+    pub(crate) fn store(&self) -> &PgStore {
+        &self.store
+    }
+
+    fn trusted(&self) -> String {
+        self.trusted.read().expect("trusted lock").clone()
+    }
+
+    pub(crate) fn trust(&self, run_id: &str) {
+        let mut trusted = self.trusted.write().expect("trusted lock");
+        if *trusted != run_id {
+            tracing::info!(run_id, "Redis server checked: not behind PostgreSQL");
+            *trusted = run_id.to_owned();
+        }
+    }
+
+    /// The Redis server's `run_id`, `seq`, and whether it holds `loaded`, atomically.
+    pub(crate) async fn server_state(&self) -> Result<(String, u64, bool), EngineError> {
+        let (run_id, seq, loaded): (String, String, String) = scripts::STATE
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        let seq = seq
+            .parse()
+            .map_err(|_| EngineError::Unavailable("Redis holds a bad seq".into()))?;
+        Ok((run_id, seq, loaded == "1"))
+    }
+
+    /// A script found a server this instance has not checked (the first call, or Redis was
+    /// restarted or failed over): trusts it if it holds its data and its `seq` is not
+    /// below the newest version PostgreSQL holds. Otherwise it went back in time (or lost
+    /// its data), and new writes would get versions PostgreSQL already has: refused, until
+    /// [`load::resync`] has loaded it again.
+    pub async fn check_server(&self) -> Result<(), EngineError> {
+        let mut last_behind = self.checking.lock().await;
+        let (run_id, seq, loaded) = self.server_state().await?;
+        if !loaded {
+            return Err(lost_data());
+        }
+        if *self.trusted.read().expect("trusted lock") == run_id {
+            return Ok(()); // checked while this one waited
+        }
+        if let Some((_, at)) = last_behind
+            .as_ref()
+            .filter(|(id, at)| *id == run_id && at.elapsed() < RECHECK_AFTER)
+        {
+            tracing::debug!(since_ms = at.elapsed().as_millis() as u64, "still behind");
+            return Err(EngineError::Unavailable(
+                "Redis is behind PostgreSQL; it is being loaded again from PostgreSQL".into(),
+            ));
+        }
+        let high = self
+            .store
+            .max_version()
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("PostgreSQL: {e}")))?;
+        if seq < high {
+            metrics::counter!("widgets_redis_behind_total").increment(1);
+            *last_behind = Some((run_id, Instant::now()));
+            return Err(behind(seq, high));
+        }
+        *last_behind = None;
+        self.trust(&run_id);
+        Ok(())
     }
 
     pub(crate) fn conn(&self) -> ConnectionManager {
@@ -88,18 +206,31 @@ impl RedisEngine {
 
     /// Reads `serials` atomically into `known`.
     async fn read_into(&self, serials: &[Serial], known: &mut Known) -> Result<(), EngineError> {
-        let mut invocation = scripts::READ.prepare_invoke();
-        invocation.arg(&self.prefix);
-        for s in serials {
-            invocation.arg(s.as_str());
-        }
-        let flat: Vec<String> = invocation
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(unavailable)?;
-        if flat.first().map(String::as_str) == Some("not_loaded") {
-            return Err(lost_data());
-        }
+        let mut checked = false;
+        let flat = loop {
+            let mut invocation = scripts::READ.prepare_invoke();
+            invocation.arg(self.trusted()).arg(&self.prefix);
+            for s in serials {
+                invocation.arg(s.as_str());
+            }
+            let flat: Vec<String> = invocation
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(unavailable)?;
+            match flat.first().map(String::as_str) {
+                Some("not_loaded") => return Err(lost_data()),
+                Some("untrusted") if !checked => {
+                    self.check_server().await?;
+                    checked = true;
+                }
+                Some("untrusted") => {
+                    return Err(EngineError::Unavailable(
+                        "the Redis server changed while it was being checked".into(),
+                    ))
+                }
+                _ => break flat,
+            }
+        };
         if flat.len() != serials.len() * scripts::WIDGET_FIELDS {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the read script".into(),
@@ -136,6 +267,7 @@ impl RedisEngine {
                 Written::Conflict => {
                     metrics::counter!("widgets_redis_write_conflicts_total").increment(1)
                 }
+                Written::Untrusted => self.check_server().await?,
             }
         }
         Err(EngineError::Overloaded(
@@ -153,6 +285,7 @@ impl RedisEngine {
     ) -> Result<Written, EngineError> {
         let mut invocation = scripts::WRITE_IF_UNCHANGED.prepare_invoke();
         invocation
+            .arg(self.trusted())
             .arg(&self.prefix)
             .arg(self.max_dirty)
             .arg(known.len());
@@ -188,6 +321,7 @@ impl RedisEngine {
             Some("ok") => Written::Done,
             Some("overloaded") => Written::Overloaded,
             Some("not_loaded") => return Err(lost_data()),
+            Some("untrusted") => Written::Untrusted,
             _ => Written::Conflict,
         })
     }
@@ -213,15 +347,46 @@ impl RedisEngine {
     /// Takes `count` dirty widgets at random with their state, atomically, and with them
     /// every dirty widget their changes touched (transitively), so each change is taken
     /// whole. Each comes with its dirty entry, which [`RedisEngine::ack`] needs.
+    ///
+    ///
+    /// On a server this instance has not checked, or one that lost its data, the take
+    /// first brings it in line ([`load::resync`]), and takes nothing if it could not.
     pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
+        if let Some(taken) = self.take_on(&self.trusted(), count).await? {
+            if taken.loaded || !taken.items.is_empty() {
+                return Ok(taken);
+            }
+        }
+        let in_line = load::resync(self).await.map_err(|e| {
+            EngineError::Unavailable(format!("bringing Redis in line with PostgreSQL: {e:#}"))
+        })?;
+        if in_line {
+            if let Some(taken) = self.take_on(&self.trusted(), count).await? {
+                return Ok(taken);
+            }
+        }
+        Ok(Taken::nothing())
+    }
+
+    /// [`RedisEngine::take`] on the server whose `run_id` is `server`, trusted or not;
+    /// `None` if Redis is another server.
+    pub(crate) async fn take_on(
+        &self,
+        server: &str,
+        count: usize,
+    ) -> Result<Option<Taken>, EngineError> {
         let flat: Vec<String> = scripts::TAKE
             .prepare_invoke()
+            .arg(server)
             .arg(&self.prefix)
             .arg(count)
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        let [at_ms, whole, flat @ ..] = &flat[..] else {
+        if flat.first().map(String::as_str) == Some("untrusted") {
+            return Ok(None);
+        }
+        let [at_ms, whole, loaded, flat @ ..] = &flat[..] else {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the take script".into(),
             ));
@@ -251,11 +416,12 @@ impl RedisEngine {
             };
             out.push((item, entry.clone()));
         }
-        Ok(Taken {
+        Ok(Some(Taken {
             whole_set: whole == "1",
             at_ms: at_ms.clone(),
+            loaded: loaded == "1",
             items: out,
-        })
+        }))
     }
 
     /// PostgreSQL has committed these: drop each from the dirty set unless it changed since.
@@ -297,6 +463,20 @@ impl RedisEngine {
         if taken.items.is_empty() {
             return Ok(None);
         }
+        Ok(Some(taken.into_flush()))
+    }
+
+    /// PostgreSQL has committed the batch of `acks`: see [`RedisEngine::ack`].
+    pub async fn finish_flush(&self, acks: &Acks) -> Result<usize, EngineError> {
+        self.ack(&acks.entries, acks.whole_set_at.as_deref()).await
+    }
+}
+
+impl Taken {
+    /// The flush batch (sorted by serial, no WAL checkpoint) and what acknowledging it
+    /// needs.
+    pub(crate) fn into_flush(self) -> (FlushBatch, Acks) {
+        let taken = self;
         let whole_set_at = taken.whole_set.then_some(taken.at_ms);
         let (mut items, entries): (Vec<_>, Vec<_>) = taken
             .items
@@ -312,18 +492,13 @@ impl RedisEngine {
             checkpoint: None,
             widgets: None,
         };
-        Ok(Some((
+        (
             batch,
             Acks {
                 entries,
                 whole_set_at,
             },
-        )))
-    }
-
-    /// PostgreSQL has committed the batch of `acks`: see [`RedisEngine::ack`].
-    pub async fn finish_flush(&self, acks: &Acks) -> Result<usize, EngineError> {
-        self.ack(&acks.entries, acks.whole_set_at.as_deref()).await
+        )
     }
 }
 
@@ -335,12 +510,27 @@ pub struct Taken {
     pub whole_set: bool,
     /// Redis's clock at the take, in ms.
     pub at_ms: String,
+    /// Redis still holds its data (`loaded`).
+    pub loaded: bool,
+}
+
+impl Taken {
+    fn nothing() -> Self {
+        Self {
+            items: Vec::new(),
+            whole_set: true,
+            at_ms: String::new(),
+            loaded: false,
+        }
+    }
 }
 
 enum Written {
     Done,
     Conflict,
     Overloaded,
+    /// The server is not the one this instance checked: check it, then run again.
+    Untrusted,
 }
 
 enum Rules<T> {

@@ -41,16 +41,46 @@ end
     };
 }
 
-/// Reads widgets atomically. ARGV: prefix, serials... Returns [`WIDGET_FIELDS`] strings per
-/// serial, or {"not_loaded"} if Redis has lost its data (no `loaded` key).
-pub static READ: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        read_widget_lua!(),
+/// A Lua preamble for the scripts that read or write widgets: they run only on the Redis
+/// server this instance trusts (ARGV[1], its `run_id`, which a restart or a failover
+/// changes), and answer {"untrusted", run_id} on any other, before touching a key. See
+/// [`super::RedisEngine::check_server`].
+macro_rules! trusted_server_lua {
+    () => {
+        r#"
+local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if server ~= ARGV[1] then return {'untrusted', server} end
+"#
+    };
+}
+
+/// The server's `run_id`, `seq` ("0" if unset) and whether `loaded` is set ("1"/"0"), in
+/// one atomic call. ARGV: prefix.
+pub static STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
         r#"
 local prefix = ARGV[1]
+return {
+  string.match(redis.call('INFO', 'server'), 'run_id:(%x+)'),
+  redis.call('GET', prefix .. 'seq') or '0',
+  tostring(redis.call('EXISTS', prefix .. 'loaded')),
+}
+"#,
+    )
+});
+
+/// Reads widgets atomically. ARGV: trusted run_id, prefix, serials... Returns
+/// [`WIDGET_FIELDS`] strings per serial, or {"not_loaded"} if Redis has lost its data (no
+/// `loaded` key).
+pub static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        trusted_server_lua!(),
+        read_widget_lua!(),
+        r#"
+local prefix = ARGV[2]
 if redis.call('EXISTS', prefix .. 'loaded') == 0 then return {'not_loaded'} end
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   read_widget(prefix, ARGV[i], out)
 end
 return out
@@ -60,20 +90,21 @@ return out
 
 /// Applies one command's post-images if every widget it read is unchanged (compare and
 /// set on versions), bumping their versions and marking them dirty, all atomically.
-/// ARGV: prefix, max dirty, n, then n pairs (serial, version read; "0" = absent), m, then
+/// ARGV: trusted run_id, prefix, max dirty, n, then n pairs (serial, version read; "0" = absent), m, then
 /// m groups of 8 (serial, "put"/"del", name, ports, peer P, R, Q, mark bits). Returns
 /// {"ok", version}, {"conflict", serial}, or {"overloaded", dirty count} when the dirty set
 /// is at its limit (PostgreSQL is behind) and the write would add to it, or
 /// {"not_loaded"} if Redis has lost its data.
 pub static WRITE_IF_UNCHANGED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        trusted_server_lua!(),
         r#"
-local prefix = ARGV[1]
+local prefix = ARGV[2]
 if redis.call('EXISTS', prefix .. 'loaded') == 0 then return {'not_loaded'} end
 local dirty = prefix .. 'dirty'
 local waiting = redis.call('HLEN', dirty)
-if waiting >= tonumber(ARGV[2]) then return {'overloaded', tostring(waiting)} end
-local i = 3
+if waiting >= tonumber(ARGV[3]) then return {'overloaded', tostring(waiting)} end
+local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local s, expected = ARGV[i], ARGV[i + 1]; i = i + 2
@@ -120,23 +151,25 @@ if #written > 1 then
   end
 end
 return {'ok', tostring(version)}
-"#,
-    )
+"#
+    ))
 });
 
 /// Takes a batch of dirty widgets with their state, atomically: up to ARGV[2] picked at
 /// random, and with each every dirty widget linked to it (`l:<serial>`), transitively, so
 /// that every change in the batch is there whole (both ends, the freed old peers) and
 /// PostgreSQL never commits one side of it. The links can make a batch larger than asked.
-/// ARGV: prefix, count. Returns the server time in ms, "1" if the batch is the whole dirty
-/// set (else "0"), then [`TAKEN_FIELDS`] strings per widget.
+/// ARGV: trusted run_id, prefix, count. Returns the server time in ms, "1" if the batch is
+/// the whole dirty set (else "0"), "1" if `loaded` is set (else "0": Redis lost its data),
+/// then [`TAKEN_FIELDS`] strings per widget.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
+        trusted_server_lua!(),
         read_widget_lua!(),
         r#"
-local prefix = ARGV[1]
+local prefix = ARGV[2]
 local dirty = prefix .. 'dirty'
-local picked = redis.call('HRANDFIELD', dirty, tonumber(ARGV[2]))
+local picked = redis.call('HRANDFIELD', dirty, tonumber(ARGV[3]))
 local seen, taken = {}, {}
 for _, s in ipairs(picked) do
   seen[s] = true
@@ -155,7 +188,8 @@ while i <= #taken do
 end
 local t = redis.call('TIME')
 local whole = (#taken == redis.call('HLEN', dirty)) and '1' or '0'
-local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)), whole}
+local loaded = tostring(redis.call('EXISTS', prefix .. 'loaded'))
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)), whole, loaded}
 for _, s in ipairs(taken) do
   table.insert(out, s); table.insert(out, redis.call('HGET', dirty, s))
   read_widget(prefix, s, out)
