@@ -446,6 +446,50 @@ async fn a_redis_restored_from_an_older_snapshot_loses_no_acknowledged_write() {
     db.drop_db().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_503_while_redis_is_behind_postgres() {
+    let db = TestDb::create().await;
+    let mut redis = common::OwnRedis::start().await;
+    let url = redis.url();
+    // No flush for an hour: nothing brings Redis in line during the test.
+    let app = spawn_app_with(&[
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &url,
+        "--flush-interval",
+        "1h",
+    ])
+    .await;
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+    redis.save().await;
+    // PostgreSQL moves on past Redis (another life of the service wrote version 1000).
+    let mut pg = db.connect().await;
+    sqlx::query("INSERT INTO widget_tombstones (serial_number, version) VALUES ('z', 1000)")
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    redis.kill();
+    redis.restart().await;
+    eventually!("/readyz to see the restarted Redis", 10, {
+        let r = app.get("/readyz").await;
+        r.status() == StatusCode::SERVICE_UNAVAILABLE
+            && common::error_code(r).await == "unavailable"
+    });
+    let r = app.create("b", &["P"]).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(common::error_code(r).await, "unavailable");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        common::metric(&metrics, "widgets_redis_behind_total").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    drop(pg);
+    app.stop().await;
+    db.drop_db().await;
+}
+
 fn serials_of(names: &[&str]) -> Vec<String> {
     names.iter().map(|s| s.to_string()).collect()
 }

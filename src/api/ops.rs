@@ -49,13 +49,14 @@ pub async fn healthz() -> Json<Value> {
 /// Readiness: `200` once recovery has finished and writes can be made durable.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Takes traffic"),
-    (status = 503, description = "Recovering (`not_ready`), writes can no longer be made durable (`wal_failed`), or a change has waited for the durable store longer than `--ready-max-flush-lag` (`flush_stalled`)", body = ErrorBody),
+    (status = 503, description = "Recovering (`not_ready`), writes can no longer be made durable (`wal_failed`), a change has waited for the durable store longer than `--ready-max-flush-lag` (`flush_stalled`), or in Redis mode Redis is unreachable, lost its data or is behind PostgreSQL and is being loaded again (`unavailable`)", body = ErrorBody),
 ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
     if engine.failure().is_some() {
         return Err(ApiError::WalFailed);
     }
+    engine.serving().await?;
     if let Some(lag) = engine
         .flush_lag()
         .filter(|&lag| lag > state.ready_max_flush_lag())

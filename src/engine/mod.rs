@@ -50,6 +50,16 @@ impl Engine {
         }
     }
 
+    /// Whether the shared state can serve now (Redis mode: Redis answers, holds its data
+    /// and is not behind PostgreSQL); single node has nothing to ask.
+    pub async fn serving(&self) -> Result<(), EngineError> {
+        match self {
+            Engine::Memory(_) => Ok(()),
+            #[cfg(feature = "redis")]
+            Engine::Redis(r) => r.check_server().await,
+        }
+    }
+
     /// How long the oldest change not yet in the durable store has waited, where this
     /// instance knows it cheaply (single node; Redis mode answers `None`: its lag is a
     /// script away, in `/metrics`).
