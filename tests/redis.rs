@@ -772,3 +772,41 @@ async fn postgres_never_shows_one_side_of_a_re_plug_even_with_one_side_locked() 
     drop((reader, locker));
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_flush_is_not_acknowledged_to_a_redis_whose_seq_went_back_and_redis_is_loaded_again() {
+    let (db, store, engine, flusher) = flush_parts().await;
+    for w in ["a", "b"] {
+        create(&engine, w).await;
+    }
+    flush_all(&flusher, &engine).await;
+    assert!(store.high_water().await.unwrap() >= 2);
+    // Redis's counter goes back in place (the same server: no new run_id to notice).
+    let mut conn = redis_conn().await;
+    let prefix = engine.prefix().to_owned();
+    let _: () = conn.set(format!("{prefix}seq"), 0).await.unwrap();
+    create(&engine, "c").await; // version 1, below what PostgreSQL holds
+    let refused = flusher.flush_once().await;
+    assert!(
+        refused.is_err(),
+        "a flush was acknowledged to a Redis behind PostgreSQL"
+    );
+    let gauges = engine.gauges().await;
+    assert!(
+        gauges.contains(&("widgets_dirty", 1.0)),
+        "the dirty mark was cleared: {gauges:?}"
+    );
+    // The next round finds Redis behind and loads it again from PostgreSQL.
+    flush_all(&flusher, &engine).await;
+    let loads: u64 = conn.get(format!("{prefix}loads")).await.unwrap();
+    assert_eq!(loads, 2);
+    let seq: u64 = conn.get(format!("{prefix}seq")).await.unwrap();
+    assert!(seq >= store.high_water().await.unwrap());
+    let mut pg = db.connect().await;
+    assert_eq!(
+        pg_state(&mut pg).await,
+        redis_state(&engine, &["a", "b", "c"]).await
+    );
+    drop(pg);
+    db.drop_db().await;
+}

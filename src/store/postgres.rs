@@ -194,6 +194,15 @@ impl PgStore {
         Ok(max.max(0) as u64)
     }
 
+    /// The highest version any flush has committed: a cheap lower bound of
+    /// [`PgStore::max_version`] (one row), which every flush raises.
+    pub async fn high_water(&self) -> Result<u64, StoreError> {
+        let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(high.max(0) as u64)
+    }
+
     async fn write_items(
         tx: &mut Transaction<'_, Postgres>,
         items: &[FlushItem],
@@ -554,6 +563,14 @@ impl Store for PgStore {
         }
         if !rejected.is_empty() {
             metrics::counter!("widgets_flush_rejected_total").increment(rejected.len() as u64);
+        }
+        // Last, so that concurrent flushes (Redis mode) hold this one row only while they
+        // commit.
+        if let Some(newest) = batch.items.iter().map(|i| i.version).max() {
+            sqlx::query("UPDATE version_high_water SET version = GREATEST(version, $1)")
+                .bind(to_i64(newest))
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(checkpoint) = batch.checkpoint {
             sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")

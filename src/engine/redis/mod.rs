@@ -193,6 +193,11 @@ impl RedisEngine {
         self.conn.clone()
     }
 
+    /// The prefix of every key this engine uses.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub(crate) fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -431,15 +436,43 @@ impl RedisEngine {
         entries: &[(Serial, String)],
         whole_set_at: Option<&str>,
     ) -> Result<usize, EngineError> {
+        let high = self
+            .store
+            .high_water()
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("PostgreSQL: {e}")))?;
+        self.ack_up_to(entries, whole_set_at, high).await
+    }
+
+    /// [`RedisEngine::ack`], checking `seq` against `high` (0: not at all, for the dirty
+    /// widgets of a server being brought in line, which is known to be behind).
+    pub(crate) async fn ack_up_to(
+        &self,
+        entries: &[(Serial, String)],
+        whole_set_at: Option<&str>,
+        high: u64,
+    ) -> Result<usize, EngineError> {
         let mut invocation = scripts::ACK.prepare_invoke();
-        invocation.arg(&self.prefix).arg(whole_set_at.unwrap_or(""));
+        invocation
+            .arg(&self.prefix)
+            .arg(whole_set_at.unwrap_or(""))
+            .arg(high);
         for (serial, entry) in entries {
             invocation.arg(serial.as_str()).arg(entry);
         }
-        invocation
+        let removed: i64 = invocation
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        if removed < 0 {
+            // Redis went back in time without a new run_id (its data replaced in place):
+            // check it again before anything else runs on it.
+            self.trusted.write().expect("trusted lock").clear();
+            metrics::counter!("widgets_redis_behind_total").increment(1);
+            let (_, seq, _) = self.server_state().await?;
+            return Err(behind(seq, high));
+        }
+        Ok(removed as usize)
     }
 }
 

@@ -201,16 +201,20 @@ return out
 
 /// After PostgreSQL committed a batch: removes each serial from the dirty set only if its
 /// entry is still the one the batch was taken with (nothing changed since). ARGV: prefix,
-/// the take's time in ms if the batch held the whole dirty set (else ""), then pairs
-/// (serial, entry), each removed with its links. Returns how many it removed. After a whole-set batch, everything still
+/// the take's time in ms if the batch held the whole dirty set (else ""), the highest
+/// version PostgreSQL holds, then pairs (serial, entry), each removed with its links.
+/// Returns how many it removed, or -1 (removing nothing) if `seq` is below that version:
+/// Redis went back in time, and entries whose writes PostgreSQL's guards dropped as older
+/// must not be taken for written. After a whole-set batch, everything still
 /// dirty changed after the take, so `dirty_since` moves up to the take's time.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
+if tonumber(redis.call('GET', prefix .. 'seq') or '0') < tonumber(ARGV[3]) then return -1 end
 local dirty = prefix .. 'dirty'
 local removed = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   if redis.call('HGET', dirty, ARGV[i]) == ARGV[i + 1] then
     redis.call('HDEL', dirty, ARGV[i])
     redis.call('DEL', prefix .. 'l:' .. ARGV[i])

@@ -1,0 +1,15 @@
+-- The highest version any flush has committed (and any row held when this table was
+-- added). In Redis mode, a flush is acknowledged to Redis only if Redis's version counter
+-- has reached it: a Redis that went back in time (an older snapshot, a lagging replica)
+-- fails the check, nothing is acknowledged, and the instance checks Redis again.
+CREATE TABLE version_high_water (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    version bigint NOT NULL CHECK (version >= 0)
+);
+INSERT INTO version_high_water (id, version)
+SELECT true, GREATEST(
+    (SELECT COALESCE(max(version), 0) FROM widgets),
+    (SELECT COALESCE(max(version), 0) FROM widget_tombstones),
+    (SELECT COALESCE(max(version), 0) FROM associations_p),
+    (SELECT COALESCE(max(version), 0) FROM associations_r),
+    (SELECT COALESCE(max(version), 0) FROM associations_q));
