@@ -840,3 +840,60 @@ async fn a_flush_is_not_acknowledged_to_a_redis_whose_seq_went_back_and_redis_is
     drop(pg);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_of_postgres_never_sees_one_side_while_two_instances_re_plug() {
+    let db = TestDb::create().await;
+    let prefix = redis_prefix();
+    // Rounds of one widget picked, flushed as often as possible, by both instances.
+    let args = ["--flush-interval", "5ms", "--flush-batch", "1"];
+    let (a, b) = tokio::join!(
+        common::spawn_redis_instance(&db, &prefix, &args),
+        common::spawn_redis_instance(&db, &prefix, &args)
+    );
+    let apps = Arc::new([a, b]);
+    let names: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    for s in &names {
+        assert_eq!(
+            apps[0].create(s, &["P", "R"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let writers: Vec<_> = (0..8)
+        .map(|t| {
+            let (apps, names) = (apps.clone(), names.clone());
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(t);
+                for i in 0..150 {
+                    let (x, y) = (&names[rng.usize(..12)], &names[rng.usize(..12)]);
+                    let port = ["P", "R"][rng.usize(..2)];
+                    if x != y {
+                        let status = apps[i % 2].associate(port, x, y).await.status();
+                        assert!(status.is_success(), "{status}");
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut conn = db.connect().await;
+    let mut samples = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        let bad = asymmetric_rows(&mut conn).await;
+        assert!(bad.is_empty(), "PostgreSQL showed one side: {bad:?}");
+        samples += 1;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(samples > 10, "too few samples ({samples}) to mean anything");
+    eventually!("PostgreSQL to catch up", 10, dirty(&apps[0]).await == 0.0);
+    assert_eq!(
+        pg_state(&mut conn).await,
+        app_state(|p| apps[1].url(p), &names).await
+    );
+    drop(conn);
+    let [a, b] = Arc::into_inner(apps).expect("writers are done");
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
