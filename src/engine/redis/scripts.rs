@@ -48,7 +48,10 @@ end
 macro_rules! trusted_server_lua {
     () => {
         r#"
-local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+-- A run_id is 40 hex digits; a plain find costs a tenth of a pattern match.
+local info = redis.call('INFO', 'server')
+local at = string.find(info, 'run_id:', 1, true)
+local server = string.sub(info, at + 7, at + 46)
 if server ~= ARGV[1] then return {'untrusted', server} end
 "#
     };
@@ -60,8 +63,10 @@ pub static STATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
+local info = redis.call('INFO', 'server')
+local at = string.find(info, 'run_id:', 1, true)
 return {
-  string.match(redis.call('INFO', 'server'), 'run_id:(%x+)'),
+  string.sub(info, at + 7, at + 46),
   redis.call('GET', prefix .. 'seq') or '0',
   tostring(redis.call('EXISTS', prefix .. 'loaded')),
 }
