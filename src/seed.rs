@@ -132,6 +132,7 @@ pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::R
                 items,
                 checkpoint: Some(SEED_LSN),
                 widgets: Some(end),
+                epoch: None,
             })
             .await
             .with_context(|| format!("writing widgets {start}..{end} to {what}"))?;

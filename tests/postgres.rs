@@ -387,6 +387,7 @@ async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
         items,
         checkpoint: Some(checkpoint),
         widgets: None,
+        epoch: None,
     };
     store
         .write_batch(batch(
@@ -740,6 +741,7 @@ async fn a_flush_commits_synchronously_within_its_timeout_whatever_the_database_
             items: vec![item("a", None, 1, created)],
             checkpoint: Some(1),
             widgets: None,
+            epoch: None,
         })
         .await
         .unwrap();

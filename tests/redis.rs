@@ -61,6 +61,7 @@ async fn commit_late(store: &PgStore, items: Vec<widgets::store::FlushItem>) {
             items,
             checkpoint: None,
             widgets: None,
+            epoch: None,
         })
         .await
         .unwrap();
@@ -466,10 +467,13 @@ async fn readyz_says_503_while_redis_is_behind_postgres() {
     redis.save().await;
     // PostgreSQL moves on past Redis (another life of the service wrote version 1000).
     let mut pg = db.connect().await;
-    sqlx::query("INSERT INTO widget_tombstones (serial_number, version) VALUES ('z', 1000)")
-        .execute(&mut pg)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO widget_tombstones (serial_number, version) VALUES ('z', 1000); \
+         UPDATE version_high_water SET version = 1000",
+    )
+    .execute(&mut pg)
+    .await
+    .unwrap();
     redis.kill();
     redis.restart().await;
     eventually!("/readyz to see the restarted Redis", 10, {
@@ -804,7 +808,7 @@ async fn postgres_never_shows_one_side_of_a_re_plug_even_with_one_side_locked() 
 }
 
 #[tokio::test]
-async fn a_flush_is_not_acknowledged_to_a_redis_whose_seq_went_back_and_redis_is_loaded_again() {
+async fn a_redis_whose_seq_went_back_in_place_is_caught_by_the_next_flush_round() {
     let (db, store, engine, flusher) = flush_parts().await;
     for w in ["a", "b"] {
         create(&engine, w).await;
@@ -816,26 +820,108 @@ async fn a_flush_is_not_acknowledged_to_a_redis_whose_seq_went_back_and_redis_is
     let prefix = engine.prefix().to_owned();
     let _: () = conn.set(format!("{prefix}seq"), 0).await.unwrap();
     create(&engine, "c").await; // version 1, below what PostgreSQL holds
-    let refused = flusher.flush_once().await;
-    assert!(
-        refused.is_err(),
-        "a flush was acknowledged to a Redis behind PostgreSQL"
-    );
-    let gauges = engine.gauges().await;
-    assert!(
-        gauges.contains(&("widgets_dirty", 1.0)),
-        "the dirty mark was cleared: {gauges:?}"
-    );
-    // The next round finds Redis behind and loads it again from PostgreSQL.
+                                // The next round finds seq below PostgreSQL's high water before it takes anything,
+                                // writes what Redis holds dirty, and loads Redis again from PostgreSQL.
     flush_all(&flusher, &engine).await;
     let loads: u64 = conn.get(format!("{prefix}loads")).await.unwrap();
-    assert_eq!(loads, 2);
+    assert_eq!(loads, 2, "Redis was not loaded again");
     let seq: u64 = conn.get(format!("{prefix}seq")).await.unwrap();
     assert!(seq >= store.high_water().await.unwrap());
     let mut pg = db.connect().await;
     assert_eq!(
         pg_state(&mut pg).await,
         redis_state(&engine, &["a", "b", "c"]).await
+    );
+    assert!(
+        pg_state(&mut pg).await.contains_key("c"),
+        "the write was lost"
+    );
+    drop(pg);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_ack_to_a_redis_whose_seq_went_back_clears_no_dirty_mark() {
+    let (db, store, engine, flusher) = flush_parts().await;
+    for w in ["a", "b"] {
+        create(&engine, w).await;
+    }
+    flush_all(&flusher, &engine).await;
+    let taken = engine.take(1000).await.unwrap(); // nothing dirty: an empty batch
+    assert!(taken.items.is_empty());
+    create(&engine, "c").await;
+    let (batch, acks) = engine.take(1000).await.unwrap().into_flush();
+    store.write_batch(batch).await.unwrap();
+    // Between the commit and the ack, Redis's counter goes back in place.
+    let mut conn = redis_conn().await;
+    let _: () = conn
+        .set(format!("{}seq", engine.prefix()), 1)
+        .await
+        .unwrap();
+    assert!(
+        engine.finish_flush(&acks).await.is_err(),
+        "acknowledged to a Redis behind PostgreSQL"
+    );
+    let gauges = engine.gauges().await;
+    assert!(
+        gauges.contains(&("widgets_dirty", 1.0)),
+        "the dirty mark was cleared: {gauges:?}"
+    );
+    drop(flusher);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_batch_taken_before_a_server_was_checked_again_cannot_commit_after() {
+    let (db, store, engine, _flusher) = flush_parts().await;
+    for w in ["a", "b"] {
+        create(&engine, w).await;
+    }
+    associate(&engine, "a", "b").await;
+    // A flusher takes a batch, then stalls before its transaction...
+    let (late, _) = engine.take(1000).await.unwrap().into_flush();
+    // ...while another instance checks the server (as after a failover) and trusts it.
+    let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, (*store).clone())
+        .await
+        .unwrap();
+    other.check_server().await.unwrap();
+    match store.write_batch(late).await {
+        Err(widgets::store::StoreError::StaleEpoch { mine, current }) => assert!(mine < current),
+        other => panic!("a batch from before the check committed: {other:?}"),
+    }
+    let mut pg = db.connect().await;
+    assert!(pg_state(&mut pg).await.is_empty());
+    drop(pg);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_load_that_postgres_rows_would_fail_leaves_redis_as_it_is() {
+    let (db, _store, engine, flusher) = flush_parts().await;
+    for w in ["a", "b"] {
+        create(&engine, w).await;
+    }
+    flush_all(&flusher, &engine).await;
+    // PostgreSQL holds a one-sided row, and Redis is found behind.
+    let mut pg = db.connect().await;
+    sqlx::query("INSERT INTO associations_p VALUES ('a', 'b', 5)")
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    let mut conn = redis_conn().await;
+    let prefix = engine.prefix().to_owned();
+    let _: () = conn.set(format!("{prefix}seq"), 0).await.unwrap();
+    let failed = flusher.flush_once().await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        format!("{:?}", failed.unwrap_err()).contains("cannot be loaded"),
+        "the error does not say why"
+    );
+    let loaded: bool = conn.exists(format!("{prefix}loaded")).await.unwrap();
+    let a: bool = conn.exists(format!("{prefix}w:a")).await.unwrap();
+    assert!(
+        loaded && a,
+        "Redis was cleared for a load that could not work"
     );
     drop(pg);
     db.drop_db().await;

@@ -259,6 +259,7 @@ mod tests {
                     items: vec![item],
                     checkpoint: None,
                     widgets: None,
+                    epoch: None,
                 },
                 ticket: (),
                 last: n.is_multiple_of(self.per_flush),

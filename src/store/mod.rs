@@ -34,6 +34,11 @@ pub enum StoreError {
     )]
     WriterHeld { backend_pid: Option<i32> },
     #[error(
+        "the batch was taken from Redis under epoch {mine}, and Redis has since been checked \
+         or loaded again (epoch {current}): not committed; it is taken again"
+    )]
+    StaleEpoch { mine: u64, current: u64 },
+    #[error(
         "this instance is no longer the database's writer (its token {mine}, the database's \
          {current}): another single-node instance took over; flush refused"
     )]
@@ -69,6 +74,9 @@ pub struct FlushBatch {
     /// How many widgets the hot state held at the batch's cut, when the writer knows: a
     /// store may keep it for [`Store::len_hint`].
     pub widgets: Option<u64>,
+    /// Redis mode: the fencing epoch the batch was taken under; the store commits it only
+    /// while that is still the current epoch ([`StoreError::StaleEpoch`]).
+    pub epoch: Option<u64>,
 }
 
 /// Called with every widget the store holds, while it loads.

@@ -194,8 +194,29 @@ impl PgStore {
         Ok(max.max(0) as u64)
     }
 
-    /// The highest version any flush has committed: a cheap lower bound of
-    /// [`PgStore::max_version`] (one row), which every flush raises.
+    /// [`PgStore::high_water`] and Redis mode's fencing epoch, in one query.
+    pub async fn redis_fence(&self) -> Result<(u64, u64), StoreError> {
+        let (high, epoch): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT version FROM version_high_water), (SELECT epoch FROM redis_epoch)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((high.max(0) as u64, epoch.max(0) as u64))
+    }
+
+    /// Raises Redis mode's fencing epoch, once every flush in flight under the current one
+    /// has committed or failed; every batch taken under an older one is refused from now
+    /// on. Returns the new epoch.
+    pub async fn raise_redis_epoch(&self) -> Result<u64, StoreError> {
+        let epoch: i64 =
+            sqlx::query_scalar("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(epoch.max(0) as u64)
+    }
+
+    /// The highest version any flush has committed, at or above every version a row
+    /// holds: [`PgStore::max_version`] in one row, which every flush raises.
     pub async fn high_water(&self) -> Result<u64, StoreError> {
         let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
             .fetch_one(&self.pool)
@@ -524,6 +545,19 @@ impl Store for PgStore {
         .bind(&timeout)
         .execute(&mut *tx)
         .await?;
+        if let Some(mine) = batch.epoch {
+            // Share-locked until the commit: a raise of the epoch waits for this flush,
+            // and a flush after the raise is refused.
+            let current: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
+                .fetch_one(&mut *tx)
+                .await?;
+            if current != to_i64(mine) {
+                return Err(StoreError::StaleEpoch {
+                    mine,
+                    current: current.max(0) as u64,
+                });
+            }
+        }
         if let Some(claim) = self.writer.get() {
             // Share-locked until the commit: a newer writer's claim waits for this flush,
             // and a flush after that claim sees the new token and is refused.

@@ -226,6 +226,7 @@ mod tests {
             items: vec![item("a"), item("b")],
             checkpoint: Some(9),
             widgets: Some(2),
+            epoch: None,
         };
         store.write_batch(batch).await.unwrap();
         assert_eq!(store.len_hint().await.unwrap(), 2);

@@ -227,6 +227,7 @@ impl MemoryEngine {
             items,
             checkpoint: Some(taken.covered_lsn),
             widgets: Some(widgets),
+            epoch: None,
         };
         Ok(Some((batch, FlushTicket { taken })))
     }

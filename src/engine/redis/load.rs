@@ -10,10 +10,11 @@
 //! (restarted without AOF) has no `loaded` and is filled again from PostgreSQL. `loads`
 //! counts the fills, for operators (and tests) to see it happened once.
 
-use super::{unavailable, RedisEngine};
+use super::{scripts, unavailable, RedisEngine, Take};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
 use crate::store::{PgStore, Store};
+use anyhow::Context;
 use redis::AsyncCommands;
 use std::future::Future;
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub async fn ensure_loaded(
                     .await
                     .map_err(unavailable)?
                 {
-                    load(engine, store).await?;
+                    load(engine, store, &token).await?;
                 }
                 Ok(())
             };
@@ -112,10 +113,12 @@ pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
     }
     let done = holding_lock(engine, &token, LOCK_LEASE, async {
         let store = engine.store();
+        // PostgreSQL first, as in RedisEngine::check_server.
+        let high = store.high_water().await?;
         let (run_id, seq, loaded) = engine.server_state().await?;
-        let high = store.max_version().await?;
         if loaded && seq >= high {
-            engine.trust(&run_id); // another instance has just done it
+            // Not behind after all (or another instance has just loaded it): check it.
+            engine.check_server().await?;
             return Ok(true);
         }
         tracing::warn!(
@@ -125,9 +128,24 @@ pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
             loaded,
             "loading Redis again from PostgreSQL"
         );
+        // PostgreSQL's rows must load before Redis is touched: a load that failed after the
+        // clear would leave every instance without data.
+        store
+            .load(Box::new(|_, _| {}))
+            .await
+            .context("PostgreSQL's rows cannot be loaded; Redis is left as it is")?;
+        // No batch taken before commits from now on; this drain's own commit under the new
+        // epoch. And no write anywhere: every write script needs `loaded`.
+        let epoch = store.raise_redis_epoch().await?;
+        engine.raise_epoch(epoch).await?;
+        let _: () = engine
+            .conn()
+            .del(engine.key("loaded"))
+            .await
+            .map_err(unavailable)?;
         let drained = drain_dirty(engine, &run_id).await?;
         let cleared = clear(engine).await?;
-        load(engine, store).await?;
+        load(engine, store, &token).await?;
         let (now, seq, loaded) = engine.server_state().await?;
         anyhow::ensure!(
             now == run_id && loaded && seq >= high,
@@ -153,7 +171,7 @@ pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
 async fn drain_dirty(engine: &RedisEngine, run_id: &str) -> anyhow::Result<usize> {
     let mut drained = 0;
     loop {
-        let Some(taken) = engine.take_on(run_id, DRAIN_ROUND).await? else {
+        let Take::Taken(taken) = engine.take_on(run_id, DRAIN_ROUND, 0).await? else {
             anyhow::bail!("the Redis server changed while its dirty widgets were written");
         };
         if taken.items.is_empty() {
@@ -279,8 +297,12 @@ pub async fn release_lock(engine: &RedisEngine, token: &str) -> Result<bool, Eng
     Ok(released == 1)
 }
 
-async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
+/// Streams PostgreSQL's widgets into Redis and, if `token` still holds the load lock, sets
+/// `loaded` with `seq` above every version PostgreSQL holds. The fencing epoch is raised
+/// first, so no flush taken before commits after the snapshot the load reads.
+async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let epoch = store.raise_redis_epoch().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
     let reading = store.load(Box::new(move |serial, widget| {
         let _ = tx.send((serial, widget));
@@ -325,37 +347,27 @@ async fn load(engine: &RedisEngine, store: &PgStore) -> anyhow::Result<()> {
     let (read, written) = tokio::join!(reading, writing);
     read?;
     let (count, max_version) = written?;
-    raise_seq(engine, max_version.max(store.max_version().await?)).await?;
-    let mut conn = engine.conn();
-    let _: () = redis::pipe()
-        .set(engine.key("count"), count)
-        .set(engine.key("loaded"), 1)
-        .incr(engine.key("loads"), 1)
-        .query_async(&mut conn)
+    let floor = max_version.max(store.max_version().await?);
+    let finished: i64 = scripts::FINISH_LOAD
+        .prepare_invoke()
+        .arg(engine.prefix())
+        .arg(token)
+        .arg(count)
+        .arg(floor)
+        .arg(epoch)
+        .invoke_async(&mut engine.conn())
         .await
         .map_err(unavailable)?;
+    anyhow::ensure!(
+        finished == 1,
+        "the Redis load lock expired while this instance loaded (it stalled for longer than \
+         {LOCK_LEASE:?}); another instance is loading"
+    );
     tracing::info!(
         widgets = count,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "loaded Redis from PostgreSQL"
     );
-    Ok(())
-}
-
-/// Moves `seq` up to at least `floor` (never down), atomically. Every instance does it at
-/// start, so a Redis that lost increments (a crash under `appendfsync everysec`) cannot
-/// hand out versions PostgreSQL already holds.
-async fn raise_seq(engine: &RedisEngine, floor: u64) -> Result<(), EngineError> {
-    let _: () = redis::Script::new(
-        "local k = KEYS[1] \
-         if tonumber(redis.call('GET', k) or '0') < tonumber(ARGV[1]) then \
-           redis.call('SET', k, ARGV[1]) end",
-    )
-    .key(engine.key("seq"))
-    .arg(floor)
-    .invoke_async(&mut engine.conn())
-    .await
-    .map_err(unavailable)?;
     Ok(())
 }
 

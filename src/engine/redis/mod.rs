@@ -78,6 +78,11 @@ fn lost_data() -> EngineError {
     )
 }
 
+/// PostgreSQL could not be asked.
+fn postgres(e: crate::store::StoreError) -> EngineError {
+    EngineError::Unavailable(format!("PostgreSQL: {e}"))
+}
+
 /// The Redis server is older than PostgreSQL: it went back in time.
 fn behind(seq: u64, high: u64) -> EngineError {
     if let Some(count) = crate::metrics::throttled("redis behind postgres") {
@@ -145,6 +150,13 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
+        if run_id.len() != 40 {
+            return Err(EngineError::Unavailable(
+                "Redis reports no run_id in INFO server (an ACL that denies INFO to scripts, or \
+                 a server that hides it): Redis mode needs it to notice a restart or failover"
+                    .into(),
+            ));
+        }
         let seq = seq
             .parse()
             .map_err(|_| EngineError::Unavailable("Redis holds a bad seq".into()))?;
@@ -155,10 +167,12 @@ impl RedisEngine {
     /// restarted or failed over): trusts it if it holds its data and its `seq` is not
     /// below the newest version PostgreSQL holds. Otherwise it went back in time (or lost
     /// its data), and new writes would get versions PostgreSQL already has: refused, until
-    /// [`load::resync`] has loaded it again.
+    /// [`load::resync`] has loaded it again. Before it trusts a server, it raises the
+    /// fencing epoch, so that no batch taken from the server before (or from another one)
+    /// can commit after it looked at PostgreSQL.
     pub async fn check_server(&self) -> Result<(), EngineError> {
         let mut last_behind = self.checking.lock().await;
-        let (run_id, seq, loaded) = self.server_state().await?;
+        let (run_id, _, loaded) = self.server_state().await?;
         if !loaded {
             return Err(lost_data());
         }
@@ -174,19 +188,43 @@ impl RedisEngine {
                 "Redis is behind PostgreSQL; it is being loaded again from PostgreSQL".into(),
             ));
         }
-        let high = self
-            .store
-            .max_version()
-            .await
-            .map_err(|e| EngineError::Unavailable(format!("PostgreSQL: {e}")))?;
+        // PostgreSQL first: every version it holds was handed out by Redis before this
+        // read, so a server that is not behind shows a `seq` at least as high after it.
+        let epoch = self.store.raise_redis_epoch().await.map_err(postgres)?;
+        let high = self.store.high_water().await.map_err(postgres)?;
+        let (now, seq, loaded) = self.server_state().await?;
+        if now != run_id {
+            return Err(changed_while_checked());
+        }
+        if !loaded {
+            return Err(lost_data());
+        }
         if seq < high {
             metrics::counter!("widgets_redis_behind_total").increment(1);
             *last_behind = Some((run_id, Instant::now()));
             return Err(behind(seq, high));
         }
+        self.raise_epoch(epoch).await?;
         *last_behind = None;
         self.trust(&run_id);
         Ok(())
+    }
+
+    /// Raises the fencing epoch Redis holds (the one its takes carry) to `epoch`.
+    pub(crate) async fn raise_epoch(&self, epoch: u64) -> Result<(), EngineError> {
+        let _: i64 = scripts::RAISE_EPOCH
+            .prepare_invoke()
+            .arg(&self.prefix)
+            .arg(epoch)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Stops trusting the server: the next script checks it again.
+    fn distrust(&self) {
+        self.trusted.write().expect("trusted lock").clear();
     }
 
     pub(crate) fn conn(&self) -> ConnectionManager {
@@ -204,38 +242,39 @@ impl RedisEngine {
 
     pub async fn get(&self, serial: &Serial) -> Result<Option<Widget>, EngineError> {
         let mut known = Known::new();
-        self.read_into(std::slice::from_ref(serial), &mut known)
-            .await?;
-        Ok(known.remove(serial).and_then(|(w, _)| w))
+        for _ in 0..2 {
+            match self
+                .read_into(std::slice::from_ref(serial), &mut known, &self.trusted())
+                .await?
+            {
+                OnServer::Done => return Ok(known.remove(serial).and_then(|(w, _)| w)),
+                OnServer::Untrusted => self.check_server().await?,
+            }
+        }
+        Err(changed_while_checked())
     }
 
-    /// Reads `serials` atomically into `known`.
-    async fn read_into(&self, serials: &[Serial], known: &mut Known) -> Result<(), EngineError> {
-        let mut checked = false;
-        let flat = loop {
-            let mut invocation = scripts::READ.prepare_invoke();
-            invocation.arg(self.trusted()).arg(&self.prefix);
-            for s in serials {
-                invocation.arg(s.as_str());
-            }
-            let flat: Vec<String> = invocation
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            match flat.first().map(String::as_str) {
-                Some("not_loaded") => return Err(lost_data()),
-                Some("untrusted") if !checked => {
-                    self.check_server().await?;
-                    checked = true;
-                }
-                Some("untrusted") => {
-                    return Err(EngineError::Unavailable(
-                        "the Redis server changed while it was being checked".into(),
-                    ))
-                }
-                _ => break flat,
-            }
-        };
+    /// Reads `serials` atomically into `known`, on the server `server` only.
+    async fn read_into(
+        &self,
+        serials: &[Serial],
+        known: &mut Known,
+        server: &str,
+    ) -> Result<OnServer, EngineError> {
+        let mut invocation = scripts::READ.prepare_invoke();
+        invocation.arg(server).arg(&self.prefix);
+        for s in serials {
+            invocation.arg(s.as_str());
+        }
+        let flat: Vec<String> = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        match flat.first().map(String::as_str) {
+            Some("not_loaded") => return Err(lost_data()),
+            Some("untrusted") => return Ok(OnServer::Untrusted),
+            _ => {}
+        }
         if flat.len() != serials.len() * scripts::WIDGET_FIELDS {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the read script".into(),
@@ -244,15 +283,25 @@ impl RedisEngine {
         for (serial, fields) in serials.iter().zip(flat.chunks(scripts::WIDGET_FIELDS)) {
             known.insert(serial.clone(), parse_widget(serial.as_str(), fields)?);
         }
-        Ok(())
+        Ok(OnServer::Done)
     }
 
     pub async fn execute<R: Rule>(&self, rule: R) -> Result<R::Output, EngineError> {
-        for _ in 0..MAX_ATTEMPTS {
+        let mut checks = 0;
+        'attempt: for _ in 0..MAX_ATTEMPTS {
+            // One server for the reads and the write of an attempt.
+            let server = self.trusted();
             let mut known = Known::new();
             let mut wanted: Vec<Serial> = rule.serials().into_iter().cloned().collect();
             let (reply, touched) = loop {
-                self.read_into(&wanted, &mut known).await?;
+                if let OnServer::Untrusted = self.read_into(&wanted, &mut known, &server).await? {
+                    checks += 1;
+                    if checks > 2 {
+                        return Err(changed_while_checked());
+                    }
+                    self.check_server().await?;
+                    continue 'attempt;
+                }
                 match run_rules(&rule, &known) {
                     Rules::NeedsMore(more) => wanted = more,
                     Rules::Refused(e) => return Err(e.into()),
@@ -262,7 +311,7 @@ impl RedisEngine {
             if touched.is_empty() {
                 return Ok(reply); // already so: nothing to write
             }
-            match self.write_if_unchanged(&known, &touched).await? {
+            match self.write_if_unchanged(&known, &touched, &server).await? {
                 Written::Done => return Ok(reply),
                 Written::Overloaded => {
                     return Err(EngineError::Overloaded(
@@ -272,7 +321,13 @@ impl RedisEngine {
                 Written::Conflict => {
                     metrics::counter!("widgets_redis_write_conflicts_total").increment(1)
                 }
-                Written::Untrusted => self.check_server().await?,
+                Written::Untrusted => {
+                    checks += 1;
+                    if checks > 2 {
+                        return Err(changed_while_checked());
+                    }
+                    self.check_server().await?
+                }
             }
         }
         Err(EngineError::Overloaded(
@@ -287,10 +342,11 @@ impl RedisEngine {
         &self,
         known: &Known,
         touched: &[Touched],
+        server: &str,
     ) -> Result<Written, EngineError> {
         let mut invocation = scripts::WRITE_IF_UNCHANGED.prepare_invoke();
         invocation
-            .arg(self.trusted())
+            .arg(server)
             .arg(&self.prefix)
             .arg(self.max_dirty)
             .arg(known.len());
@@ -353,49 +409,71 @@ impl RedisEngine {
     /// every dirty widget their changes touched (transitively), so each change is taken
     /// whole. Each comes with its dirty entry, which [`RedisEngine::ack`] needs.
     ///
-    ///
-    /// On a server this instance has not checked, or one that lost its data, the take
-    /// first brings it in line ([`load::resync`]), and takes nothing if it could not.
+    /// On a server this instance has not checked, one that lost its data, or one whose
+    /// `seq` is below the highest version PostgreSQL holds (it went back in time in place,
+    /// with no new `run_id`), the take first brings it in line ([`load::resync`]), and
+    /// takes nothing if it could not.
     pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
-        if let Some(taken) = self.take_on(&self.trusted(), count).await? {
-            if taken.loaded || !taken.items.is_empty() {
-                return Ok(taken);
+        let (high, epoch) = self.store.redis_fence().await.map_err(postgres)?;
+        let mut taken = self.take_on(&self.trusted(), count, high).await?;
+        if matches!(&taken, Take::Taken(t) if t.loaded && t.epoch < epoch) {
+            // Another instance raised the epoch and has not raised Redis's yet (or died
+            // first): this batch would be refused. Nothing taken before the raise was read
+            // can commit after it, so a take from now on may carry it.
+            self.raise_epoch(epoch).await?;
+            taken = self.take_on(&self.trusted(), count, high).await?;
+        }
+        match taken {
+            Take::Taken(taken) if taken.loaded => return Ok(taken),
+            Take::Behind => {
+                self.distrust();
+                metrics::counter!("widgets_redis_behind_total").increment(1);
+                let (_, seq, _) = self.server_state().await?;
+                let _logged = behind(seq, high);
             }
+            _ => {}
         }
         let in_line = load::resync(self).await.map_err(|e| {
             EngineError::Unavailable(format!("bringing Redis in line with PostgreSQL: {e:#}"))
         })?;
         if in_line {
-            if let Some(taken) = self.take_on(&self.trusted(), count).await? {
+            if let Take::Taken(taken) = self.take_on(&self.trusted(), count, high).await? {
                 return Ok(taken);
             }
         }
         Ok(Taken::nothing())
     }
 
-    /// [`RedisEngine::take`] on the server whose `run_id` is `server`, trusted or not;
-    /// `None` if Redis is another server.
+    /// [`RedisEngine::take`] on the server whose `run_id` is `server`, trusted or not, if
+    /// its `seq` is at least `high`.
     pub(crate) async fn take_on(
         &self,
         server: &str,
         count: usize,
-    ) -> Result<Option<Taken>, EngineError> {
+        high: u64,
+    ) -> Result<Take, EngineError> {
         let flat: Vec<String> = scripts::TAKE
             .prepare_invoke()
             .arg(server)
             .arg(&self.prefix)
             .arg(count)
+            .arg(high)
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        if flat.first().map(String::as_str) == Some("untrusted") {
-            return Ok(None);
+        match flat.first().map(String::as_str) {
+            Some("untrusted") => return Ok(Take::OtherServer),
+            Some("behind") => return Ok(Take::Behind),
+            _ => {}
         }
-        let [at_ms, whole, loaded, flat @ ..] = &flat[..] else {
+        let [at_ms, whole, loaded, epoch, flat @ ..] = &flat[..] else {
             return Err(EngineError::Unavailable(
                 "unexpected answer from the take script".into(),
             ));
         };
+        let epoch = epoch
+            .parse()
+            .map_err(|_| EngineError::Unavailable("Redis holds a bad epoch".into()))?;
         let mut out = Vec::with_capacity(flat.len() / scripts::TAKEN_FIELDS);
         for chunk in flat.chunks(scripts::TAKEN_FIELDS) {
             let [serial, entry, fields @ ..] = chunk else {
@@ -421,10 +499,11 @@ impl RedisEngine {
             };
             out.push((item, entry.clone()));
         }
-        Ok(Some(Taken {
+        Ok(Take::Taken(Taken {
             whole_set: whole == "1",
             at_ms: at_ms.clone(),
             loaded: loaded == "1",
+            epoch,
             items: out,
         }))
     }
@@ -436,11 +515,7 @@ impl RedisEngine {
         entries: &[(Serial, String)],
         whole_set_at: Option<&str>,
     ) -> Result<usize, EngineError> {
-        let high = self
-            .store
-            .high_water()
-            .await
-            .map_err(|e| EngineError::Unavailable(format!("PostgreSQL: {e}")))?;
+        let high = self.store.high_water().await.map_err(postgres)?;
         self.ack_up_to(entries, whole_set_at, high).await
     }
 
@@ -467,7 +542,7 @@ impl RedisEngine {
         if removed < 0 {
             // Redis went back in time without a new run_id (its data replaced in place):
             // check it again before anything else runs on it.
-            self.trusted.write().expect("trusted lock").clear();
+            self.distrust();
             metrics::counter!("widgets_redis_behind_total").increment(1);
             let (_, seq, _) = self.server_state().await?;
             return Err(behind(seq, high));
@@ -508,8 +583,9 @@ impl RedisEngine {
 impl Taken {
     /// The flush batch (sorted by serial, no WAL checkpoint) and what acknowledging it
     /// needs.
-    pub(crate) fn into_flush(self) -> (FlushBatch, Acks) {
+    pub fn into_flush(self) -> (FlushBatch, Acks) {
         let taken = self;
+        let epoch = taken.epoch;
         let whole_set_at = taken.whole_set.then_some(taken.at_ms);
         let (mut items, entries): (Vec<_>, Vec<_>) = taken
             .items
@@ -524,6 +600,7 @@ impl Taken {
             items,
             checkpoint: None,
             widgets: None,
+            epoch: Some(epoch),
         };
         (
             batch,
@@ -545,6 +622,8 @@ pub struct Taken {
     pub at_ms: String,
     /// Redis still holds its data (`loaded`).
     pub loaded: bool,
+    /// The fencing epoch the batch was taken under (see [`FlushBatch::epoch`]).
+    pub epoch: u64,
 }
 
 impl Taken {
@@ -554,8 +633,29 @@ impl Taken {
             whole_set: true,
             at_ms: String::new(),
             loaded: false,
+            epoch: 0,
         }
     }
+}
+
+/// What a take found.
+pub(crate) enum Take {
+    Taken(Taken),
+    /// Redis is not the server asked for.
+    OtherServer,
+    /// Redis's `seq` is below the highest version PostgreSQL holds.
+    Behind,
+}
+
+/// Whether a script ran on the server it was meant for.
+enum OnServer {
+    Done,
+    /// Redis is not the server this instance checked: check it, then run again.
+    Untrusted,
+}
+
+fn changed_while_checked() -> EngineError {
+    EngineError::Unavailable("the Redis server changed while it was being checked".into())
 }
 
 enum Written {

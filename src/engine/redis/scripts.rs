@@ -7,7 +7,8 @@
 //! port is plugged), `dirty` (hash: serial -> `<mark>:<version>`, the widgets PostgreSQL
 //! has not caught up with), `l:<serial>` (set: the other widgets of the changes that made
 //! a dirty widget dirty, so a flush takes every change whole), `seq` (the version
-//! counter), `count` (widgets), `dirty_since`
+//! counter), `epoch` (the fencing epoch it was checked or loaded under, see the
+//! `redis_epoch` table), `count` (widgets), `dirty_since`
 //! (ms timestamp of when `dirty` last became non-empty), `loaded`, `load_lock` and `loads`
 //! (the one-time load from PostgreSQL). Scripts build keys from the serials they are given,
 //! which is why they need every key on one Redis node (no Cluster across slots).
@@ -160,19 +161,24 @@ return {'ok', tostring(version)}
     ))
 });
 
-/// Takes a batch of dirty widgets with their state, atomically: up to ARGV[2] picked at
+/// Takes a batch of dirty widgets with their state, atomically: up to ARGV[3] picked at
 /// random, and with each every dirty widget linked to it (`l:<serial>`), transitively, so
 /// that every change in the batch is there whole (both ends, the freed old peers) and
 /// PostgreSQL never commits one side of it. The links can make a batch larger than asked.
-/// ARGV: trusted run_id, prefix, count. Returns the server time in ms, "1" if the batch is
-/// the whole dirty set (else "0"), "1" if `loaded` is set (else "0": Redis lost its data),
-/// then [`TAKEN_FIELDS`] strings per widget.
+/// ARGV: trusted run_id, prefix, count, the highest version PostgreSQL holds. Returns
+/// {"behind"} if `seq` is below that version (Redis went back in time), else the server
+/// time in ms, "1" if the batch is the whole dirty set (else "0"), "1" if `loaded` is set
+/// (else "0": Redis lost its data), the fencing epoch, then [`TAKEN_FIELDS`] strings per
+/// widget. Links to widgets no longer dirty are dropped on the way.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         trusted_server_lua!(),
         read_widget_lua!(),
         r#"
 local prefix = ARGV[2]
+if tonumber(redis.call('GET', prefix .. 'seq') or '0') < tonumber(ARGV[4]) then
+  return {'behind'}
+end
 local dirty = prefix .. 'dirty'
 local picked = redis.call('HRANDFIELD', dirty, tonumber(ARGV[3]))
 local seen, taken = {}, {}
@@ -182,11 +188,15 @@ for _, s in ipairs(picked) do
 end
 local i = 1
 while i <= #taken do
-  for _, other in ipairs(redis.call('SMEMBERS', prefix .. 'l:' .. taken[i])) do
-    -- A linked widget no longer dirty had its side of the change flushed with this one.
-    if not seen[other] then
+  local links = prefix .. 'l:' .. taken[i]
+  for _, other in ipairs(redis.call('SMEMBERS', links)) do
+    -- A linked widget no longer dirty had its side of the change flushed with this one:
+    -- the link is dropped, so a widget that never stays clean does not gather links.
+    if redis.call('HEXISTS', dirty, other) == 0 then
+      redis.call('SREM', links, other)
+    elseif not seen[other] then
       seen[other] = true
-      if redis.call('HEXISTS', dirty, other) == 1 then table.insert(taken, other) end
+      table.insert(taken, other)
     end
   end
   i = i + 1
@@ -194,7 +204,8 @@ end
 local t = redis.call('TIME')
 local whole = (#taken == redis.call('HLEN', dirty)) and '1' or '0'
 local loaded = tostring(redis.call('EXISTS', prefix .. 'loaded'))
-local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)), whole, loaded}
+local epoch = redis.call('GET', prefix .. 'epoch') or '0'
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)), whole, loaded, epoch}
 for _, s in ipairs(taken) do
   table.insert(out, s); table.insert(out, redis.call('HGET', dirty, s))
   read_widget(prefix, s, out)
@@ -249,6 +260,40 @@ if dirty > 0 and since then
   lag = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(since)
 end
 return {tonumber(redis.call('GET', prefix .. 'count') or '0'), dirty, lag}
+"#,
+    )
+});
+
+/// Raises the fencing epoch Redis holds to ARGV[2] (never lowers it). ARGV: prefix, epoch.
+pub static RAISE_EPOCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local k = ARGV[1] .. 'epoch'
+if tonumber(redis.call('GET', k) or '0') < tonumber(ARGV[2]) then redis.call('SET', k, ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Ends a load from PostgreSQL, if its loader still holds the lock: sets `count` and
+/// `loaded`, counts the load, raises `seq` and the fencing epoch (never lowering either).
+/// ARGV: prefix, the loader's lock token, widgets loaded, seq floor, epoch. Returns 1, or 0
+/// (changing nothing) if the lock is another loader's.
+pub static FINISH_LOAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+if redis.call('GET', prefix .. 'load_lock') ~= ARGV[2] then return 0 end
+redis.call('SET', prefix .. 'count', ARGV[3])
+for _, k in ipairs({'seq', 'epoch'}) do
+  local v = ARGV[k == 'seq' and 4 or 5]
+  if tonumber(redis.call('GET', prefix .. k) or '0') < tonumber(v) then
+    redis.call('SET', prefix .. k, v)
+  end
+end
+redis.call('SET', prefix .. 'loaded', 1)
+redis.call('INCR', prefix .. 'loads')
+return 1
 "#,
     )
 });
