@@ -121,8 +121,65 @@ impl ApiError {
         }
     }
 
-    /// Whether the client may retry the same request after a pause.
-    fn retryable(&self) -> bool {
+    /// One error of every kind, in the order of `docs/API.md`'s error code table (which a
+    /// test compares with this list, as the OpenAPI document is built from it).
+    pub fn every_kind() -> Vec<ApiError> {
+        use crate::domain::Serial;
+        let serial = Serial::parse("serial", "123").expect("a valid serial");
+        let all = vec![
+            ApiError::InvalidJson(String::new()),
+            ApiError::PayloadTooLarge,
+            ApiError::BodyTimeout,
+            ApiError::Validation(ValidationError::new("field", "rule")),
+            ApiError::Domain(DomainError::WidgetExists(serial.clone())),
+            ApiError::Domain(DomainError::NotFound(serial.clone())),
+            ApiError::Domain(DomainError::PortNotAvailable {
+                serial: serial.clone(),
+                port: crate::domain::PortType::P,
+            }),
+            ApiError::Domain(DomainError::SelfAssociation(serial)),
+            ApiError::NoRoute(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::NotReady,
+            ApiError::Overloaded(""),
+            ApiError::DiskFull,
+            ApiError::WalWrite,
+            ApiError::WalFailed,
+            ApiError::Unavailable,
+            ApiError::FlushStalled(std::time::Duration::ZERO),
+            ApiError::Internal,
+        ];
+        // A new variant fails to compile here until it is in the list above.
+        for e in &all {
+            match e {
+                ApiError::InvalidJson(_)
+                | ApiError::Validation(_)
+                | ApiError::PayloadTooLarge
+                | ApiError::BodyTimeout
+                | ApiError::Domain(
+                    DomainError::WidgetExists(_)
+                    | DomainError::NotFound(_)
+                    | DomainError::PortNotAvailable { .. }
+                    | DomainError::SelfAssociation(_),
+                )
+                | ApiError::NoRoute(_)
+                | ApiError::MethodNotAllowed
+                | ApiError::NotReady
+                | ApiError::Overloaded(_)
+                | ApiError::DiskFull
+                | ApiError::WalWrite
+                | ApiError::WalFailed
+                | ApiError::Unavailable
+                | ApiError::FlushStalled(_)
+                | ApiError::Internal => {}
+            }
+        }
+        all
+    }
+
+    /// Whether the client may retry the same request after a pause (the answer carries
+    /// `Retry-After`).
+    pub fn retryable(&self) -> bool {
         matches!(
             self,
             ApiError::NotReady

@@ -1,7 +1,14 @@
 //! The HTTP API: the router, the shared [`AppState`], one file per resource
-//! ([`widgets`], [`associations`]) and the operational endpoints ([`ops`]).
+//! ([`widgets`], [`associations`]), the operational endpoints ([`ops`]), and the OpenAPI
+//! document ([`doc`]).
+//!
+//! Routing: `/widgets/associations` is the association route and only that (`PUT`); the
+//! serial `associations` is reserved, so no request for it is a request for a widget. A
+//! route answers a method it lacks, `OPTIONS` included, with `405 method_not_allowed` and
+//! `Allow` listing exactly its own methods (`HEAD` wherever `GET` is).
 
 pub mod associations;
+pub mod doc;
 mod extract;
 pub mod ops;
 pub mod widgets;
@@ -72,12 +79,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/widgets/{serial_number}",
             get(widgets::read).delete(widgets::delete),
         )
-        .route(
-            "/widgets/associations",
-            put(associations::associate)
-                .get(widgets::read_associations_serial)
-                .delete(widgets::delete_associations_serial),
-        )
+        .route("/widgets/associations", put(associations::associate))
         .route(
             "/widgets/{serial_number}/associations/{port_type}",
             delete(associations::free),

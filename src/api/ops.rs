@@ -1,44 +1,12 @@
 //! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
 
-use super::associations::{self, Associate};
-use super::widgets::{self, CreateWidget};
 use super::AppState;
-use crate::domain::{Associated, PortType, WidgetView};
-use crate::error::{ApiError, ErrorBody, ErrorDetail};
+use crate::error::ApiError;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
-use utoipa::OpenApi;
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "widgets",
-        description = "Widgets and the associations between their ports."
-    ),
-    paths(
-        widgets::create,
-        widgets::read,
-        widgets::delete,
-        associations::associate,
-        associations::free,
-        healthz,
-        readyz,
-        metrics,
-    ),
-    components(schemas(
-        CreateWidget,
-        Associate,
-        Associated,
-        WidgetView,
-        PortType,
-        ErrorBody,
-        ErrorDetail
-    ))
-)]
-pub struct ApiDoc;
 
 /// Liveness: `200` while the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up")))]
@@ -47,9 +15,11 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// Readiness: `200` once recovery has finished and writes can be made durable.
+/// `503` when recovering (`not_ready`), when writes can no longer be made durable
+/// (`wal_failed`), or while a change has waited for the durable store longer than
+/// `--ready-max-flush-lag` (`flush_stalled`); `super::doc` adds it.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Takes traffic"),
-    (status = 503, description = "Recovering (`not_ready`), writes can no longer be made durable (`wal_failed`), or a change has waited for the durable store longer than `--ready-max-flush-lag` (`flush_stalled`)", body = ErrorBody),
 ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
@@ -78,7 +48,8 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// The OpenAPI 3 document of this API, generated from the handlers.
-pub async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// The OpenAPI 3 document of this API, generated from the handlers and the checks
+/// (`super::doc`).
+pub async fn openapi() -> Json<Value> {
+    Json(super::doc::document())
 }
