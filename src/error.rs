@@ -28,6 +28,10 @@ pub enum ApiError {
     NoRoute(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// `--auth-token` is set and the request has no `Authorization: Bearer` header
+    /// (`false`), or one whose token is not one of those set (`true`: a token was sent).
+    #[error("{}", if *.0 { "the bearer token is not accepted" } else { "this request needs an `Authorization: Bearer <token>` header" })]
+    Unauthorized(bool),
     #[error("the service is still recovering; try again shortly")]
     NotReady,
     #[error("{0}; try again shortly")]
@@ -88,6 +92,7 @@ impl ApiError {
             ApiError::Domain(DomainError::SelfAssociation(_)) => "self_association",
             ApiError::NoRoute(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotReady => "not_ready",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::DiskFull => "disk_full",
@@ -110,6 +115,7 @@ impl ApiError {
             ApiError::Domain(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotReady
             | ApiError::Overloaded(_)
             | ApiError::DiskFull
@@ -138,6 +144,7 @@ impl ApiError {
                 port: crate::domain::PortType::P,
             }),
             ApiError::Domain(DomainError::SelfAssociation(serial)),
+            ApiError::Unauthorized(false),
             ApiError::NoRoute(String::new()),
             ApiError::MethodNotAllowed,
             ApiError::NotReady,
@@ -164,6 +171,7 @@ impl ApiError {
                 )
                 | ApiError::NoRoute(_)
                 | ApiError::MethodNotAllowed
+                | ApiError::Unauthorized(_)
                 | ApiError::NotReady
                 | ApiError::Overloaded(_)
                 | ApiError::DiskFull
@@ -224,6 +232,19 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        if let ApiError::Unauthorized(presented) = self {
+            // RFC 6750: a wrong token is `invalid_token`; a missing one gets the bare
+            // challenge.
+            let challenge = if presented {
+                r#"Bearer error="invalid_token""#
+            } else {
+                "Bearer"
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
             );
         }
         response

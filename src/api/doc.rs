@@ -3,12 +3,14 @@
 //! on (`crate::domain::schema`), and, for the error answers, [`ApiError`] itself: each
 //! operation lists the errors it can answer ([`errors`]), and their statuses, `code`
 //! values and `Retry-After` headers come from `ApiError::status`, `code` and `retryable`,
-//! the same functions that make the answers.
+//! the same functions that make the answers. The auth settings shape it too: with a token
+//! set, the protected operations say so (`security`) and list `401 unauthorized`.
 //!
 //! The document says what the service checks and no more, so that a tester driven by it
 //! (CI runs schemathesis against it, `scripts/contract.sh`) finds every rule in it.
 
 use super::associations::{self, Associate};
+use super::auth::{Auth, Class};
 use super::ops;
 use super::widgets::{self, CreateWidget};
 use crate::domain::schema::NOT_CONST_EXTENSION;
@@ -54,7 +56,8 @@ use utoipa::OpenApi;
 )]
 pub struct ApiDoc;
 
-/// The errors an operation can answer, in any mode (single node or Redis).
+/// The errors an operation can answer, in any mode (single node or Redis), besides
+/// `401` (added by [`document`] where a token is needed).
 pub fn errors(method: &Method, path: &str) -> Vec<ApiError> {
     let serial = || Serial::parse("serial", "123").expect("a valid serial");
     let validation = || ApiError::Validation(ValidationError::new("field", "rule"));
@@ -131,20 +134,36 @@ pub fn errors(method: &Method, path: &str) -> Vec<ApiError> {
     }
 }
 
-/// The document.
-pub fn document() -> Value {
+/// The document, for a service with these auth settings.
+pub fn document(auth: &Auth) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document is JSON");
     let paths = doc["paths"].as_object_mut().expect("paths");
+    let mut secured = false;
     for (path, item) in paths.iter_mut() {
         let item = item.as_object_mut().expect("a path item");
         for (method, operation) in item.iter_mut() {
             let Ok(method) = method.to_uppercase().parse::<Method>() else {
                 continue;
             };
-            let errors = errors(&method, path);
+            let mut errors = errors(&method, path);
+            if auth.protects(Class::of(&method, path)) {
+                errors.insert(0, ApiError::Unauthorized(false));
+                operation["security"] = json!([{"bearer": []}]);
+                secured = true;
+            }
             let responses = operation["responses"].as_object_mut().expect("responses");
             add_error_responses(responses, &errors);
         }
+    }
+    if secured {
+        doc["components"]["securitySchemes"] = json!({
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "`Authorization: Bearer <token>`, one of the tokens set \
+                    with --auth-token or --auth-token-file"
+            }
+        });
     }
     add_links(&mut doc);
     add_method_not_allowed(&mut doc);
@@ -154,7 +173,7 @@ pub fn document() -> Value {
 
 /// One response per status among `errors`: the `code` values it can carry (an enum in
 /// its schema, listed in its description), `Retry-After` where one of them sends it
-/// (required when all do), `Allow` on a `405`.
+/// (required when all do), `WWW-Authenticate` on a `401`, `Allow` on a `405`.
 fn add_error_responses(responses: &mut Map<String, Value>, errors: &[ApiError]) {
     let mut by_status: BTreeMap<u16, Vec<&ApiError>> = BTreeMap::new();
     for e in errors {
@@ -182,6 +201,16 @@ fn add_error_responses(responses: &mut Map<String, Value>, errors: &[ApiError]) 
                     "description": format!("Seconds to wait before sending the same request again; sent with {}", quoted(&retrying)),
                     "required": retrying.len() == codes.len(),
                     "schema": {"type": "integer", "minimum": 1}
+                }),
+            );
+        }
+        if status == 401 {
+            headers.insert(
+                "WWW-Authenticate".into(),
+                json!({
+                    "description": "`Bearer`, or `Bearer error=\"invalid_token\"` when a token was sent",
+                    "required": true,
+                    "schema": {"type": "string", "pattern": "^Bearer"}
                 }),
             );
         }
@@ -290,9 +319,13 @@ fn reserve_words(value: &mut Value) {
 mod tests {
     use super::*;
 
+    fn auth(reads: bool, metrics: bool) -> Auth {
+        Auth::new(&["t".to_owned()], reads, metrics).unwrap()
+    }
+
     #[test]
     fn error_answers_come_from_api_error() {
-        let doc = document();
+        let doc = document(&Auth::default());
         let create = &doc["paths"]["/widgets"]["post"]["responses"];
         let statuses: Vec<&String> = create.as_object().unwrap().keys().collect();
         assert_eq!(
@@ -394,7 +427,7 @@ mod tests {
     /// the error code table states once).
     #[test]
     fn api_md_endpoint_tables_are_the_documents_responses() {
-        let doc = document();
+        let doc = document(&Auth::default());
         let mut seen = 0;
         for (heading, rows) in api_md_tables() {
             let Some(op) = heading.strip_prefix('`').and_then(|h| h.split('`').next()) else {
@@ -437,8 +470,62 @@ mod tests {
     }
 
     #[test]
+    fn no_token_no_security() {
+        let doc = document(&Auth::default());
+        assert!(doc["components"]["securitySchemes"].is_null());
+        assert!(!doc.to_string().contains("\"401\""));
+        assert!(!doc.to_string().contains("security"));
+    }
+
+    #[test]
+    fn a_token_secures_writes_and_what_is_asked() {
+        let writes_only = document(&auth(false, false));
+        let op = |doc: &Value, path: &str, method: &str| doc["paths"][path][method].clone();
+        for (path, method) in [
+            ("/widgets", "post"),
+            ("/widgets/{serial_number}", "delete"),
+            ("/widgets/associations", "put"),
+            (
+                "/widgets/{serial_number}/associations/{port_type}",
+                "delete",
+            ),
+        ] {
+            let o = op(&writes_only, path, method);
+            assert_eq!(o["security"], json!([{"bearer": []}]), "{method} {path}");
+            assert_eq!(
+                o["responses"]["401"]["headers"]["WWW-Authenticate"]["required"],
+                true
+            );
+        }
+        for (path, method) in [
+            ("/widgets/{serial_number}", "get"),
+            ("/metrics", "get"),
+            ("/healthz", "get"),
+            ("/readyz", "get"),
+        ] {
+            assert!(
+                op(&writes_only, path, method)["security"].is_null(),
+                "{path}"
+            );
+        }
+        let all = document(&auth(true, true));
+        for (path, open) in [
+            ("/widgets/{serial_number}", false),
+            ("/metrics", false),
+            ("/healthz", true),
+            ("/readyz", true),
+        ] {
+            assert_eq!(op(&all, path, "get")["security"].is_null(), open, "{path}");
+        }
+        assert_eq!(
+            all["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+    }
+
+    #[test]
     fn serials_a_client_names_exclude_the_reserved_word() {
-        let doc = document();
+        let doc = document(&Auth::default());
         let param = &doc["paths"]["/widgets/{serial_number}"]["get"]["parameters"][0]["schema"];
         assert_eq!(param["not"], json!({"const": "associations"}));
         assert_eq!(param["pattern"], "^[A-Za-z0-9._:-]{1,36}$");

@@ -49,7 +49,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// The OpenAPI 3 document of this API, generated from the handlers and the checks
-/// (`super::doc`).
-pub async fn openapi() -> Json<Value> {
-    Json(super::doc::document())
+/// (`super::doc`), for this service's auth settings.
+pub async fn openapi(State(state): State<AppState>) -> Json<Value> {
+    Json(super::doc::document(state.auth()))
 }
