@@ -246,7 +246,7 @@ fn error_schema(codes: &[&str]) -> Value {
 
 /// The links a client (or a stateful tester) follows: from a created widget to reading,
 /// freeing and deleting it; from a widget read to associating it with a peer; from an
-/// association to freeing it again, and to its peer. (Associating is linked from a read, not
+/// association to freeing it again, reading its peer, deleting the widget. (Associating is linked from a read, not
 /// from the create: the body names a second widget, which no answer of a create knows, and
 /// a peer that does not exist answers `404`, which a tester would take for the created
 /// widget missing.)
@@ -274,8 +274,8 @@ fn add_links(doc: &mut Value) {
         "ReadPeer": {"operationId": "read", "parameters": {
             "serial_number": "$response.body#/peer/serial_number"
         }},
-        "DeletePeer": {"operationId": "delete", "parameters": {
-            "serial_number": "$response.body#/peer/serial_number"
+        "DeleteWidget": {"operationId": "delete", "parameters": {
+            "serial_number": "$response.body#/widget/serial_number"
         }},
     });
 }
