@@ -186,6 +186,12 @@ impl std::str::FromStr for Token {
     }
 }
 
+impl Token {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("***")

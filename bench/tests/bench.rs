@@ -77,6 +77,34 @@ fn a_short_bench_reports_sane_numbers() {
     assert!(report["baseline"].is_null(), "no database, no baseline");
 }
 
+/// With a token the started service protects every request class, and the bench sends it
+/// on every request: nothing is refused.
+#[test]
+fn a_bench_with_a_token_is_never_refused() {
+    let report = bench_report(&[
+        "--widgets",
+        "100",
+        "--duration",
+        "500ms",
+        "--ceiling-secs",
+        "0",
+        "--concurrency",
+        "2",
+        "--database-url=",
+        "--auth-token",
+        "bench-token",
+    ]);
+    assert_eq!(report["create"]["ok"].as_f64(), Some(100.0), "{report:#}");
+    assert!(report["load"]["ok"].as_f64().unwrap() > 0.0, "{report:#}");
+    let errors = report["load"]["errors"].as_object().expect("load.errors");
+    assert!(errors.is_empty(), "refused: {errors:?}");
+    // /metrics (protected) was scraped with it.
+    assert!(
+        report["server"]["fsyncs"].as_f64().unwrap() > 0.0,
+        "{report:#}"
+    );
+}
+
 /// A baseline the PostgreSQL server has no room for fails at once with what to do, and the
 /// run still reports everything else it measured.
 #[tokio::test]
