@@ -82,6 +82,8 @@ pub fn errors(method: &Method, path: &str) -> Vec<ApiError> {
         ]
     };
     let not_found = || ApiError::Domain(DomainError::NotFound(serial()));
+    // A path parameter that is empty or holds a `/` makes a path no route has.
+    let no_route = || ApiError::NoRoute(String::new());
     let port_not_available = || {
         ApiError::Domain(DomainError::PortNotAvailable {
             serial: serial(),
@@ -98,6 +100,7 @@ pub fn errors(method: &Method, path: &str) -> Vec<ApiError> {
         // `/widgets/associations` is the association route's: there the serial the
         // template would take is answered `405` with `Allow: PUT`.
         ("GET", "/widgets/{serial_number}") => vec![
+            no_route(),
             ApiError::MethodNotAllowed,
             validation(),
             not_found(),
@@ -106,7 +109,12 @@ pub fn errors(method: &Method, path: &str) -> Vec<ApiError> {
             ApiError::Internal,
         ],
         ("DELETE", "/widgets/{serial_number}") => {
-            let mut e = vec![ApiError::MethodNotAllowed, validation(), not_found()];
+            let mut e = vec![
+                no_route(),
+                ApiError::MethodNotAllowed,
+                validation(),
+                not_found(),
+            ];
             e.extend(unavailable_write());
             e
         }
@@ -121,7 +129,7 @@ pub fn errors(method: &Method, path: &str) -> Vec<ApiError> {
             e
         }
         ("DELETE", "/widgets/{serial_number}/associations/{port_type}") => {
-            let mut e = vec![validation(), not_found(), port_not_available()];
+            let mut e = vec![no_route(), validation(), not_found(), port_not_available()];
             e.extend(unavailable_write());
             e
         }
@@ -535,6 +543,12 @@ mod tests {
             json!({"const": "associations"})
         );
         assert_eq!(body["ports"]["uniqueItems"], true);
+        let not_found = &doc["paths"]["/widgets/{serial_number}"]["delete"]["responses"]["404"];
+        assert_eq!(
+            not_found["content"]["application/json"]["schema"]["properties"]["error"]["properties"]
+                ["code"]["enum"],
+            json!(["not_found", "widget_not_found"])
+        );
         assert!(!doc.to_string().contains(NOT_CONST_EXTENSION));
     }
 }
