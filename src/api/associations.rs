@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 
-/// Body of `PUT /widgets/associations`. Its schema is the checks' own ([`schema`]).
+/// Body of `PUT /widgets/associations`.
+// The fields' schemas are the checks' own (`crate::domain::schema`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(example = json!({"port_type": "P", "widget_serial_num": "123", "peer_widget_serial_num": "321"}))]
 pub struct Associate {
@@ -19,7 +20,8 @@ pub struct Associate {
     pub port_type: String,
     #[schema(schema_with = schema::named_serial)]
     pub widget_serial_num: String,
-    /// Another widget than `widget_serial_num` (the same one is `422 self_association`).
+    // Another widget than `widget_serial_num` (the same one is `422 self_association`),
+    // which a JSON schema cannot say.
     #[schema(schema_with = schema::named_serial)]
     pub peer_widget_serial_num: String,
 }

@@ -14,10 +14,11 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: `200` once recovery has finished and writes can be made durable.
-/// `503` when recovering (`not_ready`), when writes can no longer be made durable
+/// Readiness: `200` once recovery has finished and writes can be made durable; `503`
+/// while recovering (`not_ready`), once writes can no longer be made durable
 /// (`wal_failed`), or while a change has waited for the durable store longer than
-/// `--ready-max-flush-lag` (`flush_stalled`); `super::doc` adds it.
+/// `--ready-max-flush-lag` (`flush_stalled`).
+// `super::doc` adds the `503` answer, from `ApiError`.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Takes traffic"),
 ))]

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-/// Body of `POST /widgets`. Its schema is the checks' own ([`schema`]).
+/// Body of `POST /widgets`.
+// The fields' schemas are the checks' own (`crate::domain::schema`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(example = json!({"name": "widget1", "serial_number": "123", "ports": ["P", "R"]}))]
 pub struct CreateWidget {
@@ -19,7 +20,6 @@ pub struct CreateWidget {
     pub name: String,
     #[schema(schema_with = schema::named_serial)]
     pub serial_number: String,
-    /// 1 to 3 distinct port types, in any order.
     #[schema(schema_with = schema::ports)]
     pub ports: Vec<String>,
 }
@@ -48,7 +48,8 @@ pub(super) fn path_serial(raw: &str) -> Result<Serial, ApiError> {
     Ok(Serial::parse_named("serial_number", raw)?)
 }
 
-/// Create a widget. (Every error answer is added by [`super::doc`].)
+/// Create a widget.
+// The success answer only: `super::doc` adds every error answer, from `ApiError`.
 #[utoipa::path(post, path = "/widgets", tag = "widgets", request_body = CreateWidget,
     responses(
         (status = 201, description = "Created", body = WidgetView,
