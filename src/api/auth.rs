@@ -6,23 +6,31 @@
 //! needs a token with `--auth-metrics`; `GET` and `HEAD` anywhere else are reads, which
 //! need one with `--auth-reads`; every other method is a write, which needs one whenever
 //! a token is set. Several tokens may be set at once, so that one can be rotated out
-//! while clients move to the next. A token is compared with each set token in constant
-//! time (`subtle`), every set token every time: the time an answer takes tells nothing of
-//! how much of a token matched, or which one.
+//! while clients move to the next. A token is compared by its SHA-256 digest with each set
+//! token's, in constant time (`subtle`), every set token every time: the time an answer
+//! takes tells nothing of how much of a token matched, which one, or how long they are.
 
 use crate::error::ApiError;
 use axum::extract::{Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
+
+/// What is kept of a token: its SHA-256 digest, so that every comparison is of 32 bytes.
+type TokenDigest = [u8; 32];
+
+fn digest(token: &[u8]) -> TokenDigest {
+    Sha256::digest(token).into()
+}
 
 /// The tokens a request may present, and which classes need one. The default has no
 /// token: nothing is checked.
 #[derive(Clone, Default)]
 pub struct Auth {
-    tokens: Arc<[Box<[u8]>]>,
+    tokens: Arc<[TokenDigest]>,
     reads: bool,
     metrics: bool,
 }
@@ -110,7 +118,7 @@ impl Auth {
             }
         }
         Ok(Auth {
-            tokens: tokens.iter().map(|t| t.as_bytes().into()).collect(),
+            tokens: tokens.iter().map(|t| digest(t.as_bytes())).collect(),
             reads,
             metrics,
         })
@@ -134,9 +142,10 @@ impl Auth {
 
     /// Whether `presented` is one of the tokens, compared with every one in constant time.
     fn accepts(&self, presented: &[u8]) -> bool {
+        let presented = digest(presented);
         let mut any = subtle::Choice::from(0);
         for token in self.tokens.iter() {
-            any |= token.ct_eq(presented);
+            any |= token.ct_eq(&presented);
         }
         any.into()
     }
