@@ -85,6 +85,10 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     if config.redis_url().is_some() {
         bail!("REDIS_URL is set, but this build has no Redis mode: build with --features redis, or unset it");
     }
+    let auth = config.auth()?;
+    if auth.is_on() {
+        tracing::info!(?auth, "bearer auth is on");
+    }
     // Single node: the WAL and the embedded store in the data directory are this
     // process's alone. (Redis mode keeps nothing there.)
     let data_dir = match config.redis_url() {
@@ -102,7 +106,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     if config.fsync != crate::wal::FsyncMode::Always {
         tracing::warn!(fsync = ?config.fsync, "WAL fsync is not `always`: a crash can lose acknowledged writes");
     }
-    let state = AppState::new(config.body_timeout, config.ready_max_flush_lag);
+    let state = AppState::new(config.body_timeout, config.ready_max_flush_lag, auth);
     let shutdown = CancellationToken::new();
     let router = api::router(state.clone(), config.max_body_bytes as usize);
     let server = tokio::spawn(crate::serve::serve(

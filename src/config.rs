@@ -3,10 +3,12 @@
 //! (`migrate`, `wal`, `bench-seed`) are `main.rs`'s, which flattens this into its command
 //! line; [`Config`] also parses on its own, as tests build apps from argument lists.
 
+use crate::api::auth::Auth;
 use crate::engine::EngineSettings;
 use crate::serve::ConnectionLimits;
 use crate::store::postgres::{FlushTxSettings, SynchronousCommit};
 use crate::wal::{FsyncMode, RecoveryMode};
+use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -147,11 +149,67 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// Bearer tokens (comma-separated, or the flag repeated; several for a rotation):
+    /// writes then need `Authorization: Bearer <token>` with one of them, and answer
+    /// `401 unauthorized` without. Characters `A-Z a-z 0-9 - . _ ~ + /`, then any `=`.
+    /// Default: none, and no request needs a token.
+    #[arg(
+        long,
+        env = "WIDGETS_AUTH_TOKEN",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub auth_token: Vec<Token>,
+
+    /// A file of bearer tokens, one a line (blank lines and lines starting with `#` are
+    /// skipped), e.g. a mounted secret; read once at start-up and added to --auth-token.
+    /// Default: none.
+    #[arg(long, env = "WIDGETS_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Reads (`GET`, `HEAD` under `/widgets`) need a token too. Needs a token set. Default:
+    /// reads are open.
+    #[arg(long, env = "WIDGETS_AUTH_READS")]
+    pub auth_reads: bool,
+
+    /// `GET /metrics` needs a token too. Needs a token set. Default: open. (`/healthz`,
+    /// `/readyz` and `/openapi.json` are always open.)
+    #[arg(long, env = "WIDGETS_AUTH_METRICS")]
+    pub auth_metrics: bool,
+
     /// Page cache of the embedded store, in bytes (1 MiB to 64 GiB). sled's own memory
     /// grows with it several times over: at 10 M widgets, 128 MiB cost ~250 MiB more RSS
     /// than 32 MiB.
     #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=64 << 30))]
     pub sled_cache_bytes: u64,
+}
+
+/// A bearer token: checked when parsed, and never printed (`Debug` shows `***`). An
+/// empty one (`WIDGETS_AUTH_TOKEN=`) counts as none.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl std::str::FromStr for Token {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.is_empty() {
+            crate::api::auth::check_token(s).map_err(|e| e.to_string())?;
+        }
+        Ok(Token(s.to_owned()))
+    }
+}
+
+impl Token {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// How log lines are written (see `crate::logging`).
@@ -206,6 +264,40 @@ impl Config {
             synchronous_commit: self.pg_synchronous_commit,
             timeout: self.pg_flush_timeout,
         }
+    }
+
+    /// The auth settings: the tokens of --auth-token and --auth-token-file, and what they
+    /// protect. Fails naming the file that cannot be read or the setting that is wrong.
+    pub fn auth(&self) -> anyhow::Result<Auth> {
+        let mut tokens: Vec<String> = self
+            .auth_token
+            .iter()
+            .filter(|t| !t.0.is_empty())
+            .map(|t| t.0.clone())
+            .collect();
+        if let Some(path) = &self.auth_token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --auth-token-file {}", path.display()))?;
+            let from_file: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            if from_file.is_empty() {
+                anyhow::bail!(
+                    "--auth-token-file {} holds no token (one a line)",
+                    path.display()
+                );
+            }
+            for (i, token) in from_file.iter().enumerate() {
+                crate::api::auth::check_token(token).with_context(|| {
+                    format!("--auth-token-file {}, token {}", path.display(), i + 1)
+                })?;
+            }
+            tokens.extend(from_file);
+        }
+        Ok(Auth::new(&tokens, self.auth_reads, self.auth_metrics)?)
     }
 
     pub fn connection_limits(&self) -> ConnectionLimits {
@@ -263,6 +355,49 @@ mod tests {
         ] {
             assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn auth_tokens_from_flags_env_style_lists_and_a_file() {
+        let off = Config::try_parse_from(["widgets"]).unwrap().auth().unwrap();
+        assert!(!off.is_on());
+        let c = Config::try_parse_from([
+            "widgets",
+            "--auth-token",
+            "a,b",
+            "--auth-token=c",
+            "--auth-reads",
+        ])
+        .unwrap();
+        assert_eq!(c.auth_token.len(), 3);
+        assert!(format!("{c:?}").contains("***") && !format!("{c:?}").contains("\"a\""));
+        let auth = c.auth().unwrap();
+        assert!(auth.protects(crate::api::auth::Class::Read));
+        // An empty value means none: then --auth-reads has nothing to check with.
+        let c = Config::try_parse_from(["widgets", "--auth-token=", "--auth-reads"]).unwrap();
+        assert!(c
+            .auth()
+            .unwrap_err()
+            .to_string()
+            .contains("--auth-reads needs a token"));
+        assert!(Config::try_parse_from(["widgets", "--auth-token", "has space"]).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# rotation\nnew-token\n\n  old-token  \r\n").unwrap();
+        let c = Config::try_parse_from(["widgets", "--auth-token-file", file.to_str().unwrap()])
+            .unwrap();
+        assert!(c.auth().unwrap().is_on());
+        std::fs::write(&file, "# nothing\n\n").unwrap();
+        let e = format!("{:#}", c.auth().unwrap_err());
+        assert!(e.contains("holds no token"), "{e}");
+        std::fs::write(&file, "ok\nnot ok\n").unwrap();
+        let e = format!("{:#}", c.auth().unwrap_err());
+        assert!(e.contains("token 2") && !e.contains("not ok"), "{e}");
+        let missing = dir.path().join("missing");
+        let c = Config::try_parse_from(["widgets", "--auth-token-file", missing.to_str().unwrap()])
+            .unwrap();
+        assert!(format!("{:#}", c.auth().unwrap_err()).contains("reading --auth-token-file"));
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub enum ApiError {
     NoRoute(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// `--auth-token` is set and the request has no `Authorization: Bearer` header
+    /// (`false`), or one whose token is not one of those set (`true`: a token was sent).
+    #[error("{}", if *.0 { "the bearer token is not accepted" } else { "this request needs an `Authorization: Bearer <token>` header" })]
+    Unauthorized(bool),
     #[error("the service is still recovering; try again shortly")]
     NotReady,
     #[error("{0}; try again shortly")]
@@ -88,6 +92,7 @@ impl ApiError {
             ApiError::Domain(DomainError::SelfAssociation(_)) => "self_association",
             ApiError::NoRoute(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotReady => "not_ready",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::DiskFull => "disk_full",
@@ -110,6 +115,7 @@ impl ApiError {
             ApiError::Domain(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotReady
             | ApiError::Overloaded(_)
             | ApiError::DiskFull
@@ -121,8 +127,67 @@ impl ApiError {
         }
     }
 
-    /// Whether the client may retry the same request after a pause.
-    fn retryable(&self) -> bool {
+    /// One error of every kind, in the order of `docs/API.md`'s error code table (which a
+    /// test compares with this list, as the OpenAPI document is built from it).
+    pub fn every_kind() -> Vec<ApiError> {
+        use crate::domain::Serial;
+        let serial = Serial::parse("serial", "123").expect("a valid serial");
+        let all = vec![
+            ApiError::InvalidJson(String::new()),
+            ApiError::PayloadTooLarge,
+            ApiError::BodyTimeout,
+            ApiError::Validation(ValidationError::new("field", "rule")),
+            ApiError::Domain(DomainError::WidgetExists(serial.clone())),
+            ApiError::Domain(DomainError::NotFound(serial.clone())),
+            ApiError::Domain(DomainError::PortNotAvailable {
+                serial: serial.clone(),
+                port: crate::domain::PortType::P,
+            }),
+            ApiError::Domain(DomainError::SelfAssociation(serial)),
+            ApiError::Unauthorized(false),
+            ApiError::NoRoute(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::NotReady,
+            ApiError::Overloaded(""),
+            ApiError::DiskFull,
+            ApiError::WalWrite,
+            ApiError::WalFailed,
+            ApiError::Unavailable,
+            ApiError::FlushStalled(std::time::Duration::ZERO),
+            ApiError::Internal,
+        ];
+        // A new variant fails to compile here until it is in the list above.
+        for e in &all {
+            match e {
+                ApiError::InvalidJson(_)
+                | ApiError::Validation(_)
+                | ApiError::PayloadTooLarge
+                | ApiError::BodyTimeout
+                | ApiError::Domain(
+                    DomainError::WidgetExists(_)
+                    | DomainError::NotFound(_)
+                    | DomainError::PortNotAvailable { .. }
+                    | DomainError::SelfAssociation(_),
+                )
+                | ApiError::NoRoute(_)
+                | ApiError::MethodNotAllowed
+                | ApiError::Unauthorized(_)
+                | ApiError::NotReady
+                | ApiError::Overloaded(_)
+                | ApiError::DiskFull
+                | ApiError::WalWrite
+                | ApiError::WalFailed
+                | ApiError::Unavailable
+                | ApiError::FlushStalled(_)
+                | ApiError::Internal => {}
+            }
+        }
+        all
+    }
+
+    /// Whether the client may retry the same request after a pause (the answer carries
+    /// `Retry-After`).
+    pub fn retryable(&self) -> bool {
         matches!(
             self,
             ApiError::NotReady
@@ -167,6 +232,19 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        if let ApiError::Unauthorized(presented) = self {
+            // RFC 6750: a wrong token is `invalid_token`; a missing one gets the bare
+            // challenge.
+            let challenge = if presented {
+                r#"Bearer error="invalid_token""#
+            } else {
+                "Bearer"
+            };
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
             );
         }
         response

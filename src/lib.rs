@@ -8,10 +8,11 @@
 //! - [`config`]: every setting, by flag or environment variable, with its default.
 //! - [`data_dir`]: the lock that makes a data directory one process's alone.
 //! - [`app`]: picks the store and engine, serves, runs the flusher, graceful shutdown.
-//! - [`api`]: the HTTP routes, one file per resource, plus health, readiness, metrics, OpenAPI.
+//! - [`api`]: the HTTP routes, one file per resource, plus health, readiness, metrics, bearer
+//!   auth, and the OpenAPI document built from the checks.
 //! - [`error`]: `ApiError`, the one HTTP error type and its JSON body.
-//! - [`domain`]: serials, names, ports, widgets and their one validator, changes and their
-//!   marks, and the association rules as pure functions.
+//! - [`domain`]: serials, names, ports and their JSON schemas, widgets and their one
+//!   validator, changes and their marks, and the association rules as pure functions.
 //! - [`engine`]: the hot state behind one interface: `memory` (the papaya map, the dirty
 //!   set, the sequencer thread, recovery from the store and the WAL) and, with the `redis`
 //!   feature, `redis` (scripts, optimistic writes, the one-time load from PostgreSQL).

@@ -17,6 +17,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum HttpError {
     #[error("building the HTTP client")]
     Client(#[source] reqwest::Error),
+    #[error("the auth token cannot be sent in a header")]
+    Token,
     #[error("GET {0}")]
     Request(String, #[source] reqwest::Error),
     #[error("GET {0} answered {1}")]
@@ -33,9 +35,22 @@ pub struct Http {
 
 impl Http {
     /// A client for `base` (`http://host:port`) keeping up to `connections` idle
-    /// connections, one per worker.
-    pub fn new(base: &str, connections: usize) -> Result<Self, HttpError> {
+    /// connections, one per worker, and sending `Authorization: Bearer <token>` on every
+    /// request when given a token.
+    pub fn new(
+        base: &str,
+        connections: usize,
+        auth_token: Option<&str>,
+    ) -> Result<Self, HttpError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = auth_token {
+            let mut value = reqwest::header::HeaderValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| HttpError::Token)?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let client = Client::builder()
+            .default_headers(headers)
             .pool_max_idle_per_host(connections)
             .tcp_nodelay(true)
             .timeout(REQUEST_TIMEOUT)

@@ -152,6 +152,13 @@ pub struct BenchArgs {
     )]
     pub server_args: Vec<String>,
 
+    /// A bearer token, sent on every request. The started service gets it as its only
+    /// token, with reads and /metrics protected too (`--auth-token TOKEN --auth-reads
+    /// --auth-metrics`), so that every request of the load pays for the check; with --url,
+    /// the token of that service. Default: none, auth off.
+    #[arg(long, env = "WIDGETS_BENCH_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<widgets::config::Token>,
+
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
 }
@@ -193,6 +200,14 @@ impl BenchArgs {
             .filter(|u| !u.trim().is_empty())
     }
 
+    /// The bearer token, if one is set (an empty one means none).
+    pub fn auth_token(&self) -> Option<&str> {
+        self.auth_token
+            .as_ref()
+            .map(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+    }
+
     fn pace(&self) -> Pace {
         match self.rate {
             Some(rate) => Pace::Open {
@@ -224,6 +239,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
                 fsync: args.fsync,
                 database_url: server_db.as_ref().map(|db| db.url.clone()),
                 extra_args: args.server_args.clone(),
+                auth_token: args.auth_token().map(str::to_owned),
             };
             let mut command = ServerCommand::new(&bin);
             command.args = options.args();
@@ -252,7 +268,7 @@ async fn measure(
     database_url: Option<&str>,
 ) -> anyhow::Result<Report> {
     let concurrency = args.concurrency as usize;
-    let http = Http::new(base, concurrency)?;
+    let http = Http::new(base, concurrency, args.auth_token())?;
     http.wait_ready(READY_TIMEOUT)
         .await
         .context("waiting for the service")?;
@@ -377,7 +393,7 @@ async fn echo_phase(args: &BenchArgs, serials: &Arc<Vec<String>>) -> anyhow::Res
         .context("starting the echo reference")?;
     tracing::info!(secs = args.echo_secs, url = %echo.base, "measuring the echo reference (PUT /widgets/associations)");
     let concurrency = args.concurrency as usize;
-    let http = Http::new(&echo.base, concurrency)?;
+    let http = Http::new(&echo.base, concurrency, args.auth_token())?;
     let meter = cpu::Meter::new(Some(echo.pid()));
     let mark = meter.mark();
     let r = {
@@ -517,6 +533,7 @@ mod tests {
         assert_eq!((a.rate, a.mix, a.json), (None, Mix::default(), false));
         assert_eq!(a.fsync, FsyncMode::Always);
         assert!(a.server_args.is_empty());
+        assert_eq!(a.auth_token(), None);
         assert_eq!(a.pace(), Pace::Closed(Duration::from_secs(20)));
     }
 
@@ -563,6 +580,13 @@ mod tests {
         assert_eq!(a.server_bin, Some(PathBuf::from("target/debug/widgets")));
         let a = parse(&["--url", "http://127.0.0.1:8080"]).unwrap();
         assert_eq!(a.url.as_deref(), Some("http://127.0.0.1:8080"));
+        let a = parse(&["--auth-token", "s3cret"]).unwrap();
+        assert_eq!(a.auth_token(), Some("s3cret"));
+        assert!(
+            !format!("{a:?}").contains("s3cret"),
+            "the token is never printed"
+        );
+        assert_eq!(parse(&["--auth-token="]).unwrap().auth_token(), None);
     }
 
     #[test]
@@ -608,6 +632,7 @@ mod tests {
                 "--server-arg",
             ),
             (&["--url", "http://h", "--server-bin", "w"], "--server-bin"),
+            (&["--auth-token", "two words"], "RFC 6750"),
             (&["--bogus"], "--bogus"),
         ] {
             let e = parse(args).expect_err(&format!("{args:?} was accepted"));

@@ -34,6 +34,9 @@ pub struct ServerOptions {
     pub database_url: Option<String>,
     /// More top-level settings, passed as they are (e.g. `--flush-interval=200ms`).
     pub extra_args: Vec<String>,
+    /// Its one bearer token, protecting every request class (`--auth-reads`,
+    /// `--auth-metrics`); `None`: auth off.
+    pub auth_token: Option<String>,
 }
 
 impl ServerOptions {
@@ -50,6 +53,14 @@ impl ServerOptions {
         // Single node unless a --server-arg says otherwise (a later flag wins), whatever
         // REDIS_URL says.
         args.push("--redis-url=".to_owned());
+        // Always given, like the URLs, so a WIDGETS_AUTH_TOKEN in a `.env` cannot choose.
+        args.push(format!(
+            "--auth-token={}",
+            self.auth_token.as_deref().unwrap_or("")
+        ));
+        if self.auth_token.is_some() {
+            args.extend(["--auth-reads".to_owned(), "--auth-metrics".to_owned()]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args.push("serve".to_owned());
         args
@@ -86,6 +97,7 @@ mod tests {
             fsync: FsyncMode::Never,
             database_url: None,
             extra_args: vec!["--flush-interval=200ms".into()],
+            auth_token: None,
         };
         let args = options.args();
         assert_eq!(
@@ -99,6 +111,7 @@ mod tests {
                 "never",
                 "--database-url=",
                 "--redis-url=",
+                "--auth-token=",
                 "--flush-interval=200ms",
                 "serve"
             ]
@@ -108,6 +121,22 @@ mod tests {
         assert_eq!(config.fsync, FsyncMode::Never);
         assert_eq!(config.postgres_url(), None);
         assert_eq!(config.flush_interval, Duration::from_millis(200));
+        assert!(!config.auth().unwrap().is_on());
+    }
+
+    #[test]
+    fn a_token_protects_every_request_class_of_the_started_service() {
+        let options = ServerOptions {
+            fsync: FsyncMode::Always,
+            database_url: None,
+            extra_args: vec![],
+            auth_token: Some("t0ken".into()),
+        };
+        let auth = child_config(&options.args()).auth().unwrap();
+        use widgets::api::auth::Class;
+        for class in [Class::Write, Class::Read, Class::Metrics] {
+            assert!(auth.protects(class), "{class:?}");
+        }
     }
 
     #[test]
@@ -116,6 +145,7 @@ mod tests {
             fsync: FsyncMode::Always,
             database_url: Some("postgres://u@h/db".into()),
             extra_args: vec![],
+            auth_token: None,
         };
         let config = child_config(&options.args());
         assert_eq!(config.postgres_url(), Some("postgres://u@h/db"));

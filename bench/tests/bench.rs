@@ -123,6 +123,7 @@ async fn the_echo_answers_the_put_as_the_service_does() {
         fsync: FsyncMode::Never,
         database_url: None,
         extra_args: vec![],
+        auth_token: None,
     };
     let mut command = ServerCommand::new(service_bin());
     command.args = options.args();
@@ -170,6 +171,34 @@ async fn the_echo_answers_the_put_as_the_service_does() {
         "still running"
     );
     service.stop().await.unwrap();
+}
+
+/// With a token the started service protects every request class, and the bench sends it
+/// on every request: nothing is refused.
+#[test]
+fn a_bench_with_a_token_is_never_refused() {
+    let report = bench_report(&[
+        "--widgets",
+        "100",
+        "--duration",
+        "500ms",
+        "--ceiling-secs",
+        "0",
+        "--concurrency",
+        "2",
+        "--database-url=",
+        "--auth-token",
+        "bench-token",
+    ]);
+    assert_eq!(report["create"]["ok"].as_f64(), Some(100.0), "{report:#}");
+    assert!(report["load"]["ok"].as_f64().unwrap() > 0.0, "{report:#}");
+    let errors = report["load"]["errors"].as_object().expect("load.errors");
+    assert!(errors.is_empty(), "refused: {errors:?}");
+    // /metrics (protected) was scraped with it.
+    assert!(
+        report["server"]["fsyncs"].as_f64().unwrap() > 0.0,
+        "{report:#}"
+    );
 }
 
 /// A baseline the PostgreSQL server has no room for fails at once with what to do, and the

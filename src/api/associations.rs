@@ -3,20 +3,26 @@
 use super::extract::{JsonBody, PathParams};
 use super::widgets::path_serial;
 use super::AppState;
+use crate::domain::schema::{self, PortTypeParam, SerialParam};
 use crate::domain::{self, Associated, Free, PortType, Serial, ValidationError};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::ApiError;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 
 /// Body of `PUT /widgets/associations`.
+// The fields' schemas are the checks' own (`crate::domain::schema`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(example = json!({"port_type": "P", "widget_serial_num": "123", "peer_widget_serial_num": "321"}))]
 pub struct Associate {
-    /// `P`, `R` or `Q`.
+    #[schema(schema_with = schema::port_type)]
     pub port_type: String,
+    #[schema(schema_with = schema::named_serial)]
     pub widget_serial_num: String,
+    // Another widget than `widget_serial_num` (the same one is `422 self_association`),
+    // which a JSON schema cannot say.
+    #[schema(schema_with = schema::named_serial)]
     pub peer_widget_serial_num: String,
 }
 
@@ -24,25 +30,16 @@ impl Associate {
     fn validate(&self) -> Result<domain::Associate, ValidationError> {
         Ok(domain::Associate {
             port: PortType::parse("port_type", &self.port_type)?,
-            serial: Serial::parse("widget_serial_num", &self.widget_serial_num)?,
-            peer: Serial::parse("peer_widget_serial_num", &self.peer_widget_serial_num)?,
+            serial: Serial::parse_named("widget_serial_num", &self.widget_serial_num)?,
+            peer: Serial::parse_named("peer_widget_serial_num", &self.peer_widget_serial_num)?,
         })
     }
 }
 
-/// Both widgets as they are after the association.
 /// Associate two widgets on a port. Either side's previous peer on that port is freed in
 /// the same atomic step; repeating the call changes nothing.
 #[utoipa::path(put, path = "/widgets/associations", tag = "associations", request_body = Associate,
-    responses(
-        (status = 200, description = "Both widgets as they are now", body = Associated),
-        (status = 400, description = "Body is not JSON (`invalid_json`)", body = ErrorBody),
-        (status = 408, description = "The body did not arrive in time (`request_timeout`)", body = ErrorBody),
-        (status = 404, description = "Either widget is missing (`widget_not_found`, naming it)", body = ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = ErrorBody),
-        (status = 422, description = "`validation_failed`, `port_not_available` or `self_association`", body = ErrorBody),
-        (status = 503, description = "Overloaded or not ready; see `Retry-After`", body = ErrorBody),
-    ))]
+    responses((status = 200, description = "Both widgets as they are now", body = Associated)))]
 pub async fn associate(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Associate>,
@@ -54,15 +51,10 @@ pub async fn associate(
 /// Free a port; the peer's port is freed too. Freeing a free port is a `204`.
 #[utoipa::path(delete, path = "/widgets/{serial_number}/associations/{port_type}", tag = "associations",
     params(
-        ("serial_number" = String, Path, description = "The widget's serial number"),
-        ("port_type" = String, Path, description = "`P`, `R` or `Q`"),
+        ("serial_number" = inline(SerialParam), Path, description = "The widget's serial number"),
+        ("port_type" = inline(PortTypeParam), Path, description = "The port to free"),
     ),
-    responses(
-        (status = 204, description = "The port is free"),
-        (status = 404, description = "`widget_not_found`", body = ErrorBody),
-        (status = 422, description = "`port_not_available`, or a path part breaks its rule (`validation_failed`)", body = ErrorBody),
-        (status = 503, description = "Overloaded or not ready; see `Retry-After`", body = ErrorBody),
-    ))]
+    responses((status = 204, description = "The port is free")))]
 pub async fn free(
     State(state): State<AppState>,
     PathParams((serial, port)): PathParams<(String, String)>,

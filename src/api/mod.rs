@@ -1,7 +1,15 @@
 //! The HTTP API: the router, the shared [`AppState`], one file per resource
-//! ([`widgets`], [`associations`]) and the operational endpoints ([`ops`]).
+//! ([`widgets`], [`associations`]), the operational endpoints ([`ops`]), optional bearer
+//! auth ([`auth`]), and the OpenAPI document ([`doc`]).
+//!
+//! Routing: `/widgets/associations` is the association route and only that (`PUT`); the
+//! serial `associations` is reserved, so no request for it is a request for a widget. A
+//! route answers a method it lacks, `OPTIONS` included, with `405 method_not_allowed` and
+//! `Allow` listing exactly its own methods (`HEAD` wherever `GET` is).
 
 pub mod associations;
+pub mod auth;
+pub mod doc;
 mod extract;
 pub mod ops;
 pub mod widgets;
@@ -9,6 +17,7 @@ pub mod widgets;
 use crate::engine::Engine;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics;
+use auth::Auth;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -29,19 +38,26 @@ struct Inner {
     engine: OnceLock<Engine>,
     body_timeout: Duration,
     ready_max_flush_lag: Duration,
+    auth: Auth,
 }
 
 impl AppState {
-    /// State whose request bodies must arrive within `body_timeout`, and which is not
-    /// ready while a change has waited for the store longer than `ready_max_flush_lag`.
-    pub fn new(body_timeout: Duration, ready_max_flush_lag: Duration) -> Self {
+    /// State whose request bodies must arrive within `body_timeout`, which is not ready
+    /// while a change has waited for the store longer than `ready_max_flush_lag`, and
+    /// whose requests need the tokens `auth` says.
+    pub fn new(body_timeout: Duration, ready_max_flush_lag: Duration, auth: Auth) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 body_timeout,
                 ready_max_flush_lag,
+                auth,
             }),
         }
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.inner.auth
     }
 
     pub fn body_timeout(&self) -> Duration {
@@ -72,12 +88,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/widgets/{serial_number}",
             get(widgets::read).delete(widgets::delete),
         )
-        .route(
-            "/widgets/associations",
-            put(associations::associate)
-                .get(widgets::read_associations_serial)
-                .delete(widgets::delete_associations_serial),
-        )
+        .route("/widgets/associations", put(associations::associate))
         .route(
             "/widgets/{serial_number}/associations/{port_type}",
             delete(associations::free),
@@ -91,6 +102,12 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Before routing answers anything but an open path: without a token, a protected
+        // request learns nothing, not even whether its route exists.
+        .layer(middleware::from_fn_with_state(
+            state.auth().clone(),
+            auth::guard,
+        ))
         .layer(middleware::from_fn(track))
         // 5xx answers are counted and logged once a second per code by `track`, not once
         // each: one line per refused request would flood the log exactly when the node is

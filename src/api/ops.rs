@@ -1,44 +1,12 @@
 //! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
 
-use super::associations::{self, Associate};
-use super::widgets::{self, CreateWidget};
 use super::AppState;
-use crate::domain::{Associated, PortType, WidgetView};
-use crate::error::{ApiError, ErrorBody, ErrorDetail};
+use crate::error::ApiError;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
-use utoipa::OpenApi;
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "widgets",
-        description = "Widgets and the associations between their ports."
-    ),
-    paths(
-        widgets::create,
-        widgets::read,
-        widgets::delete,
-        associations::associate,
-        associations::free,
-        healthz,
-        readyz,
-        metrics,
-    ),
-    components(schemas(
-        CreateWidget,
-        Associate,
-        Associated,
-        WidgetView,
-        PortType,
-        ErrorBody,
-        ErrorDetail
-    ))
-)]
-pub struct ApiDoc;
 
 /// Liveness: `200` while the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up")))]
@@ -46,10 +14,15 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: `200` once recovery has finished and writes can be made durable.
+/// Readiness: `200` once recovery has finished and writes can be made durable; `503`
+/// while recovering (`not_ready`), once writes can no longer be made durable
+/// (`wal_failed`), while a change has waited for the durable store longer than
+/// `--ready-max-flush-lag` (`flush_stalled`), or in Redis mode while Redis cannot be
+/// reached, lost its data or is behind PostgreSQL and is being loaded again
+/// (`unavailable`).
+// `super::doc` adds the `503` answer, from `ApiError`.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Takes traffic"),
-    (status = 503, description = "Recovering (`not_ready`), writes can no longer be made durable (`wal_failed`), a change has waited for the durable store longer than `--ready-max-flush-lag` (`flush_stalled`), or in Redis mode Redis is unreachable, lost its data or is behind PostgreSQL and is being loaded again (`unavailable`)", body = ErrorBody),
 ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let engine = state.engine()?;
@@ -79,7 +52,8 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// The OpenAPI 3 document of this API, generated from the handlers.
-pub async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// The OpenAPI 3 document of this API, generated from the handlers and the checks
+/// (`super::doc`), for this service's auth settings.
+pub async fn openapi(State(state): State<AppState>) -> Json<Value> {
+    Json(super::doc::document(state.auth()))
 }

@@ -2,8 +2,9 @@
 
 use super::extract::{JsonBody, PathParams};
 use super::AppState;
+use crate::domain::schema::{self, SerialParam};
 use crate::domain::{Create, Delete, Name, PortType, Ports, Serial, ValidationError, WidgetView};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::ApiError;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,20 +12,21 @@ use axum::Json;
 use serde::Deserialize;
 
 /// Body of `POST /widgets`.
+// The fields' schemas are the checks' own (`crate::domain::schema`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(example = json!({"name": "widget1", "serial_number": "123", "ports": ["P", "R"]}))]
 pub struct CreateWidget {
-    /// 1 to 64 printable ASCII characters.
+    #[schema(schema_with = schema::name)]
     pub name: String,
-    /// 1 to 36 characters from `A-Z a-z 0-9 . _ : -`.
+    #[schema(schema_with = schema::named_serial)]
     pub serial_number: String,
-    /// 1 to 3 distinct port types from `P`, `R`, `Q`.
+    #[schema(schema_with = schema::ports)]
     pub ports: Vec<String>,
 }
 
 impl CreateWidget {
     fn validate(&self) -> Result<Create, ValidationError> {
-        let serial = Serial::parse("serial_number", &self.serial_number)?;
+        let serial = Serial::parse_named("serial_number", &self.serial_number)?;
         let name = Name::parse("name", &self.name)?;
         let list = self
             .ports
@@ -43,20 +45,15 @@ impl CreateWidget {
 
 /// Validates a serial taken from a URL path.
 pub(super) fn path_serial(raw: &str) -> Result<Serial, ApiError> {
-    Ok(Serial::parse("serial_number", raw)?)
+    Ok(Serial::parse_named("serial_number", raw)?)
 }
 
 /// Create a widget.
+// The success answer only: `super::doc` adds every error answer, from `ApiError`.
 #[utoipa::path(post, path = "/widgets", tag = "widgets", request_body = CreateWidget,
     responses(
         (status = 201, description = "Created", body = WidgetView,
             headers(("Location" = String, description = "/widgets/{serial_number}"))),
-        (status = 400, description = "Body is not JSON (`invalid_json`)", body = ErrorBody),
-        (status = 408, description = "The body did not arrive in time (`request_timeout`)", body = ErrorBody),
-        (status = 409, description = "Serial taken (`widget_exists`)", body = ErrorBody),
-        (status = 413, description = "Body too large (`payload_too_large`)", body = ErrorBody),
-        (status = 422, description = "A field breaks its rule (`validation_failed`)", body = ErrorBody),
-        (status = 503, description = "Overloaded or not ready; see `Retry-After`", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -75,32 +72,13 @@ pub async fn create(
 
 /// Read a widget.
 #[utoipa::path(get, path = "/widgets/{serial_number}", tag = "widgets",
-    params(("serial_number" = String, Path, description = "The widget's serial number")),
-    responses(
-        (status = 200, description = "The widget", body = WidgetView),
-        (status = 404, description = "`widget_not_found`", body = ErrorBody),
-        (status = 422, description = "The serial breaks the serial rule (`validation_failed`)", body = ErrorBody),
-    ))]
+    params(("serial_number" = inline(SerialParam), Path, description = "The widget's serial number")),
+    responses((status = 200, description = "The widget", body = WidgetView)))]
 pub async fn read(
     State(state): State<AppState>,
     PathParams(serial): PathParams<String>,
 ) -> Result<Json<WidgetView>, ApiError> {
     read_serial(&state, &serial).await
-}
-
-/// `associations` is a valid serial, but `/widgets/associations` is also the association
-/// route, which the router prefers: its GET and DELETE come here.
-pub async fn read_associations_serial(
-    State(state): State<AppState>,
-) -> Result<Json<WidgetView>, ApiError> {
-    read_serial(&state, "associations").await
-}
-
-/// See [`read_associations_serial`].
-pub async fn delete_associations_serial(
-    State(state): State<AppState>,
-) -> Result<StatusCode, ApiError> {
-    delete_serial(&state, "associations").await
 }
 
 async fn read_serial(state: &AppState, serial: &str) -> Result<Json<WidgetView>, ApiError> {
@@ -115,13 +93,8 @@ async fn read_serial(state: &AppState, serial: &str) -> Result<Json<WidgetView>,
 
 /// Delete a widget, freeing every peer's port in the same atomic step.
 #[utoipa::path(delete, path = "/widgets/{serial_number}", tag = "widgets",
-    params(("serial_number" = String, Path, description = "The widget's serial number")),
-    responses(
-        (status = 204, description = "Deleted"),
-        (status = 404, description = "`widget_not_found`", body = ErrorBody),
-        (status = 422, description = "The serial breaks the serial rule (`validation_failed`)", body = ErrorBody),
-        (status = 503, description = "Overloaded or not ready; see `Retry-After`", body = ErrorBody),
-    ))]
+    params(("serial_number" = inline(SerialParam), Path, description = "The widget's serial number")),
+    responses((status = 204, description = "Deleted")))]
 pub async fn delete(
     State(state): State<AppState>,
     PathParams(serial): PathParams<String>,

@@ -12,8 +12,15 @@ use std::fmt;
 
 /// Longest serial number accepted (a UUID string is 36 characters).
 pub const MAX_SERIAL_LEN: usize = 36;
+/// The characters a serial may hold besides ASCII letters and digits.
+pub const SERIAL_PUNCTUATION: &str = "._:-";
+/// The one serial a client may not name: `/widgets/associations` is the association
+/// route, so no widget can be addressed there.
+pub const RESERVED_SERIAL: &str = "associations";
 /// Longest widget name accepted.
 pub const MAX_NAME_LEN: usize = 64;
+/// The lowest and highest byte of a name (printable ASCII).
+pub const NAME_BYTES: std::ops::RangeInclusive<u8> = 0x20..=0x7e;
 
 /// A rule broken by a request field; `field` names it for the error message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +61,8 @@ impl Serial {
                 format!("must be 1 to {MAX_SERIAL_LEN} characters long"),
             ));
         }
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+        let allowed =
+            |b: u8| b.is_ascii_alphanumeric() || SERIAL_PUNCTUATION.as_bytes().contains(&b);
         if !s.bytes().all(allowed) {
             return Err(ValidationError::new(
                 field,
@@ -62,6 +70,20 @@ impl Serial {
             ));
         }
         Ok(())
+    }
+
+    /// [`Serial::parse`] for a serial a client names (in a body or a path), which may not
+    /// be [`RESERVED_SERIAL`]. Stored widgets are loaded with [`Serial::parse`]: one made
+    /// before the word was reserved still loads.
+    pub fn parse_named(field: &str, s: &str) -> Result<Self, ValidationError> {
+        let serial = Self::parse(field, s)?;
+        if s == RESERVED_SERIAL {
+            return Err(ValidationError::new(
+                field,
+                format!("{RESERVED_SERIAL:?} is reserved (it is the association route)"),
+            ));
+        }
+        Ok(serial)
     }
 
     /// A serial read back from the engine's own packed state, which held only parsed
@@ -113,7 +135,7 @@ impl Name {
                 format!("must be 1 to {MAX_NAME_LEN} characters long"),
             ));
         }
-        if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        if !s.bytes().all(|b| NAME_BYTES.contains(&b)) {
             return Err(ValidationError::new(
                 field,
                 "may only contain printable ASCII characters (0x20 to 0x7E)",
@@ -184,9 +206,12 @@ impl PortType {
 pub struct Ports(u8);
 
 impl Ports {
+    /// Most port types a widget has: every one.
+    pub const MAX: usize = PortType::ALL.len();
+
     /// Builds a port set from a request's list: 1 to 3 distinct port types.
     pub fn from_list(field: &str, list: &[PortType]) -> Result<Self, ValidationError> {
-        if list.is_empty() || list.len() > 3 {
+        if list.is_empty() || list.len() > Self::MAX {
             return Err(ValidationError::new(field, "must list 1 to 3 port types"));
         }
         let mut bits = 0u8;

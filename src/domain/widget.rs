@@ -89,10 +89,13 @@ impl Widget {
     "associations": {"P": "321", "R": null}
 }))]
 pub struct WidgetView {
+    #[schema(schema_with = super::schema::serial)]
     pub serial_number: String,
+    #[schema(schema_with = super::schema::name)]
     pub name: String,
+    #[schema(schema_with = super::schema::ports)]
     pub ports: Vec<PortType>,
-    #[schema(value_type = std::collections::HashMap<String, Option<String>>)]
+    #[schema(schema_with = super::schema::associations)]
     pub associations: Associations,
 }
 

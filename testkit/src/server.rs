@@ -59,6 +59,9 @@ pub struct ServerCommand {
     pub args: Vec<String>,
     /// Echo each line of its log on stderr as it comes.
     pub echo_log: bool,
+    /// More environment variables for it (e.g. settings given the way a deployment
+    /// gives them).
+    pub env: Vec<(String, String)>,
 }
 
 impl ServerCommand {
@@ -69,6 +72,7 @@ impl ServerCommand {
             data_dir: None,
             args: Vec::new(),
             echo_log: false,
+            env: Vec::new(),
         }
     }
 }
@@ -124,6 +128,7 @@ impl Server {
             .env("RUST_LOG", "info")
             .env_remove("DATABASE_URL")
             .env_remove("REDIS_URL")
+            .envs(command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

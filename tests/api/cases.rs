@@ -972,6 +972,88 @@ async fn openapi_document_describes_every_endpoint() {
     }
 }
 
+/// Every path of the OpenAPI document, served: the methods it documents are exactly the
+/// methods the router has there (`Allow` of a `405`, less `HEAD`).
+#[tokio::test]
+async fn openapi_paths_and_methods_are_the_routers() {
+    let app = app_with(&[("123", &["P"])]).await;
+    let doc: Value = app.get("/openapi.json").await.json().await.expect("JSON");
+    let paths = doc["paths"].as_object().expect("paths");
+    assert_eq!(paths.len(), 7, "{:?}", paths.keys());
+    for (template, item) in paths {
+        let mut documented: Vec<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        documented.sort();
+        let path = template
+            .replace("{serial_number}", "123")
+            .replace("{port_type}", "P");
+        let resp = app
+            .client
+            .request(Method::TRACE, app.url(&path))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        let mut allowed: Vec<String> = resp.headers()[header::ALLOW]
+            .to_str()
+            .unwrap()
+            .split(',')
+            .map(|m| m.trim().to_owned())
+            .filter(|m| m != "HEAD")
+            .collect();
+        allowed.sort();
+        assert_eq!(allowed, documented, "{template}");
+    }
+}
+
+/// A wrong method, `OPTIONS` included, is `405` with `Allow` naming exactly the route's
+/// own methods, in the usual error body.
+#[tokio::test]
+async fn wrong_methods_and_options_are_405_naming_exactly_the_routes_methods() {
+    let app = app_with(&[("123", &["P"])]).await;
+    let every = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::TRACE,
+    ];
+    for (path, allow) in [
+        ("/widgets", "POST"),
+        ("/widgets/123", "GET,HEAD,DELETE"),
+        ("/widgets/associations", "PUT"),
+        ("/widgets/123/associations/P", "DELETE"),
+        ("/healthz", "GET,HEAD"),
+        ("/readyz", "GET,HEAD"),
+        ("/metrics", "GET,HEAD"),
+        ("/openapi.json", "GET,HEAD"),
+    ] {
+        let listed: Vec<&str> = allow.split(',').collect();
+        for method in every.iter().filter(|m| !listed.contains(&m.as_str())) {
+            let resp = app
+                .client
+                .request(method.clone(), app.url(path))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.headers().get(header::ALLOW).map(|v| v.to_str().unwrap()), Some(allow), "{method} {path}");
+            if method == Method::HEAD {
+                assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+            } else {
+                expect_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+            }
+        }
+    }
+    assert_stored(&app, &expected("123", &["P"], &[])).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Concurrency and garbage
 // ---------------------------------------------------------------------------------------
@@ -1140,17 +1222,44 @@ async fn garbage_bodies_get_a_4xx_json_error_and_change_nothing() {
 }
 
 #[tokio::test]
-async fn a_widget_whose_serial_is_associations_is_reachable_like_any_other() {
-    let app = spawn_app().await;
-    let created = app.create("associations", &["P"]).await;
-    assert_eq!(created.status(), StatusCode::CREATED);
-    assert_eq!(created.headers()[header::LOCATION], "/widgets/associations");
-    assert_eq!(app.create("other", &["P"]).await.status(), StatusCode::CREATED);
-    let got = expect_widget(app.get("/widgets/associations").await, StatusCode::OK).await;
-    assert_eq!(got["serial_number"], "associations");
-    plug(&app, "P", "associations", "other").await;
-    expect_no_content(app.free("associations", "P").await).await;
-    assert_eq!(app.peer("other", "P").await, None);
-    expect_no_content(app.delete("/widgets/associations").await).await;
-    expect_error(app.get("/widgets/associations").await, StatusCode::NOT_FOUND, "widget_not_found").await;
+async fn associations_is_a_reserved_serial_and_its_path_only_the_association_route() {
+    let app = app_with(&[("other", &["P"])]).await;
+    let message = expect_error(
+        app.create("associations", &["P"]).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert!(message.starts_with("serial_number: ") && message.contains("reserved"), "{message}");
+    for (serial, peer, field) in [
+        ("associations", "other", "widget_serial_num"),
+        ("other", "associations", "peer_widget_serial_num"),
+    ] {
+        let message = expect_error(
+            app.associate("P", serial, peer).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        assert!(message.starts_with(field), "{message}");
+    }
+    let message = expect_error(
+        app.free("associations", "P").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert!(message.starts_with("serial_number: "), "{message}");
+    // The association route has one method; nothing else reaches a widget there.
+    for method in [Method::GET, Method::HEAD, Method::DELETE, Method::POST, Method::OPTIONS] {
+        let resp = app
+            .client
+            .request(method.clone(), app.url("/widgets/associations"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(resp.headers()[header::ALLOW], "PUT", "{method}");
+    }
+    assert_stored(&app, &expected("other", &["P"], &[])).await;
 }

@@ -13,6 +13,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `args` (on the embedded store unless they name a `--database-url`), and ready.
 /// `TEST_LOG=1` echoes its log.
 pub async fn start(data_dir: &Path, args: &[&str]) -> Server {
+    start_with_env(data_dir, args, &[]).await
+}
+
+/// [`start`], with more environment variables for the binary.
+pub async fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut command = ServerCommand::new(env!("CARGO_BIN_EXE_widgets"));
     command.data_dir = Some(data_dir.to_owned());
     command.args = ["--flush-interval", "200ms"]
@@ -21,6 +26,10 @@ pub async fn start(data_dir: &Path, args: &[&str]) -> Server {
         .map(|a| a.to_string())
         .collect();
     command.echo_log = std::env::var_os("TEST_LOG").is_some();
+    command.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let server = Server::start(&command)
         .await
         .unwrap_or_else(|e| panic!("starting the widgets binary: {e}"));

@@ -78,6 +78,37 @@ pub fn redis_prefix() -> String {
     format!("test:{}:{}:", std::process::id(), fastrand::u64(..))
 }
 
+/// The token the contract suite's auth variant sets, and sends on every request.
+pub const AUTH_TOKEN: &str = "contract-token";
+
+/// A ready app on `backend` with extra settings; with `auth`, every class of request
+/// needs a token (`--auth-token`, `--auth-reads`, `--auth-metrics`) and the app's client
+/// sends it on every request, so the contract holds with auth on as with it off.
+pub async fn spawn_backend_auth(backend: Backend, args: &[&str], auth: bool) -> TestApp {
+    if !auth {
+        return spawn_backend(backend, args).await;
+    }
+    let flag = format!("--auth-token={AUTH_TOKEN}");
+    let mut all = vec![flag.as_str(), "--auth-reads", "--auth-metrics"];
+    all.extend_from_slice(args);
+    let mut app = spawn_backend(backend, &all).await;
+    app.client = bearer_client(AUTH_TOKEN);
+    app
+}
+
+/// A client that sends `Authorization: Bearer <token>` on every request.
+pub fn bearer_client(token: &str) -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("a header value"),
+    );
+    Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a client")
+}
+
 /// A ready app on `backend` with extra settings.
 pub async fn spawn_backend(backend: Backend, args: &[&str]) -> TestApp {
     match backend {
