@@ -142,8 +142,8 @@ impl SledStore {
     }
 }
 
-/// Most widgets one `apply_batch` carries (see the module notes): at 2 M widgets seeded,
-/// 1,000 kept the writer at ~190 MiB where 5,000 took ~240 MiB and 10,000 over 4 GB.
+/// Most widgets one `apply_batch` carries (see the module notes): seeding 2 M widgets,
+/// 1,000 kept the writer at ~185 MiB where 5,000 took ~245 MiB and 10,000 over 4 GB.
 const CHUNK: usize = 1_000;
 
 /// Hands `batch` to `apply` as sled batches of at most `chunk` widgets, in order, the
