@@ -6,10 +6,11 @@
 //! Why chunks: sled 0.34 holds one epoch guard for a whole `apply_batch`, and every insert
 //! replaces an in-memory copy of its leaf (~2 KB here) that is freed only after the guard
 //! is gone, by a collector that frees a few hundred objects per 128 guards a thread takes.
-//! A 10,000-widget batch left ~3 KB per widget behind for good (4 GB after seeding 2 M
-//! widgets; 10 M were OOM-killed), and one batch of a 2 M-widget backlog would hold ~4 GB
-//! until it ended. Chunks of 1,000, each followed by a few collections, keep it bounded
-//! (see BENCHMARKS.md, "The embedded store's memory while writing").
+//! 10,000-widget batches left ~2.4 KB per widget written behind for good (4.7 GB after
+//! seeding 2 M widgets; 10 M were OOM-killed), and 2 M widgets in one batch, the size of
+//! a flush of a `--max-dirty` backlog, peaked at 12.8 GB. Chunks of 1,000, each followed
+//! by a few collections, keep it bounded: 235 and 511 MiB for the same two writes (see
+//! BENCHMARKS.md, "The embedded store's memory while writing").
 //!
 //! A write cut short after some chunks leaves widgets newer than the stored checkpoint;
 //! that is safe because the WAL holds every change above the checkpoint as a post-image
@@ -188,7 +189,8 @@ fn write_in_chunks(
     }
 }
 
-/// Runs sled's epoch collector (crossbeam's global one, which `sled::pin` pins) often
+/// Runs sled's epoch collector (crossbeam's global one, which sled's hidden `pin` pins:
+/// through it this is the very collector sled defers to, whatever crossbeam it uses) often
 /// enough to free what `replaced` inserts deferred: a collection frees up to 8 bags of
 /// 64 objects, and an insert defers a few. Left alone, the collector runs on one pin in
 /// 128 of a thread, far slower than a bulk write defers.
