@@ -29,7 +29,8 @@ sled)
     ;;
 postgres)
     data_dir=$(mktemp -d)
-    trap 'rm -rf "$data_dir"' EXIT
+    scratch_dir=$data_dir
+    trap 'rm -rf "$scratch_dir"' EXIT
     store_args=(--database-url "$where")
     seeded() { [ "$(psql "$where" -Atc 'select count(*) > 0 from widgets' 2>/dev/null)" = t ]; }
     ;;
@@ -51,7 +52,8 @@ start=$(date +%s.%N)
 RUST_LOG=info "$bin" --listen "127.0.0.1:$port" --data-dir "$data_dir" --redis-url= \
     "${store_args[@]}" 2>"$log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+# Every step may fail (the server is usually gone by now): the script's status is its own.
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -f "$log"; rm -rf "${scratch_dir:-}"' EXIT
 until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do
     if ! kill -0 $pid 2>/dev/null; then
         cat "$log" >&2
