@@ -8,12 +8,17 @@
 #
 # WIDGETS defaults to 10000000. Set WIDGETS_BIN to use another binary than
 # target/release/widgets (build it first: cargo build --release).
+#
+# LOAD_SECS=60 then runs widgets-bench against the started server for that long (BENCH_BIN,
+# default target/release/widgets-bench; BENCH_ARGS adds flags) and prints the server's
+# peak RSS during the load, its RSS at the end and again SETTLE_SECS later.
 set -euo pipefail
 
 mode=${1:?usage: restart.sh sled DATA_DIR [WIDGETS] | restart.sh postgres DATABASE_URL [WIDGETS]}
 where=${2:?a data directory (sled) or a database URL (postgres)}
 widgets=${3:-10000000}
 bin=${WIDGETS_BIN:-target/release/widgets}
+bench_bin=${BENCH_BIN:-target/release/widgets-bench}
 port=${PORT:-18480}
 
 case "$mode" in
@@ -24,7 +29,8 @@ sled)
     ;;
 postgres)
     data_dir=$(mktemp -d)
-    trap 'rm -rf "$data_dir"' EXIT
+    scratch_dir=$data_dir
+    trap 'rm -rf "$scratch_dir"' EXIT
     store_args=(--database-url "$where")
     seeded() { [ "$(psql "$where" -Atc 'select count(*) > 0 from widgets' 2>/dev/null)" = t ]; }
     ;;
@@ -46,7 +52,8 @@ start=$(date +%s.%N)
 RUST_LOG=info "$bin" --listen "127.0.0.1:$port" --data-dir "$data_dir" --redis-url= \
     "${store_args[@]}" 2>"$log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+# Every step may fail (the server is usually gone by now): the script's status is its own.
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -f "$log"; rm -rf "${scratch_dir:-}"' EXIT
 until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do
     if ! kill -0 $pid 2>/dev/null; then
         cat "$log" >&2
@@ -62,5 +69,23 @@ sleep "${SETTLE_SECS:-10}"
 settled_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
 echo "mode=$mode widgets=$widgets ready_secs=$ready rss_mib_at_ready=$((rss_kib / 1024)) rss_mib=$((settled_kib / 1024)) bytes_per_widget=$((settled_kib * 1024 / widgets))"
 grep -E "store loaded widgets|WAL replayed" "$log" | sed 's/\x1b\[[0-9;]*m//g'
+
+if [ "${LOAD_SECS:-0}" -gt 0 ]; then
+    rss() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status"; }
+    peak=$(rss)
+    # shellcheck disable=SC2086 # BENCH_ARGS is split into flags on purpose
+    "$bench_bin" --url "http://127.0.0.1:$port" --duration "${LOAD_SECS}s" \
+        --ceiling-secs 0 --echo-secs 0 ${BENCH_ARGS:-} >&2 &
+    bench=$!
+    while kill -0 $bench 2>/dev/null; do
+        now=$(rss)
+        [ "$now" -gt "$peak" ] && peak=$now
+        sleep 1
+    done
+    wait $bench
+    loaded=$(rss)
+    sleep "${SETTLE_SECS:-10}"
+    echo "load_secs=$LOAD_SECS rss_mib_peak=$peak rss_mib_after_load=$loaded rss_mib_settled=$(rss)"
+fi
 kill -TERM $pid
 wait $pid || true

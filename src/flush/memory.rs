@@ -182,4 +182,93 @@ mod tests {
         .unwrap();
         assert_eq!(segments(), 1, "only the active segment is left");
     }
+
+    /// The embedded store writes a large flush in chunks, the checkpoint with the last (see
+    /// `store::sled`): a crash between chunks leaves widgets newer than the checkpoint, here
+    /// one side of an association. Start-up replays the WAL above the checkpoint over them
+    /// and must end where the writes did.
+    #[tokio::test]
+    async fn a_store_cut_short_between_chunks_recovers_from_the_wal() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let wal_dir = dir.path().join("wal");
+        let sled = SledStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+        let engine = MemoryEngine::recover(&sled, &wal_dir, Arc::new(RealFs), settings())
+            .await
+            .unwrap();
+        let engine = Arc::new(engine);
+        let flusher = Flusher::new(engine.clone(), Arc::new(sled.clone()));
+        for serial in ["w0", "w1", "w2"] {
+            let create = Create {
+                serial: s(serial),
+                name: Name::parse("n", "widget").unwrap(),
+                ports: Ports::from_list("p", &[PortType::P]).unwrap(),
+            };
+            engine.execute(create).await.unwrap();
+        }
+        flusher.flush_once().await.unwrap();
+        assert_eq!(stored(&sled).await.1, 3);
+        let assoc = Associate {
+            port: PortType::P,
+            serial: s("w0"),
+            peer: s("w1"),
+        };
+        engine.execute(assoc).await.unwrap();
+        engine.execute(Delete { serial: s("w2") }).await.unwrap();
+        // The first chunk of the next flush got in (w0 and the deletion), then the crash.
+        let first_chunk = FlushBatch {
+            items: vec![
+                crate::store::FlushItem {
+                    serial: s("w0"),
+                    mark: Default::default(),
+                    widget: engine.get(&s("w0")),
+                    version: 4,
+                },
+                crate::store::FlushItem {
+                    serial: s("w2"),
+                    mark: Default::default(),
+                    widget: None,
+                    version: 5,
+                },
+            ],
+            checkpoint: None,
+            widgets: None,
+        };
+        sled.write_batch(first_chunk).await.unwrap();
+        tokio::task::spawn_blocking({
+            let engine = engine.clone();
+            move || engine.stop()
+        })
+        .await
+        .unwrap();
+        drop((flusher, engine));
+        let (widgets, checkpoint) = stored(&sled).await;
+        assert_eq!(
+            checkpoint, 3,
+            "the checkpoint is still the last whole flush's"
+        );
+        assert_eq!(widgets[&s("w0")].peer(PortType::P), Some(&s("w1")));
+        assert_eq!(widgets[&s("w1")].peer(PortType::P), None, "one side only");
+
+        let engine = MemoryEngine::recover(&sled, &wal_dir, Arc::new(RealFs), settings())
+            .await
+            .unwrap();
+        let engine = Arc::new(engine);
+        assert_eq!(
+            engine.get(&s("w1")).unwrap().peer(PortType::P),
+            Some(&s("w0"))
+        );
+        assert!(engine.get(&s("w2")).is_none());
+        Flusher::new(engine.clone(), Arc::new(sled.clone()))
+            .flush_once()
+            .await
+            .unwrap();
+        let (widgets, checkpoint) = stored(&sled).await;
+        assert_eq!(checkpoint, 5);
+        assert_eq!(widgets.len(), 2);
+        assert_eq!(widgets[&s("w0")].peer(PortType::P), Some(&s("w1")));
+        assert_eq!(widgets[&s("w1")].peer(PortType::P), Some(&s("w0")));
+        tokio::task::spawn_blocking(move || engine.stop())
+            .await
+            .unwrap();
+    }
 }

@@ -1,6 +1,22 @@
 //! The embedded store: one sled tree, serial -> bincode-encoded widget, plus the checkpoint
-//! LSN under a key no serial can have. A flush is one `apply_batch` (atomic in sled) and
-//! one `flush` (durable).
+//! LSN under a key no serial can have. A write is a run of `apply_batch`es of at most
+//! [`CHUNK`] widgets each (each atomic in sled), the checkpoint and the widget count in the
+//! last, then one `flush` (durable).
+//!
+//! Why chunks: sled 0.34 holds one epoch guard for a whole `apply_batch`, and every insert
+//! replaces an in-memory copy of its leaf (~2 KB here) that is freed only after the guard
+//! is gone, by a collector that frees a few hundred objects per 128 guards a thread takes.
+//! 10,000-widget batches left ~2.4 KB per widget written behind for good (4.7 GB after
+//! seeding 2 M widgets; 10 M were OOM-killed), and 2 M widgets in one batch, the size of
+//! a flush of a `--max-dirty` backlog, peaked at 12.8 GB. Chunks of 1,000, each followed
+//! by a few collections, keep it bounded: 235 and 511 MiB for the same two writes (see
+//! BENCHMARKS.md, "The embedded store's memory while writing").
+//!
+//! A write cut short after some chunks leaves widgets newer than the stored checkpoint;
+//! that is safe because the WAL holds every change above the checkpoint as a post-image
+//! and is trimmed only once the checkpoint is stored: start-up replays those changes over
+//! whatever the store holds and ends at the same state. Only the checkpoint says what the
+//! store covers, so it goes in the last chunk.
 //!
 //! After an I/O error (a full disk, above all) sled refuses every later write until it is
 //! opened again, so the store closes it on such an error and the next operation reopens
@@ -119,9 +135,34 @@ impl SledStore {
     }
 
     fn write_blocking(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let written =
+            write_in_chunks(&batch, CHUNK, |chunk| db.apply_batch(chunk)).and_then(|()| db.flush());
+        self.closing_on_io_error(db, written)?;
+        Ok(())
+    }
+}
+
+/// Most widgets one `apply_batch` carries (see the module notes): seeding 2 M widgets,
+/// 1,000 kept the writer at ~185 MiB where 5,000 took ~245 MiB and 10,000 over 4 GB.
+const CHUNK: usize = 1_000;
+
+/// Hands `batch` to `apply` as sled batches of at most `chunk` widgets, in order, the
+/// checkpoint and widget count with the last one (an empty batch is one sled batch with
+/// them alone); stops at the first error. After each chunk it lets sled's epoch collector
+/// free what the chunk replaced.
+fn write_in_chunks(
+    batch: &FlushBatch,
+    chunk: usize,
+    mut apply: impl FnMut(sled::Batch) -> sled::Result<()>,
+) -> sled::Result<()> {
+    let mut chunks = batch.items.chunks(chunk.max(1)).peekable();
+    loop {
+        let items = chunks.next().unwrap_or_default();
+        let last = chunks.peek().is_none();
         let mut b = sled::Batch::default();
         // A key-value store keeps whole widgets, so every changed widget is written whole.
-        for item in &batch.items {
+        for item in items {
             let key = item.serial.as_str().as_bytes();
             match &item.widget {
                 Some(w) => {
@@ -132,16 +173,30 @@ impl SledStore {
                 None => b.remove(key),
             }
         }
-        if let Some(checkpoint) = batch.checkpoint {
-            b.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+        if last {
+            if let Some(checkpoint) = batch.checkpoint {
+                b.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+            }
+            if let Some(widgets) = batch.widgets {
+                b.insert(WIDGETS_KEY, &widgets.to_be_bytes());
+            }
         }
-        if let Some(widgets) = batch.widgets {
-            b.insert(WIDGETS_KEY, &widgets.to_be_bytes());
+        apply(b)?;
+        collect_garbage(items.len());
+        if last {
+            return Ok(());
         }
-        let db = self.db()?;
-        let written = db.apply_batch(b).and_then(|()| db.flush());
-        self.closing_on_io_error(db, written)?;
-        Ok(())
+    }
+}
+
+/// Runs sled's epoch collector (crossbeam's global one, which sled's hidden `pin` pins:
+/// through it this is the very collector sled defers to, whatever crossbeam it uses) often
+/// enough to free what `replaced` inserts deferred: a collection frees up to 8 bags of
+/// 64 objects, and an insert defers a few. Left alone, the collector runs on one pin in
+/// 128 of a thread, far slower than a bulk write defers.
+fn collect_garbage(replaced: usize) {
+    for _ in 0..replaced.div_ceil(128) {
+        sled::pin().flush();
     }
 }
 
@@ -247,6 +302,83 @@ mod tests {
             .unwrap();
         let err = store.len_hint().await.unwrap_err();
         assert!(err.to_string().contains("widgets"), "{err}");
+    }
+
+    /// Widgets stored and the checkpoint, straight from the tree.
+    fn contents(db: &sled::Db) -> (usize, Option<u64>) {
+        let checkpoint = db
+            .get(CHECKPOINT_KEY)
+            .unwrap()
+            .map(|v| decode_u64("checkpoint", &v).unwrap());
+        let widgets = db
+            .iter()
+            .keys()
+            .filter(|k| !k.as_ref().unwrap().starts_with(b"\0"))
+            .count();
+        (widgets, checkpoint)
+    }
+
+    fn many(n: usize) -> FlushBatch {
+        FlushBatch {
+            items: (0..n).map(|i| item(&format!("w{i:05}"))).collect(),
+            checkpoint: Some(9),
+            widgets: Some(n as u64),
+        }
+    }
+
+    #[test]
+    fn a_large_write_goes_in_bounded_chunks_with_the_checkpoint_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        let mut seen = Vec::new();
+        write_in_chunks(&many(2_500), 1_000, |chunk| {
+            db.apply_batch(chunk)?;
+            seen.push(contents(&db));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [(1_000, None), (2_000, None), (2_500, Some(9))],
+            "no chunk over 1,000 widgets; the checkpoint only once all are in"
+        );
+        assert_eq!(
+            db.get(WIDGETS_KEY).unwrap().as_deref(),
+            Some(&2_500u64.to_be_bytes()[..])
+        );
+    }
+
+    #[test]
+    fn a_write_cut_short_leaves_the_checkpoint_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        let mut applied = 0;
+        let err = write_in_chunks(&many(2_500), 1_000, |chunk| {
+            if applied == 1 {
+                return Err(sled::Error::Unsupported("the test's failure".into()));
+            }
+            applied += 1;
+            db.apply_batch(chunk)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("the test's failure"), "{err}");
+        assert_eq!(contents(&db), (1_000, None), "stopped at the failed chunk");
+    }
+
+    #[test]
+    fn an_empty_write_still_stores_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        let mut calls = 0;
+        write_in_chunks(&many(0), 1_000, |chunk| {
+            calls += 1;
+            db.apply_batch(chunk)
+        })
+        .unwrap();
+        assert_eq!((calls, contents(&db)), (1, (0, Some(9))));
     }
 
     #[tokio::test]
