@@ -232,6 +232,7 @@ mod tests {
             ],
             checkpoint: None,
             widgets: None,
+            epoch: None,
         };
         sled.write_batch(first_chunk).await.unwrap();
         tokio::task::spawn_blocking({

@@ -323,6 +323,7 @@ mod tests {
             items: (0..n).map(|i| item(&format!("w{i:05}"))).collect(),
             checkpoint: Some(9),
             widgets: Some(n as u64),
+            epoch: None,
         }
     }
 
