@@ -213,8 +213,17 @@ async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
                 ))
             })
             .collect();
-        // A random moment under load: right after start-up up to well into the run.
-        tokio::time::sleep(Duration::from_millis(rng.u64(150..1200))).await;
+        // A random moment under load: once the load has had 100 writes acknowledged (on
+        // two busy cores a fixed delay sometimes saw fewer), up to a second later.
+        let loaded_by = std::time::Instant::now() + Duration::from_secs(30);
+        while ACKED.load(std::sync::atomic::Ordering::Relaxed) - acked_before < 100 {
+            assert!(
+                std::time::Instant::now() < loaded_by,
+                "the load had fewer than 100 writes acknowledged after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..1000))).await;
         server.kill9().expect("SIGKILL");
         for t in tasks {
             t.await.unwrap();
