@@ -390,16 +390,7 @@ async fn a_redis_that_lost_its_data_is_refused_not_served_as_empty_then_loaded_a
 async fn a_redis_restored_from_an_older_snapshot_loses_no_acknowledged_write() {
     let db = TestDb::create().await;
     let mut redis = common::OwnRedis::start().await;
-    let url = redis.url();
-    let app = spawn_app_with(&[
-        "--database-url",
-        &db.url,
-        "--redis-url",
-        &url,
-        "--flush-interval",
-        "50ms",
-    ])
-    .await;
+    let app = own_redis_instance(&db, &redis, "50ms").await;
     let serials = serials_of(&["a", "b", "c"]);
     for s in ["a", "b"] {
         assert_eq!(app.create(s, &["P"]).await.status(), StatusCode::CREATED);
@@ -451,17 +442,8 @@ async fn a_redis_restored_from_an_older_snapshot_loses_no_acknowledged_write() {
 async fn readyz_says_503_while_redis_is_behind_postgres() {
     let db = TestDb::create().await;
     let mut redis = common::OwnRedis::start().await;
-    let url = redis.url();
     // No flush for an hour: nothing brings Redis in line during the test.
-    let app = spawn_app_with(&[
-        "--database-url",
-        &db.url,
-        "--redis-url",
-        &url,
-        "--flush-interval",
-        "1h",
-    ])
-    .await;
+    let app = own_redis_instance(&db, &redis, "1h").await;
     assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
     assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
     redis.save().await;
@@ -492,6 +474,24 @@ async fn readyz_says_503_while_redis_is_behind_postgres() {
     drop(pg);
     app.stop().await;
     db.drop_db().await;
+}
+
+/// An instance on a Redis of the test's own, flushing every `flush_interval`.
+async fn own_redis_instance(
+    db: &TestDb,
+    redis: &common::OwnRedis,
+    flush_interval: &str,
+) -> TestApp {
+    let url = redis.url();
+    spawn_app_with(&[
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &url,
+        "--flush-interval",
+        flush_interval,
+    ])
+    .await
 }
 
 fn serials_of(names: &[&str]) -> Vec<String> {

@@ -45,16 +45,7 @@ pub async fn ensure_loaded(
         {
             return Ok(true);
         }
-        let locked: Option<String> = redis::cmd("SET")
-            .arg(engine.key("load_lock"))
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(LOCK_LEASE.as_millis() as u64)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if locked.is_some() {
+        if take_lock(engine, &token).await? {
             let loading = async {
                 if !conn
                     .exists::<_, bool>(engine.key("loaded"))
@@ -78,6 +69,20 @@ pub async fn ensure_loaded(
     }
 }
 
+/// Takes the load lock as `token` for one lease, if no loader holds it.
+async fn take_lock(engine: &RedisEngine, token: &str) -> Result<bool, EngineError> {
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(engine.key("load_lock"))
+        .arg(token)
+        .arg("NX")
+        .arg("PX")
+        .arg(LOCK_LEASE.as_millis() as u64)
+        .query_async(&mut engine.conn())
+        .await
+        .map_err(unavailable)?;
+    Ok(locked.is_some())
+}
+
 /// A token no other loader has.
 fn lock_token() -> String {
     format!("{}-{}", std::process::id(), fastrand::u64(..))
@@ -99,16 +104,7 @@ pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
         Err(e) => tracing::debug!(error = %e, "Redis needs bringing in line"),
     }
     let token = lock_token();
-    let locked: Option<String> = redis::cmd("SET")
-        .arg(engine.key("load_lock"))
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(LOCK_LEASE.as_millis() as u64)
-        .query_async(&mut engine.conn())
-        .await
-        .map_err(unavailable)?;
-    if locked.is_none() {
+    if !take_lock(engine, &token).await? {
         return Ok(false);
     }
     let done = holding_lock(engine, &token, LOCK_LEASE, async {
