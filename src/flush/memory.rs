@@ -88,6 +88,27 @@ mod tests {
         }
     }
 
+    /// Creates `serial` with port P.
+    async fn create(engine: &MemoryEngine, serial: &str) {
+        let create = Create {
+            serial: s(serial),
+            name: Name::parse("n", "widget").unwrap(),
+            ports: Ports::from_list("p", &[PortType::P]).unwrap(),
+        };
+        engine.execute(create).await.unwrap();
+    }
+
+    /// Plugs w0 into w1 on P and deletes w2: one association change, one deletion.
+    async fn plug_w0_and_delete_w2(engine: &MemoryEngine) {
+        let assoc = Associate {
+            port: PortType::P,
+            serial: s("w0"),
+            peer: s("w1"),
+        };
+        engine.execute(assoc).await.unwrap();
+        engine.execute(Delete { serial: s("w2") }).await.unwrap();
+    }
+
     fn s(x: &str) -> Serial {
         Serial::parse("s", x).unwrap()
     }
@@ -123,22 +144,9 @@ mod tests {
         assert_eq!(flusher.flush_once().await.unwrap(), 0, "nothing dirty yet");
 
         for i in 0..30 {
-            engine
-                .execute(Create {
-                    serial: s(&format!("w{i}")),
-                    name: Name::parse("n", "widget").unwrap(),
-                    ports: Ports::from_list("p", &[PortType::P]).unwrap(),
-                })
-                .await
-                .unwrap();
+            create(&engine, &format!("w{i}")).await;
         }
-        let assoc = Associate {
-            port: PortType::P,
-            serial: s("w0"),
-            peer: s("w1"),
-        };
-        engine.execute(assoc).await.unwrap();
-        engine.execute(Delete { serial: s("w2") }).await.unwrap();
+        plug_w0_and_delete_w2(&engine).await;
         let segments = || {
             std::fs::read_dir(&wal_dir)
                 .unwrap()
@@ -198,22 +206,11 @@ mod tests {
         let engine = Arc::new(engine);
         let flusher = Flusher::new(engine.clone(), Arc::new(sled.clone()));
         for serial in ["w0", "w1", "w2"] {
-            let create = Create {
-                serial: s(serial),
-                name: Name::parse("n", "widget").unwrap(),
-                ports: Ports::from_list("p", &[PortType::P]).unwrap(),
-            };
-            engine.execute(create).await.unwrap();
+            create(&engine, serial).await;
         }
         flusher.flush_once().await.unwrap();
         assert_eq!(stored(&sled).await.1, 3);
-        let assoc = Associate {
-            port: PortType::P,
-            serial: s("w0"),
-            peer: s("w1"),
-        };
-        engine.execute(assoc).await.unwrap();
-        engine.execute(Delete { serial: s("w2") }).await.unwrap();
+        plug_w0_and_delete_w2(&engine).await;
         // The first chunk of the next flush got in (w0 and the deletion), then the crash.
         let first_chunk = FlushBatch {
             items: vec![
