@@ -84,7 +84,14 @@ fn postgres(e: crate::store::StoreError) -> EngineError {
 }
 
 /// The Redis server is older than PostgreSQL: it went back in time.
+/// What a request to a Redis found behind PostgreSQL is told.
+const BEING_LOADED_AGAIN: &str =
+    "Redis is behind PostgreSQL; it is being loaded again from PostgreSQL";
+
+/// Counts and logs (at most once a second) that Redis, at `seq`, was found behind the
+/// version `high` PostgreSQL holds.
 fn behind(seq: u64, high: u64) -> EngineError {
+    metrics::counter!("widgets_redis_behind_total").increment(1);
     if let Some(count) = crate::metrics::throttled("redis behind postgres") {
         tracing::error!(
             count,
@@ -95,9 +102,7 @@ fn behind(seq: u64, high: u64) -> EngineError {
              has loaded it again from PostgreSQL"
         );
     }
-    EngineError::Unavailable(
-        "Redis is behind PostgreSQL; it is being loaded again from PostgreSQL".into(),
-    )
+    EngineError::Unavailable(BEING_LOADED_AGAIN.into())
 }
 
 fn corrupt(serial: &str, what: &str) -> EngineError {
@@ -184,9 +189,7 @@ impl RedisEngine {
             .filter(|(id, at)| *id == run_id && at.elapsed() < RECHECK_AFTER)
         {
             tracing::debug!(since_ms = at.elapsed().as_millis() as u64, "still behind");
-            return Err(EngineError::Unavailable(
-                "Redis is behind PostgreSQL; it is being loaded again from PostgreSQL".into(),
-            ));
+            return Err(EngineError::Unavailable(BEING_LOADED_AGAIN.into()));
         }
         // PostgreSQL first: every version it holds was handed out by Redis before this
         // read, so a server that is not behind shows a `seq` at least as high after it.
@@ -200,7 +203,6 @@ impl RedisEngine {
             return Err(lost_data());
         }
         if seq < high {
-            metrics::counter!("widgets_redis_behind_total").increment(1);
             *last_behind = Some((run_id, Instant::now()));
             return Err(behind(seq, high));
         }
@@ -222,9 +224,13 @@ impl RedisEngine {
         Ok(())
     }
 
-    /// Stops trusting the server: the next script checks it again.
-    fn distrust(&self) {
+    /// The trusted server's `seq` is below `high`: it went back in time without a new
+    /// `run_id` (its data replaced in place). Stops trusting it, so that the next script
+    /// checks it again, and returns what to answer (or why its `seq` could not be read).
+    async fn behind_in_place(&self, high: u64) -> Result<EngineError, EngineError> {
         self.trusted.write().expect("trusted lock").clear();
+        let (_, seq, _) = self.server_state().await?;
+        Ok(behind(seq, high))
     }
 
     pub(crate) fn conn(&self) -> ConnectionManager {
@@ -426,10 +432,8 @@ impl RedisEngine {
         match taken {
             Take::Taken(taken) if taken.loaded => return Ok(taken),
             Take::Behind => {
-                self.distrust();
-                metrics::counter!("widgets_redis_behind_total").increment(1);
-                let (_, seq, _) = self.server_state().await?;
-                let _logged = behind(seq, high);
+                // Logged and counted; the resync below is the answer.
+                self.behind_in_place(high).await?;
             }
             _ => {}
         }
@@ -540,12 +544,7 @@ impl RedisEngine {
             .await
             .map_err(unavailable)?;
         if removed < 0 {
-            // Redis went back in time without a new run_id (its data replaced in place):
-            // check it again before anything else runs on it.
-            self.distrust();
-            metrics::counter!("widgets_redis_behind_total").increment(1);
-            let (_, seq, _) = self.server_state().await?;
-            return Err(behind(seq, high));
+            return Err(self.behind_in_place(high).await?);
         }
         Ok(removed as usize)
     }

@@ -42,37 +42,50 @@ end
     };
 }
 
-/// A Lua preamble for the scripts that read or write widgets: they run only on the Redis
-/// server this instance trusts (ARGV[1], its `run_id`, which a restart or a failover
-/// changes), and answer {"untrusted", run_id} on any other, before touching a key. See
-/// [`super::RedisEngine::check_server`].
-macro_rules! trusted_server_lua {
+/// A Lua function: the `run_id` of the server the script runs on (which a restart or a
+/// failover changes).
+macro_rules! run_id_lua {
     () => {
         r#"
 -- A run_id is 40 hex digits; a plain find costs a tenth of a pattern match.
-local info = redis.call('INFO', 'server')
-local at = string.find(info, 'run_id:', 1, true)
-local server = string.sub(info, at + 7, at + 46)
+local function run_id()
+  local info = redis.call('INFO', 'server')
+  local at = string.find(info, 'run_id:', 1, true)
+  return string.sub(info, at + 7, at + 46)
+end
+"#
+    };
+}
+
+/// A Lua preamble for the scripts that read or write widgets: they run only on the Redis
+/// server this instance trusts (ARGV[1], its `run_id`), and answer {"untrusted", run_id}
+/// on any other, before touching a key. See [`super::RedisEngine::check_server`].
+macro_rules! trusted_server_lua {
+    () => {
+        concat!(
+            run_id_lua!(),
+            r#"
+local server = run_id()
 if server ~= ARGV[1] then return {'untrusted', server} end
 "#
+        )
     };
 }
 
 /// The server's `run_id`, `seq` ("0" if unset) and whether `loaded` is set ("1"/"0"), in
 /// one atomic call. ARGV: prefix.
 pub static STATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        run_id_lua!(),
         r#"
 local prefix = ARGV[1]
-local info = redis.call('INFO', 'server')
-local at = string.find(info, 'run_id:', 1, true)
 return {
-  string.sub(info, at + 7, at + 46),
+  run_id(),
   redis.call('GET', prefix .. 'seq') or '0',
   tostring(redis.call('EXISTS', prefix .. 'loaded')),
 }
-"#,
-    )
+"#
+    ))
 });
 
 /// Reads widgets atomically. ARGV: trusted run_id, prefix, serials... Returns
