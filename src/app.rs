@@ -187,7 +187,7 @@ impl Serving {
         let stop = CancellationToken::new();
         let running = tokio::spawn({
             let (flusher, interval, stop) =
-                (flusher.clone(), self.config.flush_interval, stop.clone());
+                (flusher.clone(), self.config.flush_interval(), stop.clone());
             async move { flush::run(&flusher, interval, stop).await }
         });
         self.shutdown.cancelled().await;
@@ -274,7 +274,7 @@ impl Serving {
         self.recovered.send_replace(Some(Ok(())));
         tracing::info!(prefix = %self.config.redis_prefix, "ready (Redis mode)");
 
-        let batch = self.config.flush_batch as usize;
+        let batch = self.config.flush_batch() as usize;
         let source = Arc::new(RedisSource::new(engine, batch));
         self.flush_until_shutdown(Flusher::new(source, Arc::new(store)))
             .await?;
@@ -286,8 +286,10 @@ impl Serving {
 /// Opens the embedded store in the data directory (serving, and `widgets bench-seed`).
 pub async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
     let dir = config.store_dir();
-    let cache = config.sled_cache_bytes;
-    let opened = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache)).await?;
+    let (cache, nice) = (config.sled_cache_bytes, config.flush_nice);
+    let opened =
+        tokio::task::spawn_blocking(move || SledStore::open_with_writer_nice(&dir, cache, nice))
+            .await?;
     opened.with_context(|| {
         format!(
             "opening the embedded store in {}",

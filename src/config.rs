@@ -67,13 +67,23 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", default_value = "1s", value_parser = duration_up_to_an_hour)]
     pub fsync_interval: Duration,
 
-    /// How often the flusher writes dirty widgets to the durable store (1ms to 1h).
-    #[arg(long, env = "WIDGETS_FLUSH_INTERVAL", default_value = "1s", value_parser = duration_up_to_an_hour)]
-    pub flush_interval: Duration,
+    /// With `--fsync always`: how long a group of writes waits for more before its fsync
+    /// while several writers are about (0 to 10ms; 0 turns it off). One fsync then covers
+    /// more writes, for this much more latency; a lone writer never waits.
+    #[arg(long, env = "WIDGETS_COMMIT_DELAY", default_value = "500us", value_parser = commit_delay)]
+    pub commit_delay: Duration,
 
-    /// Flush early once this many widgets are dirty.
-    #[arg(long, env = "WIDGETS_FLUSH_BATCH", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub flush_batch: u64,
+    /// How often the flusher writes dirty widgets to the durable store (1ms to 1h).
+    /// Default: 1s on PostgreSQL and in Redis mode, 10s on the embedded store, where the
+    /// WAL already holds every change and a longer interval writes a widget changed
+    /// several times once (see README, "How often the embedded store is written").
+    #[arg(long, env = "WIDGETS_FLUSH_INTERVAL", value_parser = duration_up_to_an_hour)]
+    pub flush_interval: Option<Duration>,
+
+    /// Flush early once this many widgets are dirty. Default: 50000 on PostgreSQL and in
+    /// Redis mode, 500000 on the embedded store.
+    #[arg(long, env = "WIDGETS_FLUSH_BATCH", value_parser = clap::value_parser!(u64).range(1..))]
+    pub flush_batch: Option<u64>,
 
     /// Most widgets waiting for the durable store; past it writes answer `503 overloaded`.
     /// Each one holds a copy of its packed state (~100 bytes) until it is flushed.
@@ -182,6 +192,12 @@ pub struct Config {
     /// than 32 MiB.
     #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=64 << 30))]
     pub sled_cache_bytes: u64,
+
+    /// Nice value (0 to 19) of the thread that writes the embedded store: above 0 the
+    /// kernel runs requests before the write-behind, which then takes the CPU they leave
+    /// (see README, "Write-behind priority"). 0: the same priority as requests.
+    #[arg(long, env = "WIDGETS_FLUSH_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub flush_nice: i32,
 }
 
 /// A bearer token: checked when parsed, and never printed (`Debug` shows `***`). An
@@ -231,6 +247,20 @@ fn duration_up_to_an_hour(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The embedded store's flush interval and early-flush size: a widget changed several
+/// times in the interval is written to sled once (BENCHMARKS.md, "Target 1 at 1 M
+/// widgets"), and the WAL the store has not absorbed stays small (about 10 s of writes).
+const EMBEDDED_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+const EMBEDDED_FLUSH_BATCH: u64 = 500_000;
+
+fn commit_delay(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_millis(10) {
+        return Err(format!("{s} is over 10ms"));
+    }
+    Ok(d)
+}
+
 impl Config {
     /// The Redis URL, if one is set (an empty one means none).
     pub fn redis_url(&self) -> Option<&str> {
@@ -244,16 +274,40 @@ impl Config {
             .filter(|u| !u.trim().is_empty())
     }
 
+    /// Whether the durable store is the embedded one (no PostgreSQL, no Redis).
+    fn embedded_store(&self) -> bool {
+        self.postgres_url().is_none() && self.redis_url().is_none()
+    }
+
+    /// `--flush-interval`, or the store's default.
+    pub fn flush_interval(&self) -> Duration {
+        self.flush_interval.unwrap_or(if self.embedded_store() {
+            EMBEDDED_FLUSH_INTERVAL
+        } else {
+            Duration::from_secs(1)
+        })
+    }
+
+    /// `--flush-batch`, or the store's default.
+    pub fn flush_batch(&self) -> u64 {
+        self.flush_batch.unwrap_or(if self.embedded_store() {
+            EMBEDDED_FLUSH_BATCH
+        } else {
+            50_000
+        })
+    }
+
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
             fsync: self.fsync,
             fsync_interval: self.fsync_interval,
+            commit_delay: self.commit_delay,
             wal_segment_bytes: self.wal_segment_bytes,
             wal_max_bytes: self.wal_max_bytes,
             wal_recovery: self.wal_recovery,
             queue_depth: self.write_queue as usize,
             max_dirty: self.max_dirty as usize,
-            flush_batch_size: self.flush_batch as usize,
+            flush_batch_size: self.flush_batch() as usize,
             accept_mismatched_wal: self.accept_mismatched_wal,
         }
     }
@@ -327,7 +381,17 @@ mod tests {
         let c = Config::try_parse_from(["widgets"]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.fsync, FsyncMode::Always);
-        assert_eq!(c.flush_interval, Duration::from_secs(1));
+        assert_eq!(
+            (c.flush_interval(), c.flush_batch()),
+            (Duration::from_secs(10), 500_000),
+            "the embedded store's defaults"
+        );
+        let c = Config::try_parse_from(["widgets", "--database-url", "postgres://h/db"]).unwrap();
+        assert_eq!(
+            (c.flush_interval(), c.flush_batch()),
+            (Duration::from_secs(1), 50_000),
+            "PostgreSQL's defaults"
+        );
         let c = Config::try_parse_from([
             "widgets",
             "--fsync",
@@ -337,7 +401,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (c.fsync, c.flush_interval),
+            (c.fsync, c.flush_interval()),
             (FsyncMode::Interval, Duration::from_millis(250))
         );
         for bad in [
@@ -350,6 +414,10 @@ mod tests {
             &["widgets", "--fsync-interval", "0s"],
             &["widgets", "--flush-interval", "0ms"],
             &["widgets", "--flush-interval", "3days"],
+            &["widgets", "--commit-delay", "11ms"],
+            &["widgets", "--commit-delay", "soon"],
+            &["widgets", "--flush-nice", "20"],
+            &["widgets", "--flush-nice", "-1"],
             &["widgets", "--max-body-bytes", "0"],
             &["widgets", "--sled-cache-bytes", "0"],
         ] {

@@ -120,7 +120,7 @@ mod tests {
         let config = child_config(&args);
         assert_eq!(config.fsync, FsyncMode::Never);
         assert_eq!(config.postgres_url(), None);
-        assert_eq!(config.flush_interval, Duration::from_millis(200));
+        assert_eq!(config.flush_interval(), Duration::from_millis(200));
         assert!(!config.auth().unwrap().is_on());
     }
 

@@ -78,6 +78,7 @@ mod tests {
         EngineSettings {
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_secs(1),
+            commit_delay: Duration::ZERO,
             wal_segment_bytes: 1024,
             wal_max_bytes: 1 << 30,
             wal_recovery: RecoveryMode::Strict,

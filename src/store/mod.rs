@@ -5,6 +5,7 @@
 //! either the whole batch and the new checkpoint or neither, so start-up knows exactly where
 //! WAL replay begins.
 
+pub mod background;
 pub mod postgres;
 pub mod sled;
 

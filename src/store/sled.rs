@@ -23,6 +23,7 @@
 //! it: sled recovers from its own log as after a crash, and the flusher's retry finds a
 //! working store once there is space again, with no restart.
 
+use super::background::{Background, BackgroundError};
 use super::{FlushBatch, Store, StoreError, Visitor};
 use crate::domain::{Serial, Widget};
 use std::path::{Path, PathBuf};
@@ -54,20 +55,41 @@ struct Inner {
     cache_bytes: u64,
     /// `None` after an I/O error closed it, until the next operation opens it again.
     db: Mutex<Option<sled::Db>>,
+    /// The thread that opens the database and writes to it, at the writer's nice value.
+    writer: Background,
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `path`; `cache_bytes` bounds sled's page cache.
+    /// Opens (or creates) the store in `path`; `cache_bytes` bounds sled's page cache. It
+    /// writes at the usual priority.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with_writer_nice(path, cache_bytes, 0)
+    }
+
+    /// Opens (or creates) the store in `path`, writing on a thread of its own at nice
+    /// value `writer_nice` (0 to 19: see [`Background`]). Blocks while sled opens.
+    pub fn open_with_writer_nice(
+        path: &Path,
+        cache_bytes: u64,
+        writer_nice: i32,
+    ) -> Result<Self, StoreError> {
         let inner = Inner {
             path: path.to_owned(),
             cache_bytes,
             db: Mutex::new(None),
+            writer: Background::start("widgets-store", writer_nice)
+                .map_err(|e| StoreError::Task(format!("starting the store's thread: {e}")))?,
         };
         let store = Self {
             inner: Arc::new(inner),
         };
-        store.db()?;
+        // Opened on the writer's thread, so that the threads sled starts share its priority.
+        let opening = store.clone();
+        store
+            .inner
+            .writer
+            .run_blocking(move || opening.db().map(drop))
+            .map_err(task_error)??;
         Ok(store)
     }
 
@@ -80,6 +102,9 @@ impl SledStore {
         let opened = sled::Config::new()
             .path(&self.inner.path)
             .cache_capacity(self.inner.cache_bytes)
+            // Every write ends with its own `flush`; sled's timer would only add a thread
+            // flushing at the usual priority.
+            .flush_every_ms(None)
             .open()?;
         *db = Some(opened.clone());
         Ok(opened)
@@ -231,21 +256,29 @@ impl Store for SledStore {
 
     async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
         let (db, identity) = (self.db()?, identity.to_owned());
-        tokio::task::spawn_blocking(move || {
-            db.insert(IDENTITY_KEY, identity.as_bytes())?;
-            db.flush()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.inner
+            .writer
+            .run(move || {
+                db.insert(IDENTITY_KEY, identity.as_bytes())?;
+                db.flush()?;
+                Ok(())
+            })
+            .await
+            .map_err(task_error)?
     }
 
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.write_blocking(batch))
+        self.inner
+            .writer
+            .run(move || this.write_blocking(batch))
             .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+            .map_err(task_error)?
     }
+}
+
+fn task_error(e: BackgroundError) -> StoreError {
+    StoreError::Task(e.to_string())
 }
 
 #[cfg(test)]

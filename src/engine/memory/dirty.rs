@@ -98,12 +98,14 @@ impl DirtySet {
         }
     }
 
-    /// The flush of `taken` reached the store.
-    pub fn done(&self, _taken: Taken) {
+    /// The flush of `taken` reached the store. Hands the taken widgets back, to be freed
+    /// where it suits the caller: freeing a large take is milliseconds of work.
+    pub fn done(&self, taken: Taken) -> Taken {
         let mut inner = self.inner.lock().expect("dirty set lock");
         inner.in_flight_since = None;
         inner.in_flight = 0;
         self.publish_len(&inner);
+        taken
     }
 
     /// The flush of `taken` failed: its serials are dirty again.

@@ -16,6 +16,13 @@
 //! Requests that arrive during an fsync wait in the queue and form the next group, so under
 //! load many requests share one fsync. Blocking file I/O stays on this thread, off the
 //! async workers.
+//!
+//! The commit delay (PostgreSQL's `commit_delay`, with the last group standing in for its
+//! `commit_siblings`): with `--fsync always`, when the last group held more than one write,
+//! concurrent writers are about, and the sequencer sleeps this long before it takes a
+//! group, so one fsync covers the writes of the delay too. A lone writer's group never
+//! waits. The sleep is a sleep, not a wait on the queue, so the writes that arrive during
+//! it wake nothing.
 
 use super::dirty::Dirty;
 use super::packed::PackedWidget;
@@ -91,17 +98,27 @@ impl<R: Rule> Write for Pending<R> {
     }
 }
 
+/// When the log is synced.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SyncPolicy {
+    pub fsync: FsyncMode,
+    pub fsync_interval: Duration,
+    /// How long a group waits for more writes under concurrent load (`--fsync always` only).
+    pub commit_delay: Duration,
+}
+
 pub(super) fn spawn(
     shared: Arc<Shared>,
     writer: WalWriter,
     jobs: Receiver<Job>,
-    fsync: FsyncMode,
-    fsync_interval: Duration,
+    policy: SyncPolicy,
 ) -> JoinHandle<()> {
     let mut seq = Sequencer {
         shared,
-        log: Log::new(writer, fsync, fsync_interval),
+        log: Log::new(writer, policy.fsync, policy.fsync_interval),
         batch: LogBatch::default(),
+        commit_delay: policy.commit_delay,
+        last_group: 0,
     };
     std::thread::Builder::new()
         .name("widgets-sequencer".into())
@@ -114,6 +131,9 @@ struct Sequencer {
     log: Log,
     /// The group's records; its buffer is kept from group to group.
     batch: LogBatch,
+    commit_delay: Duration,
+    /// How many jobs the last group held.
+    last_group: usize,
 }
 
 impl Sequencer {
@@ -140,12 +160,16 @@ impl Sequencer {
                 }
             };
             group.push(first);
+            if self.delays_commits() {
+                std::thread::sleep(self.commit_delay);
+            }
             while group.len() < MAX_GROUP {
                 match jobs.try_recv() {
                     Ok(job) => group.push(job),
                     Err(_) => break,
                 }
             }
+            self.last_group = group.len();
             if self.process(&mut group) {
                 break;
             }
@@ -156,6 +180,15 @@ impl Sequencer {
             }
         }
         tracing::debug!("sequencer stopped");
+    }
+
+    /// Whether this group waits for more writes before its fsync: concurrent writers are
+    /// about (the last group held several jobs) and every group is fsynced.
+    fn delays_commits(&self) -> bool {
+        self.log.fsync == FsyncMode::Always
+            && !self.commit_delay.is_zero()
+            && self.last_group > 1
+            && self.shared.failed.get().is_none()
     }
 
     /// Whether the WAL is synced on a timer (`--fsync interval`) rather than per group, and
@@ -598,6 +631,8 @@ mod tests {
             shared: shared.clone(),
             log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
             batch: LogBatch::default(),
+            commit_delay: Duration::ZERO,
+            last_group: 0,
         };
         let (c, mut c_outcome) = write(create("c"));
         let (refused, mut refused_outcome) = write(associate("a", "zz"));
@@ -620,5 +655,74 @@ mod tests {
         assert!(matches!(c_outcome.try_recv(), Ok(Ok(WidgetView { .. }))));
         assert!(matches!(c_outcome.try_recv(), Err(TryRecvError::Closed)));
         assert_eq!(shared.map.pin().get("c").unwrap().version(), 1);
+    }
+
+    /// Waits up to `within` for a write's answer.
+    fn answered<T>(answer: &mut oneshot::Receiver<T>, within: Duration) -> Option<T> {
+        let until = Instant::now() + within;
+        loop {
+            match answer.try_recv() {
+                Ok(value) => return Some(value),
+                Err(TryRecvError::Closed) => panic!("the write was dropped unanswered"),
+                Err(TryRecvError::Empty) if Instant::now() >= until => return None,
+                Err(TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    #[test]
+    fn the_commit_delay_holds_a_group_after_concurrent_writes_and_never_a_lone_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(shared_with_a_and_b());
+        let writer = WalWriter::open(
+            Arc::new(crate::wal::RealFs),
+            dir.path(),
+            vec![],
+            1,
+            1 << 20,
+            shared.wal_bytes.clone(),
+        )
+        .unwrap();
+        // Far longer than anything else here takes, so only the delay can explain a wait.
+        let delay = Duration::from_secs(2);
+        let policy = SyncPolicy {
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_secs(1),
+            commit_delay: delay,
+        };
+        let (jobs, queue) = std::sync::mpsc::sync_channel(16);
+        let send = |serial: &str| {
+            let (job, answer) = write(create(serial));
+            jobs.send(job).unwrap();
+            answer
+        };
+
+        // Two writes queued before the sequencer starts make its first group: two.
+        let (mut x, mut y) = (send("x"), send("y"));
+        let thread = spawn(shared.clone(), writer, queue, policy);
+        assert!(answered(&mut x, Duration::from_secs(2)).is_some());
+        assert!(answered(&mut y, Duration::from_secs(2)).is_some());
+
+        // So the next group waits, and a write sent meanwhile joins it.
+        let mut held = send("held");
+        assert!(
+            answered(&mut held, Duration::from_millis(300)).is_none(),
+            "after a group of two, the next one waits for the commit delay"
+        );
+        let mut joined = send("joined");
+        assert!(answered(&mut held, delay * 2).is_some());
+        assert!(answered(&mut joined, Duration::from_secs(2)).is_some());
+
+        // A lone writer: after its group of one, its next write does not wait.
+        let mut alone = send("alone");
+        assert!(answered(&mut alone, delay * 2).is_some());
+        let mut next = send("next");
+        assert!(
+            answered(&mut next, Duration::from_secs(1)).is_some(),
+            "a write after a group of one is not held"
+        );
+
+        jobs.send(Job::Stop).unwrap();
+        thread.join().unwrap();
     }
 }
