@@ -274,3 +274,68 @@ impl Lanes {
         Ok(lane)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::header::CONNECTION;
+    use axum::routing::{get, put};
+    use axum::Router;
+
+    /// A server whose every answer closes its connection; a PUT answers 200 only when its
+    /// body arrived whole.
+    async fn closing_server() -> String {
+        let app = Router::new()
+            .route(
+                "/healthz",
+                get(|| async { ([(CONNECTION, "close")], "ok") }),
+            )
+            .route(
+                "/widgets/associations",
+                put(|body: String| async move {
+                    let status = if body.contains("\"port_type\":\"P\"") && body.ends_with('}') {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY
+                    };
+                    (status, [(CONNECTION, "close")], "{}")
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_not_counted_as_a_failure() {
+        let http = Http::new(&closing_server().await, 4, None).unwrap();
+        for _ in 0..5 {
+            assert_eq!(http.healthz().await, Outcome::Status(200));
+        }
+        let serials = vec!["a".to_owned(), "b".to_owned()];
+        let put = Request::Put {
+            port: widgets::domain::PortType::P,
+            widget: 0,
+            peer: 1,
+        };
+        assert_eq!(
+            http.mix(put, &serials).await,
+            Outcome::Status(200),
+            "the body arrives whole"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_server_is_a_failed_request_and_a_bad_url_an_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let http = Http::new(&format!("http://{addr}"), 1, None).unwrap();
+        assert_eq!(http.healthz().await, Outcome::Failed);
+        assert!(matches!(
+            Http::new("https://example.com", 1, None),
+            Err(HttpError::Url(_))
+        ));
+    }
+}
