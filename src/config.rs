@@ -195,7 +195,7 @@ pub struct Config {
 
     /// Nice value (0 to 19) of the thread that writes the embedded store: above 0 the
     /// kernel runs requests before the write-behind, which then takes the CPU they leave
-    /// (see README, "Write-behind priority"). 0: the same priority as requests.
+    /// (see README, How it works). 0: the same priority as requests.
     #[arg(long, env = "WIDGETS_FLUSH_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub flush_nice: i32,
 }

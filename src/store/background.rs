@@ -1,13 +1,13 @@
 //! A thread of its own, at a lower CPU priority, for a store's blocking work.
 //!
 //! The embedded store's flush is CPU work in bursts (sled's inserts, page loads and log
-//! writes: about a third of the service's CPU at 10,000 PUT/s over 1 M widgets). On the
-//! shared blocking pool it competes on equal terms with the request path, and on a
-//! small machine a burst takes a whole core for a second: requests queue behind it and
-//! the tail grows by two orders of magnitude (BENCHMARKS.md, "Write-behind at a lower
-//! priority"). On a thread with a higher nice value the kernel runs requests first and
-//! gives the flush what is left, or its small share of a saturated machine, which the
-//! dirty-set limit then turns into back-pressure (`503 overloaded`) rather than a stall.
+//! writes: a third of the service's CPU at 10,000 PUT/s over 1 M widgets with a flush
+//! every second). On tokio's blocking pool it competes with the request path on equal
+//! terms; on a thread with a higher nice value the kernel runs requests first and gives
+//! the flush what is left, or its small share of a saturated machine, which the dirty-set
+//! limit then turns into back-pressure (`503 overloaded`) rather than a stall. (No run in
+//! BENCHMARKS.md could tell nice 10 from nice 0 through the latency noise of that
+//! machine; this is the design, not a measured gain.)
 //!
 //! The nice value is per thread on Linux, and threads the work starts (sled's I/O pool)
 //! inherit it. Elsewhere the thread runs at the process's priority.
