@@ -319,7 +319,9 @@ async fn measure(
     };
     let used = meter.since(&mark);
     let after = scrape(&http).await?;
-    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop).with_cpu(used);
+    let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop)
+        .with_cpu(used)
+        .with_timeline(&r.timeline);
     let server_stats = scrape::server_stats(&before, &after);
 
     // The baseline gets the machine to itself.

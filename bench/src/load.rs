@@ -9,7 +9,7 @@
 //! counted. The timer wakes a worker up to about a millisecond after the intended time;
 //! that slack is in the latencies too.
 
-use super::report::{Latency, OpenLoopStats, Tally};
+use super::report::{Latency, OpenLoopStats, Tally, Timeline};
 use indicatif::ProgressBar;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +44,8 @@ pub enum Pace {
 #[derive(Debug, Clone, Default)]
 pub struct PhaseResult {
     pub latency: Latency,
+    /// The requests by the second of the phase they were (meant to be) sent in.
+    pub timeline: Timeline,
     pub tally: Tally,
     pub elapsed: Duration,
     pub open_loop: Option<OpenLoopStats>,
@@ -82,7 +84,7 @@ where
             let (op, next, progress) = (op.clone(), next.clone(), progress.clone());
             tokio::spawn(async move {
                 let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(w));
-                let mut worker = Worker::default();
+                let mut worker = Worker::starting(start);
                 match pace {
                     Pace::Count(n) => loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
@@ -135,6 +137,7 @@ where
         // A worker only ends by returning; a panic in `op` is a bug worth surfacing.
         let worker = worker.await.expect("a bench worker panicked");
         result.latency.merge(&worker.latency);
+        result.timeline.merge(&worker.timeline);
         result.tally.merge(&worker.tally);
         sent += worker.sent;
         late += worker.late;
@@ -153,17 +156,33 @@ where
 }
 
 /// One worker's own counts, merged at the end so workers share nothing while running.
-#[derive(Default)]
 struct Worker {
+    /// When the phase started.
+    start: Instant,
     latency: Latency,
+    timeline: Timeline,
     tally: Tally,
     sent: u64,
     late: u64,
 }
 
 impl Worker {
+    fn starting(start: Instant) -> Self {
+        Worker {
+            start,
+            latency: Latency::default(),
+            timeline: Timeline::default(),
+            tally: Tally::default(),
+            sent: 0,
+            late: 0,
+        }
+    }
+
     fn record(&mut self, since: Instant, outcome: Outcome, progress: Option<&ProgressBar>) {
-        self.latency.record(since.elapsed());
+        let latency = since.elapsed();
+        self.latency.record(latency);
+        self.timeline
+            .record(since.saturating_duration_since(self.start), latency);
         match outcome {
             Outcome::Status(status) => self.tally.count_status(status),
             Outcome::Failed => self.tally.failed += 1,
@@ -235,6 +254,37 @@ mod tests {
         let latency = result.latency.summary();
         assert!(latency.p90 >= 20_000, "{latency:?}");
         assert!(latency.max >= 100_000, "{latency:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeline_puts_each_request_in_the_second_it_was_meant_for() {
+        // 100/s for 3 s; the requests meant for the middle second take 50 ms, the others
+        // 5 ms; ten workers keep up with both, so nothing queues.
+        let result = drive(
+            10,
+            Pace::Open {
+                rate: 100.0,
+                duration: Duration::from_secs(3),
+            },
+            None,
+            move |_, k| async move {
+                let cost = if (100..200).contains(&k) { 50 } else { 5 };
+                tokio::time::sleep(Duration::from_millis(cost)).await;
+                Outcome::Status(200)
+            },
+        )
+        .await;
+        let seconds = &result.timeline.0;
+        assert_eq!(seconds.len(), 3, "{seconds:?}");
+        assert!(seconds.iter().all(|s| s.requests == 100), "{seconds:?}");
+        assert_eq!(
+            seconds.iter().map(|s| s.over_10ms).collect::<Vec<_>>(),
+            [0, 100, 0]
+        );
+        assert!(
+            seconds[1].max_us >= 50_000 && seconds[2].max_us < 10_000,
+            "{seconds:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -130,6 +130,11 @@ pub struct PhaseStats {
     pub open_loop: Option<OpenLoopStats>,
     /// CPU spent during the phase, by the server and by this client.
     pub cpu: CpuStats,
+    /// The load phase, second by second (by each request's intended send time in the open
+    /// loop): when its slow requests came, to tell a periodic stall (a flush every
+    /// interval) from a random one. Empty for the other phases.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Second>,
 }
 
 impl PhaseStats {
@@ -159,6 +164,7 @@ impl PhaseStats {
             transport_errors: tally.failed,
             open_loop,
             cpu: CpuStats::default(),
+            timeline: Vec::new(),
         }
     }
 
@@ -166,6 +172,56 @@ impl PhaseStats {
     pub fn with_cpu(mut self, used: Used) -> Self {
         self.cpu = CpuStats::new(used, self.requests);
         self
+    }
+
+    pub fn with_timeline(mut self, timeline: &Timeline) -> Self {
+        self.timeline = timeline.0.clone();
+        self
+    }
+}
+
+/// A request slower than this counts in [`Second::over_10ms`].
+const SLOW: Duration = Duration::from_millis(10);
+
+/// One second of a phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Second {
+    /// Requests whose (intended) send time fell in this second.
+    pub requests: u64,
+    /// Of them, those that took over 10 ms.
+    pub over_10ms: u64,
+    /// The slowest of them, in microseconds.
+    pub max_us: u64,
+}
+
+/// A phase's requests by the second they were (meant to be) sent in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timeline(pub Vec<Second>);
+
+impl Timeline {
+    /// A request sent `at` into the phase took `latency`.
+    pub fn record(&mut self, at: Duration, latency: Duration) {
+        let second = at.as_secs() as usize;
+        if self.0.len() <= second {
+            self.0.resize(second + 1, Second::default());
+        }
+        let s = &mut self.0[second];
+        s.requests += 1;
+        s.over_10ms += u64::from(latency > SLOW);
+        s.max_us = s
+            .max_us
+            .max(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn merge(&mut self, other: &Timeline) {
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), Second::default());
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.requests += theirs.requests;
+            mine.over_10ms += theirs.over_10ms;
+            mine.max_us = mine.max_us.max(theirs.max_us);
+        }
     }
 }
 
