@@ -255,10 +255,13 @@ impl Store for SledStore {
     }
 
     async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
-        let (db, identity) = (self.db()?, identity.to_owned());
+        let (this, identity) = (self.clone(), identity.to_owned());
+        // On the writer's thread, like every write: so is opening the database again
+        // after an I/O error closed it.
         self.inner
             .writer
             .run(move || {
+                let db = this.db()?;
                 db.insert(IDENTITY_KEY, identity.as_bytes())?;
                 db.flush()?;
                 Ok(())
