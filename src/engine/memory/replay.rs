@@ -42,11 +42,14 @@ pub(super) fn replay(
     std::thread::scope(|scope| {
         let mut queues = Vec::with_capacity(appliers);
         let mut handles = Vec::with_capacity(appliers);
+        let (spent, recycled) = mpsc::channel();
         for _ in 0..appliers {
             let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Change)>>(QUEUE);
             queues.push((tx, Vec::with_capacity(BATCH)));
-            handles.push(scope.spawn(move || apply_all(map, rx)));
+            let spent = spent.clone();
+            handles.push(scope.spawn(move || apply_all(map, rx, spent)));
         }
+        drop(spent);
         // An applier that stopped (a bad change, or a panic) drops its queue; the log is
         // still read to its end, cheaply, and the joins below say what happened.
         let mut stopped = false;
@@ -59,7 +62,10 @@ pub(super) fn replay(
                 let (tx, batch) = &mut queues[i];
                 batch.push((lsn, change));
                 if batch.len() == BATCH {
-                    let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+                    let next = recycled
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+                    let full = std::mem::replace(batch, next);
                     stopped |= tx.send(full).is_err();
                 }
             }
@@ -88,51 +94,62 @@ pub(super) fn replay(
 }
 
 /// Applies every change it is sent, in order; returns what each serial's changes changed,
-/// or the LSN and fault of the first change that is not one the service could have made.
+/// with its state at the end, or the LSN and fault of the first change that is not one the
+/// service could have made.
+///
+/// Only the marks add up change by change. The state a serial ends with is read from the
+/// map once, after the last batch: this applier is the only one that writes its serials,
+/// so the map then holds each one's state after its last change. (Keeping a copy of each
+/// change's state instead cost an allocation and a free per change.)
 fn apply_all(
     map: &WidgetMap,
     changes: mpsc::Receiver<Vec<(u64, Change)>>,
-) -> Result<foldhash::HashMap<Serial, Dirty>, (u64, String)> {
-    let mut marks = foldhash::HashMap::<Serial, Dirty>::default();
-    for batch in changes {
+    spent: mpsc::Sender<Vec<(u64, Change)>>,
+) -> Result<Vec<(Serial, Dirty)>, (u64, String)> {
+    let mut marks = foldhash::HashMap::<Serial, Mark>::default();
+    for mut batch in changes {
         // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
         // the whole log kept every one of them, and zeroing their fresh pages was a third
         // of replay's time.)
         let guard = map.guard();
-        for (lsn, change) in batch {
+        for (lsn, change) in batch.drain(..) {
             change
                 .check()
                 .map_err(|e| (lsn, format!("{:?}: {e}", change.serial())))?;
             // One probe a change: the replaced state comes back from the insert.
-            let (serial, dirty) = match change {
+            let (serial, mark) = match change {
                 Change::Put { serial, widget } => {
-                    let packed = PackedWidget::pack(&widget);
-                    let before = map.insert(serial.clone(), packed.clone(), &guard);
+                    let before = map.insert(serial.clone(), PackedWidget::pack(&widget), &guard);
                     let after = change::peers(Some(&widget));
-                    let mark = Mark::between(before.map(PackedWidget::peers), after);
                     (
                         serial,
-                        Dirty {
-                            mark,
-                            state: Some(packed),
-                        },
+                        Mark::between(before.map(PackedWidget::peers), after),
                     )
                 }
                 Change::Delete { serial } => {
                     let before = map.remove(&serial, &guard);
-                    let mark = Mark::between(before.map(PackedWidget::peers), None);
-                    (serial, Dirty { mark, state: None })
+                    (serial, Mark::between(before.map(PackedWidget::peers), None))
                 }
             };
             match marks.entry(serial) {
-                Entry::Occupied(mut e) => e.get_mut().then(dirty),
+                Entry::Occupied(mut e) => e.get_mut().merge(mark),
                 Entry::Vacant(e) => {
-                    e.insert(dirty);
+                    e.insert(mark);
                 }
             }
         }
+        // The emptied batch goes back to the reader to be filled again: a new one is
+        // fresh memory, which the kernel zeroes page by page.
+        let _ = spent.send(batch);
     }
-    Ok(marks)
+    let guard = map.guard();
+    Ok(marks
+        .into_iter()
+        .map(|(serial, mark)| {
+            let state = map.get(&serial, &guard).cloned();
+            (serial, Dirty { mark, state })
+        })
+        .collect())
 }
 
 #[cfg(test)]
