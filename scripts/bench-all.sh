@@ -9,7 +9,7 @@
 #
 # Needs PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres: the
 # runs create and drop throwaway databases there) and Redis (REDIS_URL, default
-# redis://127.0.0.1:6379; keys go under a prefix of their own). Takes about ten minutes.
+# redis://127.0.0.1:6379; keys go under a prefix of their own). Takes about fifteen minutes.
 set -euo pipefail
 
 bench=${WIDGETS_BENCH_BIN:-target/release/widgets-bench}
@@ -38,6 +38,11 @@ run 4-redis-c64 "${puts[@]}" --concurrency 64 --database-url "$pg" \
 # request's intended send time.
 run 5-postgres-20k-rate --widgets 100000 --duration 60s --ceiling-secs 5 --mix put=100 --json \
     --concurrency 64 --rate 20000 --database-url "$pg"
+
+# Issue 13's run: 1,000,000 widgets, durable PUTs offered at 10,000/s, the embedded store
+# writing behind, with the axum JSON echo as the reference for the server's CPU per request.
+run 6-embedded-1m-10k-rate --widgets 1000000 --duration 60s --ceiling-secs 5 --echo-secs 10 \
+    --mix put=100 --json --concurrency 64 --rate 10000 --database-url=
 
 # Redis mode leaves its keys under the run's prefix.
 if command -v redis-cli >/dev/null; then

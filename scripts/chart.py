@@ -15,9 +15,11 @@ stale (exit status 1 if it is). An `--out` ending in `.png` writes a picture ins
 Fields read, as `src/bench/report.rs` serialises them (the baseline's `PhaseStats` is
 `#[serde(flatten)]`, so its throughput is `baseline.throughput`):
   required: load.throughput, load.latency_us.{p50,p90,p99,p999}
-  optional: ceiling.throughput, baseline.throughput (either phase may be null or absent),
-            and for the caption store, fsync, concurrency, mix, duration_secs, rate,
-            load.requests, load.ok
+  optional: ceiling.throughput, echo.throughput, baseline.throughput (each phase may be
+            null or absent); <phase>.cpu.server_us_per_request for load, ceiling and echo
+            (null or absent in reports from builds before the bench measured CPU: the CPU
+            panel then leaves the run out, or is not drawn at all); and for the caption
+            store, fsync, concurrency, mix, duration_secs, rate, load.requests, load.ok
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ except ImportError:
 
 DEFAULT_DIR = Path("bench/results")
 DEFAULT_OUT = Path("bench/chart.svg")
-TITLE = "widgets bench: throughput and latency per run"
+TITLE = "widgets bench: throughput, latency and CPU per run"
 
 # Same bytes on every machine: text is measured in the font matplotlib ships (DejaVu Sans,
 # found in its own files before the system's) and written as text, ids are fixed, and the
@@ -67,7 +69,14 @@ METADATA = {"Title": TITLE, "Date": None, "Creator": None}
 THROUGHPUT_SERIES = (
     ("load", "load (the mix)", "#4c78a8"),
     ("ceiling", "HTTP ceiling (GET /healthz)", "#b0b7bf"),
+    ("echo", "axum JSON echo (reference)", "#72b7b2"),
     ("baseline", "PostgreSQL directly (baseline)", "#f58518"),
+)
+# (phase, legend name, colour): the server's CPU per request in each phase that has it.
+CPU_SERIES = (
+    ("load", "load (the mix)", "#4c78a8"),
+    ("ceiling", "HTTP ceiling (GET /healthz)", "#b0b7bf"),
+    ("echo", "axum JSON echo (reference)", "#72b7b2"),
 )
 # (JSON key under latency_us, legend name, colour): light to dark as the tail grows.
 PERCENTILES = (
@@ -90,6 +99,8 @@ class Run:
     # Milliseconds, in PERCENTILES order.
     latency_ms: tuple[float, ...]
     caption: str
+    # The server's CPU per request in microseconds, by phase key; absent if not measured.
+    cpu_us: dict[str, float]
 
 
 def number(report: object, path: str) -> float:
@@ -142,13 +153,19 @@ def parse(label: str, text: str) -> Run:
     if not isinstance(report, dict):
         raise ReportError(f"the top level is {type(report).__name__}, not an object")
     throughput = {"load": number(report, "load.throughput")}
-    for key in ("ceiling", "baseline"):
+    for key in ("ceiling", "echo", "baseline"):
         if report.get(key) is not None:
             throughput[key] = number(report, f"{key}.throughput")
     latency_ms = tuple(
         number(report, f"load.latency_us.{key}") / 1000.0 for key, _, _ in PERCENTILES
     )
-    return Run(label, throughput, latency_ms, caption(report))
+    cpu_us = {}
+    for key, _, _ in CPU_SERIES:
+        phase = report.get(key)
+        cpu = phase.get("cpu") if isinstance(phase, dict) else None
+        if isinstance(cpu, dict) and cpu.get("server_us_per_request") is not None:
+            cpu_us[key] = number(report, f"{key}.cpu.server_us_per_request")
+    return Run(label, throughput, latency_ms, caption(report), cpu_us)
 
 
 def load_runs(directory: Path) -> list[Run]:
@@ -263,6 +280,29 @@ def panel(fig, top, runs, title, series, bars_of, start, value_label, label_room
     return ax, PANEL_HEAD + plot + PANEL_FOOT
 
 
+def linear_panel(fig, top, runs, title, series, values_of, value_label, xlabel, label_room):
+    """A panel of bars from zero on a linear axis, so their lengths compare: one bar per
+    (key, legend name, colour) of `series` that `values_of(run)` has; a series no run has
+    gets no legend entry. Returns the height it took."""
+    keys = [k for k, _, _ in series if any(k in values_of(r) for r in runs)]
+    ax, used = panel(
+        fig,
+        top,
+        runs,
+        title,
+        [(name, colour) for k, name, colour in series if k in keys],
+        lambda r: [(values_of(r)[k], i) for i, k in enumerate(keys) if k in values_of(r)],
+        0.0,
+        value_label,
+        label_room,
+    )
+    peak = max(v for r in runs for v in values_of(r).values())
+    ax.set_xlim(0, peak * 1.1 if peak > 0 else 1)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.set_xlabel(xlabel)
+    return used
+
+
 def render(runs: list[Run], fmt: str = "svg") -> bytes:
     """The chart as SVG (or PNG) bytes."""
     with matplotlib.rc_context(STYLE):
@@ -270,30 +310,35 @@ def render(runs: list[Run], fmt: str = "svg") -> bytes:
 
 
 def _render(runs: list[Run], fmt: str) -> bytes:
-    keys = [k for k, _, _ in THROUGHPUT_SERIES if any(k in r.throughput for r in runs)]
-    bars = sum(len(r.throughput) for r in runs) + len(runs) * len(PERCENTILES)
-    plots = bars * BAR + 2 * (len(runs) - 1) * GROUP_GAP
-    height = 0.6 + 2 * (PANEL_HEAD + PANEL_FOOT) + 0.15 + plots + 0.3 + LINE * len(runs) + 0.2
+    with_cpu = [r for r in runs if r.cpu_us]
+    panels = 3 if with_cpu else 2
+    bars = (
+        sum(len(r.throughput) for r in runs)
+        + len(runs) * len(PERCENTILES)
+        + sum(len(r.cpu_us) for r in with_cpu)
+    )
+    gaps = 2 * (len(runs) - 1) + max(len(with_cpu) - 1, 0)
+    plots = bars * BAR + gaps * GROUP_GAP
+    height = (
+        0.6 + panels * (PANEL_HEAD + PANEL_FOOT) + 0.15 * (panels - 1) + plots + 0.3
+        + LINE * len(runs) + 0.2
+    )
     fig = Figure(figsize=(WIDTH, height))
     fig.text(MARGIN / WIDTH, 1 - 0.4 / height, TITLE, fontsize=14, fontweight="bold")
     label_room = MARGIN + 0.15 + 0.075 * max(len(r.label) for r in runs)
 
     # Throughput: a linear axis from zero, so bar lengths compare.
-    ax, used = panel(
+    used = linear_panel(
         fig,
         height - 0.6,
         runs,
         "Throughput (higher is better)",
-        [(name, colour) for k, name, colour in THROUGHPUT_SERIES if k in keys],
-        lambda r: [(r.throughput[k], i) for i, k in enumerate(keys) if k in r.throughput],
-        0.0,
+        THROUGHPUT_SERIES,
+        lambda r: r.throughput,
         lambda v: f"{v:,.0f}",
+        "requests per second",
         label_room,
     )
-    peak = max(v for r in runs for v in r.throughput.values())
-    ax.set_xlim(0, peak * 1.1 if peak > 0 else 1)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
-    ax.set_xlabel("requests per second")
     top = height - 0.6 - used - 0.15
 
     # Latency: a log axis, since p50 and p99.9 are often orders of magnitude apart. Bars
@@ -321,6 +366,22 @@ def _render(runs: list[Run], fmt: str) -> bytes:
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("milliseconds (log scale)")
     y = top - used - 0.25
+
+    # CPU: only the runs whose report has it (the bench measures it since issue 13).
+    if with_cpu:
+        top = top - used - 0.15
+        used = linear_panel(
+            fig,
+            top,
+            with_cpu,
+            "Server CPU per request (lower is better)",
+            CPU_SERIES,
+            lambda r: r.cpu_us,
+            lambda v: f"{v:,.1f}",
+            "microseconds of the server's CPU (user + system) per request",
+            label_room,
+        )
+        y = top - used - 0.25
 
     fig.text(MARGIN / WIDTH, y / height, "Runs", fontsize=10, fontweight="bold")
     for run in runs:

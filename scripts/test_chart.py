@@ -120,7 +120,7 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
 
         texts = self.texts()
-        self.assertIn("widgets bench: throughput and latency per run", texts)
+        self.assertIn("widgets bench: throughput, latency and CPU per run", texts)
         for label in ("postgres", "sled"):
             self.assertIn(label, texts)
         # Axes say what they measure, legends name every series charted.
@@ -150,6 +150,47 @@ class ChartTest(unittest.TestCase):
         self.assertIn("load (the mix)", texts)
         self.assertNotIn("HTTP ceiling (GET /healthz)", texts)
         self.assertNotIn("PostgreSQL directly (baseline)", texts)
+
+    def test_cpu_per_request_is_charted_for_the_runs_that_measured_it(self):
+        measured = copy.deepcopy(POSTGRES)
+        measured["echo"] = phase(300000, 5.0, 700, 1000, 2000, 4000)
+        measured["echo"]["cpu"] = {"server_secs": 4.41, "server_us_per_request": 14.7,
+                                   "client_secs": 8.1, "client_us_per_request": 27.0}
+        measured["load"]["cpu"] = {"server_secs": 22.7, "server_us_per_request": 87.9,
+                                   "client_secs": 8.0, "client_us_per_request": 31.0}
+        # A phase that ran but whose CPU could not be read: no bar, no error.
+        measured["ceiling"]["cpu"] = {"server_secs": None, "server_us_per_request": None,
+                                      "client_secs": None, "client_us_per_request": None}
+        self.write("a-measured.json", measured)
+        self.write("b-older.json", SLED)
+        done = self.chart()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        texts = self.texts()
+        self.assertIn("Server CPU per request (lower is better)", texts)
+        self.assertIn("87.9", texts)
+        self.assertIn("14.7", texts)
+        self.assertIn("axum JSON echo (reference)", texts)
+        # The echo's throughput joins the throughput panel.
+        self.assertIn("60,000", texts)
+        # The CPU panel lists only the run that has CPU figures: each label appears once
+        # per panel, so the measured run three times and the older one twice.
+        self.assertEqual(texts.count("a-measured"), 3)
+        self.assertEqual(texts.count("b-older"), 2)
+
+    def test_reports_without_cpu_figures_get_no_cpu_panel(self):
+        self.write("postgres.json", POSTGRES)
+        done = self.chart()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("Server CPU per request (lower is better)", self.texts())
+
+    def test_a_negative_cpu_figure_is_named(self):
+        report = copy.deepcopy(POSTGRES)
+        report["load"]["cpu"] = {"server_us_per_request": -3}
+        bad = self.write("bad.json", report)
+        done = self.chart()
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(f"{bad}: not a widgets bench --json report: "
+                      "load.cpu.server_us_per_request is -3", done.stderr)
 
     def test_a_zero_latency_is_labelled_without_a_bar(self):
         report = copy.deepcopy(POSTGRES)
