@@ -72,12 +72,9 @@ THROUGHPUT_SERIES = (
     ("echo", "axum JSON echo (reference)", "#72b7b2"),
     ("baseline", "PostgreSQL directly (baseline)", "#f58518"),
 )
-# (phase, legend name, colour): the server's CPU per request in each phase that has it.
-CPU_SERIES = (
-    ("load", "load (the mix)", "#4c78a8"),
-    ("ceiling", "HTTP ceiling (GET /healthz)", "#b0b7bf"),
-    ("echo", "axum JSON echo (reference)", "#72b7b2"),
-)
+# The server's CPU per request in each of the service's phases that has it, named and
+# coloured as in the throughput panel (the baseline is PostgreSQL's, not the server's).
+CPU_SERIES = tuple(s for s in THROUGHPUT_SERIES if s[0] != "baseline")
 # (JSON key under latency_us, legend name, colour): light to dark as the tail grows.
 PERCENTILES = (
     ("p50", "p50", "#9ecae1"),
