@@ -23,6 +23,8 @@ pub enum Fault {
     SyncError = 3,
     /// fsync of the WAL directory fails.
     DirSyncError = 4,
+    /// Deleting a file fails.
+    RemoveError = 5,
 }
 
 /// The real file system with switchable faults, for tests.
@@ -108,6 +110,9 @@ impl WalFs for FaultyFs {
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
+        if self.is(Fault::RemoveError) {
+            return Err(io::Error::other("injected remove error"));
+        }
         RealFs.remove(path)
     }
 
