@@ -46,6 +46,9 @@ pub(super) enum Job {
     Write(Box<dyn Write>),
     /// The store holds everything up to this LSN.
     Trim(u64),
+    /// Dirty entries a finished flush is done with, to free here: this thread allocated
+    /// them (see [`super::dirty::DirtySet::recycle`]).
+    Release(Vec<(Serial, Dirty)>),
     Stop,
 }
 
@@ -216,6 +219,7 @@ impl Sequencer {
         for write in plan.writes {
             write.answer(logged.clone());
         }
+        drop(plan.release);
         plan.stop
     }
 }
@@ -232,6 +236,8 @@ struct Plan {
     writes: Vec<Box<dyn Write>>,
     /// The highest checkpoint among the group's trims.
     trim_to: Option<u64>,
+    /// Freed once the group is answered.
+    release: Vec<Vec<(Serial, Dirty)>>,
     stop: bool,
 }
 
@@ -265,6 +271,10 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
             }
             Job::Stop => {
                 plan.stop = true;
+                continue;
+            }
+            Job::Release(entries) => {
+                plan.release.push(entries);
                 continue;
             }
         };
@@ -457,7 +467,25 @@ mod tests {
         let (ab, mut ab_outcome) = write(associate("a", "b"));
         let (c_again, mut c_again_outcome) = write(create("c"));
         let (ab_again, mut ab_again_outcome) = write(associate("b", "a"));
-        let group = vec![c, ab, Job::Trim(5), c_again, Job::Trim(3), ab_again];
+        let released = vec![(
+            s("gone"),
+            Dirty {
+                mark: Mark {
+                    row: true,
+                    ports: 0,
+                },
+                state: None,
+            },
+        )];
+        let group = vec![
+            c,
+            ab,
+            Job::Trim(5),
+            Job::Release(released.clone()),
+            c_again,
+            Job::Trim(3),
+            ab_again,
+        ];
         let mut batch = LogBatch::new(10);
 
         let plan = plan(&shared, group, &mut batch);
@@ -523,6 +551,11 @@ mod tests {
             Ok(Ok(Associated { .. }))
         ));
         assert_eq!(plan.trim_to, Some(5));
+        assert_eq!(
+            plan.release,
+            [released],
+            "a flush's entries are kept to free, and change nothing"
+        );
         assert!(!plan.stop);
         assert!(
             shared.map.pin().get("c").is_none() && shared.dirty.len() == 0,
