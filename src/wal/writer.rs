@@ -60,6 +60,7 @@ pub struct WalWriter {
     unsynced: bool,
     /// The LSN the next batch must start at.
     next_lsn: u64,
+    /// Where trimmed segments go to be deleted, off the caller's thread.
     remover: Remover,
 }
 
