@@ -210,9 +210,9 @@ impl WalWriter {
 /// that stalled every write once a segment's worth of log had reached the store.
 ///
 /// Segments go in the order they were trimmed, oldest first, and a segment that could
-/// not be deleted is tried again, before any later one, when the next trim comes: a
-/// younger segment never goes while an older one stays, so the log on disk never has a
-/// hole. The WAL's byte count drops as each file goes. Dropping the remover waits for what
+/// not be deleted is tried again, before any later one, when a later trim hands over the
+/// next segment: a younger segment never goes while an older one stays, so the log on
+/// disk never has a hole. The WAL's byte count drops as each file goes. Dropping the remover waits for what
 /// it was handed.
 struct Remover {
     queue: Option<mpsc::Sender<SegmentInfo>>,
@@ -267,7 +267,7 @@ fn remove_in_order(
     let mut removed = 0;
     while let Some(oldest) = waiting.front() {
         if let Err(e) = fs.remove(&oldest.path) {
-            tracing::warn!(path = %oldest.path.display(), error = %e, "could not delete a trimmed WAL segment; will retry at the next trim");
+            tracing::warn!(path = %oldest.path.display(), error = %e, "could not delete a trimmed WAL segment; will retry when the next one is trimmed");
             break;
         }
         total_bytes.fetch_sub(oldest.len, Ordering::Relaxed);
@@ -338,7 +338,7 @@ mod tests {
         let mut lsns: Vec<u64> = std::fs::read_dir(dir)
             .unwrap()
             .filter_map(|e| {
-                super::super::format::parse_segment_file_name(e.unwrap().file_name().to_str()?)
+                crate::wal::format::parse_segment_file_name(e.unwrap().file_name().to_str()?)
             })
             .collect();
         lsns.sort();
