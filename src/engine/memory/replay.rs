@@ -10,7 +10,7 @@ use super::dirty::{Dirty, DirtySet};
 use super::packed::PackedWidget;
 use super::state::WidgetMap;
 use crate::domain::change::{self, Change, Mark};
-use crate::domain::Serial;
+use crate::domain::{Serial, Widget};
 use crate::wal::{self, Recovered, RecoveryMode, WalError, WalFs};
 use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
@@ -22,6 +22,9 @@ use std::sync::mpsc;
 const BATCH: usize = 4096;
 /// Batches in flight to each applier before the reader waits.
 const QUEUE: usize = 8;
+/// Folded states an applier keeps before it writes them into the map ([`apply_all`]):
+/// ~140 bytes each, so at most ~18 MiB an applier, as its vector doubles.
+const FOLD: usize = 1 << 16;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
 ///
@@ -36,6 +39,20 @@ pub(super) fn replay(
     mode: RecoveryMode,
     checkpoint: u64,
 ) -> Result<Recovered, WalError> {
+    replay_folding(map, dirty, fs, dir, mode, checkpoint, FOLD)
+}
+
+/// [`replay`], with appliers that write their folded states into the map once they hold
+/// `fold` of them ([`apply_all`]).
+fn replay_folding(
+    map: &WidgetMap,
+    dirty: &DirtySet,
+    fs: &dyn WalFs,
+    dir: &Path,
+    mode: RecoveryMode,
+    checkpoint: u64,
+    fold: usize,
+) -> Result<Recovered, WalError> {
     let appliers = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4));
     // Fixed seed: only the split among appliers depends on it, within this one replay.
     let split = foldhash::fast::FixedState::with_seed(0);
@@ -47,7 +64,7 @@ pub(super) fn replay(
             let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Change)>>(QUEUE);
             queues.push((tx, Vec::with_capacity(BATCH)));
             let spent = spent.clone();
-            handles.push(scope.spawn(move || apply_all(map, rx, spent)));
+            handles.push(scope.spawn(move || apply_all(map, rx, spent, fold)));
         }
         drop(spent);
         // An applier that stopped (a bad change, or a panic) drops its queue; the log is
@@ -97,59 +114,128 @@ pub(super) fn replay(
 /// with its state at the end, or the LSN and fault of the first change that is not one the
 /// service could have made.
 ///
-/// Only the marks add up change by change. The state a serial ends with is read from the
-/// map once, after the last batch: this applier is the only one that writes its serials,
-/// so the map then holds each one's state after its last change. (Keeping a copy of each
-/// change's state instead cost an allocation and a free per change.)
+/// A serial's first change goes straight into the map, whose insert gives back the state
+/// before it (for the mark). Its later changes fold into `folded`, which keeps only the
+/// state after the last one; those states go into the map once `fold` serials are folded,
+/// and at the end. Each insert into the map costs two allocations and a replaced entry to
+/// reclaim, so a serial that changes many times costs two inserts, not one a change; one
+/// that changes once costs what it did before folding.
 fn apply_all(
     map: &WidgetMap,
     changes: mpsc::Receiver<Vec<(u64, Change)>>,
     spent: mpsc::Sender<Vec<(u64, Change)>>,
+    fold: usize,
 ) -> Result<Vec<(Serial, Dirty)>, (u64, String)> {
-    let mut marks = foldhash::HashMap::<Serial, Mark>::default();
+    let mut seen = foldhash::HashMap::<Serial, Seen>::default();
+    let mut folded: Vec<(Serial, Option<Widget>)> = Vec::new();
+    // A serial's `slot` is in `folded` only while its `round` is this one; 0 never is.
+    let mut round = 1;
     for mut batch in changes {
-        // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
-        // the whole log kept every one of them, and zeroing their fresh pages was a third
-        // of replay's time.)
         let guard = map.guard();
         for (lsn, change) in batch.drain(..) {
             change
                 .check()
                 .map_err(|e| (lsn, format!("{:?}: {e}", change.serial())))?;
-            // One probe a change: the replaced state comes back from the insert.
-            let (serial, mark) = match change {
-                Change::Put { serial, widget } => {
-                    let before = map.insert(serial.clone(), PackedWidget::pack(&widget), &guard);
-                    let after = change::peers(Some(&widget));
-                    (
-                        serial,
-                        Mark::between(before.map(PackedWidget::peers), after),
-                    )
-                }
-                Change::Delete { serial } => {
-                    let before = map.remove(&serial, &guard);
-                    (serial, Mark::between(before.map(PackedWidget::peers), None))
-                }
+            let (serial, after) = match change {
+                Change::Put { serial, widget } => (serial, Some(widget)),
+                Change::Delete { serial } => (serial, None),
             };
-            match marks.entry(serial) {
-                Entry::Occupied(mut e) => e.get_mut().merge(mark),
-                Entry::Vacant(e) => {
-                    e.insert(mark);
+            match seen.entry(serial) {
+                Entry::Vacant(first) => {
+                    let before = match &after {
+                        Some(widget) => {
+                            map.insert(first.key().clone(), PackedWidget::pack(widget), &guard)
+                        }
+                        None => map.remove(first.key(), &guard),
+                    };
+                    let mark = Mark::between(
+                        before.map(PackedWidget::peers),
+                        change::peers(after.as_ref()),
+                    );
+                    first.insert(Seen {
+                        mark,
+                        round: 0,
+                        slot: 0,
+                    });
+                }
+                Entry::Occupied(mut again) if again.get().round == round => {
+                    let seen = again.get_mut();
+                    let state = &mut folded[seen.slot].1;
+                    seen.mark.merge(Mark::between(
+                        change::peers(state.as_ref()),
+                        change::peers(after.as_ref()),
+                    ));
+                    *state = after;
+                }
+                Entry::Occupied(mut again) => {
+                    // The map holds the state before this change.
+                    let serial = again.key().clone();
+                    let before = map.get(&serial, &guard).map(PackedWidget::peers);
+                    let seen = again.get_mut();
+                    seen.mark
+                        .merge(Mark::between(before, change::peers(after.as_ref())));
+                    seen.round = round;
+                    seen.slot = folded.len();
+                    folded.push((serial, after));
                 }
             }
         }
+        drop(guard);
         // The emptied batch goes back to the reader to be filled again: a new one is
         // fresh memory, which the kernel zeroes page by page.
         let _ = spent.send(batch);
+        if folded.len() >= fold {
+            write_back(map, &mut folded);
+            round += 1;
+        }
     }
+    write_back(map, &mut folded);
+    // This applier is the only one that writes its serials: the map now holds each one's
+    // state after its last change.
     let guard = map.guard();
-    Ok(marks
+    Ok(seen
         .into_iter()
-        .map(|(serial, mark)| {
+        .map(|(serial, seen)| {
             let state = map.get(&serial, &guard).cloned();
-            (serial, Dirty { mark, state })
+            (
+                serial,
+                Dirty {
+                    mark: seen.mark,
+                    state,
+                },
+            )
         })
         .collect())
+}
+
+/// What an applier knows of a serial it has seen change.
+struct Seen {
+    /// What its changes changed, all of them so far.
+    mark: Mark,
+    /// The fold round in which its state is `folded[slot]`.
+    round: u64,
+    slot: usize,
+}
+
+/// Puts each folded state into the map, emptying `folded` (and keeping its room).
+fn write_back(map: &WidgetMap, folded: &mut Vec<(Serial, Option<Widget>)>) {
+    let mut states = folded.drain(..).peekable();
+    while states.peek().is_some() {
+        // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
+        // the whole log kept every one of them, and zeroing their fresh pages was a third
+        // of replay's time.)
+        let guard = map.guard();
+        for (serial, state) in states.by_ref().take(BATCH) {
+            match state {
+                Some(widget) => {
+                    map.insert(serial, PackedWidget::pack(&widget), &guard);
+                }
+                None => {
+                    map.remove(&serial, &guard);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -183,56 +269,96 @@ mod tests {
         dir
     }
 
-    /// A log of puts and deletes over few serials, so every serial changes many times and
-    /// its changes land in many batches: replay must end where applying in order ends.
+    /// A log of puts and deletes on a map that already holds some of its serials: each
+    /// serial changes a few times (few enough that its marks rarely cover every port), in
+    /// several batches. Replay must end where applying in order ends, with each serial
+    /// marked for exactly what its changes changed, however often the appliers write their
+    /// folded states back.
     #[test]
     fn parallel_replay_ends_as_applying_in_log_order() {
+        const SERIALS: u64 = 9973;
         let serial = |i: u64| Serial::parse("s", &format!("w{i}")).unwrap();
         let ports = Ports::from_list("ports", &PortType::ALL).unwrap();
-        let mut model: HashMap<Serial, Widget> = HashMap::new();
+        let widget = |peer_of: u64, port: usize, version: u64| {
+            let mut w = Widget::new(Name::parse("n", "n").unwrap(), ports);
+            w.peers[port] = Some(serial(peer_of));
+            w.version = version;
+            w
+        };
+        // The store's states: every third serial, with a peer that is no key of the log.
+        let stored: HashMap<Serial, Widget> = (0..SERIALS)
+            .step_by(3)
+            .map(|i| (serial(i), widget(SERIALS, 0, 0)))
+            .collect();
+        let mut model = stored.clone();
+        let mut marks: HashMap<Serial, Mark> = HashMap::new();
         let mut rng = fastrand::Rng::with_seed(7);
         let records = 3 * BATCH as u64;
-        let log = (1..=records).map(|lsn| {
-            (0..3)
+        let mut log = Vec::new();
+        for lsn in 1..=records {
+            let changes = (0..3)
                 .map(|k| {
-                    let s = serial((lsn * 3 + k) % 97);
-                    if rng.u8(..10) == 0 {
-                        model.remove(&s);
-                        Change::Delete { serial: s }
-                    } else {
-                        let mut w = Widget::new(Name::parse("n", "n").unwrap(), ports);
-                        // Never itself, which no state the service makes holds: w97 is
-                        // no key of the log.
-                        let peer = Some(serial(rng.u64(..97))).filter(|p| *p != s);
-                        w.peers[rng.usize(..3)] = peer.or(Some(serial(97)));
-                        w.version = lsn;
-                        model.insert(s.clone(), w.clone());
-                        Change::Put {
-                            serial: s,
-                            widget: w,
+                    let s = serial((lsn * 3 + k) % SERIALS);
+                    let after = (rng.u8(..10) != 0).then(|| {
+                        // Never itself, which no state the service makes holds.
+                        let peer = Some(rng.u64(..SERIALS)).filter(|p| serial(*p) != s);
+                        widget(peer.unwrap_or(SERIALS), rng.usize(..3), lsn)
+                    });
+                    let mark =
+                        Mark::between(change::peers(model.get(&s)), change::peers(after.as_ref()));
+                    marks.entry(s.clone()).or_default().merge(mark);
+                    match after {
+                        Some(widget) => {
+                            model.insert(s.clone(), widget.clone());
+                            Change::Put { serial: s, widget }
+                        }
+                        None => {
+                            model.remove(&s);
+                            Change::Delete { serial: s }
                         }
                     }
                 })
-                .collect()
-        });
+                .collect();
+            log.push(changes);
+        }
         let dir = write_log(log);
 
-        let map = new_map(0);
-        let dirty = DirtySet::default();
-        let recovered = replay(&map, &dirty, &RealFs, dir.path(), RecoveryMode::Strict, 0).unwrap();
-        assert_eq!(recovered.last_lsn, records);
-        let replayed: HashMap<Serial, Widget> = map
-            .pin()
-            .iter()
-            .map(|(s, w)| (s.clone(), w.unpack()))
-            .collect();
-        assert_eq!(replayed, model);
-        let taken = dirty.take();
-        assert_eq!(taken.covered_lsn, records);
-        assert_eq!(taken.widgets.len(), 97, "every serial the log touched");
-        for (serial, dirty) in &taken.widgets {
-            let state = dirty.state.as_ref().map(PackedWidget::unpack);
-            assert_eq!(state.as_ref(), model.get(serial), "{serial:?}");
+        // Folded states written back after every batch, and only at the end.
+        for fold in [1, FOLD] {
+            let map = new_map(0);
+            for (s, w) in &stored {
+                map.pin().insert(s.clone(), PackedWidget::pack(w));
+            }
+            let dirty = DirtySet::default();
+            let recovered = replay_folding(
+                &map,
+                &dirty,
+                &RealFs,
+                dir.path(),
+                RecoveryMode::Strict,
+                0,
+                fold,
+            )
+            .unwrap();
+            assert_eq!(recovered.last_lsn, records);
+            let replayed: HashMap<Serial, Widget> = map
+                .pin()
+                .iter()
+                .map(|(s, w)| (s.clone(), w.unpack()))
+                .collect();
+            assert_eq!(replayed, model, "fold {fold}");
+            let taken = dirty.take();
+            assert_eq!(taken.covered_lsn, records);
+            assert_eq!(
+                taken.widgets.len(),
+                SERIALS as usize,
+                "every serial the log touched"
+            );
+            for (serial, dirty) in &taken.widgets {
+                let state = dirty.state.as_ref().map(PackedWidget::unpack);
+                assert_eq!(state.as_ref(), model.get(serial), "fold {fold}: {serial:?}");
+                assert_eq!(dirty.mark, marks[serial], "fold {fold}: {serial:?}");
+            }
         }
     }
 
