@@ -9,6 +9,11 @@
 //! phase should run for seconds, not milliseconds, for its CPU per request to mean much.
 //! Where `/proc` cannot be read (another OS, a process that is gone) the numbers are
 //! absent from the report, never made up.
+//!
+//! On a virtual machine the hypervisor may run other guests on this one's CPUs; that time,
+//! `steal` in the first line of `/proc/stat`, is read for the whole machine around each
+//! phase too. A phase that lost a tenth of the machine that way has a tail that says more
+//! about the host than about the service.
 
 use std::time::Duration;
 
@@ -76,6 +81,92 @@ pub fn read_ticks(pid: Option<u32>) -> Result<Ticks, CpuError> {
     parse_stat(&line).map_err(|why| CpuError::Parse(path, why))
 }
 
+/// The whole machine's CPU time so far, in clock ticks: all of it, and what the hypervisor
+/// gave other guests while this one wanted to run (`steal`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineTicks {
+    pub total: u64,
+    pub steal: u64,
+}
+
+/// [`MachineTicks`] of `/proc/stat`: its first line, `cpu` then user, nice, system, idle,
+/// iowait, irq, softirq, steal and (on newer kernels) guest and guest_nice, which user and
+/// nice already count, so the total is the first eight.
+pub fn parse_proc_stat(text: &str) -> Result<MachineTicks, &'static str> {
+    let mut fields = text.lines().next().unwrap_or_default().split_whitespace();
+    if fields.next() != Some("cpu") {
+        return Err("the first line is not the all-CPU line");
+    }
+    let mut ticks = [0u64; 8];
+    for tick in &mut ticks {
+        *tick = fields
+            .next()
+            .ok_or("too few fields for steal")?
+            .parse()
+            .map_err(|_| "a CPU time is not a count")?;
+    }
+    Ok(MachineTicks {
+        total: ticks.iter().sum(),
+        steal: ticks[7],
+    })
+}
+
+/// The machine's CPU ticks so far.
+pub fn read_machine() -> Result<MachineTicks, CpuError> {
+    let path = "/proc/stat";
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CpuError::Read(path.into(), e.to_string()))?;
+    parse_proc_stat(&text).map_err(|why| CpuError::Parse(path.into(), why))
+}
+
+/// The share of the machine's CPU time from `before` to `after` that the hypervisor took
+/// (0 to 1); `None` when no time passed.
+pub fn steal_share(before: MachineTicks, after: MachineTicks) -> Option<f64> {
+    let total = after.total.checked_sub(before.total).filter(|&t| t > 0)?;
+    let steal = after.steal.saturating_sub(before.steal).min(total);
+    Some(steal as f64 / total as f64)
+}
+
+/// Samples the machine's steal second by second on a thread of its own, from
+/// [`StealSampler::start`] until [`StealSampler::stop`]: a phase's timeline can then say
+/// which of its slow seconds the host took.
+pub struct StealSampler {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Vec<Option<f64>>>,
+}
+
+impl StealSampler {
+    pub fn start() -> StealSampler {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut shares = Vec::new();
+            let mut last = read_machine().ok();
+            for second in 1u32.. {
+                let due = start + Duration::from_secs(second.into());
+                let wait = due.saturating_duration_since(std::time::Instant::now());
+                match stopped.recv_timeout(wait) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    // Stopped, or the sampler dropped: a second cut short is not sampled.
+                    _ => break,
+                }
+                let now = read_machine().ok();
+                shares.push(last.zip(now).and_then(|(a, b)| steal_share(a, b)));
+                last = now;
+            }
+            shares
+        });
+        StealSampler { stop, thread }
+    }
+
+    /// The share of each whole second since the start that the hypervisor took (0 to 1);
+    /// `None` for a second whose `/proc/stat` could not be read.
+    pub fn stop(self) -> Vec<Option<f64>> {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 /// Clock ticks a second, the unit of `/proc/<pid>/stat`'s CPU times.
 pub fn ticks_per_second() -> Result<u64, CpuError> {
     // SAFETY: sysconf only reads a system setting; it takes no pointers.
@@ -105,18 +196,22 @@ pub struct Meter {
     ticks_per_second: Option<u64>,
 }
 
-/// CPU used so far, by the server and by the bench, at the start of a phase.
+/// CPU used so far, by the server, by the bench and by the whole machine, at the start of
+/// a phase.
 #[derive(Debug, Clone, Copy)]
 pub struct Mark {
     server: Option<Ticks>,
     client: Option<Ticks>,
+    machine: Option<MachineTicks>,
 }
 
-/// CPU used during a phase, by the server and by the bench.
+/// CPU used during a phase, by the server and by the bench, and the share of the machine's
+/// CPU time the hypervisor took ([`steal_share`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Used {
     pub server: Option<Duration>,
     pub client: Option<Duration>,
+    pub steal: Option<f64>,
 }
 
 impl Meter {
@@ -138,9 +233,15 @@ impl Meter {
                 .inspect_err(|e| tracing::warn!("no CPU time for this phase: {e}"))
                 .ok()
         };
+        let machine = self.ticks_per_second.and_then(|_| {
+            read_machine()
+                .inspect_err(|e| tracing::warn!("no steal time for this phase: {e}"))
+                .ok()
+        });
         Mark {
             server: self.server.and_then(|pid| read(Some(pid))),
             client: read(None),
+            machine,
         }
     }
 
@@ -156,6 +257,10 @@ impl Meter {
         Used {
             server: used(mark.server, now.server),
             client: used(mark.client, now.client),
+            steal: mark
+                .machine
+                .zip(now.machine)
+                .and_then(|(before, after)| steal_share(before, after)),
         }
     }
 }
@@ -239,11 +344,74 @@ mod tests {
     }
 
     #[test]
+    fn steal_is_the_eighth_time_of_the_all_cpu_line() {
+        // A real /proc/stat's start (guest and guest_nice last, already in user and nice).
+        let text =
+            "cpu  1000 10 300 8000 50 0 40 600 200 0\ncpu0 500 5 150 4000 25 0 20 300 100 0\n";
+        let ticks = parse_proc_stat(text).unwrap();
+        assert_eq!(
+            ticks,
+            MachineTicks {
+                total: 10_000,
+                steal: 600
+            }
+        );
+        // An older kernel's line ends at steal.
+        assert_eq!(
+            parse_proc_stat("cpu 1 2 3 4 5 6 7 8\n").unwrap(),
+            MachineTicks {
+                total: 36,
+                steal: 8
+            }
+        );
+        assert!(parse_proc_stat("").is_err());
+        assert!(
+            parse_proc_stat("cpu0 1 2 3 4 5 6 7 8\n").is_err(),
+            "a single CPU's line"
+        );
+        assert!(parse_proc_stat("cpu 1 2 3 4 5 6 7\n").is_err(), "no steal");
+        assert!(
+            parse_proc_stat("cpu 1 2 3 4 5 6 7 x\n").is_err(),
+            "not a count"
+        );
+    }
+
+    #[test]
+    fn steal_share_is_steal_over_all_the_time_that_passed() {
+        let at = |total, steal| MachineTicks { total, steal };
+        assert_eq!(steal_share(at(1_000, 10), at(1_400, 110)), Some(0.25));
+        assert_eq!(steal_share(at(1_000, 10), at(1_400, 10)), Some(0.0));
+        // No time passed, or the counters went back: no share.
+        assert_eq!(steal_share(at(1_000, 10), at(1_000, 10)), None);
+        assert_eq!(steal_share(at(1_000, 10), at(900, 10)), None);
+    }
+
+    #[test]
+    fn the_sampler_gives_a_share_for_each_whole_second() {
+        let sampler = StealSampler::start();
+        std::thread::sleep(Duration::from_millis(2_300));
+        let shares = sampler.stop();
+        assert_eq!(shares.len(), 2, "{shares:?}");
+        for share in shares {
+            let share = share.expect("this machine's /proc/stat is readable");
+            assert!((0.0..=1.0).contains(&share), "{share}");
+        }
+        // Stopped at once: no second, and no wait for one.
+        let start = std::time::Instant::now();
+        assert!(StealSampler::start().stop().is_empty());
+        assert!(start.elapsed() < Duration::from_millis(500));
+    }
+
+    #[test]
     fn a_meter_measures_each_side_it_can_read() {
         let meter = Meter::new(Some(std::process::id()));
         let mark = meter.mark();
+        // Long enough for the machine's clock to tick.
+        std::thread::sleep(Duration::from_millis(50));
         let used = meter.since(&mark);
         assert!(used.server.is_some() && used.client.is_some(), "{used:?}");
+        let steal = used.steal.expect("this machine's /proc/stat is readable");
+        assert!((0.0..=1.0).contains(&steal), "{used:?}");
 
         // A process that does not exist: the server's side is unknown, not zero.
         let meter = Meter::new(Some(u32::MAX));

@@ -310,6 +310,7 @@ async fn measure(
     let before = scrape(&http).await?;
     // Inside the scrapes: their CPU is not the load's.
     let mark = meter.mark();
+    let steal = cpu::StealSampler::start();
     let r = {
         let (client, serials, mix) = (http.clone(), serials.clone(), args.mix);
         load::drive(concurrency, args.pace(), None, move |rng, _| {
@@ -318,10 +319,12 @@ async fn measure(
         .await
     };
     let used = meter.since(&mark);
+    let steal = steal.stop();
     let after = scrape(&http).await?;
     let load = PhaseStats::new(&r.latency, &r.tally, r.elapsed, r.open_loop)
         .with_cpu(used)
-        .with_timeline(&r.timeline);
+        .with_timeline(&r.timeline)
+        .with_steal(&steal);
     let server_stats = scrape::server_stats(&before, &after);
 
     // The baseline gets the machine to itself.

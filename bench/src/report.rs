@@ -178,13 +178,22 @@ impl PhaseStats {
         self.timeline = timeline.0.clone();
         self
     }
+
+    /// With the share of each second the hypervisor took ([`cpu::StealSampler`], sampled
+    /// from the phase's start), in the timeline's seconds.
+    pub fn with_steal(mut self, shares: &[Option<f64>]) -> Self {
+        for (second, share) in self.timeline.iter_mut().zip(shares) {
+            second.steal_percent = share.map(|s| s * 100.0);
+        }
+        self
+    }
 }
 
 /// A request slower than this counts in [`Second::over_10ms`].
 const SLOW: Duration = Duration::from_millis(10);
 
 /// One second of a phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Second {
     /// Requests whose (intended) send time fell in this second.
     pub requests: u64,
@@ -192,6 +201,9 @@ pub struct Second {
     pub over_10ms: u64,
     /// The slowest of them, in microseconds.
     pub max_us: u64,
+    /// Percent of the machine's CPU time the hypervisor took in this second (see
+    /// [`CpuStats::steal_percent`]); `None` where it was not sampled.
+    pub steal_percent: Option<f64>,
 }
 
 /// A phase's requests by the second they were (meant to be) sent in.
@@ -237,6 +249,9 @@ pub struct CpuStats {
     /// Seconds of CPU this client (the whole `widgets-bench` process) used.
     pub client_secs: Option<f64>,
     pub client_us_per_request: Option<f64>,
+    /// Percent of the machine's CPU time the hypervisor gave other guests during the phase
+    /// (`steal` in `/proc/stat`): on a shared host, the phase's tail is partly the host's.
+    pub steal_percent: Option<f64>,
 }
 
 impl CpuStats {
@@ -247,6 +262,7 @@ impl CpuStats {
             server_us_per_request: used.server.and_then(per_request),
             client_secs: used.client.map(|d| d.as_secs_f64()),
             client_us_per_request: used.client.and_then(per_request),
+            steal_percent: used.steal.map(|share| share * 100.0),
         }
     }
 }
@@ -388,8 +404,8 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<18} {:>12} {:>12} {:>12} {:>12}",
-            "CPU", "server/req", "client/req", "server cores", "client cores"
+            "{:<18} {:>12} {:>12} {:>12} {:>12} {:>8}",
+            "CPU", "server/req", "client/req", "server cores", "client cores", "steal"
         )?;
         for (name, p) in &rows {
             let c = &p.cpu;
@@ -397,9 +413,12 @@ impl fmt::Display for Report {
                 Some(secs) if p.secs > 0.0 => format!("{:.2}", secs / p.secs),
                 _ => "-".to_owned(),
             };
+            let steal = c
+                .steal_percent
+                .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"));
             writeln!(
                 f,
-                "{name:<18} {:>12} {:>12} {:>12} {:>12}",
+                "{name:<18} {:>12} {:>12} {:>12} {:>12} {steal:>8}",
                 cpu_micros(c.server_us_per_request),
                 cpu_micros(c.client_us_per_request),
                 cores(c.server_secs),
@@ -580,6 +599,7 @@ mod tests {
         let used = Used {
             server: Some(Duration::from_millis(3_000)),
             client: Some(Duration::from_millis(1_500)),
+            steal: Some(0.125),
         };
         let cpu = phase(60_000, 2, used).cpu;
         assert_eq!(
@@ -589,15 +609,18 @@ mod tests {
                 server_us_per_request: Some(50.0),
                 client_secs: Some(1.5),
                 client_us_per_request: Some(25.0),
+                steal_percent: Some(12.5),
             }
         );
-        // No server to read, no requests: unknown, not zero or infinite.
+        // No server to read, no requests, no /proc/stat: unknown, not zero or infinite.
         let client_only = Used {
             server: None,
             client: Some(Duration::from_secs(1)),
+            steal: None,
         };
         let cpu = phase(0, 1, client_only).cpu;
         assert_eq!((cpu.server_secs, cpu.server_us_per_request), (None, None));
+        assert_eq!(cpu.steal_percent, None);
         assert_eq!(
             (cpu.client_secs, cpu.client_us_per_request),
             (Some(1.0), None)
@@ -605,10 +628,29 @@ mod tests {
     }
 
     #[test]
+    fn each_second_of_the_timeline_carries_the_steal_sampled_in_it() {
+        let mut timeline = Timeline::default();
+        for at in [0, 1_500, 2_100] {
+            timeline.record(Duration::from_millis(at), Duration::from_millis(20));
+        }
+        // Two seconds sampled, the second unreadable; the third not sampled at all.
+        let load = phase(3, 3, Used::default())
+            .with_timeline(&timeline)
+            .with_steal(&[Some(0.25), None]);
+        let steal: Vec<_> = load.timeline.iter().map(|s| s.steal_percent).collect();
+        assert_eq!(steal, [Some(25.0), None, None]);
+        let json = serde_json::to_value(&load).unwrap();
+        assert_eq!(json["timeline"][0]["steal_percent"], 25.0, "{json:#}");
+        assert!(json["timeline"][1]["steal_percent"].is_null(), "{json:#}");
+        assert_eq!(json["timeline"][2]["over_10ms"], 1, "{json:#}");
+    }
+
+    #[test]
     fn the_load_against_the_echo_is_a_ratio_of_server_cpu_per_request() {
         let cpu = |server_ms: Option<u64>| Used {
             server: server_ms.map(Duration::from_millis),
             client: Some(Duration::from_secs(1)),
+            steal: None,
         };
         // 120 µs per load request against 20 µs per echo: six echoes' worth.
         let load = phase(10_000, 1, cpu(Some(1_200)));
@@ -624,6 +666,7 @@ mod tests {
         let used = |server_ms: u64, client_ms: u64| Used {
             server: Some(Duration::from_millis(server_ms)),
             client: Some(Duration::from_millis(client_ms)),
+            steal: Some(0.03),
         };
         let (load, echo) = (
             phase(10_000, 2, used(1_200, 900)),
@@ -652,10 +695,10 @@ mod tests {
             "echo (axum JSON)",
             "server/req",
             // The load: 120 µs of server and 90 µs of client CPU a request, 0.60 and 0.45
-            // cores over its 2 s.
-            "120.0µs       90.0µs         0.60         0.45",
+            // cores over its 2 s, 3% of the machine's time stolen.
+            "120.0µs       90.0µs         0.60         0.45     3.0%",
             // The echo: 20 µs and 40 µs a request.
-            "20.0µs       40.0µs         0.50         1.00",
+            "20.0µs       40.0µs         0.50         1.00     3.0%",
             "server CPU per load request: 6.00x the echo's (120.0µs against 20.0µs)",
         ] {
             assert!(table.contains(expected), "no {expected:?} in\n{table}");
@@ -679,6 +722,7 @@ mod tests {
             "{json:#}"
         );
         assert_eq!(json["load"]["cpu"]["server_secs"], 1.2, "{json:#}");
+        assert_eq!(json["load"]["cpu"]["steal_percent"], 3.0, "{json:#}");
         assert!(json["create"]["cpu"]["server_secs"].is_null(), "{json:#}");
         // The fields the chart reads are still there.
         assert_eq!(json["load"]["throughput"], 5_000.0, "{json:#}");
