@@ -202,6 +202,7 @@ impl Sequencer {
 
     /// Runs one group through its three stages; returns true when a `Stop` was among it.
     fn process(&mut self, group: &mut Vec<Job>) -> bool {
+        let started = Instant::now();
         self.batch.reset(self.log.writer.next_lsn());
         let plan = plan(&self.shared, group.drain(..), &mut self.batch);
         // Trim first: it frees disk space, which a group failing for lack of it needs.
@@ -216,6 +217,8 @@ impl Sequencer {
         if logged.is_ok() && !self.batch.is_empty() {
             publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
         }
+        // Before the answers, so that a scrape after one sees its group.
+        metrics::histogram!("widgets_wal_group_seconds").record(started.elapsed());
         for write in plan.writes {
             write.answer(logged.clone());
         }
@@ -373,11 +376,14 @@ impl Log {
             FsyncMode::Never => false,
         };
         if sync_now {
+            let started = Instant::now();
             if let Err(e) = self.writer.sync() {
                 shared.fail(e.to_string());
                 return Err(EngineError::WalFailed(e.to_string()));
             }
             self.last_sync = Instant::now();
+            metrics::histogram!("widgets_wal_fsync_seconds")
+                .record(self.last_sync.duration_since(started));
         }
         Ok(())
     }
