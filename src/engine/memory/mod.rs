@@ -362,6 +362,7 @@ fn replay_and_open(
         wal_dir,
         settings.wal_recovery,
         checkpoint,
+        replay::FOLD,
     )?;
     tracing::info!(
         replayed = recovered.replayed,

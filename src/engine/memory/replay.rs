@@ -24,27 +24,16 @@ const BATCH: usize = 4096;
 const QUEUE: usize = 8;
 /// Folded states an applier keeps before it writes them into the map ([`apply_all`]):
 /// ~140 bytes each, so at most ~18 MiB an applier, as its vector doubles.
-const FOLD: usize = 1 << 16;
+pub(super) const FOLD: usize = 1 << 16;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
+/// Each applier writes the states it folded into the map once it holds `fold` of them
+/// ([`apply_all`]; [`FOLD`] outside tests).
 ///
 /// Appliers check every change as every load checks what it reads ([`Change::check`]: a
 /// record's checksum says its bytes are the ones written, not that a build of this service
 /// wrote them); the first one that fails stops the replay with [`WalError::Invalid`].
 pub(super) fn replay(
-    map: &WidgetMap,
-    dirty: &DirtySet,
-    fs: &dyn WalFs,
-    dir: &Path,
-    mode: RecoveryMode,
-    checkpoint: u64,
-) -> Result<Recovered, WalError> {
-    replay_folding(map, dirty, fs, dir, mode, checkpoint, FOLD)
-}
-
-/// [`replay`], with appliers that write their folded states into the map once they hold
-/// `fold` of them ([`apply_all`]).
-fn replay_folding(
     map: &WidgetMap,
     dirty: &DirtySet,
     fs: &dyn WalFs,
@@ -330,7 +319,7 @@ mod tests {
                 map.pin().insert(s.clone(), PackedWidget::pack(w));
             }
             let dirty = DirtySet::default();
-            let recovered = replay_folding(
+            let recovered = replay(
                 &map,
                 &dirty,
                 &RealFs,
@@ -384,6 +373,7 @@ mod tests {
             dir.path(),
             RecoveryMode::Strict,
             0,
+            FOLD,
         )
         .unwrap_err();
         match err {
