@@ -120,6 +120,7 @@ fn apply_all(
     // A serial's `slot` is in `folded` only while its `round` is this one; 0 never is.
     let mut round = 1;
     for mut batch in changes {
+        // A guard a batch, as in `write_back`.
         let guard = map.guard();
         for (lsn, change) in batch.drain(..) {
             change
