@@ -163,8 +163,8 @@ impl SledStore {
         let db = self.db()?;
         // Each chunk is made durable before the next: sled otherwise leaves a whole flush's
         // log to the kernel's page cache until its one `flush`, and the disk then writes
-        // it in one burst that every WAL fsync queues behind (100-500 ms, several times a
-        // minute at 10,000 PUTs/s over 1 M widgets; see BENCHMARKS.md).
+        // it in one burst that every WAL fsync queues behind (fsyncs of 100-500 ms, a few
+        // times a minute at 10,000 PUTs/s over 1 M widgets; see BENCHMARKS.md).
         let written = write_in_chunks(&batch, CHUNK, |chunk| {
             db.apply_batch(chunk)?;
             db.flush().map(drop)
