@@ -3,8 +3,8 @@
 //! The calling thread reads and decodes the log; appliers put the post-images into the map
 //! and work out the dirty marks. Changes are split among appliers by a hash of their serial,
 //! so every change to one widget goes to the same applier, in log order, and the map ends
-//! as a one-thread replay would leave it. Each applier keeps its marks to itself and they
-//! join the dirty set once, at the end.
+//! as a one-thread replay would leave it. Each applier keeps its marks to itself, in a
+//! table of the dirty set's own kind, and the tables join the dirty set at the end.
 
 use super::dirty::{Dirty, DirtySet};
 use super::packed::PackedWidget;
@@ -22,12 +22,12 @@ use std::sync::mpsc;
 const BATCH: usize = 4096;
 /// Batches in flight to each applier before the reader waits.
 const QUEUE: usize = 8;
-/// Folded states an applier keeps before it writes them into the map ([`apply_all`]):
-/// ~140 bytes each, so at most ~18 MiB an applier, as its vector doubles.
+/// Serials an applier folds before it settles them ([`apply_all`]): ~140 bytes each, so
+/// at most ~18 MiB an applier, as its vector doubles.
 pub(super) const FOLD: usize = 1 << 16;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
-/// Each applier writes the states it folded into the map once it holds `fold` of them
+/// Each applier settles the changes it folded once it holds `fold` serials' worth
 /// ([`apply_all`]; [`FOLD`] outside tests).
 ///
 /// Appliers check every change as every load checks what it reads ([`Change::check`]: a
@@ -49,11 +49,14 @@ pub(super) fn replay(
         let mut queues = Vec::with_capacity(appliers);
         let mut handles = Vec::with_capacity(appliers);
         let (spent, recycled) = mpsc::channel();
-        for _ in 0..appliers {
+        for i in 0..appliers {
             let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Change)>>(QUEUE);
             queues.push((tx, Vec::with_capacity(BATCH)));
             let spent = spent.clone();
-            handles.push(scope.spawn(move || apply_all(map, rx, spent, fold)));
+            // The first applier's table makes room for all of them, so that the dirty set
+            // can adopt it and take in the others without growing it.
+            let room_for = if i == 0 { appliers } else { 1 };
+            handles.push(scope.spawn(move || apply_all(map, rx, spent, fold, room_for)));
         }
         drop(spent);
         // An applier that stopped (a bad change, or a panic) drops its queue; the log is
@@ -84,43 +87,49 @@ pub(super) fn replay(
         // Every applier is joined before anything is returned.
         let applied: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
         let recovered = recovered?;
-        let mut all = Vec::with_capacity(applied.len());
+        let mut tables = Vec::with_capacity(applied.len());
         for result in applied {
             match result {
-                Ok(Ok(marks)) => all.push(marks),
+                Ok(Ok(marks)) => tables.push(marks),
                 Ok(Err((lsn, reason))) => return Err(WalError::Invalid { lsn, reason }),
                 Err(_) => return Err(WalError::Replay("a replay thread panicked".into())),
             }
         }
-        for marks in all {
-            dirty.mark(marks, recovered.last_lsn);
-        }
+        dirty.mark_tables(tables, recovered.last_lsn);
         Ok(recovered)
     })
 }
 
 /// Applies every change it is sent, in order; returns what each serial's changes changed,
-/// with its state at the end, or the LSN and fault of the first change that is not one the
-/// service could have made.
+/// with its state at the end (a table the dirty set can adopt), or the LSN and fault of the
+/// first change that is not one the service could have made.
 ///
 /// A serial's first change goes straight into the map, whose insert gives back the state
-/// before it (for the mark). Its later changes fold into `folded`, which keeps only the
-/// state after the last one; those states go into the map once `fold` serials are folded,
-/// and at the end. Each insert into the map costs two allocations and a replaced entry to
-/// reclaim, so a serial that changes many times costs two inserts, not one a change; one
-/// that changes once costs what it did before folding.
+/// before it (for the mark), and into the returned table. Its later changes fold into
+/// `folded`, which keeps only the last state, unpacked, found through `folding`, a table
+/// small enough to stay in cache; each folded state goes into the map and the returned
+/// table once `fold` serials are folded, and at the end. An insert into the map costs two
+/// allocations and a replaced entry for papaya to reclaim, and a look-up in the returned
+/// table a cache miss, so a serial that changes many times costs a few of each, not some
+/// a change; one that changes once costs one of each.
+///
+/// The returned table has room for `room_for` appliers' serials.
 fn apply_all(
     map: &WidgetMap,
     changes: mpsc::Receiver<Vec<(u64, Change)>>,
     spent: mpsc::Sender<Vec<(u64, Change)>>,
     fold: usize,
-) -> Result<Vec<(Serial, Dirty)>, (u64, String)> {
-    let mut seen = foldhash::HashMap::<Serial, Seen>::default();
-    let mut folded: Vec<(Serial, Option<Widget>)> = Vec::new();
-    // A serial's `slot` is in `folded` only while its `round` is this one; 0 never is.
-    let mut round = 1;
+    room_for: usize,
+) -> Result<foldhash::HashMap<Serial, Dirty>, (u64, String)> {
+    let mut seen = foldhash::HashMap::<Serial, Dirty>::default();
+    // Each serial in `folded`, by its place there: at most `fold` + a batch of them, so
+    // this table stays in cache where `seen` does not.
+    let mut folding = foldhash::HashMap::<Serial, usize>::default();
+    let mut folded: Vec<Folded> = Vec::new();
     for mut batch in changes {
-        // A guard a batch, as in `write_back`.
+        // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
+        // the whole log kept every one of them, and zeroing their fresh pages was a third
+        // of replay's time.)
         let guard = map.guard();
         for (lsn, change) in batch.drain(..) {
             change
@@ -130,43 +139,40 @@ fn apply_all(
                 Change::Put { serial, widget } => (serial, Some(widget)),
                 Change::Delete { serial } => (serial, None),
             };
+            if let Some(&slot) = folding.get(&serial) {
+                let folded = &mut folded[slot];
+                folded.mark.merge(Mark::between(
+                    change::peers(folded.state.as_ref()),
+                    change::peers(after.as_ref()),
+                ));
+                folded.state = after;
+                continue;
+            }
             match seen.entry(serial) {
                 Entry::Vacant(first) => {
-                    let before = match &after {
-                        Some(widget) => {
-                            map.insert(first.key().clone(), PackedWidget::pack(widget), &guard)
-                        }
+                    let packed = after.as_ref().map(PackedWidget::pack);
+                    let before = match &packed {
+                        Some(state) => map.insert(first.key().clone(), state.clone(), &guard),
                         None => map.remove(first.key(), &guard),
                     };
                     let mark = Mark::between(
                         before.map(PackedWidget::peers),
                         change::peers(after.as_ref()),
                     );
-                    first.insert(Seen {
+                    first.insert(Dirty {
                         mark,
-                        round: 0,
-                        slot: 0,
+                        state: packed,
                     });
                 }
-                Entry::Occupied(mut again) if again.get().round == round => {
-                    let seen = again.get_mut();
-                    let state = &mut folded[seen.slot].1;
-                    seen.mark.merge(Mark::between(
-                        change::peers(state.as_ref()),
-                        change::peers(after.as_ref()),
-                    ));
-                    *state = after;
-                }
-                Entry::Occupied(mut again) => {
-                    // The map holds the state before this change.
-                    let serial = again.key().clone();
-                    let before = map.get(&serial, &guard).map(PackedWidget::peers);
-                    let seen = again.get_mut();
-                    seen.mark
-                        .merge(Mark::between(before, change::peers(after.as_ref())));
-                    seen.round = round;
-                    seen.slot = folded.len();
-                    folded.push((serial, after));
+                Entry::Occupied(again) => {
+                    let before = again.get().state.as_ref().map(PackedWidget::peers);
+                    let mark = Mark::between(before, change::peers(after.as_ref()));
+                    folding.insert(again.key().clone(), folded.len());
+                    folded.push(Folded {
+                        serial: again.key().clone(),
+                        mark,
+                        state: after,
+                    });
                 }
             }
         }
@@ -175,57 +181,53 @@ fn apply_all(
         // fresh memory, which the kernel zeroes page by page.
         let _ = spent.send(batch);
         if folded.len() >= fold {
-            write_back(map, &mut folded);
-            round += 1;
+            settle(map, &mut seen, &mut folding, &mut folded);
         }
     }
-    write_back(map, &mut folded);
-    // This applier is the only one that writes its serials: the map now holds each one's
-    // state after its last change.
-    let guard = map.guard();
-    Ok(seen
-        .into_iter()
-        .map(|(serial, seen)| {
-            let state = map.get(&serial, &guard).cloned();
-            (
-                serial,
-                Dirty {
-                    mark: seen.mark,
-                    state,
-                },
-            )
-        })
-        .collect())
+    settle(map, &mut seen, &mut folding, &mut folded);
+    // Serials split evenly among appliers: as many again for each of the others.
+    seen.reserve(seen.len() * room_for.saturating_sub(1));
+    Ok(seen)
 }
 
-/// What an applier knows of a serial it has seen change.
-struct Seen {
-    /// What its changes changed, all of them so far.
+/// A serial's changes since its state in the applier's table: what they changed, and its
+/// state after the last one.
+struct Folded {
+    serial: Serial,
     mark: Mark,
-    /// The fold round in which its state is `folded[slot]`.
-    round: u64,
-    slot: usize,
+    state: Option<Widget>,
 }
 
-/// Puts each folded state into the map, emptying `folded` (and keeping its room).
-fn write_back(map: &WidgetMap, folded: &mut Vec<(Serial, Option<Widget>)>) {
-    let mut states = folded.drain(..).peekable();
-    while states.peek().is_some() {
-        // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
-        // the whole log kept every one of them, and zeroing their fresh pages was a third
-        // of replay's time.)
+/// Puts each folded serial's marks into `seen`, and its last state into `seen` and the
+/// map, emptying `folded` and `folding` (and keeping their room).
+fn settle(
+    map: &WidgetMap,
+    seen: &mut foldhash::HashMap<Serial, Dirty>,
+    folding: &mut foldhash::HashMap<Serial, usize>,
+    folded: &mut Vec<Folded>,
+) {
+    let mut changes = folded.drain(..).peekable();
+    while changes.peek().is_some() {
+        // A guard a batch, as in `apply_all`.
         let guard = map.guard();
-        for (serial, state) in states.by_ref().take(BATCH) {
-            match state {
-                Some(widget) => {
-                    map.insert(serial, PackedWidget::pack(&widget), &guard);
+        for change in changes.by_ref().take(BATCH) {
+            let state = change.state.as_ref().map(PackedWidget::pack);
+            match &state {
+                Some(state) => {
+                    map.insert(change.serial.clone(), state.clone(), &guard);
                 }
                 None => {
-                    map.remove(&serial, &guard);
+                    map.remove(&change.serial, &guard);
                 }
+            }
+            // Every folded serial was in `seen` before it folded.
+            if let Some(dirty) = seen.get_mut(&change.serial) {
+                dirty.mark.merge(change.mark);
+                dirty.state = state;
             }
         }
     }
+    folding.clear();
 }
 
 #[cfg(test)]
@@ -262,8 +264,8 @@ mod tests {
     /// A log of puts and deletes on a map that already holds some of its serials: each
     /// serial changes a few times (few enough that its marks rarely cover every port), in
     /// several batches. Replay must end where applying in order ends, with each serial
-    /// marked for exactly what its changes changed, however often the appliers write their
-    /// folded states back.
+    /// marked for exactly what its changes changed, however often the appliers settle what
+    /// they folded.
     #[test]
     fn parallel_replay_ends_as_applying_in_log_order() {
         const SERIALS: u64 = 9973;
@@ -313,7 +315,7 @@ mod tests {
         }
         let dir = write_log(log);
 
-        // Folded states written back after every batch, and only at the end.
+        // Folded changes settled after every batch, and only at the end.
         for fold in [1, FOLD] {
             let map = new_map(0);
             for (s, w) in &stored {
@@ -336,7 +338,10 @@ mod tests {
                 .iter()
                 .map(|(s, w)| (s.clone(), w.unpack()))
                 .collect();
-            assert_eq!(replayed, model, "fold {fold}");
+            assert!(
+                replayed == model,
+                "fold {fold}: the map differs from the model"
+            );
             let taken = dirty.take();
             assert_eq!(taken.covered_lsn, records);
             assert_eq!(
