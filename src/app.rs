@@ -90,9 +90,16 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         tracing::info!(?auth, "bearer auth is on");
     }
     // Single node: the WAL and the embedded store in the data directory are this
-    // process's alone. (Redis mode keeps nothing there.)
+    // process's alone, and so is a WAL directory elsewhere. (Redis mode keeps nothing
+    // there.)
     let data_dir = match config.redis_url() {
-        None => Some(DataDirLock::acquire(&config.data_dir)?),
+        None => {
+            let mut locks = vec![DataDirLock::acquire(&config.data_dir)?];
+            if config.wal_dir_option.is_some() {
+                locks.push(DataDirLock::acquire(&config.wal_dir())?);
+            }
+            Some(locks)
+        }
         Some(_) => None,
     };
     crate::metrics::handle();
@@ -102,7 +109,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     let addr = listener.local_addr()?;
     // Whoever started the service with `--listen 127.0.0.1:0` (its tests, the load
     // generator) reads its address from `addr=` here (widgets-testkit's server.rs).
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), fsync = ?config.fsync, "listening");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), wal_dir = %config.wal_dir().display(), fsync = ?config.fsync, "listening");
     if config.fsync != crate::wal::FsyncMode::Always {
         tracing::warn!(fsync = ?config.fsync, "WAL fsync is not `always`: a crash can lose acknowledged writes");
     }

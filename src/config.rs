@@ -24,9 +24,16 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Directory for the WAL (`<dir>/wal`) and the embedded store (`<dir>/store`).
+    /// Directory for the WAL (`<dir>/wal`, unless --wal-dir) and the embedded store
+    /// (`<dir>/store`).
     #[arg(long, env = "WIDGETS_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Directory for the WAL instead of `<data dir>/wal`: a disk of its own, so that the
+    /// fsync every acknowledged write waits for does not queue behind the embedded store's
+    /// writes. The instance locks it as it locks the data directory.
+    #[arg(long = "wal-dir", env = "WIDGETS_WAL_DIR")]
+    pub wal_dir_option: Option<PathBuf>,
 
     /// PostgreSQL URL for the durable store (e.g. postgres://user@host:5432/widgets). Unset
     /// or empty: the embedded store in the data directory.
@@ -376,7 +383,10 @@ impl Config {
     }
 
     pub fn wal_dir(&self) -> PathBuf {
-        self.data_dir.join("wal")
+        match &self.wal_dir_option {
+            Some(dir) => dir.clone(),
+            None => self.data_dir.join("wal"),
+        }
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -387,6 +397,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wal_goes_into_the_data_directory_unless_wal_dir_says_elsewhere() {
+        let default = Config::try_parse_from(["widgets", "--data-dir", "d"]).unwrap();
+        assert_eq!(default.wal_dir(), PathBuf::from("d").join("wal"));
+        let own = Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", "w"]).unwrap();
+        assert_eq!(own.wal_dir(), PathBuf::from("w"));
+        assert_eq!(own.store_dir(), PathBuf::from("d").join("store"));
+    }
 
     #[test]
     fn defaults_and_bad_values() {

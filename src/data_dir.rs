@@ -3,6 +3,7 @@
 //! writes without a word. So an instance holds an exclusive lock on `<data dir>/lock` for
 //! its whole life (`flock`, released by the kernel however the process ends, `kill -9`
 //! included), and a second one refuses to start, naming the lock and the holder's PID.
+//! A WAL directory outside the data directory (`--wal-dir`) is locked the same way.
 
 use crate::wal::fs::create_dir_durably;
 use crate::wal::RealFs;
@@ -11,15 +12,16 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside the data directory.
-pub const LOCK_FILE: &str = "lock";
+pub use crate::wal::LOCK_FILE;
 
 /// Why the data directory could not be locked.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "the data directory {} is in use by another widgets process (PID {holder}, holding \
-         {}): one instance owns its data directory. Stop the other process, give this one \
-         another --data-dir, or run several instances in Redis mode",
+        "the directory {} is in use by another widgets process (PID {holder}, holding {}): \
+         one instance owns its data directory and its WAL directory. Stop the other process, \
+         give this one another --data-dir (or --wal-dir), or run several instances in Redis \
+         mode",
         dir.display(), lock.display()
     )]
     Held {

@@ -324,3 +324,92 @@ async fn graceful_stop_exits_zero_and_keeps_everything() {
         .count();
     assert_eq!(segments, 1, "the WAL kept segments the store already holds");
 }
+
+/// `--wal-dir`: the log goes where it says, not into the data directory; a `kill -9`
+/// loses nothing acknowledged (the store never got it: the WAL there is all there is);
+/// and a second instance on another data directory but the same WAL directory is
+/// refused, naming that directory's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
+    let data = tempfile::TempDir::new().unwrap();
+    let wal = tempfile::TempDir::new().unwrap();
+    let wal_dir = wal.path().join("log");
+    let wal_arg = wal_dir.to_str().unwrap();
+    // No flush: every write is only in the WAL.
+    let args = ["--wal-dir", wal_arg, "--flush-interval", "1h"];
+    let client = Client::new();
+    let server = binary::start(data.path(), &args).await;
+    for serial in ["d1", "d2"] {
+        let r = client
+            .post(format!("{}/widgets", server.base))
+            .body(json!({"name": "w", "serial_number": serial, "ports": ["P"]}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let r = client
+        .put(format!("{}/widgets/associations", server.base))
+        .body(
+            json!({"port_type": "P", "widget_serial_num": "d1", "peer_widget_serial_num": "d2"})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    server.kill9().expect("killing the server");
+
+    let segments: Vec<_> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension() == Some("wal".as_ref()))
+        .collect();
+    assert!(!segments.is_empty(), "no WAL segment in --wal-dir");
+    assert!(
+        !data.path().join("wal").exists(),
+        "a WAL directory was made in the data directory too"
+    );
+
+    let server = binary::start(data.path(), &args).await;
+    let got = server_peers(&client, &server.base, &["d1".into(), "d2".into()]).await;
+    assert_eq!(got["d1"], [Some("d2".into()), None, None]);
+    assert_eq!(got["d2"], [Some("d1".into()), None, None]);
+
+    let other = tempfile::TempDir::new().unwrap();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--wal-dir",
+            wal_arg,
+            "--data-dir",
+        ])
+        .arg(other.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running the second widgets process");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("a second instance on the same --wal-dir still runs after 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second process served:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&wal_dir.join("lock").display().to_string()),
+        "the refusal names the WAL directory's lock:\n{stderr}"
+    );
+    assert!(server.stop().await.expect("stopping").success());
+}

@@ -25,6 +25,10 @@
 //! (append, group sync, rotation, trimming), `recovery` (start-up replay), `inspect`
 //! (the read-only operators' view behind `widgets wal inspect|verify`).
 
+/// The name of the file an instance locks its data directory by (`crate::data_dir`), and
+/// its WAL directory when that is elsewhere (`--wal-dir`): recovery passes it by.
+pub const LOCK_FILE: &str = "lock";
+
 #[cfg(any(test, feature = "fault-injection"))]
 mod faulty_fs;
 pub mod format;

@@ -38,7 +38,7 @@ pub fn recover(
     for name in fs.list(dir).map_err(WalError::io(dir))? {
         match parse_segment_file_name(&name) {
             Some(first) => names.push((first, name)),
-            None if name == super::identity::IDENTITY_FILE => {}
+            None if name == super::identity::IDENTITY_FILE || name == super::LOCK_FILE => {}
             None => {
                 tracing::warn!(file = %name, "ignoring a file in the WAL directory that is not a segment")
             }
