@@ -278,30 +278,48 @@ async fn kill_9_at_random_moments_under_load_loses_no_acknowledged_write() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_stop_exits_zero_and_keeps_everything() {
-    let dir = tempfile::TempDir::new().unwrap();
-    let client = Client::new();
-    let server = binary::start(dir.path(), &[]).await;
-    for serial in ["g1", "g2", "g3"] {
+/// Creates `serials` with `ports`, then plugs `port` of `a` into `b`; every answer is a yes.
+async fn create_and_plug(
+    client: &Client,
+    base: &str,
+    serials: &[&str],
+    ports: &[&str],
+    (port, a, b): (&str, &str, &str),
+) {
+    for serial in serials {
         let r = client
-            .post(format!("{}/widgets", server.base))
-            .body(json!({"name": "w", "serial_number": serial, "ports": ["P", "Q"]}).to_string())
+            .post(format!("{base}/widgets"))
+            .body(json!({"name": "w", "serial_number": serial, "ports": ports}).to_string())
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
     }
     let r = client
-        .put(format!("{}/widgets/associations", server.base))
+        .put(format!("{base}/widgets/associations"))
         .body(
-            json!({"port_type": "Q", "widget_serial_num": "g1", "peer_widget_serial_num": "g3"})
+            json!({"port_type": port, "widget_serial_num": a, "peer_widget_serial_num": b})
                 .to_string(),
         )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_exits_zero_and_keeps_everything() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let client = Client::new();
+    let server = binary::start(dir.path(), &[]).await;
+    create_and_plug(
+        &client,
+        &server.base,
+        &["g1", "g2", "g3"],
+        &["P", "Q"],
+        ("Q", "g1", "g3"),
+    )
+    .await;
     let status = server.stop().await.expect("stopping the server");
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 
@@ -339,25 +357,14 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
     let args = ["--wal-dir", wal_arg, "--flush-interval", "1h"];
     let client = Client::new();
     let server = binary::start(data.path(), &args).await;
-    for serial in ["d1", "d2"] {
-        let r = client
-            .post(format!("{}/widgets", server.base))
-            .body(json!({"name": "w", "serial_number": serial, "ports": ["P"]}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-    }
-    let r = client
-        .put(format!("{}/widgets/associations", server.base))
-        .body(
-            json!({"port_type": "P", "widget_serial_num": "d1", "peer_widget_serial_num": "d2"})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    create_and_plug(
+        &client,
+        &server.base,
+        &["d1", "d2"],
+        &["P"],
+        ("P", "d1", "d2"),
+    )
+    .await;
     server.kill9().expect("killing the server");
 
     let segments: Vec<_> = std::fs::read_dir(&wal_dir)
