@@ -92,6 +92,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     // Single node: the WAL and the embedded store in the data directory are this
     // process's alone, and so is a WAL directory elsewhere. (Redis mode keeps nothing
     // there.)
+    config.check_wal_dir()?;
     let data_dir = match config.redis_url() {
         None => {
             let mut locks = vec![DataDirLock::acquire(&config.data_dir)?];

@@ -389,6 +389,25 @@ impl Config {
         }
     }
 
+    /// A `--wal-dir` that is the data directory or the embedded store's directory would mix
+    /// the log with what is not the log: refused, by name (as written, made absolute).
+    pub fn check_wal_dir(&self) -> anyhow::Result<()> {
+        let Some(wal) = &self.wal_dir_option else {
+            return Ok(());
+        };
+        let absolute =
+            |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        let wal = absolute(wal);
+        if wal == absolute(&self.data_dir) || wal == absolute(&self.store_dir()) {
+            anyhow::bail!(
+                "--wal-dir {} is the data directory or its store: give the WAL a directory of \
+                 its own (or leave --wal-dir out for <data dir>/wal)",
+                wal.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         self.data_dir.join("store")
     }
@@ -402,9 +421,17 @@ mod tests {
     fn the_wal_goes_into_the_data_directory_unless_wal_dir_says_elsewhere() {
         let default = Config::try_parse_from(["widgets", "--data-dir", "d"]).unwrap();
         assert_eq!(default.wal_dir(), PathBuf::from("d").join("wal"));
+        assert!(default.check_wal_dir().is_ok());
         let own = Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", "w"]).unwrap();
         assert_eq!(own.wal_dir(), PathBuf::from("w"));
         assert_eq!(own.store_dir(), PathBuf::from("d").join("store"));
+        assert!(own.check_wal_dir().is_ok());
+        for mixed in ["d", "./d", "d/store"] {
+            let c =
+                Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", mixed]).unwrap();
+            let err = c.check_wal_dir().unwrap_err().to_string();
+            assert!(err.contains("--wal-dir"), "{mixed}: {err}");
+        }
     }
 
     #[test]

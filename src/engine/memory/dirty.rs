@@ -107,8 +107,8 @@ impl DirtySet {
         let mut tables = tables.into_iter();
         let mut inner = self.inner.lock().expect("dirty set lock");
         if inner.serials.is_empty() {
-            if let Some(largest) = tables.next() {
-                inner.serials = largest;
+            if let Some(roomiest) = tables.next() {
+                inner.serials = roomiest;
             }
         }
         let rest: Vec<_> = tables.collect();
