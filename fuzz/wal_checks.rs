@@ -229,11 +229,27 @@ pub fn replay(dir: &Path, mode: RecoveryMode, checkpoint: u64) -> Result<Replay,
         Some((lsn, _)) => assert_eq!(r.last_lsn, *lsn, "last LSN is not the last record's"),
         None => assert!(r.last_lsn >= checkpoint, "last LSN below the checkpoint"),
     }
+    // A segment's length is where its records end: after it, only a zero tail.
+    let returned: BTreeMap<u64, u64> = r.segments.iter().map(|s| (s.first_lsn, s.len)).collect();
     let on_disk: BTreeMap<u64, u64> = snapshot(dir)
         .into_iter()
-        .filter_map(|(name, bytes)| Some((parse_segment_file_name(&name)?, bytes.len() as u64)))
+        .filter_map(|(name, bytes)| {
+            let first_lsn = parse_segment_file_name(&name)?;
+            let records_end = returned
+                .get(&first_lsn)
+                .map_or(bytes.len(), |&len| len as usize)
+                .min(bytes.len());
+            let zeros_after = bytes[records_end..].iter().all(|&b| b == 0);
+            Some((
+                first_lsn,
+                if zeros_after {
+                    records_end
+                } else {
+                    bytes.len()
+                } as u64,
+            ))
+        })
         .collect();
-    let returned: BTreeMap<u64, u64> = r.segments.iter().map(|s| (s.first_lsn, s.len)).collect();
     assert!(
         r.segments
             .windows(2)
@@ -449,6 +465,14 @@ pub fn check_round_trip(first_lsn: u64, records: &[Record], batch: usize, segmen
         "decode_record round trip"
     );
 
+    // Plain segments, and zero-filled ones (whose records end where their zeros start).
+    for preallocate in [false, true] {
+        round_trip_through_writer(&log, batch, segment_size, preallocate);
+    }
+}
+
+fn round_trip_through_writer(log: &Log, batch: usize, segment_size: u64, preallocate: bool) {
+    let (first_lsn, records) = (log.first_lsn, &log.records);
     let dir = temp_dir();
     let mut writer = WalWriter::open(
         Arc::new(RealFs),
@@ -459,6 +483,9 @@ pub fn check_round_trip(first_lsn: u64, records: &[Record], batch: usize, segmen
         Arc::new(AtomicU64::new(0)),
     )
     .expect("opening the writer");
+    if preallocate {
+        writer.preallocate().expect("preallocating");
+    }
     for first in (0..records.len()).step_by(batch.max(1)) {
         let last = (first + batch.max(1)).min(records.len());
         let mut frames = LogBatch::new(first_lsn + first as u64);
@@ -480,7 +507,7 @@ pub fn check_round_trip(first_lsn: u64, records: &[Record], batch: usize, segmen
     assert_eq!(
         back.records,
         log.prefix(records.len()),
-        "writer and recovery round trip"
+        "writer and recovery round trip (zero-filled segments: {preallocate})"
     );
 }
 

@@ -102,8 +102,17 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_WAL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
     pub wal_segment_bytes: u64,
 
+    /// Make each WAL segment ahead of need as a zero-filled file of the segment size, so
+    /// that an fdatasync writes the records alone (`false`: segments grow as records are
+    /// appended). Leave it on unless the WAL is on a copy-on-write file system (btrfs,
+    /// ZFS), where an overwrite allocates anew anyway.
+    #[arg(long, env = "WIDGETS_WAL_PREALLOCATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub wal_preallocate: bool,
+
     /// Most bytes the WAL may hold on disk (it grows while the durable store is down); past
-    /// it writes answer `503 overloaded` until the store catches up.
+    /// it writes answer `503 overloaded` until the store catches up. Counts records: with
+    /// preallocation the directory holds up to two segments more (the newest one's zeros
+    /// and a spare).
     #[arg(long, env = "WIDGETS_WAL_MAX_BYTES", default_value_t = 4 << 30, value_parser = clap::value_parser!(u64).range(4096..))]
     pub wal_max_bytes: u64,
 
@@ -322,6 +331,7 @@ impl Config {
             fsync_interval: self.fsync_interval,
             commit_delay: self.commit_delay,
             wal_segment_bytes: self.wal_segment_bytes,
+            wal_preallocate: self.wal_preallocate,
             wal_max_bytes: self.wal_max_bytes,
             wal_recovery: self.wal_recovery,
             queue_depth: self.write_queue as usize,

@@ -80,6 +80,7 @@ mod tests {
             fsync_interval: Duration::from_secs(1),
             commit_delay: Duration::ZERO,
             wal_segment_bytes: 1024,
+            wal_preallocate: true,
             wal_max_bytes: 1 << 30,
             wal_recovery: RecoveryMode::Strict,
             queue_depth: 1024,

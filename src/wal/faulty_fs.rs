@@ -116,6 +116,10 @@ impl WalFs for FaultyFs {
         RealFs.remove(path)
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealFs.rename(from, to)
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         if self.is(Fault::DirSyncError) {
             return Err(io::Error::other("injected directory fsync error"));

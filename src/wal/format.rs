@@ -4,20 +4,30 @@
 //! segment file  <first lsn, 20 digits>.wal
 //!   header      magic (8) | format version u32 LE | first LSN u64 LE | CRC32 u32 LE of the 20 bytes before it
 //!   records     length u32 LE | CRC32 u32 LE | LSN u64 LE | payload (length bytes)
+//!   zeros       (version 2) the rest of a segment made zero-filled ahead of need
 //! ```
 //!
 //! A record's CRC32 covers its length, its LSN and its payload (everything but the CRC
 //! itself). The payload is one [`Record`] encoded with bincode 2's standard configuration.
 //! Decoding never trusts a length: it is checked against [`MAX_PAYLOAD_LEN`] and against
 //! the bytes actually present before anything is allocated.
+//!
+//! Version 2 segments may end in zeros: the writer fills a segment with zeros before it
+//! takes records ([`super::WalWriter::preallocate`]), so that an append changes no file
+//! metadata. A record header of zeros followed by nothing but zeros is the end of the
+//! segment; no record is ever all zeros (its length is at least 1). Version 1 segments end
+//! at their last record, and this build reads them too.
 
 use crate::domain::Change;
 use serde::{Deserialize, Serialize};
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WIDGWAL\n";
-/// Bumped whenever the layout below changes; older files are refused, not guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the layout below changes; files older than
+/// [`OLDEST_FORMAT_VERSION`] or newer than this are refused, not guessed at.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest layout this build reads: version 1 differs only in having no zero tails.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// magic + version + first LSN + CRC.
 pub const SEGMENT_HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// length + CRC + LSN.
@@ -71,7 +81,7 @@ pub enum HeaderError {
     BadMagic,
     #[error("segment header checksum mismatch")]
     BadChecksum,
-    #[error("unsupported WAL format version {0} (this build reads {FORMAT_VERSION})")]
+    #[error("unsupported WAL format version {0} (this build reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})")]
     Version(u32),
 }
 
@@ -88,7 +98,7 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, HeaderError> {
         return Err(HeaderError::BadChecksum);
     }
     let version = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(HeaderError::Version(version));
     }
     Ok(u64::from_le_bytes(buf[12..20].try_into().expect("8 bytes")))
@@ -194,6 +204,19 @@ pub struct Decoded {
     pub frame_len: usize,
 }
 
+/// Whether the segment ends at the start of `rest`: a zero-filled tail, nothing in it
+/// but zeros (an empty `rest` is not one: the segment just ends there).
+pub fn is_zero_tail(rest: &[u8]) -> bool {
+    // A header's worth first, so that a record costs one short look; then whole pages,
+    // OR-ed together, which the compiler vectorizes (a 64 MiB tail in milliseconds).
+    let head = rest.len().min(RECORD_HEADER_LEN);
+    !rest.is_empty()
+        && rest[..head].iter().all(|&b| b == 0)
+        && rest
+            .chunks(4096)
+            .all(|page| page.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
 /// Checks the frame at the start of `buf` (length, CRC) without decoding the payload.
 /// Returns the LSN and the whole frame's length.
 pub fn check_frame(buf: &[u8]) -> Result<(u64, usize), FrameError> {
@@ -266,6 +289,24 @@ pub(crate) mod tests {
                 },
             ],
         }
+    }
+
+    /// The end of a zero-filled segment cannot be mistaken for a record, nor a record's
+    /// bytes for an end.
+    #[test]
+    fn zeros_are_never_a_record_and_only_zeros_are_a_tail() {
+        assert!(check_frame(&[0u8; 256]).is_err());
+        assert!(is_zero_tail(&[0u8; 10_000]));
+        assert!(is_zero_tail(&[0u8; 3]), "shorter than a header");
+        assert!(!is_zero_tail(&[]), "nothing left is no tail");
+        for at in [0, 5, RECORD_HEADER_LEN, 4095, 4096, 9_999] {
+            let mut tail = vec![0u8; 10_000];
+            tail[at] = 1;
+            assert!(!is_zero_tail(&tail), "a byte at {at}");
+        }
+        let mut framed = Vec::new();
+        encode_record(&mut framed, 1, &sample(1));
+        assert!(!is_zero_tail(&framed));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub trait WalFs: Send + Sync + 'static {
     /// Opens an existing file for writing (recovery cuts a torn tail through it).
     fn open(&self, path: &Path) -> io::Result<Box<dyn WalFile>>;
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file (replacing `to` if it exists; the WAL never asks that).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// fsyncs a directory, so that files created or removed in it stay so after a crash.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
@@ -87,6 +89,10 @@ impl WalFs for RealFs {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -15,6 +15,8 @@ pub struct SegmentReport {
     pub path: PathBuf,
     pub first_lsn: u64,
     pub bytes: u64,
+    /// Zeros after the last record: the rest of a segment made zero-filled ahead of need.
+    pub zero_tail: u64,
     pub records: Vec<RecordInfo>,
     pub damage: Option<Damage>,
 }
@@ -55,6 +57,7 @@ pub fn inspect(dir: &Path) -> Result<Vec<SegmentReport>, WalError> {
         let path = dir.join(&name);
         let data = std::fs::read(&path).map_err(WalError::io(&path))?;
         let mut records = Vec::new();
+        let mut zero_tail = 0;
         let problem = match decode_segment_header(&data) {
             Err(e) => Some((0, e.to_string())),
             Ok(lsn) if lsn != first_lsn => Some((
@@ -75,8 +78,9 @@ pub fn inspect(dir: &Path) -> Result<Vec<SegmentReport>, WalError> {
                     record,
                 })
             }) {
-                Ok(next) => {
-                    expected = Some(next);
+                Ok(scanned) => {
+                    expected = Some(scanned.next);
+                    zero_tail = (data.len() - scanned.end) as u64;
                     None
                 }
                 Err(damage) => Some(damage),
@@ -91,6 +95,7 @@ pub fn inspect(dir: &Path) -> Result<Vec<SegmentReport>, WalError> {
             path,
             first_lsn,
             bytes: data.len() as u64,
+            zero_tail,
             records,
             damage,
         });
@@ -110,6 +115,9 @@ impl fmt::Display for SegmentReport {
         )?;
         if let (Some(a), Some(b)) = (self.records.first(), self.records.last()) {
             write!(f, "  lsns={}..{}", a.lsn, b.lsn)?;
+        }
+        if self.zero_tail > 0 {
+            write!(f, "  zero_tail={}", self.zero_tail)?;
         }
         match &self.damage {
             None => writeln!(f, "  ok")?,

@@ -2,8 +2,8 @@
 //! checkpoint to the caller, cut a torn tail, refuse (or, if asked, cut at) real damage.
 
 use super::format::{
-    check_frame, decode_record, decode_segment_header, parse_segment_file_name, HeaderError,
-    Record, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    check_frame, decode_record, decode_segment_header, is_zero_tail, parse_segment_file_name,
+    HeaderError, Record, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use super::fs::{create_dir_durably, WalFs};
 use super::writer::SegmentInfo;
@@ -38,7 +38,11 @@ pub fn recover(
     for name in fs.list(dir).map_err(WalError::io(dir))? {
         match parse_segment_file_name(&name) {
             Some(first) => names.push((first, name)),
-            None if name == super::identity::IDENTITY_FILE || name == super::LOCK_FILE => {}
+            // A spare segment being made when the last instance stopped: the next writer
+            // makes it again.
+            None if name == super::identity::IDENTITY_FILE
+                || name == super::LOCK_FILE
+                || name == super::writer::SPARE_FILE => {}
             None => {
                 tracing::warn!(file = %name, "ignoring a file in the WAL directory that is not a segment")
             }
@@ -103,9 +107,11 @@ pub fn recover(
             },
         };
 
+        let mut cut = false;
         let (valid_end, next) = match scan {
-            Ok(next) => (data.len(), next),
+            Ok(scanned) => (scanned.end, scanned.next),
             Err(d) => {
+                cut = true;
                 let torn = is_last && !valid_record_after(&data, d.offset);
                 if !torn && mode == RecoveryMode::Strict {
                     return Err(WalError::Corrupt {
@@ -148,7 +154,7 @@ pub fn recover(
         expected = Some(next);
         // Segment names and LSNs start at 1, and scan_records checks for overflow.
         out.last_lsn = out.last_lsn.max(next.saturating_sub(1));
-        if valid_end < data.len() {
+        if cut {
             break; // cut_log removed the later segments
         }
     }
@@ -170,16 +176,29 @@ struct Damage {
     reason: String,
 }
 
-/// Reads the records of one segment, checking that LSNs run on from `first_lsn`.
-/// Returns the LSN after the last record, or the offset and reason of the first damage.
+/// Where the records of a segment end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Scanned {
+    /// The LSN after the last record.
+    pub next: u64,
+    /// The offset after the last record: the file's length, or where its zero tail starts.
+    pub end: usize,
+}
+
+/// Reads the records of one segment, checking that LSNs run on from `first_lsn`, up to
+/// the end of the file or the start of a zero tail ([`is_zero_tail`]). Returns where they
+/// end, or the offset and reason of the first damage.
 pub(super) fn scan_records(
     data: &[u8],
     first_lsn: u64,
     mut each: impl FnMut(usize, u64, Record),
-) -> Result<u64, (usize, String)> {
+) -> Result<Scanned, (usize, String)> {
     let mut at = SEGMENT_HEADER_LEN;
     let mut next = first_lsn;
     while at < data.len() {
+        if is_zero_tail(&data[at..]) {
+            break;
+        }
         let d = decode_record(&data[at..]).map_err(|e| (at, e.to_string()))?;
         if d.lsn != next {
             return Err((
@@ -195,7 +214,10 @@ pub(super) fn scan_records(
         at += d.frame_len;
         next += 1;
     }
-    Ok(next)
+    Ok(Scanned {
+        next,
+        end: at.min(data.len()),
+    })
 }
 
 /// The LSN after the last whole record before `offset` (records before it are valid).
@@ -215,10 +237,13 @@ fn last_lsn_before(data: &[u8], offset: usize, first_lsn: u64) -> u64 {
 }
 
 /// Whether any valid record frame starts after `offset`: if so, the damage at `offset` is
-/// not a torn tail but a hole in the middle of the log.
+/// not a torn tail but a hole in the middle of the log. Only offsets up to the file's last
+/// non-zero byte are tried: a frame starting in a zero tail has a zero length, which no
+/// frame has.
 pub(super) fn valid_record_after(data: &[u8], offset: usize) -> bool {
-    (offset + 1..data.len().saturating_sub(RECORD_HEADER_LEN - 1))
-        .any(|at| check_frame(&data[at..]).is_ok())
+    let last_nonzero = data.iter().rposition(|&b| b != 0).map_or(0, |at| at + 1);
+    let end = last_nonzero.min(data.len().saturating_sub(RECORD_HEADER_LEN - 1));
+    (offset + 1..end).any(|at| check_frame(&data[at..]).is_ok())
 }
 
 /// Cuts the segment at the damage and removes every later segment.
@@ -334,13 +359,81 @@ mod tests {
         }
     }
 
+    /// Segments made zero-filled ahead of need end where their zeros start, the newest and
+    /// the older ones alike: every record is read, nothing is cut, and each segment's
+    /// length is its records'.
     #[test]
-    fn zeroed_tail_is_a_torn_tail() {
+    fn a_zero_tail_ends_any_segment_and_stays() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 60, 5, 1024);
+        let segs = segments(dir.path());
+        assert!(segs.len() >= 3, "the test needs several segments");
+        let mut lens = Vec::new();
+        for seg in &segs {
+            let mut data = std::fs::read(seg).unwrap();
+            lens.push(data.len() as u64);
+            data.resize(data.len() + 5000, 0);
+            std::fs::write(seg, &data).unwrap();
+        }
+        let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 0).unwrap();
+        assert_eq!(seen, (1..=60).collect::<Vec<_>>());
+        assert_eq!(r.segments.iter().map(|s| s.len).collect::<Vec<_>>(), lens);
+        for (seg, len) in segs.iter().zip(&lens) {
+            assert_eq!(std::fs::metadata(seg).unwrap().len(), len + 5000, "not cut");
+        }
+    }
+
+    /// A crash while a record was written into a zero-filled segment leaves part of it
+    /// before the zeros: a torn tail, cut off, whatever part of it reached the disk.
+    #[test]
+    fn a_record_torn_in_front_of_zeros_is_a_torn_tail() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 5, 1, 1 << 20);
+        let seg = segments(dir.path()).pop().unwrap();
+        let whole = std::fs::read(&seg).unwrap();
+        let mut last_start = SEGMENT_HEADER_LEN;
+        for _ in 0..4 {
+            last_start += check_frame(&whole[last_start..]).unwrap().1;
+        }
+        for cut in last_start + 1..whole.len() {
+            let mut data = whole[..cut].to_vec();
+            data.resize(whole.len() + 4096, 0);
+            std::fs::write(&seg, &data).unwrap();
+            let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 0).unwrap();
+            assert_eq!((seen.len(), r.last_lsn), (4, 4), "cut at {cut}");
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), last_start as u64);
+        }
+    }
+
+    /// Zeros with records after them are no tail: a hole in the log, refused.
+    #[test]
+    fn zeros_in_front_of_records_are_a_hole() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 10, 10, 1 << 20);
+        let seg = segments(dir.path()).pop().unwrap();
+        let mut data = std::fs::read(&seg).unwrap();
+        let second = SEGMENT_HEADER_LEN + check_frame(&data[SEGMENT_HEADER_LEN..]).unwrap().1;
+        let len = check_frame(&data[second..]).unwrap().1;
+        data[second..second + len].fill(0);
+        std::fs::write(&seg, &data).unwrap();
+        match replay(dir.path(), RecoveryMode::Strict, 0) {
+            Err(WalError::Corrupt { file, offset, .. }) => {
+                assert_eq!((file, offset), (seg.clone(), second as u64));
+            }
+            other => panic!("expected a corruption error, got {other:?}"),
+        }
+    }
+
+    /// A segment written before zero tails (format version 1) is read as it always was.
+    #[test]
+    fn a_version_1_segment_is_read() {
         let dir = TempDir::new().unwrap();
         write_log(dir.path(), 3, 1, 1 << 20);
         let seg = segments(dir.path()).pop().unwrap();
         let mut data = std::fs::read(&seg).unwrap();
-        data.extend_from_slice(&[0u8; 4096]);
+        data[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&data[..20]);
+        data[20..24].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&seg, &data).unwrap();
         let (_, seen) = replay(dir.path(), RecoveryMode::Strict, 0).unwrap();
         assert_eq!(seen, vec![1, 2, 3]);

@@ -1,5 +1,6 @@
 //! Appending to the log: one write and (by the caller's choice) one fdatasync per batch,
-//! segment rotation at a set size, and trimming of segments the store has absorbed.
+//! segment rotation at a set size, segments made zero-filled ahead of need, and trimming
+//! of segments the store has absorbed.
 
 use super::format::{encode_segment_header, segment_file_name, LogBatch, SEGMENT_HEADER_LEN};
 use super::fs::{WalFile, WalFs};
@@ -7,7 +8,7 @@ use super::WalError;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -62,6 +63,8 @@ pub struct WalWriter {
     next_lsn: u64,
     /// Where trimmed segments go to be deleted, off the caller's thread.
     remover: Remover,
+    /// Makes zero-filled segments ahead of need, if the writer preallocates.
+    spares: Option<Spares>,
 }
 
 impl WalWriter {
@@ -105,7 +108,52 @@ impl WalWriter {
             total_bytes,
             unsynced: false,
             next_lsn,
+            spares: None,
         })
+    }
+
+    /// From now on, every segment is a file of the segment size written with zeros and
+    /// synced before it takes records: the open one (empty until now) at once, each later
+    /// one ahead of need on a thread of the writer's own. Appending into blocks already
+    /// written changes no file metadata, so each fdatasync writes the records alone;
+    /// appending to a growing file also writes its new size and block map, which cost a
+    /// third more CPU per fdatasync here and, on a file system without a journal, two
+    /// more waits on the disk (BENCHMARKS.md, "Zero-filled WAL segments"). A segment that
+    /// cannot be made so (a full disk) is logged, and a plain one taken instead.
+    ///
+    /// The cost: each segment's zeros are written once more, the directory holds a spare
+    /// segment besides the log, and a start waits for one segment's zeros. Worth it where
+    /// a written block stays put; on a copy-on-write file system (btrfs, ZFS) an
+    /// overwrite allocates anew anyway.
+    pub fn preallocate(&mut self) -> io::Result<()> {
+        if self.spares.is_some() {
+            return Ok(());
+        }
+        let mut spares = Spares::start(self.fs.clone(), &self.dir, self.segment_size)?;
+        if self.active.len == SEGMENT_HEADER_LEN as u64 {
+            // The open segment holds no record: a zero-filled one takes its name.
+            let made = make_spare(
+                &*self.fs,
+                &self.dir,
+                self.segment_size,
+                &AtomicBool::new(false),
+            )
+            .map_err(AppendError::from_write)
+            .and_then(|spare| use_spare(&*self.fs, &self.dir, spare, self.active.first_lsn));
+            match made {
+                Ok((active, file)) => {
+                    self.active = active;
+                    self.file = file;
+                }
+                Err(AppendError::Fatal(e)) => return Err(io::Error::other(e.to_string())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not make a zero-filled WAL segment; the first one grows as records come")
+                }
+            }
+        }
+        spares.ask();
+        self.spares = Some(spares);
+        Ok(())
     }
 
     /// Appends `batch`, which must start at [`WalWriter::next_lsn`]. On error no byte of
@@ -129,7 +177,8 @@ impl WalWriter {
         let at = self.active.len;
         if let Err(e) = self.file.write_all_at(bytes, at) {
             // Part of the batch may be in the file: cut it off so the log ends on a whole
-            // record, as if the batch had never been written.
+            // record, as if the batch had never been written. (A zero-filled segment loses
+            // its zeros too, and grows from here like a plain one.)
             if let Err(cut) = self.file.set_len(at) {
                 return Err(AppendError::Fatal(WalError::Io {
                     path: self.active.path.clone(),
@@ -171,7 +220,14 @@ impl WalWriter {
     fn rotate(&mut self, first_lsn: u64) -> Result<(), AppendError> {
         // The old segment must be whole on disk before records follow it in a new one.
         self.sync().map_err(AppendError::Fatal)?;
-        let (active, file) = create_segment(&*self.fs, &self.dir, first_lsn)?;
+        let spare = self.spares.as_mut().and_then(Spares::take);
+        let (active, file) = match spare {
+            Some(spare) => use_spare(&*self.fs, &self.dir, spare, first_lsn)?,
+            None => create_segment(&*self.fs, &self.dir, first_lsn)?,
+        };
+        if let Some(spares) = &mut self.spares {
+            spares.ask();
+        }
         self.total_bytes.fetch_add(active.len, Ordering::Relaxed);
         let old = std::mem::replace(&mut self.active, active);
         self.sealed.push_back(old);
@@ -282,6 +338,173 @@ fn remove_in_order(
     }
 }
 
+/// The file name of the spare segment, from when it is begun until it becomes a segment.
+/// Recovery passes it by; the writer makes it again.
+pub(super) const SPARE_FILE: &str = "spare.tmp";
+/// Zeros written at a time into a spare, and synced every [`SPARE_SYNC_EVERY`] of them,
+/// so that the disk never holds much of a spare's zeros at once in front of the log's own
+/// fdatasyncs.
+const SPARE_CHUNK: usize = 1 << 20;
+const SPARE_SYNC_EVERY: u64 = 4 << 20;
+
+/// Makes one spare segment at a time, on request, on a thread of its own
+/// ([`WalWriter::preallocate`]).
+struct Spares {
+    ask: Option<mpsc::Sender<()>>,
+    made: mpsc::Receiver<io::Result<Box<dyn WalFile>>>,
+    /// A spare was asked for and not yet taken.
+    asked: bool,
+    /// Tells the thread to give up the spare it is making (the writer is going).
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    fs: Arc<dyn WalFs>,
+    dir: PathBuf,
+}
+
+impl Spares {
+    fn start(fs: Arc<dyn WalFs>, dir: &Path, size: u64) -> io::Result<Self> {
+        let (ask, asked) = mpsc::channel::<()>();
+        let (done, made) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (fs, dir, stop) = (fs.clone(), dir.to_owned(), stop.clone());
+            std::thread::Builder::new()
+                .name("widgets-wal-spare".into())
+                .spawn(move || {
+                    for () in asked {
+                        let spare = make_spare(&*fs, &dir, size, &stop);
+                        if done.send(spare).is_err() {
+                            break;
+                        }
+                    }
+                })?
+        };
+        Ok(Self {
+            ask: Some(ask),
+            made,
+            asked: false,
+            stop,
+            thread: Some(thread),
+            fs,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Asks for a spare, unless one is on its way.
+    fn ask(&mut self) {
+        if !self.asked {
+            if let Some(ask) = &self.ask {
+                self.asked = ask.send(()).is_ok();
+            }
+        }
+    }
+
+    /// The spare asked for, if it is ready.
+    fn take(&mut self) -> Option<Box<dyn WalFile>> {
+        if !self.asked {
+            return None;
+        }
+        match self.made.try_recv() {
+            Ok(Ok(spare)) => {
+                self.asked = false;
+                Some(spare)
+            }
+            Ok(Err(e)) => {
+                // Asked for again after this rotation.
+                tracing::warn!(error = %e, "could not make a zero-filled WAL segment ahead; starting a plain one");
+                self.asked = false;
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.ask.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        // An unused spare is only zeros: not left behind to take up room.
+        let _ = self.fs.remove(&self.dir.join(SPARE_FILE));
+    }
+}
+
+/// Writes the spare segment: `size` bytes of zeros, synced. A failure (or `stop`) removes
+/// what was written.
+fn make_spare(
+    fs: &dyn WalFs,
+    dir: &Path,
+    size: u64,
+    stop: &AtomicBool,
+) -> io::Result<Box<dyn WalFile>> {
+    let path = dir.join(SPARE_FILE);
+    match fs.remove(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let write = || {
+        let mut file = fs.create_new(&path)?;
+        let zeros = vec![0u8; SPARE_CHUNK];
+        let mut at = 0;
+        while at < size {
+            if stop.load(Ordering::Relaxed) {
+                return Err(io::Error::other("the writer is closing"));
+            }
+            let n = (size - at).min(SPARE_CHUNK as u64);
+            file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+            if at % SPARE_SYNC_EVERY == 0 || at == size {
+                file.sync_data()?;
+            }
+        }
+        Ok(file)
+    };
+    write().inspect_err(|_| {
+        let _ = fs.remove(&path);
+    })
+}
+
+/// Makes the spare the segment that starts at `first_lsn`: its header goes in and is
+/// synced before the file takes the segment's name, so a segment never has a header of
+/// zeros; then the directory is fsynced, as for a new segment.
+fn use_spare(
+    fs: &dyn WalFs,
+    dir: &Path,
+    mut spare: Box<dyn WalFile>,
+    first_lsn: u64,
+) -> Result<(SegmentInfo, Box<dyn WalFile>), AppendError> {
+    let from = dir.join(SPARE_FILE);
+    let path = dir.join(segment_file_name(first_lsn));
+    if let Err(e) = spare.write_all_at(&encode_segment_header(first_lsn), 0) {
+        let _ = fs.remove(&from);
+        return Err(AppendError::from_write(e));
+    }
+    spare.sync_data().map_err(|e| {
+        AppendError::Fatal(WalError::Io {
+            path: from.clone(),
+            source: e,
+        })
+    })?;
+    if let Err(e) = fs.rename(&from, &path) {
+        let _ = fs.remove(&from);
+        return Err(AppendError::from_write(e));
+    }
+    fs.sync_dir(dir)
+        .map_err(|e| AppendError::Fatal(WalError::io(dir)(e)))?;
+    tracing::debug!(path = %path.display(), "new WAL segment, zero-filled ahead");
+    Ok((
+        SegmentInfo {
+            first_lsn,
+            path,
+            len: SEGMENT_HEADER_LEN as u64,
+        },
+        spare,
+    ))
+}
+
 /// Creates a segment file with its header, fsyncs it and the directory.
 fn create_segment(
     fs: &dyn WalFs,
@@ -382,5 +605,71 @@ mod tests {
             disk_bytes(dir.path()),
             "the byte count follows the files"
         );
+    }
+
+    /// With preallocation, every segment is the segment's size on disk from the start,
+    /// zeros after its records, the open one included; the WAL's byte count is its
+    /// records'. Recovery reads every record back in order, and closing the writer removes
+    /// the unused spare.
+    #[test]
+    fn preallocated_segments_take_every_record_and_replay() {
+        let dir = TempDir::new().unwrap();
+        let size = 4096;
+        let bytes = Arc::new(AtomicU64::new(0));
+        let mut w = WalWriter::open(
+            Arc::new(crate::wal::RealFs),
+            dir.path(),
+            vec![],
+            1,
+            size,
+            bytes.clone(),
+        )
+        .unwrap();
+        w.preallocate().unwrap();
+        assert_eq!(std::fs::metadata(&w.active.path).unwrap().len(), size);
+        let mut lsn = 1;
+        let mut append = |w: &mut WalWriter| {
+            let mut batch = LogBatch::new(lsn);
+            batch.push(&sample(lsn));
+            w.append(&batch).unwrap();
+            w.sync().unwrap();
+            lsn += 1;
+        };
+        // Slowly enough that a spare is ready at each rotation, most likely.
+        let mut zero_filled = 0;
+        while w.segments().count() < 5 {
+            let active = w.active.path.clone();
+            append(&mut w);
+            if w.active.path != active {
+                zero_filled += u64::from(std::fs::metadata(&w.active.path).unwrap().len() == size);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(
+            zero_filled >= 2,
+            "the spares became segments: {zero_filled} of 4"
+        );
+        assert_eq!(
+            bytes.load(Ordering::Relaxed),
+            w.segments().map(|s| s.len).sum::<u64>()
+        );
+        let last = w.next_lsn() - 1;
+        drop(w);
+        assert!(!dir.path().join(SPARE_FILE).exists());
+
+        let mut seen = Vec::new();
+        let recovered = crate::wal::recover(
+            &crate::wal::RealFs,
+            dir.path(),
+            crate::wal::RecoveryMode::Strict,
+            0,
+            |lsn, record| {
+                assert_eq!(record, sample(lsn));
+                seen.push(lsn);
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, (1..=last).collect::<Vec<_>>());
+        assert_eq!(recovered.last_lsn, last);
     }
 }

@@ -182,6 +182,9 @@ pub async fn try_spawn_app_in(
         data_dir,
         "--database-url=",
         "--redis-url=",
+        // Zero-filled segments of a megabyte, not 64: every start writes one, and a spare.
+        "--wal-segment-bytes",
+        "1048576",
     ];
     argv.extend_from_slice(args);
     let config = Config::try_parse_from(argv)?;

@@ -49,6 +49,7 @@ pub struct EngineSettings {
     /// How long a group waits for more writes under concurrent load (see the sequencer).
     pub commit_delay: Duration,
     pub wal_segment_bytes: u64,
+    pub wal_preallocate: bool,
     pub wal_max_bytes: u64,
     pub wal_recovery: RecoveryMode,
     pub queue_depth: usize,
@@ -405,6 +406,12 @@ fn replay_and_open(
         settings.wal_segment_bytes,
         shared.wal_bytes.clone(),
     )?;
+    if settings.wal_preallocate {
+        writer.preallocate().map_err(|source| WalError::Io {
+            path: wal_dir.to_owned(),
+            source,
+        })?;
+    }
     writer.trim(checkpoint);
     Ok((writer, next_lsn))
 }
