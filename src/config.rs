@@ -209,9 +209,10 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_SLED_CACHE_BYTES", default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..=64 << 30))]
     pub sled_cache_bytes: u64,
 
-    /// Nice value (0 to 19) of the thread that writes the embedded store: above 0 the
-    /// kernel runs requests before the write-behind, which then takes the CPU they leave
-    /// (see README, How it works). 0: the same priority as requests.
+    /// Nice value (0 to 19) of the threads that build each flush's batch and write the
+    /// embedded store: above 0 the kernel runs requests before the write-behind, which
+    /// then takes the CPU they leave (see README, How it works). 0: the same priority as
+    /// requests.
     #[arg(long, env = "WIDGETS_FLUSH_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub flush_nice: i32,
 }
@@ -332,6 +333,7 @@ impl Config {
             commit_delay: self.commit_delay,
             wal_segment_bytes: self.wal_segment_bytes,
             wal_preallocate: self.wal_preallocate,
+            flush_nice: self.flush_nice,
             wal_max_bytes: self.wal_max_bytes,
             wal_recovery: self.wal_recovery,
             queue_depth: self.write_queue as usize,

@@ -81,6 +81,7 @@ mod tests {
             commit_delay: Duration::ZERO,
             wal_segment_bytes: 1024,
             wal_preallocate: true,
+            flush_nice: 10,
             wal_max_bytes: 1 << 30,
             wal_recovery: RecoveryMode::Strict,
             queue_depth: 1024,
@@ -191,6 +192,46 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(segments(), 1, "only the active segment is left");
+    }
+
+    /// The nice values of this process's threads named `name` (as the kernel keeps it: its
+    /// first 15 bytes).
+    #[cfg(target_os = "linux")]
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                (comm.trim_end() == &name[..name.len().min(15)]).then_some(())?;
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                let after_name = &stat[stat.rfind(')')? + 2..];
+                after_name.split(' ').nth(16)?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// A flush's batch is built on a thread of the engine's own at `--flush-nice` (10
+    /// here), not on tokio's blocking pool at the requests' priority.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn flush_batches_are_built_at_the_flush_nice_value() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let sled = SledStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+        let engine = Arc::new(
+            MemoryEngine::recover(&sled, &dir.path().join("wal"), Arc::new(RealFs), settings())
+                .await
+                .unwrap(),
+        );
+        create(&engine, "w0").await;
+        let flusher = Flusher::new(engine.clone(), Arc::new(sled));
+        assert_eq!(flusher.flush_once().await.unwrap(), 1);
+        let niced = nice_of_threads("widgets-flush-prep");
+        assert!(!niced.is_empty(), "no flush thread");
+        assert!(niced.iter().all(|&nice| nice >= 10), "{niced:?}");
+        tokio::task::spawn_blocking(move || engine.stop())
+            .await
+            .unwrap();
     }
 
     /// The embedded store writes a large flush in chunks, the checkpoint with the last (see

@@ -1,4 +1,5 @@
-//! A thread of its own, at a lower CPU priority, for a store's blocking work.
+//! A thread of its own, at a lower CPU priority, for the write-behind's blocking work: a
+//! store's writes, and the memory engine's building of each flush's batch.
 //!
 //! The embedded store's flush is CPU work in bursts (sled's inserts, page loads and log
 //! writes: a third of the service's CPU at 10,000 PUT/s over 1 M widgets with a flush
@@ -74,6 +75,12 @@ impl Background {
         answer.await.map_err(|_| BackgroundError::Gone)?
     }
 
+    /// Queues `work` on the thread, after the jobs before it, without waiting for it. A
+    /// panic in it is caught and dropped.
+    pub fn spawn(&self, work: impl FnOnce() + Send + 'static) -> Result<(), BackgroundError> {
+        self.submit(work, |_| {})
+    }
+
     /// Queues `work`; `reply` gets its outcome (a panic caught as an error).
     fn submit<T: Send + 'static>(
         &self,
@@ -112,7 +119,7 @@ fn lower_priority(nice: i32) {
     };
     if result != 0 {
         tracing::warn!(nice, error = %std::io::Error::last_os_error(),
-            "could not lower the store thread's priority; it runs at the process's");
+            "could not lower a write-behind thread's priority; it runs at the process's");
     }
 }
 
@@ -121,7 +128,7 @@ fn lower_priority(nice: i32) {
     if nice != 0 {
         tracing::info!(
             nice,
-            "thread priorities are Linux-only here: the store thread runs at the process's"
+            "thread priorities are Linux-only here: the write-behind runs at the process's"
         );
     }
 }

@@ -24,6 +24,7 @@ use self::sequencer::Job;
 use self::state::{new_map, Shared};
 use super::EngineError;
 use crate::domain::{Rule, Serial, Widget};
+use crate::store::background::Background;
 use crate::store::{FlushBatch, FlushItem, Store, StoreError};
 use crate::wal::{identity, FsyncMode, RecoveryMode, WalError, WalFs, WalWriter};
 use std::path::Path;
@@ -50,6 +51,8 @@ pub struct EngineSettings {
     pub commit_delay: Duration,
     pub wal_segment_bytes: u64,
     pub wal_preallocate: bool,
+    /// Nice value of the thread that builds flush batches (`--flush-nice`).
+    pub flush_nice: i32,
     pub wal_max_bytes: u64,
     pub wal_recovery: RecoveryMode,
     pub queue_depth: usize,
@@ -79,6 +82,12 @@ pub struct MemoryEngine {
     jobs: SyncSender<Job>,
     thread: Mutex<Option<JoinHandle<()>>>,
     checkpoint: AtomicU64,
+    /// Builds each flush's batch and empties the finished one, at `--flush-nice`. On
+    /// tokio's blocking pool that work (unpacking and sorting 170,000 taken widgets) ran
+    /// 25-72 ms at a time at the requests' priority, on one of this machine's two cores,
+    /// in the slow seconds of a 1 M-widget load (BENCHMARKS.md, "Zero-filled WAL
+    /// segments").
+    flush_prep: Background,
 }
 
 /// A flush under way: the taken widgets, which go back to the dirty set if the store did
@@ -142,6 +151,8 @@ impl MemoryEngine {
             fsync_interval: settings.fsync_interval,
             commit_delay: settings.commit_delay,
         };
+        let flush_prep = Background::start("widgets-flush-prep", settings.flush_nice)
+            .map_err(|e| WalError::Replay(format!("starting the flush's thread: {e}")))?;
         let thread = sequencer::spawn(shared.clone(), writer, rx, policy);
         tracing::debug!(next_lsn, "sequencer started");
         Ok(Self {
@@ -150,6 +161,7 @@ impl MemoryEngine {
             jobs,
             thread: Mutex::new(Some(thread)),
             checkpoint: AtomicU64::new(checkpoint),
+            flush_prep,
         })
     }
 
@@ -211,7 +223,7 @@ impl MemoryEngine {
         // panic included: tokio catches it and the task's share is dropped).
         let taken = Arc::new(taken);
         let building = taken.clone();
-        let built = tokio::task::spawn_blocking(move || flush_items(&building)).await;
+        let built = self.flush_prep.run(move || flush_items(&building)).await;
         let Some(taken) = Arc::into_inner(taken) else {
             // Cannot happen (the task has ended, and its share with it); were it to, the
             // widgets would be in no take, so stop acknowledging writes rather than risk
@@ -249,7 +261,7 @@ impl MemoryEngine {
             // to the sequencer to be freed, a chunk at a time with a pause between, so that
             // no group frees more than about one (see `DirtySet::recycle`). Emptying a take
             // of 250,000 widgets held an async worker, and every request on it, for
-            // milliseconds; a blocking thread does it instead.
+            // milliseconds; the flush's own thread does it instead.
             let large = taken.widgets.len() > 1024;
             let shared = self.shared.clone();
             let jobs = self.jobs.clone();
@@ -262,9 +274,11 @@ impl MemoryEngine {
                     }
                 })
             };
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) if large => drop(runtime.spawn_blocking(recycle)),
-                _ => recycle(),
+            if !large {
+                recycle();
+            } else if let Err(e) = self.flush_prep.spawn(recycle) {
+                // The take is freed here, and the next one grows a table of its own.
+                tracing::warn!(error = %e, "could not hand a finished flush to its thread");
             }
             self.checkpoint.fetch_max(lsn, Ordering::Relaxed);
             // If the queue is full the next checkpoint trims instead.
