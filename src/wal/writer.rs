@@ -478,31 +478,12 @@ fn use_spare(
 ) -> Result<(SegmentInfo, Box<dyn WalFile>), AppendError> {
     let from = dir.join(SPARE_FILE);
     let path = dir.join(segment_file_name(first_lsn));
-    if let Err(e) = spare.write_all_at(&encode_segment_header(first_lsn), 0) {
-        let _ = fs.remove(&from);
-        return Err(AppendError::from_write(e));
-    }
-    spare.sync_data().map_err(|e| {
-        AppendError::Fatal(WalError::Io {
-            path: from.clone(),
-            source: e,
-        })
-    })?;
+    write_header(fs, &mut *spare, first_lsn, &from)?;
     if let Err(e) = fs.rename(&from, &path) {
         let _ = fs.remove(&from);
         return Err(AppendError::from_write(e));
     }
-    fs.sync_dir(dir)
-        .map_err(|e| AppendError::Fatal(WalError::io(dir)(e)))?;
-    tracing::debug!(path = %path.display(), "new WAL segment, zero-filled ahead");
-    Ok((
-        SegmentInfo {
-            first_lsn,
-            path,
-            len: SEGMENT_HEADER_LEN as u64,
-        },
-        spare,
-    ))
+    segment_in_dir(fs, dir, path, first_lsn, spare)
 }
 
 /// Creates a segment file with its header, fsyncs it and the directory.
@@ -513,17 +494,38 @@ fn create_segment(
 ) -> Result<(SegmentInfo, Box<dyn WalFile>), AppendError> {
     let path = dir.join(segment_file_name(first_lsn));
     let mut file = fs.create_new(&path).map_err(AppendError::from_write)?;
+    write_header(fs, &mut *file, first_lsn, &path)?;
+    segment_in_dir(fs, dir, path, first_lsn, file)
+}
+
+/// Writes a new segment's header into `file`, found at `path`, and syncs it. A failed
+/// write removes the file; a failed sync is fatal.
+fn write_header(
+    fs: &dyn WalFs,
+    file: &mut dyn WalFile,
+    first_lsn: u64,
+    path: &Path,
+) -> Result<(), AppendError> {
     if let Err(e) = file.write_all_at(&encode_segment_header(first_lsn), 0) {
-        drop(file);
-        let _ = fs.remove(&path);
+        let _ = fs.remove(path);
         return Err(AppendError::from_write(e));
     }
     file.sync_data().map_err(|e| {
         AppendError::Fatal(WalError::Io {
-            path: path.clone(),
+            path: path.to_owned(),
             source: e,
         })
-    })?;
+    })
+}
+
+/// fsyncs the directory that now holds the new segment at `path`, and hands it over.
+fn segment_in_dir(
+    fs: &dyn WalFs,
+    dir: &Path,
+    path: PathBuf,
+    first_lsn: u64,
+    file: Box<dyn WalFile>,
+) -> Result<(SegmentInfo, Box<dyn WalFile>), AppendError> {
     fs.sync_dir(dir)
         .map_err(|e| AppendError::Fatal(WalError::io(dir)(e)))?;
     tracing::debug!(path = %path.display(), "new WAL segment");
