@@ -102,6 +102,14 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_WAL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
     pub wal_segment_bytes: u64,
 
+    /// Let the kernel back the service's memory with transparent huge pages (2 MB). Off by
+    /// default: on a VM a first touch of one took 20-40 ms here, a stall for every request
+    /// waiting on that thread, and with them off the p99.9 of a 1 M-widget load fell from
+    /// 32-61 ms to 8-13 ms (BENCHMARKS.md, "Transparent huge pages off"). Turn it on where
+    /// huge-page faults are cheap and TLB misses cost more. Linux only.
+    #[arg(long, env = "WIDGETS_TRANSPARENT_HUGE_PAGES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub transparent_huge_pages: bool,
+
     /// Make each WAL segment ahead of need as a zero-filled file of the segment size, so
     /// that an fdatasync writes the records alone (`false`: segments grow as records are
     /// appended). Leave it on unless the WAL is on a copy-on-write file system (btrfs,

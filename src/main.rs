@@ -64,6 +64,9 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     widgets::logging::init(cli.config.log_format);
+    if !cli.config.transparent_huge_pages {
+        turn_off_transparent_huge_pages();
+    }
     match run(cli.config, cli.cmd).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -72,6 +75,22 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+/// Transparent huge pages off for this process and its children (`--transparent-huge-pages`
+/// says why). mimalloc asks for them on its arenas; the process-wide flag overrides that,
+/// and sled's allocations too. The few pages faulted in before this keep what they got.
+#[cfg(target_os = "linux")]
+fn turn_off_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE with 1 sets one flag on this process; the kernel wants the
+    // other arguments 0.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(),
+            "could not turn transparent huge pages off; the kernel's setting stands");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn turn_off_transparent_huge_pages() {}
 
 async fn run(config: Config, cmd: Option<Cmd>) -> anyhow::Result<()> {
     match cmd {

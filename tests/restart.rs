@@ -420,3 +420,25 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
     );
     assert!(server.stop().await.expect("stopping").success());
 }
+
+/// The service turns transparent huge pages off for itself unless told otherwise
+/// (`--transparent-huge-pages true`): the kernel's view of the process says so.
+#[tokio::test]
+async fn transparent_huge_pages_are_off_unless_asked_for() {
+    for (args, expected) in [
+        (&[][..], "0"),
+        (&["--transparent-huge-pages", "true"][..], "1"),
+    ] {
+        let dir = tempfile::TempDir::new().unwrap();
+        let server = binary::start(dir.path(), args).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        let line = status
+            .lines()
+            .find(|line| line.starts_with("THP_enabled:"))
+            .expect(
+                "/proc/PID/status has no THP_enabled line: a kernel without transparent huge pages",
+            );
+        assert_eq!(line.split_whitespace().nth(1), Some(expected), "{args:?}");
+        assert!(server.stop().await.unwrap().success());
+    }
+}
