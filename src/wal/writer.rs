@@ -125,11 +125,12 @@ impl WalWriter {
     /// segment besides the log, and a start waits for one segment's zeros. Worth it where
     /// a written block stays put; on a copy-on-write file system (btrfs, ZFS) an
     /// overwrite allocates anew anyway.
-    pub fn preallocate(&mut self) -> io::Result<()> {
+    pub fn preallocate(&mut self) -> Result<(), WalError> {
         if self.spares.is_some() {
             return Ok(());
         }
-        let mut spares = Spares::start(self.fs.clone(), &self.dir, self.segment_size)?;
+        let mut spares = Spares::start(self.fs.clone(), &self.dir, self.segment_size)
+            .map_err(WalError::io(&self.dir))?;
         if self.active.len == SEGMENT_HEADER_LEN as u64 {
             // The open segment holds no record: a zero-filled one takes its name.
             let made = make_spare(
@@ -145,7 +146,7 @@ impl WalWriter {
                     self.active = active;
                     self.file = file;
                 }
-                Err(AppendError::Fatal(e)) => return Err(io::Error::other(e.to_string())),
+                Err(AppendError::Fatal(e)) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not make a zero-filled WAL segment; the first one grows as records come")
                 }

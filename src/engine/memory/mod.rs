@@ -152,7 +152,7 @@ impl MemoryEngine {
             commit_delay: settings.commit_delay,
         };
         let flush_prep = Background::start("widgets-flush-prep", settings.flush_nice)
-            .map_err(|e| WalError::Replay(format!("starting the flush's thread: {e}")))?;
+            .map_err(|e| StoreError::Task(format!("starting the flush's thread: {e}")))?;
         let thread = sequencer::spawn(shared.clone(), writer, rx, policy);
         tracing::debug!(next_lsn, "sequencer started");
         Ok(Self {
@@ -421,10 +421,7 @@ fn replay_and_open(
         shared.wal_bytes.clone(),
     )?;
     if settings.wal_preallocate {
-        writer.preallocate().map_err(|source| WalError::Io {
-            path: wal_dir.to_owned(),
-            source,
-        })?;
+        writer.preallocate()?;
     }
     writer.trim(checkpoint);
     Ok((writer, next_lsn))
