@@ -22,8 +22,8 @@ use std::sync::mpsc;
 const BATCH: usize = 4096;
 /// Batches in flight to each applier before the reader waits.
 const QUEUE: usize = 8;
-/// Serials an applier folds before it settles them ([`apply_all`]): ~140 bytes each, so
-/// at most ~18 MiB an applier, as its vector doubles.
+/// Serials an applier folds before it settles them ([`apply_all`]): ~145 bytes each in a
+/// table of at most 131,072 places, ~19 MiB an applier.
 pub(super) const FOLD: usize = 1 << 16;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
@@ -106,9 +106,10 @@ pub(super) fn replay(
 ///
 /// A serial's first change goes straight into the map, whose insert gives back the state
 /// before it (for the mark), and into the returned table. Its later changes fold into
-/// `folded`, which keeps only the last state, unpacked, found through `folding`, a table
-/// small enough to stay in cache; each folded state goes into the map and the returned
-/// table once `fold` serials are folded, and at the end. An insert into the map costs two
+/// `folded`, a table much smaller than the returned one that keeps only the last state,
+/// unpacked, beside the serial (one cache miss a fold, where a table of places in a
+/// vector of states cost two); each folded state goes into the map and the returned table
+/// once `fold` serials are folded, and at the end. An insert into the map costs two
 /// allocations and a replaced entry for papaya to reclaim, and a look-up in the returned
 /// table a cache miss, so a serial that changes many times costs a few of each, not some
 /// a change; one that changes once costs one of each.
@@ -122,10 +123,8 @@ fn apply_all(
     room_for: usize,
 ) -> Result<foldhash::HashMap<Serial, Dirty>, (u64, String)> {
     let mut seen = foldhash::HashMap::<Serial, Dirty>::default();
-    // Each serial in `folded`, by its place there: at most `fold` + a batch of them, so
-    // this table stays in cache where `seen` does not.
-    let mut folding = foldhash::HashMap::<Serial, usize>::default();
-    let mut folded: Vec<Folded> = Vec::new();
+    // At most `fold` + a batch of serials, so this table stays small where `seen` does not.
+    let mut folded = foldhash::HashMap::<Serial, Folded>::default();
     for mut batch in changes {
         // A guard a batch: replaced entries are reclaimed as replay goes. (One guard for
         // the whole log kept every one of them, and zeroing their fresh pages was a third
@@ -139,8 +138,7 @@ fn apply_all(
                 Change::Put { serial, widget } => (serial, Some(widget)),
                 Change::Delete { serial } => (serial, None),
             };
-            if let Some(&slot) = folding.get(&serial) {
-                let folded = &mut folded[slot];
+            if let Some(folded) = folded.get_mut(&serial) {
                 folded.mark.merge(Mark::between(
                     change::peers(folded.state.as_ref()),
                     change::peers(after.as_ref()),
@@ -167,12 +165,7 @@ fn apply_all(
                 Entry::Occupied(again) => {
                     let before = again.get().state.as_ref().map(PackedWidget::peers);
                     let mark = Mark::between(before, change::peers(after.as_ref()));
-                    folding.insert(again.key().clone(), folded.len());
-                    folded.push(Folded {
-                        serial: again.key().clone(),
-                        mark,
-                        state: after,
-                    });
+                    folded.insert(again.key().clone(), Folded { mark, state: after });
                 }
             }
         }
@@ -181,10 +174,10 @@ fn apply_all(
         // fresh memory, which the kernel zeroes page by page.
         let _ = spent.send(batch);
         if folded.len() >= fold {
-            settle(map, &mut seen, &mut folding, &mut folded);
+            settle(map, &mut seen, &mut folded);
         }
     }
-    settle(map, &mut seen, &mut folding, &mut folded);
+    settle(map, &mut seen, &mut folded);
     // Serials split evenly among appliers: as many again for each of the others.
     seen.reserve(seen.len() * room_for.saturating_sub(1));
     Ok(seen)
@@ -193,41 +186,38 @@ fn apply_all(
 /// A serial's changes since its state in the applier's table: what they changed, and its
 /// state after the last one.
 struct Folded {
-    serial: Serial,
     mark: Mark,
     state: Option<Widget>,
 }
 
 /// Puts each folded serial's marks into `seen`, and its last state into `seen` and the
-/// map, emptying `folded` and `folding` (and keeping their room).
+/// map, emptying `folded` (and keeping its room).
 fn settle(
     map: &WidgetMap,
     seen: &mut foldhash::HashMap<Serial, Dirty>,
-    folding: &mut foldhash::HashMap<Serial, usize>,
-    folded: &mut Vec<Folded>,
+    folded: &mut foldhash::HashMap<Serial, Folded>,
 ) {
-    let mut changes = folded.drain(..).peekable();
+    let mut changes = folded.drain().peekable();
     while changes.peek().is_some() {
         // A guard a batch, as in `apply_all`.
         let guard = map.guard();
-        for change in changes.by_ref().take(BATCH) {
+        for (serial, change) in changes.by_ref().take(BATCH) {
             let state = change.state.as_ref().map(PackedWidget::pack);
-            match &state {
+            // Every folded serial was in `seen` before it folded.
+            if let Some(dirty) = seen.get_mut(&serial) {
+                dirty.mark.merge(change.mark);
+                dirty.state = state.clone();
+            }
+            match state {
                 Some(state) => {
-                    map.insert(change.serial.clone(), state.clone(), &guard);
+                    map.insert(serial, state, &guard);
                 }
                 None => {
-                    map.remove(&change.serial, &guard);
+                    map.remove(&serial, &guard);
                 }
-            }
-            // Every folded serial was in `seen` before it folded.
-            if let Some(dirty) = seen.get_mut(&change.serial) {
-                dirty.mark.merge(change.mark);
-                dirty.state = state;
             }
         }
     }
-    folding.clear();
 }
 
 #[cfg(test)]
