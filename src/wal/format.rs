@@ -268,6 +268,29 @@ pub fn decode_record(buf: &[u8]) -> Result<Decoded, FrameError> {
     })
 }
 
+/// How many records in `segment` (a whole segment file, header first) hold one
+/// [`Change::Put`] and nothing else. Every create is logged so (a record of more changes
+/// re-plugs or deletes widgets that exist), so the count bounds how many widgets replaying
+/// the segment can add: replay sizes the map with it. An estimate, read from the frames'
+/// lengths and each payload's first two bytes (bincode's vector length 1, then variant 0)
+/// with no checksum: it stops at the first frame that does not fit, as at a zero tail.
+pub fn single_puts(segment: &[u8]) -> usize {
+    let mut at = SEGMENT_HEADER_LEN;
+    let mut count = 0;
+    while let Some(header) = segment.get(at..at + RECORD_HEADER_LEN) {
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let end = at + RECORD_HEADER_LEN + len;
+        if len == 0 || len > MAX_PAYLOAD_LEN || end > segment.len() {
+            break;
+        }
+        if segment[at + RECORD_HEADER_LEN..end].starts_with(&[1, 0]) {
+            count += 1;
+        }
+        at = end;
+    }
+    count
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -289,6 +312,40 @@ pub(crate) mod tests {
                 },
             ],
         }
+    }
+
+    /// The count replay sizes the map with: records of one put, and nothing past the
+    /// last whole frame.
+    #[test]
+    fn single_puts_counts_the_records_of_one_put() {
+        let put = sample(1).changes.swap_remove(0);
+        let delete = sample(1).changes.swap_remove(1);
+        assert!(matches!(put, Change::Put { .. }) && matches!(delete, Change::Delete { .. }));
+        let mut segment = encode_segment_header(1).to_vec();
+        let records = [
+            vec![put.clone()],
+            vec![put.clone(), put.clone()],
+            vec![delete.clone()],
+            vec![put.clone()],
+            vec![delete, put.clone()],
+            vec![],
+        ];
+        for (lsn, changes) in (1..).zip(records) {
+            encode_record(&mut segment, lsn, &Record { changes });
+        }
+        assert_eq!(single_puts(&segment), 2);
+        let whole = segment.len();
+        encode_record(&mut segment, 7, &Record { changes: vec![put] });
+        assert_eq!(single_puts(&segment), 3);
+        assert_eq!(
+            single_puts(&segment[..segment.len() - 1]),
+            2,
+            "a torn frame"
+        );
+        segment.truncate(whole);
+        segment.resize(whole + 4096, 0);
+        assert_eq!(single_puts(&segment), 2, "a zero tail");
+        assert_eq!(single_puts(&segment[..10]), 0, "a torn header");
     }
 
     /// The end of a zero-filled segment cannot be mistaken for a record, nor a record's

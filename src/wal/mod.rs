@@ -42,7 +42,7 @@ mod writer;
 pub use faulty_fs::{Fault, FaultyFs};
 pub use format::{LogBatch, Record};
 pub use fs::{RealFs, WalFs};
-pub use recovery::{recover, Recovered};
+pub use recovery::{recover, recover_segments, Recovered};
 pub use writer::{AppendError, SegmentInfo, WalWriter};
 
 use std::io;

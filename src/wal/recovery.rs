@@ -31,6 +31,20 @@ pub fn recover(
     dir: &Path,
     mode: RecoveryMode,
     checkpoint: u64,
+    apply: impl FnMut(u64, Record),
+) -> Result<Recovered, WalError> {
+    recover_segments(fs, dir, mode, checkpoint, |_| {}, apply)
+}
+
+/// [`recover`], showing `segment` each segment's bytes (header first, possibly ending in
+/// damage or zeros) before `apply` gets its records: for a caller that sizes what it
+/// replays into.
+pub fn recover_segments(
+    fs: &dyn WalFs,
+    dir: &Path,
+    mode: RecoveryMode,
+    checkpoint: u64,
+    mut segment: impl FnMut(&[u8]),
     mut apply: impl FnMut(u64, Record),
 ) -> Result<Recovered, WalError> {
     create_dir_durably(fs, dir).map_err(|(path, source)| WalError::Io { path, source })?;
@@ -97,13 +111,23 @@ pub fn recover(
                         first_lsn - 1
                     ),
                 )),
-                _ => scan_records(&data, *first_lsn, |_, lsn, record| {
-                    if lsn > checkpoint {
-                        apply(lsn, record);
-                        out.replayed += 1;
+                _ => {
+                    // A segment the next one shows to hold only records at or below the
+                    // checkpoint adds nothing to replay.
+                    let replays = names
+                        .get(i + 1)
+                        .is_none_or(|(next, _)| *next > checkpoint.saturating_add(1));
+                    if replays {
+                        segment(&data);
                     }
-                })
-                .map_err(|(offset, reason)| damage(offset, reason)),
+                    scan_records(&data, *first_lsn, |_, lsn, record| {
+                        if lsn > checkpoint {
+                            apply(lsn, record);
+                            out.replayed += 1;
+                        }
+                    })
+                    .map_err(|(offset, reason)| damage(offset, reason))
+                }
             },
         };
 
@@ -338,6 +362,40 @@ mod tests {
         // A second recovery finds the same log.
         let (_, again) = replay(dir.path(), RecoveryMode::Strict, 0).unwrap();
         assert_eq!(again.len(), 100);
+    }
+
+    /// A caller sees each segment that holds records above the checkpoint, whole, before
+    /// those records, and no segment that holds none.
+    #[test]
+    fn each_segment_with_records_to_replay_is_shown_before_them() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 100, 7, 1024);
+        let files = segments(dir.path());
+        assert!(files.len() > 3, "the test needs several segments");
+        let firsts: Vec<u64> = files
+            .iter()
+            .map(|f| parse_segment_file_name(f.file_name().unwrap().to_str().unwrap()).unwrap())
+            .collect();
+        // The checkpoint is the last record of the second segment.
+        let checkpoint = firsts[2] - 1;
+        let events = std::cell::RefCell::new(Vec::new());
+        recover_segments(
+            &RealFs,
+            dir.path(),
+            RecoveryMode::Strict,
+            checkpoint,
+            |segment| events.borrow_mut().push(Err(segment.to_vec())),
+            |lsn, _| events.borrow_mut().push(Ok(lsn)),
+        )
+        .unwrap();
+        let events = events.into_inner();
+        let mut expected = Vec::new();
+        for (k, file) in files.iter().enumerate().skip(2) {
+            expected.push(Err(std::fs::read(file).unwrap()));
+            let end = firsts.get(k + 1).copied().unwrap_or(101);
+            expected.extend((firsts[k]..end).map(Ok));
+        }
+        assert_eq!(events, expected);
     }
 
     /// A crash mid-write leaves part of the last record: a torn tail, cut off, whatever

@@ -25,6 +25,9 @@ const QUEUE: usize = 8;
 /// Serials an applier folds before it settles them ([`apply_all`]): ~145 bytes each in a
 /// table of at most 131,072 places, ~19 MiB an applier.
 pub(super) const FOLD: usize = 1 << 16;
+/// The most widgets the map makes room for ahead of one segment's changes; more than a
+/// segment of the default size holds.
+const MAX_RESERVE: usize = 1 << 22;
 
 /// Replays the log in `dir` above `checkpoint` into `map`, marking what it changes dirty.
 /// Each applier settles the changes it folded once it holds `fold` serials' worth
@@ -62,7 +65,16 @@ pub(super) fn replay(
         // An applier that stopped (a bad change, or a panic) drops its queue; the log is
         // still read to its end, cheaply, and the joins below say what happened.
         let mut stopped = false;
-        let recovered = wal::recover(fs, dir, mode, checkpoint, |lsn, record| {
+        // Room in the map for every widget a segment may add, before its changes reach
+        // the appliers: grown as they insert instead, the map copies every entry it holds
+        // at each doubling, a sixth of a replay of a million creates. A record of one put
+        // that rewrites a widget the map holds counts too, so the map may end larger than
+        // it needs.
+        let reserve = |segment: &[u8]| {
+            map.pin()
+                .reserve(wal::format::single_puts(segment).min(MAX_RESERVE));
+        };
+        let recovered = wal::recover_segments(fs, dir, mode, checkpoint, reserve, |lsn, record| {
             if stopped {
                 return;
             }
