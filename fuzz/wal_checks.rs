@@ -20,8 +20,9 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use widgets::domain::{Change, Name, Ports, Serial, Widget};
 use widgets::wal::format::{
-    check_frame, decode_record, encode_record, encode_segment_header, parse_segment_file_name,
-    segment_file_name, Decoded, FrameError, MAX_PAYLOAD_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    check_frame, decode_payload, decode_record, encode_record, encode_segment_header,
+    parse_segment_file_name, segment_file_name, Decoded, FrameError, MAX_PAYLOAD_LEN,
+    RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use widgets::wal::{
     recover, LogBatch, RealFs, Record, RecoveryMode, SegmentInfo, WalError, WalWriter,
@@ -136,6 +137,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// the bytes, nothing panics, errors say what the bytes are, and a record that decodes
 /// encodes back to itself.
 pub fn check_decode(data: &[u8]) {
+    check_payload(data);
     check_one_frame(data);
     let mut at = 0;
     while at < data.len() {
@@ -146,6 +148,35 @@ pub fn check_decode(data: &[u8]) {
         if at < data.len() {
             check_one_frame(&data[at..]);
         }
+    }
+}
+
+/// The WAL's payload decoder against bincode's, which the WAL used before: it reads what
+/// bincode reads where the bytes are exactly what the encoder writes for it, and refuses
+/// everything else. The one exception is bincode's size limit, which counts a vector's
+/// changes at their size in memory and so refuses records of hundreds of changes that
+/// fit in a payload.
+pub fn check_payload(data: &[u8]) {
+    let config = bincode::config::standard().with_limit::<MAX_PAYLOAD_LEN>();
+    let theirs: Result<(Record, usize), _> = bincode::serde::decode_from_slice(data, config);
+    let written = |record: &Record| {
+        let mut framed = Vec::new();
+        encode_record(&mut framed, 1, record);
+        framed[RECORD_HEADER_LEN..] == *data
+    };
+    match (decode_payload(data), theirs) {
+        (Ok(ours), Ok((theirs, used))) => {
+            assert_eq!(ours, theirs, "the decoders disagree");
+            assert_eq!(used, data.len(), "decoded with bytes left over");
+            assert!(written(&ours), "decoded bytes the encoder does not write");
+        }
+        (Ok(_), Err(bincode::error::DecodeError::LimitExceeded)) => {}
+        (Ok(ours), Err(e)) => panic!("decoded {ours:?} where bincode refuses: {e}"),
+        (Err(e), Ok((theirs, used))) => assert!(
+            used != data.len() || !written(&theirs),
+            "refused ({e}) the encoder's bytes for {theirs:?}"
+        ),
+        (Err(_), Err(_)) => {}
     }
 }
 

@@ -96,6 +96,12 @@ impl Serial {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A serial as the WAL's decoder reads it: unchecked, as serde's derive would build
+    /// it. Replay checks every decoded change whole ([`crate::domain::Change::check`]).
+    pub(crate) fn decoded(s: &str) -> Self {
+        Self(s.into())
+    }
 }
 
 impl Borrow<str> for Serial {
@@ -148,6 +154,11 @@ impl Name {
     /// names: not checked again.
     pub(crate) fn trusted(s: &str) -> Self {
         debug_assert!(Self::parse("name", s).is_ok(), "{s:?}");
+        Self(s.into())
+    }
+
+    /// A name as the WAL's decoder reads it: unchecked, like [`Serial::decoded`].
+    pub(crate) fn decoded(s: &str) -> Self {
         Self(s.into())
     }
 
@@ -236,6 +247,12 @@ impl Ports {
     /// Rebuilds a set from its stored bitmask; `None` unless it is 1..=7.
     pub fn from_bits(bits: u8) -> Option<Self> {
         (1..=7).contains(&bits).then_some(Self(bits))
+    }
+
+    /// A set as the WAL's decoder reads it, any bitmask: unchecked, like
+    /// [`Serial::decoded`].
+    pub(crate) fn decoded(bits: u8) -> Self {
+        Self(bits)
     }
 
     pub fn contains(self, port: PortType) -> bool {
