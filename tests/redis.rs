@@ -642,6 +642,28 @@ async fn a_loader_killed_mid_load_is_replaced_within_seconds() {
     db.drop_db().await;
 }
 
+/// The keys of a test process that is gone are removed when the next one takes its first
+/// prefix; a live process's keys stay.
+#[tokio::test]
+async fn the_keys_of_test_processes_that_are_gone_are_swept() {
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let dead_key = format!("test:{pid}:1:w:a");
+    let live_key = format!("{}w:a", redis_prefix());
+    let mut conn = redis_conn().await;
+    let _: () = conn.set(&dead_key, 1).await.unwrap();
+    let _: () = conn.set(&live_key, 1).await.unwrap();
+    tokio::task::spawn_blocking(common::sweep_dead_prefixes)
+        .await
+        .unwrap();
+    let dead: bool = conn.exists(&dead_key).await.unwrap();
+    let live: bool = conn.exists(&live_key).await.unwrap();
+    let _: () = conn.del(&live_key).await.unwrap();
+    assert!(!dead, "{dead_key} is still there");
+    assert!(live, "{live_key} was removed");
+}
+
 /// A connection of the test's own to Redis.
 async fn redis_conn() -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(redis_url()).unwrap();
