@@ -153,9 +153,8 @@ pub fn check_decode(data: &[u8]) {
 
 /// The WAL's payload decoder against bincode's, which the WAL used before: it reads what
 /// bincode reads where the bytes are exactly what the encoder writes for it, and refuses
-/// everything else. The one exception is bincode's size limit, which counts a vector's
-/// changes at their size in memory and so refuses records of hundreds of changes that
-/// fit in a payload.
+/// everything else. The one exception is bincode's size limit, which counts each decoded
+/// integer at its width in memory and so can refuse a long record that fits in a payload.
 pub fn check_payload(data: &[u8]) {
     let config = bincode::config::standard().with_limit::<MAX_PAYLOAD_LEN>();
     let theirs: Result<(Record, usize), _> = bincode::serde::decode_from_slice(data, config);

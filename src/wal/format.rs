@@ -261,9 +261,9 @@ pub fn decode_record(buf: &[u8]) -> Result<Decoded, FrameError> {
 /// moves. It accepts exactly the bytes [`encode_record`] writes, which the tests hold it
 /// to against bincode's own decoder: what that decoder reads, with each integer in its
 /// shortest form (as the encoder writes them) and nothing after the record. One
-/// difference: bincode's size limit counts a vector's elements at their size in memory,
-/// so it refused a record of more than 481 changes even within [`MAX_PAYLOAD_LEN`]; here
-/// the payload's own length is the bound.
+/// difference: bincode's size limit counts each decoded integer at its width in memory
+/// (8 bytes for a one-byte version), so it could refuse a long record that fits in
+/// [`MAX_PAYLOAD_LEN`]; here the payload's own length is the bound.
 pub fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     let mut payload = Payload(payload);
     let count = payload.varint()?;
@@ -363,13 +363,14 @@ impl<'a> Payload<'a> {
     }
 }
 
-/// How many records in `segment` (a whole segment file, header first) hold one
-/// [`Change::Put`] and nothing else. Every create is logged so (a record of more changes
-/// re-plugs or deletes widgets that exist), so the count bounds how many widgets replaying
-/// the segment can add: replay sizes the map with it. An estimate, read from the frames'
-/// lengths and each payload's first two bytes (bincode's vector length 1, then variant 0)
-/// with no checksum: it stops at the first frame that does not fit, as at a zero tail.
-pub fn single_puts(segment: &[u8]) -> usize {
+/// How many records in `segment` (a whole segment file, header first) with an LSN above
+/// `above` hold one [`Change::Put`] and nothing else. Every create is logged so (a record
+/// of more changes re-plugs or deletes widgets that exist), so the count bounds how many
+/// widgets replaying the segment above a checkpoint can add: replay sizes the map with
+/// it. An estimate, read from the frames' lengths, LSNs and each payload's first two bytes
+/// (bincode's vector length 1, then variant 0) with no checksum: it stops at the first
+/// frame that does not fit, as at a zero tail.
+pub fn single_puts(segment: &[u8], above: u64) -> usize {
     let mut at = SEGMENT_HEADER_LEN;
     let mut count = 0;
     while let Some(header) = segment.get(at..at + RECORD_HEADER_LEN) {
@@ -378,7 +379,8 @@ pub fn single_puts(segment: &[u8]) -> usize {
         if len == 0 || len > MAX_PAYLOAD_LEN || end > segment.len() {
             break;
         }
-        if segment[at + RECORD_HEADER_LEN..end].starts_with(&[1, 0]) {
+        let lsn = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+        if lsn > above && segment[at + RECORD_HEADER_LEN..end].starts_with(&[1, 0]) {
             count += 1;
         }
         at = end;
@@ -499,8 +501,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// The count replay sizes the map with: records of one put, and nothing past the
-    /// last whole frame.
+    /// The count replay sizes the map with: records of one put above the checkpoint, and
+    /// nothing past the last whole frame.
     #[test]
     fn single_puts_counts_the_records_of_one_put() {
         let put = sample(1).changes.swap_remove(0);
@@ -518,19 +520,25 @@ pub(crate) mod tests {
         for (lsn, changes) in (1..).zip(records) {
             encode_record(&mut segment, lsn, &Record { changes });
         }
-        assert_eq!(single_puts(&segment), 2);
+        assert_eq!(single_puts(&segment, 0), 2);
         let whole = segment.len();
         encode_record(&mut segment, 7, &Record { changes: vec![put] });
-        assert_eq!(single_puts(&segment), 3);
+        assert_eq!(single_puts(&segment, 0), 3);
+        assert_eq!(single_puts(&segment, 3), 2, "LSNs 4 and 7 above 3");
         assert_eq!(
-            single_puts(&segment[..segment.len() - 1]),
+            single_puts(&segment, 7),
+            0,
+            "a checkpoint at the last record"
+        );
+        assert_eq!(
+            single_puts(&segment[..segment.len() - 1], 0),
             2,
             "a torn frame"
         );
         segment.truncate(whole);
         segment.resize(whole + 4096, 0);
-        assert_eq!(single_puts(&segment), 2, "a zero tail");
-        assert_eq!(single_puts(&segment[..10]), 0, "a torn header");
+        assert_eq!(single_puts(&segment, 0), 2, "a zero tail");
+        assert_eq!(single_puts(&segment[..10], 0), 0, "a torn header");
     }
 
     /// The end of a zero-filled segment cannot be mistaken for a record, nor a record's

@@ -36,9 +36,11 @@ pub fn recover(
     recover_segments(fs, dir, mode, checkpoint, |_| {}, apply)
 }
 
-/// [`recover`], showing `segment` each segment's bytes (header first, possibly ending in
-/// damage or zeros) before `apply` gets its records: for a caller that sizes what it
-/// replays into.
+/// [`recover`], showing `segment` the bytes of each segment that may hold records above
+/// the checkpoint (header first, possibly ending in damage or zeros) before `apply` gets
+/// its records: for a caller that sizes what it replays into. A segment that the next
+/// one's first LSN shows to end at or below the checkpoint is not shown; the last one
+/// always is, and may hold none.
 pub fn recover_segments(
     fs: &dyn WalFs,
     dir: &Path,
@@ -365,7 +367,7 @@ mod tests {
     }
 
     /// A caller sees each segment that holds records above the checkpoint, whole, before
-    /// those records, and no segment that holds none.
+    /// those records, and no earlier segment.
     #[test]
     fn each_segment_with_records_to_replay_is_shown_before_them() {
         let dir = TempDir::new().unwrap();
