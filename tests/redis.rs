@@ -656,6 +656,7 @@ async fn the_keys_of_test_processes_that_are_gone_are_swept() {
     let _: () = conn.set(&live_key, 1).await.unwrap();
     tokio::task::spawn_blocking(common::sweep_dead_prefixes)
         .await
+        .unwrap()
         .unwrap();
     let dead: bool = conn.exists(&dead_key).await.unwrap();
     let live: bool = conn.exists(&live_key).await.unwrap();

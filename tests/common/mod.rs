@@ -78,24 +78,24 @@ pub fn redis_url() -> String {
 /// prefix, and 1.8 M leftover keys once made that scan outlast a test's wait.
 #[cfg(feature = "redis")]
 pub fn redis_prefix() -> String {
-    static SWEPT: Once = Once::new();
-    SWEPT.call_once(sweep_dead_prefixes);
+    static SWEPT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if let Err(e) = SWEPT.get_or_init(sweep_dead_prefixes) {
+        panic!("{e}");
+    }
     format!("test:{}:{}:", std::process::id(), fastrand::u64(..))
 }
 
 /// Unlinks every `test:<pid>:` key whose process is gone, as the PostgreSQL tests drop
-/// the databases of dead processes.
+/// the databases of dead processes, and on the same assumption: every test process that
+/// shares this Redis runs on this host, in this PID namespace.
 #[cfg(feature = "redis")]
-pub fn sweep_dead_prefixes() {
-    use redis::Commands;
+pub fn sweep_dead_prefixes() -> Result<(), String> {
     let url = redis_url();
+    let fail =
+        |what: &str, e: redis::RedisError| format!("{what} Redis at {url} (set REDIS_URL): {e}");
     let mut conn = redis::Client::open(url.as_str())
-        .and_then(|client| client.get_connection())
-        .unwrap_or_else(|e| panic!("connecting to Redis at {url} (set REDIS_URL): {e}"));
-    let keys: Vec<String> = conn
-        .scan_match::<_, String>("test:*")
-        .and_then(|keys| keys.collect())
-        .unwrap_or_else(|e| panic!("scanning Redis at {url}: {e}"));
+        .and_then(|client| client.get_connection_with_timeout(std::time::Duration::from_secs(5)))
+        .map_err(|e| fail("connecting to", e))?;
     let gone = |key: &String| {
         let pid = key
             .split(':')
@@ -103,12 +103,27 @@ pub fn sweep_dead_prefixes() {
             .and_then(|pid| pid.parse::<u32>().ok());
         pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     };
-    let dead: Vec<String> = keys.into_iter().filter(gone).collect();
-    for chunk in dead.chunks(10_000) {
-        redis::cmd("UNLINK")
-            .arg(chunk)
-            .query::<()>(&mut conn)
-            .unwrap_or_else(|e| panic!("removing dead tests' keys from Redis at {url}: {e}"));
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("test:*")
+            .arg("COUNT")
+            .arg(10_000)
+            .query(&mut conn)
+            .map_err(|e| fail("scanning", e))?;
+        let dead: Vec<&String> = keys.iter().filter(|key| gone(key)).collect();
+        if !dead.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(dead)
+                .query::<()>(&mut conn)
+                .map_err(|e| fail("removing dead tests' keys from", e))?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
     }
 }
 
