@@ -66,11 +66,10 @@ pub(super) fn replay(
         // still read to its end, cheaply, and the joins below say what happened.
         let mut stopped = false;
         // Room in the map for every widget a segment's records above the checkpoint may
-        // add, before its changes reach
-        // the appliers: grown as they insert instead, the map copies every entry it holds
-        // at each doubling, a sixth of a replay of a million creates. A record of one put
-        // that rewrites a widget the map holds counts too, so the map may end larger than
-        // it needs.
+        // add, before its changes reach the appliers: grown as they insert instead, the
+        // map copies every entry it holds at each doubling, a sixth of a replay of a
+        // million creates. A record of one put that rewrites a widget the map holds
+        // counts too, so the map may end larger than it needs.
         let reserve = |segment: &[u8]| {
             map.pin()
                 .reserve(wal::format::single_puts(segment, checkpoint).min(MAX_RESERVE));
