@@ -118,8 +118,9 @@ impl WalWriter {
     /// written changes no file metadata, so each fdatasync writes the records alone;
     /// appending to a growing file also writes its new size and block map, which took 57
     /// us of CPU per fdatasync here against 39 us into zeros and, on a file system without
-    /// a journal, two more waits on the disk (BENCHMARKS.md, "Zero-filled WAL segments"). A segment that
-    /// cannot be made so (a full disk) is logged, and a plain one taken instead.
+    /// a journal, two more waits on the disk (BENCHMARKS.md, "Zero-filled WAL segments").
+    /// A segment that cannot be made so (a full disk) is logged, and a plain one taken
+    /// instead.
     ///
     /// The cost: each segment's zeros are written once more, the directory holds a spare
     /// segment besides the log, and a start waits for one segment's zeros. Worth it where
@@ -511,12 +512,8 @@ fn write_header(
         let _ = fs.remove(path);
         return Err(AppendError::from_write(e));
     }
-    file.sync_data().map_err(|e| {
-        AppendError::Fatal(WalError::Io {
-            path: path.to_owned(),
-            source: e,
-        })
-    })
+    file.sync_data()
+        .map_err(|e| AppendError::Fatal(WalError::io(path)(e)))
 }
 
 /// fsyncs the directory that now holds the new segment at `path`, and hands it over.
