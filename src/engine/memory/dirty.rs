@@ -245,7 +245,7 @@ mod tests {
                 Name::parse("n", name).unwrap(),
                 Ports::from_list("p", &[PortType::P]).unwrap(),
             );
-            Some(PackedWidget::pack(&w))
+            Some(PackedWidget::pack(&s("w"), &w))
         };
         let dirty = |row, ports, name: &str| Dirty {
             mark: Mark { row, ports },
@@ -311,7 +311,7 @@ mod tests {
             );
             Dirty {
                 mark: Mark { row: false, ports },
-                state: Some(PackedWidget::pack(&w)),
+                state: Some(PackedWidget::pack(&s("w"), &w)),
             }
         };
         let table = |entries: &[(&str, u8, &str)]| -> HashMap<Serial, Dirty> {

@@ -21,7 +21,7 @@ mod state;
 use self::dirty::{DirtySet, Taken};
 use self::packed::PackedWidget;
 use self::sequencer::Job;
-use self::state::{new_map, Shared};
+use self::state::{Shared, WidgetMap};
 use super::EngineError;
 use crate::domain::{Rule, Serial, Widget};
 use crate::store::background::Background;
@@ -120,7 +120,7 @@ impl MemoryEngine {
             0
         };
         let shared = Arc::new(Shared::new(
-            new_map(capacity),
+            WidgetMap::new(capacity),
             DirtySet::default(),
             settings.flush_batch_size,
         ));
@@ -128,7 +128,8 @@ impl MemoryEngine {
         let sink = shared.clone();
         let checkpoint = store
             .load(Box::new(move |serial, widget| {
-                sink.map.pin().insert(serial, PackedWidget::pack(&widget));
+                sink.map
+                    .insert(PackedWidget::pack(&serial, &widget), &sink.map.guard());
             }))
             .await?;
         tracing::info!(
@@ -168,7 +169,7 @@ impl MemoryEngine {
     /// The widget's durable state.
     pub fn get(&self, serial: &Serial) -> Option<Widget> {
         let _published = self.shared.publish_lock.read().expect("publish lock");
-        self.shared.map.pin().get(serial).map(PackedWidget::unpack)
+        self.shared.map.unpacked(serial.as_str())
     }
 
     /// Orders, logs and publishes a write; returns its answer once it is durable (or

@@ -71,8 +71,7 @@ pub(super) fn replay(
         // million creates. A record of one put that rewrites a widget the map holds
         // counts too, so the map may end larger than it needs.
         let reserve = |segment: &[u8]| {
-            map.pin()
-                .reserve(wal::format::single_puts(segment, checkpoint).min(MAX_RESERVE));
+            map.reserve(wal::format::single_puts(segment, checkpoint).min(MAX_RESERVE));
         };
         let recovered = wal::recover_segments(fs, dir, mode, checkpoint, reserve, |lsn, record| {
             if stopped {
@@ -160,10 +159,16 @@ fn apply_all(
             }
             match seen.entry(serial) {
                 Entry::Vacant(first) => {
-                    let packed = after.as_ref().map(PackedWidget::pack);
+                    let packed = after.as_ref().map(|w| PackedWidget::pack(first.key(), w));
                     let before = match &packed {
-                        Some(state) => map.insert(first.key().clone(), state.clone(), &guard),
-                        None => map.remove(first.key(), &guard),
+                        Some(state) => {
+                            // This applier is the only one with this serial, so nothing
+                            // comes between the look-up and the insert.
+                            let before = map.get(first.key().as_str(), &guard);
+                            map.insert(state.clone(), &guard);
+                            before
+                        }
+                        None => map.remove(first.key().as_str(), &guard),
                     };
                     let mark = Mark::between(
                         before.map(PackedWidget::peers),
@@ -214,18 +219,19 @@ fn settle(
         // A guard a batch, as in `apply_all`.
         let guard = map.guard();
         for (serial, change) in changes.by_ref().take(BATCH) {
-            let state = change.state.as_ref().map(PackedWidget::pack);
+            let state = change
+                .state
+                .as_ref()
+                .map(|w| PackedWidget::pack(&serial, w));
             // Every folded serial was in `seen` before it folded.
             if let Some(dirty) = seen.get_mut(&serial) {
                 dirty.mark.merge(change.mark);
                 dirty.state = state.clone();
             }
             match state {
-                Some(state) => {
-                    map.insert(serial, state, &guard);
-                }
+                Some(state) => map.insert(state, &guard),
                 None => {
-                    map.remove(&serial, &guard);
+                    map.remove(serial.as_str(), &guard);
                 }
             }
         }
@@ -234,7 +240,7 @@ fn settle(
 
 #[cfg(test)]
 mod tests {
-    use super::super::state::new_map;
+    use super::super::state::WidgetMap;
     use super::*;
     use crate::domain::{Name, PortType, Ports, Widget};
     use crate::wal::{LogBatch, RealFs, Record, WalWriter};
@@ -319,9 +325,9 @@ mod tests {
 
         // Folded changes settled after every batch, and only at the end.
         for fold in [1, FOLD] {
-            let map = new_map(0);
+            let map = WidgetMap::new(0);
             for (s, w) in &stored {
-                map.pin().insert(s.clone(), PackedWidget::pack(w));
+                map.insert(PackedWidget::pack(s, w), &map.guard());
             }
             let dirty = DirtySet::default();
             let recovered = replay(
@@ -335,11 +341,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(recovered.last_lsn, records);
-            let replayed: HashMap<Serial, Widget> = map
-                .pin()
-                .iter()
-                .map(|(s, w)| (s.clone(), w.unpack()))
-                .collect();
+            let replayed: HashMap<Serial, Widget> = map.widgets();
             assert!(
                 replayed == model,
                 "fold {fold}: the map differs from the model"
@@ -375,7 +377,7 @@ mod tests {
         let dir = write_log([vec![put("w1", fine)], vec![put("w2", impossible)]]);
 
         let err = replay(
-            &new_map(0),
+            &WidgetMap::new(0),
             &DirtySet::default(),
             &RealFs,
             dir.path(),

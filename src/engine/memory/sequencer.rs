@@ -254,7 +254,7 @@ impl StateView for GroupView<'_> {
     fn get(&self, serial: &Serial) -> Option<Widget> {
         match self.pending.get(serial) {
             Some(w) => w.clone(),
-            None => self.map.pin().get(serial).map(PackedWidget::unpack),
+            None => self.map.unpacked(serial.as_str()),
         }
     }
 }
@@ -304,7 +304,9 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
                     widget.version = lsn;
                 }
                 let mark = Mark::of(before.as_ref(), &change);
-                let state = change.after().map(PackedWidget::pack);
+                let state = change
+                    .after()
+                    .map(|w| PackedWidget::pack(change.serial(), w));
                 pending.insert(change.serial().clone(), change.after().cloned());
                 plan.durable
                     .push((change.serial().clone(), Dirty { mark, state }));
@@ -406,11 +408,9 @@ fn publish(shared: &Shared, durable: Vec<(Serial, Dirty)>, covered_lsn: u64) {
         let guard = shared.map.guard();
         for (serial, dirty) in &durable {
             match &dirty.state {
-                Some(packed) => {
-                    shared.map.insert(serial.clone(), packed.clone(), &guard);
-                }
+                Some(packed) => shared.map.insert(packed.clone(), &guard),
                 None => {
-                    shared.map.remove(serial, &guard);
+                    shared.map.remove(serial.as_str(), &guard);
                 }
             }
         }
@@ -423,7 +423,7 @@ fn publish(shared: &Shared, durable: Vec<(Serial, Dirty)>, covered_lsn: u64) {
 #[cfg(test)]
 mod tests {
     use super::super::dirty::DirtySet;
-    use super::super::state::new_map;
+    use super::super::state::WidgetMap;
     use super::*;
     use crate::domain::{
         Associate, Associated, Create, Delete, DomainError, Name, PortType, Ports, WidgetView,
@@ -454,14 +454,16 @@ mod tests {
 
     /// Shared state whose map holds widgets `a` and `b` (port P, free) at version 1.
     fn shared_with_a_and_b() -> Shared {
-        let shared = Shared::new(new_map(0), DirtySet::default(), 3);
+        let shared = Shared::new(WidgetMap::new(0), DirtySet::default(), 3);
         for serial in ["a", "b"] {
             let mut w = Widget::new(
                 Name::parse("n", "w").unwrap(),
                 Ports::from_list("p", &[PortType::P]).unwrap(),
             );
             w.version = 1;
-            shared.map.pin().insert(s(serial), PackedWidget::pack(&w));
+            shared
+                .map
+                .insert(PackedWidget::pack(&s(serial), &w), &shared.map.guard());
         }
         shared
     }
@@ -564,10 +566,13 @@ mod tests {
         );
         assert!(!plan.stop);
         assert!(
-            shared.map.pin().get("c").is_none() && shared.dirty.len() == 0,
+            shared.map.unpacked("c").is_none() && shared.dirty.len() == 0,
             "nothing is visible before the group is logged"
         );
-        assert_eq!(shared.map.pin().get("a").unwrap().peers()[0], None);
+        assert_eq!(
+            shared.map.get("a", &shared.map.guard()).unwrap().peers()[0],
+            None
+        );
     }
 
     #[test]
@@ -581,9 +586,15 @@ mod tests {
 
         publish(&shared, plan.durable, batch.next_lsn() - 1);
 
-        assert!(shared.map.pin().get("c").is_none(), "created, then deleted");
-        assert_eq!(shared.map.pin().get("a").unwrap().peers()[0], Some("b"));
-        assert_eq!(shared.map.pin().get("b").unwrap().peers()[0], Some("a"));
+        assert!(shared.map.unpacked("c").is_none(), "created, then deleted");
+        assert_eq!(
+            shared.map.get("a", &shared.map.guard()).unwrap().peers()[0],
+            Some("b")
+        );
+        assert_eq!(
+            shared.map.get("b", &shared.map.guard()).unwrap().peers()[0],
+            Some("a")
+        );
         let taken = shared.dirty.take();
         assert_eq!(taken.covered_lsn, 9);
         assert_eq!(taken.widgets.len(), 3);
@@ -604,7 +615,7 @@ mod tests {
     fn log_turns_each_disk_fault_into_its_error() {
         let dir = tempfile::tempdir().unwrap();
         let fs = FaultyFs::new();
-        let shared = Shared::new(new_map(0), DirtySet::default(), 1);
+        let shared = Shared::new(WidgetMap::new(0), DirtySet::default(), 1);
         let writer = WalWriter::open(
             Arc::new(fs.clone()),
             dir.path(),
@@ -685,7 +696,7 @@ mod tests {
             refused_outcome.try_recv(),
             Ok(Err(EngineError::DiskFull))
         ));
-        assert!(shared.map.pin().get("c").is_none());
+        assert!(shared.map.unpacked("c").is_none());
         assert!(shared.dirty.len() == 0);
 
         fs.set(Fault::None);
@@ -693,7 +704,7 @@ mod tests {
         assert!(seq.process(&mut vec![c, Job::Stop]));
         assert!(matches!(c_outcome.try_recv(), Ok(Ok(WidgetView { .. }))));
         assert!(matches!(c_outcome.try_recv(), Err(TryRecvError::Closed)));
-        assert_eq!(shared.map.pin().get("c").unwrap().version(), 1);
+        assert_eq!(shared.map.unpacked("c").unwrap().version, 1);
     }
 
     /// Waits up to `within` for a write's answer.
