@@ -25,6 +25,7 @@ case "$mode" in
 sled)
     data_dir=$where
     store_args=(--database-url=)
+    start_args=()
     seeded() { [ -d "$data_dir/store" ]; }
     ;;
 postgres)
@@ -32,6 +33,9 @@ postgres)
     scratch_dir=$data_dir
     trap 'rm -rf "$scratch_dir"' EXIT
     store_args=(--database-url "$where")
+    # Each run's WAL is in a new scratch directory, never the one that last wrote to
+    # the database (the run before flushed everything when it was stopped).
+    start_args=(--accept-mismatched-wal)
     seeded() { [ "$(psql "$where" -Atc 'select count(*) > 0 from widgets' 2>/dev/null)" = t ]; }
     ;;
 *)
@@ -50,7 +54,7 @@ fi
 log=$(mktemp)
 start=$(date +%s.%N)
 RUST_LOG=info "$bin" --listen "127.0.0.1:$port" --data-dir "$data_dir" --redis-url= \
-    "${store_args[@]}" 2>"$log" &
+    "${store_args[@]}" "${start_args[@]}" 2>"$log" &
 pid=$!
 # Every step may fail (the server is usually gone by now): the script's status is its own.
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -f "$log"; rm -rf "${scratch_dir:-}"' EXIT

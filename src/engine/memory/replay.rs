@@ -115,7 +115,7 @@ pub(super) fn replay(
 /// with its state at the end (a table the dirty set can adopt), or the LSN and fault of the
 /// first change that is not one the service could have made.
 ///
-/// A serial's first change goes straight into the map, whose insert gives back the state
+/// A serial's first change goes straight into the map, after a look-up of the state
 /// before it (for the mark), and into the returned table. Its later changes fold into
 /// `folded`, a table much smaller than the returned one that keeps only the last state,
 /// unpacked, beside the serial (one cache miss a fold, where a table of places in a
