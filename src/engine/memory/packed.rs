@@ -97,26 +97,27 @@ impl PackedWidget {
         }
     }
 
-    pub fn serial(&self) -> &str {
-        let bytes = self.bytes();
-        std::str::from_utf8(&bytes[1..version_at(usize::from(bytes[0]))])
-            .expect("packed from a str")
-    }
-
-    pub fn version(&self) -> u64 {
+    /// The serial, the version and the bytes after them (`ports`, `name_len`, `name`, the
+    /// peers), from one reading of the lengths.
+    fn parts(&self) -> (&str, u64, &[u8]) {
         let bytes = self.bytes();
         let at = version_at(usize::from(bytes[0]));
-        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+        let serial = std::str::from_utf8(&bytes[1..at]).expect("packed from a str");
+        let version = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        (serial, version, &bytes[at + 8..])
     }
 
-    /// The bytes after the version: `ports`, `name_len`, `name`, the peers.
-    fn body(&self) -> &[u8] {
-        let bytes = self.bytes();
-        &bytes[version_at(usize::from(bytes[0])) + 8..]
+    pub fn serial(&self) -> &str {
+        self.parts().0
+    }
+
+    #[cfg(test)]
+    pub fn version(&self) -> u64 {
+        self.parts().1
     }
 
     pub fn unpack(&self) -> Widget {
-        let body = self.body();
+        let (_, version, body) = self.parts();
         let ports = Ports::from_bits(body[0]).expect("packed from a valid port set");
         let mut at = 1;
         let mut next = || {
@@ -137,13 +138,13 @@ impl PackedWidget {
             name,
             ports,
             peers,
-            version: self.version(),
+            version,
         }
     }
 
     /// The peer on each port, by [`crate::domain::PortType::index`], without unpacking.
     pub fn peers(&self) -> [Option<&str>; 3] {
-        let body = self.body();
+        let (_, _, body) = self.parts();
         let ports = Ports::from_bits(body[0]).expect("packed from a valid port set");
         let mut at = 2 + usize::from(body[1]);
         let mut peers = [None, None, None];
