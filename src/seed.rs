@@ -5,7 +5,9 @@
 //! Widget `i` is `seed-<i, 10 digits>` with ports P, R and Q; widgets `2k` and `2k + 1`
 //! are associated on P and on R, so every widget has two associations and one free port.
 //! Everything is written at version 1 with checkpoint 1: the service then starts with an
-//! empty WAL and its next write is LSN 2.
+//! empty WAL and its next write is LSN 2. Widgets go in the store's own order
+//! ([`Store::write_order`]), so a seed cut short may leave one of a pair without the other:
+//! seed again into a new store.
 //!
 //! An admin command like `migrate`: the caller (`main`) opens the store and hands it over,
 //! so seeding writes through exactly the store the service will load.
@@ -28,8 +30,8 @@ pub struct SeedArgs {
     #[arg(long, default_value_t = 10_000_000, value_parser = even_count)]
     pub widgets: u64,
 
-    /// Widgets per store write (default 10000); even, so a pair is never split.
-    #[arg(long, default_value_t = 10_000, value_parser = even_count)]
+    /// Widgets per store write (default 10000).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,
 }
 
@@ -116,17 +118,22 @@ pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::R
         ports: 0b011,
     };
     let started = Instant::now();
-    let mut start = 0;
-    while start < args.widgets {
-        let end = (start + args.batch).min(args.widgets);
-        let items = (start..end)
-            .map(|i| FlushItem {
+    let mut order: Vec<(u64, u64)> = (0..args.widgets)
+        .map(|i| (store.write_order(serial(i).as_str()), i))
+        .collect();
+    order.sort_unstable();
+    let mut written = 0;
+    for batch in order.chunks(usize::try_from(args.batch).unwrap_or(usize::MAX)) {
+        let mut items: Vec<_> = (batch.iter())
+            .map(|&(_, i)| FlushItem {
                 serial: serial(i),
                 mark,
                 widget: Some(widget(i, &name, ports)),
                 version: SEED_LSN,
             })
             .collect();
+        items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+        let end = written + items.len() as u64;
         store
             .write_batch(FlushBatch {
                 items,
@@ -135,9 +142,11 @@ pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::R
                 epoch: None,
             })
             .await
-            .with_context(|| format!("writing widgets {start}..{end} to {what}"))?;
+            .with_context(|| {
+                format!("writing widgets {written}..{end} (in the store's order) to {what}")
+            })?;
         progress.set_position(end);
-        start = end;
+        written = end;
     }
     progress.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
@@ -153,6 +162,7 @@ pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreError;
 
     #[test]
     fn pairs_are_symmetric_and_sorted() {
@@ -166,6 +176,52 @@ mod tests {
             assert_eq!(w.peer(PortType::Q), None);
         }
         assert!(serial(9) < serial(10), "zero-padded serials sort by number");
+    }
+
+    /// A store that keeps what it is given, and orders serials backwards by number.
+    #[derive(Default)]
+    struct Backwards {
+        batches: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Store for Backwards {
+        async fn load(&self, _: crate::store::Visitor) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn len_hint(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn identity(&self) -> Result<Option<String>, StoreError> {
+            Ok(None)
+        }
+        async fn set_identity(&self, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
+            let serials = batch.items.iter().map(|i| i.serial.as_str().to_owned());
+            self.batches.lock().unwrap().push(serials.collect());
+            Ok(())
+        }
+        fn write_order(&self, serial: &str) -> u64 {
+            u64::MAX - serial["seed-".len()..].parse::<u64>().unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn widgets_go_in_the_stores_order_each_batch_sorted() {
+        let store = Backwards::default();
+        let args = SeedArgs {
+            widgets: 10,
+            batch: 4,
+        };
+        fill(&store, &args, "the test's store").await.unwrap();
+        let names = |r: std::ops::RangeInclusive<u64>| -> Vec<String> {
+            r.map(|i| serial(i).as_str().to_owned()).collect()
+        };
+        assert_eq!(
+            *store.batches.lock().unwrap(),
+            [names(6..=9), names(2..=5), names(0..=1)]
+        );
     }
 
     #[test]

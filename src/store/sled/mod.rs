@@ -1,0 +1,1017 @@
+//! The embedded store: one sled tree of buckets, each holding the bincode-encoded widgets
+//! whose serials hash to it (see [`bucket`]), plus the checkpoint LSN and a few other
+//! values under keys no bucket can have. A write is a run of `apply_batch`es of at most
+//! about [`CHUNK`] widgets each (each atomic in sled, and flushed to disk before the next),
+//! the checkpoint and the widget count in the last.
+//!
+//! Why chunks: sled 0.34 holds one epoch guard for a whole `apply_batch`, and every insert
+//! replaces an in-memory copy of its leaf (~2 KB here) that is freed only after the guard
+//! is gone, by a collector that frees a few hundred objects per 128 guards a thread takes.
+//! 10,000-widget batches left ~2.4 KB per widget written behind for good (4.7 GB after
+//! seeding 2 M widgets; 10 M were OOM-killed), and 2 M widgets in one batch, the size of
+//! a flush of a `--max-dirty` backlog, peaked at 12.8 GB. Chunks of 1,000, each followed
+//! by a few collections, keep it bounded: 235 and 511 MiB for the same two writes (see
+//! BENCHMARKS.md, "The embedded store's memory while writing").
+//!
+//! A write cut short after some chunks leaves widgets newer than the stored checkpoint;
+//! that is safe because the WAL holds every change above the checkpoint as a post-image
+//! and is trimmed only once the checkpoint is stored: start-up replays those changes over
+//! whatever the store holds and ends at the same state. Only the checkpoint says what the
+//! store covers, so it goes in the last chunk.
+//!
+//! A store written before buckets (one sled entry a widget, keyed by its serial) is moved
+//! into buckets when it is opened, a chunk at a time, each chunk moving its widgets and
+//! removing their old entries atomically: a crash part-way leaves every widget in exactly
+//! one place, and the next open goes on where it stopped.
+//!
+//! After an I/O error (a full disk, above all) sled refuses every later write until it is
+//! opened again, so the store closes it on such an error and the next operation reopens
+//! it: sled recovers from its own log as after a crash, and the flusher's retry finds a
+//! working store once there is space again, with no restart.
+
+mod bucket;
+
+use self::bucket::{Layout, Put};
+use super::background::{Background, BackgroundError};
+use super::{FlushBatch, Store, StoreError, Visitor};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Bucket keys start with [`bucket::PREFIX`] and serials with none of these bytes, so the
+/// store's own keys, which start with a NUL, cannot collide with either.
+const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
+/// The hot state's widget count at the last flush (for [`Store::len_hint`]).
+const WIDGETS_KEY: &[u8] = b"\0widgets";
+/// The identity of the history the store belongs to (see [`Store::identity`]).
+const IDENTITY_KEY: &[u8] = b"\0identity";
+/// The bits of bucket number the store was created with (see [`bucket::Layout`]).
+const BUCKET_BITS_KEY: &[u8] = b"\0bucket_bits";
+/// The first key a widget written before buckets can have: a serial's first byte is above
+/// every bucket key's.
+const LEGACY_START: &[u8] = &[bucket::PREFIX + 1];
+
+fn decode_u64(name: &str, value: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(value.try_into().map_err(|_| {
+        StoreError::Corrupt {
+            key: name.into(),
+            reason: format!("{} bytes, expected 8", value.len()),
+        }
+    })?))
+}
+
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// `None` after an I/O error closed it, until the next operation opens it again.
+    db: Mutex<Option<sled::Db>>,
+    /// Read (or, for a new store, written) when the store is opened.
+    layout: OnceLock<Layout>,
+    /// The thread that opens the database and writes to it, at the writer's nice value.
+    writer: Background,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `path`; `cache_bytes` bounds sled's page cache. It
+    /// writes at the usual priority.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with_writer_nice(path, cache_bytes, 0)
+    }
+
+    /// Opens (or creates) the store in `path`, writing on a thread of its own at nice
+    /// value `writer_nice` (0 to 19: see [`Background`]). Blocks while sled opens.
+    pub fn open_with_writer_nice(
+        path: &Path,
+        cache_bytes: u64,
+        writer_nice: i32,
+    ) -> Result<Self, StoreError> {
+        let inner = Inner {
+            path: path.to_owned(),
+            cache_bytes,
+            db: Mutex::new(None),
+            layout: OnceLock::new(),
+            writer: Background::start("widgets-store", writer_nice)
+                .map_err(|e| StoreError::Task(format!("starting the store's thread: {e}")))?,
+        };
+        let store = Self {
+            inner: Arc::new(inner),
+        };
+        // Opened on the writer's thread, so that the threads sled starts share its priority.
+        let opening = store.clone();
+        store
+            .inner
+            .writer
+            .run_blocking(move || opening.prepare())
+            .map_err(task_error)??;
+        Ok(store)
+    }
+
+    /// Opens the database and reads its layout. A new store gets one; a store written
+    /// before buckets is moved into them first (see [`move_into_buckets`]).
+    fn prepare(&self) -> Result<(), StoreError> {
+        let path = &self.inner.path;
+        finish_move(path)?;
+        let db = self.db_once_closed()?;
+        if let Some(layout) = read_layout(&db)? {
+            self.inner.layout.set(layout).ok();
+            return Ok(());
+        }
+        let layout = Layout::new(bucket::DEFAULT_BITS).expect("a valid default");
+        let old = check_old_entries(&db, layout)?;
+        if old == 0 {
+            if let Some(entry) = db.range(&[bucket::PREFIX][..]..LEGACY_START).next() {
+                let (key, _) = entry?;
+                return Err(StoreError::Corrupt {
+                    key: bucket::describe(&key),
+                    reason: "a bucket in a store that records no bucket layout".into(),
+                });
+            }
+            let written = db
+                .insert(BUCKET_BITS_KEY, &u64::from(layout.bits()).to_be_bytes())
+                .and_then(|_| db.flush());
+            self.closing_on_io_error(db, written)?;
+            self.inner.layout.set(layout).ok();
+            return Ok(());
+        }
+        tracing::info!(
+            widgets = old,
+            "moving the embedded store's widgets into buckets (once, for a store an earlier \
+             version wrote; a crash part-way is safe)"
+        );
+        let started = std::time::Instant::now();
+        let moving = sibling(path, MOVING);
+        let moved = move_into_buckets(
+            &db,
+            &moving,
+            self.inner.cache_bytes,
+            layout,
+            old,
+            PASS_WIDGETS,
+        );
+        self.closing_on_io_error(db.clone(), moved)?;
+        // Closed (this handle and the kept one) before its directory is renamed.
+        drop(db);
+        self.inner.db.lock().expect("sled handle lock").take();
+        swap_in_moved(path)?;
+        let db = self.db_once_closed()?;
+        let layout = read_layout(&db)?.ok_or_else(|| StoreError::Corrupt {
+            key: "bucket_bits".into(),
+            reason: "missing from the store just moved into buckets".into(),
+        })?;
+        tracing::info!(
+            widgets = old,
+            secs = started.elapsed().as_secs(),
+            "the embedded store's widgets are in buckets now"
+        );
+        self.inner.layout.set(layout).ok();
+        Ok(())
+    }
+
+    /// [`Self::db`], waiting up to 5 s for the file lock of a database this process has
+    /// just closed: sled's I/O threads may hold it a moment after the last handle is gone.
+    fn db_once_closed(&self) -> Result<sled::Db, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match self.db() {
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        *self
+            .inner
+            .layout
+            .get()
+            .expect("the layout is read when the store opens")
+    }
+
+    /// The open database, opened again if an I/O error closed it.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        let mut db = self.inner.db.lock().expect("sled handle lock");
+        if let Some(db) = db.as_ref() {
+            return Ok(db.clone());
+        }
+        let opened = sled::Config::new()
+            .path(&self.inner.path)
+            .cache_capacity(self.inner.cache_bytes)
+            // Every write ends with its own `flush`; sled's timer would only add a thread
+            // flushing at the usual priority.
+            .flush_every_ms(None)
+            .open()?;
+        *db = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// Passes `result` on; an I/O error first closes the database (its handle `used` and
+    /// the kept one), so that the next operation opens it again.
+    fn closing_on_io_error<T, E: Into<StoreError>>(
+        &self,
+        used: sled::Db,
+        result: Result<T, E>,
+    ) -> Result<T, StoreError> {
+        let result = result.map_err(Into::into);
+        if let Err(StoreError::Sled(sled::Error::Io(e))) = &result {
+            tracing::warn!(error = %e, path = %self.inner.path.display(),
+                "the embedded store failed an I/O; it is opened again for the next flush");
+            drop(used);
+            self.inner.db.lock().expect("sled handle lock").take();
+            metrics::counter!("widgets_store_reopens_total").increment(1);
+        }
+        result
+    }
+
+    fn load_blocking(&self, mut visit: Visitor) -> Result<u64, StoreError> {
+        let layout = self.layout();
+        let mut checkpoint = 0;
+        let mut loaded = 0u64;
+        for entry in self.db()?.iter() {
+            let (key, value) = entry?;
+            if &*key == CHECKPOINT_KEY {
+                checkpoint = decode_u64("checkpoint", &value)?;
+                continue;
+            }
+            if [WIDGETS_KEY, IDENTITY_KEY, BUCKET_BITS_KEY].contains(&&*key) {
+                continue;
+            }
+            let corrupt = |reason: String| StoreError::Corrupt {
+                key: bucket::describe(&key),
+                reason,
+            };
+            if key.first() != Some(&bucket::PREFIX) {
+                return Err(corrupt(
+                    "neither a bucket nor one of the store's own keys".into(),
+                ));
+            }
+            for entry in bucket::entries(&value) {
+                let (serial, widget) = entry
+                    .and_then(|(serial, widget)| bucket::decode(layout, &key, serial, widget))
+                    .map_err(corrupt)?;
+                visit(serial, widget);
+                loaded += 1;
+                if loaded.is_multiple_of(1_000_000) {
+                    tracing::info!(loaded, "loading widgets from the embedded store");
+                }
+            }
+        }
+        Ok(checkpoint)
+    }
+
+    fn write_blocking(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        let db = self.db()?;
+        // Each chunk is made durable before the next: sled otherwise leaves a whole flush's
+        // log to the kernel's page cache until its one `flush`, and the disk then writes
+        // it in one burst that every WAL fsync queues behind (fsyncs of 100-500 ms, a few
+        // times a minute at 10,000 PUTs/s over 1 M widgets; see BENCHMARKS.md).
+        let written = write_in_chunks(
+            &batch,
+            self.layout(),
+            CHUNK,
+            |key| db.get(key),
+            |chunk| {
+                db.apply_batch(chunk)?;
+                db.flush().map(drop)
+            },
+        );
+        self.closing_on_io_error(db, written)
+    }
+}
+
+/// About the most widgets one `apply_batch` carries (see the module notes): seeding 2 M
+/// widgets, 1,000 kept the writer at ~185 MiB where 5,000 took ~245 MiB and 10,000 over
+/// 4 GB. A chunk ends at a bucket's end, so it may go over by a bucket's widgets less one.
+const CHUNK: usize = 1_000;
+
+/// Hands `batch` to `apply` as sled batches of about `chunk` widgets, bucket by bucket,
+/// each bucket's old value read with `read` and written whole, the checkpoint and widget
+/// count with the last batch (an empty batch is one sled batch with them alone); stops at
+/// the first error. After each chunk it lets sled's epoch collector free what the chunk
+/// replaced.
+fn write_in_chunks(
+    batch: &FlushBatch,
+    layout: Layout,
+    chunk: usize,
+    mut read: impl FnMut(&[u8]) -> sled::Result<Option<sled::IVec>>,
+    mut apply: impl FnMut(sled::Batch) -> sled::Result<()>,
+) -> Result<(), StoreError> {
+    let mut items: Vec<_> = (batch.items.iter())
+        .map(|item| (layout.key(item.serial.as_str()), item))
+        .collect();
+    items.sort_unstable_by_key(|(key, _)| *key);
+    let mut buckets = items.chunk_by(|a, b| a.0 == b.0).peekable();
+    let mut changes = Vec::new();
+    loop {
+        let mut b = sled::Batch::default();
+        let mut widgets = 0;
+        while widgets < chunk.max(1) {
+            let Some(bucket) = buckets.next() else { break };
+            let key = bucket[0].0;
+            // A key-value store keeps whole widgets, so every changed widget is written whole.
+            changes.clear();
+            changes.extend(bucket.iter().map(|(_, item)| {
+                let put = item.widget.as_ref().map_or(Put::Remove, Put::Widget);
+                (item.serial.as_str(), put)
+            }));
+            let old = read(&key)?;
+            let merged =
+                bucket::merge(old.as_deref(), &changes).map_err(|reason| StoreError::Corrupt {
+                    key: bucket::describe(&key),
+                    reason,
+                })?;
+            match merged {
+                Some(value) => b.insert(&key[..], value),
+                None if old.is_some() => b.remove(&key[..]),
+                None => {}
+            }
+            widgets += bucket.len();
+        }
+        let last = buckets.peek().is_none();
+        if last {
+            if let Some(checkpoint) = batch.checkpoint {
+                b.insert(CHECKPOINT_KEY, &checkpoint.to_be_bytes());
+            }
+            if let Some(widgets) = batch.widgets {
+                b.insert(WIDGETS_KEY, &widgets.to_be_bytes());
+            }
+        }
+        apply(b)?;
+        collect_garbage(widgets);
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+/// About the most widgets one pass of the move into buckets holds in memory.
+const PASS_WIDGETS: u64 = 2_000_000;
+
+/// The store's directory while a move into buckets builds it anew (with the store's own
+/// name before it), and the old store's, between the two renames that swap them.
+const MOVING: &str = ".buckets";
+const MOVED_OUT: &str = ".before-buckets";
+
+/// `path` with `suffix` added to its last component.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or(path.as_os_str()).to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// The layout the store records, if it records one.
+fn read_layout(db: &sled::Db) -> Result<Option<Layout>, StoreError> {
+    let Some(value) = db.get(BUCKET_BITS_KEY)? else {
+        return Ok(None);
+    };
+    let bits = decode_u64("bucket_bits", &value)?;
+    let layout = u32::try_from(bits).ok().and_then(Layout::new);
+    layout.map(Some).ok_or_else(|| StoreError::Corrupt {
+        key: "bucket_bits".into(),
+        reason: format!("{bits}, expected 1 to 32"),
+    })
+}
+
+/// Decodes and checks every entry written before buckets; returns how many there are.
+fn check_old_entries(db: &sled::Db, layout: Layout) -> Result<u64, StoreError> {
+    let mut old = 0;
+    for entry in db.range(LEGACY_START..) {
+        let (key, value) = entry?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: String::from_utf8_lossy(&key).into_owned(),
+            reason,
+        };
+        let serial = std::str::from_utf8(&key).map_err(|e| corrupt(e.to_string()))?;
+        let home = layout.key(serial);
+        bucket::decode(layout, &home, serial, &value).map_err(corrupt)?;
+        old += 1;
+    }
+    Ok(old)
+}
+
+/// Builds, in `moving` (a new directory), a store of buckets holding the `old` widgets of
+/// `db`, a store written before buckets (one entry a widget, keyed by its serial, every
+/// one checked by [`check_old_entries`]), with its checkpoint, count and identity, and the
+/// layout last. Buckets go in key order, which sled fills several times faster than it
+/// takes them at random, in passes over the old entries of about `pass_widgets` widgets
+/// each, so that memory stays bounded. Rebuilding in place instead took ~7 minutes for
+/// 10 M widgets, most of it in removing the old entries one by one.
+fn move_into_buckets(
+    db: &sled::Db,
+    moving: &Path,
+    cache_bytes: u64,
+    layout: Layout,
+    old: u64,
+    pass_widgets: u64,
+) -> Result<(), StoreError> {
+    if moving.exists() {
+        remove_dir(moving)?;
+    }
+    let new = sled::Config::new()
+        .path(moving)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(None)
+        .open()?;
+    let passes = old.div_ceil(pass_widgets.max(1));
+    for pass in 0..passes {
+        let first = layout.buckets() * pass / passes;
+        let end = layout.buckets() * (pass + 1) / passes;
+        let mut buckets = std::collections::BTreeMap::<u32, (Vec<u8>, usize)>::new();
+        for entry in db.range(LEGACY_START..) {
+            let (key, value) = entry?;
+            let serial = std::str::from_utf8(&key).expect("checked by check_old_entries");
+            let number = layout.number(serial);
+            if (first..end).contains(&u64::from(number)) {
+                let (bucket, widgets) = buckets.entry(number).or_default();
+                bucket::append(bucket, serial, &value);
+                *widgets += 1;
+            }
+        }
+        let mut buckets = buckets.into_iter().peekable();
+        while buckets.peek().is_some() {
+            let mut b = sled::Batch::default();
+            let mut widgets = 0;
+            while widgets < CHUNK {
+                let Some((number, (value, n))) = buckets.next() else {
+                    break;
+                };
+                b.insert(&bucket::key_of(number)[..], value);
+                widgets += n;
+            }
+            new.apply_batch(b)?;
+            collect_garbage(widgets);
+        }
+        new.flush()?;
+        tracing::info!(
+            pass = pass + 1,
+            passes,
+            "moving the embedded store's widgets into buckets"
+        );
+    }
+    let mut b = sled::Batch::default();
+    for key in [CHECKPOINT_KEY, WIDGETS_KEY, IDENTITY_KEY] {
+        if let Some(value) = db.get(key)? {
+            b.insert(key, value);
+        }
+    }
+    b.insert(BUCKET_BITS_KEY, &u64::from(layout.bits()).to_be_bytes());
+    new.apply_batch(b)?;
+    new.flush()?;
+    Ok(())
+}
+
+/// Puts the store [`move_into_buckets`] built in the place of the one at `path` (closed),
+/// by two renames, and removes the old one.
+fn swap_in_moved(path: &Path) -> Result<(), StoreError> {
+    let (moving, moved_out) = (sibling(path, MOVING), sibling(path, MOVED_OUT));
+    rename(path, &moved_out)?;
+    rename(&moving, path)?;
+    remove_dir(&moved_out)
+}
+
+/// Finishes what a crash left of a move into buckets, before the store at `path` opens:
+/// with the old store moved out and the new one not yet in, the new one (whole: it is moved
+/// in only once built) goes in; a new one still beside the store was cut short while it
+/// was built, and goes (the next open builds it again); an old one moved out goes.
+fn finish_move(path: &Path) -> Result<(), StoreError> {
+    let (moving, moved_out) = (sibling(path, MOVING), sibling(path, MOVED_OUT));
+    if !path.exists() && moving.exists() && moved_out.exists() {
+        tracing::warn!(path = %path.display(), "finishing a move into buckets a crash cut short");
+        rename(&moving, path)?;
+    }
+    if moving.exists() {
+        tracing::warn!(path = %moving.display(), "removing a move into buckets a crash cut short");
+        remove_dir(&moving)?;
+    }
+    if moved_out.exists() {
+        remove_dir(&moved_out)?;
+    }
+    Ok(())
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), StoreError> {
+    std::fs::rename(from, to).map_err(|e| {
+        StoreError::Task(format!(
+            "renaming {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
+    sync_parent(to)
+}
+
+fn remove_dir(path: &Path) -> Result<(), StoreError> {
+    std::fs::remove_dir_all(path)
+        .map_err(|e| StoreError::Task(format!("removing {}: {e}", path.display())))?;
+    sync_parent(path)
+}
+
+/// Makes a rename or removal in `path`'s directory durable.
+fn sync_parent(path: &Path) -> Result<(), StoreError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| StoreError::Task(format!("syncing {}: {e}", parent.display())))
+}
+
+/// Runs sled's epoch collector (crossbeam's global one, which sled's hidden `pin` pins:
+/// through it this is the very collector sled defers to, whatever crossbeam it uses) often
+/// enough to free what `replaced` inserts deferred: a collection frees up to 8 bags of
+/// 64 objects, and an insert defers a few. Left alone, the collector runs on one pin in
+/// 128 of a thread, far slower than a bulk write defers.
+fn collect_garbage(replaced: usize) {
+    for _ in 0..replaced.div_ceil(128) {
+        sled::pin().flush();
+    }
+}
+
+impl Store for SledStore {
+    async fn load(&self, visit: Visitor) -> Result<u64, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.load_blocking(visit))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn len_hint(&self) -> Result<u64, StoreError> {
+        match self.db()?.get(WIDGETS_KEY)? {
+            Some(value) => decode_u64("widgets", &value),
+            None => Ok(0),
+        }
+    }
+
+    async fn identity(&self) -> Result<Option<String>, StoreError> {
+        match self.db()?.get(IDENTITY_KEY)? {
+            Some(value) => {
+                String::from_utf8(value.to_vec())
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        key: "identity".into(),
+                        reason: e.to_string(),
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
+        let (this, identity) = (self.clone(), identity.to_owned());
+        // On the writer's thread, like every write: so is opening the database again
+        // after an I/O error closed it.
+        self.inner
+            .writer
+            .run(move || {
+                let db = this.db()?;
+                db.insert(IDENTITY_KEY, identity.as_bytes())?;
+                db.flush()?;
+                Ok(())
+            })
+            .await
+            .map_err(task_error)?
+    }
+
+    fn write_order(&self, serial: &str) -> u64 {
+        let key = self.layout().key(serial);
+        u64::from(u32::from_be_bytes(key[1..].try_into().expect("4 bytes")))
+    }
+
+    async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        let this = self.clone();
+        self.inner
+            .writer
+            .run(move || this.write_blocking(batch))
+            .await
+            .map_err(task_error)?
+    }
+}
+
+fn task_error(e: BackgroundError) -> StoreError {
+    StoreError::Task(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Mark, Name, PortType, Ports, Serial, Widget};
+    use crate::store::FlushItem;
+    use std::collections::BTreeMap;
+
+    fn widget(name: &str) -> Widget {
+        Widget::new(
+            Name::parse("name", name).unwrap(),
+            Ports::from_list("ports", &[PortType::P]).unwrap(),
+        )
+    }
+
+    fn item(serial: &str) -> FlushItem {
+        let widget = widget("n");
+        FlushItem {
+            serial: Serial::parse("serial", serial).unwrap(),
+            mark: Mark::default(),
+            widget: Some(widget),
+            version: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_the_widget_count_apart_from_the_widgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.len_hint().await.unwrap(),
+            0,
+            "a new store has no hint"
+        );
+        let batch = FlushBatch {
+            items: vec![item("a"), item("b")],
+            checkpoint: Some(9),
+            widgets: Some(2),
+            epoch: None,
+        };
+        store.write_batch(batch).await.unwrap();
+        assert_eq!(store.len_hint().await.unwrap(), 2);
+
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let checkpoint = store
+            .load(Box::new(move |serial, _| sink.lock().unwrap().push(serial)))
+            .await
+            .unwrap();
+        assert_eq!(checkpoint, 9);
+        assert_eq!(seen.lock().unwrap().len(), 2, "the count is not a widget");
+
+        store
+            .db()
+            .unwrap()
+            .insert(WIDGETS_KEY, &b"bad"[..])
+            .unwrap();
+        let err = store.len_hint().await.unwrap_err();
+        assert!(err.to_string().contains("widgets"), "{err}");
+    }
+
+    /// Widgets stored (in buckets) and the checkpoint, straight from the tree.
+    fn contents(db: &sled::Db) -> (usize, Option<u64>) {
+        let checkpoint = db
+            .get(CHECKPOINT_KEY)
+            .unwrap()
+            .map(|v| decode_u64("checkpoint", &v).unwrap());
+        (stored(db).len(), checkpoint)
+    }
+
+    /// Every widget in the buckets, by serial, straight from the tree (each serial once).
+    fn stored(db: &sled::Db) -> BTreeMap<String, Widget> {
+        let layout = Layout::new(bucket_bits(db)).unwrap();
+        let mut widgets = BTreeMap::new();
+        for entry in db.range(&[bucket::PREFIX][..]..LEGACY_START) {
+            let (key, value) = entry.unwrap();
+            for entry in bucket::entries(&value) {
+                let (serial, encoded) = entry.unwrap();
+                let (serial, widget) = bucket::decode(layout, &key, serial, encoded).unwrap();
+                assert!(widgets.insert(serial.as_str().to_owned(), widget).is_none());
+            }
+        }
+        widgets
+    }
+
+    fn bucket_bits(db: &sled::Db) -> u32 {
+        let value = db.get(BUCKET_BITS_KEY).unwrap().expect("a layout");
+        decode_u64("bits", &value).unwrap() as u32
+    }
+
+    fn buckets(db: &sled::Db) -> usize {
+        db.range(&[bucket::PREFIX][..]..LEGACY_START).count()
+    }
+
+    fn legacy(db: &sled::Db) -> usize {
+        db.range(LEGACY_START..).count()
+    }
+
+    fn many(n: usize) -> FlushBatch {
+        FlushBatch {
+            items: (0..n).map(|i| item(&format!("w{i:05}"))).collect(),
+            checkpoint: Some(9),
+            widgets: Some(n as u64),
+            epoch: None,
+        }
+    }
+
+    #[test]
+    fn a_large_write_goes_in_bounded_chunks_with_the_checkpoint_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        let mut seen = Vec::new();
+        write_in_chunks(
+            &many(2_500),
+            store.layout(),
+            1_000,
+            |k| db.get(k),
+            |chunk| {
+                db.apply_batch(chunk)?;
+                seen.push(contents(&db));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            seen,
+            [(1_000, None), (2_000, None), (2_500, Some(9))],
+            "no chunk over 1,000 widgets; the checkpoint only once all are in"
+        );
+        assert_eq!(
+            db.get(WIDGETS_KEY).unwrap().as_deref(),
+            Some(&2_500u64.to_be_bytes()[..])
+        );
+    }
+
+    #[test]
+    fn a_write_cut_short_leaves_the_checkpoint_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        let mut applied = 0;
+        let err = write_in_chunks(
+            &many(2_500),
+            store.layout(),
+            1_000,
+            |k| db.get(k),
+            |chunk| {
+                if applied == 1 {
+                    return Err(sled::Error::Unsupported("the test's failure".into()));
+                }
+                applied += 1;
+                db.apply_batch(chunk)
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("the test's failure"), "{err}");
+        assert_eq!(contents(&db), (1_000, None), "stopped at the failed chunk");
+    }
+
+    #[test]
+    fn an_empty_write_still_stores_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let db = store.db().unwrap();
+        let mut calls = 0;
+        write_in_chunks(
+            &many(0),
+            store.layout(),
+            1_000,
+            |k| db.get(k),
+            |chunk| {
+                calls += 1;
+                db.apply_batch(chunk)
+            },
+        )
+        .unwrap();
+        assert_eq!((calls, contents(&db)), (1, (0, Some(9))));
+    }
+
+    #[tokio::test]
+    async fn a_stored_widget_with_impossible_values_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let mut widget = item("a").widget.unwrap();
+        widget.peers[PortType::Q.index()] = Some(Serial::parse("s", "b").unwrap());
+        let key = store.layout().key("a");
+        let value = bucket::merge(None, &[("a", Put::Widget(&widget))]).unwrap();
+        store.db().unwrap().insert(key, value.unwrap()).unwrap();
+        let err = store.load(Box::new(|_, _| {})).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { key: k, reason }
+                if *k == bucket::describe(&key) && reason.contains("widget a") && reason.contains("port Q")),
+            "{err}"
+        );
+    }
+
+    /// The database in `path`, with no flusher thread of sled's: dropped, it is closed, and
+    /// a store can open it at once.
+    fn raw(path: &Path) -> sled::Db {
+        sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap()
+    }
+
+    /// A store of two buckets, so that most widgets share one.
+    fn two_bucket_store(path: &Path) -> SledStore {
+        let db = raw(path);
+        db.insert(BUCKET_BITS_KEY, &1u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        SledStore::open(path, 1 << 20).unwrap()
+    }
+
+    async fn loaded(store: &SledStore) -> (BTreeMap<String, Widget>, u64) {
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let sink = seen.clone();
+        let checkpoint = store
+            .load(Box::new(move |serial, widget| {
+                let again = sink
+                    .lock()
+                    .unwrap()
+                    .insert(serial.as_str().to_owned(), widget);
+                assert!(again.is_none(), "{serial} loaded twice");
+            }))
+            .await
+            .unwrap();
+        let widgets = std::mem::take(&mut *seen.lock().unwrap());
+        (widgets, checkpoint)
+    }
+
+    #[tokio::test]
+    async fn widgets_sharing_a_bucket_are_written_and_removed_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = two_bucket_store(dir.path());
+        assert_eq!(
+            store.layout().bits(),
+            1,
+            "the store's own layout, not the default"
+        );
+        store.write_batch(many(50)).await.unwrap();
+
+        let mut changes = many(20);
+        for (i, item) in changes.items.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                item.widget = Some(widget("renamed"));
+            } else {
+                item.widget = None;
+            }
+        }
+        changes.checkpoint = Some(10);
+        store.write_batch(changes).await.unwrap();
+
+        let (widgets, checkpoint) = loaded(&store).await;
+        assert_eq!(checkpoint, 10);
+        let expected: BTreeMap<_, _> = (0..50)
+            .filter(|i| i >= &20 || i % 2 == 0)
+            .map(|i| {
+                let name = if i < 20 { "renamed" } else { "n" };
+                (format!("w{i:05}"), widget(name))
+            })
+            .collect();
+        assert_eq!(widgets, expected);
+        assert_eq!(buckets(&store.db().unwrap()), 2);
+
+        let mut gone = many(50);
+        gone.items.iter_mut().for_each(|item| item.widget = None);
+        store.write_batch(gone).await.unwrap();
+        assert!(loaded(&store).await.0.is_empty());
+        assert_eq!(
+            buckets(&store.db().unwrap()),
+            0,
+            "an empty bucket is removed"
+        );
+    }
+
+    /// A store as versions before buckets wrote it: one entry a widget, keyed by serial.
+    fn legacy_store(path: &Path, n: usize) -> sled::Db {
+        let db = raw(path);
+        for item in many(n).items {
+            let value =
+                bincode::serde::encode_to_vec(item.widget.unwrap(), bincode::config::standard());
+            db.insert(item.serial.as_str(), value.unwrap()).unwrap();
+        }
+        db.insert(CHECKPOINT_KEY, &7u64.to_be_bytes()).unwrap();
+        db.insert(WIDGETS_KEY, &(n as u64).to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        db
+    }
+
+    #[tokio::test]
+    async fn a_store_written_before_buckets_is_moved_into_them_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(legacy_store(dir.path(), 2_500));
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let (widgets, checkpoint) = loaded(&store).await;
+        assert_eq!(checkpoint, 7);
+        let expected: BTreeMap<_, _> = (many(2_500).items.into_iter())
+            .map(|item| (item.serial.as_str().to_owned(), item.widget.unwrap()))
+            .collect();
+        assert_eq!(widgets, expected);
+        let db = store.db().unwrap();
+        assert_eq!(legacy(&db), 0, "no entry is left in the old layout");
+        assert_eq!(bucket_bits(&db), bucket::DEFAULT_BITS);
+        assert_eq!(store.len_hint().await.unwrap(), 2_500);
+        assert_moved(dir.path());
+    }
+
+    fn assert_moved(path: &Path) {
+        for suffix in [MOVING, MOVED_OUT] {
+            assert!(!sibling(path, suffix).exists(), "{suffix} is left");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_move_cut_short_while_it_built_is_done_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(legacy_store(&path, 2_500));
+        let moving = sibling(&path, MOVING);
+        {
+            // Half a pass: a store with some buckets and no layout.
+            let partial = raw(&moving);
+            partial.insert(bucket::key_of(7), &b"junk"[..]).unwrap();
+            partial.flush().unwrap();
+        }
+        let store = SledStore::open(&path, 1 << 20).unwrap();
+        let (widgets, checkpoint) = loaded(&store).await;
+        assert_eq!((widgets.len(), checkpoint), (2_500, 7));
+        assert_eq!(legacy(&store.db().unwrap()), 0);
+        assert_moved(&path);
+    }
+
+    #[tokio::test]
+    async fn a_move_cut_short_between_its_renames_is_finished() {
+        for renamed in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            {
+                let db = legacy_store(&path, 2_500);
+                let layout = Layout::new(bucket::DEFAULT_BITS).unwrap();
+                let moving = sibling(&path, MOVING);
+                move_into_buckets(&db, &moving, 1 << 20, layout, 2_500, 1_000).unwrap();
+            }
+            std::fs::rename(&path, sibling(&path, MOVED_OUT)).unwrap();
+            if renamed == 2 {
+                std::fs::rename(sibling(&path, MOVING), &path).unwrap();
+            }
+            let store = SledStore::open(&path, 1 << 20).unwrap();
+            let (widgets, checkpoint) = loaded(&store).await;
+            assert_eq!((widgets.len(), checkpoint), (2_500, 7), "after {renamed}");
+            assert_eq!(legacy(&store.db().unwrap()), 0);
+            assert_eq!(store.len_hint().await.unwrap(), 2_500);
+            assert_moved(&path);
+        }
+    }
+
+    #[test]
+    fn damage_in_an_old_entry_stops_the_move_with_the_store_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = legacy_store(dir.path(), 10);
+        db.insert("w00004", &b"\xff\xff"[..]).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        let err = SledStore::open(dir.path(), 1 << 20).err().expect("refused");
+        assert!(
+            matches!(&err, StoreError::Corrupt { key, .. } if key == "w00004"),
+            "{err}"
+        );
+        let db = raw(dir.path());
+        assert_eq!((legacy(&db), buckets(&db)), (10, 0), "nothing moved");
+        assert!(db.get(BUCKET_BITS_KEY).unwrap().is_none());
+        assert!(!sibling(dir.path(), MOVING).exists());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_bucket_is_named_on_load_and_refused_by_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        store.write_batch(many(1)).await.unwrap();
+        let db = store.db().unwrap();
+        let key = store.layout().key("w00000");
+        let value = db.get(key).unwrap().unwrap();
+        db.insert(key, &value[..value.len() - 1]).unwrap();
+
+        let err = store.load(Box::new(|_, _| {})).await.unwrap_err();
+        let name = bucket::describe(&key);
+        assert!(
+            matches!(&err, StoreError::Corrupt { key, reason } if *key == name && reason.contains("cut short")),
+            "{err}"
+        );
+        let err = store.write_batch(many(1)).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { key, .. } if *key == name),
+            "{err}"
+        );
+        assert_eq!(
+            db.get(key).unwrap().unwrap().len(),
+            value.len() - 1,
+            "left as it was"
+        );
+    }
+
+    #[test]
+    fn a_layout_out_of_range_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = raw(dir.path());
+        db.insert(BUCKET_BITS_KEY, &33u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        let err = SledStore::open(dir.path(), 1 << 20).err().expect("refused");
+        assert!(err.to_string().contains("bucket_bits"), "{err}");
+    }
+}
