@@ -1014,4 +1014,46 @@ mod tests {
         let err = SledStore::open(dir.path(), 1 << 20).err().expect("refused");
         assert!(err.to_string().contains("bucket_bits"), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// Any run of writes (creates, renames, deletions, in batches cut in small chunks)
+        /// into a store of few buckets loads back as exactly what a map of the same writes
+        /// holds.
+        #[test]
+        fn buckets_hold_what_a_map_of_the_same_writes_holds(
+            bits in 1u32..4,
+            batches in proptest::collection::vec(
+                proptest::collection::btree_map(0u8..40, proptest::option::of(0u8..3), 0..30),
+                1..8,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let db = raw(dir.path());
+            let layout = Layout::new(bits).unwrap();
+            let mut model = BTreeMap::new();
+            for (lsn, changes) in batches.iter().enumerate() {
+                let items = changes.iter().map(|(&n, &name)| {
+                    let serial = format!("w{n}");
+                    let widget = name.map(|k| widget(&format!("n{k}")));
+                    match &widget {
+                        Some(w) => model.insert(serial.clone(), w.clone()),
+                        None => model.remove(&serial),
+                    };
+                    FlushItem { widget, ..item(&serial) }
+                });
+                let batch = FlushBatch {
+                    items: items.collect(),
+                    checkpoint: Some(lsn as u64 + 1),
+                    widgets: Some(model.len() as u64),
+                    epoch: None,
+                };
+                write_in_chunks(&batch, layout, 7, |k| db.get(k), |b| db.apply_batch(b)).unwrap();
+            }
+            db.insert(BUCKET_BITS_KEY, &u64::from(bits).to_be_bytes()).unwrap();
+            proptest::prop_assert_eq!(stored(&db), model);
+            proptest::prop_assert!(buckets(&db) <= 1 << bits);
+        }
+    }
 }
