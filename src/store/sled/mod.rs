@@ -316,7 +316,8 @@ fn write_in_chunks(
         while widgets < chunk.max(1) {
             let Some(bucket) = buckets.next() else { break };
             let key = bucket[0].0;
-            // A key-value store keeps whole widgets, so every changed widget is written whole.
+            // The bucket is written whole: the entries it keeps copied as they are, each
+            // changed widget encoded whole.
             changes.clear();
             changes.extend(bucket.iter().map(|(_, item)| {
                 let put = item.widget.as_ref().map_or(Put::Remove, Put::Widget);
