@@ -583,8 +583,7 @@ impl Store for SledStore {
     }
 
     fn write_order(&self, serial: &str) -> u64 {
-        let key = self.layout().key(serial);
-        u64::from(u32::from_be_bytes(key[1..].try_into().expect("4 bytes")))
+        u64::from(self.layout().number(serial))
     }
 
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
