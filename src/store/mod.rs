@@ -27,6 +27,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store task failed: {0}")]
     Task(String),
+    /// A file or thread the store needs: what was being done, and the OS's error.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
     #[error(
         "another single-node widgets instance writes to this PostgreSQL database (its \
          session, backend PID {}, holds the single-writer lock): one single-node instance \

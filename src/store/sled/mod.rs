@@ -94,8 +94,12 @@ impl SledStore {
             cache_bytes,
             db: Mutex::new(None),
             layout: OnceLock::new(),
-            writer: Background::start("widgets-store", writer_nice)
-                .map_err(|e| StoreError::Task(format!("starting the store's thread: {e}")))?,
+            writer: Background::start("widgets-store", writer_nice).map_err(|source| {
+                StoreError::Io {
+                    what: "starting the store's thread".into(),
+                    source,
+                }
+            })?,
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -499,19 +503,18 @@ fn finish_move(path: &Path) -> Result<(), StoreError> {
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), StoreError> {
-    std::fs::rename(from, to).map_err(|e| {
-        StoreError::Task(format!(
-            "renaming {} to {}: {e}",
-            from.display(),
-            to.display()
-        ))
+    std::fs::rename(from, to).map_err(|source| StoreError::Io {
+        what: format!("renaming {} to {}", from.display(), to.display()),
+        source,
     })?;
     sync_parent(to)
 }
 
 fn remove_dir(path: &Path) -> Result<(), StoreError> {
-    std::fs::remove_dir_all(path)
-        .map_err(|e| StoreError::Task(format!("removing {}: {e}", path.display())))?;
+    std::fs::remove_dir_all(path).map_err(|source| StoreError::Io {
+        what: format!("removing {}", path.display()),
+        source,
+    })?;
     sync_parent(path)
 }
 
@@ -523,7 +526,10 @@ fn sync_parent(path: &Path) -> Result<(), StoreError> {
     };
     std::fs::File::open(parent)
         .and_then(|dir| dir.sync_all())
-        .map_err(|e| StoreError::Task(format!("syncing {}: {e}", parent.display())))
+        .map_err(|source| StoreError::Io {
+            what: format!("syncing {}", parent.display()),
+            source,
+        })
 }
 
 /// Runs sled's epoch collector (crossbeam's global one, which sled's hidden `pin` pins:
@@ -612,6 +618,26 @@ mod tests {
             Name::parse("name", name).unwrap(),
             Ports::from_list("ports", &[PortType::P]).unwrap(),
         )
+    }
+
+    #[test]
+    fn a_failed_rename_says_what_it_was_doing_and_keeps_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("missing");
+        match rename(&from, &dir.path().join("to")) {
+            Err(StoreError::Io { what, source }) => {
+                assert_eq!(
+                    what,
+                    format!(
+                        "renaming {} to {}",
+                        from.display(),
+                        dir.path().join("to").display()
+                    )
+                );
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
     }
 
     fn item(serial: &str) -> FlushItem {
