@@ -81,14 +81,14 @@ pub struct Config {
     pub commit_delay: Duration,
 
     /// How often the flusher writes dirty widgets to the durable store (1ms to 1h).
-    /// Default: 1s on PostgreSQL and in Redis mode, 10s on the embedded store, where the
+    /// Default: 1s on PostgreSQL and in Redis mode, 30s on the embedded store, where the
     /// WAL already holds every change and a longer interval writes a widget changed
     /// several times once (see README, "How often the embedded store is written").
     #[arg(long, env = "WIDGETS_FLUSH_INTERVAL", value_parser = duration_up_to_an_hour)]
     pub flush_interval: Option<Duration>,
 
     /// Flush early once this many widgets are dirty. Default: 50000 on PostgreSQL and in
-    /// Redis mode, 500000 on the embedded store.
+    /// Redis mode, 1000000 on the embedded store.
     #[arg(long, env = "WIDGETS_FLUSH_BATCH", value_parser = clap::value_parser!(u64).range(1..))]
     pub flush_batch: Option<u64>,
 
@@ -289,10 +289,11 @@ fn duration_within(
 
 /// The embedded store's flush interval and early-flush size: a widget changed several
 /// times in the interval is written to sled once (BENCHMARKS.md, "Write-behind, group
-/// commit and the bench client at 1 M widgets"), and the WAL the store has not absorbed
-/// stays small (about 10 s of writes).
-const EMBEDDED_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
-const EMBEDDED_FLUSH_BATCH: u64 = 500_000;
+/// commit and the bench client at 1 M widgets", and "Writing sled every 30 s"), and the
+/// WAL the store has not absorbed stays small (about 30 s of writes, a second or less to
+/// replay).
+const EMBEDDED_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+const EMBEDDED_FLUSH_BATCH: u64 = 1_000_000;
 
 fn commit_delay(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::ZERO, Duration::from_millis(10), "0..=10ms")
@@ -461,7 +462,7 @@ mod tests {
         assert_eq!(c.fsync, FsyncMode::Always);
         assert_eq!(
             (c.flush_interval(), c.flush_batch()),
-            (Duration::from_secs(10), 500_000),
+            (Duration::from_secs(30), 1_000_000),
             "the embedded store's defaults"
         );
         let c = Config::try_parse_from(["widgets", "--database-url", "postgres://h/db"]).unwrap();
