@@ -53,6 +53,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Wraps an I/O error with what was being done when it happened (like `WalError::io`).
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let what = what.into();
+        move |source| StoreError::Io { what, source }
+    }
+
     /// No later write from this instance can succeed either: another instance owns the
     /// store now, so acknowledging more writes would only strand them in this one's WAL.
     pub fn is_fatal(&self) -> bool {

@@ -152,13 +152,8 @@ impl MemoryEngine {
             fsync_interval: settings.fsync_interval,
             commit_delay: settings.commit_delay,
         };
-        let flush_prep =
-            Background::start("widgets-flush-prep", settings.flush_nice).map_err(|source| {
-                StoreError::Io {
-                    what: "starting the flush's thread".into(),
-                    source,
-                }
-            })?;
+        let flush_prep = Background::start("widgets-flush-prep", settings.flush_nice)
+            .map_err(StoreError::io("starting the flush's thread"))?;
         let thread = sequencer::spawn(shared.clone(), writer, rx, policy);
         tracing::debug!(next_lsn, "sequencer started");
         Ok(Self {

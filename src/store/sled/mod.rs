@@ -94,12 +94,8 @@ impl SledStore {
             cache_bytes,
             db: Mutex::new(None),
             layout: OnceLock::new(),
-            writer: Background::start("widgets-store", writer_nice).map_err(|source| {
-                StoreError::Io {
-                    what: "starting the store's thread".into(),
-                    source,
-                }
-            })?,
+            writer: Background::start("widgets-store", writer_nice)
+                .map_err(StoreError::io("starting the store's thread"))?,
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -505,18 +501,17 @@ fn finish_move(path: &Path) -> Result<(), StoreError> {
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), StoreError> {
-    std::fs::rename(from, to).map_err(|source| StoreError::Io {
-        what: format!("renaming {} to {}", from.display(), to.display()),
-        source,
-    })?;
+    std::fs::rename(from, to).map_err(StoreError::io(format!(
+        "renaming {} to {}",
+        from.display(),
+        to.display()
+    )))?;
     sync_parent(to)
 }
 
 fn remove_dir(path: &Path) -> Result<(), StoreError> {
-    std::fs::remove_dir_all(path).map_err(|source| StoreError::Io {
-        what: format!("removing {}", path.display()),
-        source,
-    })?;
+    std::fs::remove_dir_all(path)
+        .map_err(StoreError::io(format!("removing {}", path.display())))?;
     sync_parent(path)
 }
 
@@ -528,10 +523,7 @@ fn sync_parent(path: &Path) -> Result<(), StoreError> {
     };
     std::fs::File::open(parent)
         .and_then(|dir| dir.sync_all())
-        .map_err(|source| StoreError::Io {
-            what: format!("syncing {}", parent.display()),
-            source,
-        })
+        .map_err(StoreError::io(format!("syncing {}", parent.display())))
 }
 
 /// Runs sled's epoch collector (crossbeam's global one, which sled's hidden `pin` pins:
