@@ -96,6 +96,11 @@ async fn refused_unless_accepted(dir: Arc<tempfile::TempDir>, why: &[&str]) -> c
     for part in why {
         assert!(message.contains(part), "{part:?} not in: {message}");
     }
+    // The refused app says so before its task has ended and let go of the data
+    // directory's lock: wait for that, or the next start finds the directory in use.
+    app.stop()
+        .await
+        .expect_err("a refused app ends with its error");
     common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await
 }
 
