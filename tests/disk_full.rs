@@ -6,48 +6,9 @@
 mod common;
 
 use reqwest::StatusCode;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use widgets::wal::RealFs;
-
-/// A tmpfs of `size` mounted on `dir`, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("running mount");
-        assert!(
-            status.success(),
-            "this test mounts a small tmpfs to fill the disk for real: run it as root (CI \
-             does), e.g. sudo -E cargo test --all-features --test disk_full"
-        );
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills the file system under `path` to the last byte; returns the filler's path.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).unwrap();
-    for chunk in [1 << 20, 4096, 1] {
-        let bytes = vec![0u8; chunk];
-        while file.write_all(&bytes).is_ok() {}
-    }
-    path
-}
+use widgets_testkit::disk::{fill, Tmpfs};
 
 fn metric(text: &str, name: &str) -> f64 {
     common::metric(text, name).unwrap_or(0.0)

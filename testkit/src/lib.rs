@@ -11,7 +11,9 @@
 //!   its log, readiness, graceful stop, `kill -9`.
 //! - [`pg`]: throwaway PostgreSQL databases (`ScratchDb`), and `TestDb`, one per test.
 //! - [`metrics`]: a metric's value out of the `/metrics` text.
+//! - [`disk`]: a full disk, for real (a small tmpfs; needs root).
 
+pub mod disk;
 pub mod metrics;
 pub mod pg;
 pub mod server;
