@@ -114,7 +114,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     if config.fsync != crate::wal::FsyncMode::Always {
         tracing::warn!(fsync = ?config.fsync, "WAL fsync is not `always`: a crash can lose acknowledged writes");
     }
-    let state = AppState::new(config.body_timeout, config.ready_max_flush_lag, auth);
+    let state = AppState::new(config.body_timeout, config.ready_max_flush_lag(), auth);
     let shutdown = CancellationToken::new();
     let router = api::router(state.clone(), config.max_body_bytes as usize);
     let server = tokio::spawn(crate::serve::serve(
@@ -293,11 +293,8 @@ impl Serving {
 
 /// Opens the embedded store in the data directory (serving, and `widgets bench-seed`).
 pub async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
-    let dir = config.store_dir();
-    let (cache, nice) = (config.sled_cache_bytes, config.flush_nice);
-    let opened =
-        tokio::task::spawn_blocking(move || SledStore::open_with_writer_nice(&dir, cache, nice))
-            .await?;
+    let (dir, options) = (config.store_dir(), config.sled_options());
+    let opened = tokio::task::spawn_blocking(move || SledStore::open_with(&dir, options)).await?;
     opened.with_context(|| {
         format!(
             "opening the embedded store in {}",

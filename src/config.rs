@@ -139,9 +139,10 @@ pub struct Config {
 
     /// `/readyz` answers `503 flush_stalled` while the oldest change waiting for the durable
     /// store is older than this (1ms to 1h): the store has been failing that long. Writes
-    /// go on meanwhile (into the WAL), up to the limits.
-    #[arg(long, env = "WIDGETS_READY_MAX_FLUSH_LAG", default_value = "60s", value_parser = duration_up_to_an_hour)]
-    pub ready_max_flush_lag: Duration,
+    /// go on meanwhile (into the WAL), up to the limits. Default: four flush intervals,
+    /// and at least 60 s (120 s on the embedded store).
+    #[arg(long, env = "WIDGETS_READY_MAX_FLUSH_LAG", value_parser = duration_up_to_an_hour)]
+    ready_max_flush_lag: Option<Duration>,
 
     /// Most writes waiting for the sequencer; past it writes answer `503 overloaded`.
     #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
@@ -223,6 +224,13 @@ pub struct Config {
     /// requests.
     #[arg(long, env = "WIDGETS_FLUSH_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub flush_nice: i32,
+
+    /// The embedded store rebuilds itself, in a new directory beside it while it is
+    /// written, once its file is over this many times the data it holds (and over
+    /// 256 MiB): sled's file otherwise grows under writes with no bound. 2.5 to 100, or 0
+    /// for never. A store just rebuilt is about 1.8 times its data.
+    #[arg(long, env = "WIDGETS_SLED_COMPACT_RATIO", default_value_t = crate::store::sled::compact::DEFAULT_RATIO, value_parser = compact_ratio)]
+    pub sled_compact_ratio: f64,
 }
 
 /// A bearer token: checked when parsed, and never printed (`Debug` shows `***`). An
@@ -299,6 +307,17 @@ fn commit_delay(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::ZERO, Duration::from_millis(10), "0..=10ms")
 }
 
+/// 0, or 2.5 to 100: below 2.5 a store just rebuilt (~1.8 times its data) would soon be
+/// due again, and over 100 is a typo.
+fn compact_ratio(s: &str) -> Result<f64, String> {
+    let ratio: f64 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    if ratio == 0.0 || (2.5..=100.0).contains(&ratio) {
+        Ok(ratio)
+    } else {
+        Err(format!("{s} is neither 0 (never) nor within 2.5..=100"))
+    }
+}
+
 impl Config {
     /// The Redis URL, if one is set (an empty one means none).
     pub fn redis_url(&self) -> Option<&str> {
@@ -326,6 +345,15 @@ impl Config {
         })
     }
 
+    /// `--ready-max-flush-lag`, or four flush intervals and at least 60 s: on a busy
+    /// machine a healthy flush can take a good part of an interval (7-11 s at 10 M widgets
+    /// on the embedded store under a saturating load, and a compaction's step on top), and
+    /// readiness is for a store that fails, not one that is slow.
+    pub fn ready_max_flush_lag(&self) -> Duration {
+        (self.ready_max_flush_lag)
+            .unwrap_or((4 * self.flush_interval()).max(Duration::from_secs(60)))
+    }
+
     /// `--flush-batch`, or the store's default.
     pub fn flush_batch(&self) -> u64 {
         self.flush_batch.unwrap_or(if self.embedded_store() {
@@ -350,6 +378,14 @@ impl Config {
             flush_batch_size: self.flush_batch() as usize,
             accept_mismatched_wal: self.accept_mismatched_wal,
         }
+    }
+
+    /// How the embedded store is opened and kept.
+    pub fn sled_options(&self) -> crate::store::sled::Options {
+        let mut options = crate::store::sled::Options::new(self.sled_cache_bytes);
+        options.writer_nice = self.flush_nice;
+        options.compact.ratio = self.sled_compact_ratio;
+        options
     }
 
     /// What every flush transaction to PostgreSQL sets for itself.
@@ -461,16 +497,18 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.fsync, FsyncMode::Always);
         assert_eq!(
-            (c.flush_interval(), c.flush_batch()),
-            (Duration::from_secs(30), 1_000_000),
+            (c.flush_interval(), c.flush_batch(), c.ready_max_flush_lag()),
+            (Duration::from_secs(30), 1_000_000, Duration::from_secs(120)),
             "the embedded store's defaults"
         );
         let c = Config::try_parse_from(["widgets", "--database-url", "postgres://h/db"]).unwrap();
         assert_eq!(
-            (c.flush_interval(), c.flush_batch()),
-            (Duration::from_secs(1), 50_000),
+            (c.flush_interval(), c.flush_batch(), c.ready_max_flush_lag()),
+            (Duration::from_secs(1), 50_000, Duration::from_secs(60)),
             "PostgreSQL's defaults"
         );
+        let c = Config::try_parse_from(["widgets", "--ready-max-flush-lag", "5s"]).unwrap();
+        assert_eq!(c.ready_max_flush_lag(), Duration::from_secs(5));
         let c = Config::try_parse_from([
             "widgets",
             "--fsync",
@@ -499,9 +537,27 @@ mod tests {
             &["widgets", "--flush-nice", "-1"],
             &["widgets", "--max-body-bytes", "0"],
             &["widgets", "--sled-cache-bytes", "0"],
+            &["widgets", "--sled-compact-ratio", "2"],
+            &["widgets", "--sled-compact-ratio", "101"],
+            &["widgets", "--sled-compact-ratio", "-3"],
+            &["widgets", "--sled-compact-ratio", "NaN"],
+            &["widgets", "--sled-compact-ratio", "often"],
         ] {
             assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn the_embedded_store_compacts_at_three_times_its_data_unless_told() {
+        let ratio = |args: &[&str]| {
+            let c = Config::try_parse_from([&["widgets"][..], args].concat()).unwrap();
+            c.sled_options().compact.ratio
+        };
+        assert_eq!(ratio(&[]), 3.0);
+        assert_eq!(ratio(&["--sled-compact-ratio", "0"]), 0.0, "never");
+        assert_eq!(ratio(&["--sled-compact-ratio", "2.5"]), 2.5);
+        let c = Config::try_parse_from(["widgets", "--flush-nice", "7"]).unwrap();
+        assert_eq!(c.sled_options().writer_nice, 7);
     }
 
     #[test]

@@ -28,14 +28,21 @@
 //! opened again, so the store closes it on such an error and the next operation reopens
 //! it: sled recovers from its own log as after a crash, and the flusher's retry finds a
 //! working store once there is space again, with no restart.
+//!
+//! sled's file grows under writes well past the data it holds, so the store rebuilds
+//! itself beside the old one, a step after each write, once the file is several times its
+//! buckets (see [`compact`]).
 
 mod bucket;
+pub mod compact;
 
 use self::bucket::{Layout, Put};
+use self::compact::Compaction;
 use super::background::{Background, BackgroundError};
 use super::{FlushBatch, Store, StoreError, Visitor};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 /// Bucket keys start with [`bucket::PREFIX`] and serials with none of these bytes, so the
 /// store's own keys, which start with a NUL, cannot collide with either.
@@ -49,6 +56,8 @@ const BUCKET_BITS_KEY: &[u8] = b"\0bucket_bits";
 /// The first key a widget written before buckets can have: a serial's first byte is above
 /// every bucket key's.
 const LEGACY_START: &[u8] = &[bucket::PREFIX + 1];
+/// Every key of the store's own, as a compaction copies them.
+const OWN_KEYS: [&[u8]; 4] = [CHECKPOINT_KEY, WIDGETS_KEY, IDENTITY_KEY, BUCKET_BITS_KEY];
 
 fn decode_u64(name: &str, value: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(value.try_into().map_err(|_| {
@@ -73,29 +82,64 @@ struct Inner {
     layout: OnceLock<Layout>,
     /// The thread that opens the database and writes to it, at the writer's nice value.
     writer: Background,
+    compact: compact::Settings,
+    upkeep: Mutex<Upkeep>,
+}
+
+/// What the store knows of its size, and its compaction.
+#[derive(Default)]
+struct Upkeep {
+    /// Bytes of the buckets (keys and values), once known: counted by [`Store::load`]
+    /// (zero for a new store) and kept up by every write.
+    live_bytes: Option<u64>,
+    /// The compaction under way.
+    compaction: Option<Compaction>,
+    /// After an abandoned compaction, when the next may start.
+    retry_at: Option<Instant>,
+    /// Compactions finished since the store was opened.
+    compacted: u64,
+}
+
+/// How the embedded store is opened and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Bounds sled's page cache.
+    pub cache_bytes: u64,
+    /// The writer thread's nice value, 0 to 19 (see [`Background`]).
+    pub writer_nice: i32,
+    pub compact: compact::Settings,
+}
+
+impl Options {
+    /// A cache of `cache_bytes`, writing at the usual priority, compacting by default.
+    pub fn new(cache_bytes: u64) -> Self {
+        Self {
+            cache_bytes,
+            writer_nice: 0,
+            compact: compact::Settings::default(),
+        }
+    }
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `path`; `cache_bytes` bounds sled's page cache. It
     /// writes at the usual priority.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        Self::open_with_writer_nice(path, cache_bytes, 0)
+        Self::open_with(path, Options::new(cache_bytes))
     }
 
-    /// Opens (or creates) the store in `path`, writing on a thread of its own at nice
-    /// value `writer_nice` (0 to 19: see [`Background`]). Blocks while sled opens.
-    pub fn open_with_writer_nice(
-        path: &Path,
-        cache_bytes: u64,
-        writer_nice: i32,
-    ) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store in `path`, writing on a thread of its own. Blocks while
+    /// sled opens.
+    pub fn open_with(path: &Path, options: Options) -> Result<Self, StoreError> {
         let inner = Inner {
             path: path.to_owned(),
-            cache_bytes,
+            cache_bytes: options.cache_bytes,
             db: Mutex::new(None),
             layout: OnceLock::new(),
-            writer: Background::start("widgets-store", writer_nice)
+            writer: Background::start("widgets-store", options.writer_nice)
                 .map_err(StoreError::io("starting the store's thread"))?,
+            compact: options.compact,
+            upkeep: Mutex::new(Upkeep::default()),
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -114,7 +158,6 @@ impl SledStore {
     /// before buckets is moved into them first (see [`move_into_buckets`]).
     fn prepare(&self) -> Result<(), StoreError> {
         let path = &self.inner.path;
-        finish_move(path)?;
         let db = self.db_once_closed()?;
         if let Some(layout) = read_layout(&db)? {
             self.inner.layout.set(layout).ok();
@@ -135,6 +178,7 @@ impl SledStore {
                 .and_then(|_| db.flush());
             self.closing_on_io_error(db, written)?;
             self.inner.layout.set(layout).ok();
+            self.upkeep().live_bytes = Some(0);
             return Ok(());
         }
         tracing::info!(
@@ -143,7 +187,7 @@ impl SledStore {
              version wrote; a crash part-way is safe)"
         );
         let started = std::time::Instant::now();
-        let moving = sibling(path, MOVING);
+        let moving = sibling(path, REBUILDING);
         let moved = move_into_buckets(
             &db,
             &moving,
@@ -196,19 +240,21 @@ impl SledStore {
             .expect("the layout is read when the store opens")
     }
 
-    /// The open database, opened again if an I/O error closed it.
+    /// The open database, opened again if an I/O error or a compaction closed it (first
+    /// finishing what a crash left of a rebuild: see [`finish_move`]).
     fn db(&self) -> Result<sled::Db, StoreError> {
         let mut db = self.inner.db.lock().expect("sled handle lock");
         if let Some(db) = db.as_ref() {
             return Ok(db.clone());
         }
+        finish_move(&self.inner.path)?;
         let opened = sled::Config::new()
             .path(&self.inner.path)
             .cache_capacity(self.inner.cache_bytes)
             // Every write ends with its own `flush`; sled's timer would only add a thread
             // flushing at the usual priority. (sled 0.34 cleans its log's segments only on
             // that thread, and turning it on did not slow the log's growth: BENCHMARKS.md,
-            // "sled's file under a long load".)
+            // "sled's file under a long load". The store compacts itself instead.)
             .flush_every_ms(None)
             .open()?;
         *db = Some(opened.clone());
@@ -233,10 +279,15 @@ impl SledStore {
         result
     }
 
+    fn upkeep(&self) -> MutexGuard<'_, Upkeep> {
+        self.inner.upkeep.lock().expect("store upkeep lock")
+    }
+
     fn load_blocking(&self, mut visit: Visitor) -> Result<u64, StoreError> {
         let layout = self.layout();
         let mut checkpoint = 0;
         let mut loaded = 0u64;
+        let mut live_bytes = 0;
         for entry in self.db()?.iter() {
             let (key, value) = entry?;
             if &*key == CHECKPOINT_KEY {
@@ -255,6 +306,7 @@ impl SledStore {
                     "neither a bucket nor one of the store's own keys".into(),
                 ));
             }
+            live_bytes += (key.len() + value.len()) as u64;
             for entry in bucket::entries(&value) {
                 let (serial, widget) = entry
                     .and_then(|(serial, widget)| bucket::decode(layout, &key, serial, widget))
@@ -266,6 +318,7 @@ impl SledStore {
                 }
             }
         }
+        self.upkeep().live_bytes = Some(live_bytes);
         Ok(checkpoint)
     }
 
@@ -275,17 +328,117 @@ impl SledStore {
         // log to the kernel's page cache until its one `flush`, and the disk then writes
         // it in one burst that every WAL fsync queues behind (fsyncs of 100-500 ms, a few
         // times a minute at 10,000 PUTs/s over 1 M widgets; see BENCHMARKS.md).
+        let mut grown = 0;
         let written = write_in_chunks(
             &batch,
             self.layout(),
             CHUNK,
+            &mut grown,
             |key| db.get(key),
             |chunk| {
                 db.apply_batch(chunk)?;
                 db.flush().map(drop)
             },
         );
-        self.closing_on_io_error(db, written)
+        let mut upkeep = self.upkeep();
+        if let Some(live) = &mut upkeep.live_bytes {
+            *live = live.saturating_add_signed(grown);
+        }
+        if let (Err(e), Some(_)) = (&written, &upkeep.compaction) {
+            // The buckets it changed before it failed may be across already, stale there.
+            self.abandon_compaction(&mut upkeep, e);
+        }
+        drop(upkeep);
+        self.closing_on_io_error(db.clone(), written)?;
+        self.compact_after(db, &batch);
+        Ok(())
+    }
+
+    /// After a write: takes the compaction under way a step further, and puts the new
+    /// store in place once it is whole; or starts one if the file is due (see [`compact`]).
+    /// A failure abandons the compaction and never fails the write, which is stored.
+    fn compact_after(&self, db: sled::Db, batch: &FlushBatch) {
+        let mut upkeep = self.upkeep();
+        let file_bytes = db.size_on_disk().unwrap_or(0);
+        metrics::gauge!("widgets_store_file_bytes").set(file_bytes as f64);
+        // Unknown until the store is loaded (a new store knows it holds nothing).
+        let Some(live) = upkeep.live_bytes else {
+            return;
+        };
+        metrics::gauge!("widgets_store_live_bytes").set(live as f64);
+        if upkeep.compaction.is_none() {
+            let waiting = upkeep.retry_at.is_some_and(|at| Instant::now() < at);
+            if waiting || !self.inner.compact.due(file_bytes, live) {
+                return;
+            }
+            tracing::info!(
+                file_bytes,
+                live_bytes = live,
+                "compacting the embedded store: its file is over {} times its buckets",
+                self.inner.compact.ratio
+            );
+        }
+        let settings = self.inner.compact;
+        let layout = self.layout();
+        let stepped = (|| {
+            let compaction = match &mut upkeep.compaction {
+                Some(compaction) => compaction,
+                None => upkeep.compaction.insert(Compaction::start(
+                    &sibling(&self.inner.path, REBUILDING),
+                    file_bytes,
+                )?),
+            };
+            let mut changed: Vec<bucket::Key> = (batch.items.iter())
+                .map(|item| layout.key(item.serial.as_str()))
+                .collect();
+            changed.sort_unstable();
+            changed.dedup();
+            compaction.follow(&db, changed.iter().map(|key| &key[..]), settings.chunk)?;
+            let quota = live.div_ceil(settings.steps.max(1));
+            compaction.step(&db, &settings, quota)
+        })();
+        let whole = match stepped {
+            Ok(false) => return,
+            Ok(true) => upkeep.compaction.take().map(|c| c.finish(&db)),
+            Err(e) => Some(Err(e)),
+        };
+        if let Some(Err(e)) = whole {
+            return self.abandon_compaction(&mut upkeep, &e);
+        }
+        // Every handle on the old store closed before its directory is renamed, and the
+        // kept one's lock held meanwhile, so that nothing opens it again halfway; from here
+        // on a failure is finished by `finish_move` when the store opens again.
+        drop(db);
+        let mut kept = self.inner.db.lock().expect("sled handle lock");
+        kept.take();
+        let swapped = swap_in_moved(&self.inner.path);
+        drop(kept);
+        match swapped.and_then(|()| self.db_once_closed()) {
+            Ok(_) => {
+                upkeep.compacted += 1;
+                metrics::counter!("widgets_store_compactions_total", "outcome" => "done")
+                    .increment(1);
+            }
+            Err(e) => tracing::warn!(error = %e, path = %self.inner.path.display(),
+                "the compacted embedded store is not in place yet; it is when the store \
+                 next opens"),
+        }
+    }
+
+    /// Drops the compaction under way (or one that failed to start) and what it built;
+    /// the next may start [`compact::RETRY_AFTER`] from now.
+    fn abandon_compaction(&self, upkeep: &mut Upkeep, why: &StoreError) {
+        // Closed before its directory goes.
+        upkeep.compaction.take();
+        upkeep.retry_at = Some(Instant::now() + compact::RETRY_AFTER);
+        let rebuilding = sibling(&self.inner.path, REBUILDING);
+        let removed = (rebuilding.exists())
+            .then(|| remove_dir(&rebuilding).err())
+            .flatten();
+        tracing::warn!(error = %why, removing_failed = ?removed.map(|e| e.to_string()),
+            retry_in_secs = compact::RETRY_AFTER.as_secs(),
+            "abandoned compacting the embedded store; it is written as before");
+        metrics::counter!("widgets_store_compactions_total", "outcome" => "abandoned").increment(1);
     }
 }
 
@@ -303,6 +456,7 @@ fn write_in_chunks(
     batch: &FlushBatch,
     layout: Layout,
     chunk: usize,
+    grown: &mut i64,
     mut read: impl FnMut(&[u8]) -> sled::Result<Option<sled::IVec>>,
     mut apply: impl FnMut(sled::Batch) -> sled::Result<()>,
 ) -> Result<(), StoreError> {
@@ -315,6 +469,7 @@ fn write_in_chunks(
     loop {
         let mut b = sled::Batch::default();
         let mut widgets = 0;
+        let mut chunk_grown = 0;
         while widgets < chunk.max(1) {
             let Some(bucket) = buckets.next() else { break };
             let key = bucket[0].0;
@@ -331,6 +486,8 @@ fn write_in_chunks(
                     key: bucket::describe(&key),
                     reason,
                 })?;
+            let size = |value: Option<&[u8]>| value.map_or(0, |v| (key.len() + v.len()) as i64);
+            chunk_grown += size(merged.as_deref()) - size(old.as_deref());
             match merged {
                 Some(value) => b.insert(&key[..], value),
                 None if old.is_some() => b.remove(&key[..]),
@@ -348,6 +505,7 @@ fn write_in_chunks(
             }
         }
         apply(b)?;
+        *grown += chunk_grown;
         collect_garbage(widgets);
         if last {
             return Ok(());
@@ -358,10 +516,12 @@ fn write_in_chunks(
 /// About the most widgets one pass of the move into buckets holds in memory.
 const PASS_WIDGETS: u64 = 2_000_000;
 
-/// The store's directory while a move into buckets builds it anew (with the store's own
-/// name before it), and the old store's, between the two renames that swap them.
-const MOVING: &str = ".buckets";
-const MOVED_OUT: &str = ".before-buckets";
+/// The store's directory while it is built anew (with the store's own name before it),
+/// by the move into buckets or a compaction, and the old store's, between the two renames
+/// that swap them. (The names are the move's, which came first: a store a crash left
+/// half-moved by an earlier version is finished under them.)
+const REBUILDING: &str = ".buckets";
+const REPLACED: &str = ".before-buckets";
 
 /// `path` with `suffix` added to its last component.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
@@ -471,27 +631,28 @@ fn move_into_buckets(
     Ok(())
 }
 
-/// Puts the store [`move_into_buckets`] built in the place of the one at `path` (closed),
-/// by two renames, and removes the old one.
+/// Puts the store [`move_into_buckets`] or a compaction built in the place of the one at
+/// `path` (closed), by two renames, and removes the old one.
 fn swap_in_moved(path: &Path) -> Result<(), StoreError> {
-    let (moving, moved_out) = (sibling(path, MOVING), sibling(path, MOVED_OUT));
+    let (moving, moved_out) = (sibling(path, REBUILDING), sibling(path, REPLACED));
     rename(path, &moved_out)?;
     rename(&moving, path)?;
     remove_dir(&moved_out)
 }
 
-/// Finishes what a crash left of a move into buckets, before the store at `path` opens:
-/// with the old store moved out and the new one not yet in, the new one (whole: it is moved
-/// in only once built) goes in; a new one still beside the store was cut short while it
-/// was built, and goes (the next open builds it again); an old one moved out goes.
+/// Finishes what a crash left of a rebuild (a move into buckets or a compaction), before
+/// the store at `path` opens: with the old store moved out and the new one not yet in, the
+/// new one (whole: it is moved in only once built) goes in; a new one still beside the
+/// store was cut short while it was built, and goes (the next open builds it again); an
+/// old one moved out goes.
 fn finish_move(path: &Path) -> Result<(), StoreError> {
-    let (moving, moved_out) = (sibling(path, MOVING), sibling(path, MOVED_OUT));
+    let (moving, moved_out) = (sibling(path, REBUILDING), sibling(path, REPLACED));
     if !path.exists() && moving.exists() && moved_out.exists() {
-        tracing::warn!(path = %path.display(), "finishing a move into buckets a crash cut short");
+        tracing::warn!(path = %path.display(), "finishing a rebuild a crash cut short");
         rename(&moving, path)?;
     }
     if moving.exists() {
-        tracing::warn!(path = %moving.display(), "removing a move into buckets a crash cut short");
+        tracing::warn!(path = %moving.display(), "removing a rebuild a crash cut short");
         remove_dir(&moving)?;
     }
     if moved_out.exists() {
@@ -713,6 +874,13 @@ mod tests {
         db.range(&[bucket::PREFIX][..]..LEGACY_START).count()
     }
 
+    /// Bytes of the buckets' keys and values, straight from the tree.
+    fn bucket_bytes(db: &sled::Db) -> u64 {
+        (db.range(&[bucket::PREFIX][..]..LEGACY_START))
+            .map(|entry| entry.map(|(k, v)| (k.len() + v.len()) as u64).unwrap())
+            .sum()
+    }
+
     fn legacy(db: &sled::Db) -> usize {
         db.range(LEGACY_START..).count()
     }
@@ -736,6 +904,7 @@ mod tests {
             &many(2_500),
             store.layout(),
             1_000,
+            &mut 0,
             |k| db.get(k),
             |chunk| {
                 db.apply_batch(chunk)?;
@@ -765,6 +934,7 @@ mod tests {
             &many(2_500),
             store.layout(),
             1_000,
+            &mut 0,
             |k| db.get(k),
             |chunk| {
                 if applied == 1 {
@@ -789,6 +959,7 @@ mod tests {
             &many(0),
             store.layout(),
             1_000,
+            &mut 0,
             |k| db.get(k),
             |chunk| {
                 calls += 1;
@@ -930,7 +1101,7 @@ mod tests {
     }
 
     fn assert_moved(path: &Path) {
-        for suffix in [MOVING, MOVED_OUT] {
+        for suffix in [REBUILDING, REPLACED] {
             assert!(!sibling(path, suffix).exists(), "{suffix} is left");
         }
     }
@@ -940,7 +1111,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         drop(legacy_store(&path, 2_500));
-        let moving = sibling(&path, MOVING);
+        let moving = sibling(&path, REBUILDING);
         {
             // Half a pass: a store with some buckets and no layout.
             let partial = raw(&moving);
@@ -962,12 +1133,12 @@ mod tests {
             {
                 let db = legacy_store(&path, 2_500);
                 let layout = Layout::new(bucket::DEFAULT_BITS).unwrap();
-                let moving = sibling(&path, MOVING);
+                let moving = sibling(&path, REBUILDING);
                 move_into_buckets(&db, &moving, 1 << 20, layout, 2_500, 1_000).unwrap();
             }
-            std::fs::rename(&path, sibling(&path, MOVED_OUT)).unwrap();
+            std::fs::rename(&path, sibling(&path, REPLACED)).unwrap();
             if renamed == 2 {
-                std::fs::rename(sibling(&path, MOVING), &path).unwrap();
+                std::fs::rename(sibling(&path, REBUILDING), &path).unwrap();
             }
             let store = SledStore::open(&path, 1 << 20).unwrap();
             let (widgets, checkpoint) = loaded(&store).await;
@@ -993,7 +1164,7 @@ mod tests {
         let db = raw(dir.path());
         assert_eq!((legacy(&db), buckets(&db)), (10, 0), "nothing moved");
         assert!(db.get(BUCKET_BITS_KEY).unwrap().is_none());
-        assert!(!sibling(dir.path(), MOVING).exists());
+        assert!(!sibling(dir.path(), REBUILDING).exists());
     }
 
     #[tokio::test]
@@ -1035,6 +1206,232 @@ mod tests {
         assert!(err.to_string().contains("bucket_bits"), "{err}");
     }
 
+    /// A store of 64 buckets in `path`, compacting by `ratio` (0: never) a sixteenth of
+    /// it a step, four buckets to a batch.
+    fn compacting_store(path: &Path, ratio: f64) -> SledStore {
+        store_of(
+            path,
+            6,
+            compact::Settings {
+                ratio,
+                min_file_bytes: 0,
+                steps: 16,
+                chunk: 4,
+            },
+        )
+    }
+
+    /// A store of `2^bits` buckets in `path` (if it is new), compacting by `settings`.
+    fn store_of(path: &Path, bits: u64, settings: compact::Settings) -> SledStore {
+        if !path.exists() {
+            let db = raw(path);
+            db.insert(BUCKET_BITS_KEY, &bits.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let mut options = Options::new(1 << 20);
+        options.compact = settings;
+        SledStore::open_with(path, options).unwrap()
+    }
+
+    /// Writes `round`: renames widgets `r0..r300` (a few of them removed, a few new), as
+    /// checkpoint `round`, into both `store` and `model`.
+    async fn write_round(store: &SledStore, model: &mut BTreeMap<String, Widget>, round: u64) {
+        let items = (0..300).map(|i| {
+            let serial = format!("r{:03}", (i + round as usize * 7) % 320);
+            let widget = (i % 50 != 0).then(|| widget(&format!("round {round}")));
+            match &widget {
+                Some(w) => model.insert(serial.clone(), w.clone()),
+                None => model.remove(&serial),
+            };
+            FlushItem {
+                widget,
+                ..item(&serial)
+            }
+        });
+        let batch = FlushBatch {
+            items: items.collect(),
+            checkpoint: Some(round),
+            widgets: Some(model.len() as u64),
+            epoch: None,
+        };
+        store.write_batch(batch).await.unwrap();
+    }
+
+    /// A store in `path` grown by many writes (never compacted); its file's size and its
+    /// buckets' bytes.
+    async fn grown_store(path: &Path, model: &mut BTreeMap<String, Widget>) -> (u64, u64) {
+        let store = compacting_store(path, 0.0);
+        loaded(&store).await;
+        for round in 1..=150 {
+            write_round(&store, model, round).await;
+        }
+        let file = store.db().unwrap().size_on_disk().unwrap();
+        let live = store.upkeep().live_bytes.expect("counted by the load");
+        assert_eq!(live, bucket_bytes(&store.db().unwrap()));
+        (file, live)
+    }
+
+    fn assert_rebuilt(path: &Path) {
+        for suffix in [REBUILDING, REPLACED] {
+            assert!(!sibling(path, suffix).exists(), "{suffix} is left");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_grown_store_is_compacted_while_written_and_keeps_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut model = BTreeMap::new();
+        let (file, live) = grown_store(&path, &mut model).await;
+        assert!(file > 4 * live, "the file grew: {file} bytes for {live}");
+
+        // Due at once; a sixteenth of the store a step, so several writes go by while it
+        // runs, each changing buckets already copied.
+        let store = compacting_store(&path, (file / live) as f64 * 0.8);
+        assert_eq!(loaded(&store).await.1, 150);
+        let mut compacting = Vec::new();
+        for round in 151..=170 {
+            write_round(&store, &mut model, round).await;
+            if store.upkeep().compaction.is_some() {
+                compacting.push(round);
+            }
+        }
+        assert_eq!(compacting[0], 151, "started by the first write");
+        assert!(compacting.len() >= 8, "a step a write: {compacting:?}");
+        assert_eq!(store.upkeep().compacted, 1);
+        let compacted = store.db().unwrap().size_on_disk().unwrap();
+        assert!(compacted < file / 2, "{compacted} bytes, from {file}");
+        assert_rebuilt(&path);
+        assert_eq!(loaded(&store).await, (model.clone(), 170));
+        assert_eq!(store.len_hint().await.unwrap(), model.len() as u64);
+        assert_eq!(
+            bucket_bits(&store.db().unwrap()),
+            6,
+            "the layout came along"
+        );
+        drop(store);
+
+        let store = compacting_store(&path, 0.0);
+        assert_eq!(loaded(&store).await, (model, 170), "opened again");
+    }
+
+    #[tokio::test]
+    async fn a_compaction_cut_short_leaves_the_store_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut model = BTreeMap::new();
+        let (file, live) = grown_store(&path, &mut model).await;
+        let store = compacting_store(&path, (file / live) as f64 * 0.8);
+        loaded(&store).await;
+        for round in 151..=155 {
+            write_round(&store, &mut model, round).await;
+        }
+        assert!(store.upkeep().compaction.is_some(), "halfway");
+        assert!(sibling(&path, REBUILDING).exists());
+        drop(store);
+
+        let store = compacting_store(&path, 0.0);
+        assert_rebuilt(&path);
+        assert_eq!(loaded(&store).await, (model, 155));
+    }
+
+    #[tokio::test]
+    async fn a_compaction_that_fails_is_abandoned_and_the_write_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut model = BTreeMap::new();
+        let (file, live) = grown_store(&path, &mut model).await;
+        let store = compacting_store(&path, (file / live) as f64 * 0.8);
+        loaded(&store).await;
+        // Where the new store would go, a file that cannot be removed as a directory.
+        std::fs::write(sibling(&path, REBUILDING), b"in the way").unwrap();
+        write_round(&store, &mut model, 151).await;
+        {
+            let upkeep = store.upkeep();
+            assert!(upkeep.compaction.is_none() && upkeep.compacted == 0);
+            assert!(upkeep.retry_at.is_some(), "waits before trying again");
+        }
+        write_round(&store, &mut model, 152).await;
+        assert!(
+            store.upkeep().compaction.is_none(),
+            "not tried again at once"
+        );
+        assert_eq!(loaded(&store).await, (model, 152));
+    }
+
+    #[tokio::test]
+    async fn a_compaction_that_runs_out_of_disk_is_abandoned_and_every_write_stands() {
+        use widgets_testkit::disk::{fill, Tmpfs};
+        let root = tempfile::tempdir().unwrap();
+        let mnt = root.path().join("mnt");
+        let _tmpfs = Tmpfs::mount(&mnt, "64m");
+        let path = mnt.join("store");
+        // 4,096 buckets of ~5 widgets with long names: a write of a few widgets rewrites
+        // a few KB, a copy of the store takes MBs.
+        let settings = compact::Settings {
+            ratio: 2.5,
+            min_file_bytes: 0,
+            steps: 1,
+            chunk: 1_000,
+        };
+        let store = store_of(&path, 12, settings);
+        loaded(&store).await;
+        let long = |i: usize| widget(&format!("{i:0>60}"));
+        let mut model: BTreeMap<String, Widget> =
+            (0..20_000).map(|i| (format!("w{i:05}"), long(i))).collect();
+        let items = (model.iter())
+            .map(|(serial, widget)| FlushItem {
+                widget: Some(widget.clone()),
+                ..item(serial)
+            })
+            .collect();
+        let written = |items, checkpoint| FlushBatch {
+            items,
+            checkpoint: Some(checkpoint),
+            widgets: Some(20_000),
+            epoch: None,
+        };
+        // Not due yet: written once, in one batch, the file is near its widgets' size.
+        let mut compacting = compact::Settings {
+            ratio: 0.0,
+            ..settings
+        };
+        drop(store);
+        let store = store_of(&path, 12, compacting);
+        loaded(&store).await;
+        store.write_batch(written(items, 1)).await.unwrap();
+        drop(store);
+
+        // Full, but for room for a small write to the store.
+        let reserve = mnt.join("reserve");
+        std::fs::write(&reserve, vec![0u8; 256 << 10]).unwrap();
+        let filler = fill(&mnt);
+        std::fs::remove_file(&reserve).unwrap();
+        compacting.ratio = 0.01;
+        let store = store_of(&path, 12, compacting);
+        loaded(&store).await;
+        for (i, checkpoint) in [(7, 2), (8, 3)] {
+            model.insert(format!("w{i:05}"), widget("renamed"));
+            let changed = vec![FlushItem {
+                widget: Some(widget("renamed")),
+                ..item(&format!("w{i:05}"))
+            }];
+            store
+                .write_batch(written(changed, checkpoint))
+                .await
+                .unwrap();
+            let upkeep = store.upkeep();
+            assert!(upkeep.compaction.is_none() && upkeep.compacted == 0);
+            assert!(upkeep.retry_at.is_some(), "abandoned, waiting to try again");
+        }
+        assert!(
+            !sibling(&path, REBUILDING).exists(),
+            "what it built is gone"
+        );
+        std::fs::remove_file(&filler).unwrap();
+        assert_eq!(loaded(&store).await, (model, 3));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
 
@@ -1053,6 +1450,7 @@ mod tests {
             let db = raw(dir.path());
             let layout = Layout::new(bits).unwrap();
             let mut model = BTreeMap::new();
+            let mut grown = 0;
             for (lsn, changes) in batches.iter().enumerate() {
                 let items = changes.iter().map(|(&n, &name)| {
                     let serial = format!("w{n}");
@@ -1069,11 +1467,13 @@ mod tests {
                     widgets: Some(model.len() as u64),
                     epoch: None,
                 };
-                write_in_chunks(&batch, layout, 7, |k| db.get(k), |b| db.apply_batch(b)).unwrap();
+                write_in_chunks(&batch, layout, 7, &mut grown, |k| db.get(k), |b| db.apply_batch(b))
+                    .unwrap();
             }
             db.insert(BUCKET_BITS_KEY, &u64::from(bits).to_be_bytes()).unwrap();
             proptest::prop_assert_eq!(stored(&db), model);
             proptest::prop_assert!(buckets(&db) <= 1 << bits);
+            proptest::prop_assert_eq!(grown, bucket_bytes(&db) as i64, "the live bytes counted");
         }
     }
 }

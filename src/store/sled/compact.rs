@@ -1,0 +1,191 @@
+//! Compaction: the store rebuilt in a new directory beside it, while it is written, once
+//! its file has grown to several times the data it holds.
+//!
+//! Why: sled 0.34 reuses a segment of its log only once nothing in it is live. Its
+//! cleaner, which moves the last live pages out of mostly dead segments, runs only on the
+//! flusher thread this store keeps off, and turning that thread on did not slow the growth.
+//! Under writes that reach some buckets again and again and others never, every segment
+//! that holds one untouched page stays: a new 10 M-widget store of 1.1 GB reached 3.55 GB
+//! after 18 minutes of a closed-loop load, still growing (BENCHMARKS.md, "sled's file
+//! under a long load"). The same buckets copied in key order take 1.1 GB again.
+//!
+//! How: each write, once stored, is followed by a step on the writer's thread (so no
+//! other write runs meanwhile). The first step opens a new store beside the old one; every
+//! step copies the next buckets, in key order, 1/[`Settings::steps`] of the store's bytes;
+//! and every write copies the buckets it changed below that point again. Once every bucket
+//! is across, the store's own keys follow (the checkpoint among them), the new store is
+//! flushed and closed, and it takes the old one's place by two renames (see
+//! `finish_move` in the parent module for a crash between them). A crash before the
+//! renames leaves the old store whole, and the next open removes the half-built one. A
+//! failure in the new store (a full disk, above all) abandons the compaction and removes
+//! what it built; the write it followed stands, and the next try waits [`RETRY_AFTER`].
+
+use super::{bucket, collect_garbage, StoreError, LEGACY_START, OWN_KEYS};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// When the store compacts itself, and how big a step is.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Compact once the file is over this many times the bytes of the buckets it holds;
+    /// 0 never compacts. A store just built in key order is ~1.8 times its buckets.
+    pub ratio: f64,
+    /// Nor below this file size: a small store's file is mostly sled's fixed overhead.
+    pub min_file_bytes: u64,
+    /// A compaction takes about this many writes: each step copies at least 1/`steps` of
+    /// the buckets' bytes (and at least one chunk).
+    pub steps: u64,
+    /// Buckets copied in one sled batch.
+    pub chunk: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            ratio: DEFAULT_RATIO,
+            min_file_bytes: 256 << 20,
+            steps: 16,
+            chunk: 1_000,
+        }
+    }
+}
+
+/// The default of `--sled-compact-ratio`.
+pub const DEFAULT_RATIO: f64 = 3.0;
+
+/// The new store's page cache: it is written in key order and read back only where a
+/// write follows, so a small cache does, and keeps the memory a compaction adds down (at
+/// 10 M widgets the peak was 1,381 MiB with 1 MiB, 1,444 MiB with the old store's 32 MiB).
+const NEW_CACHE_BYTES: u64 = 1 << 20;
+
+/// How long after an abandoned compaction the next may start.
+pub const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+impl Settings {
+    /// Whether a file of `file_bytes` holding `live_bytes` of buckets is due a compaction.
+    pub fn due(&self, file_bytes: u64, live_bytes: u64) -> bool {
+        self.ratio > 0.0
+            && file_bytes >= self.min_file_bytes
+            && file_bytes as f64 > self.ratio * live_bytes as f64
+    }
+}
+
+/// A compaction under way: the new store, and how far the copy has come.
+pub struct Compaction {
+    new: sled::Db,
+    /// Every bucket below this key is across (and kept so by each write).
+    next: Vec<u8>,
+    started: Instant,
+    /// The old file's size when the compaction started, for the log.
+    file_bytes: u64,
+}
+
+impl Compaction {
+    /// Opens a new, empty store in `path` (a half-built one left there is removed first).
+    pub fn start(path: &Path, file_bytes: u64) -> Result<Self, StoreError> {
+        if path.exists() {
+            super::remove_dir(path)?;
+        }
+        let new = sled::Config::new()
+            .path(path)
+            .cache_capacity(NEW_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open()?;
+        Ok(Self {
+            new,
+            next: vec![bucket::PREFIX],
+            started: Instant::now(),
+            file_bytes,
+        })
+    }
+
+    /// Copies again, from `old`, every bucket among `changed` that is already across: a
+    /// write to `old` has just changed (or removed) them.
+    pub fn follow<'k>(
+        &self,
+        old: &sled::Db,
+        changed: impl IntoIterator<Item = &'k [u8]>,
+        chunk: usize,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for key in changed {
+            if key >= &self.next[..] {
+                continue;
+            }
+            match old.get(key)? {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+            in_batch += 1;
+            if in_batch == chunk {
+                self.new.apply_batch(std::mem::take(&mut batch))?;
+                collect_garbage(in_batch);
+                in_batch = 0;
+            }
+        }
+        self.new.apply_batch(batch)?;
+        collect_garbage(in_batch);
+        Ok(())
+    }
+
+    /// Copies buckets from where the copy stands, `settings.chunk` to a batch, until
+    /// their keys and values come to `quota` bytes; true once every bucket is across.
+    pub fn step(
+        &mut self,
+        old: &sled::Db,
+        settings: &Settings,
+        quota: u64,
+    ) -> Result<bool, StoreError> {
+        let mut copied = 0;
+        let mut buckets = old.range(self.next.clone()..LEGACY_START.to_vec());
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut last = None;
+            let mut in_batch = 0;
+            for entry in buckets.by_ref().take(settings.chunk.max(1)) {
+                let (key, value) = entry?;
+                copied += (key.len() + value.len()) as u64;
+                batch.insert(&key, value);
+                last = Some(key);
+                in_batch += 1;
+            }
+            self.new.apply_batch(batch)?;
+            collect_garbage(in_batch);
+            let Some(last) = last else {
+                return Ok(true);
+            };
+            // The next key after `last`: `last` followed by a zero byte.
+            self.next = last.to_vec();
+            self.next.push(0);
+            if in_batch < settings.chunk.max(1) {
+                return Ok(true);
+            }
+            if copied >= quota {
+                self.new.flush()?;
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Copies the store's own keys (the checkpoint, the widget count, the identity and the
+    /// layout) from `old`, flushes the new store and closes it: it is whole now.
+    pub fn finish(self, old: &sled::Db) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in OWN_KEYS {
+            match old.get(key)? {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        self.new.apply_batch(batch)?;
+        self.new.flush()?;
+        tracing::info!(
+            file_bytes_before = self.file_bytes,
+            file_bytes_after = self.new.size_on_disk()?,
+            secs = self.started.elapsed().as_secs(),
+            "compacted the embedded store"
+        );
+        Ok(())
+    }
+}
