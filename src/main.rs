@@ -117,6 +117,10 @@ async fn bench_seed(args: &SeedArgs, config: &Config) -> anyhow::Result<()> {
             seed::into_postgres(args, &store).await
         }
         None => {
+            // The data directory's lock, as the service takes it: no seed writes under a
+            // running instance (whose WAL may be elsewhere), or tidies up after its
+            // compaction as if a crash had left it.
+            let _lock = widgets::data_dir::DataDirLock::acquire(&config.data_dir)?;
             let store = widgets::app::open_sled(config).await?;
             seed::fill(&store, args, "the embedded store").await
         }

@@ -65,6 +65,23 @@ fn one_large_store_write_keeps_its_memory_bounded() {
     );
 }
 
+/// A server whose WAL is elsewhere leaves the seed no WAL to refuse on: the data
+/// directory's lock refuses it, before it touches the store.
+#[tokio::test]
+async fn no_seed_runs_under_a_server_on_its_data_directory() {
+    let (dir, wal) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let wal_dir = wal.path().to_str().unwrap();
+    let server = binary::start(dir.path(), &["--wal-dir", wal_dir]).await;
+    let refused = seed(dir.path(), "10");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "seeded under a running server");
+    assert!(
+        stderr.contains("in use by another widgets process"),
+        "{stderr}"
+    );
+    assert!(server.stop().await.expect("stopping the server").success());
+}
+
 #[tokio::test]
 async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
     let dir = tempfile::tempdir().unwrap();
