@@ -182,7 +182,7 @@ impl Compaction {
         self.new.flush()?;
         tracing::info!(
             file_bytes_before = self.file_bytes,
-            file_bytes_after = self.new.size_on_disk()?,
+            file_bytes_after = self.new.size_on_disk().ok(),
             secs = self.started.elapsed().as_secs(),
             "compacted the embedded store"
         );

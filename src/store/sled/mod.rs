@@ -41,7 +41,7 @@ use self::compact::Compaction;
 use super::background::{Background, BackgroundError};
 use super::{FlushBatch, Store, StoreError, Visitor};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 /// Bucket keys start with [`bucket::PREFIX`] and serials with none of these bytes, so the
@@ -279,8 +279,14 @@ impl SledStore {
         result
     }
 
+    /// What the store knows of its size and compaction. A panic while it was held (sled
+    /// panics if an fsync fails as a handle closes) leaves it as it was, which every use
+    /// copes with: the next write goes on, and at worst a compaction is abandoned.
     fn upkeep(&self) -> MutexGuard<'_, Upkeep> {
-        self.inner.upkeep.lock().expect("store upkeep lock")
+        self.inner
+            .upkeep
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn load_blocking(&self, mut visit: Visitor) -> Result<u64, StoreError> {
@@ -339,7 +345,8 @@ impl SledStore {
                 db.apply_batch(chunk)?;
                 db.flush().map(drop)
             },
-        );
+        )
+        .and_then(|()| sync_files(&self.inner.path, &["db"]));
         let mut upkeep = self.upkeep();
         if let Some(live) = &mut upkeep.live_bytes {
             *live = live.saturating_add_signed(grown);
@@ -397,9 +404,13 @@ impl SledStore {
             let quota = live.div_ceil(settings.steps.max(1));
             compaction.step(&db, &settings, quota)
         })();
+        let rebuilding = sibling(&self.inner.path, REBUILDING);
         let whole = match stepped {
             Ok(false) => return,
-            Ok(true) => upkeep.compaction.take().map(|c| c.finish(&db)),
+            Ok(true) => (upkeep.compaction.take()).map(|c| {
+                c.finish(&db)
+                    .and_then(|()| sync_files(&rebuilding, &["db", "conf", "."]))
+            }),
             Err(e) => Some(Err(e)),
         };
         if let Some(Err(e)) = whole {
@@ -420,8 +431,8 @@ impl SledStore {
                     .increment(1);
             }
             Err(e) => tracing::warn!(error = %e, path = %self.inner.path.display(),
-                "the compacted embedded store is not in place yet; it is when the store \
-                 next opens"),
+                "swapping in the compacted embedded store failed part-way; the store's \
+                 next open finishes it"),
         }
     }
 
@@ -656,6 +667,19 @@ fn finish_move(path: &Path) -> Result<(), StoreError> {
         remove_dir(&moving)?;
     }
     if moved_out.exists() {
+        if !path.exists() {
+            // Only something from outside removes the new store after the first rename.
+            return Err(StoreError::Io {
+                what: format!(
+                    "opening the embedded store: {} is missing, and {} holds the store it \
+                     was replacing; move that back to {} to start",
+                    path.display(),
+                    moved_out.display(),
+                    path.display()
+                ),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         remove_dir(&moved_out)?;
     }
     Ok(())
@@ -674,6 +698,22 @@ fn remove_dir(path: &Path) -> Result<(), StoreError> {
     std::fs::remove_dir_all(path)
         .map_err(StoreError::io(format!("removing {}", path.display())))?;
     sync_parent(path)
+}
+
+/// `fsync`s the files `names` (`.`: the directory itself) in `dir`. sled 0.34's `flush`
+/// on Linux is a `sync_file_range`, which writes a file's data but not the metadata (a
+/// grown file's size) needed to read it after a power loss, and it `fsync`s only on the
+/// flusher thread this store keeps off. The WAL is trimmed on the strength of a store
+/// write, so every write ends with an `fsync` of sled's file, and a rebuilt store's files
+/// and directory are synced before it replaces the old one.
+fn sync_files(dir: &Path, names: &[&str]) -> Result<(), StoreError> {
+    for name in names {
+        let path = dir.join(name);
+        std::fs::File::open(&path)
+            .and_then(|file| file.sync_all())
+            .map_err(StoreError::io(format!("syncing {}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// Makes a rename or removal in `path`'s directory durable.
@@ -729,8 +769,8 @@ impl Store for SledStore {
 
     async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
         let (this, identity) = (self.clone(), identity.to_owned());
-        // On the writer's thread, like every write: so is opening the database again
-        // after an I/O error closed it.
+        // On the writer's thread, like every write (and the opening of the database
+        // again after an I/O error closed it, if this is the next operation).
         self.inner
             .writer
             .run(move || {
@@ -1097,10 +1137,11 @@ mod tests {
         assert_eq!(legacy(&db), 0, "no entry is left in the old layout");
         assert_eq!(bucket_bits(&db), bucket::DEFAULT_BITS);
         assert_eq!(store.len_hint().await.unwrap(), 2_500);
-        assert_moved(dir.path());
+        assert_rebuilt(dir.path());
     }
 
-    fn assert_moved(path: &Path) {
+    /// No directory of a rebuild (a move into buckets or a compaction) is left.
+    fn assert_rebuilt(path: &Path) {
         for suffix in [REBUILDING, REPLACED] {
             assert!(!sibling(path, suffix).exists(), "{suffix} is left");
         }
@@ -1122,7 +1163,7 @@ mod tests {
         let (widgets, checkpoint) = loaded(&store).await;
         assert_eq!((widgets.len(), checkpoint), (2_500, 7));
         assert_eq!(legacy(&store.db().unwrap()), 0);
-        assert_moved(&path);
+        assert_rebuilt(&path);
     }
 
     #[tokio::test]
@@ -1145,8 +1186,23 @@ mod tests {
             assert_eq!((widgets.len(), checkpoint), (2_500, 7), "after {renamed}");
             assert_eq!(legacy(&store.db().unwrap()), 0);
             assert_eq!(store.len_hint().await.unwrap(), 2_500);
-            assert_moved(&path);
+            assert_rebuilt(&path);
         }
+    }
+
+    #[test]
+    fn a_store_gone_from_beside_the_one_it_replaced_is_refused_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(legacy_store(&sibling(&path, REPLACED), 10));
+        let err = SledStore::open(&path, 1 << 20).err().expect("refused");
+        assert!(err.to_string().contains("move that back"), "{err}");
+        assert_eq!(
+            legacy(&raw(&sibling(&path, REPLACED))),
+            10,
+            "kept as it was"
+        );
+        assert!(!path.exists(), "no empty store in its place");
     }
 
     #[test]
@@ -1269,12 +1325,6 @@ mod tests {
         let live = store.upkeep().live_bytes.expect("counted by the load");
         assert_eq!(live, bucket_bytes(&store.db().unwrap()));
         (file, live)
-    }
-
-    fn assert_rebuilt(path: &Path) {
-        for suffix in [REBUILDING, REPLACED] {
-            assert!(!sibling(path, suffix).exists(), "{suffix} is left");
-        }
     }
 
     #[tokio::test]
