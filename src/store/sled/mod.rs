@@ -269,7 +269,9 @@ impl SledStore {
         result: Result<T, E>,
     ) -> Result<T, StoreError> {
         let result = result.map_err(Into::into);
-        if let Err(StoreError::Sled(sled::Error::Io(e))) = &result {
+        // sled's own I/O, or the `fsync` after it: either way what sled holds in memory
+        // may not be what is on disk, and reading it back is how to know.
+        if let Err(e @ (StoreError::Sled(sled::Error::Io(_)) | StoreError::Io { .. })) = &result {
             tracing::warn!(error = %e, path = %self.inner.path.display(),
                 "the embedded store failed an I/O; it is opened again for the next flush");
             drop(used);
