@@ -389,13 +389,13 @@ impl SledStore {
         }
         let settings = self.inner.compact;
         let layout = self.layout();
+        let rebuilding = sibling(&self.inner.path, REBUILDING);
         let stepped = (|| {
             let compaction = match &mut upkeep.compaction {
                 Some(compaction) => compaction,
-                None => upkeep.compaction.insert(Compaction::start(
-                    &sibling(&self.inner.path, REBUILDING),
-                    file_bytes,
-                )?),
+                None => upkeep
+                    .compaction
+                    .insert(Compaction::start(&rebuilding, file_bytes)?),
             };
             let mut changed: Vec<bucket::Key> = (batch.items.iter())
                 .map(|item| layout.key(item.serial.as_str()))
@@ -406,7 +406,6 @@ impl SledStore {
             let quota = live.div_ceil(settings.steps.max(1));
             compaction.step(&db, &settings, quota)
         })();
-        let rebuilding = sibling(&self.inner.path, REBUILDING);
         let whole = match stepped {
             Ok(false) => return,
             Ok(true) => (upkeep.compaction.take()).map(|c| {
@@ -1315,18 +1314,25 @@ mod tests {
         store.write_batch(batch).await.unwrap();
     }
 
-    /// A store in `path` grown by many writes (never compacted); its file's size and its
-    /// buckets' bytes.
-    async fn grown_store(path: &Path, model: &mut BTreeMap<String, Widget>) -> (u64, u64) {
-        let store = compacting_store(path, 0.0);
-        loaded(&store).await;
-        for round in 1..=150 {
-            write_round(&store, model, round).await;
-        }
-        let file = store.db().unwrap().size_on_disk().unwrap();
-        let live = store.upkeep().live_bytes.expect("counted by the load");
-        assert_eq!(live, bucket_bytes(&store.db().unwrap()));
-        (file, live)
+    /// A store in `path` grown by 150 rounds of writes (never compacted), then opened
+    /// again due for a compaction at its next write (its ratio 0.8 times the grown file's
+    /// to its buckets) and loaded; the grown file's size.
+    async fn store_due(path: &Path, model: &mut BTreeMap<String, Widget>) -> (SledStore, u64) {
+        let (file, live) = {
+            let store = compacting_store(path, 0.0);
+            loaded(&store).await;
+            for round in 1..=150 {
+                write_round(&store, model, round).await;
+            }
+            let file = store.db().unwrap().size_on_disk().unwrap();
+            let live = store.upkeep().live_bytes.expect("counted by the load");
+            assert_eq!(live, bucket_bytes(&store.db().unwrap()));
+            (file, live)
+        };
+        assert!(file > 4 * live, "the file grew: {file} bytes for {live}");
+        let store = compacting_store(path, (file / live) as f64 * 0.8);
+        assert_eq!(loaded(&store).await.1, 150);
+        (store, file)
     }
 
     #[tokio::test]
@@ -1334,13 +1340,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let mut model = BTreeMap::new();
-        let (file, live) = grown_store(&path, &mut model).await;
-        assert!(file > 4 * live, "the file grew: {file} bytes for {live}");
-
-        // Due at once; a sixteenth of the store a step, so several writes go by while it
-        // runs, each changing buckets already copied.
-        let store = compacting_store(&path, (file / live) as f64 * 0.8);
-        assert_eq!(loaded(&store).await.1, 150);
+        // A sixteenth of the store a step, so several writes go by while it runs, each
+        // changing buckets already copied.
+        let (store, file) = store_due(&path, &mut model).await;
         let mut compacting = Vec::new();
         for round in 151..=170 {
             write_round(&store, &mut model, round).await;
@@ -1372,9 +1374,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let mut model = BTreeMap::new();
-        let (file, live) = grown_store(&path, &mut model).await;
-        let store = compacting_store(&path, (file / live) as f64 * 0.8);
-        loaded(&store).await;
+        let (store, _) = store_due(&path, &mut model).await;
         for round in 151..=155 {
             write_round(&store, &mut model, round).await;
         }
@@ -1392,9 +1392,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let mut model = BTreeMap::new();
-        let (file, live) = grown_store(&path, &mut model).await;
-        let store = compacting_store(&path, (file / live) as f64 * 0.8);
-        loaded(&store).await;
+        let (store, _) = store_due(&path, &mut model).await;
         // Where the new store would go, a file that cannot be removed as a directory.
         std::fs::write(sibling(&path, REBUILDING), b"in the way").unwrap();
         write_round(&store, &mut model, 151).await;
