@@ -1452,14 +1452,15 @@ mod tests {
         store.write_batch(written(items, 1)).await.unwrap();
         drop(store);
 
-        // Full, but for room for a small write to the store.
+        // Opened first (sled may take a fresh segment of its file as it opens), then the
+        // disk is filled but for room for a small write to the store.
+        compacting.ratio = 0.01;
+        let store = store_of(&path, 12, compacting);
+        loaded(&store).await;
         let reserve = mnt.join("reserve");
         std::fs::write(&reserve, vec![0u8; 256 << 10]).unwrap();
         let filler = fill(&mnt);
         std::fs::remove_file(&reserve).unwrap();
-        compacting.ratio = 0.01;
-        let store = store_of(&path, 12, compacting);
-        loaded(&store).await;
         for (i, checkpoint) in [(7, 2), (8, 3)] {
             model.insert(format!("w{i:05}"), widget("renamed"));
             let changed = vec![FlushItem {
