@@ -4,7 +4,7 @@
 //! line; [`Config`] also parses on its own, as tests build apps from argument lists.
 
 use crate::api::auth::Auth;
-use crate::engine::EngineSettings;
+use crate::engine::{EngineSettings, SequencerPriority};
 use crate::serve::ConnectionLimits;
 use crate::store::postgres::{FlushTxSettings, SynchronousCommit};
 use crate::wal::{FsyncMode, RecoveryMode};
@@ -225,6 +225,14 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_FLUSH_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub flush_nice: i32,
 
+    /// How the sequencer thread (which logs, fsyncs and applies every write) is scheduled:
+    /// `normal`, or `realtime` (Linux `SCHED_FIFO` priority 1), so that it has a core as
+    /// soon as its fsync returns, ahead of the write-behind and anything else on the
+    /// machine (see README, "The sequencer's priority"). `realtime` needs CAP_SYS_NICE or
+    /// an RLIMIT_RTPRIO of at least 1, or the service refuses to start. Single node only.
+    #[arg(long, env = "WIDGETS_SEQUENCER_PRIORITY", value_enum, default_value_t = SequencerPriority::Normal)]
+    pub sequencer_priority: SequencerPriority,
+
     /// The embedded store rebuilds itself, in a new directory beside it while it is
     /// written, once its file is over this many times the data it holds (and over
     /// 256 MiB): sled's file otherwise grows under writes with no bound. 2.5 to 100, or 0
@@ -371,6 +379,7 @@ impl Config {
             wal_segment_bytes: self.wal_segment_bytes,
             wal_preallocate: self.wal_preallocate,
             flush_nice: self.flush_nice,
+            sequencer_priority: self.sequencer_priority,
             wal_max_bytes: self.wal_max_bytes,
             wal_recovery: self.wal_recovery,
             queue_depth: self.write_queue as usize,
@@ -521,6 +530,12 @@ mod tests {
             (c.fsync, c.flush_interval()),
             (FsyncMode::Interval, Duration::from_millis(250))
         );
+        assert_eq!(c.sequencer_priority, SequencerPriority::Normal);
+        let c = Config::try_parse_from(["widgets", "--sequencer-priority", "realtime"]).unwrap();
+        assert_eq!(
+            c.engine_settings().sequencer_priority,
+            SequencerPriority::Realtime
+        );
         for bad in [
             &["widgets", "--fsync", "sometimes"][..],
             &["widgets", "--listen", "nowhere"],
@@ -542,6 +557,7 @@ mod tests {
             &["widgets", "--sled-compact-ratio", "-3"],
             &["widgets", "--sled-compact-ratio", "NaN"],
             &["widgets", "--sled-compact-ratio", "often"],
+            &["widgets", "--sequencer-priority", "high"],
         ] {
             assert!(Config::try_parse_from(bad).is_err(), "{bad:?} was accepted");
         }

@@ -8,7 +8,7 @@ mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-pub use memory::{EngineSettings, FlushTicket, MemoryEngine, RecoveryError};
+pub use memory::{EngineSettings, FlushTicket, MemoryEngine, RecoveryError, SequencerPriority};
 
 use crate::domain::{DomainError, Rule, Serial, Widget};
 use std::sync::Arc;

@@ -33,7 +33,7 @@ impl Source for MemoryEngine {
 #[cfg(test)]
 mod tests {
     use crate::domain::{Associate, Create, Delete, Name, PortType, Ports, Serial, Widget};
-    use crate::engine::{EngineSettings, MemoryEngine};
+    use crate::engine::{EngineSettings, MemoryEngine, SequencerPriority};
     use crate::flush::Flusher;
     use crate::store::{FlushBatch, SledStore, Store, StoreError, Visitor};
     use crate::wal::{FsyncMode, RealFs, RecoveryMode};
@@ -82,6 +82,7 @@ mod tests {
             wal_segment_bytes: 1024,
             wal_preallocate: true,
             flush_nice: 10,
+            sequencer_priority: SequencerPriority::Normal,
             wal_max_bytes: 1 << 30,
             wal_recovery: RecoveryMode::Strict,
             queue_depth: 1024,

@@ -21,6 +21,7 @@ mod state;
 use self::dirty::{DirtySet, Taken};
 use self::packed::PackedWidget;
 use self::sequencer::Job;
+pub use self::sequencer::SequencerPriority;
 use self::state::{Shared, WidgetMap};
 use super::EngineError;
 use crate::domain::{Rule, Serial, Widget};
@@ -53,6 +54,8 @@ pub struct EngineSettings {
     pub wal_preallocate: bool,
     /// Nice value of the thread that builds flush batches (`--flush-nice`).
     pub flush_nice: i32,
+    /// How the sequencer thread is scheduled (`--sequencer-priority`).
+    pub sequencer_priority: SequencerPriority,
     pub wal_max_bytes: u64,
     pub wal_recovery: RecoveryMode,
     pub queue_depth: usize,
@@ -74,6 +77,8 @@ pub enum RecoveryError {
     /// mix them, or lose acknowledged writes without a word.
     #[error("{0}")]
     Identity(String),
+    #[error("starting the sequencer: {0}")]
+    Sequencer(std::io::Error),
 }
 
 pub struct MemoryEngine {
@@ -151,10 +156,12 @@ impl MemoryEngine {
             fsync: settings.fsync,
             fsync_interval: settings.fsync_interval,
             commit_delay: settings.commit_delay,
+            priority: settings.sequencer_priority,
         };
         let flush_prep = Background::start("widgets-flush-prep", settings.flush_nice)
             .map_err(StoreError::io("starting the flush's thread"))?;
-        let thread = sequencer::spawn(shared.clone(), writer, rx, policy);
+        let thread = sequencer::spawn(shared.clone(), writer, rx, policy)
+            .map_err(RecoveryError::Sequencer)?;
         tracing::debug!(next_lsn, "sequencer started");
         Ok(Self {
             shared,

@@ -108,14 +108,30 @@ pub(super) struct SyncPolicy {
     pub fsync_interval: Duration,
     /// How long a group waits for more writes under concurrent load (`--fsync always` only).
     pub commit_delay: Duration,
+    pub priority: SequencerPriority,
 }
 
+/// How the sequencer thread is scheduled (`--sequencer-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SequencerPriority {
+    /// The process's own scheduling, as every other thread.
+    #[default]
+    Normal,
+    /// `SCHED_FIFO` at priority 1 (Linux): as its `fdatasync` returns, the sequencer takes
+    /// a core ahead of every thread at normal priority (the async workers, the flush, a
+    /// PostgreSQL on the same machine) instead of waiting for one of them to be
+    /// preempted. Needs `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least 1.
+    Realtime,
+}
+
+/// Starts the sequencer thread at `policy.priority`. A priority the thread may not take
+/// is an error, and the thread ends before it takes any write.
 pub(super) fn spawn(
     shared: Arc<Shared>,
     writer: WalWriter,
     jobs: Receiver<Job>,
     policy: SyncPolicy,
-) -> JoinHandle<()> {
+) -> std::io::Result<JoinHandle<()>> {
     let mut seq = Sequencer {
         shared,
         log: Log::new(writer, policy.fsync, policy.fsync_interval),
@@ -123,10 +139,61 @@ pub(super) fn spawn(
         commit_delay: policy.commit_delay,
         last_group: 0,
     };
-    std::thread::Builder::new()
+    let (scheduled, was_scheduled) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
         .name("widgets-sequencer".into())
-        .spawn(move || seq.run(jobs))
-        .expect("spawning the sequencer thread")
+        .spawn(move || {
+            let result = schedule(policy.priority);
+            let ok = result.is_ok();
+            let _ = scheduled.send(result);
+            if ok {
+                seq.run(jobs)
+            }
+        })?;
+    let result = was_scheduled
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended as it started")));
+    match result {
+        Ok(()) => Ok(thread),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}
+
+/// Puts the calling thread at `priority`.
+#[cfg(target_os = "linux")]
+fn schedule(priority: SequencerPriority) -> std::io::Result<()> {
+    if priority == SequencerPriority::Normal {
+        return Ok(());
+    }
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pthread_self is the calling thread, and `param` is a valid sched_param that
+    // outlives the call.
+    let error =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    match error {
+        0 => Ok(()),
+        libc::EPERM => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "--sequencer-priority realtime needs CAP_SYS_NICE (root, or a container granted \
+             SYS_NICE) or an RLIMIT_RTPRIO of at least 1 (`ulimit -r 1`); without either, \
+             leave it at normal",
+        )),
+        _ => Err(std::io::Error::from_raw_os_error(error)),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn schedule(priority: SequencerPriority) -> std::io::Result<()> {
+    match priority {
+        SequencerPriority::Normal => Ok(()),
+        SequencerPriority::Realtime => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "--sequencer-priority realtime is Linux-only",
+        )),
+    }
 }
 
 struct Sequencer {
@@ -739,6 +806,7 @@ mod tests {
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_secs(1),
             commit_delay: delay,
+            priority: SequencerPriority::Normal,
         };
         let (jobs, queue) = std::sync::mpsc::sync_channel(16);
         let send = |serial: &str| {
@@ -749,7 +817,7 @@ mod tests {
 
         // Two writes queued before the sequencer starts make its first group: two.
         let (mut x, mut y) = (send("x"), send("y"));
-        let thread = spawn(shared.clone(), writer, queue, policy);
+        let thread = spawn(shared.clone(), writer, queue, policy).unwrap();
         assert!(answered(&mut x, Duration::from_secs(2)).is_some());
         assert!(answered(&mut y, Duration::from_secs(2)).is_some());
 
