@@ -177,9 +177,9 @@ fn schedule(priority: SequencerPriority) -> std::io::Result<()> {
         0 => Ok(()),
         libc::EPERM => Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            "--sequencer-priority realtime needs CAP_SYS_NICE (root, or a container granted \
-             SYS_NICE) or an RLIMIT_RTPRIO of at least 1 (`ulimit -r 1`); without either, \
-             leave it at normal",
+            "--sequencer-priority realtime needs CAP_SYS_NICE (as root has) or an \
+             RLIMIT_RTPRIO of at least 1 (`ulimit -r 1`, systemd's LimitRTPRIO=1, Docker's \
+             --ulimit rtprio=1); without either, leave it at normal",
         )),
         _ => Err(std::io::Error::from_raw_os_error(error)),
     }
