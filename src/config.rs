@@ -230,6 +230,7 @@ pub struct Config {
     /// soon as its fsync returns, ahead of the write-behind and anything else on the
     /// machine (see README, "The sequencer's priority"). `realtime` needs CAP_SYS_NICE or
     /// an RLIMIT_RTPRIO of at least 1, or the service refuses to start. Single node only.
+    /// Default: normal.
     #[arg(long, env = "WIDGETS_SEQUENCER_PRIORITY", value_enum, default_value_t = SequencerPriority::Normal)]
     pub sequencer_priority: SequencerPriority,
 
