@@ -76,7 +76,8 @@ pub struct Config {
 
     /// With `--fsync always`: how long a group of writes waits for more before its fsync
     /// while several writers are about (0 to 10ms; 0 turns it off). One fsync then covers
-    /// more writes, for this much more latency; a lone writer never waits.
+    /// more writes, for this much more latency; a lone writer never waits, nor does a group
+    /// of 16 writes or more.
     #[arg(long, env = "WIDGETS_COMMIT_DELAY", default_value = "500us", value_parser = commit_delay)]
     pub commit_delay: Duration,
 
