@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use widgets::domain::{self, PortType, Rule, Serial, StateView, Tx, Widget};
+use widgets_testkit::server::exits_within;
 
 /// The client's model of its own widgets: the association rules applied to what it sent.
 #[derive(Clone, Default)]
@@ -400,14 +401,10 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("running the second widgets process");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while second.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            second.kill().unwrap();
-            panic!("a second instance on the same --wal-dir still runs after 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        exits_within(&mut second, Duration::from_secs(10)),
+        "a second instance on the same --wal-dir still ran after 10 s"
+    );
     let second = second.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(

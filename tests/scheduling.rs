@@ -8,7 +8,8 @@
 mod common;
 
 use reqwest::StatusCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use widgets_testkit::server::exits_within;
 
 /// `SCHED_OTHER` and `SCHED_FIFO`, as /proc reports a thread's policy.
 const SCHED_OTHER: u32 = 0;
@@ -99,14 +100,10 @@ fn realtime_without_cap_sys_nice(data: &std::path::Path) -> std::process::Child 
 fn realtime_without_the_right_to_it_refuses_to_start_and_says_what_is_missing() {
     let data = tempfile::tempdir().unwrap();
     let mut child = realtime_without_cap_sys_nice(data.path());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("widgets still runs 20 s after it was asked for a priority it may not take");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        exits_within(&mut child, Duration::from_secs(20)),
+        "widgets still ran 20 s after it was asked for a priority it may not take"
+    );
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

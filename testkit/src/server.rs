@@ -97,6 +97,21 @@ pub fn listen_addr_in_log(line: &str) -> Option<&str> {
     line.split("addr=").nth(1)?.split_whitespace().next()
 }
 
+/// Waits up to `within` for `child` to exit; kills it if it has not, and returns whether
+/// it exited of itself. Blocks the calling thread.
+pub fn exits_within(child: &mut Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while child.try_wait().expect("polling the child").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
