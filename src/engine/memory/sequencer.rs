@@ -540,6 +540,15 @@ mod tests {
         }
     }
 
+    /// A new WAL in `dir` on `fs`, from LSN 1, its size counted in `bytes`.
+    fn new_wal(
+        fs: Arc<dyn crate::wal::WalFs>,
+        dir: &std::path::Path,
+        bytes: Arc<AtomicU64>,
+    ) -> WalWriter {
+        WalWriter::open(fs, dir, vec![], 1, 1 << 20, bytes).unwrap()
+    }
+
     /// Shared state whose map holds widgets `a` and `b` (port P, free) at version 1.
     fn shared_with_a_and_b() -> Shared {
         let shared = Shared::new(WidgetMap::new(0), DirtySet::default(), 3);
@@ -704,15 +713,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = FaultyFs::new();
         let shared = Shared::new(WidgetMap::new(0), DirtySet::default(), 1);
-        let writer = WalWriter::open(
+        let writer = new_wal(
             Arc::new(fs.clone()),
             dir.path(),
-            vec![],
-            1,
-            1 << 20,
             Arc::new(AtomicU64::new(0)),
-        )
-        .unwrap();
+        );
         let mut log = Log::new(writer, FsyncMode::Always, Duration::from_secs(1));
         let batch_at = |lsn| {
             let mut batch = LogBatch::new(lsn);
@@ -756,15 +761,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = FaultyFs::new();
         let shared = Arc::new(shared_with_a_and_b());
-        let writer = WalWriter::open(
-            Arc::new(fs.clone()),
-            dir.path(),
-            vec![],
-            1,
-            1 << 20,
-            shared.wal_bytes.clone(),
-        )
-        .unwrap();
+        let writer = new_wal(Arc::new(fs.clone()), dir.path(), shared.wal_bytes.clone());
         let mut seq = Sequencer {
             shared: shared.clone(),
             log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
@@ -813,15 +810,11 @@ mod tests {
     fn after_a_group_of_two(delay: Duration) -> (tempfile::TempDir, Sequencer) {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(shared_with_a_and_b());
-        let writer = WalWriter::open(
+        let writer = new_wal(
             Arc::new(crate::wal::RealFs),
             dir.path(),
-            vec![],
-            1,
-            1 << 20,
             shared.wal_bytes.clone(),
-        )
-        .unwrap();
+        );
         let seq = Sequencer {
             shared,
             log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
@@ -868,15 +861,11 @@ mod tests {
     fn the_commit_delay_holds_a_group_after_concurrent_writes_and_never_a_lone_writer() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(shared_with_a_and_b());
-        let writer = WalWriter::open(
+        let writer = new_wal(
             Arc::new(crate::wal::RealFs),
             dir.path(),
-            vec![],
-            1,
-            1 << 20,
             shared.wal_bytes.clone(),
-        )
-        .unwrap();
+        );
         // Far longer than anything else here takes, so only the delay can explain a wait.
         let delay = Duration::from_secs(2);
         let policy = SyncPolicy {
