@@ -120,8 +120,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub ceiling_secs: u64,
 
-    /// Seconds of the load's association PUTs against a bare axum JSON echo, the reference
-    /// for the service's CPU per PUT (default 5); 0 skips it.
+    /// Seconds of the load's association PUTs, at the load's pace (`--rate`, or full
+    /// speed), against a bare axum JSON echo, the reference for the service's CPU per PUT
+    /// (default 5); 0 skips it.
     #[arg(long, default_value_t = 5)]
     pub echo_secs: u64,
 

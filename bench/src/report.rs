@@ -333,9 +333,9 @@ pub struct Report {
     pub create: PhaseStats,
     /// `GET /healthz` at full speed: the HTTP ceiling of this client and machine.
     pub ceiling: Option<PhaseStats>,
-    /// The load's association PUTs, at full speed, answered by a bare axum JSON echo in a
-    /// process of its own: what parsing the request and answering it cost, without the
-    /// service's work.
+    /// The load's association PUTs, at the load's pace, answered by a bare axum JSON echo
+    /// in a process of its own: what parsing the request and answering it cost, without
+    /// the service's work.
     pub echo: Option<PhaseStats>,
     /// The mix: the numbers the run is for.
     pub load: PhaseStats,
