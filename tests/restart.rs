@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use widgets::domain::{self, PortType, Rule, Serial, StateView, Tx, Widget};
-use widgets_testkit::server::exits_within;
+use widgets_testkit::server::{log_on_a_pipe, output_within};
 
 /// The client's model of its own widgets: the association rules applied to what it sent.
 #[derive(Clone, Default)]
@@ -385,27 +385,21 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
     assert_eq!(got["d2"], [Some("d1".into()), None, None]);
 
     let other = tempfile::TempDir::new().unwrap();
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--wal-dir",
-            wal_arg,
-            "--data-dir",
-        ])
-        .arg(other.path())
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("running the second widgets process");
-    assert!(
-        exits_within(&mut second, Duration::from_secs(10)),
-        "a second instance on the same --wal-dir still ran after 10 s"
-    );
-    let second = second.wait_with_output().unwrap();
+    let second = log_on_a_pipe(&mut std::process::Command::new(env!(
+        "CARGO_BIN_EXE_widgets"
+    )))
+    .args([
+        "--listen",
+        "127.0.0.1:0",
+        "--wal-dir",
+        wal_arg,
+        "--data-dir",
+    ])
+    .arg(other.path())
+    .spawn()
+    .expect("running the second widgets process");
+    let second = output_within(second, Duration::from_secs(10))
+        .expect("a second instance on the same --wal-dir still ran after 10 s");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(
         !second.status.success(),

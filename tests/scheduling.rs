@@ -9,7 +9,7 @@ mod common;
 
 use reqwest::StatusCode;
 use std::time::Duration;
-use widgets_testkit::server::exits_within;
+use widgets_testkit::server::{log_on_a_pipe, output_within};
 
 /// `SCHED_OTHER` and `SCHED_FIFO`, as /proc reports a thread's policy.
 const SCHED_OTHER: u32 = 0;
@@ -69,7 +69,7 @@ async fn the_sequencer_runs_at_the_priority_asked_for() {
 /// (dropped from the bounding set, so even root loses it at exec) and with no real-time
 /// priority allowed by RLIMIT_RTPRIO, its log on a pipe.
 fn realtime_without_cap_sys_nice(data: &std::path::Path) -> std::process::Child {
-    std::process::Command::new("prlimit")
+    log_on_a_pipe(&mut std::process::Command::new("prlimit"))
         .arg("--rtprio=0:0")
         .args([
             "--",
@@ -87,11 +87,6 @@ fn realtime_without_cap_sys_nice(data: &std::path::Path) -> std::process::Child 
         ])
         .arg("--data-dir")
         .arg(data)
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("running widgets under prlimit and setpriv (util-linux)")
 }
@@ -99,12 +94,9 @@ fn realtime_without_cap_sys_nice(data: &std::path::Path) -> std::process::Child 
 #[test]
 fn realtime_without_the_right_to_it_refuses_to_start_and_says_what_is_missing() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = realtime_without_cap_sys_nice(data.path());
-    assert!(
-        exits_within(&mut child, Duration::from_secs(20)),
-        "widgets still ran 20 s after it was asked for a priority it may not take"
-    );
-    let out = child.wait_with_output().unwrap();
+    let child = realtime_without_cap_sys_nice(data.path());
+    let out = output_within(child, Duration::from_secs(20))
+        .expect("widgets still ran 20 s after it was asked for a priority it may not take");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !stderr.contains("setpriv:") && !stderr.contains("prlimit:"),

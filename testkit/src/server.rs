@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -97,19 +97,35 @@ pub fn listen_addr_in_log(line: &str) -> Option<&str> {
     line.split("addr=").nth(1)?.split_whitespace().next()
 }
 
-/// Waits up to `within` for `child` to exit; kills it if it has not, and returns whether
-/// it exited of itself. Blocks the calling thread.
-pub fn exits_within(child: &mut Child, within: Duration) -> bool {
+/// Sets `command` up as every child the tests start is: its store from its command line
+/// alone (no `DATABASE_URL` or `REDIS_URL` from the caller's environment), no stdin, its
+/// stdout dropped and its log on a pipe.
+pub fn log_on_a_pipe(command: &mut Command) -> &mut Command {
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+}
+
+/// What `child` printed to its piped stdout and stderr, and how it exited, if it exits
+/// within `within`; if not, kills it and returns `None`. Blocks the calling thread.
+pub fn output_within(mut child: Child, within: Duration) -> Option<Output> {
     let deadline = Instant::now() + within;
     while child.try_wait().expect("polling the child").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return false;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    true
+    Some(
+        child
+            .wait_with_output()
+            .expect("reading the child's output"),
+    )
 }
 
 pub struct Server {
@@ -137,16 +153,11 @@ impl Server {
                 (Some(temp), dir)
             }
         };
-        let mut child = Command::new(&command.bin)
+        let mut child = log_on_a_pipe(&mut Command::new(&command.bin))
             .args(command_line(&dir, &command.args))
             // The address is in an info line, whatever the caller's own RUST_LOG says.
             .env("RUST_LOG", "info")
-            .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL")
             .envs(command.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| ServerError::Spawn(command.bin.clone(), e))?;
         let stderr = child.stderr.take().expect("stderr is piped");
