@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! - [`server`]: the `widgets` binary as a child process on a free port: its address from
-//!   its log, readiness, graceful stop, `kill -9`.
+//!   its log, readiness, graceful stop, `kill -9`; and, for a child a test starts by hand,
+//!   its environment and pipes, and its output once it exits within a deadline.
 //! - [`pg`]: throwaway PostgreSQL databases (`ScratchDb`), and `TestDb`, one per test.
 //! - [`metrics`]: a metric's value out of the `/metrics` text.
 //! - [`disk`]: a full disk, for real (a small tmpfs; needs root).
