@@ -4,7 +4,9 @@
 //! time.
 
 use axum::http::Method;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,13 +40,48 @@ pub fn handle() -> &'static PrometheusHandle {
 /// grow `/metrics` by sending made-up methods or paths: `route` is a route template or
 /// `unmatched`, and the method is one HTTP defines or `other`.
 pub fn record_request(method: &Method, route: &str, status: u16, elapsed: Duration) {
-    let labels = [
-        ("method", method_label(method).to_owned()),
-        ("route", route.to_owned()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    let method = method_label(method);
+    REQUESTS.with_borrow_mut(|requests| {
+        let (count, time) = requests.handles(method, route, status);
+        count.increment(1);
+        time.record(elapsed.as_secs_f64());
+    });
+}
+
+thread_local! {
+    /// Each thread's handles on the request metrics, by their labels.
+    static REQUESTS: RefCell<RequestMetrics> = RefCell::default();
+}
+
+/// The counter and histogram of each label set a thread has recorded. Looking a metric up
+/// by its labels in the recorder builds its key (three label strings) and hashes it, for
+/// every request; a thread keeps the handles instead, which count into the same metrics.
+/// The labels come from a closed set, so this stays small.
+#[derive(Default)]
+struct RequestMetrics(HashMap<(&'static str, u16), ByRoute>);
+
+/// A request's counter and histogram, by route.
+type ByRoute = HashMap<String, (Counter, Histogram)>;
+
+impl RequestMetrics {
+    fn handles(&mut self, method: &'static str, route: &str, status: u16) -> &(Counter, Histogram) {
+        let routes = self.0.entry((method, status)).or_default();
+        if !routes.contains_key(route) {
+            // Handles taken before the recorder is installed would count into nothing.
+            handle();
+            let labels = [
+                ("method", method.to_owned()),
+                ("route", route.to_owned()),
+                ("status", status.to_string()),
+            ];
+            let made = (
+                metrics::counter!("http_requests_total", &labels),
+                metrics::histogram!("http_request_duration_seconds", &labels),
+            );
+            routes.insert(route.to_owned(), made);
+        }
+        &routes[route]
+    }
 }
 
 /// Counts a `5xx` answer by its error code (`widgets_refused_total{code}`) and logs it,
@@ -166,6 +203,32 @@ mod tests {
         );
         assert_eq!(t.hit(start + Duration::from_millis(1500)), None);
         assert_eq!(t.hit(start + Duration::from_secs(5)), Some(2));
+    }
+
+    /// A thread's kept handles count into the metric its labels name, as a look-up does.
+    #[test]
+    fn requests_count_into_their_labels_metrics() {
+        let route = "/requests-count-into-their-labels";
+        let count = |text: &str, status: &str| -> Option<f64> {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("http_requests_total{")
+                        && l.contains(route)
+                        && l.contains(&format!("status=\"{status}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        };
+        for _ in 0..3 {
+            record_request(&Method::PUT, route, 200, Duration::from_micros(5));
+        }
+        let other_thread = std::thread::spawn(move || {
+            record_request(&Method::PUT, route, 200, Duration::from_micros(5));
+            record_request(&Method::PUT, route, 409, Duration::from_micros(5));
+        });
+        other_thread.join().unwrap();
+        let text = render(&[]);
+        assert_eq!(count(&text, "200"), Some(4.0), "{text}");
+        assert_eq!(count(&text, "409"), Some(1.0), "{text}");
     }
 
     #[test]

@@ -118,16 +118,13 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 
 /// Counts requests and times them by route template (not raw path, to bound cardinality).
 async fn track(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = req.method().clone();
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status();
-    metrics::record_request(&method, &route, status.as_u16(), started.elapsed());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    metrics::record_request(&method, route, status.as_u16(), started.elapsed());
     if status.is_server_error() {
         if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
             metrics::record_refusal(code);
