@@ -1,5 +1,6 @@
 //! Optional bearer-token auth (`--auth-token`, `--auth-token-file`): which requests need a
-//! token, and the middleware that checks it before any handler (or body) is touched.
+//! token, and the check that the router's guard (`layers::Guard`) runs before any handler
+//! (or body) is touched.
 //!
 //! Requests fall in four classes by path and method ([`Class::of`]): `/healthz`, `/readyz`
 //! and `/openapi.json` are always open (probes and tooling carry no token); `/metrics`
@@ -11,10 +12,7 @@
 //! takes tells nothing of how much of a token matched, which one, or how long they are.
 
 use crate::error::ApiError;
-use axum::extract::{Request, State};
-use axum::http::{header, Method};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::Method;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -178,19 +176,6 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     }
     let token = rest.trim_ascii();
     (!token.is_empty()).then_some(token)
-}
-
-/// The middleware: a request that needs a token and lacks an accepted one answers
-/// `401 unauthorized` with `WWW-Authenticate: Bearer`, before routing looks at it further.
-pub async fn guard(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    match auth.check(req.method(), req.uri().path(), authorization) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 #[cfg(test)]

@@ -11,20 +11,20 @@ pub mod associations;
 pub mod auth;
 pub mod doc;
 mod extract;
+mod layers;
 pub mod ops;
 pub mod widgets;
 
 use crate::engine::Engine;
-use crate::error::{ApiError, ErrorCode};
-use crate::metrics;
+use crate::error::ApiError;
 use auth::Auth;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{delete, get, put};
 use axum::Router;
+use layers::{GuardLayer, TrackLayer};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 /// What every handler shares. The engine is set once recovery has finished; until then
@@ -101,34 +101,18 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        // Before routing answers anything but an open path: without a token, a protected
-        // request learns nothing, not even whether its route exists.
-        .layer(middleware::from_fn_with_state(
-            state.auth().clone(),
-            auth::guard,
-        ))
-        .layer(middleware::from_fn(track))
-        // 5xx answers are counted and logged once a second per code by `track`, not once
-        // each: one line per refused request would flood the log exactly when the node is
-        // overloaded or its disk is full.
-        .layer(TraceLayer::new_for_http().on_failure(()))
+        // One layer, so that the router boxes each route's service once (see `layers`).
+        .layer(
+            ServiceBuilder::new()
+                // 5xx answers are counted and logged once a second per code by `Track`,
+                // not once each: one line per refused request would flood the log exactly
+                // when the node is overloaded or its disk is full.
+                .layer(TraceLayer::new_for_http().on_failure(()))
+                .layer(TrackLayer)
+                // Before routing answers anything but an open path: without a token, a
+                // protected request learns nothing, not even whether its route exists.
+                .layer(GuardLayer(state.auth().clone()))
+                .layer(DefaultBodyLimit::max(max_body_bytes)),
+        )
         .with_state(state)
-}
-
-/// Counts requests and times them by route template (not raw path, to bound cardinality).
-async fn track(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = req.method().clone();
-    let started = Instant::now();
-    let response = next.run(req).await;
-    let status = response.status();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    metrics::record_request(&method, route, status.as_u16(), started.elapsed());
-    if status.is_server_error() {
-        if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
-            metrics::record_refusal(code);
-        }
-    }
-    response
 }
