@@ -33,6 +33,7 @@ use crate::metrics::Throttle;
 use crate::wal::{AppendError, FsyncMode, LogBatch, Record, WalWriter};
 // foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
 use foldhash::HashMap;
+use metrics::{Counter, Histogram};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -296,7 +297,7 @@ impl Sequencer {
             publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
         }
         // Before the answers, so that a scrape after one sees its group.
-        metrics::histogram!("widgets_wal_group_seconds").record(started.elapsed());
+        self.log.metrics.group_seconds.record(started.elapsed());
         for write in plan.writes {
             write.answer(logged.clone());
         }
@@ -417,6 +418,31 @@ struct Log {
     /// group would flood the log while the disk stays full.
     disk_full: Throttle,
     write_failed: Throttle,
+    metrics: WalMetrics,
+}
+
+/// The sequencer's metrics, looked up once: a look-up by name hashes the name and
+/// searches the recorder, and a group made five of them.
+struct WalMetrics {
+    group_seconds: Histogram,
+    records: Counter,
+    bytes_written: Counter,
+    group_records: Histogram,
+    fsync_seconds: Histogram,
+}
+
+impl WalMetrics {
+    fn new() -> Self {
+        // Handles taken before the recorder is installed would count into nothing.
+        crate::metrics::handle();
+        Self {
+            group_seconds: metrics::histogram!("widgets_wal_group_seconds"),
+            records: metrics::counter!("widgets_wal_records_total"),
+            bytes_written: metrics::counter!("widgets_wal_bytes_written_total"),
+            group_records: metrics::histogram!("widgets_wal_group_records"),
+            fsync_seconds: metrics::histogram!("widgets_wal_fsync_seconds"),
+        }
+    }
 }
 
 impl Log {
@@ -428,6 +454,7 @@ impl Log {
             last_sync: Instant::now(),
             disk_full: Throttle::default(),
             write_failed: Throttle::default(),
+            metrics: WalMetrics::new(),
         }
     }
 }
@@ -457,9 +484,11 @@ impl Log {
             }
         }
         let records = batch.records();
-        metrics::counter!("widgets_wal_records_total").increment(records);
-        metrics::counter!("widgets_wal_bytes_written_total").increment(batch.bytes().len() as u64);
-        metrics::histogram!("widgets_wal_group_records").record(records as f64);
+        self.metrics.records.increment(records);
+        self.metrics
+            .bytes_written
+            .increment(batch.bytes().len() as u64);
+        self.metrics.group_records.record(records as f64);
         let sync_now = match self.fsync {
             FsyncMode::Always => true,
             FsyncMode::Interval => self.last_sync.elapsed() >= self.fsync_interval,
@@ -472,7 +501,8 @@ impl Log {
                 return Err(EngineError::WalFailed(e.to_string()));
             }
             self.last_sync = Instant::now();
-            metrics::histogram!("widgets_wal_fsync_seconds")
+            self.metrics
+                .fsync_seconds
                 .record(self.last_sync.duration_since(started));
         }
         Ok(())
