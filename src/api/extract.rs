@@ -57,15 +57,23 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// Parses a body, telling syntax errors (400) from shape errors (422): a syntax error
 /// anywhere wins over a shape error before it.
 ///
-/// A body that parses straight into `T` is parsed once: that is every request a client
-/// gets right, and reading it as a JSON value first cost a second parse and an
-/// allocation per key and string. Only a body that fails is read again, as a value, to
-/// tell the two kinds of error apart and name the field; a body with a key twice takes
-/// that path too, and keeps the last value, as a value does.
+/// A body that parses straight into `T`, with no field `T` lacks, is parsed once: that is
+/// every request a client gets right, and reading it as a JSON value first cost a second
+/// parse and an allocation per key and string. Every other body is read again, as a value,
+/// to tell the two kinds of error apart and name the field:
+/// - one that fails (a key twice takes this path too, and keeps the last value, as a
+///   value does);
+/// - one with a field `T` lacks: serde_json skips such a field's value without checking
+///   all of it (bad UTF-8, a lone surrogate, a number past f64, nesting past 128 levels),
+///   where a value refuses each as not JSON.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    match serde_json::from_slice(bytes) {
-        Ok(parsed) => Ok(parsed),
-        Err(_) => parse_as_value(bytes),
+    let mut skipped = false;
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    let once = serde_ignored::deserialize(&mut json, |_| skipped = true)
+        .and_then(|parsed| json.end().map(|()| parsed));
+    match once {
+        Ok(parsed) if !skipped => Ok(parsed),
+        _ => parse_as_value(bytes),
     }
 }
 
@@ -147,5 +155,27 @@ mod tests {
         }
         let twice = parse::<Body>(bodies[3].as_bytes()).unwrap();
         assert_eq!(twice.name, "last", "a key twice keeps its last value");
+    }
+
+    /// serde_json skips a field the type lacks without checking all of its value; such a
+    /// body is still refused as not JSON, as it was before the one-parse path.
+    #[test]
+    fn a_field_the_body_lacks_is_still_checked_as_json() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let bodies: [Vec<u8>; 4] = [
+            b"{\"name\": \"x\", \"ports\": [], \"extra\": \"\xff\"}".to_vec(),
+            br#"{"name": "x", "ports": [], "extra": "\ud800"}"#.to_vec(),
+            br#"{"name": "x", "ports": [], "extra": 1e400}"#.to_vec(),
+            format!(r#"{{"name": "x", "ports": [], "extra": {deep}}}"#).into_bytes(),
+        ];
+        for body in bodies {
+            let e = parse::<Body>(&body).unwrap_err();
+            assert_eq!(
+                e.code(),
+                "invalid_json",
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
     }
 }
