@@ -107,8 +107,18 @@ impl PackedWidget {
         (serial, version, &bytes[at + 8..])
     }
 
+    /// The serial alone, read off its length byte: the map hashes and compares entries by
+    /// it at every look-up and insert, where [`Self::parts`] would first walk every length
+    /// inside to find the whole widget's.
     pub fn serial(&self) -> &str {
-        self.parts().0
+        let first = self.0.as_ptr().cast_const();
+        // SAFETY: a packed widget starts with its serial's length and then the serial
+        // (`from_boxed` checked the whole layout), so these bytes are inside the
+        // allocation this value owns; they were copied from a `str` and never change.
+        unsafe {
+            let len = usize::from(*first);
+            std::str::from_utf8_unchecked(std::slice::from_raw_parts(first.add(1), len))
+        }
     }
 
     #[cfg(test)]
