@@ -27,8 +27,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use widgets::config::Config;
-use widgets::domain::widget::Associations;
-use widgets::domain::{Associated, PortType, WidgetView};
+use widgets::domain::widget::{Associations, PortList};
+use widgets::domain::{Associated, Name, PortType, Ports, Serial, ValidationError, WidgetView};
 
 /// How long the echo process may take to print its address.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,36 +64,43 @@ pub fn router() -> Router {
 /// Parses the body whatever its content type (the bench, like any client of the service,
 /// need not send one), as the service's extractor does.
 async fn associate(body: Bytes) -> Response {
-    match serde_json::from_slice::<Associate>(&body) {
-        Ok(request) => Json(answer(&request)).into_response(),
-        Err(e) => (
+    let refused = |message: String| {
+        (
             StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "error": "invalid_json", "message": e.to_string() })),
+            Json(serde_json::json!({ "error": "invalid_json", "message": message })),
         )
-            .into_response(),
+            .into_response()
+    };
+    match serde_json::from_slice::<Associate>(&body) {
+        Ok(request) => match answer(&request) {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => refused(e.to_string()),
+        },
+        Err(e) => refused(e.to_string()),
     }
 }
 
-/// Both widgets with every port, associated with each other on the request's port.
-fn answer(request: &Associate) -> Associated {
-    let view = |serial: &str, peer: &str| WidgetView {
-        serial_number: serial.to_owned(),
-        name: WIDGET_NAME.to_owned(),
-        ports: PortType::ALL.to_vec(),
-        associations: Associations(
-            PortType::ALL
-                .iter()
-                .map(|&port| {
-                    let on = port.as_str() == request.port_type;
-                    (port, on.then(|| peer.to_owned()))
-                })
-                .collect(),
-        ),
+/// Both widgets with every port, associated with each other on the request's port; the
+/// serials must be ones the service would take.
+fn answer(request: &Associate) -> Result<Associated, ValidationError> {
+    let name = Name::parse("name", WIDGET_NAME)?;
+    let ports = Ports::from_list("ports", &PortType::ALL)?;
+    let view = |serial: &Serial, peer: &Serial| WidgetView {
+        serial_number: serial.clone(),
+        name: name.clone(),
+        ports: PortList(ports),
+        associations: Associations {
+            ports,
+            peers: PortType::ALL
+                .map(|port| (port.as_str() == request.port_type).then(|| peer.clone())),
+        },
     };
-    Associated {
-        widget: view(&request.widget_serial_num, &request.peer_widget_serial_num),
-        peer: view(&request.peer_widget_serial_num, &request.widget_serial_num),
-    }
+    let widget = Serial::parse("widget_serial_num", &request.widget_serial_num)?;
+    let peer = Serial::parse("peer_widget_serial_num", &request.peer_widget_serial_num)?;
+    Ok(Associated {
+        widget: view(&widget, &peer),
+        peer: view(&peer, &widget),
+    })
 }
 
 /// Serves the echo on `listen` until `shutdown` completes, after printing the address it
@@ -193,7 +200,7 @@ mod tests {
             r#"{"port_type":"R","widget_serial_num":"b1-0","peer_widget_serial_num":"b1-7"}"#,
         )
         .unwrap();
-        let json = serde_json::to_value(answer(&request)).unwrap();
+        let json = serde_json::to_value(answer(&request).unwrap()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({

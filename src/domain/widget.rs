@@ -68,21 +68,24 @@ impl Widget {
 
     pub fn view(&self, serial: &Serial) -> WidgetView {
         WidgetView {
-            serial_number: serial.to_string(),
-            name: self.name.as_str().to_owned(),
-            ports: self.ports.iter().collect(),
-            associations: Associations(
-                self.ports
-                    .iter()
-                    .map(|p| (p, self.peer(p).map(|s| s.to_string())))
-                    .collect(),
-            ),
+            serial_number: serial.clone(),
+            name: self.name.clone(),
+            ports: PortList(self.ports),
+            associations: Associations {
+                ports: self.ports,
+                peers: self.peers.clone(),
+            },
         }
     }
 }
 
 /// A widget as the API returns it: ports in canonical order, one `associations` key per
 /// port the widget has, `null` where that port is free.
+///
+/// It holds the widget's own values (a serial or a name of up to 24 bytes is held inline)
+/// rather than strings and lists of its own: the sequencer builds two for every
+/// association's answer, and a worker serializes and frees them, so each allocation here
+/// was made on one thread and freed on another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[schema(example = json!({
     "serial_number": "123", "name": "widget1", "ports": ["P", "R"],
@@ -90,24 +93,38 @@ impl Widget {
 }))]
 pub struct WidgetView {
     #[schema(schema_with = super::schema::serial)]
-    pub serial_number: String,
+    pub serial_number: Serial,
     #[schema(schema_with = super::schema::name)]
-    pub name: String,
+    pub name: Name,
     #[schema(schema_with = super::schema::ports)]
-    pub ports: Vec<PortType>,
+    pub ports: PortList,
     #[schema(schema_with = super::schema::associations)]
     pub associations: Associations,
 }
 
+/// A widget's ports, serialized as a JSON list in canonical order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortList(pub Ports);
+
+impl Serialize for PortList {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter())
+    }
+}
+
 /// A widget's ports and their peers, serialized as a JSON object in canonical port order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Associations(pub Vec<(PortType, Option<String>)>);
+pub struct Associations {
+    pub ports: Ports,
+    /// The peer on each port, by [`PortType::index`]; only the ports in `ports` are shown.
+    pub peers: [Option<Serial>; 3],
+}
 
 impl Serialize for Associations {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (port, peer) in &self.0 {
-            map.serialize_entry(port.as_str(), peer)?;
+        let mut map = serializer.serialize_map(Some(self.ports.iter().count()))?;
+        for port in self.ports.iter() {
+            map.serialize_entry(port.as_str(), &self.peers[port.index()])?;
         }
         map.end()
     }
