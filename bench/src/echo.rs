@@ -1,8 +1,8 @@
 //! The echo reference: a bare axum JSON echo of the load's association PUT. It takes
-//! `PUT /widgets/associations` with the body the load sends, parses it, and answers 200
-//! with both widgets as the service would answer for two fresh widgets (the service's own
-//! `Associated` type, so the same shape and size), and does nothing else: no state, no
-//! WAL, no middleware. What the service spends per PUT beyond this is the service's work.
+//! `PUT /widgets/associations` with the body the load sends, parses and checks it, and
+//! answers 200 with both widgets as the service would answer for two fresh widgets (the
+//! service's own `Associated` type, so the same shape and size), and does nothing else: no
+//! state, no WAL, no middleware. What the service spends per PUT beyond this is the service's work.
 //!
 //! It runs as a process of its own, the hidden `widgets-bench echo-server` subcommand
 //! started by the bench, so its CPU is measured as the service's is, from `/proc`. It is
@@ -12,7 +12,6 @@
 //! the handler differs. It prints its address as the first line on stdout.
 
 use axum::body::Bytes;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
@@ -29,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use widgets::config::Config;
 use widgets::domain::widget::{Associations, PortList};
 use widgets::domain::{Associated, Name, PortType, Ports, Serial, ValidationError, WidgetView};
+use widgets::error::ApiError;
 
 /// How long the echo process may take to print its address.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,27 +62,29 @@ pub fn router() -> Router {
 }
 
 /// Parses the body whatever its content type (the bench, like any client of the service,
-/// need not send one), as the service's extractor does.
+/// need not send one), as the service's extractor does, and refuses what the service
+/// would refuse before its rules run, with the service's own errors: not JSON is `400
+/// invalid_json`, a bad port or serial `422 validation_failed`.
 async fn associate(body: Bytes) -> Response {
-    let refused = |message: String| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "error": "invalid_json", "message": message })),
-        )
-            .into_response()
+    let request = match serde_json::from_slice::<Associate>(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            let message = format!("request body is not valid JSON: {e}");
+            return ApiError::InvalidJson(message).into_response();
+        }
     };
-    match serde_json::from_slice::<Associate>(&body) {
-        Ok(request) => match answer(&request) {
-            Ok(answer) => Json(answer).into_response(),
-            Err(e) => refused(e.to_string()),
-        },
-        Err(e) => refused(e.to_string()),
+    match answer(&request) {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => ApiError::Validation(e).into_response(),
     }
 }
 
-/// Both widgets with every port, associated with each other on the request's port; the
-/// serials must be ones the service would take.
+/// Both widgets with every port, associated with each other on the request's port, from
+/// the request's port and serials checked as the service checks them.
 fn answer(request: &Associate) -> Result<Associated, ValidationError> {
+    let port = PortType::parse("port_type", &request.port_type)?;
+    let widget = Serial::parse_named("widget_serial_num", &request.widget_serial_num)?;
+    let peer = Serial::parse_named("peer_widget_serial_num", &request.peer_widget_serial_num)?;
     let name = Name::parse("name", WIDGET_NAME)?;
     let ports = Ports::from_list("ports", &PortType::ALL)?;
     let view = |serial: &Serial, peer: &Serial| WidgetView {
@@ -91,12 +93,9 @@ fn answer(request: &Associate) -> Result<Associated, ValidationError> {
         ports: PortList(ports),
         associations: Associations {
             ports,
-            peers: PortType::ALL
-                .map(|port| (port.as_str() == request.port_type).then(|| peer.clone())),
+            peers: PortType::ALL.map(|on| (on == port).then(|| peer.clone())),
         },
     };
-    let widget = Serial::parse("widget_serial_num", &request.widget_serial_num)?;
-    let peer = Serial::parse("peer_widget_serial_num", &request.peer_widget_serial_num)?;
     Ok(Associated {
         widget: view(&widget, &peer),
         peer: view(&peer, &widget),
@@ -193,6 +192,7 @@ impl Drop for EchoServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     #[test]
     fn the_answer_is_both_widgets_associated_on_the_port() {
@@ -200,19 +200,15 @@ mod tests {
             r#"{"port_type":"R","widget_serial_num":"b1-0","peer_widget_serial_num":"b1-7"}"#,
         )
         .unwrap();
-        let json = serde_json::to_value(answer(&request).unwrap()).unwrap();
+        let json = serde_json::to_string(&answer(&request).unwrap()).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({
-                "widget": {
-                    "serial_number": "b1-0", "name": "bench", "ports": ["P", "R", "Q"],
-                    "associations": {"P": null, "R": "b1-7", "Q": null}
-                },
-                "peer": {
-                    "serial_number": "b1-7", "name": "bench", "ports": ["P", "R", "Q"],
-                    "associations": {"P": null, "R": "b1-0", "Q": null}
-                }
-            })
+            concat!(
+                r#"{"widget":{"serial_number":"b1-0","name":"bench","ports":["P","R","Q"],"#,
+                r#""associations":{"P":null,"R":"b1-7","Q":null}},"#,
+                r#""peer":{"serial_number":"b1-7","name":"bench","ports":["P","R","Q"],"#,
+                r#""associations":{"P":null,"R":"b1-0","Q":null}}}"#
+            )
         );
     }
 
@@ -249,6 +245,15 @@ mod tests {
 
         let response = client.put(&url).body("{not json").send().await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let json: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(json["error"]["code"], "invalid_json", "{json}");
+        let body = r#"{"port_type":"P","widget_serial_num":"a b","peer_widget_serial_num":"b"}"#;
+        let response = client.put(&url).body(body).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let json: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(json["error"]["code"], "validation_failed", "{json}");
         let response = client.get(&url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
 
