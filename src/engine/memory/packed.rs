@@ -112,13 +112,17 @@ impl PackedWidget {
     /// inside to find the whole widget's.
     pub fn serial(&self) -> &str {
         let first = self.0.as_ptr().cast_const();
-        // SAFETY: a packed widget starts with its serial's length and then the serial
-        // (`from_boxed` checked the whole layout), so these bytes are inside the
-        // allocation this value owns; they were copied from a `str` and never change.
-        unsafe {
+        // SAFETY: a packed widget starts with its serial's length and then the serial, and
+        // `from_boxed` checked that the allocation is as long as its lengths say, so these
+        // bytes are inside the allocation this value owns. They are UTF-8 because
+        // `from_boxed` is private and takes only the bytes `pack` copied from a `Serial`'s
+        // `str`, or a clone's copy of them, and a packed widget never changes its bytes.
+        let serial = unsafe {
             let len = usize::from(*first);
             std::str::from_utf8_unchecked(std::slice::from_raw_parts(first.add(1), len))
-        }
+        };
+        debug_assert_eq!(serial, self.parts().0);
+        serial
     }
 
     #[cfg(test)]
