@@ -42,9 +42,7 @@ pub fn handle() -> &'static PrometheusHandle {
 pub fn record_request(method: &Method, route: &str, status: u16, elapsed: Duration) {
     let method = method_label(method);
     REQUESTS.with_borrow_mut(|requests| {
-        let (count, time) = requests.handles(method, route, status);
-        count.increment(1);
-        time.record(elapsed.as_secs_f64());
+        requests.record(method, route, status, elapsed.as_secs_f64());
     });
 }
 
@@ -64,23 +62,28 @@ struct RequestMetrics(HashMap<(&'static str, u16), ByRoute>);
 type ByRoute = HashMap<String, (Counter, Histogram)>;
 
 impl RequestMetrics {
-    fn handles(&mut self, method: &'static str, route: &str, status: u16) -> &(Counter, Histogram) {
+    /// Counts and times one request: one look-up of its handles once this thread has them.
+    fn record(&mut self, method: &'static str, route: &str, status: u16, seconds: f64) {
         let routes = self.0.entry((method, status)).or_default();
-        if !routes.contains_key(route) {
-            // Handles taken before the recorder is installed would count into nothing.
-            handle();
-            let labels = [
-                ("method", method.to_owned()),
-                ("route", route.to_owned()),
-                ("status", status.to_string()),
-            ];
-            let made = (
-                metrics::counter!("http_requests_total", &labels),
-                metrics::histogram!("http_request_duration_seconds", &labels),
-            );
-            routes.insert(route.to_owned(), made);
+        if let Some((count, time)) = routes.get(route) {
+            count.increment(1);
+            time.record(seconds);
+            return;
         }
-        &routes[route]
+        // Handles taken before the recorder is installed would count into nothing.
+        handle();
+        let labels = [
+            ("method", method.to_owned()),
+            ("route", route.to_owned()),
+            ("status", status.to_string()),
+        ];
+        let (count, time) = (
+            metrics::counter!("http_requests_total", &labels),
+            metrics::histogram!("http_request_duration_seconds", &labels),
+        );
+        count.increment(1);
+        time.record(seconds);
+        routes.insert(route.to_owned(), (count, time));
     }
 }
 
