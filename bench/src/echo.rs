@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
 use clap::Parser;
-use serde::Deserialize;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -25,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use widgets::api::associations::Associate;
 use widgets::config::Config;
 use widgets::domain::widget::{Associations, PortList};
 use widgets::domain::{Associated, Name, PortType, Ports, Serial, ValidationError, WidgetView};
@@ -46,14 +46,6 @@ pub enum EchoError {
     NoAddress,
     #[error("the echo reference printed {0:?}, not its address")]
     BadAddress(String),
-}
-
-/// The body of the association PUT, as the service reads it.
-#[derive(Debug, Deserialize)]
-struct Associate {
-    port_type: String,
-    widget_serial_num: String,
-    peer_widget_serial_num: String,
 }
 
 /// The echo's routes: only the association PUT.
@@ -80,11 +72,9 @@ async fn associate(body: Bytes) -> Response {
 }
 
 /// Both widgets with every port, associated with each other on the request's port, from
-/// the request's port and serials checked as the service checks them.
+/// the request checked as the service checks it.
 fn answer(request: &Associate) -> Result<Associated, ValidationError> {
-    let port = PortType::parse("port_type", &request.port_type)?;
-    let widget = Serial::parse_named("widget_serial_num", &request.widget_serial_num)?;
-    let peer = Serial::parse_named("peer_widget_serial_num", &request.peer_widget_serial_num)?;
+    let checked = request.validate()?;
     let name = Name::parse("name", WIDGET_NAME)?;
     let ports = Ports::from_list("ports", &PortType::ALL)?;
     let view = |serial: &Serial, peer: &Serial| WidgetView {
@@ -93,12 +83,12 @@ fn answer(request: &Associate) -> Result<Associated, ValidationError> {
         ports: PortList(ports),
         associations: Associations {
             ports,
-            peers: PortType::ALL.map(|on| (on == port).then(|| peer.clone())),
+            peers: PortType::ALL.map(|on| (on == checked.port).then(|| peer.clone())),
         },
     };
     Ok(Associated {
-        widget: view(&widget, &peer),
-        peer: view(&peer, &widget),
+        widget: view(&checked.serial, &checked.peer),
+        peer: view(&checked.peer, &checked.serial),
     })
 }
 

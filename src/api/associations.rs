@@ -27,7 +27,8 @@ pub struct Associate {
 }
 
 impl Associate {
-    fn validate(&self) -> Result<domain::Associate, ValidationError> {
+    /// The checked association, or the field that is wrong (`422 validation_failed`).
+    pub fn validate(&self) -> Result<domain::Associate, ValidationError> {
         Ok(domain::Associate {
             port: PortType::parse("port_type", &self.port_type)?,
             serial: Serial::parse_named("widget_serial_num", &self.widget_serial_num)?,
