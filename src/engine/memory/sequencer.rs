@@ -835,9 +835,9 @@ mod tests {
         }
     }
 
-    /// A sequencer after a group of two, so that its commit delay of `delay` applies, and
-    /// its WAL's directory.
-    fn after_a_group_of_two(delay: Duration) -> (tempfile::TempDir, Sequencer) {
+    /// [`shared_with_a_and_b`], and a new WAL on the real file system in a temporary
+    /// directory (returned to keep it), its size counted in the shared state.
+    fn shared_and_a_real_wal() -> (tempfile::TempDir, Arc<Shared>, WalWriter) {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(shared_with_a_and_b());
         let writer = new_wal(
@@ -845,6 +845,13 @@ mod tests {
             dir.path(),
             shared.wal_bytes.clone(),
         );
+        (dir, shared, writer)
+    }
+
+    /// A sequencer after a group of two, so that its commit delay of `delay` applies, and
+    /// its WAL's directory.
+    fn after_a_group_of_two(delay: Duration) -> (tempfile::TempDir, Sequencer) {
+        let (dir, shared, writer) = shared_and_a_real_wal();
         let seq = Sequencer {
             shared,
             log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
@@ -889,13 +896,7 @@ mod tests {
 
     #[test]
     fn the_commit_delay_holds_a_group_after_concurrent_writes_and_never_a_lone_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let shared = Arc::new(shared_with_a_and_b());
-        let writer = new_wal(
-            Arc::new(crate::wal::RealFs),
-            dir.path(),
-            shared.wal_bytes.clone(),
-        );
+        let (_dir, shared, writer) = shared_and_a_real_wal();
         // Far longer than anything else here takes, so only the delay can explain a wait.
         let delay = Duration::from_secs(2);
         let policy = SyncPolicy {
