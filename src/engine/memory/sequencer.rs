@@ -144,6 +144,7 @@ pub(super) fn spawn(
         shared,
         log: Log::new(writer, policy.fsync, policy.fsync_interval),
         batch: LogBatch::default(),
+        pending: HashMap::default(),
         commit_delay: policy.commit_delay,
         last_group: 0,
     };
@@ -209,6 +210,9 @@ struct Sequencer {
     log: Log,
     /// The group's records; its buffer is kept from group to group.
     batch: LogBatch,
+    /// The group's changes so far, by serial; kept from group to group, so that its table
+    /// does not grow (rehashing as it goes) in every group.
+    pending: HashMap<Serial, Option<Widget>>,
     commit_delay: Duration,
     /// How many jobs the last group held.
     last_group: usize,
@@ -283,7 +287,12 @@ impl Sequencer {
     fn process(&mut self, group: &mut Vec<Job>) -> bool {
         let started = Instant::now();
         self.batch.reset(self.log.writer.next_lsn());
-        let plan = plan(&self.shared, group.drain(..), &mut self.batch);
+        let plan = plan(
+            &self.shared,
+            group.drain(..),
+            &mut self.batch,
+            &mut self.pending,
+        );
         // Trim first: it frees disk space, which a group failing for lack of it needs.
         if let Some(to) = plan.trim_to {
             self.log.writer.trim(to);
@@ -326,6 +335,9 @@ struct Plan {
 /// The map plus the group's earlier changes, which are not in the map yet.
 pub(super) struct GroupView<'a> {
     map: &'a WidgetMap,
+    /// One for the whole group: a guard of its own for each read cost each of them an
+    /// enter and a leave of papaya's collector.
+    guard: &'a papaya::LocalGuard<'a>,
     pending: &'a HashMap<Serial, Option<Widget>>,
 }
 
@@ -333,7 +345,9 @@ impl StateView for GroupView<'_> {
     fn get(&self, serial: &Serial) -> Option<Widget> {
         match self.pending.get(serial) {
             Some(w) => w.clone(),
-            None => self.map.unpacked(serial.as_str()),
+            None => (self.map)
+                .get(serial.as_str(), self.guard)
+                .map(PackedWidget::unpack),
         }
     }
 }
@@ -350,10 +364,17 @@ fn drain(jobs: &Receiver<Job>, group: &mut Vec<Job>) {
 
 /// Stage 1: runs the group's writes in order, each seeing the ones before it, and frames
 /// one record per write that changes something into `batch` (which gives it its LSN).
-/// Touches nothing but `batch`: the map and the dirty set wait for [`publish`].
-fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBatch) -> Plan {
+/// Touches nothing but `batch` and `pending` (the group's changes so far, emptied first):
+/// the map and the dirty set wait for [`publish`].
+fn plan(
+    shared: &Shared,
+    jobs: impl IntoIterator<Item = Job>,
+    batch: &mut LogBatch,
+    pending: &mut HashMap<Serial, Option<Widget>>,
+) -> Plan {
     let mut plan = Plan::default();
-    let mut pending: HashMap<Serial, Option<Widget>> = HashMap::default();
+    pending.clear();
+    let guard = shared.map.guard();
     for job in jobs {
         let mut write = match job {
             Job::Write(write) => write,
@@ -376,7 +397,8 @@ fn plan(shared: &Shared, jobs: impl IntoIterator<Item = Job>, batch: &mut LogBat
         }
         let view = GroupView {
             map: &shared.map,
-            pending: &pending,
+            guard: &guard,
+            pending,
         };
         let mut tx = Tx::new(&view);
         let touched = if write.run(&mut tx) {
@@ -623,7 +645,7 @@ mod tests {
         ];
         let mut batch = LogBatch::new(10);
 
-        let plan = plan(&shared, group, &mut batch);
+        let plan = plan(&shared, group, &mut batch, &mut HashMap::default());
 
         assert_eq!(
             (batch.first_lsn(), batch.records()),
@@ -709,7 +731,12 @@ mod tests {
         let (ab, _) = write(associate("a", "b"));
         let (delete, _) = write(Delete { serial: s("c") });
         let mut batch = LogBatch::new(7);
-        let plan = plan(&shared, vec![c, ab, delete], &mut batch);
+        let plan = plan(
+            &shared,
+            vec![c, ab, delete],
+            &mut batch,
+            &mut HashMap::default(),
+        );
 
         publish(&shared, plan.durable, batch.next_lsn() - 1);
 
@@ -796,6 +823,7 @@ mod tests {
             shared: shared.clone(),
             log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
             batch: LogBatch::default(),
+            pending: HashMap::default(),
             commit_delay: Duration::ZERO,
             last_group: 0,
         };
@@ -856,6 +884,7 @@ mod tests {
             shared,
             log: Log::new(writer, FsyncMode::Always, Duration::from_secs(1)),
             batch: LogBatch::default(),
+            pending: HashMap::default(),
             commit_delay: delay,
             last_group: 2,
         };
