@@ -15,6 +15,7 @@
 //! phase too. A phase that lost a tenth of the machine that way has a tail that says more
 //! about the host than about the service.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Fields of `/proc/<pid>/stat` after the `comm` field's closing parenthesis: field 3
@@ -68,6 +69,37 @@ pub fn parse_stat(line: &str) -> Result<Ticks, &'static str> {
         user: parse(user)?,
         system: parse(system)?,
     })
+}
+
+/// The thread name in a `/proc/<pid>/task/<tid>/stat` line: the `comm` field between the
+/// first `(` and the last `)` (a name may hold either).
+pub fn parse_comm(line: &str) -> Option<&str> {
+    let start = line.find('(')? + 1;
+    let end = line.rfind(')')?;
+    line.get(start..end)
+}
+
+/// The CPU ticks each live thread of process `pid` has used so far, summed by thread name
+/// (tokio's workers share one name). A thread that ends is gone from `/proc`, its ticks
+/// with it: the process's own total ([`read_ticks`]) still counts them.
+pub fn read_thread_ticks(pid: u32) -> Result<BTreeMap<String, Ticks>, CpuError> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|e| CpuError::Read(dir.clone(), e.to_string()))?;
+    let mut threads: BTreeMap<String, Ticks> = BTreeMap::new();
+    for task in tasks.flatten() {
+        let path = task.path().join("stat");
+        // A thread may end between the listing and the read.
+        let Ok(line) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let path = path.display().to_string();
+        let ticks = parse_stat(&line).map_err(|why| CpuError::Parse(path.clone(), why))?;
+        let name = parse_comm(&line).ok_or(CpuError::Parse(path, "no command name"))?;
+        let sum = threads.entry(name.to_owned()).or_default();
+        sum.user += ticks.user;
+        sum.system += ticks.system;
+    }
+    Ok(threads)
 }
 
 /// The CPU ticks process `pid` has used so far; `None` reads this process's own.
@@ -196,20 +228,25 @@ pub struct Meter {
     ticks_per_second: Option<u64>,
 }
 
-/// CPU used so far, by the server, by the bench and by the whole machine, at the start of
-/// a phase.
-#[derive(Debug, Clone, Copy)]
+/// CPU used so far, by the server (in all and by thread name), by the bench and by the
+/// whole machine, at the start of a phase.
+#[derive(Debug, Clone)]
 pub struct Mark {
     server: Option<Ticks>,
+    server_threads: Option<BTreeMap<String, Ticks>>,
     client: Option<Ticks>,
     machine: Option<MachineTicks>,
 }
 
 /// CPU used during a phase, by the server and by the bench, and the share of the machine's
 /// CPU time the hypervisor took ([`steal_share`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Used {
     pub server: Option<Duration>,
+    /// The server's by thread name ([`read_thread_ticks`]): threads alive at the phase's
+    /// end, each from its ticks at the start (zero for one started since). Empty where
+    /// they could not be read.
+    pub server_threads: BTreeMap<String, Duration>,
     pub client: Option<Duration>,
     pub steal: Option<f64>,
 }
@@ -238,8 +275,14 @@ impl Meter {
                 .inspect_err(|e| tracing::warn!("no steal time for this phase: {e}"))
                 .ok()
         });
+        let server_threads = self.server.zip(self.ticks_per_second).and_then(|(pid, _)| {
+            read_thread_ticks(pid)
+                .inspect_err(|e| tracing::warn!("no CPU time by thread for this phase: {e}"))
+                .ok()
+        });
         Mark {
             server: self.server.and_then(|pid| read(Some(pid))),
+            server_threads,
             client: read(None),
             machine,
         }
@@ -254,8 +297,13 @@ impl Meter {
             let ticks = after.total().saturating_sub(before.total());
             Some(ticks_to_duration(ticks, per_second))
         };
+        let server_threads = match (&mark.server_threads, &now.server_threads) {
+            (Some(before), Some(after)) => thread_use(before, after, self.ticks_per_second),
+            _ => BTreeMap::new(),
+        };
         Used {
             server: used(mark.server, now.server),
+            server_threads,
             client: used(mark.client, now.client),
             steal: mark
                 .machine
@@ -265,9 +313,74 @@ impl Meter {
     }
 }
 
+/// Each thread's CPU between two readings of [`read_thread_ticks`]: a thread missing from
+/// `before` started since, from zero; one missing from `after` ended and is left out.
+fn thread_use(
+    before: &BTreeMap<String, Ticks>,
+    after: &BTreeMap<String, Ticks>,
+    per_second: Option<u64>,
+) -> BTreeMap<String, Duration> {
+    let Some(per_second) = per_second else {
+        return BTreeMap::new();
+    };
+    (after.iter())
+        .map(|(name, now)| {
+            let then = before.get(name).map_or(0, Ticks::total);
+            let ticks = now.total().saturating_sub(then);
+            (name.clone(), ticks_to_duration(ticks, per_second))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread's name is what the kernel keeps of it, and may hold spaces and parentheses.
+    #[test]
+    fn a_thread_is_named_by_its_comm_field() {
+        let line = "4242 (widgets-sequenc) S 1 2 3 0 -1 4194624 10 0 0 0 70 5 0 0 20 0 1 0";
+        assert_eq!(parse_comm(line), Some("widgets-sequenc"));
+        assert_eq!(parse_comm("7 (a (b) c) R 1"), Some("a (b) c"));
+        assert_eq!(parse_comm("7 no name"), None);
+    }
+
+    /// This process's own threads, read live: a named thread that burns CPU shows under
+    /// its name, and the difference of two readings keeps threads started in between and
+    /// drops those that ended.
+    #[test]
+    fn threads_are_read_by_name_and_their_use_is_the_difference() {
+        let (started, stop) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let spinner = std::thread::Builder::new()
+            .name("bench-spinner".into())
+            .spawn(move || {
+                let until = std::time::Instant::now() + Duration::from_millis(200);
+                while std::time::Instant::now() < until {
+                    std::hint::black_box(0u64);
+                }
+                started.0.send(()).unwrap();
+                stop.1.recv().ok();
+            })
+            .unwrap();
+        started.1.recv().unwrap();
+        let threads = read_thread_ticks(std::process::id()).unwrap();
+        let spun = threads.get("bench-spinner").expect("the spinner is listed");
+        assert!(spun.total() > 0, "{threads:?}");
+        stop.0.send(()).unwrap();
+        spinner.join().unwrap();
+
+        let ticks = |user| Ticks { user, system: 1 };
+        let before = BTreeMap::from([("a".to_owned(), ticks(10)), ("gone".to_owned(), ticks(5))]);
+        let after = BTreeMap::from([("a".to_owned(), ticks(60)), ("new".to_owned(), ticks(20))]);
+        assert_eq!(
+            thread_use(&before, &after, Some(100)),
+            BTreeMap::from([
+                ("a".to_owned(), Duration::from_millis(500)),
+                ("new".to_owned(), Duration::from_millis(210)),
+            ])
+        );
+        assert!(thread_use(&before, &after, None).is_empty());
+    }
 
     /// A real line's shape (from a `widgets` process), utime 1234 and stime 56.
     fn stat_line(comm: &str) -> String {

@@ -239,7 +239,7 @@ impl Timeline {
 
 /// CPU time (user + system, every thread) during a phase, in all and per request, on each
 /// side of the connection. A side the bench could not read is `None`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CpuStats {
     /// Seconds of CPU the server process used: the service, or the echo reference in the
     /// echo phase. `None` for a service the bench did not start (`--url`) and for the
@@ -249,6 +249,12 @@ pub struct CpuStats {
     /// Seconds of CPU this client (the whole `widgets-bench` process) used.
     pub client_secs: Option<f64>,
     pub client_us_per_request: Option<f64>,
+    /// The server's CPU per request by thread name (tokio's workers are
+    /// `tokio-rt-worker`; the service names its own threads `widgets-...`, cut to the
+    /// kernel's 15 bytes): where a request's cost went. Threads alive at the phase's end
+    /// only, so the parts may add up to a little less than the whole.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_threads_us_per_request: BTreeMap<String, f64>,
     /// Percent of the machine's CPU time the hypervisor gave other guests during the phase
     /// (`steal` in `/proc/stat`): on a shared host, the phase's tail is partly the host's.
     pub steal_percent: Option<f64>,
@@ -262,6 +268,9 @@ impl CpuStats {
             server_us_per_request: used.server.and_then(per_request),
             client_secs: used.client.map(|d| d.as_secs_f64()),
             client_us_per_request: used.client.and_then(per_request),
+            server_threads_us_per_request: (used.server_threads.iter())
+                .filter_map(|(name, &cpu)| Some((name.clone(), per_request(cpu)?)))
+                .collect(),
             steal_percent: used.steal.map(|share| share * 100.0),
         }
     }
@@ -423,6 +432,20 @@ impl fmt::Display for Report {
                 cpu_micros(c.client_us_per_request),
                 cores(c.server_secs),
                 cores(c.client_secs),
+            )?;
+        }
+        let mut threads: Vec<_> = (self.load.cpu.server_threads_us_per_request.iter())
+            .filter(|(_, us)| **us >= 0.05)
+            .collect();
+        if !threads.is_empty() {
+            threads.sort_by(|a, b| b.1.total_cmp(a.1));
+            let threads: Vec<String> = (threads.iter())
+                .map(|(name, us)| format!("{name} {}", cpu_micros(Some(**us))))
+                .collect();
+            writeln!(
+                f,
+                "server CPU per load request by thread: {}",
+                threads.join(", ")
             )?;
         }
         if let (Some(ratio), Some(echo)) = (self.server_cpu_vs_echo, &self.echo) {
@@ -598,6 +621,10 @@ mod tests {
     fn cpu_per_request_is_cpu_time_over_requests() {
         let used = Used {
             server: Some(Duration::from_millis(3_000)),
+            server_threads: BTreeMap::from([
+                ("tokio-rt-worker".to_owned(), Duration::from_millis(1_800)),
+                ("widgets-sequenc".to_owned(), Duration::from_millis(1_200)),
+            ]),
             client: Some(Duration::from_millis(1_500)),
             steal: Some(0.125),
         };
@@ -609,16 +636,31 @@ mod tests {
                 server_us_per_request: Some(50.0),
                 client_secs: Some(1.5),
                 client_us_per_request: Some(25.0),
+                server_threads_us_per_request: BTreeMap::from([
+                    ("tokio-rt-worker".to_owned(), 30.0),
+                    ("widgets-sequenc".to_owned(), 20.0),
+                ]),
                 steal_percent: Some(12.5),
             }
+        );
+        let json = serde_json::to_value(&cpu).unwrap();
+        assert_eq!(
+            json["server_threads_us_per_request"]["widgets-sequenc"], 20.0,
+            "{json:#}"
         );
         // No server to read, no requests, no /proc/stat: unknown, not zero or infinite.
         let client_only = Used {
             server: None,
             client: Some(Duration::from_secs(1)),
             steal: None,
+            ..Used::default()
         };
         let cpu = phase(0, 1, client_only).cpu;
+        let json = serde_json::to_value(&cpu).unwrap();
+        assert!(
+            json.get("server_threads_us_per_request").is_none(),
+            "no threads read, none reported: {json:#}"
+        );
         assert_eq!((cpu.server_secs, cpu.server_us_per_request), (None, None));
         assert_eq!(cpu.steal_percent, None);
         assert_eq!(
@@ -651,6 +693,7 @@ mod tests {
             server: server_ms.map(Duration::from_millis),
             client: Some(Duration::from_secs(1)),
             steal: None,
+            ..Used::default()
         };
         // 120 µs per load request against 20 µs per echo: six echoes' worth.
         let load = phase(10_000, 1, cpu(Some(1_200)));
@@ -667,11 +710,17 @@ mod tests {
             server: Some(Duration::from_millis(server_ms)),
             client: Some(Duration::from_millis(client_ms)),
             steal: Some(0.03),
+            ..Used::default()
         };
-        let (load, echo) = (
-            phase(10_000, 2, used(1_200, 900)),
-            phase(50_000, 2, used(1_000, 2_000)),
-        );
+        let load = Used {
+            server_threads: BTreeMap::from([
+                ("tokio-rt-worker".to_owned(), Duration::from_millis(700)),
+                ("widgets-sequenc".to_owned(), Duration::from_millis(480)),
+                ("idle".to_owned(), Duration::ZERO),
+            ]),
+            ..used(1_200, 900)
+        };
+        let (load, echo) = (phase(10_000, 2, load), phase(50_000, 2, used(1_000, 2_000)));
         let report = Report {
             target: "http://127.0.0.1:1".into(),
             store: "embedded".into(),
@@ -700,6 +749,8 @@ mod tests {
             // The echo: 20 µs and 40 µs a request.
             "20.0µs       40.0µs         0.50         1.00     3.0%",
             "server CPU per load request: 6.00x the echo's (120.0µs against 20.0µs)",
+            // The costliest thread first; one that took nothing is left out.
+            "server CPU per load request by thread: tokio-rt-worker 70.0µs, widgets-sequenc 48.0µs\n",
         ] {
             assert!(table.contains(expected), "no {expected:?} in\n{table}");
         }
