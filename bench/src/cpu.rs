@@ -79,14 +79,17 @@ pub fn parse_comm(line: &str) -> Option<&str> {
     line.get(start..end)
 }
 
-/// The CPU ticks each live thread of process `pid` has used so far, summed by thread name
-/// (tokio's workers share one name). A thread that ends is gone from `/proc`, its ticks
-/// with it: the process's own total ([`read_ticks`]) still counts them.
-pub fn read_thread_ticks(pid: u32) -> Result<BTreeMap<String, Ticks>, CpuError> {
+/// The name and CPU ticks so far of each live thread of process `pid`, by thread id. A
+/// thread that ends is gone from `/proc`, its ticks with it: the process's own total
+/// ([`read_ticks`]) still counts them.
+pub fn read_thread_ticks(pid: u32) -> Result<BTreeMap<u32, (String, Ticks)>, CpuError> {
     let dir = format!("/proc/{pid}/task");
     let tasks = std::fs::read_dir(&dir).map_err(|e| CpuError::Read(dir.clone(), e.to_string()))?;
-    let mut threads: BTreeMap<String, Ticks> = BTreeMap::new();
+    let mut threads = BTreeMap::new();
     for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let path = task.path().join("stat");
         // A thread may end between the listing and the read.
         let Ok(line) = std::fs::read_to_string(&path) else {
@@ -95,9 +98,7 @@ pub fn read_thread_ticks(pid: u32) -> Result<BTreeMap<String, Ticks>, CpuError> 
         let path = path.display().to_string();
         let ticks = parse_stat(&line).map_err(|why| CpuError::Parse(path.clone(), why))?;
         let name = parse_comm(&line).ok_or(CpuError::Parse(path, "no command name"))?;
-        let sum = threads.entry(name.to_owned()).or_default();
-        sum.user += ticks.user;
-        sum.system += ticks.system;
+        threads.insert(tid, (name.to_owned(), ticks));
     }
     Ok(threads)
 }
@@ -233,7 +234,7 @@ pub struct Meter {
 #[derive(Debug, Clone)]
 pub struct Mark {
     server: Option<Ticks>,
-    server_threads: Option<BTreeMap<String, Ticks>>,
+    server_threads: Option<BTreeMap<u32, (String, Ticks)>>,
     client: Option<Ticks>,
     machine: Option<MachineTicks>,
 }
@@ -313,22 +314,26 @@ impl Meter {
     }
 }
 
-/// Each thread's CPU between two readings of [`read_thread_ticks`]: a thread missing from
-/// `before` started since, from zero; one missing from `after` ended and is left out.
+/// The CPU each thread used between two readings of [`read_thread_ticks`], summed by
+/// thread name (tokio's workers and its blocking threads share one). Taken thread by
+/// thread before the sum, so that a thread that ended in between (missing from `after`,
+/// and left out) takes none of the others' time with it; one that started in between
+/// (missing from `before`) counts from zero.
 fn thread_use(
-    before: &BTreeMap<String, Ticks>,
-    after: &BTreeMap<String, Ticks>,
+    before: &BTreeMap<u32, (String, Ticks)>,
+    after: &BTreeMap<u32, (String, Ticks)>,
     per_second: Option<u64>,
 ) -> BTreeMap<String, Duration> {
     let Some(per_second) = per_second else {
         return BTreeMap::new();
     };
-    (after.iter())
-        .map(|(name, now)| {
-            let then = before.get(name).map_or(0, Ticks::total);
-            let ticks = now.total().saturating_sub(then);
-            (name.clone(), ticks_to_duration(ticks, per_second))
-        })
+    let mut by_name: BTreeMap<String, u64> = BTreeMap::new();
+    for (tid, (name, now)) in after {
+        let then = before.get(tid).map_or(0, |(_, then)| then.total());
+        *by_name.entry(name.clone()).or_default() += now.total().saturating_sub(then);
+    }
+    (by_name.into_iter())
+        .map(|(name, ticks)| (name, ticks_to_duration(ticks, per_second)))
         .collect()
 }
 
@@ -364,20 +369,34 @@ mod tests {
             .unwrap();
         started.1.recv().unwrap();
         let threads = read_thread_ticks(std::process::id()).unwrap();
-        let spun = threads.get("bench-spinner").expect("the spinner is listed");
-        assert!(spun.total() > 0, "{threads:?}");
+        let spun = (threads.values())
+            .find(|(name, _)| name == "bench-spinner")
+            .expect("the spinner is listed");
+        assert!(spun.1.total() > 0, "{threads:?}");
         stop.0.send(()).unwrap();
         spinner.join().unwrap();
 
-        let ticks = |user| Ticks { user, system: 1 };
-        let before = BTreeMap::from([("a".to_owned(), ticks(10)), ("gone".to_owned(), ticks(5))]);
-        let after = BTreeMap::from([("a".to_owned(), ticks(60)), ("new".to_owned(), ticks(20))]);
+        let thread = |name: &str, user| (name.to_owned(), Ticks { user, system: 1 });
+        // Two threads named `a`, one of which ends with 300 ticks behind it; a thread that
+        // ends alone; one that starts.
+        let before = BTreeMap::from([
+            (1, thread("a", 10)),
+            (2, thread("a", 300)),
+            (3, thread("gone", 5)),
+        ]);
+        let after = BTreeMap::from([(1, thread("a", 60)), (4, thread("new", 20))]);
         assert_eq!(
             thread_use(&before, &after, Some(100)),
             BTreeMap::from([
                 ("a".to_owned(), Duration::from_millis(500)),
                 ("new".to_owned(), Duration::from_millis(210)),
             ])
+        );
+        // Two live threads of one name add up.
+        let after = BTreeMap::from([(1, thread("a", 60)), (2, thread("a", 350))]);
+        assert_eq!(
+            thread_use(&before, &after, Some(100)),
+            BTreeMap::from([("a".to_owned(), Duration::from_millis(1_000))])
         );
         assert!(thread_use(&before, &after, None).is_empty());
     }
