@@ -427,6 +427,8 @@ fn plan(
         }
         plan.writes.push(write);
     }
+    // Its clones are not kept while the sequencer waits for the next group.
+    pending.clear();
     plan
 }
 
