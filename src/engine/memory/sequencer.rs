@@ -364,8 +364,9 @@ fn drain(jobs: &Receiver<Job>, group: &mut Vec<Job>) {
 
 /// Stage 1: runs the group's writes in order, each seeing the ones before it, and frames
 /// one record per write that changes something into `batch` (which gives it its LSN).
-/// Touches nothing but `batch` and `pending` (the group's changes so far, emptied first):
-/// the map and the dirty set wait for [`publish`].
+/// Touches nothing but `batch` and `pending` (the group's changes so far: empty when it is
+/// called, and emptied again before it returns): the map and the dirty set wait for
+/// [`publish`].
 fn plan(
     shared: &Shared,
     jobs: impl IntoIterator<Item = Job>,
@@ -373,7 +374,7 @@ fn plan(
     pending: &mut HashMap<Serial, Option<Widget>>,
 ) -> Plan {
     let mut plan = Plan::default();
-    pending.clear();
+    debug_assert!(pending.is_empty(), "the last group's changes were emptied");
     let guard = shared.map.guard();
     for job in jobs {
         let mut write = match job {
@@ -427,7 +428,8 @@ fn plan(
         }
         plan.writes.push(write);
     }
-    // Its clones are not kept while the sequencer waits for the next group.
+    // Emptied here, not when the next group starts, so that its clones are not kept while
+    // the sequencer waits for it.
     pending.clear();
     plan
 }
