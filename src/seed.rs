@@ -138,7 +138,9 @@ pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::R
             .write_batch(FlushBatch {
                 items,
                 checkpoint: Some(SEED_LSN),
-                widgets: Some(end),
+                // What the store will hold, not what it holds yet: a new embedded store
+                // is laid out at its first write for the widgets that write says it has.
+                widgets: Some(args.widgets),
                 epoch: None,
             })
             .await

@@ -85,7 +85,8 @@ pub struct FlushBatch {
     /// WAL stands behind the batch (Redis mode): the stored checkpoint stays as it is.
     pub checkpoint: Option<u64>,
     /// How many widgets the hot state held at the batch's cut, when the writer knows: a
-    /// store may keep it for [`Store::len_hint`].
+    /// store may keep it for [`Store::len_hint`], and the embedded store lays itself out
+    /// for it at its first write (`bench-seed` gives the count it will have written).
     pub widgets: Option<u64>,
     /// Redis mode: the fencing epoch the batch was taken under; the store commits it only
     /// while that is still the current epoch ([`StoreError::StaleEpoch`]).

@@ -11,7 +11,10 @@
 //! A bucket's key is [`PREFIX`] and the top `bits` bits of the CRC-32 of the serial, big
 //! endian; its value is a run of entries `[serial length: u8][serial][widget length: u16
 //! LE][widget, bincode]`, in no particular order, each serial once. A store records its
-//! `bits` when it is created, so a store keeps its layout whatever a later build defaults to.
+//! `bits`, chosen at its first write for the widgets it then says it holds
+//! ([`Layout::for_widgets`]), and changed only by a compaction that gives a crowded store
+//! four times the buckets ([`Layout::grown`]): each old bucket's widgets go to the four
+//! new buckets that cover its hashes, so the buckets keep their order.
 
 use crate::domain::{Serial, Widget};
 
@@ -19,9 +22,25 @@ use crate::domain::{Serial, Widget};
 /// `A-Z a-z 0-9 . _ : -`), above the `\0` of the store's own keys.
 pub const PREFIX: u8 = 1;
 
-/// Bits of bucket number for a new store: 2 M buckets, about five widgets to a bucket at
-/// 10 M widgets, one at 2 M.
-pub const DEFAULT_BITS: u32 = 21;
+/// The fewest widgets to a bucket a store is laid out for: four to eight. A widget's entry
+/// takes ~65 bytes, so a bucket value is ~260-520 bytes; at 10 M widgets that is 2^21
+/// buckets, the layout the 10 M memory figures were measured with. Fewer buckets than that at 10 M grew sled's memory
+/// (2^17: ~1.4 GB against ~1.1 GB), and more buckets than widgets (2^21 at 1 M) made a
+/// flush write nearly one bucket a widget, ~4x the store's CPU of 2^17 (BENCHMARKS.md,
+/// "Where target 1's CPU goes by thread").
+const WIDGETS_PER_BUCKET: f64 = 4.0;
+
+/// The fewest buckets a store is laid out with: a store whose first write holds a few
+/// widgets gets room for ~60,000 before it is crowded.
+pub const MIN_BITS: u32 = 12;
+
+/// The most buckets a store lays itself out with (~270 M widgets at four a bucket).
+pub const MAX_BITS: u32 = 26;
+
+/// A store whose buckets average more bytes than this (~15 widgets) is copied into four
+/// times the buckets at its next compaction, which starts at the next write (see
+/// [`Layout::grown`]).
+pub const CROWDED_BYTES: u64 = 1024;
 
 pub type Key = [u8; 5];
 
@@ -35,6 +54,29 @@ impl Layout {
     /// A layout of `2^bits` buckets; `bits` from 1 to 32.
     pub fn new(bits: u32) -> Option<Self> {
         (1..=32).contains(&bits).then_some(Self { bits })
+    }
+
+    /// The layout for a store of `widgets`: [`WIDGETS_PER_BUCKET`] to twice that to a
+    /// bucket (the most buckets that leave at least that many), from 2^[`MIN_BITS`] to
+    /// 2^[`MAX_BITS`] buckets.
+    pub fn for_widgets(widgets: u64) -> Self {
+        let bits = (widgets as f64 / WIDGETS_PER_BUCKET).log2().floor();
+        // A negative or infinite logarithm saturates, and the clamp takes care of it.
+        Self {
+            bits: (bits as u32).clamp(MIN_BITS, MAX_BITS),
+        }
+    }
+
+    /// The layout a store holding `live_bytes` of buckets in this one should be copied into
+    /// at its next compaction: four times the buckets once they average over
+    /// [`CROWDED_BYTES`] (up to 2^[`MAX_BITS`]), else this one.
+    pub fn grown(self, live_bytes: u64) -> Self {
+        if self.bits >= MAX_BITS || live_bytes / self.buckets() <= CROWDED_BYTES {
+            return self;
+        }
+        Self {
+            bits: (self.bits + 2).min(MAX_BITS),
+        }
     }
 
     pub fn bits(self) -> u32 {
@@ -56,6 +98,35 @@ impl Layout {
     }
 }
 
+/// An order of serials that every layout's buckets follow (their numbers are the top bits
+/// of this), for writing a store in key order before it has a layout.
+pub fn order(serial: &str) -> u64 {
+    u64::from(crc32fast::hash(serial.as_bytes()))
+}
+
+/// The number of the bucket `key` names, if it is a bucket key.
+pub fn number_of(key: &[u8]) -> Option<u32> {
+    match key {
+        [PREFIX, n @ ..] => Some(u32::from_be_bytes(n.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// The entries of the bucket value `value` sorted into the buckets of `to` they belong in,
+/// by bucket number, each a bucket value; an error says where `value` stops making sense.
+pub fn split(value: &[u8], to: Layout) -> Result<std::collections::BTreeMap<u32, Vec<u8>>, String> {
+    let mut buckets = std::collections::BTreeMap::<u32, Vec<u8>>::new();
+    for entry in entries(value) {
+        let (serial, widget) = entry?;
+        append(
+            buckets.entry(to.number(serial)).or_default(),
+            serial,
+            widget,
+        );
+    }
+    Ok(buckets)
+}
+
 /// The key of bucket number `bucket`; keys sort as their numbers do.
 pub fn key_of(bucket: u32) -> Key {
     let mut key = [PREFIX; 5];
@@ -65,14 +136,9 @@ pub fn key_of(bucket: u32) -> Key {
 
 /// A bucket key as a store error names it.
 pub fn describe(key: &[u8]) -> String {
-    match key {
-        [PREFIX, n @ ..] if n.len() == 4 => {
-            format!(
-                "bucket {}",
-                u32::from_be_bytes(n.try_into().expect("4 bytes"))
-            )
-        }
-        _ => String::from_utf8_lossy(key).into_owned(),
+    match number_of(key) {
+        Some(n) => format!("bucket {n}"),
+        None => String::from_utf8_lossy(key).into_owned(),
     }
 }
 
@@ -232,6 +298,72 @@ mod tests {
         assert_eq!(got, [("a".into(), renamed), ("e".into(), e)]);
         let emptied = merge(Some(&second), &[("a", Put::Remove), ("e", Put::Remove)]).unwrap();
         assert_eq!(emptied, None, "nothing left, no value");
+    }
+
+    #[test]
+    fn a_store_is_laid_out_for_about_four_widgets_a_bucket_and_grows_when_crowded() {
+        let bits = |widgets| Layout::for_widgets(widgets).bits();
+        assert_eq!(
+            bits(10_000_000),
+            21,
+            "the layout of the 10 M memory figures"
+        );
+        assert_eq!(bits(1_000_000), 17);
+        assert_eq!(
+            [bits(524_288), bits(1_048_575)],
+            [17, 17],
+            "four to eight a bucket"
+        );
+        assert_eq!([bits(0), bits(1), bits(32_767)], [MIN_BITS; 3]);
+        assert_eq!(bits(u64::MAX), MAX_BITS);
+
+        let layout = Layout::new(MIN_BITS).unwrap();
+        let crowded = CROWDED_BYTES * layout.buckets();
+        assert_eq!(layout.grown(crowded), layout, "at the limit, not over it");
+        assert_eq!(
+            layout.grown(crowded + layout.buckets()).bits(),
+            MIN_BITS + 2
+        );
+        let top = Layout::new(MAX_BITS).unwrap();
+        assert_eq!(top.grown(u64::MAX), top, "no more than the most buckets");
+        let over = Layout::new(MAX_BITS - 1).unwrap();
+        assert_eq!(over.grown(u64::MAX).bits(), MAX_BITS);
+    }
+
+    #[test]
+    fn a_bucket_splits_into_the_buckets_that_cover_its_hashes_in_key_order() {
+        let (from, to) = (Layout::new(3).unwrap(), Layout::new(5).unwrap());
+        let w = widget("n");
+        let serials: Vec<String> = (0..200).map(|i| format!("s{i}")).collect();
+        let home = from.key(&serials[0]);
+        let mine: Vec<(&str, Put)> = (serials.iter())
+            .filter(|s| from.key(s) == home)
+            .map(|s| (s.as_str(), Put::Widget(&w)))
+            .collect();
+        let value = merge(None, &mine).unwrap().unwrap();
+        let buckets = split(&value, to).unwrap();
+        let first = u32::from(home[4]) << 2;
+        assert!(buckets.keys().all(|n| (first..first + 4).contains(n)));
+        assert!(buckets.len() > 1, "{} buckets", buckets.len());
+        let mut got: Vec<String> = (buckets.iter())
+            .flat_map(|(&n, value)| decoded(to, &key_of(n), value))
+            .map(|(serial, _)| serial)
+            .collect();
+        got.sort();
+        let mut expected: Vec<String> = mine.iter().map(|(s, _)| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(
+            got, expected,
+            "every widget once, in the bucket it belongs in"
+        );
+        assert!(
+            (serials.iter()).all(|s| to.number(s) as u64 >> 2 == from.number(s) as u64
+                && order(s) >> 27 == u64::from(to.number(s))),
+            "a layout's buckets follow the serials' order"
+        );
+        assert!(split(&value[..value.len() - 1], to)
+            .unwrap_err()
+            .contains("cut short"));
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! after 18 minutes of a closed-loop load, still growing (BENCHMARKS.md, "sled's file
 //! under a long load"). The same buckets copied in key order take 1.1 GB again.
 //!
+//! A compaction is also how a store gets more buckets: one whose buckets have grown
+//! crowded (see [`bucket::Layout::grown`]) is due at its next write, and copied into four
+//! times the buckets, each old bucket split into the four that cover its hashes, so that
+//! the copy still goes in key order and a bucket changed behind it is copied again alone.
+//!
 //! How: each write, once stored, is followed by a step on the writer's thread (so no
 //! other write runs meanwhile). The first step opens a new store beside the old one; every
 //! step copies the next buckets, in key order, 1/[`Settings::steps`] of the store's bytes;
@@ -20,7 +25,8 @@
 //! failure in the new store (a full disk, above all) abandons the compaction and removes
 //! what it built; the write it followed stands, and the next try waits [`RETRY_AFTER`].
 
-use super::{bucket, collect_garbage, StoreError, LEGACY_START, OWN_KEYS};
+use super::bucket::{self, Layout};
+use super::{collect_garbage, StoreError, BUCKET_BITS_KEY, LEGACY_START, OWN_KEYS};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -62,17 +68,22 @@ const NEW_CACHE_BYTES: u64 = 1 << 20;
 pub const RETRY_AFTER: Duration = Duration::from_secs(600);
 
 impl Settings {
-    /// Whether a file of `file_bytes` holding `live_bytes` of buckets is due a compaction.
-    pub fn due(&self, file_bytes: u64, live_bytes: u64) -> bool {
+    /// Whether a file of `file_bytes` holding `live_bytes` of buckets is due a compaction;
+    /// one whose buckets are `crowded` is, whatever its size (unless it never compacts).
+    pub fn due(&self, file_bytes: u64, live_bytes: u64, crowded: bool) -> bool {
         self.ratio > 0.0
-            && file_bytes >= self.min_file_bytes
-            && file_bytes as f64 > self.ratio * live_bytes as f64
+            && (crowded
+                || file_bytes >= self.min_file_bytes
+                    && file_bytes as f64 > self.ratio * live_bytes as f64)
     }
 }
 
 /// A compaction under way: the new store, and how far the copy has come.
 pub struct Compaction {
     new: sled::Db,
+    /// The old store's layout, and the new one's: the same, or more buckets.
+    from: Layout,
+    to: Layout,
     /// Every bucket below this key is across (and kept so by each write).
     next: Vec<u8>,
     started: Instant,
@@ -81,8 +92,19 @@ pub struct Compaction {
 }
 
 impl Compaction {
-    /// Opens a new, empty store in `path` (a half-built one left there is removed first).
-    pub fn start(path: &Path, file_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens a new, empty store in `path` (a half-built one left there is removed first),
+    /// to copy a store laid out by `from` into one laid out by `to`, with as many buckets
+    /// or more.
+    pub fn start(
+        path: &Path,
+        file_bytes: u64,
+        from: Layout,
+        to: Layout,
+    ) -> Result<Self, StoreError> {
+        assert!(
+            to.bits() >= from.bits(),
+            "a compaction never merges buckets"
+        );
         if path.exists() {
             super::remove_dir(path)?;
         }
@@ -93,10 +115,60 @@ impl Compaction {
             .open()?;
         Ok(Self {
             new,
+            from,
+            to,
             next: vec![bucket::PREFIX],
             started: Instant::now(),
             file_bytes,
         })
+    }
+
+    /// The layout the store is copied into.
+    pub fn to(&self) -> Layout {
+        self.to
+    }
+
+    /// Puts the old bucket `key`, holding `value` (`None`: no longer there), into `batch`
+    /// in the new layout: as it is, or split into the new buckets that cover its hashes,
+    /// each of them written or, left empty, removed. Returns how many keys it puts.
+    fn put(
+        &self,
+        batch: &mut sled::Batch,
+        key: &[u8],
+        value: Option<sled::IVec>,
+    ) -> Result<usize, StoreError> {
+        if self.from == self.to {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+            return Ok(1);
+        }
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: bucket::describe(key),
+            reason,
+        };
+        let number = bucket::number_of(key).ok_or_else(|| corrupt("not a bucket key".into()))?;
+        let mut split = match &value {
+            Some(value) => bucket::split(value, self.to).map_err(corrupt)?,
+            None => Default::default(),
+        };
+        let shift = self.to.bits() - self.from.bits();
+        let first = u64::from(number) << shift;
+        for n in first..first + (1 << shift) {
+            let n = u32::try_from(n).expect("a bucket of a layout of at most 32 bits");
+            match split.remove(&n) {
+                Some(value) => batch.insert(&bucket::key_of(n)[..], value),
+                None => batch.remove(&bucket::key_of(n)[..]),
+            }
+        }
+        if let Some(n) = split.keys().next() {
+            return Err(corrupt(format!(
+                "a widget in it belongs in bucket {}",
+                n >> shift
+            )));
+        }
+        Ok(1 << shift)
     }
 
     /// Copies again, from `old`, every bucket among `changed` that is already across: a
@@ -113,12 +185,8 @@ impl Compaction {
             if key >= &self.next[..] {
                 continue;
             }
-            match old.get(key)? {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-            in_batch += 1;
-            if in_batch == chunk {
+            in_batch += self.put(&mut batch, key, old.get(key)?)?;
+            if in_batch >= chunk {
                 self.new.apply_batch(std::mem::take(&mut batch))?;
                 collect_garbage(in_batch);
                 in_batch = 0;
@@ -143,12 +211,13 @@ impl Compaction {
             let mut batch = sled::Batch::default();
             let mut last = None;
             let mut in_batch = 0;
+            let mut read = 0;
             for entry in buckets.by_ref().take(settings.chunk.max(1)) {
                 let (key, value) = entry?;
                 copied += (key.len() + value.len()) as u64;
-                batch.insert(&key, value);
+                in_batch += self.put(&mut batch, &key, Some(value))?;
                 last = Some(key);
-                in_batch += 1;
+                read += 1;
             }
             self.new.apply_batch(batch)?;
             collect_garbage(in_batch);
@@ -158,7 +227,7 @@ impl Compaction {
             // The next key after `last`: `last` followed by a zero byte.
             self.next = last.to_vec();
             self.next.push(0);
-            if in_batch < settings.chunk.max(1) {
+            if read < settings.chunk.max(1) {
                 return Ok(true);
             }
             if copied >= quota {
@@ -168,21 +237,25 @@ impl Compaction {
         }
     }
 
-    /// Copies the store's own keys (the checkpoint, the widget count, the identity and the
-    /// layout) from `old`, flushes the new store and closes it: it is whole now.
+    /// Copies the store's own keys (the checkpoint, the widget count and the identity)
+    /// from `old` and records the new layout, flushes the new store and closes it: it is
+    /// whole now.
     pub fn finish(self, old: &sled::Db) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for key in OWN_KEYS {
+        for key in OWN_KEYS.into_iter().filter(|&key| key != BUCKET_BITS_KEY) {
             match old.get(key)? {
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
         }
+        batch.insert(BUCKET_BITS_KEY, &u64::from(self.to.bits()).to_be_bytes());
         self.new.apply_batch(batch)?;
         self.new.flush()?;
         tracing::info!(
             file_bytes_before = self.file_bytes,
             file_bytes_after = self.new.size_on_disk().ok(),
+            bucket_bits_before = self.from.bits(),
+            bucket_bits_after = self.to.bits(),
             secs = self.started.elapsed().as_secs(),
             "compacted the embedded store"
         );

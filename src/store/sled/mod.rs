@@ -31,7 +31,8 @@
 //!
 //! sled's file grows under writes well past the data it holds, so the store rebuilds
 //! itself beside the old one, a step after each write, once the file is several times its
-//! buckets (see [`compact`]).
+//! buckets; the same rebuild gives a store whose buckets have grown crowded four times as
+//! many (see [`compact`]).
 
 mod bucket;
 pub mod compact;
@@ -41,7 +42,7 @@ use self::compact::Compaction;
 use super::background::{Background, BackgroundError};
 use super::{FlushBatch, Store, StoreError, Visitor};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 /// Bucket keys start with [`bucket::PREFIX`] and serials with none of these bytes, so the
@@ -78,8 +79,9 @@ struct Inner {
     cache_bytes: u64,
     /// `None` after an I/O error closed it, until the next operation opens it again.
     db: Mutex<Option<sled::Db>>,
-    /// Read (or, for a new store, written) when the store is opened.
-    layout: OnceLock<Layout>,
+    /// Read whenever the database is opened; a new store has none until its first write
+    /// lays it out for the widgets that write says the store holds.
+    layout: Mutex<Option<Layout>>,
     /// The thread that opens the database and writes to it, at the writer's nice value.
     writer: Background,
     compact: compact::Settings,
@@ -135,7 +137,7 @@ impl SledStore {
             path: path.to_owned(),
             cache_bytes: options.cache_bytes,
             db: Mutex::new(None),
-            layout: OnceLock::new(),
+            layout: Mutex::new(None),
             writer: Background::start("widgets-store", options.writer_nice)
                 .map_err(StoreError::io("starting the store's thread"))?,
             compact: options.compact,
@@ -154,17 +156,16 @@ impl SledStore {
         Ok(store)
     }
 
-    /// Opens the database and reads its layout. A new store gets one; a store written
-    /// before buckets is moved into them first (see [`move_into_buckets`]).
+    /// Opens the database (which reads its layout). A new store gets its layout at its
+    /// first write; a store written before buckets is moved into them first (see
+    /// [`move_into_buckets`]).
     fn prepare(&self) -> Result<(), StoreError> {
         let path = &self.inner.path;
         let db = self.db_once_closed()?;
-        if let Some(layout) = read_layout(&db)? {
-            self.inner.layout.set(layout).ok();
+        if self.layout().is_some() {
             return Ok(());
         }
-        let layout = Layout::new(bucket::DEFAULT_BITS).expect("a valid default");
-        let old = check_old_entries(&db, layout)?;
+        let old = check_old_entries(&db)?;
         if old == 0 {
             if let Some(entry) = db.range(&[bucket::PREFIX][..]..LEGACY_START).next() {
                 let (key, _) = entry?;
@@ -173,14 +174,10 @@ impl SledStore {
                     reason: "a bucket in a store that records no bucket layout".into(),
                 });
             }
-            let written = db
-                .insert(BUCKET_BITS_KEY, &u64::from(layout.bits()).to_be_bytes())
-                .and_then(|_| db.flush());
-            self.closing_on_io_error(db, written)?;
-            self.inner.layout.set(layout).ok();
             self.upkeep().live_bytes = Some(0);
             return Ok(());
         }
+        let layout = Layout::for_widgets(old);
         tracing::info!(
             widgets = old,
             "moving the embedded store's widgets into buckets (once, for a store an earlier \
@@ -201,17 +198,18 @@ impl SledStore {
         drop(db);
         self.inner.db.lock().expect("sled handle lock").take();
         swap_in_moved(path)?;
-        let db = self.db_once_closed()?;
-        let layout = read_layout(&db)?.ok_or_else(|| StoreError::Corrupt {
-            key: "bucket_bits".into(),
-            reason: "missing from the store just moved into buckets".into(),
-        })?;
+        self.db_once_closed()?;
+        if self.layout().is_none() {
+            return Err(StoreError::Corrupt {
+                key: "bucket_bits".into(),
+                reason: "missing from the store just moved into buckets".into(),
+            });
+        }
         tracing::info!(
             widgets = old,
             secs = started.elapsed().as_secs(),
             "the embedded store's widgets are in buckets now"
         );
-        self.inner.layout.set(layout).ok();
         Ok(())
     }
 
@@ -232,16 +230,41 @@ impl SledStore {
         }
     }
 
-    fn layout(&self) -> Layout {
+    /// The store's layout: `None` for a new store until its first write.
+    fn layout(&self) -> Option<Layout> {
         *self
             .inner
             .layout
-            .get()
-            .expect("the layout is read when the store opens")
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The layout of the store, laid out for the widgets `batch` says it holds (its
+    /// items, if it does not say) if it is new: recorded, though made durable only by the
+    /// write that follows, which is flushed after it.
+    fn layout_for(&self, db: &sled::Db, batch: &FlushBatch) -> Result<Layout, StoreError> {
+        if let Some(layout) = self.layout() {
+            return Ok(layout);
+        }
+        let widgets = (batch.widgets).unwrap_or(batch.items.len() as u64);
+        let layout = Layout::for_widgets(widgets);
+        db.insert(BUCKET_BITS_KEY, &u64::from(layout.bits()).to_be_bytes())?;
+        tracing::info!(
+            widgets,
+            bucket_bits = layout.bits(),
+            "laying out the new embedded store"
+        );
+        *self
+            .inner
+            .layout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(layout);
+        Ok(layout)
     }
 
     /// The open database, opened again if an I/O error or a compaction closed it (first
-    /// finishing what a crash left of a rebuild: see [`finish_move`]).
+    /// finishing what a crash left of a rebuild: see [`finish_move`]), with the layout it
+    /// records read again.
     fn db(&self) -> Result<sled::Db, StoreError> {
         let mut db = self.inner.db.lock().expect("sled handle lock");
         if let Some(db) = db.as_ref() {
@@ -257,6 +280,13 @@ impl SledStore {
             // "sled's file under a long load". The store compacts itself instead.)
             .flush_every_ms(None)
             .open()?;
+        // What the store records, even none: a layout a new store chose just before an I/O
+        // error closed it may never have reached the disk.
+        *self
+            .inner
+            .layout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = read_layout(&opened)?;
         *db = Some(opened.clone());
         Ok(opened)
     }
@@ -315,6 +345,9 @@ impl SledStore {
                 ));
             }
             live_bytes += (key.len() + value.len()) as u64;
+            let layout = layout.ok_or_else(|| {
+                corrupt("a bucket in a store that records no bucket layout".into())
+            })?;
             for entry in bucket::entries(&value) {
                 let (serial, widget) = entry
                     .and_then(|(serial, widget)| bucket::decode(layout, &key, serial, widget))
@@ -337,9 +370,13 @@ impl SledStore {
         // it in one burst that every WAL fsync queues behind (fsyncs of 100-500 ms, a few
         // times a minute at 10,000 PUTs/s over 1 M widgets; see BENCHMARKS.md).
         let mut grown = 0;
+        let layout = match self.layout_for(&db, &batch) {
+            Ok(layout) => layout,
+            Err(e) => return self.closing_on_io_error(db, Err(e)),
+        };
         let written = write_in_chunks(
             &batch,
-            self.layout(),
+            layout,
             CHUNK,
             &mut grown,
             |key| db.get(key),
@@ -359,14 +396,15 @@ impl SledStore {
         }
         drop(upkeep);
         self.closing_on_io_error(db.clone(), written)?;
-        self.compact_after(db, &batch);
+        self.compact_after(db, layout, &batch);
         Ok(())
     }
 
     /// After a write: takes the compaction under way a step further, and puts the new
-    /// store in place once it is whole; or starts one if the file is due (see [`compact`]).
-    /// A failure abandons the compaction and never fails the write, which is stored.
-    fn compact_after(&self, db: sled::Db, batch: &FlushBatch) {
+    /// store in place once it is whole; or starts one if the file or the buckets are due
+    /// (see [`compact`]). A failure abandons the compaction and never fails the write,
+    /// which is stored.
+    fn compact_after(&self, db: sled::Db, layout: Layout, batch: &FlushBatch) {
         let mut upkeep = self.upkeep();
         let file_bytes = db.size_on_disk().unwrap_or(0);
         metrics::gauge!("widgets_store_file_bytes").set(file_bytes as f64);
@@ -375,27 +413,34 @@ impl SledStore {
             return;
         };
         metrics::gauge!("widgets_store_live_bytes").set(live as f64);
+        let grown = layout.grown(live);
         if upkeep.compaction.is_none() {
             let waiting = upkeep.retry_at.is_some_and(|at| Instant::now() < at);
-            if waiting || !self.inner.compact.due(file_bytes, live) {
+            if waiting || !self.inner.compact.due(file_bytes, live, grown != layout) {
                 return;
             }
             tracing::info!(
                 file_bytes,
                 live_bytes = live,
-                "compacting the embedded store: its file is over {} times its buckets",
-                self.inner.compact.ratio
+                bucket_bits = layout.bits(),
+                new_bucket_bits = grown.bits(),
+                "compacting the embedded store: its file is over {} times its buckets, or \
+                 they average over {} bytes",
+                self.inner.compact.ratio,
+                bucket::CROWDED_BYTES
             );
         }
         let settings = self.inner.compact;
-        let layout = self.layout();
         let rebuilding = sibling(&self.inner.path, REBUILDING);
         let stepped = (|| {
             let compaction = match &mut upkeep.compaction {
                 Some(compaction) => compaction,
-                None => upkeep
-                    .compaction
-                    .insert(Compaction::start(&rebuilding, file_bytes)?),
+                None => upkeep.compaction.insert(Compaction::start(
+                    &rebuilding,
+                    file_bytes,
+                    layout,
+                    grown,
+                )?),
             };
             let mut changed: Vec<bucket::Key> = (batch.items.iter())
                 .map(|item| layout.key(item.serial.as_str()))
@@ -556,7 +601,9 @@ fn read_layout(db: &sled::Db) -> Result<Option<Layout>, StoreError> {
 }
 
 /// Decodes and checks every entry written before buckets; returns how many there are.
-fn check_old_entries(db: &sled::Db, layout: Layout) -> Result<u64, StoreError> {
+fn check_old_entries(db: &sled::Db) -> Result<u64, StoreError> {
+    // Any layout does: each entry is decoded as if in the bucket it belongs in.
+    let layout = Layout::new(32).expect("a valid layout");
     let mut old = 0;
     for entry in db.range(LEGACY_START..) {
         let (key, value) = entry?;
@@ -785,7 +832,7 @@ impl Store for SledStore {
     }
 
     fn write_order(&self, serial: &str) -> u64 {
-        u64::from(self.layout().number(serial))
+        bucket::order(serial)
     }
 
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
@@ -906,6 +953,13 @@ mod tests {
         widgets
     }
 
+    /// `layout`, recorded as the layout of `db` (a new store's, written to directly).
+    fn recorded(db: &sled::Db, layout: Layout) -> Layout {
+        let bits = u64::from(layout.bits()).to_be_bytes();
+        db.insert(BUCKET_BITS_KEY, &bits).unwrap();
+        layout
+    }
+
     fn bucket_bits(db: &sled::Db) -> u32 {
         let value = db.get(BUCKET_BITS_KEY).unwrap().expect("a layout");
         decode_u64("bits", &value).unwrap() as u32
@@ -943,7 +997,7 @@ mod tests {
         let mut seen = Vec::new();
         write_in_chunks(
             &many(2_500),
-            store.layout(),
+            recorded(&db, Layout::for_widgets(2_500)),
             1_000,
             &mut 0,
             |k| db.get(k),
@@ -973,7 +1027,7 @@ mod tests {
         let mut applied = 0;
         let err = write_in_chunks(
             &many(2_500),
-            store.layout(),
+            recorded(&db, Layout::for_widgets(2_500)),
             1_000,
             &mut 0,
             |k| db.get(k),
@@ -998,7 +1052,7 @@ mod tests {
         let mut calls = 0;
         write_in_chunks(
             &many(0),
-            store.layout(),
+            recorded(&db, Layout::for_widgets(0)),
             1_000,
             &mut 0,
             |k| db.get(k),
@@ -1017,7 +1071,11 @@ mod tests {
         let store = SledStore::open(dir.path(), 1 << 20).unwrap();
         let mut widget = item("a").widget.unwrap();
         widget.peers[PortType::Q.index()] = Some(Serial::parse("s", "b").unwrap());
-        let key = store.layout().key("a");
+        store.write_batch(many(0)).await.unwrap();
+        let key = store
+            .layout()
+            .expect("laid out by its first write")
+            .key("a");
         let value = bucket::merge(None, &[("a", Put::Widget(&widget))]).unwrap();
         store.db().unwrap().insert(key, value.unwrap()).unwrap();
         let err = store.load(Box::new(|_, _| {})).await.unwrap_err();
@@ -1069,8 +1127,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = two_bucket_store(dir.path());
         assert_eq!(
-            store.layout().bits(),
-            1,
+            store.layout().map(Layout::bits),
+            Some(1),
             "the store's own layout, not the default"
         );
         store.write_batch(many(50)).await.unwrap();
@@ -1136,7 +1194,11 @@ mod tests {
         assert_eq!(widgets, expected);
         let db = store.db().unwrap();
         assert_eq!(legacy(&db), 0, "no entry is left in the old layout");
-        assert_eq!(bucket_bits(&db), bucket::DEFAULT_BITS);
+        assert_eq!(
+            bucket_bits(&db),
+            Layout::for_widgets(2_500).bits(),
+            "laid out for the widgets it holds"
+        );
         assert_eq!(store.len_hint().await.unwrap(), 2_500);
         assert_rebuilt(dir.path());
     }
@@ -1174,7 +1236,7 @@ mod tests {
             let path = dir.path().join("store");
             {
                 let db = legacy_store(&path, 2_500);
-                let layout = Layout::new(bucket::DEFAULT_BITS).unwrap();
+                let layout = Layout::for_widgets(2_500);
                 let moving = sibling(&path, REBUILDING);
                 move_into_buckets(&db, &moving, 1 << 20, layout, 2_500, 1_000).unwrap();
             }
@@ -1230,7 +1292,7 @@ mod tests {
         let store = SledStore::open(dir.path(), 1 << 20).unwrap();
         store.write_batch(many(1)).await.unwrap();
         let db = store.db().unwrap();
-        let key = store.layout().key("w00000");
+        let key = store.layout().unwrap().key("w00000");
         let value = db.get(key).unwrap().unwrap();
         db.insert(key, &value[..value.len() - 1]).unwrap();
 
@@ -1367,6 +1429,110 @@ mod tests {
 
         let store = compacting_store(&path, 0.0);
         assert_eq!(loaded(&store).await, (model, 170), "opened again");
+    }
+
+    #[tokio::test]
+    async fn a_new_store_is_laid_out_for_the_widgets_its_first_write_says_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.layout(), None, "nothing to lay out yet");
+        assert_eq!(loaded(&store).await, (BTreeMap::new(), 0));
+        let mut batch = many(10);
+        batch.widgets = Some(1_000_000);
+        store.write_batch(batch).await.unwrap();
+        let layout = store.layout().expect("laid out");
+        assert_eq!(layout.bits(), 17, "for a million widgets, not for ten");
+        for item in many(10).items {
+            let serial = item.serial.as_str();
+            assert_eq!(
+                store.write_order(serial) >> (32 - 17),
+                u64::from(layout.number(serial)),
+                "the write order is the buckets' order"
+            );
+        }
+        store.write_batch(many(20)).await.unwrap();
+        drop(store);
+
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.layout(), Some(layout), "kept");
+        assert_eq!(loaded(&store).await.0.len(), 20);
+        assert_eq!(bucket_bits(&store.db().unwrap()), 17);
+    }
+
+    #[tokio::test]
+    async fn a_crowded_store_gets_more_buckets_while_written_and_keeps_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        // Four buckets for ~300 widgets, ~1.7 KB each: crowded. Only crowding makes it
+        // due (its file is never big enough), and a step copies one bucket, so that the
+        // writes go on meanwhile, changing buckets already split.
+        let settings = compact::Settings {
+            ratio: 3.0,
+            min_file_bytes: u64::MAX,
+            steps: 16,
+            chunk: 1,
+        };
+        let store = store_of(&path, 2, settings);
+        loaded(&store).await;
+        let mut model = BTreeMap::new();
+        let mut compacting = Vec::new();
+        for round in 1..=12 {
+            write_round(&store, &mut model, round).await;
+            if store.upkeep().compaction.is_some() {
+                compacting.push(round);
+            }
+        }
+        assert_eq!(
+            compacting.first(),
+            Some(&1),
+            "due at the write that crowded it"
+        );
+        assert!(compacting.len() >= 3, "a bucket a step: {compacting:?}");
+        assert_eq!(
+            store.upkeep().compacted,
+            1,
+            "once: four times the buckets suffice"
+        );
+        assert_eq!(store.layout().map(Layout::bits), Some(4));
+        assert_eq!(bucket_bits(&store.db().unwrap()), 4);
+        assert!(buckets(&store.db().unwrap()) > 4);
+        assert_rebuilt(&path);
+        assert_eq!(loaded(&store).await, (model.clone(), 12));
+        write_round(&store, &mut model, 13).await;
+        drop(store);
+
+        let store = store_of(&path, 2, settings);
+        assert_eq!(store.layout().map(Layout::bits), Some(4), "opened again");
+        assert_eq!(loaded(&store).await, (model, 13));
+    }
+
+    #[tokio::test]
+    async fn a_split_cut_short_leaves_the_store_whole_in_its_old_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let settings = compact::Settings {
+            ratio: 3.0,
+            min_file_bytes: u64::MAX,
+            steps: 16,
+            chunk: 1,
+        };
+        let store = store_of(&path, 2, settings);
+        loaded(&store).await;
+        let mut model = BTreeMap::new();
+        for round in 1..=2 {
+            write_round(&store, &mut model, round).await;
+        }
+        assert!(store.upkeep().compaction.is_some(), "halfway");
+        drop(store);
+
+        let never = compact::Settings {
+            ratio: 0.0,
+            ..settings
+        };
+        let store = store_of(&path, 2, never);
+        assert_rebuilt(&path);
+        assert_eq!(store.layout().map(Layout::bits), Some(2), "as it was");
+        assert_eq!(loaded(&store).await, (model, 2));
     }
 
     #[tokio::test]
