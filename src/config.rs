@@ -238,7 +238,7 @@ pub struct Config {
     /// The embedded store rebuilds itself, in a new directory beside it while it is
     /// written, once its file is over this many times the data it holds (and over
     /// 256 MiB): sled's file otherwise grows under writes with no bound. The same rebuild
-    /// gives a store that has outgrown its buckets four times as many. 2.5 to 100, or 0
+    /// gives a store that has outgrown its buckets twice as many. 2.5 to 100, or 0
     /// for never (neither). A store just rebuilt is about 1.8 times its data.
     #[arg(long, env = "WIDGETS_SLED_COMPACT_RATIO", default_value_t = crate::store::sled::compact::DEFAULT_RATIO, value_parser = compact_ratio)]
     pub sled_compact_ratio: f64,

@@ -184,6 +184,7 @@ mod tests {
     #[derive(Default)]
     struct Backwards {
         batches: std::sync::Mutex<Vec<Vec<String>>>,
+        counts: std::sync::Mutex<Vec<Option<u64>>>,
     }
 
     impl Store for Backwards {
@@ -202,6 +203,7 @@ mod tests {
         async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
             let serials = batch.items.iter().map(|i| i.serial.as_str().to_owned());
             self.batches.lock().unwrap().push(serials.collect());
+            self.counts.lock().unwrap().push(batch.widgets);
             Ok(())
         }
         fn write_order(&self, serial: &str) -> u64 {
@@ -223,6 +225,11 @@ mod tests {
         assert_eq!(
             *store.batches.lock().unwrap(),
             [names(6..=9), names(2..=5), names(0..=1)]
+        );
+        assert_eq!(
+            *store.counts.lock().unwrap(),
+            [Some(10); 3],
+            "every batch says how many the seed writes, which a new store is laid out for"
         );
     }
 

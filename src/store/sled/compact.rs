@@ -10,9 +10,10 @@
 //! under a long load"). The same buckets copied in key order take 1.1 GB again.
 //!
 //! A compaction is also how a store gets more buckets: one whose buckets have grown
-//! crowded (see [`bucket::Layout::grown`]) is due at its next write, and copied into four
-//! times the buckets, each old bucket split into the four that cover its hashes, so that
-//! the copy still goes in key order and a bucket changed behind it is copied again alone.
+//! crowded (see [`bucket::Layout::grown`]) is due after the write that crowded it, and
+//! copied into twice the buckets, each old bucket split into the two that cover its
+//! hashes, so that the copy still goes in key order and a bucket changed behind it is
+//! copied again alone.
 //!
 //! How: each write, once stored, is followed by a step on the writer's thread (so no
 //! other write runs meanwhile). The first step opens a new store beside the old one; every
@@ -123,9 +124,9 @@ impl Compaction {
         })
     }
 
-    /// The layout the store is copied into.
-    pub fn to(&self) -> Layout {
-        self.to
+    /// The layout the store is copied from, which names the buckets a write changed.
+    pub fn from(&self) -> Layout {
+        self.from
     }
 
     /// Puts the old bucket `key`, holding `value` (`None`: no longer there), into `batch`
@@ -248,7 +249,7 @@ impl Compaction {
                 None => batch.remove(key),
             }
         }
-        batch.insert(BUCKET_BITS_KEY, &u64::from(self.to.bits()).to_be_bytes());
+        batch.insert(BUCKET_BITS_KEY, &self.to.recorded());
         self.new.apply_batch(batch)?;
         self.new.flush()?;
         tracing::info!(
@@ -260,5 +261,73 @@ impl Compaction {
             "compacted the embedded store"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Name, PortType, Ports, Widget};
+    use bucket::Put;
+
+    /// The bucket value holding `serials`, each a widget of one port.
+    fn value(serials: &[&str]) -> Vec<u8> {
+        let w = Widget::new(
+            Name::parse("name", "n").unwrap(),
+            Ports::from_list("ports", &[PortType::P]).unwrap(),
+        );
+        let puts: Vec<_> = serials.iter().map(|s| (*s, Put::Widget(&w))).collect();
+        bucket::merge(None, &puts).unwrap().unwrap()
+    }
+
+    fn serials_in(db: &sled::Db) -> Vec<(u32, Vec<String>)> {
+        (db.range(&[bucket::PREFIX][..]..LEGACY_START))
+            .map(|entry| {
+                let (key, value) = entry.unwrap();
+                let mut serials: Vec<String> = (bucket::entries(&value))
+                    .map(|e| e.unwrap().0.to_owned())
+                    .collect();
+                serials.sort();
+                (bucket::number_of(&key).unwrap(), serials)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_split_bucket_emptied_behind_the_copy_goes_from_the_new_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = sled::Config::new()
+            .path(dir.path().join("old"))
+            .open()
+            .unwrap();
+        let (from, to) = (Layout::new(1).unwrap(), Layout::new(2).unwrap());
+        let names: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+        let serials = |keep: &dyn Fn(&str) -> bool| -> Vec<&str> {
+            names
+                .iter()
+                .map(String::as_str)
+                .filter(|s| keep(s))
+                .collect()
+        };
+        for n in 0..2 {
+            let value = value(&serials(&|s| from.number(s) == n));
+            old.insert(bucket::key_of(n), value).unwrap();
+        }
+        let mut compaction = Compaction::start(&dir.path().join("new"), 0, from, to).unwrap();
+        assert!(compaction
+            .step(&old, &Settings::default(), u64::MAX)
+            .unwrap());
+        assert_eq!(serials_in(&compaction.new).len(), 4, "split in four");
+
+        // Behind the copy: old bucket 0 emptied, and old bucket 1 left with only the
+        // widgets of new bucket 3.
+        old.remove(bucket::key_of(0)).unwrap();
+        let kept = serials(&|s| to.number(s) == 3);
+        old.insert(bucket::key_of(1), value(&kept)).unwrap();
+        let changed = [bucket::key_of(0), bucket::key_of(1)];
+        (compaction.follow(&old, changed.iter().map(|k| &k[..]), 1_000)).unwrap();
+        let mut kept: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+        kept.sort();
+        assert_eq!(serials_in(&compaction.new), [(3, kept)]);
     }
 }

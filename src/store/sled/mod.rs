@@ -52,7 +52,8 @@ const CHECKPOINT_KEY: &[u8] = b"\0checkpoint";
 const WIDGETS_KEY: &[u8] = b"\0widgets";
 /// The identity of the history the store belongs to (see [`Store::identity`]).
 const IDENTITY_KEY: &[u8] = b"\0identity";
-/// The bits of bucket number the store was created with (see [`bucket::Layout`]).
+/// The bits of bucket number of the store's layout: set by its first write, changed by a
+/// compaction that gives it more buckets (see [`bucket::Layout`]).
 const BUCKET_BITS_KEY: &[u8] = b"\0bucket_bits";
 /// The first key a widget written before buckets can have: a serial's first byte is above
 /// every bucket key's.
@@ -239,26 +240,30 @@ impl SledStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The layout of the store, laid out for the widgets `batch` says it holds (its
-    /// items, if it does not say) if it is new: recorded, though made durable only by the
-    /// write that follows, which is flushed after it.
+    fn set_layout(&self, layout: Option<Layout>) {
+        *self
+            .inner
+            .layout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = layout;
+    }
+
+    /// The layout of the store; if it is new, laid out for the widgets `batch` says it
+    /// holds (its items, if it does not say) and recorded, on disk before any bucket.
     fn layout_for(&self, db: &sled::Db, batch: &FlushBatch) -> Result<Layout, StoreError> {
         if let Some(layout) = self.layout() {
             return Ok(layout);
         }
         let widgets = (batch.widgets).unwrap_or(batch.items.len() as u64);
         let layout = Layout::for_widgets(widgets);
-        db.insert(BUCKET_BITS_KEY, &u64::from(layout.bits()).to_be_bytes())?;
+        db.insert(BUCKET_BITS_KEY, &layout.recorded())?;
+        db.flush()?;
         tracing::info!(
             widgets,
             bucket_bits = layout.bits(),
             "laying out the new embedded store"
         );
-        *self
-            .inner
-            .layout
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(layout);
+        self.set_layout(Some(layout));
         Ok(layout)
     }
 
@@ -282,11 +287,7 @@ impl SledStore {
             .open()?;
         // What the store records, even none: a layout a new store chose just before an I/O
         // error closed it may never have reached the disk.
-        *self
-            .inner
-            .layout
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = read_layout(&opened)?;
+        self.set_layout(read_layout(&opened)?);
         *db = Some(opened.clone());
         Ok(opened)
     }
@@ -322,11 +323,14 @@ impl SledStore {
     }
 
     fn load_blocking(&self, mut visit: Visitor) -> Result<u64, StoreError> {
+        // Opened first: opening again (after a swap that failed part-way, say) reads the
+        // layout again.
+        let db = self.db()?;
         let layout = self.layout();
         let mut checkpoint = 0;
         let mut loaded = 0u64;
         let mut live_bytes = 0;
-        for entry in self.db()?.iter() {
+        for entry in db.iter() {
             let (key, value) = entry?;
             if &*key == CHECKPOINT_KEY {
                 checkpoint = decode_u64("checkpoint", &value)?;
@@ -442,8 +446,9 @@ impl SledStore {
                     grown,
                 )?),
             };
+            let from = compaction.from();
             let mut changed: Vec<bucket::Key> = (batch.items.iter())
-                .map(|item| layout.key(item.serial.as_str()))
+                .map(|item| from.key(item.serial.as_str()))
                 .collect();
             changed.sort_unstable();
             changed.dedup();
@@ -684,7 +689,7 @@ fn move_into_buckets(
             b.insert(key, value);
         }
     }
-    b.insert(BUCKET_BITS_KEY, &u64::from(layout.bits()).to_be_bytes());
+    b.insert(BUCKET_BITS_KEY, &layout.recorded());
     new.apply_batch(b)?;
     new.flush()?;
     Ok(())
@@ -955,8 +960,7 @@ mod tests {
 
     /// `layout`, recorded as the layout of `db` (a new store's, written to directly).
     fn recorded(db: &sled::Db, layout: Layout) -> Layout {
-        let bits = u64::from(layout.bits()).to_be_bytes();
-        db.insert(BUCKET_BITS_KEY, &bits).unwrap();
+        db.insert(BUCKET_BITS_KEY, &layout.recorded()).unwrap();
         layout
     }
 
@@ -1463,20 +1467,21 @@ mod tests {
     async fn a_crowded_store_gets_more_buckets_while_written_and_keeps_every_write() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
-        // Four buckets for ~300 widgets, ~1.7 KB each: crowded. Only crowding makes it
-        // due (its file is never big enough), and a step copies one bucket, so that the
-        // writes go on meanwhile, changing buckets already split.
+        // Two buckets for ~300 widgets, ~3.5 KB each: crowded, and still crowded with
+        // four. Only crowding makes it due (its file is never big enough), and a step
+        // copies one bucket, so that the writes go on meanwhile, changing buckets already
+        // split.
         let settings = compact::Settings {
             ratio: 3.0,
             min_file_bytes: u64::MAX,
             steps: 16,
             chunk: 1,
         };
-        let store = store_of(&path, 2, settings);
+        let store = store_of(&path, 1, settings);
         loaded(&store).await;
         let mut model = BTreeMap::new();
         let mut compacting = Vec::new();
-        for round in 1..=12 {
+        for round in 1..=20 {
             write_round(&store, &mut model, round).await;
             if store.upkeep().compaction.is_some() {
                 compacting.push(round);
@@ -1487,23 +1492,23 @@ mod tests {
             Some(&1),
             "due at the write that crowded it"
         );
-        assert!(compacting.len() >= 3, "a bucket a step: {compacting:?}");
+        assert!(compacting.len() >= 6, "a bucket a step: {compacting:?}");
         assert_eq!(
             store.upkeep().compacted,
-            1,
-            "once: four times the buckets suffice"
+            2,
+            "twice: four buckets are still crowded, eight are not"
         );
-        assert_eq!(store.layout().map(Layout::bits), Some(4));
-        assert_eq!(bucket_bits(&store.db().unwrap()), 4);
+        assert_eq!(store.layout().map(Layout::bits), Some(3));
+        assert_eq!(bucket_bits(&store.db().unwrap()), 3);
         assert!(buckets(&store.db().unwrap()) > 4);
         assert_rebuilt(&path);
-        assert_eq!(loaded(&store).await, (model.clone(), 12));
-        write_round(&store, &mut model, 13).await;
+        assert_eq!(loaded(&store).await, (model.clone(), 20));
+        write_round(&store, &mut model, 21).await;
         drop(store);
 
-        let store = store_of(&path, 2, settings);
-        assert_eq!(store.layout().map(Layout::bits), Some(4), "opened again");
-        assert_eq!(loaded(&store).await, (model, 13));
+        let store = store_of(&path, 1, settings);
+        assert_eq!(store.layout().map(Layout::bits), Some(3), "opened again");
+        assert_eq!(loaded(&store).await, (model, 21));
     }
 
     #[tokio::test]
