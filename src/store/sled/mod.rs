@@ -1463,20 +1463,24 @@ mod tests {
         assert_eq!(bucket_bits(&store.db().unwrap()), 17);
     }
 
+    /// Compaction settings under which only crowding makes a store due (its file is never
+    /// big enough), a step copying one bucket, so that writes go on while it runs.
+    fn crowding_only() -> compact::Settings {
+        compact::Settings {
+            ratio: 3.0,
+            min_file_bytes: u64::MAX,
+            steps: 16,
+            chunk: 1,
+        }
+    }
+
     #[tokio::test]
     async fn a_crowded_store_gets_more_buckets_while_written_and_keeps_every_write() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         // Two buckets for ~300 widgets, ~3.5 KB each: crowded, and still crowded with
-        // four. Only crowding makes it due (its file is never big enough), and a step
-        // copies one bucket, so that the writes go on meanwhile, changing buckets already
-        // split.
-        let settings = compact::Settings {
-            ratio: 3.0,
-            min_file_bytes: u64::MAX,
-            steps: 16,
-            chunk: 1,
-        };
+        // four. The writes go on while it is split, changing buckets already split.
+        let settings = crowding_only();
         let store = store_of(&path, 1, settings);
         loaded(&store).await;
         let mut model = BTreeMap::new();
@@ -1515,12 +1519,7 @@ mod tests {
     async fn a_split_cut_short_leaves_the_store_whole_in_its_old_layout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
-        let settings = compact::Settings {
-            ratio: 3.0,
-            min_file_bytes: u64::MAX,
-            steps: 16,
-            chunk: 1,
-        };
+        let settings = crowding_only();
         let store = store_of(&path, 2, settings);
         loaded(&store).await;
         let mut model = BTreeMap::new();
