@@ -31,6 +31,7 @@ use std::sync::{Arc, Once};
 use tempfile::TempDir;
 use widgets::app::{self, RunningApp};
 use widgets::config::Config;
+use widgets::data_dir::LockError;
 use widgets::wal::{RealFs, WalFs};
 
 static TRACING: Once = Once::new();
@@ -198,10 +199,21 @@ pub async fn spawn_app_with(args: &[&str]) -> TestApp {
 }
 
 /// A ready app on an existing data dir and file system (for restarts and fault injection).
+///
+/// A data directory an app of this process has just let go of can still look locked by
+/// this process for a moment: a test running beside it that starts a child process forks
+/// first, and the child holds a copy of every open file, the lock's included, until it
+/// execs. So a start refused for a lock this process holds is tried again, for a while.
 pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) -> TestApp {
-    let mut app = try_spawn_app_in(dir.path(), args, fs)
-        .await
-        .expect("starting the app");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut app = loop {
+        match try_spawn_app_in(dir.path(), args, fs.clone()).await {
+            Err(e) if held_by_this_process(&e) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            started => break started.expect("starting the app"),
+        }
+    };
     app.ready().await.expect("the app did not become ready");
     TestApp {
         addr: app.addr(),
@@ -210,6 +222,12 @@ pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) 
         app: Some(app),
         db: None,
     }
+}
+
+/// Whether `e` is a data directory's lock held by this very process.
+fn held_by_this_process(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<LockError>(),
+        Some(LockError::Held { holder, .. }) if *holder == std::process::id().to_string())
 }
 
 /// Starts (without waiting for recovery) an app on `dir`.
