@@ -22,12 +22,13 @@ use crate::domain::{Serial, Widget};
 /// `A-Z a-z 0-9 . _ : -`), above the `\0` of the store's own keys.
 pub const PREFIX: u8 = 1;
 
-/// The fewest widgets to a bucket a store is laid out for: four to eight. A widget's entry
-/// takes ~65 bytes, so a bucket value is ~260-520 bytes; at 10 M widgets that is 2^21
-/// buckets, the layout the 10 M memory figures were measured with. Fewer buckets than that at 10 M grew sled's memory
-/// (2^17: ~1.4 GB against ~1.1 GB), and more buckets than widgets (2^21 at 1 M) made a
-/// flush write nearly one bucket a widget, ~4x the store's CPU of 2^17 (BENCHMARKS.md,
-/// "Where target 1's CPU goes by thread").
+/// Widgets to a bucket a new store is laid out for: at least this many, and fewer than
+/// twice as many. A widget's entry takes ~65 bytes, so a bucket value is ~260-520 bytes;
+/// at 10 M widgets that is 2^21 buckets, the layout the 10 M memory figures were measured
+/// with. Far fewer buckets at 10 M grew sled's memory (2^17: ~1.4 GB against ~1.1 GB),
+/// and more buckets than widgets (2^21 at 1 M) made a flush write nearly one bucket a
+/// widget, ~4x the store's CPU of 2^17 (BENCHMARKS.md, "Where target 1's CPU goes by
+/// thread", and "A store laid out for its size").
 const WIDGETS_PER_BUCKET: f64 = 4.0;
 
 /// The fewest buckets a store is laid out with: a store whose first write holds a few
@@ -309,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn a_store_is_laid_out_for_about_four_widgets_a_bucket_and_grows_when_crowded() {
+    fn a_store_is_laid_out_for_four_to_eight_widgets_a_bucket_and_grows_when_crowded() {
         let bits = |widgets| Layout::for_widgets(widgets).bits();
         assert_eq!(
             bits(10_000_000),

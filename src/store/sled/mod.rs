@@ -31,8 +31,8 @@
 //!
 //! sled's file grows under writes well past the data it holds, so the store rebuilds
 //! itself beside the old one, a step after each write, once the file is several times its
-//! buckets; the same rebuild gives a store whose buckets have grown crowded four times as
-//! many (see [`compact`]).
+//! buckets; the same rebuild gives a store whose buckets have grown crowded twice as many
+//! (see [`compact`]).
 
 mod bucket;
 pub mod compact;
