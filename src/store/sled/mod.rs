@@ -945,7 +945,7 @@ mod tests {
 
     /// Every widget in the buckets, by serial, straight from the tree (each serial once).
     fn stored(db: &sled::Db) -> BTreeMap<String, Widget> {
-        let layout = Layout::new(bucket_bits(db)).unwrap();
+        let layout = read_layout(db).unwrap().expect("a layout");
         let mut widgets = BTreeMap::new();
         for entry in db.range(&[bucket::PREFIX][..]..LEGACY_START) {
             let (key, value) = entry.unwrap();
@@ -965,8 +965,7 @@ mod tests {
     }
 
     fn bucket_bits(db: &sled::Db) -> u32 {
-        let value = db.get(BUCKET_BITS_KEY).unwrap().expect("a layout");
-        decode_u64("bits", &value).unwrap() as u32
+        read_layout(db).unwrap().expect("a layout").bits()
     }
 
     fn buckets(db: &sled::Db) -> usize {
@@ -1103,7 +1102,7 @@ mod tests {
     /// A store of two buckets, so that most widgets share one.
     fn two_bucket_store(path: &Path) -> SledStore {
         let db = raw(path);
-        db.insert(BUCKET_BITS_KEY, &1u64.to_be_bytes()).unwrap();
+        recorded(&db, Layout::new(1).unwrap());
         db.flush().unwrap();
         drop(db);
         SledStore::open(path, 1 << 20).unwrap()
@@ -1345,10 +1344,10 @@ mod tests {
     }
 
     /// A store of `2^bits` buckets in `path` (if it is new), compacting by `settings`.
-    fn store_of(path: &Path, bits: u64, settings: compact::Settings) -> SledStore {
+    fn store_of(path: &Path, bits: u32, settings: compact::Settings) -> SledStore {
         if !path.exists() {
             let db = raw(path);
-            db.insert(BUCKET_BITS_KEY, &bits.to_be_bytes()).unwrap();
+            recorded(&db, Layout::new(bits).unwrap());
             db.flush().unwrap();
         }
         let mut options = Options::new(1 << 20);
@@ -1691,7 +1690,7 @@ mod tests {
                 write_in_chunks(&batch, layout, 7, &mut grown, |k| db.get(k), |b| db.apply_batch(b))
                     .unwrap();
             }
-            db.insert(BUCKET_BITS_KEY, &u64::from(bits).to_be_bytes()).unwrap();
+            recorded(&db, layout);
             proptest::prop_assert_eq!(stored(&db), model);
             proptest::prop_assert!(buckets(&db) <= 1 << bits);
             proptest::prop_assert_eq!(grown, bucket_bytes(&db) as i64, "the live bytes counted");
