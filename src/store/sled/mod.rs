@@ -197,7 +197,7 @@ impl SledStore {
         self.closing_on_io_error(db.clone(), moved)?;
         // Closed (this handle and the kept one) before its directory is renamed.
         drop(db);
-        self.inner.db.lock().expect("sled handle lock").take();
+        self.handle().take();
         swap_in_moved(path)?;
         self.db_once_closed()?;
         if self.layout().is_none() {
@@ -229,6 +229,14 @@ impl SledStore {
                 opened => return opened,
             }
         }
+    }
+
+    /// The kept handle. A panic while it was held leaves it as it was: sled 0.34 panics
+    /// if the `fsync` it runs as its last handle closes fails, and every place that drops
+    /// a handle under this lock has taken it out first, so the next [`Self::db`] opens the
+    /// database again rather than panicking on the lock for the rest of the process.
+    fn handle(&self) -> MutexGuard<'_, Option<sled::Db>> {
+        self.inner.db.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The store's layout: `None` for a new store until its first write.
@@ -271,7 +279,7 @@ impl SledStore {
     /// finishing what a crash left of a rebuild: see [`finish_move`]), with the layout it
     /// records read again.
     fn db(&self) -> Result<sled::Db, StoreError> {
-        let mut db = self.inner.db.lock().expect("sled handle lock");
+        let mut db = self.handle();
         if let Some(db) = db.as_ref() {
             return Ok(db.clone());
         }
@@ -306,7 +314,7 @@ impl SledStore {
             tracing::warn!(error = %e, path = %self.inner.path.display(),
                 "the embedded store failed an I/O; it is opened again for the next flush");
             drop(used);
-            self.inner.db.lock().expect("sled handle lock").take();
+            self.handle().take();
             metrics::counter!("widgets_store_reopens_total").increment(1);
         }
         result
@@ -471,7 +479,7 @@ impl SledStore {
         // kept one's lock held meanwhile, so that nothing opens it again halfway; from here
         // on a failure is finished by `finish_move` when the store opens again.
         drop(db);
-        let mut kept = self.inner.db.lock().expect("sled handle lock");
+        let mut kept = self.handle();
         kept.take();
         let swapped = swap_in_moved(&self.inner.path);
         drop(kept);
@@ -932,6 +940,44 @@ mod tests {
             .unwrap();
         let err = store.len_hint().await.unwrap_err();
         assert!(err.to_string().contains("widgets"), "{err}");
+    }
+
+    /// sled 0.34 panics if the `fsync` it runs as its last handle closes fails, and the
+    /// store drops handles while it holds the lock on the kept one: such a panic (caught by
+    /// the writer's thread) must not leave the store refusing every write until a restart.
+    #[tokio::test]
+    async fn a_panic_while_the_handle_was_held_does_not_stop_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let batch = |serial: &str, checkpoint| FlushBatch {
+            items: vec![item(serial)],
+            checkpoint: Some(checkpoint),
+            widgets: Some(2),
+            epoch: None,
+        };
+        store.write_batch(batch("a", 1)).await.unwrap();
+        // What a failed fsync in sled's drop does there: the handle taken out, then a panic.
+        let held = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut kept = store.inner.db.lock().unwrap();
+            drop(kept.take());
+            panic!("sled's fsync as its last handle closed failed");
+        }));
+        assert!(held.is_err() && store.inner.db.is_poisoned());
+
+        store.write_batch(batch("b", 2)).await.unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let checkpoint = store
+            .load(Box::new(move |serial, _| sink.lock().unwrap().push(serial)))
+            .await
+            .unwrap();
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(checkpoint, 2);
+        assert_eq!(
+            seen,
+            ["a", "b"].map(|s| Serial::parse("serial", s).unwrap())
+        );
     }
 
     /// Widgets stored (in buckets) and the checkpoint, straight from the tree.
