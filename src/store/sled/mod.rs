@@ -195,6 +195,8 @@ impl SledStore {
             PASS_WIDGETS,
         );
         self.closing_on_io_error(db.clone(), moved)?;
+        // On disk, names included, before the old store goes, as a compaction's copy is.
+        sync_files(&moving, &["db", "conf", "."])?;
         // Closed (this handle and the kept one) before its directory is renamed.
         drop(db);
         self.handle().take();
@@ -293,6 +295,10 @@ impl SledStore {
             // "sled's file under a long load". The store compacts itself instead.)
             .flush_every_ms(None)
             .open()?;
+        // The names of a store sled has just made are on disk before a write the WAL is
+        // trimmed behind: each write `fsync`s only the file `db`.
+        sync_files(&self.inner.path, &["conf", "."])
+            .and_then(|()| sync_parent(&self.inner.path))?;
         // What the store records, even none: a layout a new store chose just before an I/O
         // error closed it may never have reached the disk.
         self.set_layout(read_layout(&opened)?);
