@@ -189,11 +189,13 @@ impl Compaction {
             in_batch += self.put(&mut batch, key, old.get(key)?)?;
             if in_batch >= chunk {
                 self.new.apply_batch(std::mem::take(&mut batch))?;
+                super::point("follow: a batch applied")?;
                 collect_garbage(in_batch);
                 in_batch = 0;
             }
         }
         self.new.apply_batch(batch)?;
+        super::point("follow: the last batch applied")?;
         collect_garbage(in_batch);
         Ok(())
     }
@@ -221,6 +223,7 @@ impl Compaction {
                 read += 1;
             }
             self.new.apply_batch(batch)?;
+            super::point("step: a batch applied")?;
             collect_garbage(in_batch);
             let Some(last) = last else {
                 return Ok(true);
@@ -233,6 +236,7 @@ impl Compaction {
             }
             if copied >= quota {
                 self.new.flush()?;
+                super::point("step: flushed")?;
                 return Ok(false);
             }
         }
@@ -251,7 +255,9 @@ impl Compaction {
         }
         batch.insert(BUCKET_BITS_KEY, &self.to.recorded());
         self.new.apply_batch(batch)?;
+        super::point("finish: applied")?;
         self.new.flush()?;
+        super::point("finish: flushed")?;
         tracing::info!(
             file_bytes_before = self.file_bytes,
             file_bytes_after = self.new.size_on_disk().ok(),

@@ -267,7 +267,9 @@ impl SledStore {
         let widgets = (batch.widgets).unwrap_or(batch.items.len() as u64);
         let layout = Layout::for_widgets(widgets);
         db.insert(BUCKET_BITS_KEY, &layout.recorded())?;
+        point("first write: the layout inserted")?;
         db.flush()?;
+        point("first write: the layout flushed")?;
         tracing::info!(
             widgets,
             bucket_bits = layout.bits(),
@@ -400,10 +402,13 @@ impl SledStore {
             |key| db.get(key),
             |chunk| {
                 db.apply_batch(chunk)?;
-                db.flush().map(drop)
+                point("write: a chunk applied")?;
+                db.flush()?;
+                point("write: a chunk flushed")
             },
         )
-        .and_then(|()| sync_files(&self.inner.path, &["db"]));
+        .and_then(|()| sync_files(&self.inner.path, &["db"]))
+        .and_then(|()| point("write: synced").map_err(StoreError::from));
         let mut upkeep = self.upkeep();
         if let Some(live) = &mut upkeep.live_bytes {
             *live = live.saturating_add_signed(grown);
@@ -475,6 +480,9 @@ impl SledStore {
             Ok(true) => (upkeep.compaction.take()).map(|c| {
                 c.finish(&db)
                     .and_then(|()| sync_files(&rebuilding, &["db", "conf", "."]))
+                    .and_then(|()| {
+                        point("compaction: the new store synced").map_err(StoreError::from)
+                    })
             }),
             Err(e) => Some(Err(e)),
         };
@@ -714,8 +722,24 @@ fn move_into_buckets(
 fn swap_in_moved(path: &Path) -> Result<(), StoreError> {
     let (moving, moved_out) = (sibling(path, REBUILDING), sibling(path, REPLACED));
     rename(path, &moved_out)?;
+    point("swap: the old store moved out")?;
     rename(&moving, path)?;
-    remove_dir(&moved_out)
+    point("swap: the new store moved in")?;
+    remove_dir(&moved_out)?;
+    point("swap: the old store removed")?;
+    Ok(())
+}
+
+/// A named step of a write, a compaction or a swap, where the tests stop the process (by
+/// copying the store's files as they are there) or fail the step with an I/O error.
+/// Nothing, outside tests.
+fn point(what: &'static str) -> sled::Result<()> {
+    #[cfg(test)]
+    if let Some(failed) = tests::crash::at(what) {
+        return failed;
+    }
+    let _ = what;
+    Ok(())
 }
 
 /// Finishes what a crash left of a rebuild (a move into buckets or a compaction), before
@@ -1410,6 +1434,11 @@ mod tests {
     /// Writes `round`: renames widgets `r0..r300` (a few of them removed, a few new), as
     /// checkpoint `round`, into both `store` and `model`.
     async fn write_round(store: &SledStore, model: &mut BTreeMap<String, Widget>, round: u64) {
+        store.write_batch(round_batch(model, round)).await.unwrap();
+    }
+
+    /// The batch of [`write_round`], put into `model`.
+    fn round_batch(model: &mut BTreeMap<String, Widget>, round: u64) -> FlushBatch {
         let items = (0..300).map(|i| {
             let serial = format!("r{:03}", (i + round as usize * 7) % 320);
             let widget = (i % 50 != 0).then(|| widget(&format!("round {round}")));
@@ -1422,13 +1451,13 @@ mod tests {
                 ..item(&serial)
             }
         });
-        let batch = FlushBatch {
-            items: items.collect(),
+        let items = items.collect();
+        FlushBatch {
+            items,
             checkpoint: Some(round),
             widgets: Some(model.len() as u64),
             epoch: None,
-        };
-        store.write_batch(batch).await.unwrap();
+        }
     }
 
     /// A store in `path` grown by 150 rounds of writes (never compacted), then opened
@@ -1746,6 +1775,302 @@ mod tests {
             proptest::prop_assert_eq!(stored(&db), model);
             proptest::prop_assert!(buckets(&db) <= 1 << bits);
             proptest::prop_assert_eq!(grown, bucket_bytes(&db) as i64, "the live bytes counted");
+        }
+    }
+
+    /// A hook on a store's writer thread, run at each [`point`] the store reaches there.
+    pub(super) mod crash {
+        use super::SledStore;
+        use std::cell::RefCell;
+
+        /// What to do at a point: `None` goes on, `Some` ends the step with that outcome.
+        pub type Hook = Box<dyn FnMut(&'static str) -> Option<sled::Result<()>> + Send>;
+
+        thread_local! {
+            static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+        }
+
+        /// What the hook on this thread says at `what`.
+        pub(in crate::store::sled) fn at(what: &'static str) -> Option<sled::Result<()>> {
+            HOOK.with(|hook| hook.borrow_mut().as_mut().and_then(|hook| hook(what)))
+        }
+
+        /// Puts `hook` on `store`'s writer thread; `None` takes it off.
+        pub async fn set(store: &SledStore, hook: Option<Hook>) {
+            let set = move || HOOK.with(|h| *h.borrow_mut() = hook);
+            store.inner.writer.run(set).await.unwrap();
+        }
+    }
+
+    /// A data directory as a kill at a point would have left it: the files as the store
+    /// had written them there, whatever sled still held in memory lost.
+    struct Killed {
+        dir: tempfile::TempDir,
+        at: &'static str,
+        /// The write under way (1 for the first).
+        write: usize,
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let (from, to) = (entry.path(), to.join(entry.file_name()));
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&from, &to);
+            } else {
+                std::fs::copy(&from, &to).unwrap();
+            }
+        }
+    }
+
+    /// A hook that copies `data_dir` at every point, tagged with the write `under_way`.
+    fn killing(
+        data_dir: &Path,
+        under_way: Arc<std::sync::atomic::AtomicUsize>,
+        killed: Arc<Mutex<Vec<Killed>>>,
+    ) -> crash::Hook {
+        let data_dir = data_dir.to_owned();
+        Box::new(move |at| {
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(&data_dir, dir.path());
+            let write = under_way.load(std::sync::atomic::Ordering::SeqCst);
+            killed.lock().unwrap().push(Killed { dir, at, write });
+            None
+        })
+    }
+
+    fn never_compacting() -> Options {
+        let mut options = Options::new(1 << 20);
+        options.compact = compact::Settings {
+            ratio: 0.0,
+            ..crowding_only()
+        };
+        options
+    }
+
+    /// Points inside a write, before its checkpoint is stored: a kill there may leave each
+    /// widget as before the write or as after it, and the checkpoint before it; or all of
+    /// the write, with its checkpoint.
+    fn inside_a_write(at: &str) -> bool {
+        at.starts_with("first write:") || at.starts_with("write: a chunk")
+    }
+
+    /// The first few serials where `got` differs from `want`, by name.
+    fn differences(got: &BTreeMap<String, Widget>, want: &BTreeMap<String, Widget>) -> Vec<String> {
+        let serials: std::collections::BTreeSet<_> = got.keys().chain(want.keys()).collect();
+        let wrong = serials
+            .into_iter()
+            .filter(|serial| got.get(*serial) != want.get(*serial));
+        let name = |widgets: &BTreeMap<String, Widget>, serial: &str| {
+            widgets.get(serial).map(|w| w.name.as_str().to_owned())
+        };
+        wrong
+            .take(5)
+            .map(|serial| {
+                format!(
+                    "{serial}: {:?}, not {:?}",
+                    name(got, serial),
+                    name(want, serial)
+                )
+            })
+            .collect()
+    }
+
+    /// Opens each of `killed` (compaction off) and checks it holds what `states` say:
+    /// `states[k]`, the widgets and checkpoint once write `k` is done.
+    async fn check_killed(killed: Vec<Killed>, states: &[(BTreeMap<String, Widget>, u64)]) {
+        for Killed { dir, at, write } in killed {
+            let path = dir.path().join("store");
+            let store = SledStore::open_with(&path, never_compacting()).unwrap();
+            let (got, checkpoint) = loaded(&store).await;
+            let (after, after_checkpoint) = &states[write];
+            if inside_a_write(at) {
+                let (before, before_checkpoint) = &states[write - 1];
+                if checkpoint == *after_checkpoint {
+                    let wrong = differences(&got, after);
+                    assert!(
+                        wrong.is_empty(),
+                        "write {write}, killed at {at:?}: its checkpoint, so all of it: {wrong:?}"
+                    );
+                } else {
+                    assert_eq!(
+                        checkpoint, *before_checkpoint,
+                        "write {write}, killed at {at:?}"
+                    );
+                    for serial in before.keys().chain(after.keys()).chain(got.keys()) {
+                        let widget = got.get(serial);
+                        assert!(
+                            widget == before.get(serial) || widget == after.get(serial),
+                            "write {write}, killed at {at:?}: {serial} is {widget:?}"
+                        );
+                    }
+                }
+            } else {
+                assert_eq!(
+                    checkpoint, *after_checkpoint,
+                    "write {write}, killed at {at:?}"
+                );
+                let wrong = differences(&got, after);
+                assert!(
+                    wrong.is_empty(),
+                    "write {write}, killed at {at:?}: {wrong:?}"
+                );
+            }
+            drop(store);
+            for rebuild in [REBUILDING, REPLACED] {
+                assert!(
+                    !sibling(&path, rebuild).exists(),
+                    "killed at {at:?}: {rebuild} left"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kill_at_any_point_of_a_split_while_written_leaves_the_write_or_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_of(&dir.path().join("store"), 1, crowding_only());
+        loaded(&store).await;
+        let under_way = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let killed = Arc::new(Mutex::new(Vec::new()));
+        crash::set(
+            &store,
+            Some(killing(dir.path(), under_way.clone(), killed.clone())),
+        )
+        .await;
+        let mut model = BTreeMap::new();
+        let mut states = vec![(model.clone(), 0)];
+        for round in 1..=20 {
+            under_way.store(round as usize, std::sync::atomic::Ordering::SeqCst);
+            write_round(&store, &mut model, round).await;
+            states.push((model.clone(), round));
+        }
+        crash::set(&store, None).await;
+        assert_eq!(store.upkeep().compacted, 2, "split twice");
+        let killed = std::mem::take(&mut *killed.lock().unwrap());
+        let reached: std::collections::BTreeSet<_> = killed.iter().map(|k| k.at).collect();
+        for at in [
+            "write: a chunk applied",
+            "write: a chunk flushed",
+            "write: synced",
+            "follow: the last batch applied",
+            "step: a batch applied",
+            "step: flushed",
+            "finish: applied",
+            "finish: flushed",
+            "compaction: the new store synced",
+            "swap: the old store moved out",
+            "swap: the new store moved in",
+            "swap: the old store removed",
+        ] {
+            assert!(reached.contains(at), "{at:?} never reached: {reached:?}");
+        }
+        check_killed(killed, &states).await;
+    }
+
+    #[tokio::test]
+    async fn a_kill_at_any_point_of_a_first_write_leaves_none_of_it_or_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+        loaded(&store).await;
+        let killed = Arc::new(Mutex::new(Vec::new()));
+        let under_way = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        crash::set(&store, Some(killing(dir.path(), under_way, killed.clone()))).await;
+        let batch = many(2 * CHUNK + 500);
+        let written = batch
+            .items
+            .iter()
+            .map(|i| (i.serial.as_str().to_owned(), i.widget.clone().unwrap()));
+        let states = [(BTreeMap::new(), 0), (written.collect(), 9)];
+        store.write_batch(batch).await.unwrap();
+        crash::set(&store, None).await;
+        let killed = std::mem::take(&mut *killed.lock().unwrap());
+        let chunks = killed
+            .iter()
+            .filter(|k| k.at == "write: a chunk flushed")
+            .count();
+        assert!(killed
+            .iter()
+            .any(|k| k.at == "first write: the layout flushed"));
+        assert_eq!(chunks, 3, "three chunks");
+        check_killed(killed, &states).await;
+    }
+
+    /// One I/O error at each point in turn, of the split of the kill test above: the failed
+    /// batch's widgets stay dirty and go out with the next write (its own newer ones win), as the
+    /// flusher does, and the store ends with every write, loaded as it stands and opened
+    /// again.
+    #[tokio::test]
+    async fn an_io_error_at_any_point_of_a_split_while_written_loses_no_write() {
+        for fail_at in 1.. {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            let store = store_of(&path, 1, crowding_only());
+            loaded(&store).await;
+            let mut reached = 0;
+            let failed_at = Arc::new(Mutex::new(None));
+            let noted = failed_at.clone();
+            crash::set(
+                &store,
+                Some(Box::new(move |at| {
+                    reached += 1;
+                    (reached == fail_at).then(|| {
+                        *noted.lock().unwrap() = Some(at);
+                        Err(sled::Error::Io(std::io::Error::other(format!(
+                            "failed at {at}"
+                        ))))
+                    })
+                })),
+            )
+            .await;
+            let mut model = BTreeMap::new();
+            let mut dirty: BTreeMap<String, FlushItem> = BTreeMap::new();
+            for round in 1..=20 {
+                let batch = round_batch(&mut model, round);
+                dirty.extend(
+                    batch
+                        .items
+                        .into_iter()
+                        .map(|i| (i.serial.as_str().to_owned(), i)),
+                );
+                let batch = FlushBatch {
+                    items: dirty.values().cloned().collect(),
+                    ..batch
+                };
+                // A compaction's failure abandons it and fails no write.
+                if store.write_batch(batch).await.is_ok() {
+                    dirty.clear();
+                }
+            }
+            if !dirty.is_empty() {
+                let batch = FlushBatch {
+                    items: dirty.into_values().collect(),
+                    checkpoint: Some(20),
+                    widgets: None,
+                    epoch: None,
+                };
+                store.write_batch(batch).await.unwrap();
+            }
+            crash::set(&store, None).await;
+            let Some(at) = *failed_at.lock().unwrap() else {
+                assert!(fail_at > 100, "only {} points reached", fail_at - 1);
+                return;
+            };
+            let (got, checkpoint) = loaded(&store).await;
+            let wrong = differences(&got, &model);
+            assert!(
+                checkpoint == 20 && wrong.is_empty(),
+                "error at point {fail_at}, {at:?}: {checkpoint}, {wrong:?}"
+            );
+            drop(store);
+            let store = SledStore::open_with(&path, never_compacting()).unwrap();
+            let (got, checkpoint) = loaded(&store).await;
+            let wrong = differences(&got, &model);
+            assert!(
+                checkpoint == 20 && wrong.is_empty(),
+                "error at point {fail_at}, {at:?}, opened again: {checkpoint}, {wrong:?}"
+            );
         }
     }
 }
