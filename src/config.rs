@@ -74,11 +74,11 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", default_value = "1s", value_parser = duration_up_to_an_hour)]
     pub fsync_interval: Duration,
 
-    /// With `--fsync always`: how long a group of writes waits for more before its fsync
-    /// while several writers are about (0 to 10ms; 0 turns it off). One fsync then covers
-    /// more writes, for this much more latency; a lone writer never waits, nor does a group
-    /// of 16 writes or more.
-    #[arg(long, env = "WIDGETS_COMMIT_DELAY", default_value = "500us", value_parser = commit_delay)]
+    /// With `--fsync always`: how long the sequencer waits after a group, while several
+    /// writers are about, to take the writes of that time as the next group (0 to 10ms; 0
+    /// turns it off). One fsync then covers more writes, for up to this much more latency;
+    /// a lone writer never waits, nor do 16 writes or more that are queued already.
+    #[arg(long, env = "WIDGETS_COMMIT_DELAY", default_value = "750us", value_parser = commit_delay)]
     pub commit_delay: Duration,
 
     /// How often the flusher writes dirty widgets to the durable store (1ms to 1h).

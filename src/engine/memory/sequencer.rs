@@ -19,10 +19,14 @@
 //!
 //! The commit delay (PostgreSQL's `commit_delay`, with the last group standing in for its
 //! `commit_siblings`): with `--fsync always`, when the last group held more than one write,
-//! concurrent writers are about, and the sequencer sleeps this long before it takes a
-//! group, so one fsync covers the writes of the delay too. A lone writer's group never
-//! waits, nor does a group that holds [`FULL_ENOUGH`] writes as it is taken. The sleep is
-//! a sleep, not a wait on the queue, so the writes that arrive during it wake nothing.
+//! concurrent writers are about, and the sequencer sleeps this long as soon as it has
+//! answered a group, then takes what came meanwhile as the next one, so one fsync covers
+//! the writes of the delay. It sleeps first rather than waiting on the queue for the next
+//! group's first write: the sleep is a sleep, so the writes that arrive during it wake
+//! nothing, and the sequencer leaves its core once a group instead of twice. A lone
+//! writer's group never waits, nor does one that holds [`FULL_ENOUGH`] writes when the
+//! last is answered; a sleep that ends on an empty queue waits for the next write as
+//! without a delay.
 
 use super::dirty::Dirty;
 use super::packed::PackedWidget;
@@ -43,11 +47,11 @@ use tokio::sync::oneshot;
 /// Most writes one group takes, so one group's latency stays bounded.
 const MAX_GROUP: usize = 4096;
 
-/// A group that holds this many jobs as the sequencer takes it does not wait for the
-/// commit delay (MySQL's `binlog_group_commit_sync_no_delay_count`): its fsync is shared
-/// widely already, and the writes behind it would only wait longer. In a closed loop of
-/// 64 connections, where ~30 writes are queued at each take, skipping it gave 4-13% more
-/// PUTs a second (BENCHMARKS.md, "The commit delay skips a full group").
+/// When this many jobs are queued as the last group is answered, the next group does not
+/// wait for the commit delay (MySQL's `binlog_group_commit_sync_no_delay_count`): its
+/// fsync is shared widely already, and the writes behind it would only wait longer. In a
+/// closed loop of 64 connections, where ~30 writes are queued at each take, skipping it
+/// gave 4-13% more PUTs a second (BENCHMARKS.md, "The commit delay skips a full group").
 const FULL_ENOUGH: usize = 16;
 
 pub(super) enum Job {
@@ -222,26 +226,31 @@ impl Sequencer {
     fn run(&mut self, jobs: Receiver<Job>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         loop {
-            let first = if self.syncs_on_interval() {
-                let until_sync = self
-                    .log
-                    .fsync_interval
-                    .saturating_sub(self.log.last_sync.elapsed());
-                match jobs.recv_timeout(until_sync) {
-                    Ok(job) => job,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.log.interval_sync(&self.shared);
-                        continue;
+            self.delay_group(&jobs, &mut group);
+            if group.is_empty() {
+                let first = if self.syncs_on_interval() {
+                    let until_sync = self
+                        .log
+                        .fsync_interval
+                        .saturating_sub(self.log.last_sync.elapsed());
+                    match jobs.recv_timeout(until_sync) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.log.interval_sync(&self.shared);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
-            };
-            self.take_group(first, &jobs, &mut group);
+                } else {
+                    match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                };
+                group.push(first);
+                drain(&jobs, &mut group);
+            }
+            self.last_group = group.len();
             if self.process(&mut group) {
                 break;
             }
@@ -254,26 +263,26 @@ impl Sequencer {
         tracing::debug!("sequencer stopped");
     }
 
-    /// Takes `first` and what is queued behind it into `group`; when the commit delay
-    /// applies, sleeps it and takes what came meanwhile too.
-    fn take_group(&mut self, first: Job, jobs: &Receiver<Job>, group: &mut Vec<Job>) {
-        group.push(first);
+    /// When the commit delay applies, takes what is queued into `group` and, unless that is
+    /// [`FULL_ENOUGH`], sleeps the delay and takes what came meanwhile too. It may leave
+    /// `group` empty: then the caller waits for the next job.
+    fn delay_group(&mut self, jobs: &Receiver<Job>, group: &mut Vec<Job>) {
+        if !self.delays_commits() {
+            return;
+        }
         drain(jobs, group);
-        if self.delays_commits(group.len()) {
+        if group.len() < FULL_ENOUGH {
             std::thread::sleep(self.commit_delay);
             drain(jobs, group);
         }
-        self.last_group = group.len();
     }
 
-    /// Whether a group of `taken` jobs waits for more writes before its fsync: every group
-    /// is fsynced, concurrent writers are about (the last group held several jobs), and
-    /// the group is not [`FULL_ENOUGH`] already.
-    fn delays_commits(&self, taken: usize) -> bool {
+    /// Whether the next group waits for more writes before its fsync: every group is
+    /// fsynced, and concurrent writers are about (the last group held several jobs).
+    fn delays_commits(&self) -> bool {
         self.log.fsync == FsyncMode::Always
             && !self.commit_delay.is_zero()
             && self.last_group > 1
-            && taken < FULL_ENOUGH
             && self.shared.failed.get().is_none()
     }
 
@@ -895,17 +904,16 @@ mod tests {
         (dir, seq)
     }
 
-    /// Queues `n` creates and takes a group as the sequencer does; returns how many jobs
-    /// it took and how long that took.
+    /// Queues `n` creates and lets the commit delay take a group, as the sequencer does
+    /// after answering one; returns how many jobs it took and how long that took.
     fn take_with_queued(seq: &mut Sequencer, n: usize) -> (usize, Duration) {
         let (jobs, queue) = std::sync::mpsc::sync_channel(MAX_GROUP);
         for i in 0..n {
             jobs.send(write(create(&format!("w{i}"))).0).unwrap();
         }
-        let first = queue.recv().unwrap();
         let mut group = Vec::new();
         let started = Instant::now();
-        seq.take_group(first, &queue, &mut group);
+        seq.delay_group(&queue, &mut group);
         (group.len(), started.elapsed())
     }
 
@@ -917,7 +925,6 @@ mod tests {
         let (taken, took) = take_with_queued(&mut seq, FULL_ENOUGH);
         assert_eq!(taken, FULL_ENOUGH);
         assert!(took < delay / 2, "a full group waited {took:?}");
-        assert_eq!(seq.last_group, FULL_ENOUGH);
 
         // One write fewer, and the group waits the delay out.
         let delay = Duration::from_millis(300);
@@ -968,6 +975,43 @@ mod tests {
         assert!(
             answered(&mut next, Duration::from_secs(1)).is_some(),
             "a write after a group of one is not held"
+        );
+
+        jobs.send(Job::Stop).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_commit_delay_runs_from_the_last_answer_not_from_the_next_write() {
+        let (_dir, shared, writer) = shared_and_a_real_wal();
+        let delay = Duration::from_millis(1500);
+        let policy = SyncPolicy {
+            fsync: FsyncMode::Always,
+            fsync_interval: Duration::from_secs(1),
+            commit_delay: delay,
+            priority: SequencerPriority::Normal,
+        };
+        let (jobs, queue) = std::sync::mpsc::sync_channel(16);
+        let send = |serial: &str| {
+            let (job, answer) = write(create(serial));
+            jobs.send(job).unwrap();
+            answer
+        };
+        let (mut x, mut y) = (send("x"), send("y"));
+        let thread = spawn(shared.clone(), writer, queue, policy).unwrap();
+        assert!(answered(&mut x, Duration::from_secs(2)).is_some());
+        assert!(answered(&mut y, Duration::from_secs(2)).is_some());
+
+        // Two thirds of the delay after that group, a write waits out only the last third
+        // (a delay counted from the write itself would hold it all of 1.5 s).
+        std::thread::sleep(delay * 2 / 3);
+        let sent = Instant::now();
+        let mut late = send("late");
+        assert!(answered(&mut late, Duration::from_secs(5)).is_some());
+        let waited = sent.elapsed();
+        assert!(
+            waited < delay * 2 / 3,
+            "a write sent 1 s into the delay waited {waited:?}"
         );
 
         jobs.send(Job::Stop).unwrap();
