@@ -20,9 +20,10 @@
 //! store covers, so it goes in the last chunk.
 //!
 //! A store written before buckets (one sled entry a widget, keyed by its serial) is moved
-//! into buckets when it is opened, a chunk at a time, each chunk moving its widgets and
-//! removing their old entries atomically: a crash part-way leaves every widget in exactly
-//! one place, and the next open goes on where it stopped.
+//! into buckets when it is opened: a new store is built beside it, synced, and put in its
+//! place by two renames, as a compaction's is. A crash while it is built leaves the old
+//! store whole, and the next open builds it again; a crash between the renames is finished
+//! by the next open (see [`finish_move`]).
 //!
 //! After an I/O error (a full disk, above all) sled refuses every later write until it is
 //! opened again, so the store closes it on such an error and the next operation reopens
@@ -161,6 +162,8 @@ impl SledStore {
     /// first write; a store written before buckets is moved into them first (see
     /// [`move_into_buckets`]).
     fn prepare(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        tests::crash::opening(&self.inner.path);
         let path = &self.inner.path;
         let db = self.db_once_closed()?;
         if self.layout().is_some() {
@@ -197,6 +200,7 @@ impl SledStore {
         self.closing_on_io_error(db.clone(), moved)?;
         // On disk, names included, before the old store goes, as a compaction's copy is.
         sync_files(&moving, &["db", "conf", "."])?;
+        point("move: the new store synced")?;
         // Closed (this handle and the kept one) before its directory is renamed.
         drop(db);
         self.handle().take();
@@ -699,6 +703,7 @@ fn move_into_buckets(
             collect_garbage(widgets);
         }
         new.flush()?;
+        point("move: a pass flushed")?;
         tracing::info!(
             pass = pass + 1,
             passes,
@@ -714,6 +719,7 @@ fn move_into_buckets(
     b.insert(BUCKET_BITS_KEY, &layout.recorded());
     new.apply_batch(b)?;
     new.flush()?;
+    point("move: the layout flushed")?;
     Ok(())
 }
 
@@ -730,7 +736,7 @@ fn swap_in_moved(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A named step of a write, a compaction or a swap, where the tests stop the process (by
+/// A named step of a write, a compaction, a move into buckets or a swap, where the tests stop the process (by
 /// copying the store's files as they are there) or fail the step with an I/O error.
 /// Nothing, outside tests.
 fn point(what: &'static str) -> sled::Result<()> {
@@ -1772,6 +1778,8 @@ mod tests {
     pub(super) mod crash {
         use super::SledStore;
         use std::cell::RefCell;
+        use std::path::{Path, PathBuf};
+        use std::sync::Mutex;
 
         /// What to do at a point: `None` goes on, `Some` ends the step with that outcome.
         pub type Hook = Box<dyn FnMut(&'static str) -> Option<sled::Result<()>> + Send>;
@@ -1789,6 +1797,25 @@ mod tests {
         pub async fn set(store: &SledStore, hook: Option<Hook>) {
             let set = move || HOOK.with(|h| *h.borrow_mut() = hook);
             store.inner.writer.run(set).await.unwrap();
+        }
+
+        /// Hooks for stores not yet open, by path: the store's writer thread takes its own
+        /// as the store opens there (before a move into buckets).
+        static ON_OPEN: Mutex<Vec<(PathBuf, Hook)>> = Mutex::new(Vec::new());
+
+        /// Puts `hook` on the writer thread of the store that opens next at `path`, from
+        /// the start of its opening; [`set`] takes it off.
+        pub fn on_open(path: &Path, hook: Hook) {
+            ON_OPEN.lock().unwrap().push((path.to_owned(), hook));
+        }
+
+        /// Called on a store's writer thread as it opens the store at `path`.
+        pub(in crate::store::sled) fn opening(path: &Path) {
+            let mut waiting = ON_OPEN.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = waiting.iter().position(|(p, _)| p == path) {
+                let (_, hook) = waiting.swap_remove(i);
+                HOOK.with(|h| *h.borrow_mut() = Some(hook));
+            }
         }
     }
 
@@ -1985,6 +2012,36 @@ mod tests {
             .any(|k| k.at == "first write: the layout flushed"));
         assert_eq!(chunks, 3, "three chunks");
         check_killed(killed, &states).await;
+    }
+
+    #[tokio::test]
+    async fn a_kill_at_any_point_of_a_move_into_buckets_leaves_the_old_store_or_the_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(legacy_store(&path, 2_500));
+        let killed = Arc::new(Mutex::new(Vec::new()));
+        let under_way = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        crash::on_open(&path, killing(dir.path(), under_way, killed.clone()));
+        let store = SledStore::open(&path, 1 << 20).unwrap();
+        crash::set(&store, None).await;
+        drop(store);
+        let killed = std::mem::take(&mut *killed.lock().unwrap());
+        let reached: std::collections::BTreeSet<_> = killed.iter().map(|k| k.at).collect();
+        for at in [
+            "move: a pass flushed",
+            "move: the layout flushed",
+            "move: the new store synced",
+            "swap: the old store moved out",
+            "swap: the new store moved in",
+            "swap: the old store removed",
+        ] {
+            assert!(reached.contains(at), "{at:?} never reached: {reached:?}");
+        }
+        // Wherever the move stopped, the store opens with every widget and the checkpoint
+        // it held before (as "write 0").
+        let moved = (many(2_500).items.into_iter())
+            .map(|item| (item.serial.as_str().to_owned(), item.widget.unwrap()));
+        check_killed(killed, &[(moved.collect(), 7)]).await;
     }
 
     /// One I/O error at each point in turn, of the split of the kill test above: the failed
