@@ -48,7 +48,8 @@ const MAX_PRESIZE: u64 = 100_000_000;
 pub struct EngineSettings {
     pub fsync: FsyncMode,
     pub fsync_interval: Duration,
-    /// How long a group waits for more writes under concurrent load (see the sequencer).
+    /// How long the sequencer waits after a group for the next one's writes under
+    /// concurrent load (see the sequencer).
     pub commit_delay: Duration,
     pub wal_segment_bytes: u64,
     pub wal_preallocate: bool,

@@ -118,7 +118,8 @@ impl<R: Rule> Write for Pending<R> {
 pub(super) struct SyncPolicy {
     pub fsync: FsyncMode,
     pub fsync_interval: Duration,
-    /// How long a group waits for more writes under concurrent load (`--fsync always` only).
+    /// How long the sequencer waits after a group for the next one's writes under
+    /// concurrent load (`--fsync always` only).
     pub commit_delay: Duration,
     pub priority: SequencerPriority,
 }
