@@ -584,6 +584,7 @@ mod tests {
     };
     use crate::wal::{Fault, FaultyFs};
     use std::sync::atomic::AtomicU64;
+    use std::sync::mpsc::SyncSender;
     use tokio::sync::oneshot::error::TryRecvError;
 
     fn s(x: &str) -> Serial {
@@ -935,11 +936,24 @@ mod tests {
         assert!(took >= delay, "a group of {taken} took only {took:?}");
     }
 
-    #[test]
-    fn the_commit_delay_holds_a_group_after_concurrent_writes_and_never_a_lone_writer() {
-        let (_dir, shared, writer) = shared_and_a_real_wal();
-        // Far longer than anything else here takes, so only the delay can explain a wait.
-        let delay = Duration::from_secs(2);
+    /// Queues `rule` as a write to the sequencer behind `jobs`; returns where its answer
+    /// comes.
+    fn send<R: Rule>(
+        jobs: &SyncSender<Job>,
+        rule: R,
+    ) -> oneshot::Receiver<Result<R::Output, EngineError>> {
+        let (job, answer) = write(rule);
+        jobs.send(job).unwrap();
+        answer
+    }
+
+    /// A sequencer thread with a commit delay of `delay` that has answered a group of two,
+    /// so that the delay applies to its next group: its WAL's directory, its queue and
+    /// the thread.
+    fn running_after_a_group_of_two(
+        delay: Duration,
+    ) -> (tempfile::TempDir, SyncSender<Job>, JoinHandle<()>) {
+        let (dir, shared, writer) = shared_and_a_real_wal();
         let policy = SyncPolicy {
             fsync: FsyncMode::Always,
             fsync_interval: Duration::from_secs(1),
@@ -947,32 +961,34 @@ mod tests {
             priority: SequencerPriority::Normal,
         };
         let (jobs, queue) = std::sync::mpsc::sync_channel(16);
-        let send = |serial: &str| {
-            let (job, answer) = write(create(serial));
-            jobs.send(job).unwrap();
-            answer
-        };
-
         // Two writes queued before the sequencer starts make its first group: two.
-        let (mut x, mut y) = (send("x"), send("y"));
-        let thread = spawn(shared.clone(), writer, queue, policy).unwrap();
+        let (mut x, mut y) = (send(&jobs, create("x")), send(&jobs, create("y")));
+        let thread = spawn(shared, writer, queue, policy).unwrap();
         assert!(answered(&mut x, Duration::from_secs(2)).is_some());
         assert!(answered(&mut y, Duration::from_secs(2)).is_some());
+        (dir, jobs, thread)
+    }
+
+    #[test]
+    fn the_commit_delay_holds_a_group_after_concurrent_writes_and_never_a_lone_writer() {
+        // Far longer than anything else here takes, so only the delay can explain a wait.
+        let delay = Duration::from_secs(2);
+        let (_dir, jobs, thread) = running_after_a_group_of_two(delay);
 
         // So the next group waits, and a write sent meanwhile joins it.
-        let mut held = send("held");
+        let mut held = send(&jobs, create("held"));
         assert!(
             answered(&mut held, Duration::from_millis(300)).is_none(),
             "after a group of two, the next one waits for the commit delay"
         );
-        let mut joined = send("joined");
+        let mut joined = send(&jobs, create("joined"));
         assert!(answered(&mut held, delay * 2).is_some());
         assert!(answered(&mut joined, Duration::from_secs(2)).is_some());
 
         // A lone writer: after its group of one, its next write does not wait.
-        let mut alone = send("alone");
+        let mut alone = send(&jobs, create("alone"));
         assert!(answered(&mut alone, delay * 2).is_some());
-        let mut next = send("next");
+        let mut next = send(&jobs, create("next"));
         assert!(
             answered(&mut next, Duration::from_secs(1)).is_some(),
             "a write after a group of one is not held"
@@ -984,30 +1000,14 @@ mod tests {
 
     #[test]
     fn the_commit_delay_runs_from_the_last_answer_not_from_the_next_write() {
-        let (_dir, shared, writer) = shared_and_a_real_wal();
         let delay = Duration::from_millis(1500);
-        let policy = SyncPolicy {
-            fsync: FsyncMode::Always,
-            fsync_interval: Duration::from_secs(1),
-            commit_delay: delay,
-            priority: SequencerPriority::Normal,
-        };
-        let (jobs, queue) = std::sync::mpsc::sync_channel(16);
-        let send = |serial: &str| {
-            let (job, answer) = write(create(serial));
-            jobs.send(job).unwrap();
-            answer
-        };
-        let (mut x, mut y) = (send("x"), send("y"));
-        let thread = spawn(shared.clone(), writer, queue, policy).unwrap();
-        assert!(answered(&mut x, Duration::from_secs(2)).is_some());
-        assert!(answered(&mut y, Duration::from_secs(2)).is_some());
+        let (_dir, jobs, thread) = running_after_a_group_of_two(delay);
 
         // Two thirds of the delay after that group, a write waits out only the last third
         // (a delay counted from the write itself would hold it all of 1.5 s).
         std::thread::sleep(delay * 2 / 3);
         let sent = Instant::now();
-        let mut late = send("late");
+        let mut late = send(&jobs, create("late"));
         assert!(answered(&mut late, Duration::from_secs(5)).is_some());
         let waited = sent.elapsed();
         assert!(

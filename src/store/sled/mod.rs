@@ -1894,6 +1894,16 @@ mod tests {
             .collect()
     }
 
+    /// The copies `killed` holds, taken out, once every one of `points` has been reached.
+    fn reaching(killed: &Mutex<Vec<Killed>>, points: &[&str]) -> Vec<Killed> {
+        let killed = std::mem::take(&mut *killed.lock().unwrap());
+        let reached: std::collections::BTreeSet<_> = killed.iter().map(|k| k.at).collect();
+        for at in points {
+            assert!(reached.contains(at), "{at:?} never reached: {reached:?}");
+        }
+        killed
+    }
+
     /// Opens each of `killed` (compaction off) and checks it holds what `states` say:
     /// `states[k]`, the widgets and checkpoint once write `k` is done.
     async fn check_killed(killed: Vec<Killed>, states: &[(BTreeMap<String, Widget>, u64)]) {
@@ -1965,24 +1975,23 @@ mod tests {
         }
         crash::set(&store, None).await;
         assert_eq!(store.upkeep().compacted, 2, "split twice");
-        let killed = std::mem::take(&mut *killed.lock().unwrap());
-        let reached: std::collections::BTreeSet<_> = killed.iter().map(|k| k.at).collect();
-        for at in [
-            "write: a chunk applied",
-            "write: a chunk flushed",
-            "write: synced",
-            "follow: the last batch applied",
-            "step: a batch applied",
-            "step: flushed",
-            "finish: applied",
-            "finish: flushed",
-            "compaction: the new store synced",
-            "swap: the old store moved out",
-            "swap: the new store moved in",
-            "swap: the old store removed",
-        ] {
-            assert!(reached.contains(at), "{at:?} never reached: {reached:?}");
-        }
+        let killed = reaching(
+            &killed,
+            &[
+                "write: a chunk applied",
+                "write: a chunk flushed",
+                "write: synced",
+                "follow: the last batch applied",
+                "step: a batch applied",
+                "step: flushed",
+                "finish: applied",
+                "finish: flushed",
+                "compaction: the new store synced",
+                "swap: the old store moved out",
+                "swap: the new store moved in",
+                "swap: the old store removed",
+            ],
+        );
         check_killed(killed, &states).await;
     }
 
@@ -2025,18 +2034,17 @@ mod tests {
         let store = SledStore::open(&path, 1 << 20).unwrap();
         crash::set(&store, None).await;
         drop(store);
-        let killed = std::mem::take(&mut *killed.lock().unwrap());
-        let reached: std::collections::BTreeSet<_> = killed.iter().map(|k| k.at).collect();
-        for at in [
-            "move: a pass flushed",
-            "move: the layout flushed",
-            "move: the new store synced",
-            "swap: the old store moved out",
-            "swap: the new store moved in",
-            "swap: the old store removed",
-        ] {
-            assert!(reached.contains(at), "{at:?} never reached: {reached:?}");
-        }
+        let killed = reaching(
+            &killed,
+            &[
+                "move: a pass flushed",
+                "move: the layout flushed",
+                "move: the new store synced",
+                "swap: the old store moved out",
+                "swap: the new store moved in",
+                "swap: the old store removed",
+            ],
+        );
         // Wherever the move stopped, the store opens with every widget and the checkpoint
         // it held before (as "write 0").
         let moved = (many(2_500).items.into_iter())
