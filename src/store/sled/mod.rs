@@ -736,9 +736,9 @@ fn swap_in_moved(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A named step of a write, a compaction, a move into buckets or a swap, where the tests stop the process (by
-/// copying the store's files as they are there) or fail the step with an I/O error.
-/// Nothing, outside tests.
+/// A named step of a write, a compaction, a move into buckets or a swap, where the tests
+/// stop the process (by copying the store's files as they are there) or fail the step
+/// with an I/O error. Nothing, outside tests.
 fn point(what: &'static str) -> sled::Result<()> {
     #[cfg(test)]
     if let Some(failed) = tests::crash::at(what) {
@@ -2050,6 +2050,42 @@ mod tests {
         let moved = (many(2_500).items.into_iter())
             .map(|item| (item.serial.as_str().to_owned(), item.widget.unwrap()));
         check_killed(killed, &[(moved.collect(), 7)]).await;
+    }
+
+    #[tokio::test]
+    async fn an_io_error_at_any_point_of_a_move_into_buckets_fails_the_open_and_the_next_one_moves()
+    {
+        for fail_at in [
+            "move: a pass flushed",
+            "move: the layout flushed",
+            "move: the new store synced",
+            "swap: the old store moved out",
+            "swap: the new store moved in",
+            "swap: the old store removed",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            drop(legacy_store(&path, 2_500));
+            crash::on_open(
+                &path,
+                Box::new(move |at| {
+                    (at == fail_at).then(|| Err(std::io::Error::other("injected").into()))
+                }),
+            );
+            let failed = SledStore::open(&path, 1 << 20).err();
+            assert!(
+                failed
+                    .as_ref()
+                    .is_some_and(|e| e.to_string().contains("injected")),
+                "at {fail_at:?}: {failed:?}"
+            );
+            let store = SledStore::open(&path, 1 << 20).unwrap();
+            let (widgets, checkpoint) = loaded(&store).await;
+            assert_eq!((widgets.len(), checkpoint), (2_500, 7), "at {fail_at:?}");
+            assert_eq!(legacy(&store.db().unwrap()), 0, "at {fail_at:?}");
+            drop(store);
+            assert_rebuilt(&path);
+        }
     }
 
     /// One I/O error at each point in turn, of the split of the kill test above: the failed
