@@ -2023,6 +2023,16 @@ mod tests {
         check_killed(killed, &states).await;
     }
 
+    /// Every point of a move into buckets, its swap's included.
+    const MOVE_POINTS: [&str; 6] = [
+        "move: a pass flushed",
+        "move: the layout flushed",
+        "move: the new store synced",
+        "swap: the old store moved out",
+        "swap: the new store moved in",
+        "swap: the old store removed",
+    ];
+
     #[tokio::test]
     async fn a_kill_at_any_point_of_a_move_into_buckets_leaves_the_old_store_or_the_new() {
         let dir = tempfile::tempdir().unwrap();
@@ -2034,17 +2044,7 @@ mod tests {
         let store = SledStore::open(&path, 1 << 20).unwrap();
         crash::set(&store, None).await;
         drop(store);
-        let killed = reaching(
-            &killed,
-            &[
-                "move: a pass flushed",
-                "move: the layout flushed",
-                "move: the new store synced",
-                "swap: the old store moved out",
-                "swap: the new store moved in",
-                "swap: the old store removed",
-            ],
-        );
+        let killed = reaching(&killed, &MOVE_POINTS);
         // Wherever the move stopped, the store opens with every widget and the checkpoint
         // it held before (as "write 0").
         let moved = (many(2_500).items.into_iter())
@@ -2055,14 +2055,7 @@ mod tests {
     #[tokio::test]
     async fn an_io_error_at_any_point_of_a_move_into_buckets_fails_the_open_and_the_next_one_moves()
     {
-        for fail_at in [
-            "move: a pass flushed",
-            "move: the layout flushed",
-            "move: the new store synced",
-            "swap: the old store moved out",
-            "swap: the new store moved in",
-            "swap: the old store removed",
-        ] {
+        for fail_at in MOVE_POINTS {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("store");
             drop(legacy_store(&path, 2_500));
