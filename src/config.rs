@@ -503,6 +503,56 @@ mod tests {
         }
     }
 
+    /// `.env.example` names every setting and sets many to their defaults, for an operator
+    /// to see and change. A default changed here and not there would quietly keep the old
+    /// value for everyone who copied the file.
+    #[test]
+    fn env_example_names_every_setting_and_sets_only_defaults() {
+        let command = <Config as clap::CommandFactory>::command();
+        let example = include_str!("../.env.example");
+        let named = |env: &str| {
+            (example.lines()).any(|line| {
+                let line = line.trim_start_matches('#').trim_start();
+                line.strip_prefix(env)
+                    .is_some_and(|rest| rest.starts_with('='))
+            })
+        };
+        let unnamed: Vec<_> = (command.get_arguments())
+            .filter_map(|arg| arg.get_env()?.to_str())
+            .filter(|env| env.starts_with("WIDGETS_") && !named(env))
+            .collect();
+        assert!(unnamed.is_empty(), ".env.example does not name {unnamed:?}");
+
+        let mut args = Vec::new();
+        for line in example.lines() {
+            let Some((name, value)) = line.split_once('=') else {
+                continue;
+            };
+            if name.starts_with('#') {
+                continue;
+            }
+            let setting = command
+                .get_arguments()
+                .find(|arg| arg.get_env().is_some_and(|env| env == name));
+            match setting.and_then(|arg| arg.get_long()) {
+                Some(long) => args.push(format!("--{long}={value}")),
+                None => assert!(!name.starts_with("WIDGETS_"), "{name} is no setting"),
+            }
+        }
+        assert!(args.len() >= 10, "only {args:?}");
+        let default = format!("{:?}", Config::try_parse_from(["widgets"]).unwrap());
+        let not_default: Vec<_> = (args.iter())
+            .filter(|arg| {
+                let set = Config::try_parse_from(["widgets", arg.as_str()]);
+                set.map_or(true, |set| format!("{set:?}") != default)
+            })
+            .collect();
+        assert!(
+            not_default.is_empty(),
+            ".env.example sets these to other than their defaults: {not_default:?}"
+        );
+    }
+
     #[test]
     fn defaults_and_bad_values() {
         let c = Config::try_parse_from(["widgets"]).unwrap();
