@@ -503,11 +503,11 @@ mod tests {
         }
     }
 
-    /// `.env.example` names every setting and sets many to their defaults, for an operator
-    /// to see and change. A default changed here and not there would quietly keep the old
-    /// value for everyone who copied the file.
+    /// `.env.example` names every setting, commented out, and shows each default as
+    /// `#NAME=value`: a default changed here and not there would tell an operator the old
+    /// one.
     #[test]
-    fn env_example_names_every_setting_and_sets_only_defaults() {
+    fn env_example_names_every_setting_and_shows_its_default() {
         let command = <Config as clap::CommandFactory>::command();
         let example = include_str!("../.env.example");
         let named = |env: &str| {
@@ -523,25 +523,29 @@ mod tests {
             .collect();
         assert!(unnamed.is_empty(), ".env.example does not name {unnamed:?}");
 
-        let mut args = Vec::new();
+        let mut shown = Vec::new();
         for line in example.lines() {
-            let Some((name, value)) = line.split_once('=') else {
+            assert!(line.is_empty() || line.starts_with('#'), "set: {line}");
+            // `#NAME=value`, where `# ...` is prose or an example.
+            let Some((name, value)) = line.strip_prefix('#').and_then(|l| l.split_once('=')) else {
                 continue;
             };
-            if name.starts_with('#') {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
                 continue;
             }
             let setting = command
                 .get_arguments()
                 .find(|arg| arg.get_env().is_some_and(|env| env == name));
-            match setting.and_then(|arg| arg.get_long()) {
-                Some(long) => args.push(format!("--{long}={value}")),
+            match setting {
+                // A default that depends on other settings is told in words beside it.
+                Some(arg) if arg.get_default_values().is_empty() => {}
+                Some(arg) => shown.push(format!("--{}={value}", arg.get_long().unwrap())),
                 None => assert!(!name.starts_with("WIDGETS_"), "{name} is no setting"),
             }
         }
-        assert!(args.len() >= 10, "only {args:?}");
+        assert!(shown.len() >= 10, "only {shown:?}");
         let default = format!("{:?}", Config::try_parse_from(["widgets"]).unwrap());
-        let not_default: Vec<_> = (args.iter())
+        let not_default: Vec<_> = (shown.iter())
             .filter(|arg| {
                 let set = Config::try_parse_from(["widgets", arg.as_str()]);
                 set.map_or(true, |set| format!("{set:?}") != default)
@@ -549,7 +553,7 @@ mod tests {
             .collect();
         assert!(
             not_default.is_empty(),
-            ".env.example sets these to other than their defaults: {not_default:?}"
+            ".env.example shows these as defaults, and they are not: {not_default:?}"
         );
     }
 
