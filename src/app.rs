@@ -114,9 +114,14 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     if config.fsync != crate::wal::FsyncMode::Always {
         tracing::warn!(fsync = ?config.fsync, "WAL fsync is not `always`: a crash can lose acknowledged writes");
     }
-    let state = AppState::new(config.body_timeout, config.ready_max_flush_lag(), auth);
+    let state = AppState::new(
+        config.body_timeout,
+        config.max_body_bytes as usize,
+        config.ready_max_flush_lag(),
+        auth,
+    );
     let shutdown = CancellationToken::new();
-    let router = api::router(state.clone(), config.max_body_bytes as usize);
+    let router = api::router(state.clone());
     let server = tokio::spawn(crate::serve::serve(
         listener,
         router,

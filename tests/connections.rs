@@ -125,6 +125,26 @@ async fn an_oversized_head_is_refused() {
 }
 
 #[tokio::test]
+async fn a_declared_length_over_the_limit_answers_413_at_once_and_invites_no_body() {
+    let app = common::spawn_app_with(&["--body-timeout", "30s", "--max-body-bytes", "1024"]).await;
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let mut socket = TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n{expect}\r\n{{}}"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // Well inside the 30 s the body would have had.
+        let answer = read_until_closed(&mut socket, Duration::from_secs(5))
+            .await
+            .expect("the request was not answered within 5 s");
+        assert!(answer.starts_with("HTTP/1.1 413"), "{expect:?}: {answer}");
+        assert!(!answer.contains("100 Continue"), "{expect:?}: {answer}");
+        assert!(answer.contains(r#""code":"payload_too_large""#), "{answer}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_body_that_stalls_answers_408_and_changes_nothing() {
     let app = common::spawn_app_with(&["--body-timeout", "300ms"]).await;
     let mut socket = TcpStream::connect(app.addr).await.unwrap();

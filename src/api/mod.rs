@@ -37,19 +37,26 @@ pub struct AppState {
 struct Inner {
     engine: OnceLock<Engine>,
     body_timeout: Duration,
+    max_body_bytes: usize,
     ready_max_flush_lag: Duration,
     auth: Auth,
 }
 
 impl AppState {
-    /// State whose request bodies must arrive within `body_timeout`, which is not ready
-    /// while a change has waited for the store longer than `ready_max_flush_lag`, and
-    /// whose requests need the tokens `auth` says.
-    pub fn new(body_timeout: Duration, ready_max_flush_lag: Duration, auth: Auth) -> Self {
+    /// State whose request bodies must arrive within `body_timeout` and hold at most
+    /// `max_body_bytes`, which is not ready while a change has waited for the store longer
+    /// than `ready_max_flush_lag`, and whose requests need the tokens `auth` says.
+    pub fn new(
+        body_timeout: Duration,
+        max_body_bytes: usize,
+        ready_max_flush_lag: Duration,
+        auth: Auth,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: OnceLock::new(),
                 body_timeout,
+                max_body_bytes,
                 ready_max_flush_lag,
                 auth,
             }),
@@ -62,6 +69,10 @@ impl AppState {
 
     pub fn body_timeout(&self) -> Duration {
         self.inner.body_timeout
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
     }
 
     pub fn ready_max_flush_lag(&self) -> Duration {
@@ -81,7 +92,8 @@ impl AppState {
 }
 
 /// The whole API, with the body limit and request metrics applied.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.max_body_bytes();
     Router::new()
         .route("/widgets", axum::routing::post(widgets::create))
         .route(
