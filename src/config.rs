@@ -145,8 +145,9 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_READY_MAX_FLUSH_LAG", value_parser = duration_up_to_an_hour)]
     ready_max_flush_lag: Option<Duration>,
 
-    /// Most writes waiting for the sequencer; past it writes answer `503 overloaded`.
-    #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Most writes waiting for the sequencer (1 to 1048576; the queue's room is taken at
+    /// start); past it writes answer `503 overloaded`.
+    #[arg(long, env = "WIDGETS_WRITE_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=MAX_WRITE_QUEUE))]
     pub write_queue: u64,
 
     /// Largest request body in bytes (64 B to 64 MiB); larger ones answer
@@ -464,15 +465,34 @@ impl Config {
         let Some(wal) = &self.wal_dir_option else {
             return Ok(());
         };
-        let absolute =
-            |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-        let wal = absolute(wal);
-        if wal == absolute(&self.data_dir) || wal == absolute(&self.store_dir()) {
+        // Compared as resolved: `d/x/../store` or a link to the store is the store. Inside
+        // the store, a compaction's swap would delete the WAL with the old store.
+        let (wal, store) = (resolved(wal), resolved(&self.store_dir()));
+        if wal == resolved(&self.data_dir) || wal.starts_with(&store) {
             anyhow::bail!(
-                "--wal-dir {} is the data directory or its store: give the WAL a directory of \
-                 its own (or leave --wal-dir out for <data dir>/wal)",
+                "--wal-dir {} is the data directory, its store or inside the store: give the \
+                 WAL a directory of its own (or leave --wal-dir out for <data dir>/wal)",
                 wal.display()
             );
+        }
+        Ok(())
+    }
+
+    /// A PostgreSQL or Redis URL that cannot be read is a mistake in the settings, not a
+    /// server that is down: refused at start, where an unreachable one is retried. The
+    /// message names the setting and not the URL, which may hold a password.
+    pub fn check_store_urls(&self) -> anyhow::Result<()> {
+        if let Some(url) = self.postgres_url() {
+            use std::str::FromStr;
+            if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url) {
+                anyhow::bail!("DATABASE_URL (--database-url) is not a PostgreSQL URL: {e}");
+            }
+        }
+        #[cfg(feature = "redis")]
+        if let Some(url) = self.redis_url() {
+            if let Err(e) = redis::Client::open(url) {
+                anyhow::bail!("REDIS_URL (--redis-url) is not a Redis URL: {e}");
+            }
         }
         Ok(())
     }
@@ -480,6 +500,39 @@ impl Config {
     pub fn store_dir(&self) -> PathBuf {
         self.data_dir.join("store")
     }
+}
+
+/// The most `--write-queue` takes: the queue's room is allocated at start (~32 MiB at this).
+const MAX_WRITE_QUEUE: u64 = 1 << 20;
+
+/// `path` made absolute, with its symbolic links resolved as far as it exists and `.` and
+/// `..` taken out of the rest, so that two spellings of one directory compare equal.
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let mut existing = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut rest = Vec::new();
+    let base = loop {
+        if let Ok(real) = existing.canonicalize() {
+            break real;
+        }
+        match existing.file_name().map(ToOwned::to_owned) {
+            // `file_name` is `None` for a last component of `..`.
+            Some(name) => rest.push(name),
+            None if existing.ends_with("..") => rest.push("..".into()),
+            None => break existing,
+        }
+        if !existing.pop() {
+            break existing;
+        }
+    };
+    let mut out = base;
+    for part in rest.iter().rev() {
+        if part == ".." {
+            out.pop();
+        } else {
+            out.push(part);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -495,11 +548,78 @@ mod tests {
         assert_eq!(own.wal_dir(), PathBuf::from("w"));
         assert_eq!(own.store_dir(), PathBuf::from("d").join("store"));
         assert!(own.check_wal_dir().is_ok());
-        for mixed in ["d", "./d", "d/store"] {
+        for mixed in [
+            "d",
+            "./d",
+            "d/store",
+            "d/x/../store",
+            "d/store/wal",
+            "d/./store/",
+        ] {
             let c =
                 Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", mixed]).unwrap();
             let err = c.check_wal_dir().unwrap_err().to_string();
             assert!(err.contains("--wal-dir"), "{mixed}: {err}");
+        }
+        for apart in ["d/wal", "d/storage", "d/x/../wal", "w/../w2"] {
+            let c =
+                Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", apart]).unwrap();
+            assert!(c.check_wal_dir().is_ok(), "{apart}");
+        }
+    }
+
+    #[test]
+    fn a_wal_dir_reached_through_a_link_into_the_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d");
+        std::fs::create_dir_all(data.join("store")).unwrap();
+        std::os::unix::fs::symlink(data.join("store"), dir.path().join("link")).unwrap();
+        for wal in [dir.path().join("link"), dir.path().join("link/wal")] {
+            let c = Config::try_parse_from([
+                "widgets".as_ref(),
+                "--data-dir".as_ref(),
+                data.as_os_str(),
+                "--wal-dir".as_ref(),
+                wal.as_os_str(),
+            ])
+            .unwrap();
+            assert!(c.check_wal_dir().is_err(), "{}", wal.display());
+        }
+    }
+
+    #[test]
+    fn a_store_url_that_cannot_be_read_is_refused_by_its_setting_and_without_the_url() {
+        let check = |args: &[&str]| {
+            let args = [&["widgets"], args].concat();
+            Config::try_parse_from(args).unwrap().check_store_urls()
+        };
+        assert!(check(&["--database-url", "postgres://u:pw@127.0.0.1:5432/db"]).is_ok());
+        assert!(check(&["--database-url", ""]).is_ok());
+        for bad in ["notaurl", "postgres://u:secret@h:notaport/db"] {
+            let err = check(&["--database-url", bad]).unwrap_err().to_string();
+            assert!(err.contains("DATABASE_URL"), "{bad}: {err}");
+            assert!(!err.contains("secret"), "{bad}: {err}");
+        }
+        #[cfg(feature = "redis")]
+        {
+            assert!(check(&["--redis-url", "redis://127.0.0.1:6379"]).is_ok());
+            let err = check(&["--redis-url", "nota://url"])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("REDIS_URL"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_write_queue_past_what_start_may_allocate_is_refused_by_name() {
+        let at_most = MAX_WRITE_QUEUE.to_string();
+        assert!(Config::try_parse_from(["widgets", "--write-queue", &at_most]).is_ok());
+        for absurd in ["1048577", "1000000000000", "18446744073709551615"] {
+            let err = Config::try_parse_from(["widgets", "--write-queue", absurd])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--write-queue"), "{absurd}: {err}");
         }
     }
 

@@ -1,0 +1,40 @@
+//! What the binary refuses before it serves, and what it shows from its first scrape: a
+//! malformed `.env` or a store URL that cannot be read stops the start with a message
+//! naming it (an unreachable store is waited for instead), and event counters start at 0.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+use widgets_testkit::server::{log_on_a_pipe, output_within};
+
+/// `widgets` on the embedded store in `dir`/data, run from `dir` with extra `args`, if it
+/// exits within 20 s.
+fn run_in(dir: &Path, args: &[&str]) -> Option<Output> {
+    let child = log_on_a_pipe(&mut Command::new(env!("CARGO_BIN_EXE_widgets")))
+        .current_dir(dir)
+        .args(["--listen", "127.0.0.1:0", "--database-url="])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(args)
+        .spawn()
+        .expect("running widgets");
+    output_within(child, Duration::from_secs(20))
+}
+
+#[test]
+fn a_store_url_that_cannot_be_read_refuses_the_start_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["notaurl", "postgres://u:secret@127.0.0.1:notaport/db"] {
+        let out = run_in(dir.path(), &["--database-url", url])
+            .unwrap_or_else(|| panic!("widgets still waited for {url} after 20 s"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: {stderr}");
+        assert!(stderr.contains("DATABASE_URL"), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("secret"),
+            "{url}: the password in the log: {stderr}"
+        );
+    }
+}
