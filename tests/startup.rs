@@ -24,6 +24,29 @@ fn run_in(dir: &Path, args: &[&str]) -> Option<Output> {
 }
 
 #[test]
+fn a_malformed_env_file_refuses_the_start_and_applies_none_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Before, the line after the bad one was applied and the one before it was not, and
+    // the service started either way: here, without the auth token it was given.
+    std::fs::write(
+        dir.path().join(".env"),
+        "broken line here\nWIDGETS_AUTH_TOKEN=secret1\n",
+    )
+    .unwrap();
+    let out = run_in(dir.path(), &[]).expect("widgets served, with a malformed .env");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(".env") && stderr.contains("broken line here"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "it went on to open its data directory"
+    );
+}
+
+#[test]
 fn a_store_url_that_cannot_be_read_refuses_the_start_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
     for url in ["notaurl", "postgres://u:secret@127.0.0.1:notaport/db"] {
