@@ -32,9 +32,30 @@ pub fn handle() -> &'static PrometheusHandle {
             })
             .expect("valid histogram buckets")
             .install_recorder()
+            .inspect(|_| {
+                for name in EVENTS {
+                    metrics::counter!(name).increment(0);
+                }
+            })
             .expect("installing the metrics recorder")
     })
 }
+
+/// Counters of events that may not happen for a long time, shown at 0 from the start: a
+/// series that first appears at 1 has no increase for `rate()` or `increase()` to see, so
+/// an alert on the first flush failure would miss it. (Redis mode adds its own on
+/// connecting.)
+const EVENTS: [&str; 9] = [
+    "widgets_flush_failures_total",
+    "widgets_flush_rejected_total",
+    "widgets_flush_batches_total",
+    "widgets_flushed_widgets_total",
+    "widgets_store_reopens_total",
+    "http_connections_evicted_total",
+    "widgets_wal_fsyncs_total",
+    "widgets_wal_records_total",
+    "widgets_wal_bytes_written_total",
+];
 
 /// Counts and times one request. Every label comes from a closed set, so no client can
 /// grow `/metrics` by sending made-up methods or paths: `route` is a route template or

@@ -61,3 +61,24 @@ fn a_store_url_that_cannot_be_read_refuses_the_start_naming_the_setting() {
         );
     }
 }
+
+#[tokio::test]
+async fn event_counters_are_at_0_from_the_first_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::binary::start(dir.path(), &[]).await;
+    let text = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "widgets_flush_failures_total",
+        "widgets_flush_rejected_total",
+        "widgets_store_reopens_total",
+        "http_connections_evicted_total",
+    ] {
+        assert_eq!(common::metric(&text, name), Some(0.0), "{name} in:\n{text}");
+    }
+    server.stop().await.unwrap();
+}
