@@ -29,7 +29,12 @@ pub enum LockError {
         lock: PathBuf,
         holder: String,
     },
-    #[error("locking the data directory ({}): {source}", lock.display())]
+    #[error(
+        "{} is not a directory: --data-dir and --wal-dir name directories (made if missing)",
+        dir.display()
+    )]
+    NotADirectory { dir: PathBuf },
+    #[error("locking the directory ({}): {source}", lock.display())]
     Io {
         lock: PathBuf,
         #[source]
@@ -51,6 +56,11 @@ impl DataDirLock {
             lock: lock.clone(),
             source,
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(LockError::NotADirectory {
+                dir: dir.to_owned(),
+            });
+        }
         // A new data directory's entry is made durable too, or a power loss could take it
         // with the fsynced WAL inside.
         create_dir_durably(&RealFs, dir).map_err(|(_, e)| io(e))?;
@@ -89,6 +99,17 @@ impl DataDirLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_where_the_directory_should_be_is_refused_as_not_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("afile");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let err = DataDirLock::acquire(&file).unwrap_err();
+        assert!(matches!(err, LockError::NotADirectory { .. }), "{err}");
+        assert!(err.to_string().contains("is not a directory"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
+    }
 
     #[test]
     fn a_second_lock_is_refused_naming_the_holder_until_the_first_is_dropped() {
