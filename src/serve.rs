@@ -136,9 +136,10 @@ async fn serve_connection(
 ) {
     let busy = connection.busy.clone();
     // Busy from the request's arrival until its answer is ready.
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let in_request = InRequest::enter(&busy);
         let router = router.clone();
+        decode_unreserved(req.uri_mut());
         async move {
             let answer = router.oneshot(req.map(axum::body::Body::new)).await;
             drop(in_request);
@@ -160,6 +161,50 @@ async fn serve_connection(
     }
     served.as_mut().graceful_shutdown();
     let _ = served.as_mut().await;
+}
+
+/// Decodes the percent-encoded unreserved characters of `uri`'s path (`A-Z a-z 0-9 - . _
+/// ~`), which RFC 3986 (6.2.2.2) makes the same path either way, so that routing sees them
+/// as the path parameters are seen: `/widgets/%61ssociations` is the association route,
+/// not a serial. Other escapes stay as they are. A path with no `%` is left untouched.
+fn decode_unreserved(uri: &mut axum::http::Uri) {
+    let path = uri.path();
+    if !path.contains('%') {
+        return;
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = (bytes[at] == b'%')
+            .then(|| bytes.get(at + 1..at + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+            .filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c));
+        match escaped {
+            Some(c) => {
+                decoded.push(char::from(c));
+                at += 3;
+            }
+            None => {
+                decoded.push(char::from(bytes[at]));
+                at += 1;
+            }
+        }
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{decoded}?{query}"),
+        None => decoded,
+    };
+    // Neither can fail (the same path with fewer escapes); if one did, the URI stays.
+    let Ok(path_and_query) = path_and_query.parse() else {
+        return;
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(decoded) = axum::http::Uri::from_parts(parts) {
+        *uri = decoded;
+    }
 }
 
 /// The open connections, by id.
@@ -254,5 +299,29 @@ impl Drop for InRequest {
     fn drop(&mut self) {
         *self.0.idle_since.lock().expect("idle lock") = Instant::now();
         self.0.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_unreserved;
+    use axum::http::Uri;
+
+    fn decoded(uri: &str) -> String {
+        let mut uri: Uri = uri.parse().unwrap();
+        decode_unreserved(&mut uri);
+        uri.to_string()
+    }
+
+    #[test]
+    fn escaped_unreserved_characters_are_decoded_and_other_escapes_kept() {
+        assert_eq!(decoded("/widgets/%61ssociations"), "/widgets/associations");
+        assert_eq!(decoded("/widgets/%31%32%33?x=%61"), "/widgets/123?x=%61");
+        assert_eq!(decoded("/widgets/a%2Db%7e%5F%2e"), "/widgets/a-b~_.");
+        // Reserved and other characters stay escaped, as do broken escapes.
+        assert_eq!(decoded("/widgets/a%2Fb%20c%25"), "/widgets/a%2Fb%20c%25");
+        assert_eq!(decoded("/widgets/%6"), "/widgets/%6");
+        assert_eq!(decoded("/widgets/%zz%"), "/widgets/%zz%");
+        assert_eq!(decoded("/widgets/plain"), "/widgets/plain");
     }
 }

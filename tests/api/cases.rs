@@ -1261,5 +1261,20 @@ async fn associations_is_a_reserved_serial_and_its_path_only_the_association_rou
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
         assert_eq!(resp.headers()[header::ALLOW], "PUT", "{method}");
     }
+    // Spelt with an escape it is the same route (`%61` is `a`), not a serial.
+    let escaped = app.url("/widgets/%61ssociations");
+    for method in [Method::GET, Method::DELETE] {
+        let resp = app
+            .client
+            .request(method.clone(), &escaped)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(resp.headers()[header::ALLOW], "PUT", "{method}");
+    }
+    let body = json!({"port_type": "P", "widget_serial_num": "other", "peer_widget_serial_num": "none"});
+    let resp = app.client.put(&escaped).json(&body).send().await.expect("request");
+    expect_error(resp, StatusCode::NOT_FOUND, "widget_not_found").await;
     assert_stored(&app, &expected("other", &["P"], &[])).await;
 }
