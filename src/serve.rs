@@ -179,6 +179,7 @@ fn decode_unreserved(uri: &mut axum::http::Uri) {
         let escaped = (bytes[at] == b'%')
             .then(|| bytes.get(at + 1..at + 3))
             .flatten()
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
             .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
             .filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c));
         match escaped {
@@ -322,6 +323,7 @@ mod tests {
         assert_eq!(decoded("/widgets/a%2Fb%20c%25"), "/widgets/a%2Fb%20c%25");
         assert_eq!(decoded("/widgets/%6"), "/widgets/%6");
         assert_eq!(decoded("/widgets/%zz%"), "/widgets/%zz%");
+        assert_eq!(decoded("/widgets/%+6%-1"), "/widgets/%+6%-1");
         assert_eq!(decoded("/widgets/plain"), "/widgets/plain");
     }
 }
