@@ -539,6 +539,11 @@ fn resolved(path: &std::path::Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// The settings `widgets <args>` gives.
+    fn parsed(args: &[&str]) -> Config {
+        Config::try_parse_from([&["widgets"][..], args].concat()).unwrap()
+    }
+
     #[test]
     fn the_wal_goes_into_the_data_directory_unless_wal_dir_says_elsewhere() {
         let default = Config::try_parse_from(["widgets", "--data-dir", "d"]).unwrap();
@@ -589,10 +594,7 @@ mod tests {
 
     #[test]
     fn a_store_url_that_cannot_be_read_is_refused_by_its_setting_and_without_the_url() {
-        let check = |args: &[&str]| {
-            let args = [&["widgets"], args].concat();
-            Config::try_parse_from(args).unwrap().check_store_urls()
-        };
+        let check = |args: &[&str]| parsed(args).check_store_urls();
         assert!(check(&["--database-url", "postgres://u:pw@127.0.0.1:5432/db"]).is_ok());
         assert!(check(&["--database-url", ""]).is_ok());
         for bad in ["notaurl", "postgres://u:secret@h:notaport/db"] {
@@ -743,7 +745,7 @@ mod tests {
     #[test]
     fn the_embedded_store_compacts_at_three_times_its_data_unless_told() {
         let ratio = |args: &[&str]| {
-            let c = Config::try_parse_from([&["widgets"][..], args].concat()).unwrap();
+            let c = parsed(args);
             c.sled_options().compact.ratio
         };
         assert_eq!(ratio(&[]), 3.0);

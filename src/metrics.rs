@@ -32,11 +32,7 @@ pub fn handle() -> &'static PrometheusHandle {
             })
             .expect("valid histogram buckets")
             .install_recorder()
-            .inspect(|_| {
-                for name in EVENTS {
-                    metrics::counter!(name).increment(0);
-                }
-            })
+            .inspect(|_| show_at_zero(&EVENTS))
             .expect("installing the metrics recorder")
     })
 }
@@ -56,6 +52,13 @@ const EVENTS: [&str; 9] = [
     "widgets_wal_records_total",
     "widgets_wal_bytes_written_total",
 ];
+
+/// Registers each of `counters` at 0, so that it is scraped before its first event.
+pub fn show_at_zero(counters: &[&'static str]) {
+    for &name in counters {
+        metrics::counter!(name).increment(0);
+    }
+}
 
 /// Counts and times one request. Every label comes from a closed set, so no client can
 /// grow `/metrics` by sending made-up methods or paths: `route` is a route template or

@@ -122,13 +122,11 @@ impl RedisEngine {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let conn = client.get_connection_manager().await.map_err(unavailable)?;
         // Shown at 0 from the start, as `metrics::EVENTS` says why.
-        for name in [
+        crate::metrics::show_at_zero(&[
             "widgets_redis_behind_total",
             "widgets_redis_resyncs_total",
             "widgets_redis_write_conflicts_total",
-        ] {
-            metrics::counter!(name).increment(0);
-        }
+        ]);
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
