@@ -8,11 +8,11 @@
 use super::AppState;
 use crate::domain::ValidationError;
 use crate::error::ApiError;
-use axum::body::Bytes;
+use axum::body::{Bytes, HttpBody};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 /// Path parameters; a path that does not decode is `422 validation_failed`.
@@ -42,11 +42,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         // A declared length over the limit is refused before any of the body is read:
         // waiting for that body would hold the connection until the body timeout, and
         // answering `Expect: 100-continue` would invite the client to send it.
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > state.max_body_bytes() as u64) {
+        // (hyper's size hint: the `Content-Length` it read, and 0 for a chunked body.)
+        if req.body().size_hint().lower() > state.max_body_bytes() as u64 {
             return Err(ApiError::PayloadTooLarge);
         }
         let reading = Bytes::from_request(req, state);
