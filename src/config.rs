@@ -502,6 +502,25 @@ impl Config {
     }
 }
 
+/// Loads `.env` (from the working directory, or the nearest parent that has one) into the
+/// environment, over nothing already set. A missing file is normal. A malformed one is
+/// refused whole, as a bad flag is: applying the lines around a bad one would start the
+/// service with part of its settings, and the bad line might be the one that turns auth on.
+pub fn load_dotenv() -> Result<(), dotenvy::Error> {
+    let lines = match dotenvy::dotenv_iter() {
+        Ok(lines) => lines,
+        Err(e) if e.not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let vars = lines.collect::<Result<Vec<_>, _>>()?;
+    for (name, value) in vars {
+        if std::env::var_os(&name).is_none() {
+            std::env::set_var(name, value);
+        }
+    }
+    Ok(())
+}
+
 /// The most `--write-queue` takes: the queue's room is allocated at start (~32 MiB at this).
 const MAX_WRITE_QUEUE: u64 = 1 << 20;
 

@@ -54,28 +54,9 @@ enum WalCmd {
     },
 }
 
-/// Loads `.env` (from the working directory, or the nearest parent that has one) into the
-/// environment, over nothing already set. A missing file is normal. A malformed one is
-/// refused whole, as a bad flag is: applying the lines around a bad one would start the
-/// service with part of its settings, and the bad line might be the one that turns auth on.
-fn load_dotenv() -> Result<(), dotenvy::Error> {
-    let lines = match dotenvy::dotenv_iter() {
-        Ok(lines) => lines,
-        Err(e) if e.not_found() => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let vars = lines.collect::<Result<Vec<_>, _>>()?;
-    for (name, value) in vars {
-        if std::env::var_os(&name).is_none() {
-            std::env::set_var(name, value);
-        }
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    if let Err(e) = load_dotenv() {
+    if let Err(e) = widgets::config::load_dotenv() {
         eprintln!("error: .env: {e}; nothing in it was applied: mend the line or remove the file");
         return ExitCode::from(2);
     }
