@@ -268,22 +268,40 @@ impl Serving {
         use crate::engine::redis::{load, RedisEngine};
         use crate::flush::redis::RedisSource;
         let max_dirty = self.config.max_dirty as usize;
-        let engine =
-            match RedisEngine::connect(url, &self.config.redis_prefix, max_dirty, store.clone())
-                .await
-            {
-                Ok(engine) => Arc::new(engine),
-                Err(e) => {
-                    return self
-                        .fail(anyhow::Error::new(e).context("connecting to Redis"))
+        // Retried with backoff while Redis or PostgreSQL is unreachable or stalls, as
+        // `connect_postgres` does; `/readyz` says 503 meanwhile.
+        let mut failures = 0;
+        let engine = loop {
+            let attempt = async {
+                let engine =
+                    RedisEngine::connect(url, &self.config.redis_prefix, max_dirty, store.clone())
                         .await
-                }
+                        .context("connecting to Redis")?;
+                let loaded = load::ensure_loaded(&engine, &store, &self.shutdown)
+                    .await
+                    .context("loading Redis from PostgreSQL")?;
+                Ok::<_, anyhow::Error>(loaded.then_some(engine))
             };
-        match load::ensure_loaded(&engine, &store, &self.shutdown).await {
-            Ok(true) => {}
-            Ok(false) => return self.drain().await,
-            Err(e) => return self.fail(e.context("loading Redis from PostgreSQL")).await,
-        }
+            match attempt.await {
+                Ok(Some(engine)) => break Arc::new(engine),
+                Ok(None) => return self.drain().await,
+                Err(e) if load::passing(&e) => {
+                    failures += 1;
+                    let delay = crate::flush::backoff(failures);
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "Redis cannot be loaded yet; not ready"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => return self.drain().await,
+                    }
+                }
+                Err(e) => return self.fail(e).await,
+            }
+        };
         self.state.set_engine(Engine::Redis(engine.clone()));
         self.recovered.send_replace(Some(Ok(())));
         tracing::info!(prefix = %self.config.redis_prefix, "ready (Redis mode)");

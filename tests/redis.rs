@@ -476,6 +476,78 @@ async fn readyz_says_503_while_redis_is_behind_postgres() {
     db.drop_db().await;
 }
 
+/// A Redis that stalls past the client's response timeout, or goes down, while an
+/// instance is starting is waited for, as an unreachable PostgreSQL is: `/readyz` says 503
+/// meanwhile, and the instance becomes ready once Redis answers. It used to fail the start
+/// for good on the first command that timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stalls_or_goes_down_during_the_start_is_waited_for() {
+    for down in [false, true] {
+        let db = TestDb::create().await;
+        let mut redis = common::OwnRedis::start().await;
+        let (url, prefix) = (redis.url(), redis_prefix());
+        // Another loader holds the lock for a few seconds: the instance connects, then
+        // polls Redis while it waits for that load, and the fault hits one of those polls.
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("{prefix}load_lock"))
+            .arg("another-instance")
+            .arg("PX")
+            .arg(4000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        drop(conn);
+        let dir = Arc::new(tempfile::TempDir::new().unwrap());
+        let mut app = common::spawn_unready_in(
+            dir,
+            &[
+                "--database-url",
+                &db.url,
+                "--redis-url",
+                &url,
+                "--redis-prefix",
+                &prefix,
+            ],
+            Arc::new(widgets::wal::RealFs),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if down {
+            redis.kill();
+        } else {
+            redis.pause();
+        }
+        // Past the client's 500 ms response timeout, several times over.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ended = tokio::time::timeout(Duration::from_millis(100), app.ready()).await;
+        assert!(
+            ended.is_err(),
+            "the start ended while Redis was {}: {ended:?}",
+            if down { "down" } else { "stalled" }
+        );
+        assert_eq!(
+            app.get("/readyz").await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        if down {
+            redis.restart().await;
+        } else {
+            redis.resume();
+        }
+        tokio::time::timeout(Duration::from_secs(30), app.ready())
+            .await
+            .expect("ready within 30 s of Redis answering again")
+            .expect("recovery");
+        assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+        assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+        assert_eq!(app.get("/widgets/a").await.status(), StatusCode::OK);
+        app.stop().await;
+        db.drop_db().await;
+    }
+}
+
 /// An instance on a Redis of the test's own, flushing every `flush_interval`.
 async fn own_redis_instance(
     db: &TestDb,

@@ -205,8 +205,15 @@ pub async fn spawn_app_with(args: &[&str]) -> TestApp {
 /// first, and the child holds a copy of every open file, the lock's included, until it
 /// execs. So a start refused for a lock this process holds is tried again, for a while.
 pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) -> TestApp {
+    let mut app = spawn_unready_in(dir, args, fs).await;
+    app.ready().await.expect("the app did not become ready");
+    app
+}
+
+/// An app started on `dir` and serving HTTP, recovering or not yet ready.
+pub async fn spawn_unready_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) -> TestApp {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut app = loop {
+    let app = loop {
         match try_spawn_app_in(dir.path(), args, fs.clone()).await {
             Err(e) if held_by_this_process(&e) && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -214,7 +221,6 @@ pub async fn spawn_app_in(dir: Arc<TempDir>, args: &[&str], fs: Arc<dyn WalFs>) 
             started => break started.expect("starting the app"),
         }
     };
-    app.ready().await.expect("the app did not become ready");
     TestApp {
         addr: app.addr(),
         client: Client::new(),
@@ -259,6 +265,11 @@ pub async fn try_spawn_app_in(
 }
 
 impl TestApp {
+    /// Waits for recovery to finish; the reason if it failed.
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        self.app.as_mut().expect("a running app").ready().await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -455,6 +466,25 @@ impl OwnRedis {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    }
+
+    /// SIGSTOP: the server keeps its connections and port but answers nothing, as a
+    /// stalled one does (a paused VM, a swapping host), until `resume`.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running redis-server").id();
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill {signal} {pid} failed");
     }
 
     /// SIGKILL: whatever was not in the snapshot is gone.

@@ -13,7 +13,7 @@
 use super::{scripts, unavailable, RedisEngine, Take};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
-use crate::store::{PgStore, Store};
+use crate::store::{PgStore, Store, StoreError};
 use anyhow::Context;
 use redis::AsyncCommands;
 use std::future::Future;
@@ -25,6 +25,34 @@ use tokio_util::sync::CancellationToken;
 pub const LOCK_LEASE: Duration = Duration::from_secs(5);
 /// Widgets per pipeline sent to Redis while loading.
 const PIPELINE: usize = 1000;
+
+/// The load lock expired while this instance held it (it stalled for longer than the
+/// lease), so another instance may be loading: this one stops, leaving its work unfinished.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the Redis load lock expired while this instance {doing} (it stalled for longer than the \
+     {lease:?} lease); another instance is loading"
+)]
+pub struct LockLost {
+    doing: &'static str,
+    lease: Duration,
+}
+
+/// Whether a failure to connect to Redis or to load it is one that passes: Redis or
+/// PostgreSQL unreachable, stalled past a response timeout, or restarting, or the load
+/// lock lost to a stall. The start retries those with backoff; any other failure (damaged
+/// rows in PostgreSQL, a bug) fails it.
+pub fn passing(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<EngineError>(),
+            Some(EngineError::Unavailable(_))
+        ) || matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::Postgres(_))
+        ) || cause.is::<LockLost>()
+    })
+}
 
 /// Returns once Redis holds PostgreSQL's widgets (loaded by this instance or another);
 /// `Ok(false)` if `stop` came first.
@@ -269,11 +297,9 @@ pub async fn holding_lock<T>(
                     .invoke_async(&mut engine.conn())
                     .await
                     .map_err(unavailable)?;
-                anyhow::ensure!(
-                    renewed == 1,
-                    "the Redis load lock expired while this instance held it (it stalled for \
-                     longer than {lease:?}); another instance is loading"
-                );
+                if renewed != 1 {
+                    return Err(LockLost { doing: "held it", lease }.into());
+                }
             }
         }
     }
@@ -354,11 +380,13 @@ async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Res
         .invoke_async(&mut engine.conn())
         .await
         .map_err(unavailable)?;
-    anyhow::ensure!(
-        finished == 1,
-        "the Redis load lock expired while this instance loaded (it stalled for longer than \
-         {LOCK_LEASE:?}); another instance is loading"
-    );
+    if finished != 1 {
+        return Err(LockLost {
+            doing: "loaded",
+            lease: LOCK_LEASE,
+        }
+        .into());
+    }
     tracing::info!(
         widgets = count,
         elapsed_ms = started.elapsed().as_millis() as u64,
