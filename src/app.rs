@@ -86,6 +86,9 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         bail!("REDIS_URL is set, but this build has no Redis mode: build with --features redis, or unset it");
     }
     config.check_store_urls()?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let auth = config.auth()?;
     if auth.is_on() {
         tracing::info!(?auth, "bearer auth is on");

@@ -70,16 +70,17 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_FSYNC", value_enum, default_value_t = FsyncMode::Always)]
     pub fsync: FsyncMode,
 
-    /// How often `--fsync interval` fsyncs (1ms to 1h).
-    #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", default_value = "1s", value_parser = duration_up_to_an_hour)]
-    pub fsync_interval: Duration,
+    /// How often `--fsync interval` fsyncs (1ms to 1h). Default: 1s.
+    #[arg(long, env = "WIDGETS_FSYNC_INTERVAL", value_parser = duration_up_to_an_hour)]
+    fsync_interval: Option<Duration>,
 
     /// With `--fsync always`: how long the sequencer waits after a group, while several
     /// writers are about, to take the writes of that time as the next group (0 to 10ms; 0
     /// turns it off). One fsync then covers more writes, for up to this much more latency;
     /// a lone writer never waits, nor do 16 writes or more that are queued already.
-    #[arg(long, env = "WIDGETS_COMMIT_DELAY", default_value = "750us", value_parser = commit_delay)]
-    pub commit_delay: Duration,
+    /// Default: 750us.
+    #[arg(long, env = "WIDGETS_COMMIT_DELAY", value_parser = commit_delay)]
+    commit_delay: Option<Duration>,
 
     /// How often the flusher writes dirty widgets to the durable store (1ms to 1h).
     /// Default: 1s on PostgreSQL and in Redis mode, 30s on the embedded store, where the
@@ -315,6 +316,9 @@ fn duration_within(
 const EMBEDDED_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 const EMBEDDED_FLUSH_BATCH: u64 = 1_000_000;
 
+const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_COMMIT_DELAY: Duration = Duration::from_micros(750);
+
 fn commit_delay(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::ZERO, Duration::from_millis(10), "0..=10ms")
 }
@@ -366,6 +370,50 @@ impl Config {
             .unwrap_or((4 * self.flush_interval()).max(Duration::from_secs(60)))
     }
 
+    /// Settings that are accepted but do nothing, or work against each other, in words for
+    /// the start-up log: a setting that is silently ignored is a mistake nobody sees.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(lag) = self.ready_max_flush_lag {
+            let interval = self.flush_interval();
+            if lag <= interval {
+                warnings.push(format!(
+                    "--ready-max-flush-lag ({}) is not longer than the flush interval ({}): \
+                     /readyz will answer 503 flush_stalled between healthy flushes while \
+                     writes go on; give it several flush intervals",
+                    humantime::format_duration(lag),
+                    humantime::format_duration(interval)
+                ));
+            }
+        }
+        let fsync = format!("{:?}", self.fsync).to_lowercase();
+        if self.redis_url().is_some() {
+            for (set, name) in [
+                (self.fsync_interval.is_some(), "--fsync-interval"),
+                (self.commit_delay.is_some(), "--commit-delay"),
+            ] {
+                if set {
+                    warnings.push(format!(
+                        "{name} is ignored in Redis mode, which keeps no WAL"
+                    ));
+                }
+            }
+        } else {
+            if self.fsync_interval.is_some() && self.fsync != FsyncMode::Interval {
+                warnings.push(format!(
+                    "--fsync-interval is ignored with --fsync {fsync}: it applies to --fsync \
+                     interval"
+                ));
+            }
+            if self.commit_delay.is_some() && self.fsync != FsyncMode::Always {
+                warnings.push(format!(
+                    "--commit-delay is ignored with --fsync {fsync}: it applies to --fsync always"
+                ));
+            }
+        }
+        warnings
+    }
+
     /// `--flush-batch`, or the store's default.
     pub fn flush_batch(&self) -> u64 {
         self.flush_batch.unwrap_or(if self.embedded_store() {
@@ -378,8 +426,8 @@ impl Config {
     pub fn engine_settings(&self) -> EngineSettings {
         EngineSettings {
             fsync: self.fsync,
-            fsync_interval: self.fsync_interval,
-            commit_delay: self.commit_delay,
+            fsync_interval: self.fsync_interval.unwrap_or(DEFAULT_FSYNC_INTERVAL),
+            commit_delay: self.commit_delay.unwrap_or(DEFAULT_COMMIT_DELAY),
             wal_segment_bytes: self.wal_segment_bytes,
             wal_preallocate: self.wal_preallocate,
             flush_nice: self.flush_nice,
@@ -695,6 +743,70 @@ mod tests {
         assert!(
             not_default.is_empty(),
             ".env.example shows these as defaults, and they are not: {not_default:?}"
+        );
+    }
+
+    #[test]
+    fn settings_that_do_nothing_or_work_against_each_other_are_warned_about() {
+        let warnings = |args: &[&str]| parsed(args).warnings();
+        assert_eq!(warnings(&[]), Vec::<String>::new(), "the defaults");
+        assert_eq!(
+            warnings(&["--fsync", "interval", "--fsync-interval", "100ms"]),
+            Vec::<String>::new()
+        );
+        assert_eq!(warnings(&["--commit-delay", "2ms"]), Vec::<String>::new());
+        assert_eq!(
+            warnings(&["--flush-interval", "10s", "--ready-max-flush-lag", "30s"]),
+            Vec::<String>::new()
+        );
+
+        let [lag] = &warnings(&["--ready-max-flush-lag", "30s"])[..] else {
+            panic!("one warning");
+        };
+        assert!(
+            lag.contains("--ready-max-flush-lag (30s)") && lag.contains("(30s)"),
+            "{lag}"
+        );
+        let [lag] = &warnings(&[
+            "--database-url",
+            "postgres://h/db",
+            "--ready-max-flush-lag",
+            "500ms",
+        ])[..] else {
+            panic!("one warning: PostgreSQL's interval is 1s");
+        };
+        assert!(lag.contains("flush interval (1s)"), "{lag}");
+        let [ignored] = &warnings(&["--fsync-interval", "100ms"])[..] else {
+            panic!("one warning");
+        };
+        assert!(
+            ignored.contains("--fsync-interval is ignored with --fsync always"),
+            "{ignored}"
+        );
+        let [ignored] = &warnings(&["--fsync", "never", "--commit-delay", "1ms"])[..] else {
+            panic!("one warning");
+        };
+        assert!(
+            ignored.contains("--commit-delay is ignored with --fsync never"),
+            "{ignored}"
+        );
+        let redis = [
+            "--database-url",
+            "postgres://h/db",
+            "--redis-url",
+            "redis://h",
+        ];
+        let both = warnings(
+            &[
+                &redis[..],
+                &["--fsync-interval", "1s", "--commit-delay", "1ms"],
+            ]
+            .concat(),
+        );
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(
+            both.iter().all(|w| w.contains("ignored in Redis mode")),
+            "{both:?}"
         );
     }
 
