@@ -548,6 +548,57 @@ async fn a_redis_that_stalls_or_goes_down_during_the_start_is_waited_for() {
     }
 }
 
+/// A flush that stalls inside PostgreSQL holds the fencing epoch; a request that finds a
+/// restarted Redis server must check it, which raises that epoch. The request answers
+/// `503 unavailable` within seconds instead of waiting as long as the flush stalls, and so
+/// do requests that come while a check runs, instead of queueing behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_of_a_restarted_redis_waits_for_postgres_only_seconds() {
+    let db = TestDb::create().await;
+    let mut redis = common::OwnRedis::start().await;
+    let app = Arc::new(own_redis_instance(&db, &redis, "1h").await);
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    redis.save().await;
+    redis.kill();
+    redis.restart().await; // the same data, a new run_id: checked before it is used
+                           // What a flush stalled in PostgreSQL holds until it ends.
+    let mut stalled = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT epoch FROM redis_epoch FOR SHARE")
+        .execute(&mut stalled)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answers = futures_util::future::join_all((0..8).map(|i| {
+        let app = app.clone();
+        async move {
+            let r = if i % 2 == 0 {
+                app.get("/widgets/a").await
+            } else {
+                app.get("/readyz").await
+            };
+            (r.status(), common::error_code(r).await)
+        }
+    }));
+    let answers = tokio::time::timeout(Duration::from_secs(15), answers)
+        .await
+        .expect("requests to a Redis being checked answered within 15 s");
+    for (status, code) in &answers {
+        assert_eq!(
+            (*status, code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(8), "answered after {waited:?}");
+    sqlx::raw_sql("COMMIT").execute(&mut stalled).await.unwrap();
+    eventually!("the restarted Redis to be checked and used", 10, {
+        app.get("/widgets/a").await.status() == StatusCode::OK
+    });
+    drop(stalled);
+    Arc::try_unwrap(app).ok().expect("one owner").stop().await;
+    db.drop_db().await;
+}
+
 /// An instance on a Redis of the test's own, flushing every `flush_interval`.
 async fn own_redis_instance(
     db: &TestDb,

@@ -55,6 +55,13 @@ pub struct RedisEngine {
 /// How long a server found behind PostgreSQL is answered for without asking again.
 const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
+/// The most a request waits for another's check of the server before it answers `503
+/// unavailable`, and the most a check waits for PostgreSQL: a check runs on the request
+/// path, and the epoch it raises waits for every flush in flight, which a PostgreSQL that
+/// stalls can hold for as long as it stalls.
+const CHECK_WAIT: Duration = Duration::from_secs(1);
+const CHECK_POSTGRES_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A widget as read, with its version as Redis holds it ("0" when absent).
 type Known = HashMap<Serial, (Option<Widget>, String)>;
 
@@ -182,7 +189,12 @@ impl RedisEngine {
     /// fencing epoch, so that no batch taken from the server before (or from another one)
     /// can commit after it looked at PostgreSQL.
     pub async fn check_server(&self) -> Result<(), EngineError> {
-        let mut last_behind = self.checking.lock().await;
+        let Ok(mut last_behind) = tokio::time::timeout(CHECK_WAIT, self.checking.lock()).await
+        else {
+            return Err(EngineError::Unavailable(
+                "the Redis server is being checked against PostgreSQL".into(),
+            ));
+        };
         let (run_id, _, loaded) = self.server_state().await?;
         if !loaded {
             return Err(lost_data());
@@ -199,8 +211,20 @@ impl RedisEngine {
         }
         // PostgreSQL first: every version it holds was handed out by Redis before this
         // read, so a server that is not behind shows a `seq` at least as high after it.
-        let epoch = self.store.raise_redis_epoch().await.map_err(postgres)?;
-        let high = self.store.high_water().await.map_err(postgres)?;
+        let asked = tokio::time::timeout(CHECK_POSTGRES_TIMEOUT, async {
+            let epoch = self.store.raise_redis_epoch().await?;
+            Ok((epoch, self.store.high_water().await?))
+        });
+        let (epoch, high) = match asked.await {
+            Ok(answer) => answer.map_err(postgres)?,
+            Err(_) => {
+                return Err(EngineError::Unavailable(format!(
+                    "PostgreSQL did not answer within {CHECK_POSTGRES_TIMEOUT:?} while the \
+                     Redis server was checked (a flush in flight holds the epoch, or \
+                     PostgreSQL stalls)"
+                )))
+            }
+        };
         let (now, seq, loaded) = self.server_state().await?;
         if now != run_id {
             return Err(changed_while_checked());
