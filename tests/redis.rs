@@ -599,6 +599,41 @@ async fn a_check_of_a_restarted_redis_waits_for_postgres_only_seconds() {
     db.drop_db().await;
 }
 
+/// A flush that fails in its first step, taking the batch from Redis, counts in
+/// `widgets_flush_failures_total` as a failed write does: the alert on that counter is
+/// how an operator learns that the flushes stopped. It used to count only failed writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_cannot_take_its_batch_from_redis_counts_as_a_failure() {
+    let db = TestDb::create().await;
+    let redis = common::OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    // Its own process: the counter is the flusher's alone.
+    let server = common::binary::start(
+        dir.path(),
+        &["--database-url", &db.url, "--redis-url", &url],
+    )
+    .await;
+    let failures = || async {
+        let text = reqwest::get(format!("{}/metrics", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        common::metric(&text, "widgets_flush_failures_total").expect("the counter")
+    };
+    assert_eq!(failures().await, 0.0);
+    redis.pause(); // every take (a script on Redis) times out
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.resume();
+    eventually!("the flusher's failed takes to be counted", 10, {
+        failures().await >= 1.0
+    });
+    server.stop().await.unwrap();
+    db.drop_db().await;
+}
+
 /// An instance on a Redis of the test's own, flushing every `flush_interval`.
 async fn own_redis_instance(
     db: &TestDb,

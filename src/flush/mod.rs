@@ -84,8 +84,18 @@ impl<E: Source, S: Store> Flusher<E, S> {
         Self { source, store }
     }
 
-    /// Writes every dirty widget to the store; returns how many it wrote.
+    /// Writes every dirty widget to the store; returns how many it wrote. A failure at any
+    /// step (taking a batch, writing it, finishing it) counts in
+    /// `widgets_flush_failures_total`.
     pub async fn flush_once(&self) -> Result<usize, FlushError> {
+        let flushed = self.rounds().await;
+        if flushed.is_err() {
+            metrics::counter!("widgets_flush_failures_total").increment(1);
+        }
+        flushed
+    }
+
+    async fn rounds(&self) -> Result<usize, FlushError> {
         let mut written = 0;
         for _ in 0..MAX_ROUNDS {
             let Some(Taken {
@@ -120,7 +130,6 @@ impl<E: Source, S: Store> Flusher<E, S> {
                 Ok(count)
             }
             Err(e) => {
-                metrics::counter!("widgets_flush_failures_total").increment(1);
                 if let Err(finishing) = self.source.finish(ticket, false).await {
                     tracing::warn!(error = %finishing, "handing a failed batch back failed too; it stays dirty");
                 }
