@@ -814,18 +814,25 @@ async fn a_flush_on_a_stalled_backend_is_abandoned_and_the_shutdown_goes_on() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let mut watcher = db.connect().await;
-    let mut waiting: Option<i32> = None;
-    eventually!("the flush to wait for the lock", 10, {
-        waiting = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-        )
-        .fetch_optional(&mut watcher)
+    let waiting = async {
+        loop {
+            let pid: Option<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            )
+            .fetch_optional(&mut watcher)
+            .await
+            .unwrap();
+            match pid {
+                Some(pid) => return pid,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    let waiting = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
-        .unwrap();
-        waiting.is_some()
-    });
-    let stopped = StoppedBackend::stop(waiting.unwrap());
+        .expect("the flush to wait for the lock within 10 s");
+    let stopped = StoppedBackend::stop(waiting);
     sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
 
     let started = std::time::Instant::now();
