@@ -150,14 +150,7 @@ async fn a_restart_replays_wal_records_above_the_postgres_checkpoint() {
     let server = binary::start(dir.path(), &args).await;
     let names: Vec<String> = (0..14).map(|i| format!("w{i}")).collect();
     for (i, s) in names.iter().enumerate() {
-        let body = serde_json::json!({"name": "w", "serial_number": s, "ports": ["P"]});
-        let r = client
-            .post(format!("{}/widgets", server.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(binary::create(&server, s).await, StatusCode::CREATED);
         if i == 9 {
             let mut conn = db.connect().await;
             eventually!("the size-triggered flush", 5, {
@@ -805,14 +798,7 @@ async fn a_flush_on_a_stalled_backend_is_abandoned_and_the_shutdown_goes_on() {
         .execute(&mut locker)
         .await
         .unwrap();
-    let body = serde_json::json!({"name": "w", "serial_number": "a", "ports": ["P"]});
-    let r = reqwest::Client::new()
-        .post(format!("{}/widgets", server.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(binary::create(&server, "a").await, StatusCode::CREATED);
     let mut watcher = db.connect().await;
     let waiting = async {
         loop {

@@ -615,12 +615,7 @@ async fn a_flush_that_cannot_take_its_batch_from_redis_counts_as_a_failure() {
     )
     .await;
     let failures = || async {
-        let text = reqwest::get(format!("{}/metrics", server.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::binary::metrics(&server).await;
         common::metric(&text, "widgets_flush_failures_total").expect("the counter")
     };
     assert_eq!(failures().await, 0.0);

@@ -66,12 +66,7 @@ fn a_store_url_that_cannot_be_read_refuses_the_start_naming_the_setting() {
 async fn event_counters_are_at_0_from_the_first_scrape() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::binary::start(dir.path(), &[]).await;
-    let text = reqwest::get(format!("{}/metrics", server.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::binary::metrics(&server).await;
     for name in [
         "widgets_flush_failures_total",
         "widgets_flush_rejected_total",

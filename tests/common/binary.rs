@@ -39,3 +39,25 @@ pub async fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]
         .unwrap_or_else(|e| panic!("the server did not become ready: {e}"));
     server
 }
+
+/// `GET /metrics` of `server`: the counters of its process alone.
+pub async fn metrics(server: &Server) -> String {
+    reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the metrics' text")
+}
+
+/// Creates widget `serial` (port P) on `server`; the answer's status.
+pub async fn create(server: &Server, serial: &str) -> reqwest::StatusCode {
+    let body = serde_json::json!({"name": "w", "serial_number": serial, "ports": ["P"]});
+    reqwest::Client::new()
+        .post(format!("{}/widgets", server.base))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /widgets")
+        .status()
+}
