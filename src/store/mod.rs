@@ -27,13 +27,6 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store task failed: {0}")]
     Task(String),
-    /// PostgreSQL did not finish in the time this instance gives it (a backend or a
-    /// network that stalls, where the server's own timeouts cannot fire).
-    #[error("PostgreSQL did not finish {what} within {after:?}: abandoned, to be tried again")]
-    TimedOut {
-        what: &'static str,
-        after: std::time::Duration,
-    },
     /// A file or thread the store needs: what was being done, and the OS's error.
     #[error("{what}: {source}")]
     Io {

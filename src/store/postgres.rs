@@ -61,14 +61,6 @@ pub struct FlushTxSettings {
     pub timeout: Duration,
 }
 
-impl FlushTxSettings {
-    /// How long this instance waits for a flush transaction as a whole before it abandons
-    /// it: twice the bound PostgreSQL puts on each of its statements.
-    pub fn deadline(&self) -> Duration {
-        self.timeout.saturating_mul(2)
-    }
-}
-
 impl Default for FlushTxSettings {
     fn default() -> Self {
         Self {
@@ -554,23 +546,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    /// Bounded on this side too, at [`FlushTxSettings::deadline`]: PostgreSQL's own
-    /// timeouts cannot fire in a backend that stalls (stopped, swapped out) or behind a
-    /// network that does, and a flush waiting on it forever would hold the flusher and the
-    /// shutdown with it. An abandoned flush is one that failed: its batch stays dirty.
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
-        let deadline = self.flush.deadline();
-        tokio::time::timeout(deadline, self.write_batch_in_tx(batch))
-            .await
-            .map_err(|_| StoreError::TimedOut {
-                what: "the flush transaction",
-                after: deadline,
-            })?
-    }
-}
-
-impl PgStore {
-    async fn write_batch_in_tx(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let timeout = format!("{}ms", self.flush.timeout.as_millis().max(1));
         sqlx::query(
