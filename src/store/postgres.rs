@@ -96,9 +96,6 @@ impl SynchronousCommit {
     }
 }
 
-/// How long raising Redis mode's fencing epoch waits for the flushes in flight.
-const RAISE_EPOCH_LOCK_TIMEOUT: Duration = Duration::from_millis(1500);
-
 impl PgStore {
     /// Connects (without applying migrations). Fails fast if the server is unreachable.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -211,15 +208,17 @@ impl PgStore {
     /// has committed or failed; every batch taken under an older one is refused from now
     /// on. Returns the new epoch.
     ///
-    /// Waits for those flushes at most `RAISE_EPOCH_LOCK_TIMEOUT` (PostgreSQL's
-    /// `lock_timeout`), then fails: a flush that stalls must not hold up the caller, which
-    /// may be a request checking a Redis server.
-    pub async fn raise_redis_epoch(&self) -> Result<u64, StoreError> {
+    /// With `wait`, waits for those flushes at most that long (PostgreSQL's
+    /// `lock_timeout`), then fails: a flush that stalls must not hold up a request that
+    /// checks a Redis server. Without, as long as they take.
+    pub async fn raise_redis_epoch(&self, wait: Option<Duration>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(format!("{}ms", RAISE_EPOCH_LOCK_TIMEOUT.as_millis()))
-            .execute(&mut *tx)
-            .await?;
+        if let Some(wait) = wait {
+            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+                .bind(format!("{}ms", wait.as_millis().max(1)))
+                .execute(&mut *tx)
+                .await?;
+        }
         let epoch: i64 =
             sqlx::query_scalar("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch")
                 .fetch_one(&mut *tx)

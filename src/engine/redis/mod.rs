@@ -55,12 +55,13 @@ pub struct RedisEngine {
 /// How long a server found behind PostgreSQL is answered for without asking again.
 const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
-/// The most a request waits for another's check of the server before it answers `503
-/// unavailable`, and the most a check waits for PostgreSQL: a check runs on the request
-/// path, and the epoch it raises waits for every flush in flight, which a PostgreSQL that
-/// stalls can hold for as long as it stalls.
+/// A check runs on the request path, and the epoch it raises waits for every flush in
+/// flight, which a flush stalled in PostgreSQL holds for as long as it stalls. So a check
+/// waits for the flushes at most `CHECK_EPOCH_WAIT` (PostgreSQL's `lock_timeout`), and a
+/// request waits at most `CHECK_WAIT` for another request's check; past either it answers
+/// `503 unavailable`. (A PostgreSQL that stalls whole holds the one request checking.)
 const CHECK_WAIT: Duration = Duration::from_secs(1);
-const CHECK_POSTGRES_TIMEOUT: Duration = Duration::from_secs(2);
+const CHECK_EPOCH_WAIT: Duration = Duration::from_millis(1500);
 
 /// A widget as read, with its version as Redis holds it ("0" when absent).
 type Known = HashMap<Serial, (Option<Widget>, String)>;
@@ -211,20 +212,13 @@ impl RedisEngine {
         }
         // PostgreSQL first: every version it holds was handed out by Redis before this
         // read, so a server that is not behind shows a `seq` at least as high after it.
-        let asked = tokio::time::timeout(CHECK_POSTGRES_TIMEOUT, async {
-            let epoch = self.store.raise_redis_epoch().await?;
-            Ok((epoch, self.store.high_water().await?))
-        });
-        let (epoch, high) = match asked.await {
-            Ok(answer) => answer.map_err(postgres)?,
-            Err(_) => {
-                return Err(EngineError::Unavailable(format!(
-                    "PostgreSQL did not answer within {CHECK_POSTGRES_TIMEOUT:?} while the \
-                     Redis server was checked (a flush in flight holds the epoch, or \
-                     PostgreSQL stalls)"
-                )))
-            }
-        };
+        // Not cut short on this side: a sqlx future dropped while its BEGIN is in flight
+        // leaves a pooled connection inside a transaction.
+        let epoch = (self.store)
+            .raise_redis_epoch(Some(CHECK_EPOCH_WAIT))
+            .await
+            .map_err(postgres)?;
+        let high = self.store.high_water().await.map_err(postgres)?;
         let (now, seq, loaded) = self.server_state().await?;
         if now != run_id {
             return Err(changed_while_checked());
