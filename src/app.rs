@@ -285,7 +285,11 @@ impl Serving {
                     .context("loading Redis from PostgreSQL")?;
                 Ok::<_, anyhow::Error>(loaded.then_some(engine))
             };
-            match attempt.await {
+            let attempted = tokio::select! {
+                attempted = attempt => attempted,
+                _ = self.shutdown.cancelled() => return self.drain().await,
+            };
+            match attempted {
                 Ok(Some(engine)) => break Arc::new(engine),
                 Ok(None) => return self.drain().await,
                 Err(e) if load::passing(&e) => {

@@ -374,7 +374,11 @@ impl Config {
     /// the start-up log: a setting that is silently ignored is a mistake nobody sees.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if let Some(lag) = self.ready_max_flush_lag {
+        if self.redis_url().is_some() && self.ready_max_flush_lag.is_some() {
+            // Redis mode's readiness follows Redis, not the flush (whichever instance
+            // flushes).
+            warnings.push("--ready-max-flush-lag is ignored in Redis mode".to_owned());
+        } else if let Some(lag) = self.ready_max_flush_lag {
             let interval = self.flush_interval();
             if lag <= interval {
                 warnings.push(format!(
@@ -800,10 +804,11 @@ mod tests {
             &[
                 &redis[..],
                 &["--fsync-interval", "1s", "--commit-delay", "1ms"],
+                &["--ready-max-flush-lag", "5m"],
             ]
             .concat(),
         );
-        assert_eq!(both.len(), 2, "{both:?}");
+        assert_eq!(both.len(), 3, "{both:?}");
         assert!(
             both.iter().all(|w| w.contains("ignored in Redis mode")),
             "{both:?}"
@@ -825,6 +830,14 @@ mod tests {
             (c.flush_interval(), c.flush_batch(), c.ready_max_flush_lag()),
             (Duration::from_secs(1), 50_000, Duration::from_secs(60)),
             "PostgreSQL's defaults"
+        );
+        let engine = Config::try_parse_from(["widgets"])
+            .unwrap()
+            .engine_settings();
+        assert_eq!(
+            (engine.fsync_interval, engine.commit_delay),
+            (Duration::from_secs(1), Duration::from_micros(750)),
+            "the WAL's defaults"
         );
         let c = Config::try_parse_from(["widgets", "--ready-max-flush-lag", "5s"]).unwrap();
         assert_eq!(c.ready_max_flush_lag(), Duration::from_secs(5));
