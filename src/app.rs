@@ -271,43 +271,26 @@ impl Serving {
         use crate::engine::redis::{load, RedisEngine};
         use crate::flush::redis::RedisSource;
         let max_dirty = self.config.max_dirty as usize;
-        // Retried with backoff while Redis or PostgreSQL is unreachable or stalls, as
-        // `connect_postgres` does; `/readyz` says 503 meanwhile.
-        let mut failures = 0;
-        let engine = loop {
-            let attempt = async {
-                let engine =
-                    RedisEngine::connect(url, &self.config.redis_prefix, max_dirty, store.clone())
-                        .await
-                        .context("connecting to Redis")?;
-                let loaded = load::ensure_loaded(&engine, &store, &self.shutdown)
+        let attempt = || async {
+            let engine =
+                RedisEngine::connect(url, &self.config.redis_prefix, max_dirty, store.clone())
                     .await
-                    .context("loading Redis from PostgreSQL")?;
-                Ok::<_, anyhow::Error>(loaded.then_some(engine))
-            };
-            let attempted = tokio::select! {
-                attempted = attempt => attempted,
-                _ = self.shutdown.cancelled() => return self.drain().await,
-            };
-            match attempted {
-                Ok(Some(engine)) => break Arc::new(engine),
-                Ok(None) => return self.drain().await,
-                Err(e) if load::passing(&e) => {
-                    failures += 1;
-                    let delay = crate::flush::backoff(failures);
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        failures,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "Redis cannot be loaded yet; not ready"
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => return self.drain().await,
-                    }
-                }
-                Err(e) => return self.fail(e).await,
-            }
+                    .context("connecting to Redis")?;
+            let loaded = load::ensure_loaded(&engine, &store, &self.shutdown)
+                .await
+                .context("loading Redis from PostgreSQL")?;
+            Ok::<_, anyhow::Error>(loaded.then_some(engine))
+        };
+        let tried = retried(
+            &self.shutdown,
+            "Redis cannot be loaded yet; not ready",
+            load::passing,
+            attempt,
+        );
+        let engine = match tried.await {
+            Ok(Some(Some(engine))) => Arc::new(engine),
+            Ok(_) => return self.drain().await,
+            Err(e) => return self.fail(e).await,
         };
         self.state.set_engine(Engine::Redis(engine.clone()));
         self.recovered.send_replace(Some(Ok(())));
@@ -337,28 +320,54 @@ pub async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
 /// Connects to PostgreSQL and applies migrations, retrying with backoff while it is
 /// unreachable (`/readyz` says `503` meanwhile). `None` if shutdown came first.
 async fn connect_postgres(url: &str, shutdown: &CancellationToken) -> Option<PgStore> {
+    let attempt = || async {
+        let store = PgStore::connect(url).await?;
+        store.migrate().await?;
+        Ok::<_, crate::store::StoreError>(store)
+    };
+    let tried = retried(
+        shutdown,
+        "PostgreSQL is not reachable yet; not ready",
+        |_| true,
+        attempt,
+    );
+    let store = tried.await.ok().flatten()?;
+    tracing::info!("connected to PostgreSQL; migrations applied");
+    Some(store)
+}
+
+/// Runs `attempt` until it succeeds, or fails in a way `passing` does not accept; after a
+/// failure that passes it logs `waiting` with the error and waits, backing off, before
+/// the next. `Ok(None)` if shutdown came first, even in the middle of an attempt.
+async fn retried<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    shutdown: &CancellationToken,
+    waiting: &'static str,
+    passing: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> F,
+) -> Result<Option<T>, E> {
     let mut failures = 0;
     loop {
-        let attempt = async {
-            let store = PgStore::connect(url).await?;
-            store.migrate().await?;
-            Ok::<_, crate::store::StoreError>(store)
+        let attempted = tokio::select! {
+            attempted = attempt() => attempted,
+            _ = shutdown.cancelled() => return Ok(None),
         };
-        match attempt.await {
-            Ok(store) => {
-                tracing::info!("connected to PostgreSQL; migrations applied");
-                return Some(store);
-            }
-            Err(e) => {
+        match attempted {
+            Ok(done) => return Ok(Some(done)),
+            Err(e) if passing(&e) => {
                 failures += 1;
                 let delay = crate::flush::backoff(failures);
-                tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64,
-                    "PostgreSQL is not reachable yet; not ready");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "{waiting}"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return None,
+                    _ = shutdown.cancelled() => return Ok(None),
                 }
             }
+            Err(e) => return Err(e),
         }
     }
 }
