@@ -513,7 +513,21 @@ async fn a_redis_that_stalls_or_goes_down_during_the_start_is_waited_for() {
             Arc::new(widgets::wal::RealFs),
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Connected, and waiting for the other loader, before the fault.
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        eventually!("the instance to connect to Redis", 30, {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("connected_clients:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .is_some_and(|n| n >= 2)
+        });
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(300)).await;
         if down {
             redis.kill();
         } else {
