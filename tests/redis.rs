@@ -643,6 +643,40 @@ async fn a_flush_that_cannot_take_its_batch_from_redis_counts_as_a_failure() {
     db.drop_db().await;
 }
 
+/// A loader that stalled past its lease while another loaded Redis, and writes began,
+/// writes none of its older rows over them when it wakes: each batch it writes checks
+/// that it still holds the lock. It used to write them all and fail only at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_that_lost_its_lock_writes_no_widget() {
+    let (db, store, engine, flusher) = flush_parts().await;
+    create(&engine, "a").await;
+    create(&engine, "b").await;
+    associate(&engine, "a", "b").await;
+    flush_all(&flusher, &engine).await; // PostgreSQL holds both, plugged
+                                        // Another loader took over and cleared what this one had written.
+    let mut conn = redis_conn().await;
+    let prefix = engine.prefix().to_owned();
+    let _: () = conn
+        .set(format!("{prefix}load_lock"), "another-loader")
+        .await
+        .unwrap();
+    let _: () = conn
+        .del(&["w:a", "w:b", "c:a", "c:b"].map(|k| format!("{prefix}{k}")))
+        .await
+        .unwrap();
+    let lost = widgets::engine::redis::load::load(&engine, &store, "the-stalled-one")
+        .await
+        .expect_err("a loader without the lock");
+    assert!(
+        lost.is::<widgets::engine::redis::load::LockLost>(),
+        "{lost:#}"
+    );
+    let written: Vec<String> = conn.keys(format!("{prefix}[wc]:*")).await.unwrap();
+    assert!(written.is_empty(), "written without the lock: {written:?}");
+    drop(conn);
+    db.drop_db().await;
+}
+
 /// An instance on a Redis of the test's own, flushing every `flush_interval`.
 async fn own_redis_instance(
     db: &TestDb,

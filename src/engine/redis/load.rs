@@ -319,10 +319,13 @@ pub async fn release_lock(engine: &RedisEngine, token: &str) -> Result<bool, Eng
     Ok(released == 1)
 }
 
-/// Streams PostgreSQL's widgets into Redis and, if `token` still holds the load lock, sets
-/// `loaded` with `seq` above every version PostgreSQL holds. The fencing epoch is raised
-/// first, so no flush taken before commits after the snapshot the load reads.
-async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Result<()> {
+/// Streams PostgreSQL's widgets into Redis and sets `loaded` with `seq` above every
+/// version PostgreSQL holds, while `token` holds the load lock: each batch of widgets is
+/// written only if it still does ([`LockLost`] otherwise), so a loader that stalled past
+/// its lease writes nothing over what was written since. The fencing epoch is raised
+/// first, so no flush taken before commits after the snapshot the load reads. (Public for
+/// tests; [`ensure_loaded`] and [`resync`] take the lock first.)
+pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let epoch = store.raise_redis_epoch(None).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
@@ -336,35 +339,39 @@ async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Res
         loop {
             let done = rx.recv_many(&mut batch, PIPELINE).await == 0;
             if !batch.is_empty() {
-                let mut pipe = redis::pipe();
+                let mut script = scripts::LOAD_BATCH.prepare_invoke();
+                script.arg(engine.prefix()).arg(token);
                 for (serial, w) in batch.drain(..) {
                     max_version = max_version.max(w.version);
                     count += 1;
-                    pipe.hset_multiple(
-                        engine.key(&format!("w:{serial}")),
-                        &[
-                            ("name", w.name.as_str().to_owned()),
-                            ("ports", w.ports.bits().to_string()),
-                            ("version", w.version.to_string()),
-                        ],
-                    )
-                    .ignore();
                     let peers: Vec<(&str, &str)> = PortType::ALL
                         .into_iter()
                         .filter_map(|p| w.peer(p).map(|s| (field(p), s.as_str())))
                         .collect();
-                    if !peers.is_empty() {
-                        pipe.hset_multiple(engine.key(&format!("c:{serial}")), &peers)
-                            .ignore();
+                    script
+                        .arg(serial.as_str())
+                        .arg(w.name.as_str())
+                        .arg(w.ports.bits())
+                        .arg(w.version)
+                        .arg(peers.len());
+                    for (port, peer) in peers {
+                        script.arg(port).arg(peer);
                     }
                 }
-                let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+                let written: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
+                if written != 1 {
+                    return Err(LockLost {
+                        doing: "loaded",
+                        lease: LOCK_LEASE,
+                    }
+                    .into());
+                }
             }
             if done {
                 break;
             }
         }
-        Ok::<_, EngineError>((count, max_version))
+        Ok::<_, anyhow::Error>((count, max_version))
     };
     let (read, written) = tokio::join!(reading, writing);
     read?;

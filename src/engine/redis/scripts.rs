@@ -288,6 +288,34 @@ return 1
     )
 });
 
+/// Writes a batch of PostgreSQL's widgets into Redis during a load, if its loader still
+/// holds the lock: a loader that stalled past its lease, while another loaded and writes
+/// began, must not write its older rows over them. ARGV: prefix, the loader's lock token,
+/// then for each widget its serial, name, ports, version, the number of plugged ports and
+/// that many port field and peer pairs. Returns 1, or 0 (changing nothing) if the lock is
+/// another loader's.
+pub static LOAD_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+if redis.call('GET', prefix .. 'load_lock') ~= ARGV[2] then return 0 end
+local i = 3
+while i <= #ARGV do
+  local serial = ARGV[i]
+  redis.call('HSET', prefix .. 'w:' .. serial, 'name', ARGV[i + 1], 'ports', ARGV[i + 2],
+    'version', ARGV[i + 3])
+  local plugged = tonumber(ARGV[i + 4])
+  i = i + 5
+  if plugged > 0 then
+    redis.call('HSET', prefix .. 'c:' .. serial, unpack(ARGV, i, i + 2 * plugged - 1))
+    i = i + 2 * plugged
+  end
+end
+return 1
+"#,
+    )
+});
+
 /// Ends a load from PostgreSQL, if its loader still holds the lock: sets `count` and
 /// `loaded`, counts the load, raises `seq` and the fencing epoch (never lowering either).
 /// ARGV: prefix, the loader's lock token, widgets loaded, seq floor, epoch. Returns 1, or 0
