@@ -38,6 +38,12 @@ pub struct LockLost {
     lease: Duration,
 }
 
+/// What a loader is told whose lock was taken while it loaded: at a batch or at its finish.
+const LOST_WHILE_LOADING: LockLost = LockLost {
+    doing: "loaded",
+    lease: LOCK_LEASE,
+};
+
 /// Whether a failure to connect to Redis or to load it is one that passes: Redis or
 /// PostgreSQL unreachable, stalled past a response timeout, or restarting, or the load
 /// lock lost to a stall. The start retries those with backoff; any other failure (damaged
@@ -360,11 +366,7 @@ pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow:
                 }
                 let written: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
                 if written != 1 {
-                    return Err(LockLost {
-                        doing: "loaded",
-                        lease: LOCK_LEASE,
-                    }
-                    .into());
+                    return Err(LOST_WHILE_LOADING.into());
                 }
             }
             if done {
@@ -388,11 +390,7 @@ pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow:
         .await
         .map_err(unavailable)?;
     if finished != 1 {
-        return Err(LockLost {
-            doing: "loaded",
-            lease: LOCK_LEASE,
-        }
-        .into());
+        return Err(LOST_WHILE_LOADING.into());
     }
     tracing::info!(
         widgets = count,
