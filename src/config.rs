@@ -51,7 +51,9 @@ pub struct Config {
     pub pg_synchronous_commit: SynchronousCommit,
 
     /// Longest a flush transaction may run a statement or sit idle waiting on this
-    /// instance (1ms to 1h); PostgreSQL then ends it, and the flush is tried again.
+    /// instance (1ms to 1h); PostgreSQL then ends it, and the flush is tried again. This
+    /// instance abandons a flush whose statement has no answer within twice this (a
+    /// backend or a network that stalls, where PostgreSQL's own timeouts cannot fire).
     #[arg(long, env = "WIDGETS_PG_FLUSH_TIMEOUT", default_value = "30s", value_parser = duration_up_to_an_hour)]
     pub pg_flush_timeout: Duration,
 

@@ -753,3 +753,113 @@ async fn a_flush_commits_synchronously_within_its_timeout_whatever_the_database_
     drop(conn);
     db.drop_db().await;
 }
+
+/// A PostgreSQL backend stopped with a signal: it keeps its connection and its locks and
+/// answers nothing, and PostgreSQL's own timeouts cannot fire in it. Resumed when dropped.
+struct StoppedBackend(i32);
+
+impl StoppedBackend {
+    fn stop(pid: i32) -> StoppedBackend {
+        signal_backend("-STOP", pid);
+        StoppedBackend(pid)
+    }
+}
+
+impl Drop for StoppedBackend {
+    fn drop(&mut self) {
+        signal_backend("-CONT", self.0);
+    }
+}
+
+fn signal_backend(signal: &str, pid: i32) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(
+        sent.success(),
+        "kill {signal} {pid}: signalling a PostgreSQL backend needs the tests to run as \
+         root or as PostgreSQL's user"
+    );
+}
+
+/// A flush whose backend stalls (stopped: PostgreSQL's own timeouts cannot fire in it) is
+/// abandoned after twice `--pg-flush-timeout` for one statement, and its connection
+/// closed: the next flush commits on another one while that backend is still stopped, and
+/// a shutdown does not wait on it either. The flusher used to wait as long as the backend
+/// stalled, and a SIGTERM with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_on_a_stalled_backend_is_abandoned_and_the_next_one_commits() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--database-url",
+        &db.url,
+        "--pg-flush-timeout",
+        "1s",
+        "--flush-interval",
+        "200ms",
+    ];
+    let server = binary::start(dir.path(), &args).await;
+    // The next flush waits for this lock at its first write; its backend is stopped there.
+    let mut locker = db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    assert_eq!(binary::create(&server, "a").await, StatusCode::CREATED);
+    let mut watcher = db.connect().await;
+    let mut waiting: Option<i32>;
+    eventually!("the flush to wait for the lock", 10, {
+        waiting = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        )
+        .fetch_optional(&mut watcher)
+        .await
+        .unwrap();
+        waiting.is_some()
+    });
+    let stopped = StoppedBackend::stop(waiting.unwrap());
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+
+    // The stopped backend never answers; another flush writes the widget meanwhile.
+    assert_eq!(binary::create(&server, "b").await, StatusCode::CREATED);
+    eventually!(
+        "both widgets in PostgreSQL, the stalled backend still stopped",
+        20,
+        {
+            let flushed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM widgets WHERE serial_number IN ('a', 'b')",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+            flushed == 2
+        }
+    );
+    let metrics = binary::metrics(&server).await;
+    assert!(
+        !metrics.contains("widgets_flush_failures_total 0\n"),
+        "the abandoned flush is a failed one: {metrics}"
+    );
+
+    let started = std::time::Instant::now();
+    let status = server.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "the service did not stop by itself (killed after {took:?}): {status}"
+    );
+    drop(stopped);
+    let server = binary::start(dir.path(), &args).await;
+    for serial in ["a", "b"] {
+        let r = reqwest::get(format!("{}/widgets/{serial}", server.base))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{serial}");
+    }
+    server.stop().await.unwrap();
+    drop((locker, watcher));
+    db.drop_db().await;
+}

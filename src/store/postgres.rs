@@ -17,8 +17,10 @@
 use super::{FlushBatch, FlushItem, Store, StoreError, Visitor};
 use crate::domain::{Name, PortType, Ports, Serial, Widget};
 use futures_util::TryStreamExt;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -59,6 +61,16 @@ pub struct FlushTxSettings {
     pub synchronous_commit: SynchronousCommit,
     /// `statement_timeout` and `idle_in_transaction_session_timeout` of the transaction.
     pub timeout: Duration,
+}
+
+impl FlushTxSettings {
+    /// How long this instance waits for PostgreSQL to answer one statement of a flush
+    /// (`BEGIN` and `COMMIT` included) before it abandons the flush: twice the bound
+    /// PostgreSQL itself puts on the statement, which cannot fire in a backend that stalls
+    /// (stopped, swapped out) or behind a network that does.
+    pub fn statement_deadline(&self) -> Duration {
+        self.timeout.saturating_mul(2)
+    }
 }
 
 impl Default for FlushTxSettings {
@@ -239,6 +251,7 @@ impl PgStore {
     async fn write_items(
         tx: &mut Transaction<'_, Postgres>,
         items: &[FlushItem],
+        deadline: Duration,
     ) -> Result<(), sqlx::Error> {
         // Widget rows: deleted widgets leave a tombstone at their deletion's version and go,
         // with their association rows (ON DELETE CASCADE), unless a newer widget of that
@@ -256,6 +269,7 @@ impl PgStore {
             .bind(&serials)
             .bind(&versions)
             .execute(&mut **tx)
+            .within(deadline)
             .await?;
             sqlx::query(
                 "DELETE FROM widgets w USING UNNEST($1::text[], $2::int8[]) AS d(serial, version) \
@@ -264,6 +278,7 @@ impl PgStore {
             .bind(&serials)
             .bind(&versions)
             .execute(&mut **tx)
+            .within(deadline)
             .await?;
         }
         // ...and created (or created again) widgets are upserted, unless deleted since.
@@ -288,6 +303,7 @@ impl PgStore {
             .bind(created.iter().map(|(_, w)| i16::from(w.ports.bits())).collect::<Vec<_>>())
             .bind(created.iter().map(|(_, w)| version(w)).collect::<Vec<_>>())
             .execute(&mut **tx)
+            .within(deadline)
             .await?;
         }
         // Association rows, only for the ports whose peer changed: the new peer, or none
@@ -324,6 +340,7 @@ impl PgStore {
             .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
             .execute(&mut **tx)
+            .within(deadline)
             .await?;
         }
         Ok(())
@@ -334,25 +351,30 @@ impl PgStore {
     async fn write_or_bisect<'i>(
         tx: &mut Transaction<'_, Postgres>,
         items: &'i [FlushItem],
+        deadline: Duration,
     ) -> Result<Vec<(&'i FlushItem, String)>, sqlx::Error> {
         let mut rejected = Vec::new();
         let mut todo = vec![(0, items.len())];
         while let Some((lo, hi)) = todo.pop() {
             sqlx::query("SAVEPOINT flush_part")
                 .execute(&mut **tx)
+                .within(deadline)
                 .await?;
-            match Self::write_items(tx, &items[lo..hi]).await {
+            match Self::write_items(tx, &items[lo..hi], deadline).await {
                 Ok(()) => {
                     sqlx::query("RELEASE SAVEPOINT flush_part")
                         .execute(&mut **tx)
+                        .within(deadline)
                         .await?;
                 }
                 Err(e) if is_permanent(&e) => {
                     sqlx::query("ROLLBACK TO SAVEPOINT flush_part")
                         .execute(&mut **tx)
+                        .within(deadline)
                         .await?;
                     sqlx::query("RELEASE SAVEPOINT flush_part")
                         .execute(&mut **tx)
+                        .within(deadline)
                         .await?;
                     if hi - lo == 1 {
                         rejected.push((&items[lo], e.to_string()));
@@ -545,8 +567,14 @@ impl Store for PgStore {
         Ok(())
     }
 
+    /// Every statement, `BEGIN` and `COMMIT` included, waits at most
+    /// [`FlushTxSettings::statement_deadline`] for PostgreSQL, and a flush that does not
+    /// commit closes its connection instead of handing it back to the pool: an abandoned
+    /// statement may still be on it, or a transaction nobody ends (sqlx #4393).
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessCommitted::new(self.pool.acquire().await?);
+        let mut tx = conn.begin().within(deadline).await?;
         let timeout = format!("{}ms", self.flush.timeout.as_millis().max(1));
         sqlx::query(
             "SELECT set_config('synchronous_commit', $1, true), \
@@ -556,12 +584,14 @@ impl Store for PgStore {
         .bind(self.flush.synchronous_commit.as_setting())
         .bind(&timeout)
         .execute(&mut *tx)
+        .within(deadline)
         .await?;
         if let Some(mine) = batch.epoch {
             // Share-locked until the commit: a raise of the epoch waits for this flush,
             // and a flush after the raise is refused.
             let current: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
                 .fetch_one(&mut *tx)
+                .within(deadline)
                 .await?;
             if current != to_i64(mine) {
                 return Err(StoreError::StaleEpoch {
@@ -575,6 +605,7 @@ impl Store for PgStore {
             // and a flush after that claim sees the new token and is refused.
             let current: i64 = sqlx::query_scalar("SELECT token FROM single_writer FOR SHARE")
                 .fetch_one(&mut *tx)
+                .within(deadline)
                 .await?;
             if current != claim.token {
                 return Err(StoreError::Fenced {
@@ -583,7 +614,7 @@ impl Store for PgStore {
                 });
             }
         }
-        let rejected = Self::write_or_bisect(&mut tx, &batch.items).await?;
+        let rejected = Self::write_or_bisect(&mut tx, &batch.items, deadline).await?;
         for (item, error) in &rejected {
             tracing::error!(serial = %item.serial, %error, checkpoint = ?batch.checkpoint,
                 "PostgreSQL refused this widget's change for good; kept in flush_rejects");
@@ -605,6 +636,7 @@ impl Store for PgStore {
             // 0: no WAL stands behind the batch (Redis mode).
             .bind(to_i64(batch.checkpoint.unwrap_or(0)))
             .execute(&mut *tx)
+            .within(deadline)
             .await?;
         }
         if !rejected.is_empty() {
@@ -616,15 +648,72 @@ impl Store for PgStore {
             sqlx::query("UPDATE version_high_water SET version = GREATEST(version, $1)")
                 .bind(to_i64(newest))
                 .execute(&mut *tx)
+                .within(deadline)
                 .await?;
         }
         if let Some(checkpoint) = batch.checkpoint {
             sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
                 .bind(to_i64(checkpoint))
                 .execute(&mut *tx)
+                .within(deadline)
                 .await?;
         }
-        tx.commit().await?;
+        tx.commit().within(deadline).await?;
+        conn.committed();
         Ok(())
     }
 }
+
+/// A pooled connection that goes back to the pool only once its flush has committed;
+/// dropped before that (the flush failed, or was abandoned mid-statement) it is closed.
+struct CloseUnlessCommitted {
+    conn: PoolConnection<Postgres>,
+    committed: bool,
+}
+
+impl CloseUnlessCommitted {
+    fn new(conn: PoolConnection<Postgres>) -> Self {
+        Self {
+            conn,
+            committed: false,
+        }
+    }
+
+    async fn begin(&mut self) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
+        self.conn.begin().await
+    }
+
+    fn committed(&mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for CloseUnlessCommitted {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// [`Within::within`] for a PostgreSQL statement's future.
+trait Within<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
+    /// The statement's answer, or an I/O error (never [`is_permanent`]) if PostgreSQL has
+    /// not answered within `deadline`.
+    async fn within(self, deadline: Duration) -> Result<T, sqlx::Error> {
+        tokio::time::timeout(deadline, self)
+            .await
+            .unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "PostgreSQL did not answer a flush statement within {deadline:?} (a \
+                         backend or a network that stalls): the flush is abandoned, its \
+                         connection closed, and it is tried again"
+                    ),
+                )))
+            })
+    }
+}
+
+impl<T, F: Future<Output = Result<T, sqlx::Error>>> Within<T> for F {}
