@@ -103,6 +103,48 @@ def _():
     assert config["data"]["WIDGETS_DATA_DIR"] in mounts, "the data dir is the volume"
 
 
+def seconds(duration):
+    """A setting's duration ("500ms", "10s", "2m", "1h") in seconds."""
+    value, unit = re.fullmatch(r"(\d+)(ms|s|m|h)", str(duration).strip()).groups()
+    return int(value) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def setting_default(env):
+    """A setting's default as src/config.rs declares it."""
+    source = (ROOT / "src" / "config.rs").read_text()
+    return re.search(rf'env = "{env}", default_value = "([^"]+)"', source).group(1)
+
+
+def stop_needs(settings):
+    """Seconds a graceful stop may take with these settings: the drain, then the last
+    flush, each bounded by its timeout."""
+    return sum(seconds(settings.get(env, setting_default(env)))
+               for env in ("WIDGETS_DRAIN_TIMEOUT", "WIDGETS_FINAL_FLUSH_TIMEOUT"))
+
+
+@check("every grace period covers the preStop pause, the drain and the last flush")
+def _():
+    for path, doc in workloads():
+        pod = doc["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        names = [e["configMapRef"]["name"] for e in container.get("envFrom", [])]
+        settings = {}
+        for _, cm in manifests():
+            if cm["kind"] == "ConfigMap" and cm["metadata"]["name"] in names:
+                settings.update(cm["data"])
+        settings.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        needs = pause + stop_needs(settings)
+        grace = pod["terminationGracePeriodSeconds"]
+        assert grace >= needs, f"{path}: a grace of {grace} s, a stop that may take {needs} s"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name, service in compose.items():
+        if "stop_grace_period" in service:
+            grace = seconds(service["stop_grace_period"])
+            needs = stop_needs(service.get("environment", {}))
+            assert grace >= needs, f"docker-compose.yml {name}: {grace} s, needs {needs} s"
+
+
 @check("Redis mode: a Deployment of two or more, its PDB and autoscalers select it")
 def _():
     deployments = [d for _, d in workloads() if d["kind"] == "Deployment"]

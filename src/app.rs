@@ -210,8 +210,27 @@ impl Serving {
         self.shutdown.cancelled().await;
         let served = self.server.await.context("the HTTP server panicked")?;
         stop.cancel();
-        running.await.context("the flusher panicked")?;
-        flush::flush_at_shutdown(&flusher).await;
+        // A store that stalls must not hold the exit past what the orchestrator allows:
+        // nothing acknowledged depends on these flushes.
+        let timeout = self.config.final_flush_timeout;
+        let abort = running.abort_handle();
+        let last = async {
+            running.await.context("the flusher panicked")?;
+            flush::flush_at_shutdown(&flusher).await;
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(timeout, last).await {
+            Ok(flushed) => flushed?,
+            Err(_) => {
+                abort.abort();
+                tracing::warn!(
+                    ?timeout,
+                    "the last flush did not finish within \
+                    --final-flush-timeout: exiting without it; nothing is lost, what it did \
+                    not write is in the WAL (single node) or dirty in Redis for the next flush"
+                );
+            }
+        }
         served?;
         Ok(())
     }

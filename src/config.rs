@@ -184,6 +184,12 @@ pub struct Config {
     #[arg(long, env = "WIDGETS_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration_up_to_an_hour)]
     pub drain_timeout: Duration,
 
+    /// At shutdown, after the drain, how long the flush in progress and the last flush
+    /// may take together (1ms to 1h); past it the process exits without them, and what
+    /// they did not write stays for the next flush (in the WAL, or dirty in Redis).
+    #[arg(long, env = "WIDGETS_FINAL_FLUSH_TIMEOUT", default_value = "60s", value_parser = duration_up_to_an_hour)]
+    pub final_flush_timeout: Duration,
+
     /// Log format on stderr: `text` (the default) for people, `json` for log pipelines (one
     /// object a line with timestamp, level, target, fields and the spans it is in).
     #[arg(long, env = "WIDGETS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -840,6 +846,11 @@ mod tests {
             (engine.fsync_interval, engine.commit_delay),
             (Duration::from_secs(1), Duration::from_micros(750)),
             "the WAL's defaults"
+        );
+        assert_eq!(
+            (c.drain_timeout, c.final_flush_timeout),
+            (Duration::from_secs(10), Duration::from_secs(60)),
+            "the stop's bounds"
         );
         let c = Config::try_parse_from(["widgets", "--ready-max-flush-lag", "5s"]).unwrap();
         assert_eq!(c.ready_max_flush_lag(), Duration::from_secs(5));

@@ -863,3 +863,58 @@ async fn a_flush_on_a_stalled_backend_is_abandoned_and_the_next_one_commits() {
     drop((locker, watcher));
     db.drop_db().await;
 }
+
+/// A PostgreSQL that stays locked at SIGTERM holds the exit for `--final-flush-timeout`,
+/// not for the flush in progress and every retry of the last flush, each waiting out
+/// `--pg-flush-timeout` (here at least 4 x 5 s); what was not flushed is in the WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_a_locked_store_no_longer_than_the_final_flush_timeout() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--database-url",
+        &db.url,
+        "--pg-flush-timeout",
+        "5s",
+        "--final-flush-timeout",
+        "1s",
+        "--flush-interval",
+        "200ms",
+    ];
+    let server = binary::start(dir.path(), &args).await;
+    let mut locker = db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    assert_eq!(binary::create(&server, "a").await, StatusCode::CREATED);
+    let mut watcher = db.connect().await;
+    eventually!("a flush to wait for the lock", 10, {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        waiting > 0
+    });
+
+    let started = std::time::Instant::now();
+    let status = server.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop took {took:?}, for a final flush bounded at 1 s"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    let server = binary::start(dir.path(), &args).await;
+    let r = reqwest::get(format!("{}/widgets/a", server.base))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    server.stop().await.unwrap();
+    drop((locker, watcher));
+    db.drop_db().await;
+}
