@@ -464,6 +464,66 @@ async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
     db.drop_db().await;
 }
 
+/// A flush still open on another connection that created a widget (a flush this instance
+/// abandoned on a stalled backend, or another Redis-mode instance's), and a newer flush
+/// that deletes the widget: the deletion waits for the open one to end, and the widget
+/// stays deleted. The deletion used to see no row and delete nothing, and the open flush's
+/// commit then brought the widget back beside its tombstone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_waits_for_an_open_flush_that_created_the_widget() {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut open = db.connect().await;
+    sqlx::raw_sql(
+        "BEGIN; INSERT INTO widgets (serial_number, name, ports, version) VALUES ('x', 'w', 1, 5)",
+    )
+    .execute(&mut open)
+    .await
+    .unwrap();
+    let deletion = FlushItem {
+        serial: Serial::parse("s", "x").unwrap(),
+        mark: Mark {
+            row: true,
+            ports: 1,
+        },
+        widget: None,
+        version: 6,
+    };
+    let deleting = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let batch = FlushBatch {
+                items: vec![deletion],
+                checkpoint: Some(6),
+                widgets: None,
+                epoch: None,
+            };
+            store.write_batch(batch).await
+        }
+    });
+    let mut watcher = db.connect().await;
+    eventually!("the deletion to end or to wait for a lock", 10, {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        deleting.is_finished() || waiting > 0
+    });
+    sqlx::raw_sql("COMMIT").execute(&mut open).await.unwrap();
+    deleting.await.unwrap().unwrap();
+    let state = pg_state(&mut watcher).await;
+    assert!(
+        !state.contains_key("x"),
+        "the open flush's commit brought a deleted widget back: {state:?}"
+    );
+    drop((open, watcher, store));
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn a_row_postgres_refuses_is_kept_in_flush_rejects_and_the_rest_commits() {
     let db = TestDb::create().await;

@@ -271,9 +271,26 @@ impl PgStore {
             .execute(&mut **tx)
             .within(deadline)
             .await?;
+            // Each serial's key first: a flush still open on another connection that
+            // created the widget (one this instance abandoned on a stalled backend, or
+            // another Redis-mode instance's) holds it, and this waits for that flush to end,
+            // so that the delete below sees its row. A delete alone sees no row there, and
+            // the other commit would bring the widget back. Where no row is, a placeholder
+            // (at the deletion's version) takes the key, and the delete removes it again.
+            sqlx::query(
+                "INSERT INTO widgets (serial_number, name, ports, version) \
+                 SELECT serial, '-', 1, version FROM UNNEST($1::text[], $2::int8[]) \
+                     AS d(serial, version) \
+                 ON CONFLICT (serial_number) DO NOTHING",
+            )
+            .bind(&serials)
+            .bind(&versions)
+            .execute(&mut **tx)
+            .within(deadline)
+            .await?;
             sqlx::query(
                 "DELETE FROM widgets w USING UNNEST($1::text[], $2::int8[]) AS d(serial, version) \
-                 WHERE w.serial_number = d.serial AND w.version < d.version",
+                 WHERE w.serial_number = d.serial AND w.version <= d.version",
             )
             .bind(&serials)
             .bind(&versions)
