@@ -566,6 +566,43 @@ async fn a_row_postgres_refuses_is_kept_in_flush_rejects_and_the_rest_commits() 
     db.drop_db().await;
 }
 
+/// A flush of an earlier writer left open on a backend that stalls holds the
+/// single_writer row: a new instance's claim waits for it `--pg-flush-timeout`, then
+/// refuses the start naming that backend. The claim used to wait with no end, and a
+/// SIGTERM could not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_behind_a_stalled_flush_refuses_the_start_naming_its_backend() {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut open = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT token FROM single_writer FOR SHARE")
+        .execute(&mut open)
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut open)
+        .await
+        .unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let args = ["--database-url", &db.url, "--pg-flush-timeout", "1s"];
+    let mut app =
+        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
+            .await
+            .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(30), app.ready())
+        .await
+        .expect("the claim still waits after 30 s")
+        .expect_err("started behind an open flush");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("still open") && message.contains(&format!("PID {pid}")),
+        "{message}"
+    );
+    drop((open, store));
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
     let db = TestDb::create().await;

@@ -41,6 +41,17 @@ pub enum StoreError {
     )]
     WriterHeld { backend_pid: Option<i32> },
     #[error(
+        "a flush of an earlier single-node instance is still open in PostgreSQL: backend PID \
+         {} holds the single_writer row, and did not let it go in {waited:?}. Its backend \
+         stalls (stopped, swapped out, or its client's network gone); start again once it \
+         has ended (`SELECT pg_terminate_backend(PID)` ends it once it runs)",
+        backend_pid.map_or("unknown".to_owned(), |p| p.to_string())
+    )]
+    WriterRowHeld {
+        backend_pid: Option<i32>,
+        waited: std::time::Duration,
+    },
+    #[error(
         "the batch was taken from Redis under epoch {mine}, and Redis has since been checked \
          or loaded again (epoch {current}): not committed; it is taken again"
     )]

@@ -34,6 +34,8 @@ const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "asso
 const SINGLE_WRITER_LOCK: i64 = 0x7769_6467_6574_7331;
 /// Tries for the lock, 200 ms apart, before a start is refused (about 3 s).
 const CLAIM_ATTEMPTS: u32 = 15;
+/// SQLSTATE `lock_not_available`: `lock_timeout` passed.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -164,10 +166,33 @@ impl PgStore {
                 backend_pid: holder,
             });
         }
-        let token: i64 =
+        // A flush of an earlier writer that is still open holds the row (FOR SHARE), and
+        // the claim waits for it to end: a dead writer's ends at once, but one whose
+        // backend stalls (stopped, swapped out) would hold this start for as long.
+        let waited = self.flush.timeout;
+        sqlx::query("SELECT set_config('lock_timeout', $1, false)")
+            .bind(format!("{}ms", waited.as_millis().max(1)))
+            .execute(&mut session)
+            .await?;
+        let claimed =
             sqlx::query_scalar("UPDATE single_writer SET token = token + 1 RETURNING token")
                 .fetch_one(&mut session)
+                .await;
+        let token: i64 = match claimed {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                let holder: Option<i32> = sqlx::query_scalar(
+                    "SELECT pid FROM pg_locks WHERE relation = 'single_writer'::regclass \
+                     AND granted AND pid <> pg_backend_pid() LIMIT 1",
+                )
+                .fetch_optional(&mut session)
                 .await?;
+                return Err(StoreError::WriterRowHeld {
+                    backend_pid: holder,
+                    waited,
+                });
+            }
+            claimed => claimed?,
+        };
         let claim = WriterClaim {
             _session: Mutex::new(session),
             token,
