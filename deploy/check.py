@@ -141,7 +141,10 @@ def _():
     for name, service in compose.items():
         if "stop_grace_period" in service:
             grace = seconds(service["stop_grace_period"])
-            needs = stop_needs(service.get("environment", {}))
+            environment = service.get("environment", {})
+            if isinstance(environment, list):  # the `- NAME=value` form
+                environment = dict(e.split("=", 1) for e in environment if "=" in e)
+            needs = stop_needs(environment)
             assert grace >= needs, f"docker-compose.yml {name}: {grace} s, needs {needs} s"
 
 
