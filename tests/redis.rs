@@ -1207,3 +1207,70 @@ async fn a_reader_of_postgres_never_sees_one_side_while_two_instances_re_plug() 
     b.stop().await;
     db.drop_db().await;
 }
+
+/// A PostgreSQL that stays locked at SIGTERM holds a Redis-mode instance's exit for
+/// `--final-flush-timeout`, not for the flush in progress and every retry of the last one
+/// (here at least 4 x 5 s); what it did not write stays dirty in Redis, and the next
+/// instance flushes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_behind_a_locked_postgres_leaves_its_widgets_dirty_in_redis_for_the_next() {
+    let db = TestDb::create().await;
+    let redis = common::OwnRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let args = [
+        "--database-url",
+        &db.url,
+        "--redis-url",
+        &url,
+        "--pg-flush-timeout",
+        "5s",
+        "--final-flush-timeout",
+        "1s",
+        "--flush-interval",
+        "200ms",
+    ];
+    let server = common::binary::start(dir.path(), &args).await;
+    let mut locker = db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    assert_eq!(
+        common::binary::create(&server, "a").await,
+        reqwest::StatusCode::CREATED
+    );
+    let mut watcher = db.connect().await;
+    eventually!("a flush to wait for the lock", 10, {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        waiting > 0
+    });
+
+    let started = std::time::Instant::now();
+    let status = server.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop took {took:?}, for a final flush bounded at 1 s"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    let next = common::binary::start(dir.path(), &args).await;
+    eventually!("the next instance to flush the widget", 20, {
+        let flushed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM widgets WHERE serial_number = 'a'")
+                .fetch_one(&mut watcher)
+                .await
+                .unwrap();
+        flushed == 1
+    });
+    next.stop().await.unwrap();
+    drop((locker, watcher));
+    db.drop_db().await;
+}
