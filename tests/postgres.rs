@@ -1015,3 +1015,66 @@ async fn a_shutdown_waits_for_a_locked_store_no_longer_than_the_final_flush_time
     drop((locker, watcher));
     db.drop_db().await;
 }
+
+/// A database that goes back in time under a running instance (restored from an older
+/// backup, a failover to a replica that lagged) has lost flushes. The next flush sees the
+/// checkpoint below the one this instance committed and fails without moving it, so the
+/// WAL keeps every record above the database's checkpoint: a restart replays them (here,
+/// where the WAL still holds them all), or finds the gap and refuses where they were
+/// trimmed. The flush used to move the checkpoint on, and a restart skipped the lost
+/// flush's records and served without its widget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_gone_back_in_time_keeps_its_checkpoint_and_the_wal_behind_it() {
+    let db = TestDb::create().await;
+    let app = pg_app(&db.url, &[]).await;
+    let mut conn = db.connect().await;
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("a in PostgreSQL", 10, {
+        pg_state(&mut conn).await.contains_key("a")
+    });
+    // The backup.
+    sqlx::raw_sql("CREATE TABLE saved AS SELECT * FROM widgets")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let saved = checkpoint(&mut conn).await;
+    assert_eq!(app.create("b", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("b in PostgreSQL", 10, {
+        pg_state(&mut conn).await.contains_key("b") && checkpoint(&mut conn).await > saved
+    });
+    // The restore: b's flush is gone from the database, and its record from the WAL.
+    sqlx::raw_sql(&format!(
+        "BEGIN; DELETE FROM widgets; INSERT INTO widgets SELECT * FROM saved; \
+         UPDATE checkpoint SET lsn = {saved}; COMMIT"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(app.create("c", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("a flush after the restore, failed or not", 10, {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        metric(&text, "widgets_flush_failures_total") >= 2.0 || checkpoint(&mut conn).await != saved
+    });
+    assert_eq!(
+        checkpoint(&mut conn).await,
+        saved,
+        "the checkpoint moved on over the lost flush"
+    );
+
+    let dir = app.stop().await;
+    let args = ["--database-url", &db.url, "--flush-interval", "100ms"];
+    let again = common::spawn_app_in(dir, &args, std::sync::Arc::new(widgets::wal::RealFs)).await;
+    for serial in ["a", "b", "c"] {
+        assert!(
+            again.widget(serial).await.is_some(),
+            "a restart served without {serial}"
+        );
+    }
+    eventually!("the restart to flush what the database lost", 10, {
+        let state = pg_state(&mut conn).await;
+        ["a", "b", "c"].iter().all(|s| state.contains_key(*s))
+    });
+    again.stop().await;
+    drop(conn);
+    db.drop_db().await;
+}

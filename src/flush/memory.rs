@@ -28,6 +28,10 @@ impl Source for MemoryEngine {
     fn halt(&self, reason: String) {
         self.refuse_writes(reason);
     }
+
+    fn store_behind(&self, stored: u64) {
+        MemoryEngine::store_behind(self, stored);
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,12 @@ pub trait Source: Send + Sync + 'static {
     /// The store refused this instance for good ([`StoreError::is_fatal`]): stop
     /// acknowledging writes, since none could ever reach the store.
     fn halt(&self, reason: String);
+
+    /// The store's checkpoint is `stored`, below what this instance committed
+    /// ([`StoreError::Behind`]): say what a restart would do about it.
+    fn store_behind(&self, stored: u64) {
+        let _ = stored;
+    }
 }
 
 /// A batch taken for the store.
@@ -135,6 +141,9 @@ impl<E: Source, S: Store> Flusher<E, S> {
                 }
                 if e.is_fatal() {
                     self.source.halt(e.to_string());
+                }
+                if let StoreError::Behind { stored, .. } = e {
+                    self.source.store_behind(stored);
                 }
                 Err(e.into())
             }

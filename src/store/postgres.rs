@@ -22,6 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub struct PgStore {
     /// Single node: the fencing token this instance holds, checked in every flush. Unset
     /// in Redis mode, whose instances all write.
     writer: Arc<OnceLock<WriterClaim>>,
+    /// The highest checkpoint this instance has loaded or committed: the database's may
+    /// not be below it (see `write_batch`).
+    checkpoint: Arc<AtomicU64>,
 }
 
 /// A single-node instance's claim on its database: the connection whose session holds the
@@ -123,6 +127,7 @@ impl PgStore {
             pool,
             flush: FlushTxSettings::default(),
             writer: Arc::default(),
+            checkpoint: Arc::default(),
         })
     }
 
@@ -589,7 +594,9 @@ impl Store for PgStore {
             return Err(one_sided_association(&mut tx).await?);
         }
         tx.commit().await?;
-        Ok(checkpoint as u64)
+        let checkpoint = checkpoint.max(0) as u64;
+        self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
+        Ok(checkpoint)
     }
 
     async fn identity(&self) -> Result<Option<String>, StoreError> {
@@ -694,14 +701,34 @@ impl Store for PgStore {
                 .await?;
         }
         if let Some(checkpoint) = batch.checkpoint {
-            sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
-                .bind(to_i64(checkpoint))
-                .execute(&mut *tx)
-                .within(deadline)
-                .await?;
+            // The checkpoint as it was: below the last one this instance committed (or
+            // loaded), the database has gone back in time (restored from an older backup,
+            // failed over to a replica that lagged), and the rows of the flushes it lost
+            // are now only in this process's memory, their records trimmed from the WAL.
+            // Moving the checkpoint on would hide that for good: a restart would find no
+            // gap between the store and the WAL and serve without those writes.
+            let before: i64 = sqlx::query_scalar(
+                "WITH before AS (SELECT lsn FROM checkpoint) \
+                 UPDATE checkpoint SET lsn = GREATEST(checkpoint.lsn, $1) \
+                 RETURNING (SELECT lsn FROM before)",
+            )
+            .bind(to_i64(checkpoint))
+            .fetch_one(&mut *tx)
+            .within(deadline)
+            .await?;
+            let committed = self.checkpoint.load(Ordering::Relaxed);
+            if (before.max(0) as u64) < committed {
+                return Err(StoreError::Behind {
+                    stored: before.max(0) as u64,
+                    committed,
+                });
+            }
         }
         tx.commit().within(deadline).await?;
         conn.committed();
+        if let Some(checkpoint) = batch.checkpoint {
+            self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
+        }
         Ok(())
     }
 }

@@ -263,6 +263,11 @@ impl WalWriter {
         trimmed
     }
 
+    /// The first LSN the log still holds (that of its oldest segment on disk).
+    pub fn first_lsn(&self) -> u64 {
+        self.sealed.front().unwrap_or(&self.active).first_lsn
+    }
+
     /// Every segment on disk, oldest first.
     pub fn segments(&self) -> impl Iterator<Item = &SegmentInfo> {
         self.sealed.iter().chain(std::iter::once(&self.active))

@@ -297,6 +297,30 @@ impl MemoryEngine {
         }
     }
 
+    /// The store went back in time to checkpoint `stored` (its flushes above it are lost):
+    /// says whether the WAL still holds every record above it, so that a restart replays
+    /// them into the store, or which records are only in this process's memory now.
+    pub fn store_behind(&self, stored: u64) {
+        let first = self.shared.wal_first_lsn.load(Ordering::Relaxed);
+        if first <= stored.saturating_add(1) {
+            tracing::error!(
+                stored,
+                wal_first_lsn = first,
+                "the store has gone back in time, and the WAL holds every record above its \
+                 checkpoint: restarting this instance replays them into it, and nothing is lost"
+            );
+        } else {
+            tracing::error!(
+                stored,
+                wal_first_lsn = first,
+                "the store has gone back in time, and the WAL no longer holds the records \
+                 after its checkpoint up to wal_first_lsn: they are only in this process's \
+                 memory. Keep it running and bring back the store that holds them; a restart \
+                 would refuse to start, and --accept-mismatched-wal would lose them"
+            );
+        }
+    }
+
     /// Resolves when enough widgets are dirty to flush before the interval is up.
     pub async fn flush_wanted(&self) {
         self.shared.flush_wanted.notified().await
@@ -433,6 +457,7 @@ fn replay_and_open(
         writer.preallocate()?;
     }
     writer.trim(checkpoint);
+    (shared.wal_first_lsn).store(writer.first_lsn(), Ordering::Relaxed);
     Ok((writer, next_lsn))
 }
 

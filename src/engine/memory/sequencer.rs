@@ -38,6 +38,7 @@ use crate::wal::{AppendError, FsyncMode, LogBatch, Record, WalWriter};
 // foldhash: randomly seeded like std's SipHash, and several times cheaper on short serials.
 use foldhash::HashMap;
 use metrics::{Counter, Histogram};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -306,6 +307,7 @@ impl Sequencer {
         // Trim first: it frees disk space, which a group failing for lack of it needs.
         if let Some(to) = plan.trim_to {
             self.log.writer.trim(to);
+            (self.shared.wal_first_lsn).store(self.log.writer.first_lsn(), Ordering::Relaxed);
         }
         let logged = if self.batch.is_empty() {
             Ok(())

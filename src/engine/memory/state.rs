@@ -122,6 +122,8 @@ pub(super) struct Shared {
     pub dirty: DirtySet,
     /// Bytes of every WAL segment on disk (the writer keeps it current).
     pub wal_bytes: Arc<AtomicU64>,
+    /// The first LSN the WAL still holds (the sequencer keeps it current as it trims).
+    pub wal_first_lsn: AtomicU64,
     /// Set once, when writes can no longer be made durable.
     pub failed: OnceLock<String>,
     /// Woken when enough widgets are dirty to flush before the interval is up.
@@ -136,6 +138,7 @@ impl Shared {
             publish_lock: RwLock::new(()),
             dirty,
             wal_bytes: Arc::new(AtomicU64::new(0)),
+            wal_first_lsn: AtomicU64::new(0),
             failed: OnceLock::new(),
             flush_wanted: Notify::new(),
             flush_batch_size,
