@@ -663,6 +663,26 @@ impl Store for PgStore {
                 });
             }
         }
+        if batch.checkpoint.is_some() {
+            // The stored checkpoint, read before any row is written. Below the last one this
+            // instance committed (or loaded), the database has gone back in time (restored
+            // from an older backup, failed over to a replica that lagged), and the rows of
+            // the flushes it lost are now only in this process's memory, their records
+            // perhaps trimmed from the WAL. Moving the checkpoint on would hide that for
+            // good: a restart would find no gap between the store and the WAL and serve
+            // without those writes.
+            let stored: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
+                .fetch_one(&mut *tx)
+                .within(deadline)
+                .await?;
+            let committed = self.checkpoint.load(Ordering::Relaxed);
+            if (stored.max(0) as u64) < committed {
+                return Err(StoreError::Behind {
+                    stored: stored.max(0) as u64,
+                    committed,
+                });
+            }
+        }
         let rejected = Self::write_or_bisect(&mut tx, &batch.items, deadline).await?;
         for (item, error) in &rejected {
             tracing::error!(serial = %item.serial, %error, checkpoint = ?batch.checkpoint,
@@ -701,28 +721,11 @@ impl Store for PgStore {
                 .await?;
         }
         if let Some(checkpoint) = batch.checkpoint {
-            // The checkpoint as it was: below the last one this instance committed (or
-            // loaded), the database has gone back in time (restored from an older backup,
-            // failed over to a replica that lagged), and the rows of the flushes it lost
-            // are now only in this process's memory, their records trimmed from the WAL.
-            // Moving the checkpoint on would hide that for good: a restart would find no
-            // gap between the store and the WAL and serve without those writes.
-            let before: i64 = sqlx::query_scalar(
-                "WITH before AS (SELECT lsn FROM checkpoint) \
-                 UPDATE checkpoint SET lsn = GREATEST(checkpoint.lsn, $1) \
-                 RETURNING (SELECT lsn FROM before)",
-            )
-            .bind(to_i64(checkpoint))
-            .fetch_one(&mut *tx)
-            .within(deadline)
-            .await?;
-            let committed = self.checkpoint.load(Ordering::Relaxed);
-            if (before.max(0) as u64) < committed {
-                return Err(StoreError::Behind {
-                    stored: before.max(0) as u64,
-                    committed,
-                });
-            }
+            sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
+                .bind(to_i64(checkpoint))
+                .execute(&mut *tx)
+                .within(deadline)
+                .await?;
         }
         tx.commit().within(deadline).await?;
         conn.committed();
