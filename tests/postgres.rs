@@ -584,6 +584,13 @@ async fn a_claim_behind_a_stalled_flush_refuses_the_start_naming_its_backend() {
         .fetch_one(&mut open)
         .await
         .unwrap();
+    // A reader of the table (a backup, a monitoring query) holds a lock there too, and is
+    // not the one to name.
+    let mut reader = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT * FROM single_writer")
+        .execute(&mut reader)
+        .await
+        .unwrap();
     let dir = tempfile::TempDir::new().unwrap();
     let args = ["--database-url", &db.url, "--pg-flush-timeout", "1s"];
     let mut app =
@@ -599,7 +606,7 @@ async fn a_claim_behind_a_stalled_flush_refuses_the_start_naming_its_backend() {
         message.contains("still open") && message.contains(&format!("PID {pid}")),
         "{message}"
     );
-    drop((open, store));
+    drop((open, reader, store));
     db.drop_db().await;
 }
 
@@ -1070,6 +1077,56 @@ async fn a_database_gone_back_in_time_keeps_its_checkpoint_and_the_wal_behind_it
             "a restart served without {serial}"
         );
     }
+    eventually!("the restart to flush what the database lost", 10, {
+        let state = pg_state(&mut conn).await;
+        ["a", "b", "c"].iter().all(|s| state.contains_key(*s))
+    });
+    again.stop().await;
+    drop(conn);
+    db.drop_db().await;
+}
+
+/// A database restored from a backup taken before this instance claimed it holds an older
+/// single-writer token: that is the database gone back in time, not another instance
+/// taking over, so writes go on into the WAL and a restart replays them. It used to be
+/// taken for a takeover, and the instance stopped acknowledging writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_before_the_claim_is_gone_back_in_time_not_taken_over() {
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    drop(store);
+    let mut conn = db.connect().await;
+    let token: i64 = sqlx::query_scalar("SELECT token FROM single_writer")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let app = pg_app(&db.url, &[]).await;
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("a in PostgreSQL", 10, {
+        pg_state(&mut conn).await.contains_key("a")
+    });
+    // The restore of the backup taken before the start.
+    sqlx::raw_sql(&format!(
+        "BEGIN; DELETE FROM widgets; UPDATE checkpoint SET lsn = 0; \
+         UPDATE single_writer SET token = {token}; COMMIT"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(app.create("b", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("a failed flush", 10, {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        metric(&text, "widgets_flush_failures_total") >= 1.0
+    });
+    assert_eq!(
+        app.create("c", &["P"]).await.status(),
+        StatusCode::CREATED,
+        "the instance stopped acknowledging writes"
+    );
+    let dir = app.stop().await;
+    let args = ["--database-url", &db.url, "--flush-interval", "100ms"];
+    let again = common::spawn_app_in(dir, &args, std::sync::Arc::new(widgets::wal::RealFs)).await;
     eventually!("the restart to flush what the database lost", 10, {
         let state = pg_state(&mut conn).await;
         ["a", "b", "c"].iter().all(|s| state.contains_key(*s))

@@ -162,8 +162,8 @@ impl<E: Source, S: Store> Flusher<E, S> {
 }
 
 /// Flushes every `interval` (or sooner when the source wants it) until `stop` is
-/// cancelled, backing off while the store fails. A flush in progress is never abandoned
-/// halfway.
+/// cancelled, backing off while the store fails. `stop` does not cut a flush in progress
+/// short; only the shutdown's `--final-flush-timeout` abandons one.
 pub async fn run<E: Source, S: Store>(
     flusher: &Flusher<E, S>,
     interval: Duration,

@@ -61,13 +61,13 @@ pub enum StoreError {
          {current}): another single-node instance took over; flush refused"
     )]
     Fenced { mine: i64, current: i64 },
+    /// The database has gone back in time; `stored` is its checkpoint.
     #[error(
-        "PostgreSQL's checkpoint is {stored}, below the {committed} this instance committed or \
-         loaded: the database has gone back in time (restored from an older backup, or failed \
-         over to a replica that lagged) and lost flushes. The checkpoint is not moved, and the \
-         WAL is kept from here on (README, \"When PostgreSQL goes back in time\")"
+        "PostgreSQL has gone back in time: {what}. It was restored from an older backup, or \
+         failed over to a replica that lagged, and lost flushes. The checkpoint is not moved, \
+         and the WAL is kept from here on (README, \"When PostgreSQL goes back in time\")"
     )]
-    Behind { stored: u64, committed: u64 },
+    Behind { what: String, stored: u64 },
 }
 
 impl StoreError {

@@ -185,9 +185,16 @@ impl PgStore {
                 .await;
         let token: i64 = match claimed {
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                // The transaction whose row lock it is (the row's xmax), or with several
+                // share lockers, one backend holding a row share lock on the table.
                 let holder: Option<i32> = sqlx::query_scalar(
-                    "SELECT pid FROM pg_locks WHERE relation = 'single_writer'::regclass \
-                     AND granted AND pid <> pg_backend_pid() LIMIT 1",
+                    "SELECT COALESCE( \
+                        (SELECT l.pid FROM single_writer s JOIN pg_locks l \
+                         ON l.locktype = 'transactionid' AND l.transactionid = s.xmax \
+                         AND l.mode = 'ExclusiveLock' AND l.granted LIMIT 1), \
+                        (SELECT pid FROM pg_locks WHERE relation = 'single_writer'::regclass \
+                         AND mode = 'RowShareLock' AND granted AND pid <> pg_backend_pid() \
+                         LIMIT 1))",
                 )
                 .fetch_optional(&mut session)
                 .await?;
@@ -656,6 +663,18 @@ impl Store for PgStore {
                 .fetch_one(&mut *tx)
                 .within(deadline)
                 .await?;
+            if current < claim.token {
+                // Tokens only grow: the database has gone back to before this claim.
+                let stored = stored_checkpoint(&mut tx, deadline).await?;
+                return Err(StoreError::Behind {
+                    what: format!(
+                        "its single-writer token is {current}, below the {} this instance \
+                         claimed",
+                        claim.token
+                    ),
+                    stored,
+                });
+            }
             if current != claim.token {
                 return Err(StoreError::Fenced {
                     mine: claim.token,
@@ -671,15 +690,15 @@ impl Store for PgStore {
             // perhaps trimmed from the WAL. Moving the checkpoint on would hide that for
             // good: a restart would find no gap between the store and the WAL and serve
             // without those writes.
-            let stored: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
-                .fetch_one(&mut *tx)
-                .within(deadline)
-                .await?;
+            let stored = stored_checkpoint(&mut tx, deadline).await?;
             let committed = self.checkpoint.load(Ordering::Relaxed);
-            if (stored.max(0) as u64) < committed {
+            if stored < committed {
                 return Err(StoreError::Behind {
-                    stored: stored.max(0) as u64,
-                    committed,
+                    what: format!(
+                        "its checkpoint is {stored}, below the {committed} this instance \
+                         committed or loaded"
+                    ),
+                    stored,
                 });
             }
         }
@@ -734,6 +753,18 @@ impl Store for PgStore {
         }
         Ok(())
     }
+}
+
+/// The checkpoint the database holds.
+async fn stored_checkpoint(
+    tx: &mut Transaction<'_, Postgres>,
+    deadline: Duration,
+) -> Result<u64, sqlx::Error> {
+    let stored: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
+        .fetch_one(&mut **tx)
+        .within(deadline)
+        .await?;
+    Ok(stored.max(0) as u64)
 }
 
 /// A pooled connection that goes back to the pool only once its flush has committed;

@@ -316,7 +316,8 @@ impl MemoryEngine {
                 "the store has gone back in time, and the WAL no longer holds the records \
                  after its checkpoint up to wal_first_lsn: they are only in this process's \
                  memory. Keep it running and bring back the store that holds them; a restart \
-                 would refuse to start, and --accept-mismatched-wal would lose them"
+                 would refuse to start, naming them, and starting anyway (--wal-recovery \
+                 truncate) would lose them"
             );
         }
     }
