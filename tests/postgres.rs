@@ -7,7 +7,7 @@
 mod common;
 
 use common::binary;
-use common::pg::{app_state, asymmetric_rows, pg_state, Proxy, TestDb};
+use common::pg::{a_flush_held_by_a_lock, app_state, asymmetric_rows, pg_state, Proxy, TestDb};
 use common::{spawn_app_with, TestApp};
 use reqwest::StatusCode;
 use sqlx::PgConnection;
@@ -904,27 +904,10 @@ async fn a_flush_on_a_stalled_backend_is_abandoned_and_the_next_one_commits() {
         "--flush-interval",
         "200ms",
     ];
-    let server = binary::start(dir.path(), &args).await;
-    // The next flush waits for this lock at its first write; its backend is stopped there.
-    let mut locker = db.connect().await;
-    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    assert_eq!(binary::create(&server, "a").await, StatusCode::CREATED);
-    let mut watcher = db.connect().await;
-    let mut waiting: Option<i32>;
-    eventually!("the flush to wait for the lock", 10, {
-        waiting = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-        )
-        .fetch_optional(&mut watcher)
-        .await
-        .unwrap();
-        waiting.is_some()
-    });
-    let stopped = StoppedBackend::stop(waiting.unwrap());
+    // The flush waits for the lock at its first write; its backend is stopped there.
+    let (server, mut locker, mut watcher, flushing) =
+        a_flush_held_by_a_lock(&db, dir.path(), &args).await;
+    let stopped = StoppedBackend::stop(flushing);
     sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
 
     // The stopped backend never answers; another flush writes the widget meanwhile.
@@ -948,13 +931,7 @@ async fn a_flush_on_a_stalled_backend_is_abandoned_and_the_next_one_commits() {
         "the abandoned flush is a failed one: {metrics}"
     );
 
-    let started = std::time::Instant::now();
-    let status = server.stop().await.unwrap();
-    let took = started.elapsed();
-    assert!(
-        status.success(),
-        "the service did not stop by itself (killed after {took:?}): {status}"
-    );
+    binary::stop_within(server, Duration::from_secs(30)).await;
     drop(stopped);
     let server = binary::start(dir.path(), &args).await;
     for serial in ["a", "b"] {
@@ -985,33 +962,10 @@ async fn a_shutdown_waits_for_a_locked_store_no_longer_than_the_final_flush_time
         "--flush-interval",
         "200ms",
     ];
-    let server = binary::start(dir.path(), &args).await;
-    let mut locker = db.connect().await;
-    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    assert_eq!(binary::create(&server, "a").await, StatusCode::CREATED);
-    let mut watcher = db.connect().await;
-    eventually!("a flush to wait for the lock", 10, {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        waiting > 0
-    });
+    let (server, mut locker, watcher, _) = a_flush_held_by_a_lock(&db, dir.path(), &args).await;
 
-    let started = std::time::Instant::now();
-    let status = server.stop().await.unwrap();
-    let took = started.elapsed();
-    assert!(status.success(), "{status}");
-    assert!(
-        took < Duration::from_secs(10),
-        "the stop took {took:?}, for a final flush bounded at 1 s"
-    );
+    // The final flush is bounded at 1 s; each of its tries would take 5 s.
+    binary::stop_within(server, Duration::from_secs(10)).await;
     sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
     let server = binary::start(dir.path(), &args).await;
     let r = reqwest::get(format!("{}/widgets/a", server.base))

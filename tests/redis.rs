@@ -1230,36 +1230,11 @@ async fn a_stop_behind_a_locked_postgres_leaves_its_widgets_dirty_in_redis_for_t
         "--flush-interval",
         "200ms",
     ];
-    let server = common::binary::start(dir.path(), &args).await;
-    let mut locker = db.connect().await;
-    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    assert_eq!(
-        common::binary::create(&server, "a").await,
-        reqwest::StatusCode::CREATED
-    );
-    let mut watcher = db.connect().await;
-    eventually!("a flush to wait for the lock", 10, {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        waiting > 0
-    });
+    let (server, mut locker, mut watcher, _) =
+        common::pg::a_flush_held_by_a_lock(&db, dir.path(), &args).await;
 
-    let started = std::time::Instant::now();
-    let status = server.stop().await.unwrap();
-    let took = started.elapsed();
-    assert!(status.success(), "{status}");
-    assert!(
-        took < Duration::from_secs(10),
-        "the stop took {took:?}, for a final flush bounded at 1 s"
-    );
+    // The final flush is bounded at 1 s; each of its tries would take 5 s.
+    common::binary::stop_within(server, Duration::from_secs(10)).await;
     sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
     let next = common::binary::start(dir.path(), &args).await;
     eventually!("the next instance to flush the widget", 20, {

@@ -61,3 +61,15 @@ pub async fn create(server: &Server, serial: &str) -> reqwest::StatusCode {
         .expect("POST /widgets")
         .status()
 }
+
+/// Stops `server` with SIGTERM, and checks that it exited 0 by itself within `bound`.
+pub async fn stop_within(server: Server, bound: Duration) {
+    let started = std::time::Instant::now();
+    let status = server.stop().await.expect("stopping the service");
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "the service did not stop by itself (killed after {took:?}): {status}"
+    );
+    assert!(took < bound, "the stop took {took:?}, more than {bound:?}");
+}

@@ -170,3 +170,57 @@ pub async fn asymmetric_rows(conn: &mut PgConnection) -> Vec<String> {
     tx.commit().await.unwrap();
     bad
 }
+
+/// A session of `db` holding `widgets` locked (`ACCESS EXCLUSIVE`) in a transaction left
+/// open: every flush that writes a widget row waits for it. `COMMIT` on it lets them go.
+pub async fn lock_widgets(db: &TestDb) -> PgConnection {
+    let mut locker = db.connect().await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE widgets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .expect("locking widgets");
+    locker
+}
+
+/// The backend PID of a session of the database `conn` is on that waits for a lock, once
+/// one does (within 10 s).
+pub async fn backend_waiting_for_a_lock(conn: &mut PgConnection) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .expect("reading pg_stat_activity");
+        if let Some(pid) = waiting {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for a session to wait for a lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `widgets` started in `dir` with `args` (a PostgreSQL store), and widget `a` created
+/// while `widgets` is locked, so that the flush that writes it waits: the server, the
+/// locking session (`COMMIT` on it lets the flush go), a session to watch with, and the
+/// PID of the waiting flush's backend.
+pub async fn a_flush_held_by_a_lock(
+    db: &TestDb,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (super::binary::Server, PgConnection, PgConnection, i32) {
+    let server = super::binary::start(dir, args).await;
+    let locker = lock_widgets(db).await;
+    assert_eq!(
+        super::binary::create(&server, "a").await,
+        StatusCode::CREATED
+    );
+    let mut watcher = db.connect().await;
+    let pid = backend_waiting_for_a_lock(&mut watcher).await;
+    (server, locker, watcher, pid)
+}
