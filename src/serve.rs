@@ -10,7 +10,10 @@
 //! - **An idle timeout** (`--idle-timeout`): a connection must send a whole request head
 //!   within this time of opening or of its last answer, or it is closed. (hyper starts the
 //!   header clock when a connection goes idle, so this one bound covers both keep-alive
-//!   idling and slowly sent headers.)
+//!   idling and slowly sent headers.) The same bound applies to a client that reads
+//!   nothing of its answers: a write to it that makes no progress for that long closes the
+//!   connection, which otherwise held its socket and the kernel's send buffer (megabytes)
+//!   for as long as the client liked.
 //! - **HTTP/1.1 only.** The API has no use for HTTP/2 over plain TCP (clients speak it only
 //!   with prior knowledge), and its connections would need bounds of their own: an evicted
 //!   HTTP/2 connection waits for the client's answer to a PING before it closes.
@@ -28,13 +31,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -97,8 +101,10 @@ pub async fn serve(
         let connection = open.add();
         let (builder, open, drain) = (builder.clone(), open.clone(), drain.clone());
         let router = router.clone();
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.idle_timeout));
         tasks.spawn(async move {
-            serve_connection(&builder, stream, router, &connection, &drain).await;
+            serve_connection(&builder, Box::pin(stream), router, &connection, &drain).await;
             open.remove(connection.id);
         });
         // Reap finished tasks so the set does not grow with every connection ever made.
@@ -129,7 +135,7 @@ pub async fn serve(
 /// any, and closes).
 async fn serve_connection(
     builder: &Builder,
-    stream: tokio::net::TcpStream,
+    stream: Pin<Box<TimeoutStream<tokio::net::TcpStream>>>,
     router: Router,
     connection: &Connection,
     drain: &CancellationToken,

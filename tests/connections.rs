@@ -1,6 +1,7 @@
 //! Connections a hostile or broken client holds open: idle sockets and half-sent heads
-//! cannot lock other clients out, slow heads and bodies are cut off, oversized heads are
-//! refused, and a client stalled mid-body cannot hold up a graceful stop.
+//! cannot lock other clients out, slow heads and bodies and unread answers are cut off,
+//! oversized heads are refused, and a client stalled mid-body cannot hold up a graceful
+//! stop.
 
 mod common;
 
@@ -99,6 +100,39 @@ async fn an_idle_connection_and_a_slow_head_are_closed_after_the_idle_timeout() 
         let r = client.get(app.url("/healthz")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
+    app.stop().await;
+}
+
+/// A client that sends requests and reads none of the answers: once the server's writes
+/// to it stop moving (its socket buffers full), the connection is closed after the idle
+/// timeout. It used to stay open for as long as the client liked, holding the socket and
+/// megabytes of the kernel's send buffer.
+#[tokio::test]
+async fn a_client_that_reads_no_answer_is_closed_after_the_idle_timeout() {
+    let app = common::spawn_app_with(&["--idle-timeout", "500ms"]).await;
+    let socket = TcpStream::connect(app.addr).await.unwrap();
+    // Answers of tens of kilobytes each: a few hundred fill both sides' buffers, and the
+    // server's writes wait.
+    let requests = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let mut sent = 0;
+    let started = Instant::now();
+    while sent < requests.len() && started.elapsed() < Duration::from_secs(2) {
+        match socket.try_write(&requests[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("writing the requests: {e}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Reading would let the server's answers move again, so a write tells instead: on a
+    // connection the server has closed (with requests unread: a reset) it fails.
+    let written = socket.try_write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        written.is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the server kept the connection open, its answers unread"
+    );
     app.stop().await;
 }
 
