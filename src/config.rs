@@ -166,7 +166,9 @@ pub struct Config {
     /// How long a connection may take to send a whole request head, counted from when it
     /// opens or its last answer is sent (1ms to 1h): it bounds idle keep-alive connections
     /// and slowly sent headers alike. Past it the connection is closed, as it is when an
-    /// answer's write makes no progress for as long (a client that reads nothing).
+    /// answer's write makes no progress for as long (a client that reads nothing; the
+    /// kernel takes more of an answer only once a good part of its send buffer is free,
+    /// so a client that reads less than that in this time counts as reading nothing).
     #[arg(long, env = "WIDGETS_IDLE_TIMEOUT", default_value = "30s", value_parser = duration_up_to_an_hour)]
     pub idle_timeout: Duration,
 

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tokio_io_timeout::TimeoutStream;
+use tokio_io_timeout::TimeoutWriter;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -101,8 +101,8 @@ pub async fn serve(
         let connection = open.add();
         let (builder, open, drain) = (builder.clone(), open.clone(), drain.clone());
         let router = router.clone();
-        let mut stream = TimeoutStream::new(stream);
-        stream.set_write_timeout(Some(limits.idle_timeout));
+        let mut stream = TimeoutWriter::new(stream);
+        stream.set_timeout(Some(limits.idle_timeout));
         tasks.spawn(async move {
             serve_connection(&builder, Box::pin(stream), router, &connection, &drain).await;
             open.remove(connection.id);
@@ -135,7 +135,7 @@ pub async fn serve(
 /// any, and closes).
 async fn serve_connection(
     builder: &Builder,
-    stream: Pin<Box<TimeoutStream<tokio::net::TcpStream>>>,
+    stream: Pin<Box<TimeoutWriter<tokio::net::TcpStream>>>,
     router: Router,
     connection: &Connection,
     drain: &CancellationToken,
@@ -155,7 +155,12 @@ async fn serve_connection(
     let served = builder.serve_connection(TokioIo::new(stream), service);
     let mut served = pin!(served);
     tokio::select! {
-        _ = served.as_mut() => return,
+        served = served.as_mut() => {
+            if served.as_ref().is_err_and(write_timed_out) {
+                metrics::counter!("http_connections_write_timeouts_total").increment(1);
+            }
+            return;
+        }
         _ = connection.close.cancelled() => {
             if connection.busy.requests.load(Ordering::Acquire) == 0 {
                 // Idle: nothing to finish. Dropping the connection closes the socket now,
@@ -167,6 +172,19 @@ async fn serve_connection(
     }
     served.as_mut().graceful_shutdown();
     let _ = served.as_mut().await;
+}
+
+/// Whether hyper ended the connection because a write to it made no progress for the idle
+/// timeout (the client reads nothing).
+fn write_timed_out(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Decodes the percent-encoded unreserved characters of `uri`'s path (`A-Z a-z 0-9 - . _
