@@ -1022,20 +1022,7 @@ async fn a_database_gone_back_in_time_keeps_its_checkpoint_and_the_wal_behind_it
         "the checkpoint moved on over the lost flush"
     );
 
-    let dir = app.stop().await;
-    let args = ["--database-url", &db.url, "--flush-interval", "100ms"];
-    let again = common::spawn_app_in(dir, &args, std::sync::Arc::new(widgets::wal::RealFs)).await;
-    for serial in ["a", "b", "c"] {
-        assert!(
-            again.widget(serial).await.is_some(),
-            "a restart served without {serial}"
-        );
-    }
-    eventually!("the restart to flush what the database lost", 10, {
-        let state = pg_state(&mut conn).await;
-        ["a", "b", "c"].iter().all(|s| state.contains_key(*s))
-    });
-    again.stop().await;
+    restart_and_flush(app, &db, &mut conn, &["a", "b", "c"]).await;
     drop(conn);
     db.drop_db().await;
 }
@@ -1078,14 +1065,27 @@ async fn a_database_restored_from_before_the_claim_is_gone_back_in_time_not_take
         StatusCode::CREATED,
         "the instance stopped acknowledging writes"
     );
+    restart_and_flush(app, &db, &mut conn, &["a", "b", "c"]).await;
+    drop(conn);
+    db.drop_db().await;
+}
+
+/// Stops `app` and starts it again on its data directory and `db`: it serves every one of
+/// `serials`, and writes them all to the database (replayed from the WAL where the
+/// database lost them).
+async fn restart_and_flush(app: TestApp, db: &TestDb, conn: &mut PgConnection, serials: &[&str]) {
     let dir = app.stop().await;
     let args = ["--database-url", &db.url, "--flush-interval", "100ms"];
     let again = common::spawn_app_in(dir, &args, std::sync::Arc::new(widgets::wal::RealFs)).await;
+    for serial in serials {
+        assert!(
+            again.widget(serial).await.is_some(),
+            "a restart served without {serial}"
+        );
+    }
     eventually!("the restart to flush what the database lost", 10, {
-        let state = pg_state(&mut conn).await;
-        ["a", "b", "c"].iter().all(|s| state.contains_key(*s))
+        let state = pg_state(conn).await;
+        serials.iter().all(|s| state.contains_key(*s))
     });
     again.stop().await;
-    drop(conn);
-    db.drop_db().await;
 }
