@@ -176,7 +176,7 @@ impl PgStore {
         // backend stalls (stopped, swapped out) would hold this start for as long.
         let waited = self.flush.timeout;
         sqlx::query("SELECT set_config('lock_timeout', $1, false)")
-            .bind(format!("{}ms", waited.as_millis().max(1)))
+            .bind(pg_millis(waited))
             .execute(&mut session)
             .await?;
         let claimed =
@@ -264,7 +264,7 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         if let Some(wait) = wait {
             sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                .bind(format!("{}ms", wait.as_millis().max(1)))
+                .bind(pg_millis(wait))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -443,6 +443,12 @@ impl PgStore {
         }
         Ok(rejected)
     }
+}
+
+/// `d` as a PostgreSQL time setting in whole milliseconds, at least 1 (0 turns a timeout
+/// off).
+fn pg_millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
 }
 
 /// Versions are LSNs (or Redis sequence numbers), far below `i64::MAX`.
@@ -631,7 +637,7 @@ impl Store for PgStore {
         let deadline = self.flush.statement_deadline();
         let mut conn = CloseUnlessCommitted::new(self.pool.acquire().await?);
         let mut tx = conn.begin().within(deadline).await?;
-        let timeout = format!("{}ms", self.flush.timeout.as_millis().max(1));
+        let timeout = pg_millis(self.flush.timeout);
         sqlx::query(
             "SELECT set_config('synchronous_commit', $1, true), \
                     set_config('statement_timeout', $2, true), \

@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 /// How long the load lock lasts unless its holder renews it (every third of it): what a
 /// loader that dies costs the other instances.
 pub const LOCK_LEASE: Duration = Duration::from_secs(5);
-/// Widgets per pipeline sent to Redis while loading.
-const PIPELINE: usize = 1000;
+/// Widgets per batch written to Redis while loading (one script each), and keys per
+/// `SCAN` while clearing.
+const BATCH: usize = 1000;
 
 /// The load lock expired while this instance held it (it stalled for longer than the
 /// lease), so another instance may be loading: this one stops, leaving its work unfinished.
@@ -240,7 +241,7 @@ async fn clear(engine: &RedisEngine) -> Result<u64, EngineError> {
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
-            .arg(PIPELINE)
+            .arg(BATCH)
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -341,9 +342,9 @@ pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow:
     let writing = async {
         let mut conn = engine.conn();
         let (mut count, mut max_version) = (0u64, 0u64);
-        let mut batch = Vec::with_capacity(PIPELINE);
+        let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let done = rx.recv_many(&mut batch, PIPELINE).await == 0;
+            let done = rx.recv_many(&mut batch, BATCH).await == 0;
             if !batch.is_empty() {
                 let mut script = scripts::LOAD_BATCH.prepare_invoke();
                 script.arg(engine.prefix()).arg(token);
