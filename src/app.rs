@@ -202,7 +202,7 @@ impl Serving {
     ) -> anyhow::Result<()> {
         let flusher = Arc::new(flusher);
         let stop = CancellationToken::new();
-        let running = tokio::spawn({
+        let mut running = tokio::spawn({
             let (flusher, interval, stop) =
                 (flusher.clone(), self.config.flush_interval(), stop.clone());
             async move { flush::run(&flusher, interval, stop).await }
@@ -213,16 +213,20 @@ impl Serving {
         // A store that stalls must not hold the exit past what the orchestrator allows:
         // nothing acknowledged depends on these flushes.
         let timeout = self.config.final_flush_timeout;
-        let abort = running.abort_handle();
         let last = async {
-            running.await.context("the flusher panicked")?;
+            (&mut running).await.context("the flusher panicked")?;
             flush::flush_at_shutdown(&flusher).await;
             anyhow::Ok(())
         };
         match tokio::time::timeout(timeout, last).await {
             Ok(flushed) => flushed?,
             Err(_) => {
-                abort.abort();
+                // The loop still runs if its flush in progress is what timed out: it ends at
+                // its next await. (Once it has ended, its handle is spent.)
+                if !running.is_finished() {
+                    running.abort();
+                    let _ = running.await;
+                }
                 tracing::warn!(
                     ?timeout,
                     "the last flush did not finish within \
