@@ -8,7 +8,7 @@
 #[macro_use]
 mod common;
 
-use common::pg::{app_state, asymmetric_rows, pg_state, TestDb};
+use common::pg::{app_state, asymmetric_rows, pg_state, Proxy, TestDb};
 use common::{redis_prefix, redis_url, spawn_app_with, TestApp};
 use redis::AsyncCommands;
 use reqwest::StatusCode;
@@ -610,6 +610,65 @@ async fn a_check_of_a_restarted_redis_waits_for_postgres_only_seconds() {
     });
     drop(stalled);
     Arc::try_unwrap(app).ok().expect("one owner").stop().await;
+    db.drop_db().await;
+}
+
+/// A request that finds a restarted Redis server checks it against PostgreSQL. If
+/// PostgreSQL stops answering in the middle (a network or a backend that stalls), the
+/// request answers `503 unavailable` within seconds and the check's connection is closed;
+/// once PostgreSQL answers again the server is checked and used. The request used to wait
+/// for as long as PostgreSQL stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_whose_postgres_stops_answering_answers_503_within_seconds() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let mut redis = common::OwnRedis::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[
+        "--database-url",
+        &db.url_via(proxy.addr),
+        "--redis-url",
+        &url,
+        "--flush-interval",
+        "1h",
+    ])
+    .await;
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    redis.save().await;
+    redis.kill();
+    redis.restart().await; // the same data, a new run_id: checked before it is used
+                           // The check's transaction is the only one this instance begins now (no flush for an
+                           // hour): PostgreSQL gets its BEGIN, and nothing more goes either way. The requests
+                           // before it find the connection to the killed server broken.
+    proxy.stall_on("BEGIN");
+    let mut tries = 0;
+    let (answer, waited) = loop {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(20), app.get("/widgets/a"))
+            .await
+            .expect("a request checking Redis against a stalled PostgreSQL answered within 20 s");
+        if proxy.stalled() {
+            break (answer, started.elapsed());
+        }
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        tries += 1;
+        assert!(tries < 100, "no request checked the restarted Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (answer.status(), common::error_code(answer).await.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    proxy.thaw();
+    eventually!("the restarted Redis to be checked and used", 15, {
+        app.get("/widgets/a").await.status() == StatusCode::OK
+    });
+    app.stop().await;
+    drop(proxy);
     db.drop_db().await;
 }
 

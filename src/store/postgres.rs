@@ -245,43 +245,71 @@ impl PgStore {
 
     /// [`PgStore::high_water`] and Redis mode's fencing epoch, in one query.
     pub async fn redis_fence(&self) -> Result<(u64, u64), StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
         let (high, epoch): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT version FROM version_high_water), (SELECT epoch FROM redis_epoch)",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(conn.conn())
+        .within(deadline)
         .await?;
+        conn.done();
         Ok((high.max(0) as u64, epoch.max(0) as u64))
     }
 
     /// Raises Redis mode's fencing epoch, once every flush in flight under the current one
     /// has committed or failed; every batch taken under an older one is refused from now
-    /// on. Returns the new epoch.
+    /// on. Returns what [`PgStore::redis_fence`] does: the high-water mark, read once those
+    /// flushes have ended (so it covers every version they wrote), and the new epoch.
     ///
-    /// With `wait`, waits for those flushes at most that long (PostgreSQL's
-    /// `lock_timeout`), then fails: a flush that stalls must not hold up a request that
-    /// checks a Redis server. Without, as long as they take.
-    pub async fn raise_redis_epoch(&self, wait: Option<Duration>) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(wait) = wait {
-            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                .bind(pg_millis(wait))
-                .execute(&mut *tx)
-                .await?;
-        }
+    /// Waits for those flushes at most `wait` (PostgreSQL's `lock_timeout`), or without it
+    /// the flush timeout, then fails: a flush stalled in PostgreSQL holds its lock as long
+    /// as it stalls, and must not hold up a request that checks a Redis server, nor a load.
+    /// Each statement waits at most twice that for PostgreSQL's answer, and a transaction
+    /// left open on a connection that stalls ends in PostgreSQL after as long: it would
+    /// hold every flush.
+    pub async fn raise_redis_epoch(
+        &self,
+        wait: Option<Duration>,
+    ) -> Result<(u64, u64), StoreError> {
+        let wait = wait.unwrap_or(self.flush.timeout);
+        let deadline = wait.saturating_mul(2);
+        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
+        let mut tx = conn.begin().within(deadline).await?;
+        sqlx::query(
+            "SELECT set_config('lock_timeout', $1, true), \
+                    set_config('idle_in_transaction_session_timeout', $2, true)",
+        )
+        .bind(pg_millis(wait))
+        .bind(pg_millis(deadline))
+        .execute(&mut *tx)
+        .within(deadline)
+        .await?;
         let epoch: i64 =
             sqlx::query_scalar("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch")
                 .fetch_one(&mut *tx)
+                .within(deadline)
                 .await?;
-        tx.commit().await?;
-        Ok(epoch.max(0) as u64)
+        // A statement of its own, so a snapshot taken after the flushes the raise waited for.
+        let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
+            .fetch_one(&mut *tx)
+            .within(deadline)
+            .await?;
+        tx.commit().within(deadline).await?;
+        conn.done();
+        Ok((high.max(0) as u64, epoch.max(0) as u64))
     }
 
     /// The highest version any flush has committed, at or above every version a row
     /// holds: [`PgStore::max_version`] in one row, which every flush raises.
     pub async fn high_water(&self) -> Result<u64, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
         let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
-            .fetch_one(&self.pool)
+            .fetch_one(conn.conn())
+            .within(deadline)
             .await?;
+        conn.done();
         Ok(high.max(0) as u64)
     }
 
@@ -635,7 +663,7 @@ impl Store for PgStore {
     /// statement may still be on it, or a transaction nobody ends (sqlx #4393).
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessCommitted::new(self.pool.acquire().await?);
+        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
         let mut tx = conn.begin().within(deadline).await?;
         let timeout = pg_millis(self.flush.timeout);
         sqlx::query(
@@ -753,7 +781,7 @@ impl Store for PgStore {
                 .await?;
         }
         tx.commit().within(deadline).await?;
-        conn.committed();
+        conn.done();
         if let Some(checkpoint) = batch.checkpoint {
             self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
         }
@@ -773,33 +801,40 @@ async fn stored_checkpoint(
     Ok(stored.max(0) as u64)
 }
 
-/// A pooled connection that goes back to the pool only once its flush has committed;
-/// dropped before that (the flush failed, or was abandoned mid-statement) it is closed.
-struct CloseUnlessCommitted {
+/// A pooled connection that goes back to the pool only once its work is done (a flush
+/// committed, a read answered); dropped before that (the work failed, or was abandoned
+/// mid-statement) it is closed: an abandoned statement may still be on it, or a
+/// transaction nobody ends (sqlx #4393).
+struct CloseUnlessDone {
     conn: PoolConnection<Postgres>,
-    committed: bool,
+    done: bool,
 }
 
-impl CloseUnlessCommitted {
-    fn new(conn: PoolConnection<Postgres>) -> Self {
-        Self {
-            conn,
-            committed: false,
-        }
+impl CloseUnlessDone {
+    /// A connection from `pool`.
+    async fn acquire(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            conn: pool.acquire().await?,
+            done: false,
+        })
     }
 
     async fn begin(&mut self) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
         self.conn.begin().await
     }
 
-    fn committed(&mut self) {
-        self.committed = true;
+    fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    fn done(&mut self) {
+        self.done = true;
     }
 }
 
-impl Drop for CloseUnlessCommitted {
+impl Drop for CloseUnlessDone {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.done {
             self.conn.close_on_drop();
         }
     }
@@ -816,9 +851,8 @@ trait Within<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
                 Err(sqlx::Error::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(
-                        "PostgreSQL did not answer a flush statement within {deadline:?} (a \
-                         backend or a network that stalls): the flush is abandoned, its \
-                         connection closed, and it is tried again"
+                        "PostgreSQL did not answer a statement within {deadline:?} (a backend \
+                         or a network that stalls): it is abandoned and its connection closed"
                     ),
                 )))
             })

@@ -13,12 +13,41 @@ use tokio::task::AbortHandle;
 pub use widgets_testkit::pg::TestDb;
 
 /// A TCP proxy to the PostgreSQL server that can be cut (every connection dropped, new
-/// ones refused) and restored.
+/// ones refused) and restored, or made to stall like a network that stops answering.
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
+    stall: Arc<Stall>,
+}
+
+/// When the proxy's links stop carrying bytes: once a client sends the trigger (a
+/// statement's text), every link holds what it reads until the proxy is thawed.
+#[derive(Default)]
+struct Stall {
+    trigger: Mutex<Option<Vec<u8>>>,
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl Stall {
+    /// Waits while the links are stalled.
+    async fn until_thawed(&self) {
+        let mut stalled = self.stalled.subscribe();
+        let _ = stalled.wait_for(|stalled| !stalled).await;
+    }
+
+    /// Stalls every link if `bytes` hold the trigger (which is then spent).
+    fn look_at(&self, bytes: &[u8]) {
+        let mut trigger = self.trigger.lock().unwrap();
+        let found = trigger
+            .as_deref()
+            .is_some_and(|t| bytes.windows(t.len()).any(|w| w == t));
+        if found {
+            *trigger = None;
+            self.stalled.send_replace(true);
+        }
+    }
 }
 
 impl Proxy {
@@ -32,17 +61,23 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let stall = Arc::new(Stall::default());
         let accept = {
-            let (cut, links) = (cut.clone(), links.clone());
+            let (cut, links, stall) = (cut.clone(), links.clone(), stall.clone());
             tokio::spawn(async move {
-                while let Ok((mut client, _)) = listener.accept().await {
+                while let Ok((client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: the connection is refused
                     }
-                    let target = target.clone();
+                    let (target, stall) = (target.clone(), stall.clone());
                     let link = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(&target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        if let Ok(server) = TcpStream::connect(&target).await {
+                            let (from_client, to_client) = client.into_split();
+                            let (from_server, to_server) = server.into_split();
+                            tokio::join!(
+                                pump(from_client, to_server, &stall, true),
+                                pump(from_server, to_client, &stall, false),
+                            );
                         }
                     });
                     links.lock().unwrap().push(link.abort_handle());
@@ -55,6 +90,7 @@ impl Proxy {
             cut,
             links,
             accept,
+            stall,
         }
     }
 
@@ -69,6 +105,53 @@ impl Proxy {
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+
+    /// From the next time a client sends `statement`: PostgreSQL gets it, and from then on
+    /// nothing more goes either way on any connection, open or new, until [`Proxy::thaw`]
+    /// (a network that stalls with a statement in flight).
+    pub fn stall_on(&self, statement: &str) {
+        *self.stall.trigger.lock().unwrap() = Some(statement.as_bytes().to_vec());
+    }
+
+    /// Whether the proxy is stalled.
+    pub fn stalled(&self) -> bool {
+        *self.stall.stalled.borrow()
+    }
+
+    /// Carries bytes again, what was held first.
+    pub fn thaw(&self) {
+        *self.stall.trigger.lock().unwrap() = None;
+        self.stall.stalled.send_replace(false);
+    }
+}
+
+/// Copies one direction of a link, holding each read while the proxy is stalled; the
+/// client's side (`watch`) may set the stall off.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stall: &Stall,
+    watch: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        stall.until_thawed().await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if watch {
+            // What sets the stall off still goes: PostgreSQL runs the statement.
+            stall.look_at(&buf[..n]);
+        } else {
+            stall.until_thawed().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for Proxy {

@@ -167,7 +167,7 @@ pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
             .context("PostgreSQL's rows cannot be loaded; Redis is left as it is")?;
         // No batch taken before commits from now on; this drain's own commit under the new
         // epoch. And no write anywhere: every write script needs `loaded`.
-        let epoch = store.raise_redis_epoch(None).await?;
+        let (_, epoch) = store.raise_redis_epoch(None).await?;
         engine.raise_epoch(epoch).await?;
         let _: () = engine
             .conn()
@@ -334,7 +334,7 @@ pub async fn release_lock(engine: &RedisEngine, token: &str) -> Result<bool, Eng
 /// tests; [`ensure_loaded`] and [`resync`] take the lock first.)
 pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let epoch = store.raise_redis_epoch(None).await?;
+    let (_, epoch) = store.raise_redis_epoch(None).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
     let reading = store.load(Box::new(move |serial, widget| {
         let _ = tx.send((serial, widget));

@@ -59,7 +59,8 @@ const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// flight, which a flush stalled in PostgreSQL holds for as long as it stalls. So a check
 /// waits for the flushes at most `CHECK_EPOCH_WAIT` (PostgreSQL's `lock_timeout`), and a
 /// request waits at most `CHECK_WAIT` for another request's check; past either it answers
-/// `503 unavailable`. (A PostgreSQL that stalls whole holds the one request checking.)
+/// `503 unavailable`. A PostgreSQL that stalls whole answers the request checking
+/// `503 unavailable` after twice `CHECK_EPOCH_WAIT`.
 const CHECK_WAIT: Duration = Duration::from_secs(1);
 const CHECK_EPOCH_WAIT: Duration = Duration::from_millis(1500);
 
@@ -212,13 +213,10 @@ impl RedisEngine {
         }
         // PostgreSQL first: every version it holds was handed out by Redis before this
         // read, so a server that is not behind shows a `seq` at least as high after it.
-        // Not cut short on this side: a sqlx future dropped while its BEGIN is in flight
-        // leaves a pooled connection inside a transaction.
-        let epoch = (self.store)
+        let (high, epoch) = (self.store)
             .raise_redis_epoch(Some(CHECK_EPOCH_WAIT))
             .await
             .map_err(postgres)?;
-        let high = self.store.high_water().await.map_err(postgres)?;
         let (now, seq, loaded) = self.server_state().await?;
         if now != run_id {
             return Err(changed_while_checked());
