@@ -1089,3 +1089,43 @@ async fn restart_and_flush(app: TestApp, db: &TestDb, conn: &mut PgConnection, s
     });
     again.stop().await;
 }
+
+/// A load from PostgreSQL (a start, or Redis mode loading Redis) whose PostgreSQL stops
+/// answering gives up after the statement deadline instead of waiting as long as it
+/// stalls, and closes its connection rather than handing back a transaction still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_whose_postgres_stops_answering_gives_up_and_closes_its_connection() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let store = PgStore::connect(&db.url_via(proxy.addr))
+        .await
+        .unwrap()
+        .with_flush_settings(widgets::store::postgres::FlushTxSettings {
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        });
+    store.migrate().await.unwrap();
+    proxy.stall_on("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ");
+    let loaded = tokio::time::timeout(Duration::from_secs(20), store.load(Box::new(|_, _| {})))
+        .await
+        .expect("a load from a stalled PostgreSQL gave up within 20 s");
+    assert!(proxy.stalled(), "the load began its snapshot");
+    let error = loaded.expect_err("a load that got no answer").to_string();
+    assert!(error.contains("did not answer"), "{error}");
+    proxy.thaw();
+    let mut conn = db.connect().await;
+    eventually!("the abandoned load's transaction to end", 10, {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        open == 0
+    });
+    assert_eq!(store.load(Box::new(|_, _| {})).await.unwrap(), 0);
+    drop(store);
+    drop(proxy);
+    db.drop_db().await;
+}

@@ -663,11 +663,25 @@ async fn a_check_whose_postgres_stops_answering_answers_503_within_seconds() {
         waited < Duration::from_secs(10),
         "answered after {waited:?}"
     );
+    // The abandoned transaction's connection was closed, not handed back to the pool:
+    // once the proxy passes the close on, no backend is left inside it.
     proxy.thaw();
+    let mut conn = db.connect().await;
+    eventually!("the abandoned check's transaction to end", 10, {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        open == 0
+    });
     eventually!("the restarted Redis to be checked and used", 15, {
         app.get("/widgets/a").await.status() == StatusCode::OK
     });
     app.stop().await;
+    drop(conn);
     drop(proxy);
     db.drop_db().await;
 }
@@ -1306,5 +1320,47 @@ async fn a_stop_behind_a_locked_postgres_leaves_its_widgets_dirty_in_redis_for_t
     });
     next.stop().await.unwrap();
     drop((locker, watcher));
+    db.drop_db().await;
+}
+
+/// The high-water mark a check compares Redis's `seq` with is read after the flushes the
+/// epoch's raise waited for, also where the database's default isolation is repeatable
+/// read: a snapshot taken inside the raise's transaction predates them there, and would
+/// trust a Redis server behind a version one of them committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
+    use sqlx::Connection;
+    let db = TestDb::create().await;
+    let mut admin = db.connect().await;
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE \"{}\" SET default_transaction_isolation = 'repeatable read'",
+        db.name
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    // A flush in flight: it holds the epoch it was taken under and raises the mark.
+    let mut flush = db.connect().await;
+    let mut tx = flush.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE version_high_water SET version = GREATEST(version, 1000)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let raising = tokio::spawn({
+        let store = store.clone();
+        async move { store.raise_redis_epoch(Some(Duration::from_secs(5))).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!raising.is_finished(), "the raise waits for the flush");
+    tx.commit().await.unwrap();
+    let (high, _) = raising.await.unwrap().unwrap();
+    assert_eq!(high, 1000);
+    drop((admin, flush, store));
     db.drop_db().await;
 }

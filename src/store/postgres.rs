@@ -230,6 +230,8 @@ impl PgStore {
     /// The highest version any row holds (widgets, associations, tombstones): a version
     /// counter that starts below it would write changes the version guards then ignore.
     pub async fn max_version(&self) -> Result<u64, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let max: i64 = sqlx::query_scalar(
             "SELECT GREATEST( \
                 (SELECT COALESCE(max(version), 0) FROM widgets), \
@@ -238,15 +240,17 @@ impl PgStore {
                 (SELECT COALESCE(max(version), 0) FROM associations_r), \
                 (SELECT COALESCE(max(version), 0) FROM associations_q))",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(conn.conn())
+        .within(deadline)
         .await?;
+        conn.done();
         Ok(max.max(0) as u64)
     }
 
     /// [`PgStore::high_water`] and Redis mode's fencing epoch, in one query.
     pub async fn redis_fence(&self) -> Result<(u64, u64), StoreError> {
         let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let (high, epoch): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT version FROM version_high_water), (SELECT epoch FROM redis_epoch)",
         )
@@ -274,7 +278,7 @@ impl PgStore {
     ) -> Result<(u64, u64), StoreError> {
         let wait = wait.unwrap_or(self.flush.timeout);
         let deadline = wait.saturating_mul(2);
-        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let mut tx = conn.begin().within(deadline).await?;
         sqlx::query(
             "SELECT set_config('lock_timeout', $1, true), \
@@ -290,12 +294,14 @@ impl PgStore {
                 .fetch_one(&mut *tx)
                 .within(deadline)
                 .await?;
-        // A statement of its own, so a snapshot taken after the flushes the raise waited for.
+        tx.commit().within(deadline).await?;
+        // After the commit, so that its snapshot is taken after the flushes the raise
+        // waited for whatever isolation level the database's default is (under repeatable
+        // read, a snapshot in the transaction would be the one before the raise waited).
         let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
-            .fetch_one(&mut *tx)
+            .fetch_one(conn.conn())
             .within(deadline)
             .await?;
-        tx.commit().within(deadline).await?;
         conn.done();
         Ok((high.max(0) as u64, epoch.max(0) as u64))
     }
@@ -304,7 +310,7 @@ impl PgStore {
     /// holds: [`PgStore::max_version`] in one row, which every flush raises.
     pub async fn high_water(&self) -> Result<u64, StoreError> {
         let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
             .fetch_one(conn.conn())
             .within(deadline)
@@ -578,14 +584,21 @@ impl Store for PgStore {
         Ok(estimate.max(0.0) as u64)
     }
 
+    /// Each statement, and each row, waits at most
+    /// [`FlushTxSettings::statement_deadline`] for PostgreSQL, on a connection closed
+    /// unless the load committed.
     async fn load(&self, mut visit: Visitor) -> Result<u64, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         // One snapshot for the rows and the checkpoint that covers them.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = conn.begin().within(deadline).await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut *tx)
+            .within(deadline)
             .await?;
         let checkpoint: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
             .fetch_one(&mut *tx)
+            .within(deadline)
             .await?;
         let mut rows = sqlx::query(
             "SELECT w.serial_number, w.name, w.ports, w.version, \
@@ -600,7 +613,7 @@ impl Store for PgStore {
         .fetch(&mut *tx);
         let mut loaded = 0u64;
         let mut links = LinkBalance::default();
-        while let Some(row) = rows.try_next().await? {
+        while let Some(row) = rows.try_next().within(deadline).await? {
             let key: String = row.try_get("serial_number")?;
             let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
             let name: String = row.try_get("name")?;
@@ -634,7 +647,8 @@ impl Store for PgStore {
         if !links.balanced() {
             return Err(one_sided_association(&mut tx).await?);
         }
-        tx.commit().await?;
+        tx.commit().within(deadline).await?;
+        conn.done();
         let checkpoint = checkpoint.max(0) as u64;
         self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
         Ok(checkpoint)
@@ -663,7 +677,7 @@ impl Store for PgStore {
     /// statement may still be on it, or a transaction nobody ends (sqlx #4393).
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool).await?;
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let mut tx = conn.begin().within(deadline).await?;
         let timeout = pg_millis(self.flush.timeout);
         sqlx::query(
@@ -811,10 +825,12 @@ struct CloseUnlessDone {
 }
 
 impl CloseUnlessDone {
-    /// A connection from `pool`.
-    async fn acquire(pool: &PgPool) -> Result<Self, sqlx::Error> {
+    /// A connection from `pool`, within `deadline` (as well as the pool's own
+    /// `acquire_timeout`): taking one pings an idle connection or opens a new one, and
+    /// either waits for PostgreSQL.
+    async fn acquire(pool: &PgPool, deadline: Duration) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            conn: pool.acquire().await?,
+            conn: pool.acquire().within(deadline).await?,
             done: false,
         })
     }

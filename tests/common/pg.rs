@@ -37,8 +37,9 @@ impl Stall {
         let _ = stalled.wait_for(|stalled| !stalled).await;
     }
 
-    /// Stalls every link if `bytes` hold the trigger (which is then spent).
-    fn look_at(&self, bytes: &[u8]) {
+    /// Stalls every link if `bytes` hold the trigger (which is then spent); returns
+    /// whether they did.
+    fn look_at(&self, bytes: &[u8]) -> bool {
         let mut trigger = self.trigger.lock().unwrap();
         let found = trigger
             .as_deref()
@@ -47,6 +48,7 @@ impl Stall {
             *trigger = None;
             self.stalled.send_replace(true);
         }
+        found
     }
 }
 
@@ -141,10 +143,9 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if watch {
-            // What sets the stall off still goes: PostgreSQL runs the statement.
-            stall.look_at(&buf[..n]);
-        } else {
+        // What sets the stall off still goes: PostgreSQL runs the statement. Anything
+        // else read is held, also a read that was waiting when the stall began.
+        if !(watch && stall.look_at(&buf[..n])) {
             stall.until_thawed().await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
