@@ -1364,3 +1364,55 @@ async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
     drop((admin, flush, store));
     db.drop_db().await;
 }
+
+/// A load of Redis behind a flush that holds the fencing epoch (one whose PostgreSQL
+/// backend stalls) gives up after the flush timeout, says why, releases the load lock and
+/// is tried again; it used to wait as long as the flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_behind_a_flush_holding_the_epoch_gives_up_and_is_tried_again() {
+    use sqlx::Connection;
+    let db = TestDb::create().await;
+    let store = PgStore::connect(&db.url)
+        .await
+        .unwrap()
+        .with_flush_settings(widgets::store::postgres::FlushTxSettings {
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        });
+    store.migrate().await.unwrap();
+    let engine = RedisEngine::connect(&redis_url(), &redis_prefix(), 1000, store.clone())
+        .await
+        .unwrap();
+    let mut flush = db.connect().await;
+    let mut tx = flush.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let loading = widgets::engine::redis::load::ensure_loaded(&engine, &store, &stop);
+    let error = tokio::time::timeout(Duration::from_secs(20), loading)
+        .await
+        .expect("a load behind a held epoch gave up within 20 s")
+        .expect_err("a load behind a held epoch");
+    assert!(widgets::engine::redis::load::passing(&error), "{error:#}");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("fencing epoch was not raised"),
+        "{message}"
+    );
+    let mut redis = redis_conn().await;
+    let lock: Option<String> = redis
+        .get(format!("{}load_lock", engine.prefix()))
+        .await
+        .unwrap();
+    assert_eq!(lock, None, "the load lock was released");
+    tx.rollback().await.unwrap();
+    assert!(
+        widgets::engine::redis::load::ensure_loaded(&engine, &store, &stop)
+            .await
+            .unwrap()
+    );
+    drop(flush);
+    db.drop_db().await;
+}

@@ -52,6 +52,12 @@ pub enum StoreError {
         waited: std::time::Duration,
     },
     #[error(
+        "Redis mode's fencing epoch was not raised: flushes in flight held it for longer \
+         than {waited:?} (another instance's, or one whose PostgreSQL backend stalls); \
+         tried again"
+    )]
+    EpochHeld { waited: std::time::Duration },
+    #[error(
         "the batch was taken from Redis under epoch {mine}, and Redis has since been checked \
          or loaded again (epoch {current}): not committed; it is taken again"
     )]

@@ -289,11 +289,16 @@ impl PgStore {
         .execute(&mut *tx)
         .within(deadline)
         .await?;
-        let epoch: i64 =
-            sqlx::query_scalar("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch")
-                .fetch_one(&mut *tx)
-                .within(deadline)
-                .await?;
+        let raised = sqlx::query_scalar("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch")
+            .fetch_one(&mut *tx)
+            .within(deadline)
+            .await;
+        let epoch: i64 = match raised {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                return Err(StoreError::EpochHeld { waited: wait });
+            }
+            other => other?,
+        };
         tx.commit().within(deadline).await?;
         // After the commit, so that its snapshot is taken after the flushes the raise
         // waited for whatever isolation level the database's default is (under repeatable
