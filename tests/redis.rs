@@ -667,16 +667,7 @@ async fn a_check_whose_postgres_stops_answering_answers_503_within_seconds() {
     // once the proxy passes the close on, no backend is left inside it.
     proxy.thaw();
     let mut conn = db.connect().await;
-    eventually!("the abandoned check's transaction to end", 10, {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        open == 0
-    });
+    common::pg::no_transaction_left_open(&mut conn).await;
     eventually!("the restarted Redis to be checked and used", 15, {
         app.get("/widgets/a").await.status() == StatusCode::OK
     });
@@ -1356,8 +1347,9 @@ async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
         let store = store.clone();
         async move { store.raise_redis_epoch(Some(Duration::from_secs(5))).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!raising.is_finished(), "the raise waits for the flush");
+    // The raise waits for the flush's lock: its snapshot, if it took one in its own
+    // transaction, predates the flush's commit.
+    common::pg::backend_waiting_for_a_lock(&mut admin).await;
     tx.commit().await.unwrap();
     let (high, _) = raising.await.unwrap().unwrap();
     assert_eq!(high, 1000);

@@ -18,7 +18,7 @@ use super::{FlushBatch, FlushItem, Store, StoreError, Visitor};
 use crate::domain::{Name, PortType, Ports, Serial, Widget};
 use futures_util::TryStreamExt;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::future::Future;
 use std::str::FromStr;
@@ -35,13 +35,20 @@ const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "asso
 const SINGLE_WRITER_LOCK: i64 = 0x7769_6467_6574_7331;
 /// Tries for the lock, 200 ms apart, before a start is refused (about 3 s).
 const CLAIM_ATTEMPTS: u32 = 15;
+/// The least a load waits for its next row: the first comes once PostgreSQL has joined
+/// the widgets with their associations, which over millions of rows takes seconds, however
+/// short an operator makes `--pg-flush-timeout`.
+const LOAD_ROW_WAIT: Duration = Duration::from_secs(60);
+/// The highest version any flush has committed ([`PgStore::high_water`]).
+const HIGH_WATER: &str = "SELECT version FROM version_high_water";
 /// SQLSTATE `lock_not_available`: `lock_timeout` passed.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-    /// What every flush transaction sets for itself.
+    /// What every flush transaction sets for itself, and how long this instance waits for
+    /// PostgreSQL's answers (see [`FlushTxSettings::statement_deadline`]).
     flush: FlushTxSettings,
     /// Single node: the fencing token this instance holds, checked in every flush. Unset
     /// in Redis mode, whose instances all write.
@@ -73,7 +80,9 @@ impl FlushTxSettings {
     /// How long this instance waits for PostgreSQL to answer one statement of a flush
     /// (`BEGIN` and `COMMIT` included) before it abandons the flush: twice the bound
     /// PostgreSQL itself puts on the statement, which cannot fire in a backend that stalls
-    /// (stopped, swapped out) or behind a network that does.
+    /// (stopped, swapped out) or behind a network that does. Loads and the reads of the
+    /// high-water mark and the fencing epoch wait as long (a load's rows at least
+    /// [`LOAD_ROW_WAIT`]).
     pub fn statement_deadline(&self) -> Duration {
         self.timeout.saturating_mul(2)
     }
@@ -184,7 +193,7 @@ impl PgStore {
                 .fetch_one(&mut session)
                 .await;
         let token: i64 = match claimed {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            Err(e) if is_lock_timeout(&e) => {
                 // The transaction whose row lock it is (the row's xmax), or with several
                 // share lockers, one backend holding a row share lock on the table.
                 let holder: Option<i32> = sqlx::query_scalar(
@@ -229,36 +238,46 @@ impl PgStore {
 
     /// The highest version any row holds (widgets, associations, tombstones): a version
     /// counter that starts below it would write changes the version guards then ignore.
+    /// It reads every row, and answers at the end: it waits as long as a load's row.
     pub async fn max_version(&self) -> Result<u64, StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        let max: i64 = sqlx::query_scalar(
-            "SELECT GREATEST( \
-                (SELECT COALESCE(max(version), 0) FROM widgets), \
-                (SELECT COALESCE(max(version), 0) FROM widget_tombstones), \
-                (SELECT COALESCE(max(version), 0) FROM associations_p), \
-                (SELECT COALESCE(max(version), 0) FROM associations_r), \
-                (SELECT COALESCE(max(version), 0) FROM associations_q))",
-        )
-        .fetch_one(conn.conn())
-        .within(deadline)
-        .await?;
-        conn.done();
+        let (max,): (i64,) = self
+            .read_row(
+                "SELECT GREATEST( \
+                    (SELECT COALESCE(max(version), 0) FROM widgets), \
+                    (SELECT COALESCE(max(version), 0) FROM widget_tombstones), \
+                    (SELECT COALESCE(max(version), 0) FROM associations_p), \
+                    (SELECT COALESCE(max(version), 0) FROM associations_r), \
+                    (SELECT COALESCE(max(version), 0) FROM associations_q))",
+                self.flush.statement_deadline().max(LOAD_ROW_WAIT),
+            )
+            .await?;
         Ok(max.max(0) as u64)
     }
 
     /// [`PgStore::high_water`] and Redis mode's fencing epoch, in one query.
     pub async fn redis_fence(&self) -> Result<(u64, u64), StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        let (high, epoch): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT version FROM version_high_water), (SELECT epoch FROM redis_epoch)",
-        )
-        .fetch_one(conn.conn())
-        .within(deadline)
-        .await?;
-        conn.done();
+        let (high, epoch): (i64, i64) = self
+            .read_row(
+                "SELECT (SELECT version FROM version_high_water), (SELECT epoch FROM redis_epoch)",
+                self.flush.statement_deadline(),
+            )
+            .await?;
         Ok((high.max(0) as u64, epoch.max(0) as u64))
+    }
+
+    /// The one row `sql` reads, on a pooled connection (closed unless it answered), waiting
+    /// at most `deadline` for the connection and for the answer.
+    async fn read_row<T>(&self, sql: &'static str, deadline: Duration) -> Result<T, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+    {
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
+        let row = sqlx::query_as(sql)
+            .fetch_one(conn.conn())
+            .within(deadline)
+            .await?;
+        conn.done();
+        Ok(row)
     }
 
     /// Raises Redis mode's fencing epoch, once every flush in flight under the current one
@@ -294,7 +313,10 @@ impl PgStore {
             .within(deadline)
             .await;
         let epoch: i64 = match raised {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            Err(e) if is_lock_timeout(&e) => {
+                // PostgreSQL answered: the connection is sound, and goes back to the pool.
+                tx.rollback().within(deadline).await?;
+                conn.done();
                 return Err(StoreError::EpochHeld { waited: wait });
             }
             other => other?,
@@ -303,7 +325,7 @@ impl PgStore {
         // After the commit, so that its snapshot is taken after the flushes the raise
         // waited for whatever isolation level the database's default is (under repeatable
         // read, a snapshot in the transaction would be the one before the raise waited).
-        let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
+        let high: i64 = sqlx::query_scalar(HIGH_WATER)
             .fetch_one(conn.conn())
             .within(deadline)
             .await?;
@@ -314,13 +336,9 @@ impl PgStore {
     /// The highest version any flush has committed, at or above every version a row
     /// holds: [`PgStore::max_version`] in one row, which every flush raises.
     pub async fn high_water(&self) -> Result<u64, StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        let high: i64 = sqlx::query_scalar("SELECT version FROM version_high_water")
-            .fetch_one(conn.conn())
-            .within(deadline)
+        let (high,): (i64,) = self
+            .read_row(HIGH_WATER, self.flush.statement_deadline())
             .await?;
-        conn.done();
         Ok(high.max(0) as u64)
     }
 
@@ -589,11 +607,12 @@ impl Store for PgStore {
         Ok(estimate.max(0.0) as u64)
     }
 
-    /// Each statement, and each row, waits at most
-    /// [`FlushTxSettings::statement_deadline`] for PostgreSQL, on a connection closed
-    /// unless the load committed.
+    /// Each statement waits at most [`FlushTxSettings::statement_deadline`] for
+    /// PostgreSQL, and each row at most that or [`LOAD_ROW_WAIT`], whichever is longer,
+    /// on a connection closed unless the load committed.
     async fn load(&self, mut visit: Visitor) -> Result<u64, StoreError> {
         let deadline = self.flush.statement_deadline();
+        let row_deadline = deadline.max(LOAD_ROW_WAIT);
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         // One snapshot for the rows and the checkpoint that covers them.
         let mut tx = conn.begin().within(deadline).await?;
@@ -618,7 +637,7 @@ impl Store for PgStore {
         .fetch(&mut *tx);
         let mut loaded = 0u64;
         let mut links = LinkBalance::default();
-        while let Some(row) = rows.try_next().within(deadline).await? {
+        while let Some(row) = rows.try_next().within(row_deadline).await? {
             let key: String = row.try_get("serial_number")?;
             let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
             let name: String = row.try_get("name")?;
@@ -861,6 +880,11 @@ impl Drop for CloseUnlessDone {
     }
 }
 
+/// Whether `e` is PostgreSQL's `lock_timeout` passing.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(e) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE))
+}
+
 /// [`Within::within`] for a PostgreSQL statement's future.
 trait Within<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
     /// The statement's answer, or an I/O error (never [`is_permanent`]) if PostgreSQL has
@@ -872,8 +896,9 @@ trait Within<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
                 Err(sqlx::Error::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(
-                        "PostgreSQL did not answer a statement within {deadline:?} (a backend \
-                         or a network that stalls): it is abandoned and its connection closed"
+                        "no answer from PostgreSQL, or no connection from the pool, within \
+                         {deadline:?} (a backend or a network that stalls, or every pooled \
+                         connection busy): abandoned, and its connection closed"
                     ),
                 )))
             })

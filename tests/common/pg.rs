@@ -127,13 +127,13 @@ impl Proxy {
     }
 }
 
-/// Copies one direction of a link, holding each read while the proxy is stalled; the
-/// client's side (`watch`) may set the stall off.
+/// Copies one direction of a link, holding each read while the proxy is stalled; what
+/// comes `from_client` may set the stall off.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     stall: &Stall,
-    watch: bool,
+    from_client: bool,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
@@ -145,7 +145,7 @@ async fn pump(
         };
         // What sets the stall off still goes: PostgreSQL runs the statement. Anything
         // else read is held, also a read that was waiting when the stall began.
-        if !(watch && stall.look_at(&buf[..n])) {
+        if !(from_client && stall.look_at(&buf[..n])) {
             stall.until_thawed().await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -264,6 +264,22 @@ pub async fn lock_widgets(db: &TestDb) -> PgConnection {
         .await
         .expect("locking widgets");
     locker
+}
+
+/// Waits (up to 10 s) until no session of the database `conn` is inside a transaction it
+/// has left idle: what an abandoned transaction's connection, closed rather than pooled,
+/// leaves once PostgreSQL has seen the close.
+pub async fn no_transaction_left_open(conn: &mut PgConnection) {
+    eventually!("every session's transaction to end", 10, {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .expect("reading pg_stat_activity");
+        open == 0
+    });
 }
 
 /// The backend PID of a session of the database `conn` is on that waits for a lock, once

@@ -47,8 +47,8 @@ const LOST_WHILE_LOADING: LockLost = LockLost {
 
 /// Whether a failure to connect to Redis or to load it is one that passes: Redis or
 /// PostgreSQL unreachable, stalled past a response timeout, or restarting, flushes in
-/// flight holding the fencing epoch, or the load lock lost to a stall. The start retries those with backoff; any other failure (damaged
-/// rows in PostgreSQL, a bug) fails it.
+/// flight holding the fencing epoch, or the load lock lost to a stall. The start retries
+/// those with backoff; any other failure (damaged rows in PostgreSQL, a bug) fails it.
 pub fn passing(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         matches!(

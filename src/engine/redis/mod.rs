@@ -60,7 +60,8 @@ const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// waits for the flushes at most `CHECK_EPOCH_WAIT` (PostgreSQL's `lock_timeout`), and a
 /// request waits at most `CHECK_WAIT` for another request's check; past either it answers
 /// `503 unavailable`. A PostgreSQL that stalls whole answers the request checking
-/// `503 unavailable` after twice `CHECK_EPOCH_WAIT`.
+/// `503 unavailable` too: the check waits at most twice `CHECK_EPOCH_WAIT` for a pooled
+/// connection and for each of PostgreSQL's answers.
 const CHECK_WAIT: Duration = Duration::from_secs(1);
 const CHECK_EPOCH_WAIT: Duration = Duration::from_millis(1500);
 
