@@ -1097,14 +1097,8 @@ async fn restart_and_flush(app: TestApp, db: &TestDb, conn: &mut PgConnection, s
 async fn a_load_whose_postgres_stops_answering_gives_up_and_closes_its_connection() {
     let db = TestDb::create().await;
     let proxy = Proxy::start(&db).await;
-    let store = PgStore::connect(&db.url_via(proxy.addr))
-        .await
-        .unwrap()
-        .with_flush_settings(widgets::store::postgres::FlushTxSettings {
-            timeout: Duration::from_secs(1),
-            ..Default::default()
-        });
-    store.migrate().await.unwrap();
+    let url = db.url_via(proxy.addr);
+    let store = common::pg::store_timing_out_after(&url, Duration::from_secs(1)).await;
     // Stalled in its BEGIN: the connection handed back to the pool then would be inside
     // the transaction once the BEGIN's answer arrives (sqlx #4393).
     proxy.stall_on("BEGIN");

@@ -1320,7 +1320,6 @@ async fn a_stop_behind_a_locked_postgres_leaves_its_widgets_dirty_in_redis_for_t
 /// trust a Redis server behind a version one of them committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
-    use sqlx::Connection;
     let db = TestDb::create().await;
     let mut admin = db.connect().await;
     sqlx::raw_sql(&format!(
@@ -1334,11 +1333,7 @@ async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
     store.migrate().await.unwrap();
     // A flush in flight: it holds the epoch it was taken under and raises the mark.
     let mut flush = db.connect().await;
-    let mut tx = flush.begin().await.unwrap();
-    let _: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = common::pg::hold_the_epoch(&mut flush).await;
     sqlx::query("UPDATE version_high_water SET version = GREATEST(version, 1000)")
         .execute(&mut *tx)
         .await
@@ -1362,25 +1357,13 @@ async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
 /// is tried again; it used to wait as long as the flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_behind_a_flush_holding_the_epoch_gives_up_and_is_tried_again() {
-    use sqlx::Connection;
     let db = TestDb::create().await;
-    let store = PgStore::connect(&db.url)
-        .await
-        .unwrap()
-        .with_flush_settings(widgets::store::postgres::FlushTxSettings {
-            timeout: Duration::from_secs(1),
-            ..Default::default()
-        });
-    store.migrate().await.unwrap();
+    let store = common::pg::store_timing_out_after(&db.url, Duration::from_secs(1)).await;
     let engine = RedisEngine::connect(&redis_url(), &redis_prefix(), 1000, store.clone())
         .await
         .unwrap();
     let mut flush = db.connect().await;
-    let mut tx = flush.begin().await.unwrap();
-    let _: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+    let tx = common::pg::hold_the_epoch(&mut flush).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let loading = widgets::engine::redis::load::ensure_loaded(&engine, &store, &stop);
     let error = tokio::time::timeout(Duration::from_secs(20), loading)

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use widgets::store::postgres::FlushTxSettings;
+use widgets::store::PgStore;
 pub use widgets_testkit::pg::TestDb;
 
 /// A TCP proxy to the PostgreSQL server that can be cut (every connection dropped, new
@@ -280,6 +282,32 @@ pub async fn no_transaction_left_open(conn: &mut PgConnection) {
         .expect("reading pg_stat_activity");
         open == 0
     });
+}
+
+/// A store on `url`, migrated, whose flushes time out after `timeout` (and which waits
+/// twice that for PostgreSQL's answers).
+pub async fn store_timing_out_after(url: &str, timeout: std::time::Duration) -> PgStore {
+    let store = PgStore::connect(url)
+        .await
+        .expect("connecting the store")
+        .with_flush_settings(FlushTxSettings {
+            timeout,
+            ..Default::default()
+        });
+    store.migrate().await.expect("migrating");
+    store
+}
+
+/// What a Redis-mode flush in flight holds until it ends, in a transaction begun on
+/// `conn`: the fencing epoch, share-locked.
+pub async fn hold_the_epoch(conn: &mut PgConnection) -> sqlx::Transaction<'_, sqlx::Postgres> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.expect("BEGIN");
+    let _: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("share-locking the epoch");
+    tx
 }
 
 /// The backend PID of a session of the database `conn` is on that waits for a lock, once
