@@ -79,7 +79,7 @@ pub fn check(args: &SeedArgs, wal_dir: &Path) -> anyhow::Result<()> {
 /// Seeds PostgreSQL (connected and migrated; [`check`] first), then updates the planner's
 /// statistics of every table it filled: the widgets' row count is what start-up sizes its
 /// map by (`len_hint`), and without the association tables' statistics the first start's
-/// load joined them slowly (33 s against 20 s at 10 M widgets, BENCHMARKS.md).
+/// load joined them 1.6x slower (10 s against 6 s at 3 M widgets, BENCHMARKS.md).
 pub async fn into_postgres(args: &SeedArgs, store: &PgStore) -> anyhow::Result<()> {
     fill(store, args, "PostgreSQL").await?;
     sqlx::query("ANALYZE widgets, associations_p, associations_r, associations_q")
