@@ -622,10 +622,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .within(deadline)
             .await?;
-        let checkpoint: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
-            .fetch_one(&mut *tx)
-            .within(deadline)
-            .await?;
+        let checkpoint = stored_checkpoint(&mut tx, deadline).await?;
         let mut rows = sqlx::query(
             "SELECT w.serial_number, w.name, w.ports, w.version, \
                     p.peer_serial_number AS p, p.version AS pv, \
@@ -676,7 +673,6 @@ impl Store for PgStore {
         }
         tx.commit().within(deadline).await?;
         conn.done();
-        let checkpoint = checkpoint.max(0) as u64;
         self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
         Ok(checkpoint)
     }
