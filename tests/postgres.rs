@@ -14,6 +14,7 @@ use sqlx::PgConnection;
 use std::time::Duration;
 use widgets::domain::{Mark, Name, PortType, Ports, Serial, Widget};
 use widgets::store::{FlushBatch, FlushItem, PgStore, Store};
+use widgets::wal::identity::new_identity;
 
 async fn checkpoint(conn: &mut PgConnection) -> i64 {
     sqlx::query_scalar("SELECT lsn FROM checkpoint")
@@ -1088,6 +1089,61 @@ async fn restart_and_flush(app: TestApp, db: &TestDb, conn: &mut PgConnection, s
         serials.iter().all(|s| state.contains_key(*s))
     });
     again.stop().await;
+}
+
+/// Waits up to 20 s for `step` of a start, which must give up on a PostgreSQL stalled on
+/// `statement` with PostgreSQL's silence as the reason; then lets PostgreSQL answer again.
+async fn gives_up_on_a_stall<T: std::fmt::Debug>(
+    proxy: &Proxy,
+    statement: &str,
+    step: impl std::future::Future<Output = Result<T, widgets::store::StoreError>>,
+) {
+    proxy.stall_on(statement);
+    let tried = tokio::time::timeout(Duration::from_secs(20), step)
+        .await
+        .unwrap_or_else(|_| panic!("a start stalled on {statement:?} did not give up in 20 s"));
+    assert!(proxy.stalled(), "{statement:?} reached PostgreSQL");
+    let error = tried.expect_err("a step that got no answer").to_string();
+    assert!(error.contains("no answer from PostgreSQL"), "{error}");
+    proxy.thaw();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_step() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let url = db.url_via(proxy.addr);
+    let store = common::pg::store_timing_out_after(&url, Duration::from_secs(1)).await;
+
+    gives_up_on_a_stall(
+        &proxy,
+        "SELECT pg_try_advisory_lock",
+        store.claim_single_writer(),
+    )
+    .await;
+    gives_up_on_a_stall(&proxy, "SELECT reltuples", store.len_hint()).await;
+    gives_up_on_a_stall(&proxy, "SELECT identity", store.identity()).await;
+    let (first, second) = (new_identity(), new_identity());
+    gives_up_on_a_stall(
+        &proxy,
+        "INSERT INTO store_identity",
+        store.set_identity(&first),
+    )
+    .await;
+
+    // Each gave up on a connection of its own, and left nothing open or held.
+    let mut conn = db.connect().await;
+    common::pg::no_transaction_left_open(&mut conn).await;
+    store.set_identity(&second).await.unwrap();
+    assert_eq!(store.identity().await.unwrap(), Some(second));
+    let token = tokio::time::timeout(Duration::from_secs(20), store.claim_single_writer())
+        .await
+        .expect("the claim after a stalled one")
+        .expect("the stalled claim's session let its lock go");
+    assert!(token >= 1);
+    drop(store);
+    drop(proxy);
+    db.drop_db().await;
 }
 
 /// A load from PostgreSQL (a start, or Redis mode loading Redis) whose PostgreSQL stops

@@ -152,8 +152,14 @@ impl PgStore {
     /// on a session of its own (held until the process ends) and the next fencing token,
     /// which every later flush checks. Fails with [`StoreError::WriterHeld`] while another
     /// single-node instance holds the lock.
+    ///
+    /// Each statement waits at most [`FlushTxSettings::statement_deadline`] for PostgreSQL
+    /// (the claim's own wait for a row lock is shorter): a start that stalls here would
+    /// stay unready for as long as PostgreSQL does not answer. A claim that gives up
+    /// closes its session, and with it anything it took.
     pub async fn claim_single_writer(&self) -> Result<i64, StoreError> {
-        let mut session = self.pool.acquire().await?.detach();
+        let deadline = self.flush.statement_deadline();
+        let mut session = self.pool.acquire().within(deadline).await?.detach();
         // A predecessor that was just killed holds the lock until PostgreSQL notices its
         // session is gone, which takes a moment: wait that long before refusing.
         let mut locked = false;
@@ -161,6 +167,7 @@ impl PgStore {
             locked = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(SINGLE_WRITER_LOCK)
                 .fetch_one(&mut session)
+                .within(deadline)
                 .await?;
             if locked {
                 break;
@@ -177,6 +184,7 @@ impl PgStore {
             )
             .bind(SINGLE_WRITER_LOCK)
             .fetch_optional(&mut session)
+            .within(deadline)
             .await?;
             return Err(StoreError::WriterHeld {
                 backend_pid: holder,
@@ -189,10 +197,12 @@ impl PgStore {
         sqlx::query("SELECT set_config('lock_timeout', $1, false)")
             .bind(pg_millis(waited))
             .execute(&mut session)
+            .within(deadline)
             .await?;
         let claimed =
             sqlx::query_scalar("UPDATE single_writer SET token = token + 1 RETURNING token")
                 .fetch_one(&mut session)
+                .within(deadline)
                 .await;
         let token: i64 = match claimed {
             Err(e) if is_lock_timeout(&e) => {
@@ -208,6 +218,7 @@ impl PgStore {
                          LIMIT 1))",
                 )
                 .fetch_optional(&mut session)
+                .within(deadline)
                 .await?;
                 return Err(StoreError::WriterRowHeld {
                     backend_pid: holder,
@@ -273,9 +284,22 @@ impl PgStore {
     where
         T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
     {
+        let row = self.read_optional_row(sql, deadline).await?;
+        row.ok_or(StoreError::Postgres(sqlx::Error::RowNotFound))
+    }
+
+    /// As [`PgStore::read_row`], for a row that may not be there.
+    async fn read_optional_row<T>(
+        &self,
+        sql: &'static str,
+        deadline: Duration,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+    {
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let row = sqlx::query_as(sql)
-            .fetch_one(conn.conn())
+            .fetch_optional(conn.conn())
             .within(deadline)
             .await?;
         conn.done();
@@ -600,12 +624,15 @@ fn corrupt(key: &str, reason: impl ToString) -> StoreError {
 
 impl Store for PgStore {
     /// The planner's row estimate (kept by ANALYZE and autovacuum): free to read, and
-    /// `-1` (no estimate yet) reads as 0.
+    /// `-1` (no estimate yet) reads as 0. Waits at most
+    /// [`FlushTxSettings::statement_deadline`], as the start's other statements do.
     async fn len_hint(&self) -> Result<u64, StoreError> {
-        let estimate: f32 =
-            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'widgets'::regclass")
-                .fetch_one(&self.pool)
-                .await?;
+        let (estimate,): (f32,) = self
+            .read_row(
+                "SELECT reltuples FROM pg_class WHERE oid = 'widgets'::regclass",
+                self.flush.statement_deadline(),
+            )
+            .await?;
         Ok(estimate.max(0.0) as u64)
     }
 
@@ -677,20 +704,31 @@ impl Store for PgStore {
         Ok(checkpoint)
     }
 
+    /// Waits at most [`FlushTxSettings::statement_deadline`]: a start that stalls here
+    /// would stay unready for as long as PostgreSQL does not answer.
     async fn identity(&self) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT identity FROM store_identity")
-            .fetch_optional(&self.pool)
-            .await?)
+        let row: Option<(String,)> = self
+            .read_optional_row(
+                "SELECT identity FROM store_identity",
+                self.flush.statement_deadline(),
+            )
+            .await?;
+        Ok(row.map(|(identity,)| identity))
     }
 
+    /// Waits at most [`FlushTxSettings::statement_deadline`], as [`PgStore::identity`].
     async fn set_identity(&self, identity: &str) -> Result<(), StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         sqlx::query(
             "INSERT INTO store_identity (id, identity) VALUES (true, $1) \
              ON CONFLICT (id) DO UPDATE SET identity = excluded.identity",
         )
         .bind(identity)
-        .execute(&self.pool)
+        .execute(conn.conn())
+        .within(deadline)
         .await?;
+        conn.done();
         Ok(())
     }
 
