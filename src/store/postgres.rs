@@ -86,8 +86,15 @@ impl FlushTxSettings {
     /// high-water mark and the fencing epoch wait as long (a load's rows at least
     /// [`LOAD_ROW_WAIT`]).
     pub fn statement_deadline(&self) -> Duration {
-        self.timeout.saturating_mul(2)
+        answer_deadline(self.timeout)
     }
+}
+
+/// How long this instance waits for the answer to a statement PostgreSQL itself bounds
+/// at `bound` (`statement_timeout`, `lock_timeout`): twice that, since PostgreSQL's own
+/// bound cannot fire in a backend or behind a network that stalls.
+fn answer_deadline(bound: Duration) -> Duration {
+    bound.saturating_mul(2)
 }
 
 impl Default for FlushTxSettings {
@@ -322,7 +329,7 @@ impl PgStore {
         wait: Option<Duration>,
     ) -> Result<(u64, u64), StoreError> {
         let wait = wait.unwrap_or(self.flush.timeout);
-        let deadline = wait.saturating_mul(2);
+        let deadline = answer_deadline(wait);
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let mut tx = conn.begin().within(deadline).await?;
         sqlx::query(
