@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use sqlx::PgConnection;
 use std::time::Duration;
 use widgets::domain::{Mark, Name, PortType, Ports, Serial, Widget};
-use widgets::store::{FlushBatch, FlushItem, PgStore, Store};
+use widgets::store::{FlushBatch, FlushItem, PgStore, Store, StoreError};
 use widgets::wal::identity::new_identity;
 
 async fn checkpoint(conn: &mut PgConnection) -> i64 {
@@ -608,6 +608,42 @@ async fn a_claim_behind_a_stalled_flush_refuses_the_start_naming_its_backend() {
         "{message}"
     );
     drop((open, reader, store));
+    db.drop_db().await;
+}
+
+/// Several flushes of an earlier writer, each holding the single_writer row and ending a
+/// little before `--pg-flush-timeout`, one after another: the claim waits for each in
+/// turn, and PostgreSQL's `lock_timeout` never fires. The claim still ends within the
+/// flush timeout, named for what it is, not as a PostgreSQL that stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_behind_flushes_ending_one_after_another_refuses_within_the_flush_timeout() {
+    let db = TestDb::create().await;
+    let store = common::pg::store_timing_out_after(&db.url, Duration::from_secs(1)).await;
+    let mut flushes = Vec::new();
+    for _ in 0..5 {
+        let mut open = db.connect().await;
+        sqlx::raw_sql("BEGIN; SELECT token FROM single_writer FOR SHARE")
+            .execute(&mut open)
+            .await
+            .unwrap();
+        flushes.push(open);
+    }
+    let ending = tokio::spawn(async move {
+        for open in flushes {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            // Its transaction ends with its session.
+            sqlx::Connection::close(open).await.unwrap();
+        }
+    });
+    let claimed = tokio::time::timeout(Duration::from_secs(20), store.claim_single_writer())
+        .await
+        .expect("the claim gave up within 20 s");
+    assert!(
+        matches!(claimed, Err(StoreError::WriterRowHeld { .. })),
+        "{claimed:?}"
+    );
+    ending.await.unwrap();
+    drop(store);
     db.drop_db().await;
 }
 

@@ -45,6 +45,8 @@ const LOAD_ROW_WAIT: Duration = Duration::from_secs(60);
 const HIGH_WATER: &str = "SELECT version FROM version_high_water";
 /// SQLSTATE `lock_not_available`: `lock_timeout` passed.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// SQLSTATE `query_canceled`: a statement past its `statement_timeout`, among others.
+const QUERY_CANCELED: &str = "57014";
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -82,9 +84,9 @@ impl FlushTxSettings {
     /// How long this instance waits for PostgreSQL to answer one statement of a flush
     /// (`BEGIN` and `COMMIT` included) before it abandons the flush: twice the bound
     /// PostgreSQL itself puts on the statement, which cannot fire in a backend that stalls
-    /// (stopped, swapped out) or behind a network that does. Loads and the reads of the
-    /// high-water mark and the fencing epoch wait as long (a load's rows at least
-    /// [`LOAD_ROW_WAIT`]).
+    /// (stopped, swapped out) or behind a network that does. Loads, a single-node start's
+    /// other statements, and the reads of the high-water mark and the fencing epoch wait
+    /// as long (a load's rows at least [`LOAD_ROW_WAIT`]).
     pub fn statement_deadline(&self) -> Duration {
         answer_deadline(self.timeout)
     }
@@ -161,9 +163,11 @@ impl PgStore {
     /// single-node instance holds the lock.
     ///
     /// Each statement waits at most [`FlushTxSettings::statement_deadline`] for PostgreSQL
-    /// (the claim's own wait for a row lock is shorter): a start that stalls here would
-    /// stay unready for as long as PostgreSQL does not answer. A claim that gives up
-    /// closes its session, and with it anything it took.
+    /// (the claim's wait for the row, which PostgreSQL bounds itself, at most half that):
+    /// a start that stalls here would stay unready for as long as PostgreSQL does not
+    /// answer. A claim that gives up closes its session. The lock goes once PostgreSQL
+    /// sees it closed, which behind a network that stalls takes as long as the stall, and
+    /// an increment of the token it sent may still commit (harmless: tokens only grow).
     pub async fn claim_single_writer(&self) -> Result<i64, StoreError> {
         let deadline = self.flush.statement_deadline();
         let mut session = self.pool.acquire().within(deadline).await?.detach();
@@ -199,20 +203,26 @@ impl PgStore {
         }
         // A flush of an earlier writer that is still open holds the row (FOR SHARE), and
         // the claim waits for it to end: a dead writer's ends at once, but one whose
-        // backend stalls (stopped, swapped out) would hold this start for as long.
+        // backend stalls (stopped, swapped out) would hold this start for as long. Several
+        // such flushes are waited for one after another, each up to `lock_timeout`: the
+        // statement's own timeout bounds them together, so that only a stall reaches the
+        // deadline on this side.
         let waited = self.flush.timeout;
-        sqlx::query("SELECT set_config('lock_timeout', $1, false)")
-            .bind(pg_millis(waited))
-            .execute(&mut session)
-            .within(deadline)
-            .await?;
+        sqlx::query(
+            "SELECT set_config('lock_timeout', $1, false), \
+                    set_config('statement_timeout', $1, false)",
+        )
+        .bind(pg_millis(waited))
+        .execute(&mut session)
+        .within(deadline)
+        .await?;
         let claimed =
             sqlx::query_scalar("UPDATE single_writer SET token = token + 1 RETURNING token")
                 .fetch_one(&mut session)
                 .within(deadline)
                 .await;
         let token: i64 = match claimed {
-            Err(e) if is_lock_timeout(&e) => {
+            Err(e) if is_lock_timeout(&e) || has_code(&e, QUERY_CANCELED) => {
                 // The transaction whose row lock it is (the row's xmax), or with several
                 // share lockers, one backend holding a row share lock on the table.
                 let holder: Option<i32> = sqlx::query_scalar(
@@ -595,6 +605,7 @@ impl LinkBalance {
 /// The first association row whose mirror is missing, as the error that names it.
 async fn one_sided_association(
     tx: &mut Transaction<'_, Postgres>,
+    deadline: Duration,
 ) -> Result<StoreError, StoreError> {
     for port in PortType::ALL {
         let table = ASSOCIATION_TABLES[port.index()];
@@ -606,6 +617,7 @@ async fn one_sided_association(
              ORDER BY a.serial_number LIMIT 1"
         ))
         .fetch_optional(&mut **tx)
+        .within(deadline)
         .await?;
         if let Some((serial, peer)) = row {
             return Ok(corrupt(
@@ -703,7 +715,7 @@ impl Store for PgStore {
         }
         drop(rows);
         if !links.balanced() {
-            return Err(one_sided_association(&mut tx).await?);
+            return Err(one_sided_association(&mut tx, row_deadline).await?);
         }
         tx.commit().within(deadline).await?;
         conn.done();
@@ -926,7 +938,12 @@ impl Drop for CloseUnlessDone {
 
 /// Whether `e` is PostgreSQL's `lock_timeout` passing.
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(e) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE))
+    has_code(e, LOCK_NOT_AVAILABLE)
+}
+
+/// Whether PostgreSQL answered `e` with SQLSTATE `code`.
+fn has_code(e: &sqlx::Error, code: &str) -> bool {
+    matches!(e, sqlx::Error::Database(e) if e.code().as_deref() == Some(code))
 }
 
 /// A deadline for each row of a stream, as [`Within::within`] sets one for a statement,
