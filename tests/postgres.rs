@@ -1128,7 +1128,7 @@ async fn restart_and_flush(app: TestApp, db: &TestDb, conn: &mut PgConnection, s
 }
 
 /// Waits up to 20 s for `step` of a start, which must give up on a PostgreSQL stalled on
-/// `statement` with PostgreSQL's silence as the reason; then lets PostgreSQL answer again.
+/// `statement` with PostgreSQL's silence as the reason. The proxy stays stalled.
 async fn gives_up_on_a_stall<T: std::fmt::Debug>(
     proxy: &Proxy,
     statement: &str,
@@ -1141,7 +1141,6 @@ async fn gives_up_on_a_stall<T: std::fmt::Debug>(
     assert!(proxy.stalled(), "{statement:?} reached PostgreSQL");
     let error = tried.expect_err("a step that got no answer").to_string();
     assert!(error.contains("no answer from PostgreSQL"), "{error}");
-    proxy.thaw();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1151,14 +1150,34 @@ async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_ste
     let url = db.url_via(proxy.addr);
     let store = common::pg::store_timing_out_after(&url, Duration::from_secs(1)).await;
 
-    gives_up_on_a_stall(
-        &proxy,
+    let steps = [
         "SELECT pg_try_advisory_lock",
-        store.claim_single_writer(),
-    )
-    .await;
+        "SELECT set_config('lock_timeout'",
+    ];
+    for statement in steps {
+        gives_up_on_a_stall(&proxy, statement, store.claim_single_writer()).await;
+        proxy.thaw();
+    }
+    // Stalled with the lock taken: the abandoned session holds it until PostgreSQL sees
+    // it closed, and another instance is refused meanwhile, with that session named.
+    gives_up_on_a_stall(&proxy, "UPDATE single_writer", store.claim_single_writer()).await;
+    let other = PgStore::connect(&db.url).await.unwrap();
+    let refused = other.claim_single_writer().await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::WriterHeld {
+                backend_pid: Some(_)
+            })
+        ),
+        "{refused:?}"
+    );
+    drop(other);
+    proxy.thaw();
     gives_up_on_a_stall(&proxy, "SELECT reltuples", store.len_hint()).await;
+    proxy.thaw();
     gives_up_on_a_stall(&proxy, "SELECT identity", store.identity()).await;
+    proxy.thaw();
     let (first, second) = (new_identity(), new_identity());
     gives_up_on_a_stall(
         &proxy,
@@ -1166,16 +1185,18 @@ async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_ste
         store.set_identity(&first),
     )
     .await;
+    proxy.thaw();
 
-    // Each gave up on a connection of its own, and left nothing open or held.
+    // Each gave up on a connection of its own, and left nothing open or held once
+    // PostgreSQL saw it closed.
     let mut conn = db.connect().await;
     common::pg::no_transaction_left_open(&mut conn).await;
     store.set_identity(&second).await.unwrap();
     assert_eq!(store.identity().await.unwrap(), Some(second));
     let token = tokio::time::timeout(Duration::from_secs(20), store.claim_single_writer())
         .await
-        .expect("the claim after a stalled one")
-        .expect("the stalled claim's session let its lock go");
+        .expect("the claim after the stalled ones")
+        .expect("the abandoned claim's session let its lock go");
     assert!(token >= 1);
     drop(store);
     drop(proxy);

@@ -110,9 +110,11 @@ impl Proxy {
         self.cut.store(false, Ordering::SeqCst);
     }
 
-    /// From the next time a client sends `statement`: PostgreSQL gets it, and from then on
-    /// nothing more goes either way on any connection, open or new, until [`Proxy::thaw`]
-    /// (a network that stalls with a statement in flight).
+    /// From the next time a client sends `statement`: PostgreSQL gets the message that
+    /// carries it, and from then on nothing more goes either way on any connection, open or
+    /// new, until [`Proxy::thaw`] (a network that stalls with a statement in flight). For a
+    /// statement with parameters that message is sqlx's Parse, so PostgreSQL has not run
+    /// it yet: what the session did before it stands (a lock it took stays taken).
     pub fn stall_on(&self, statement: &str) {
         *self.stall.trigger.lock().unwrap() = Some(statement.as_bytes().to_vec());
     }
