@@ -176,11 +176,19 @@ impl Serving {
                         return self.run_redis(&redis, store).await;
                     }
                     // Single node: this instance's LSNs are the database's only ones.
-                    match store.claim_single_writer().await {
+                    let claimed = tokio::select! {
+                        claimed = store.claim_single_writer() => claimed,
+                        _ = self.shutdown.cancelled() => return self.drain().await,
+                    };
+                    match claimed {
                         Ok(token) => {
                             tracing::info!(token, "this instance is the database's single writer")
                         }
-                        Err(e) => return self.fail(anyhow::Error::new(e)).await,
+                        Err(e) => {
+                            let e = anyhow::Error::new(e)
+                                .context("claiming the database's single writer");
+                            return self.fail(e).await;
+                        }
                     }
                     self.run(store).await
                 }

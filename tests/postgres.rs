@@ -1203,6 +1203,31 @@ async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_ste
     db.drop_db().await;
 }
 
+/// A stop asked for while the start's claim waits on a PostgreSQL that does not answer
+/// ends the process at once, not after the claim's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_stalled_claim_is_not_held_by_it() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let url = db.url_via(proxy.addr);
+    proxy.stall_on("UPDATE single_writer");
+    let dir = tempfile::TempDir::new().unwrap();
+    // The claim would wait 60 s for its answer.
+    let args = ["--database-url", &url, "--pg-flush-timeout", "30s"];
+    let app =
+        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
+            .await
+            .unwrap();
+    eventually!("the claim reached its UPDATE", 20, { proxy.stalled() });
+    let stopped = tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("the stop waited for the stalled claim");
+    stopped.expect("a stop before the start finished is a clean one");
+    proxy.thaw();
+    drop(proxy);
+    db.drop_db().await;
+}
+
 /// A load from PostgreSQL (a start, or Redis mode loading Redis) whose PostgreSQL stops
 /// answering gives up after the statement deadline instead of waiting as long as it
 /// stalls, and closes its connection rather than handing back a transaction still open.
