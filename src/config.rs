@@ -55,8 +55,8 @@ pub struct Config {
     /// instance abandons a flush, a load from PostgreSQL or a step of a single-node start,
     /// whose statement has no answer within twice this (a backend or a network that
     /// stalls, where PostgreSQL's own timeouts cannot fire; a load's next row: at least a
-    /// minute). Redis mode: also the
-    /// longest a load of Redis waits for the flushes in flight.
+    /// minute). Redis mode: also the longest a load of Redis waits for the flushes in
+    /// flight.
     #[arg(long, env = "WIDGETS_PG_FLUSH_TIMEOUT", default_value = "30s", value_parser = duration_up_to_an_hour)]
     pub pg_flush_timeout: Duration,
 
