@@ -90,6 +90,13 @@ impl FlushTxSettings {
     pub fn statement_deadline(&self) -> Duration {
         answer_deadline(self.timeout)
     }
+
+    /// How long a load waits for its next row (and [`PgStore::max_version`], which reads
+    /// every row before it answers): the statement deadline, but at least
+    /// [`LOAD_ROW_WAIT`].
+    fn row_deadline(&self) -> Duration {
+        self.statement_deadline().max(LOAD_ROW_WAIT)
+    }
 }
 
 /// How long this instance waits for the answer to a statement PostgreSQL itself bounds
@@ -278,7 +285,7 @@ impl PgStore {
                     (SELECT COALESCE(max(version), 0) FROM associations_p), \
                     (SELECT COALESCE(max(version), 0) FROM associations_r), \
                     (SELECT COALESCE(max(version), 0) FROM associations_q))",
-                self.flush.statement_deadline().max(LOAD_ROW_WAIT),
+                self.flush.row_deadline(),
             )
             .await?;
         Ok(max.max(0) as u64)
@@ -660,7 +667,7 @@ impl Store for PgStore {
     /// on a connection closed unless the load committed.
     async fn load(&self, mut visit: Visitor) -> Result<u64, StoreError> {
         let deadline = self.flush.statement_deadline();
-        let row_deadline = deadline.max(LOAD_ROW_WAIT);
+        let row_deadline = self.flush.row_deadline();
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         // One snapshot for the rows and the checkpoint that covers them.
         let mut tx = conn.begin().within(deadline).await?;
