@@ -567,6 +567,17 @@ async fn a_row_postgres_refuses_is_kept_in_flush_rejects_and_the_rest_commits() 
     db.drop_db().await;
 }
 
+/// A session standing in for a single-node flush left open: in a transaction that holds
+/// the single_writer row as every flush does (FOR SHARE), until it commits or closes.
+async fn a_flush_holding_the_writer_row(db: &TestDb) -> PgConnection {
+    let mut open = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT token FROM single_writer FOR SHARE")
+        .execute(&mut open)
+        .await
+        .unwrap();
+    open
+}
+
 /// A flush of an earlier writer left open on a backend that stalls holds the
 /// single_writer row: a new instance's claim waits for it `--pg-flush-timeout`, then
 /// refuses the start naming that backend. The claim used to wait with no end, and a
@@ -576,11 +587,7 @@ async fn a_claim_behind_a_stalled_flush_refuses_the_start_naming_its_backend() {
     let db = TestDb::create().await;
     let store = PgStore::connect(&db.url).await.unwrap();
     store.migrate().await.unwrap();
-    let mut open = db.connect().await;
-    sqlx::raw_sql("BEGIN; SELECT token FROM single_writer FOR SHARE")
-        .execute(&mut open)
-        .await
-        .unwrap();
+    let mut open = a_flush_holding_the_writer_row(&db).await;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut open)
         .await
@@ -621,12 +628,7 @@ async fn a_claim_behind_flushes_ending_one_after_another_refuses_within_the_flus
     let store = common::pg::store_timing_out_after(&db.url, Duration::from_secs(1)).await;
     let mut flushes = Vec::new();
     for _ in 0..5 {
-        let mut open = db.connect().await;
-        sqlx::raw_sql("BEGIN; SELECT token FROM single_writer FOR SHARE")
-            .execute(&mut open)
-            .await
-            .unwrap();
-        flushes.push(open);
+        flushes.push(a_flush_holding_the_writer_row(&db).await);
     }
     let ending = tokio::spawn(async move {
         for open in flushes {
