@@ -143,7 +143,7 @@ pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::R
                 // What the store will hold, not what it holds yet: a new embedded store
                 // is laid out at its first write for the widgets that write says it has.
                 widgets: Some(args.widgets),
-                epoch: None,
+                redis: None,
             })
             .await
             .with_context(|| {

@@ -381,7 +381,7 @@ async fn an_older_batch_applied_after_a_newer_one_changes_nothing() {
         items,
         checkpoint: Some(checkpoint),
         widgets: None,
-        epoch: None,
+        redis: None,
     };
     store
         .write_batch(batch(
@@ -498,7 +498,7 @@ async fn a_deletion_waits_for_an_open_flush_that_created_the_widget() {
                 items: vec![deletion],
                 checkpoint: Some(6),
                 widgets: None,
-                epoch: None,
+                redis: None,
             };
             store.write_batch(batch).await
         }
@@ -877,7 +877,7 @@ async fn a_flush_commits_synchronously_within_its_timeout_whatever_the_database_
             items: vec![item("a", None, 1, created)],
             checkpoint: Some(1),
             widgets: None,
-            epoch: None,
+            redis: None,
         })
         .await
         .unwrap();

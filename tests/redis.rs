@@ -61,7 +61,7 @@ async fn commit_late(store: &PgStore, items: Vec<widgets::store::FlushItem>) {
             items,
             checkpoint: None,
             widgets: None,
-            epoch: None,
+            redis: None,
         })
         .await
         .unwrap();
@@ -215,7 +215,7 @@ async fn flushers_that_die_before_or_after_their_commit_lose_nothing_and_write_n
         .unzip();
     commit_late(&store, items).await;
     assert_eq!(
-        engine.ack(&entries, None).await.unwrap(),
+        engine.ack(&entries, None, 0).await.unwrap(),
         0,
         "the late ack removed newer dirty entries"
     );
@@ -317,7 +317,10 @@ async fn flush_lag_is_the_age_of_the_oldest_unflushed_change_not_of_the_backlog(
     let (entries, whole_set_at) = (acks.entries, acks.whole_set_at);
     assert!(whole_set_at.is_some(), "the batch held the whole dirty set");
     create(&engine, "new").await;
-    engine.ack(&entries, whole_set_at.as_deref()).await.unwrap();
+    engine
+        .ack(&entries, whole_set_at.as_deref(), 0)
+        .await
+        .unwrap();
     // The dirty set was never empty, but its oldest change is the new one.
     let lag = lag(engine.gauges().await);
     assert!(lag < 0.5, "lag {lag}s counts the flushed change's age");
@@ -1389,5 +1392,141 @@ async fn a_load_behind_a_flush_holding_the_epoch_gives_up_and_is_tried_again() {
             .unwrap()
     );
     drop(flush);
+    db.drop_db().await;
+}
+
+/// The tables a flush writes, and the counters beside them.
+const FLUSHED_TABLES: [&str; 7] = [
+    "widgets",
+    "associations_p",
+    "associations_r",
+    "associations_q",
+    "widget_tombstones",
+    "version_high_water",
+    "redis_epoch",
+];
+
+/// A backup of the database: a copy of every table a flush writes.
+async fn back_up(pg: &mut sqlx::PgConnection) {
+    for table in FLUSHED_TABLES {
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE saved_{table} AS SELECT * FROM {table}"
+        ))
+        .execute(&mut *pg)
+        .await
+        .unwrap();
+    }
+}
+
+/// The backup restored, in one transaction: the database goes back in time.
+async fn restore(pg: &mut sqlx::PgConnection) {
+    let mut sql = String::from("BEGIN;");
+    for table in FLUSHED_TABLES {
+        sql += &format!("DELETE FROM {table}; INSERT INTO {table} SELECT * FROM saved_{table};");
+    }
+    sql += "COMMIT";
+    sqlx::raw_sql(&sql).execute(&mut *pg).await.unwrap();
+}
+
+async fn redis_counter(engine: &RedisEngine, name: &str) -> u64 {
+    let count: Option<u64> = redis_conn()
+        .await
+        .get(format!("{}{name}", engine.prefix()))
+        .await
+        .unwrap();
+    count.unwrap_or(0)
+}
+
+/// PostgreSQL restored from a backup under running instances (or failed over to a replica
+/// that lagged) has lost flushes whose dirty marks Redis cleared: those widgets were only
+/// in Redis, and the flushes after went on without them (or, where the backup held an
+/// older fencing epoch, were refused for ever). The next flush round finds the database's
+/// count of flushes below the one Redis acknowledged, marks the lost widgets dirty again,
+/// and the flushes write them, each change whole even in rounds of one widget.
+async fn a_postgres_gone_back_in_time_gets_its_lost_widgets_again(epoch_raised_since: bool) {
+    let (db, store, engine, _) = flush_parts().await;
+    let flusher = Flusher::new(Arc::new(RedisSource::new(engine.clone(), 1)), store.clone());
+    let all = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for w in &all[..6] {
+        create(&engine, w).await;
+    }
+    associate(&engine, "a", "b").await;
+    associate(&engine, "c", "d").await;
+    associate(&engine, "e", "f").await;
+    flush_all(&flusher, &engine).await;
+    let mut pg = db.connect().await;
+    back_up(&mut pg).await;
+
+    // Flushed after the backup: a re-plug freeing two peers, a delete freeing one, a
+    // create plugged into the freed one.
+    associate(&engine, "a", "c").await;
+    engine.execute(Delete { serial: s("e") }).await.unwrap();
+    create(&engine, "g").await;
+    associate(&engine, "g", "f").await;
+    if epoch_raised_since {
+        // Another instance checks the server (as after a Redis failover).
+        let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, (*store).clone())
+            .await
+            .unwrap();
+        other.check_server().await.unwrap();
+    }
+    flush_all(&flusher, &engine).await;
+    assert_eq!(pg_state(&mut pg).await, redis_state(&engine, &all).await);
+
+    restore(&mut pg).await;
+    create(&engine, "h").await;
+    assert_ne!(pg_state(&mut pg).await, redis_state(&engine, &all).await);
+    for _ in 0..100 {
+        flusher.flush_once().await.unwrap();
+        let bad = asymmetric_rows(&mut pg).await;
+        assert!(bad.is_empty(), "PostgreSQL showed one side: {bad:?}");
+        if engine.gauges().await.contains(&("widgets_dirty", 0.0)) {
+            break;
+        }
+    }
+    assert_eq!(
+        pg_state(&mut pg).await,
+        redis_state(&engine, &all).await,
+        "PostgreSQL misses what it lost"
+    );
+    assert_eq!(redis_counter(&engine, "repairs").await, 1);
+    // Once in line, the rounds after find nothing to repair.
+    create(&engine, "i").await;
+    flush_all(&flusher, &engine).await;
+    assert_eq!(redis_counter(&engine, "repairs").await, 1);
+    assert!(pg_state(&mut pg).await.contains_key("i"));
+    drop(pg);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_postgres_gone_back_in_time_gets_the_widgets_it_lost_written_again() {
+    a_postgres_gone_back_in_time_gets_its_lost_widgets_again(false).await;
+}
+
+#[tokio::test]
+async fn a_postgres_gone_back_to_an_older_epoch_gets_its_flushes_again() {
+    a_postgres_gone_back_in_time_gets_its_lost_widgets_again(true).await;
+}
+
+/// While a repair holds the load lock, no flush takes anything: a widget lost by the
+/// database and not yet marked again could otherwise be written without its peer.
+#[tokio::test]
+async fn no_flush_takes_anything_while_a_repair_compares_postgres_with_redis() {
+    let (db, _store, engine, _flusher) = flush_parts().await;
+    create(&engine, "a").await;
+    let mut conn = redis_conn().await;
+    let lock = format!("{}load_lock", engine.prefix());
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("repair-test")
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(engine.take(1000).await.unwrap().items.is_empty());
+    let _: () = conn.del(&lock).await.unwrap();
+    assert_eq!(engine.take(1000).await.unwrap().items.len(), 1);
     db.drop_db().await;
 }

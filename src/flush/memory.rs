@@ -277,7 +277,7 @@ mod tests {
             ],
             checkpoint: None,
             widgets: None,
-            epoch: None,
+            redis: None,
         };
         sled.write_batch(first_chunk).await.unwrap();
         tokio::task::spawn_blocking({

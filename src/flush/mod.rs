@@ -277,7 +277,7 @@ mod tests {
                     items: vec![item],
                     checkpoint: None,
                     widgets: None,
-                    epoch: None,
+                    redis: None,
                 },
                 ticket: (),
                 last: n.is_multiple_of(self.per_flush),

@@ -9,11 +9,13 @@ pub mod background;
 pub mod postgres;
 pub mod sled;
 
-pub use self::postgres::PgStore;
+pub use self::postgres::{Fence, PgStore};
 pub use self::sled::SledStore;
 
 use crate::domain::{Mark, Serial, Widget};
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -112,9 +114,19 @@ pub struct FlushBatch {
     /// store may keep it for [`Store::len_hint`], and the embedded store lays itself out
     /// for it at its first write (`bench-seed` gives the count it will have written).
     pub widgets: Option<u64>,
-    /// Redis mode: the fencing epoch the batch was taken under; the store commits it only
-    /// while that is still the current epoch ([`StoreError::StaleEpoch`]).
-    pub epoch: Option<u64>,
+    /// Redis mode: what the batch was taken under, and where its commit is counted.
+    pub redis: Option<RedisTake>,
+}
+
+/// Redis mode's side of a flush batch.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTake {
+    /// The fencing epoch the batch was taken under: the store commits it only while that
+    /// is still the current epoch ([`StoreError::StaleEpoch`]).
+    pub epoch: u64,
+    /// Where the store puts the count of the flush that committed the batch
+    /// (`version_high_water.flushes`), which Redis keeps with its acknowledgement.
+    pub counted: Arc<AtomicU64>,
 }
 
 /// Called with every widget the store holds, while it loads.

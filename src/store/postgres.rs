@@ -20,6 +20,7 @@ use futures_util::TryStreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -60,6 +61,18 @@ pub struct PgStore {
     /// The highest checkpoint this instance has loaded or committed: the database's may
     /// not be below it (see `write_batch`).
     checkpoint: Arc<AtomicU64>,
+}
+
+/// What Redis mode checks a Redis server and PostgreSQL against each other with
+/// ([`PgStore::redis_fence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The highest version any flush has committed.
+    pub high: u64,
+    /// The fencing epoch (`redis_epoch`).
+    pub epoch: u64,
+    /// How many flushes have committed.
+    pub flushes: u64,
 }
 
 /// A single-node instance's claim on its database: the connection whose session holds the
@@ -291,15 +304,36 @@ impl PgStore {
         Ok(max.max(0) as u64)
     }
 
-    /// [`PgStore::high_water`] and Redis mode's fencing epoch, in one query.
-    pub async fn redis_fence(&self) -> Result<(u64, u64), StoreError> {
-        let (high, epoch): (i64, i64) = self
+    /// [`PgStore::high_water`], Redis mode's fencing epoch and how many flushes have
+    /// committed, in one query.
+    pub async fn redis_fence(&self) -> Result<Fence, StoreError> {
+        let (high, epoch, flushes): (i64, i64, i64) = self
             .read_row(
-                "SELECT (SELECT version FROM version_high_water), (SELECT epoch FROM redis_epoch)",
+                "SELECT version, (SELECT epoch FROM redis_epoch), flushes \
+                 FROM version_high_water",
                 self.flush.statement_deadline(),
             )
             .await?;
-        Ok((high.max(0) as u64, epoch.max(0) as u64))
+        Ok(Fence {
+            high: high.max(0) as u64,
+            epoch: epoch.max(0) as u64,
+            flushes: flushes.max(0) as u64,
+        })
+    }
+
+    /// Which of `serials` have a widget row.
+    pub async fn existing(&self, serials: &[&str]) -> Result<HashSet<String>, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT serial_number FROM widgets WHERE serial_number = ANY($1::text[])",
+        )
+        .bind(serials)
+        .fetch_all(conn.conn())
+        .within(deadline)
+        .await?;
+        conn.done();
+        Ok(found.into_iter().collect())
     }
 
     /// The one row `sql` reads, on a pooled connection (closed unless it answered), waiting
@@ -345,6 +379,16 @@ impl PgStore {
         &self,
         wait: Option<Duration>,
     ) -> Result<(u64, u64), StoreError> {
+        self.raise_redis_epoch_above(wait, 0).await
+    }
+
+    /// [`PgStore::raise_redis_epoch`], to above `floor` too: a database gone back in time
+    /// may hold an epoch below the one Redis keeps, and every flush would be refused.
+    pub async fn raise_redis_epoch_above(
+        &self,
+        wait: Option<Duration>,
+        floor: u64,
+    ) -> Result<(u64, u64), StoreError> {
         let wait = wait.unwrap_or(self.flush.timeout);
         let deadline = answer_deadline(wait);
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
@@ -358,10 +402,13 @@ impl PgStore {
         .execute(&mut *tx)
         .within(deadline)
         .await?;
-        let raised = sqlx::query_scalar("UPDATE redis_epoch SET epoch = epoch + 1 RETURNING epoch")
-            .fetch_one(&mut *tx)
-            .within(deadline)
-            .await;
+        let raised = sqlx::query_scalar(
+            "UPDATE redis_epoch SET epoch = GREATEST(epoch, $1) + 1 RETURNING epoch",
+        )
+        .bind(to_i64(floor))
+        .fetch_one(&mut *tx)
+        .within(deadline)
+        .await;
         let epoch: i64 = match raised {
             Err(e) if is_lock_timeout(&e) => {
                 // PostgreSQL answered: the connection is sound, and goes back to the pool.
@@ -777,7 +824,7 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .within(deadline)
         .await?;
-        if let Some(mine) = batch.epoch {
+        if let Some(mine) = batch.redis.as_ref().map(|r| r.epoch) {
             // Share-locked until the commit: a raise of the epoch waits for this flush,
             // and a flush after the raise is refused.
             let current: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
@@ -867,12 +914,17 @@ impl Store for PgStore {
         }
         // Last, so that concurrent flushes (Redis mode) hold this one row only while they
         // commit.
+        let mut counted = None;
         if let Some(newest) = batch.items.iter().map(|i| i.version).max() {
-            sqlx::query("UPDATE version_high_water SET version = GREATEST(version, $1)")
-                .bind(to_i64(newest))
-                .execute(&mut *tx)
-                .within(deadline)
-                .await?;
+            let flushes: i64 = sqlx::query_scalar(
+                "UPDATE version_high_water \
+                 SET version = GREATEST(version, $1), flushes = flushes + 1 RETURNING flushes",
+            )
+            .bind(to_i64(newest))
+            .fetch_one(&mut *tx)
+            .within(deadline)
+            .await?;
+            counted = Some(flushes.max(0) as u64);
         }
         if let Some(checkpoint) = batch.checkpoint {
             sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
@@ -885,6 +937,9 @@ impl Store for PgStore {
         conn.done();
         if let Some(checkpoint) = batch.checkpoint {
             self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
+        }
+        if let (Some(flushes), Some(redis)) = (counted, &batch.redis) {
+            redis.counted.store(flushes, Ordering::Relaxed);
         }
         Ok(())
     }

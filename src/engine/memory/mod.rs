@@ -254,7 +254,7 @@ impl MemoryEngine {
             items,
             checkpoint: Some(taken.covered_lsn),
             widgets: Some(widgets),
-            epoch: None,
+            redis: None,
         };
         Ok(Some((batch, FlushTicket { taken })))
     }

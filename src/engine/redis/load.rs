@@ -105,7 +105,7 @@ pub async fn ensure_loaded(
 }
 
 /// Takes the load lock as `token` for one lease, if no loader holds it.
-async fn take_lock(engine: &RedisEngine, token: &str) -> Result<bool, EngineError> {
+pub(super) async fn take_lock(engine: &RedisEngine, token: &str) -> Result<bool, EngineError> {
     let locked: Option<String> = redis::cmd("SET")
         .arg(engine.key("load_lock"))
         .arg(token)
@@ -119,7 +119,7 @@ async fn take_lock(engine: &RedisEngine, token: &str) -> Result<bool, EngineErro
 }
 
 /// A token no other loader has.
-fn lock_token() -> String {
+pub(super) fn lock_token() -> String {
     format!("{}-{}", std::process::id(), fastrand::u64(..))
 }
 
@@ -214,7 +214,7 @@ async fn drain_dirty(engine: &RedisEngine, run_id: &str) -> anyhow::Result<usize
         // Known to be behind: PostgreSQL keeps its newer rows, and the widgets are
         // loaded again from it next.
         engine
-            .ack_up_to(&acks.entries, acks.whole_set_at.as_deref(), 0)
+            .ack_up_to(&acks.entries, acks.whole_set_at.as_deref(), 0, acks.flush())
             .await?;
     }
 }
@@ -265,7 +265,7 @@ async fn clear(engine: &RedisEngine) -> Result<u64, EngineError> {
 }
 
 /// `text` as a SCAN pattern that matches only itself.
-fn glob_escape(text: &str) -> String {
+pub(super) fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {

@@ -18,19 +18,23 @@
 //! script that reads or writes widgets runs only on a server this instance has checked
 //! ([`RedisEngine::check_server`]: its `seq` is not below PostgreSQL's newest version),
 //! and a server that fails the check is brought back in line by the flusher
-//! ([`load::resync`]) while writes and reads answer `503 unavailable`.
+//! ([`load::resync`]) while writes and reads answer `503 unavailable`. The other way round,
+//! a PostgreSQL that comes back older than Redis has the widgets it lost marked dirty
+//! again, and written from Redis ([`repair`]).
 
 pub mod load;
+pub mod repair;
 mod scripts;
 
 use super::EngineError;
 use crate::domain::{Mark, Name, PortType, Ports, Rule, Serial, StateView, Touched, Tx, Widget};
 use crate::store::PgStore;
-use crate::store::{FlushBatch, FlushItem};
+use crate::store::{FlushBatch, FlushItem, RedisTake};
 use redis::aio::ConnectionManager;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How often a write is retried after losing a race on the same widgets before it answers
@@ -136,6 +140,8 @@ impl RedisEngine {
             "widgets_redis_behind_total",
             "widgets_redis_resyncs_total",
             "widgets_redis_write_conflicts_total",
+            "widgets_postgres_behind_total",
+            "widgets_postgres_repairs_total",
         ]);
         Ok(Self {
             conn,
@@ -442,8 +448,25 @@ impl RedisEngine {
     /// `seq` is below the highest version PostgreSQL holds (it went back in time in place,
     /// with no new `run_id`), the take first brings it in line ([`load::resync`]), and
     /// takes nothing if it could not.
+    ///
+    /// First it checks PostgreSQL against Redis the other way round: a database that holds
+    /// fewer flushes than Redis has acknowledged, or an older fencing epoch, has gone back
+    /// in time, and the widgets it lost are written to it again from Redis
+    /// ([`repair::repair`]) before anything else is taken.
     pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
-        let (high, epoch) = self.store.redis_fence().await.map_err(postgres)?;
+        let (mut fence, behind) = repair::postgres_behind(self).await?;
+        if behind.is_some() {
+            let repaired = repair::repair(self).await.map_err(|e| {
+                EngineError::Unavailable(format!(
+                    "writing the widgets PostgreSQL lost again from Redis: {e:#}"
+                ))
+            })?;
+            if !repaired {
+                return Ok(Taken::nothing()); // another instance is at it
+            }
+            fence = self.store.redis_fence().await.map_err(postgres)?;
+        }
+        let (high, epoch) = (fence.high, fence.epoch);
         let mut taken = self.take_on(&self.trusted(), count, high).await?;
         if matches!(&taken, Take::Taken(t) if t.loaded && t.epoch < epoch) {
             // Another instance raised the epoch and has not raised Redis's yet (or died
@@ -454,6 +477,7 @@ impl RedisEngine {
         }
         match taken {
             Take::Taken(taken) if taken.loaded => return Ok(taken),
+            Take::Paused => return Ok(Taken::nothing()),
             Take::Behind => {
                 // Logged and counted; the resync below is the answer.
                 self.behind_in_place(high).await?;
@@ -491,6 +515,7 @@ impl RedisEngine {
         match flat.first().map(String::as_str) {
             Some("untrusted") => return Ok(Take::OtherServer),
             Some("behind") => return Ok(Take::Behind),
+            Some("paused") => return Ok(Take::Paused),
             _ => {}
         }
         let [at_ms, whole, loaded, epoch, flat @ ..] = &flat[..] else {
@@ -535,15 +560,18 @@ impl RedisEngine {
         }))
     }
 
-    /// PostgreSQL has committed these: drop each from the dirty set unless it changed since.
-    /// `whole_set_at`: the take's time if it took the whole dirty set (see [`Taken`]).
+    /// PostgreSQL has committed these, as its flush number `flush`
+    /// (`version_high_water.flushes`; 0: not known): Redis keeps the number, and drops each
+    /// entry from the dirty set unless it changed since. `whole_set_at`: the take's time if
+    /// it took the whole dirty set (see [`Taken`]).
     pub async fn ack(
         &self,
         entries: &[(Serial, String)],
         whole_set_at: Option<&str>,
+        flush: u64,
     ) -> Result<usize, EngineError> {
         let high = self.store.high_water().await.map_err(postgres)?;
-        self.ack_up_to(entries, whole_set_at, high).await
+        self.ack_up_to(entries, whole_set_at, high, flush).await
     }
 
     /// [`RedisEngine::ack`], checking `seq` against `high` (0: not at all, for the dirty
@@ -553,12 +581,14 @@ impl RedisEngine {
         entries: &[(Serial, String)],
         whole_set_at: Option<&str>,
         high: u64,
+        flush: u64,
     ) -> Result<usize, EngineError> {
         let mut invocation = scripts::ACK.prepare_invoke();
         invocation
             .arg(&self.prefix)
             .arg(whole_set_at.unwrap_or(""))
-            .arg(high);
+            .arg(high)
+            .arg(flush);
         for (serial, entry) in entries {
             invocation.arg(serial.as_str()).arg(entry);
         }
@@ -574,11 +604,20 @@ impl RedisEngine {
 }
 
 /// What acknowledging a flushed batch needs: each serial with the dirty entry it was taken
-/// with, and the take's time if it took the whole dirty set (see [`Taken`]).
+/// with, the take's time if it took the whole dirty set (see [`Taken`]), and the count of
+/// the flush that committed it, which the store puts there ([`RedisTake::counted`]).
 #[derive(Debug)]
 pub struct Acks {
     pub entries: Vec<(Serial, String)>,
     pub whole_set_at: Option<String>,
+    pub counted: Arc<AtomicU64>,
+}
+
+impl Acks {
+    /// The count of the flush that committed the batch (0 before it has).
+    pub fn flush(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
+    }
 }
 
 impl RedisEngine {
@@ -598,7 +637,8 @@ impl RedisEngine {
 
     /// PostgreSQL has committed the batch of `acks`: see [`RedisEngine::ack`].
     pub async fn finish_flush(&self, acks: &Acks) -> Result<usize, EngineError> {
-        self.ack(&acks.entries, acks.whole_set_at.as_deref()).await
+        self.ack(&acks.entries, acks.whole_set_at.as_deref(), acks.flush())
+            .await
     }
 }
 
@@ -618,17 +658,22 @@ impl Taken {
             })
             .unzip();
         items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
+        let counted = Arc::new(AtomicU64::new(0));
         let batch = FlushBatch {
             items,
             checkpoint: None,
             widgets: None,
-            epoch: Some(epoch),
+            redis: Some(RedisTake {
+                epoch,
+                counted: counted.clone(),
+            }),
         };
         (
             batch,
             Acks {
                 entries,
                 whole_set_at,
+                counted,
             },
         )
     }
@@ -667,6 +712,9 @@ pub(crate) enum Take {
     OtherServer,
     /// Redis's `seq` is below the highest version PostgreSQL holds.
     Behind,
+    /// A repair holds the load lock: nothing is taken until it has marked every widget
+    /// PostgreSQL lost.
+    Paused,
 }
 
 /// Whether a script ran on the server it was meant for.

@@ -8,9 +8,12 @@
 //! has not caught up with), `l:<serial>` (set: the other widgets of the changes that made
 //! a dirty widget dirty, so a flush takes every change whole), `seq` (the version
 //! counter), `epoch` (the fencing epoch it was checked or loaded under, see the
-//! `redis_epoch` table), `count` (widgets), `dirty_since`
+//! `redis_epoch` table), `flushed` (the count of the latest flush acknowledged, see
+//! `version_high_water.flushes`), `count` (widgets), `dirty_since`
 //! (ms timestamp of when `dirty` last became non-empty), `loaded`, `load_lock` and `loads`
-//! (the one-time load from PostgreSQL). Scripts build keys from the serials they are given,
+//! (the one-time load from PostgreSQL; a lock whose token starts with `repair-` is a
+//! repair's, see [`MARK_LOST`]) and `repairs` (the repairs of a PostgreSQL gone back in
+//! time). Scripts build keys from the serials they are given,
 //! which is why they need every key on one Redis node (no Cluster across slots).
 
 use redis::Script;
@@ -179,7 +182,8 @@ return {'ok', tostring(version)}
 /// that every change in the batch is there whole (both ends, the freed old peers) and
 /// PostgreSQL never commits one side of it. The links can make a batch larger than asked.
 /// ARGV: trusted run_id, prefix, count, the highest version PostgreSQL holds. Returns
-/// {"behind"} if `seq` is below that version (Redis went back in time), else the server
+/// {"paused"} while a repair holds the load lock (see [`MARK_LOST`]), {"behind"} if `seq`
+/// is below that version (Redis went back in time), else the server
 /// time in ms, "1" if the batch is the whole dirty set (else "0"), "1" if `loaded` is set
 /// (else "0": Redis lost its data), the fencing epoch, then [`TAKEN_FIELDS`] strings per
 /// widget. Links to widgets no longer dirty are dropped on the way.
@@ -189,6 +193,8 @@ pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
         read_widget_lua!(),
         r#"
 local prefix = ARGV[2]
+local lock = redis.call('GET', prefix .. 'load_lock')
+if lock and string.sub(lock, 1, 7) == 'repair-' then return {'paused'} end
 if tonumber(redis.call('GET', prefix .. 'seq') or '0') < tonumber(ARGV[4]) then
   return {'behind'}
 end
@@ -228,10 +234,11 @@ return out
     ))
 });
 
-/// After PostgreSQL committed a batch: removes each serial from the dirty set only if its
-/// entry is still the one the batch was taken with (nothing changed since). ARGV: prefix,
-/// the take's time in ms if the batch held the whole dirty set (else ""), the highest
-/// version PostgreSQL holds, then pairs (serial, entry), each removed with its links.
+/// After PostgreSQL committed a batch: records the flush's count in `flushed` (never
+/// lowering it), then removes each serial from the dirty set only if its entry is still
+/// the one the batch was taken with (nothing changed since). ARGV: prefix, the take's time
+/// in ms if the batch held the whole dirty set (else ""), the highest version PostgreSQL
+/// holds, the flush's count, then pairs (serial, entry), each removed with its links.
 /// Returns how many it removed, or -1 (removing nothing) if `seq` is below that version:
 /// Redis went back in time, and entries whose writes PostgreSQL's guards dropped as older
 /// must not be taken for written. After a whole-set batch, everything still
@@ -240,10 +247,13 @@ pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
+if tonumber(redis.call('GET', prefix .. 'flushed') or '0') < tonumber(ARGV[4]) then
+  redis.call('SET', prefix .. 'flushed', ARGV[4])
+end
 if tonumber(redis.call('GET', prefix .. 'seq') or '0') < tonumber(ARGV[3]) then return -1 end
 local dirty = prefix .. 'dirty'
 local removed = 0
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   if redis.call('HGET', dirty, ARGV[i]) == ARGV[i + 1] then
     redis.call('HDEL', dirty, ARGV[i])
     redis.call('DEL', prefix .. 'l:' .. ARGV[i])
@@ -258,6 +268,51 @@ end
 return removed
 "#,
     )
+});
+
+/// Marks dirty again the widgets a PostgreSQL gone back in time lost, while a repair holds
+/// the load lock (so no flush takes anything until every lost widget is marked). ARGV:
+/// trusted run_id, prefix, a version no dirty entry has yet, then for each widget
+/// PostgreSQL holds or Redis holds: its serial, the version PostgreSQL holds ("-1": no
+/// row) and its peer there on P, R, Q ("" where free). A widget whose Redis version is
+/// above PostgreSQL's, that Redis holds and PostgreSQL does not, or that PostgreSQL holds
+/// and Redis has deleted, is marked: its row and every port plugged on either side, at
+/// the new version (so no flush taken before can clear it), linked to those peers, so a
+/// flush takes it with every lost widget whose association it shares, and PostgreSQL never
+/// shows one side. Returns {"ok", how many it marked}.
+pub static MARK_LOST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        trusted_server_lua!(),
+        r#"
+local prefix, fresh = ARGV[2], ARGV[3]
+local dirty = prefix .. 'dirty'
+local marked = 0
+for i = 4, #ARGV, 5 do
+  local s, pg = ARGV[i], tonumber(ARGV[i + 1])
+  local v = redis.call('HGET', prefix .. 'w:' .. s, 'version')
+  if (v and tonumber(v) > pg) or (not v and pg >= 0) then
+    local c = redis.call('HMGET', prefix .. 'c:' .. s, 'p', 'r', 'q')
+    local bits, links = 8, {}
+    for k = 1, 3 do
+      for _, peer in ipairs({ARGV[i + 1 + k], c[k] or ''}) do
+        if peer ~= '' then
+          bits = bit.bor(bits, bit.lshift(1, k - 1))
+          table.insert(links, peer)
+        end
+      end
+    end
+    if redis.call('HLEN', dirty) == 0 then
+      local t = redis.call('TIME')
+      redis.call('SET', prefix .. 'dirty_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+    end
+    redis.call('HSET', dirty, s, bits .. ':' .. fresh)
+    if #links > 0 then redis.call('SADD', prefix .. 'l:' .. s, unpack(links)) end
+    marked = marked + 1
+  end
+end
+return {'ok', tostring(marked)}
+"#
+    ))
 });
 
 /// The state gauges in one atomic call. ARGV: prefix. Returns {count, dirty, lag_ms}.

@@ -955,7 +955,7 @@ mod tests {
             items: vec![item("a"), item("b")],
             checkpoint: Some(9),
             widgets: Some(2),
-            epoch: None,
+            redis: None,
         };
         store.write_batch(batch).await.unwrap();
         assert_eq!(store.len_hint().await.unwrap(), 2);
@@ -989,7 +989,7 @@ mod tests {
             items: vec![item(serial)],
             checkpoint: Some(checkpoint),
             widgets: Some(2),
-            epoch: None,
+            redis: None,
         };
         store.write_batch(batch("a", 1)).await.unwrap();
         // What a failed fsync in sled's drop does there: the handle taken out, then a panic.
@@ -1060,7 +1060,7 @@ mod tests {
             items: (0..n).map(|i| item(&format!("w{i:05}"))).collect(),
             checkpoint: Some(9),
             widgets: Some(n as u64),
-            epoch: None,
+            redis: None,
         }
     }
 
@@ -1452,7 +1452,7 @@ mod tests {
             items,
             checkpoint: Some(round),
             widgets: Some(model.len() as u64),
-            epoch: None,
+            redis: None,
         }
     }
 
@@ -1685,7 +1685,7 @@ mod tests {
             items,
             checkpoint: Some(checkpoint),
             widgets: Some(20_000),
-            epoch: None,
+            redis: None,
         };
         // Not due yet: written once, in one batch, the file is near its widgets' size.
         let mut compacting = compact::Settings {
@@ -1762,7 +1762,7 @@ mod tests {
                     items: items.collect(),
                     checkpoint: Some(lsn as u64 + 1),
                     widgets: Some(model.len() as u64),
-                    epoch: None,
+                    redis: None,
                 };
                 write_in_chunks(&batch, layout, 7, &mut grown, |k| db.get(k), |b| db.apply_batch(b))
                     .unwrap();
@@ -2129,7 +2129,7 @@ mod tests {
                     items: dirty.into_values().collect(),
                     checkpoint: Some(20),
                     widgets: None,
-                    epoch: None,
+                    redis: None,
                 };
                 store.write_batch(batch).await.unwrap();
             }

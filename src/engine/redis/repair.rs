@@ -1,0 +1,232 @@
+//! Bringing a PostgreSQL that went back in time in line with Redis.
+//!
+//! A database restored from an older backup, or failed over to a replica that lagged, has
+//! lost flushes whose dirty marks Redis has already cleared: those widgets are then only in
+//! Redis, and PostgreSQL would miss them until they changed again (and a Redis that lost
+//! its data later would be loaded without them). Every flush counts itself in PostgreSQL
+//! (`version_high_water.flushes`) as it commits, and Redis keeps the count of the latest
+//! flush it acknowledged (`flushed`, set by the ACK script after the commit). So each
+//! flush round reads Redis first and PostgreSQL second: a database whose count is below
+//! the one Redis read before it, or whose fencing epoch is below Redis's (raised in
+//! PostgreSQL first, always), has lost commits.
+//!
+//! The repair runs under the load lock, with a token that pauses every instance's flushes
+//! (the TAKE script takes nothing while it is held). It raises the fencing epoch above
+//! Redis's (so no batch taken before commits, and flushes commit again where the database
+//! kept an older epoch), then compares every widget PostgreSQL holds with Redis, and every
+//! widget Redis holds with PostgreSQL, and marks dirty again each one PostgreSQL lost
+//! (scripts::MARK_LOST), linked to its peers on both sides, so that the flushes after it
+//! write each lost change whole. Last it records the database's count as the one to check
+//! from, and lets the flushes go on. Writes and reads go on meanwhile.
+
+use super::load::{self, glob_escape, holding_lock, lock_token, release_lock, take_lock};
+use super::{scripts, unavailable, RedisEngine};
+use crate::domain::{PortType, Serial, Widget};
+use crate::engine::EngineError;
+use crate::store::postgres::Fence;
+use crate::store::Store;
+use redis::AsyncCommands;
+
+/// Widgets compared per script while repairing.
+const BATCH: usize = 1000;
+
+/// What the check found: PostgreSQL's fence, and what Redis had acknowledged before it.
+#[derive(Debug, Clone, Copy)]
+pub struct Found {
+    pub postgres: Fence,
+    /// The count of the latest flush Redis acknowledged.
+    pub flushed: u64,
+    /// The fencing epoch Redis holds.
+    pub epoch: u64,
+}
+
+impl Found {
+    fn behind(&self) -> bool {
+        self.postgres.flushes < self.flushed || self.postgres.epoch < self.epoch
+    }
+}
+
+/// Redis's `flushed` and `epoch`, then PostgreSQL's fence, in that order: every count and
+/// epoch Redis holds was PostgreSQL's first, so a database that has not gone back in time
+/// shows at least as much after. Returns the fence, and what was found if it has gone back.
+pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Found>), EngineError> {
+    let (flushed, epoch): (Option<u64>, Option<u64>) = redis::cmd("MGET")
+        .arg(engine.key("flushed"))
+        .arg(engine.key("epoch"))
+        .query_async(&mut engine.conn())
+        .await
+        .map_err(unavailable)?;
+    let postgres = engine
+        .store()
+        .redis_fence()
+        .await
+        .map_err(|e| EngineError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let found = Found {
+        postgres,
+        flushed: flushed.unwrap_or(0),
+        epoch: epoch.unwrap_or(0),
+    };
+    if !found.behind() {
+        return Ok((postgres, None));
+    }
+    metrics::counter!("widgets_postgres_behind_total").increment(1);
+    if let Some(count) = crate::metrics::throttled("postgres behind redis") {
+        tracing::error!(
+            count,
+            postgres_flushes = found.postgres.flushes,
+            postgres_epoch = found.postgres.epoch,
+            redis_flushed = found.flushed,
+            redis_epoch = found.epoch,
+            "PostgreSQL has gone back in time (restored from an older backup, or failed over \
+             to a replica that lagged): it lost flushes whose widgets only Redis holds now. \
+             They are marked dirty again and written from Redis"
+        );
+    }
+    Ok((postgres, Some(found)))
+}
+
+/// Marks dirty again every widget PostgreSQL lost (see the module's text); returns whether
+/// it did, `false` if another instance holds the load lock (repairing, or loading Redis).
+pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
+    let token = format!("repair-{}", lock_token());
+    if !take_lock(engine, &token).await? {
+        return Ok(false);
+    }
+    let done = holding_lock(engine, &token, load::LOCK_LEASE, async {
+        // Checked again under the lock: another instance may have repaired it just now.
+        let (_, Some(found)) = postgres_behind(engine).await? else {
+            return Ok(());
+        };
+        engine.check_server().await?;
+        let started = std::time::Instant::now();
+        tracing::warn!(
+            postgres_flushes = found.postgres.flushes,
+            redis_flushed = found.flushed,
+            "comparing PostgreSQL with Redis to write again the widgets it lost; flushes wait"
+        );
+        let store = engine.store();
+        // Waits for the flushes in flight; none taken before commits after it.
+        let (_, epoch) = store.raise_redis_epoch_above(None, found.epoch).await?;
+        engine.raise_epoch(epoch).await?;
+        let fresh: u64 = engine
+            .conn()
+            .incr(engine.key("seq"), 1)
+            .await
+            .map_err(unavailable)?;
+        let mut marked = mark_lost_in_postgres(engine, fresh).await?;
+        marked += mark_missing_from_postgres(engine, fresh).await?;
+        // Every lost widget is dirty again: the database's count is the one to check from.
+        let now = store.redis_fence().await?;
+        let _: () = engine
+            .conn()
+            .set(engine.key("flushed"), now.flushes)
+            .await
+            .map_err(unavailable)?;
+        let _: () = engine
+            .conn()
+            .incr(engine.key("repairs"), 1)
+            .await
+            .map_err(unavailable)?;
+        metrics::counter!("widgets_postgres_repairs_total").increment(1);
+        tracing::warn!(
+            marked,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the widgets PostgreSQL lost are dirty again; the flushes write them from Redis"
+        );
+        Ok(())
+    })
+    .await;
+    release_lock(engine, &token).await?;
+    done.map(|()| true)
+}
+
+/// Compares every widget PostgreSQL holds with Redis's; returns how many it marked.
+async fn mark_lost_in_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Result<u64> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
+    let reading = engine.store().load(Box::new(move |serial, widget| {
+        let _ = tx.send((serial, widget));
+    }));
+    let marking = async {
+        let mut marked = 0;
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let done = rx.recv_many(&mut batch, BATCH).await == 0;
+            if !batch.is_empty() {
+                let widgets = batch.drain(..).map(|(serial, w): (Serial, Widget)| {
+                    let peers = PortType::ALL.map(|p| w.peer(p).map(|s| s.as_str().to_owned()));
+                    (serial.as_str().to_owned(), Some(w.version), peers)
+                });
+                marked += mark_lost(engine, fresh, widgets.collect()).await?;
+            }
+            if done {
+                return Ok::<_, anyhow::Error>(marked);
+            }
+        }
+    };
+    let (read, marked) = tokio::join!(reading, marking);
+    read?;
+    marked
+}
+
+/// Looks for every widget Redis holds in PostgreSQL; returns how many it marked (those
+/// PostgreSQL has no row for).
+async fn mark_missing_from_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Result<u64> {
+    let mut conn = engine.conn();
+    let widgets = engine.key("w:");
+    let pattern = format!("{}*", glob_escape(&widgets));
+    let (mut cursor, mut marked) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let serials: Vec<&str> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(widgets.as_str()))
+            .collect();
+        if !serials.is_empty() {
+            let there = engine.store().existing(&serials).await?;
+            let missing: Vec<_> = serials
+                .iter()
+                .filter(|s| !there.contains(**s))
+                .map(|s| ((*s).to_owned(), None, [None, None, None]))
+                .collect();
+            if !missing.is_empty() {
+                marked += mark_lost(engine, fresh, missing).await?;
+            }
+        }
+        if next == 0 {
+            return Ok(marked);
+        }
+        cursor = next;
+    }
+}
+
+/// One widget as PostgreSQL holds it: its serial, its version (`None`: no row) and its
+/// peer on P, R, Q.
+type Held = (String, Option<u64>, [Option<String>; 3]);
+
+/// Runs MARK_LOST over `widgets`; returns how many it marked.
+async fn mark_lost(engine: &RedisEngine, fresh: u64, widgets: Vec<Held>) -> anyhow::Result<u64> {
+    let mut script = scripts::MARK_LOST.prepare_invoke();
+    script.arg(engine.trusted()).arg(engine.prefix()).arg(fresh);
+    for (serial, version, peers) in &widgets {
+        script.arg(serial).arg(version.map_or(-1, |v| v as i64));
+        for peer in peers {
+            script.arg(peer.as_deref().unwrap_or(""));
+        }
+    }
+    let answer: Vec<String> = script
+        .invoke_async(&mut engine.conn())
+        .await
+        .map_err(unavailable)?;
+    match &answer[..] {
+        [ok, marked] if ok == "ok" => Ok(marked.parse().unwrap_or(0)),
+        _ => anyhow::bail!("the Redis server changed while PostgreSQL was compared with it"),
+    }
+}
