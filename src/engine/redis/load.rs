@@ -232,19 +232,10 @@ async fn clear(engine: &RedisEngine) -> Result<u64, EngineError> {
         ])
         .await
         .map_err(unavailable)?;
-    let pattern = format!("{}*", glob_escape(&engine.key("")));
     let kinds = ["w:", "c:", "l:"].map(|kind| engine.key(kind));
-    let (mut cursor, mut cleared) = (0u64, 0u64);
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(BATCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+    let mut scan = KeyScan::new(engine, &engine.key(""));
+    let mut cleared = 0u64;
+    while let Some(keys) = scan.next_page().await? {
         let ours: Vec<&String> = keys
             .iter()
             .filter(|k| kinds.iter().any(|kind| k.starts_with(kind.as_str())))
@@ -257,15 +248,49 @@ async fn clear(engine: &RedisEngine) -> Result<u64, EngineError> {
                 .await
                 .map_err(unavailable)?;
         }
-        if next == 0 {
-            return Ok(cleared);
+    }
+    Ok(cleared)
+}
+
+/// The keys that start with a prefix, a page of about [`BATCH`] at a time (`SCAN`: a key
+/// there throughout is seen at least once; one written or deleted meanwhile, perhaps not).
+pub(super) struct KeyScan {
+    conn: redis::aio::ConnectionManager,
+    pattern: String,
+    /// `None` once the scan has come round.
+    cursor: Option<u64>,
+}
+
+impl KeyScan {
+    pub(super) fn new(engine: &RedisEngine, prefix: &str) -> Self {
+        Self {
+            conn: engine.conn(),
+            pattern: format!("{}*", glob_escape(prefix)),
+            cursor: Some(0),
         }
-        cursor = next;
+    }
+
+    /// The next page (perhaps empty), or `None` once every key has been seen.
+    pub(super) async fn next_page(&mut self) -> Result<Option<Vec<String>>, EngineError> {
+        let Some(cursor) = self.cursor else {
+            return Ok(None);
+        };
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&self.pattern)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+        self.cursor = (next != 0).then_some(next);
+        Ok(Some(keys))
     }
 }
 
 /// `text` as a SCAN pattern that matches only itself.
-pub(super) fn glob_escape(text: &str) -> String {
+fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {

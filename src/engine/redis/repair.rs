@@ -19,7 +19,7 @@
 //! write each lost change whole. Last it records the database's count as the one to check
 //! from, and lets the flushes go on. Writes and reads go on meanwhile.
 
-use super::load::{self, glob_escape, holding_lock, lock_token, release_lock, take_lock};
+use super::load::{self, holding_lock, lock_token, release_lock, take_lock, KeyScan};
 use super::{scripts, unavailable, RedisEngine};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
@@ -171,20 +171,10 @@ async fn mark_lost_in_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Resu
 /// Looks for every widget Redis holds in PostgreSQL; returns how many it marked (those
 /// PostgreSQL has no row for).
 async fn mark_missing_from_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Result<u64> {
-    let mut conn = engine.conn();
     let widgets = engine.key("w:");
-    let pattern = format!("{}*", glob_escape(&widgets));
-    let (mut cursor, mut marked) = (0u64, 0u64);
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(BATCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+    let mut scan = KeyScan::new(engine, &widgets);
+    let mut marked = 0;
+    while let Some(keys) = scan.next_page().await? {
         let serials: Vec<&str> = keys
             .iter()
             .filter_map(|k| k.strip_prefix(widgets.as_str()))
@@ -200,11 +190,8 @@ async fn mark_missing_from_postgres(engine: &RedisEngine, fresh: u64) -> anyhow:
                 marked += mark_lost(engine, fresh, missing).await?;
             }
         }
-        if next == 0 {
-            return Ok(marked);
-        }
-        cursor = next;
     }
+    Ok(marked)
 }
 
 /// One widget as PostgreSQL holds it: its serial, its version (`None`: no row) and its
