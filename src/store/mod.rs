@@ -10,12 +10,12 @@ pub mod postgres;
 pub mod sled;
 
 pub use self::postgres::{Fence, PgStore};
+
 pub use self::sled::SledStore;
 
 use crate::domain::{Mark, Serial, Widget};
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -124,9 +124,18 @@ pub struct RedisTake {
     /// The fencing epoch the batch was taken under: the store commits it only while that
     /// is still the current epoch ([`StoreError::StaleEpoch`]).
     pub epoch: u64,
-    /// Where the store puts the count of the flush that committed the batch
-    /// (`version_high_water.flushes`), which Redis keeps with its acknowledgement.
-    pub counted: Arc<AtomicU64>,
+    /// Where the store puts the flush that committed the batch, which Redis keeps with its
+    /// acknowledgement.
+    pub committed: Arc<OnceLock<FlushId>>,
+}
+
+/// One committed flush: its count (`version_high_water.flushes`, the commits before it
+/// and itself) and the id it logged with it (`flush_log`). Two histories of a database
+/// that went back in time can each hold a flush of one count, never of one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushId {
+    pub count: u64,
+    pub id: i64,
 }
 
 /// Called with every widget the store holds, while it loads.

@@ -14,13 +14,13 @@
 //! `flush_rejects`; the rest of the batch and the checkpoint commit, so one bad row never
 //! blocks every flush behind it.
 
-use super::{FlushBatch, FlushItem, Store, StoreError, Visitor};
+use super::{FlushBatch, FlushId, FlushItem, Store, StoreError, Visitor};
 use crate::domain::{Name, PortType, Ports, Serial, Widget};
 use futures_util::TryStreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -319,6 +319,24 @@ impl PgStore {
             epoch: epoch.max(0) as u64,
             flushes: flushes.max(0) as u64,
         })
+    }
+
+    /// The ids `flush_log` holds for those of `counts` it still keeps.
+    pub async fn logged_flushes(&self, counts: &[u64]) -> Result<HashMap<u64, i64>, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
+        let counts: Vec<i64> = counts.iter().map(|&c| to_i64(c)).collect();
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT flushes, id FROM flush_log WHERE flushes = ANY($1::int8[])")
+                .bind(&counts)
+                .fetch_all(conn.conn())
+                .within(deadline)
+                .await?;
+        conn.done();
+        Ok(rows
+            .into_iter()
+            .map(|(c, id)| (c.max(0) as u64, id))
+            .collect())
     }
 
     /// Which of `serials` have a widget row.
@@ -914,9 +932,9 @@ impl Store for PgStore {
         }
         // Last, so that concurrent flushes (Redis mode) hold this one row only while they
         // commit.
-        let mut counted = None;
+        let mut committed = None;
         if let Some(newest) = batch.items.iter().map(|i| i.version).max() {
-            let flushes: i64 = sqlx::query_scalar(
+            let count: i64 = sqlx::query_scalar(
                 "UPDATE version_high_water \
                  SET version = GREATEST(version, $1), flushes = flushes + 1 RETURNING flushes",
             )
@@ -924,7 +942,14 @@ impl Store for PgStore {
             .fetch_one(&mut *tx)
             .within(deadline)
             .await?;
-            counted = Some(flushes.max(0) as u64);
+            if batch.redis.is_some() {
+                let flush = FlushId {
+                    count: count.max(0) as u64,
+                    id: fastrand::i64(..),
+                };
+                log_flush(&mut tx, flush, deadline).await?;
+                committed = Some(flush);
+            }
         }
         if let Some(checkpoint) = batch.checkpoint {
             sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
@@ -938,11 +963,41 @@ impl Store for PgStore {
         if let Some(checkpoint) = batch.checkpoint {
             self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
         }
-        if let (Some(flushes), Some(redis)) = (counted, &batch.redis) {
-            redis.counted.store(flushes, Ordering::Relaxed);
+        if let (Some(flush), Some(redis)) = (committed, &batch.redis) {
+            let _ = redis.committed.set(flush);
         }
         Ok(())
     }
+}
+
+/// How many flushes `flush_log` keeps.
+const FLUSH_LOG_KEPT: u64 = 10_000;
+
+/// Logs `flush`, and every hundredth flush drops the rows the log no longer keeps.
+async fn log_flush(
+    tx: &mut Transaction<'_, Postgres>,
+    flush: FlushId,
+    deadline: Duration,
+) -> Result<(), sqlx::Error> {
+    // A row already there under the count is another history's (a log restored apart
+    // from the count): this flush's takes its place.
+    sqlx::query(
+        "INSERT INTO flush_log (flushes, id) VALUES ($1, $2) \
+         ON CONFLICT (flushes) DO UPDATE SET id = excluded.id",
+    )
+    .bind(to_i64(flush.count))
+    .bind(flush.id)
+    .execute(&mut **tx)
+    .within(deadline)
+    .await?;
+    if flush.count.is_multiple_of(100) {
+        sqlx::query("DELETE FROM flush_log WHERE flushes <= $1")
+            .bind(to_i64(flush.count.saturating_sub(FLUSH_LOG_KEPT)))
+            .execute(&mut **tx)
+            .within(deadline)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The checkpoint the database holds.

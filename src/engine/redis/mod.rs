@@ -29,12 +29,11 @@ mod scripts;
 use super::EngineError;
 use crate::domain::{Mark, Name, PortType, Ports, Rule, Serial, StateView, Touched, Tx, Widget};
 use crate::store::PgStore;
-use crate::store::{FlushBatch, FlushItem, RedisTake};
+use crate::store::{FlushBatch, FlushId, FlushItem, RedisTake};
 use redis::aio::ConnectionManager;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 /// How often a write is retried after losing a race on the same widgets before it answers
@@ -560,15 +559,15 @@ impl RedisEngine {
         }))
     }
 
-    /// PostgreSQL has committed these, as its flush number `flush`
-    /// (`version_high_water.flushes`; 0: not known): Redis keeps the number, and drops each
-    /// entry from the dirty set unless it changed since. `whole_set_at`: the take's time if
-    /// it took the whole dirty set (see [`Taken`]).
+    /// PostgreSQL has committed these, as `flush` (`None`: not known): Redis keeps it among
+    /// the flushes it acknowledged, and drops each entry from the dirty set unless it
+    /// changed since. `whole_set_at`: the take's time if it took the whole dirty set (see
+    /// [`Taken`]).
     pub async fn ack(
         &self,
         entries: &[(Serial, String)],
         whole_set_at: Option<&str>,
-        flush: u64,
+        flush: Option<FlushId>,
     ) -> Result<usize, EngineError> {
         let high = self.store.high_water().await.map_err(postgres)?;
         self.ack_up_to(entries, whole_set_at, high, flush).await
@@ -581,14 +580,15 @@ impl RedisEngine {
         entries: &[(Serial, String)],
         whole_set_at: Option<&str>,
         high: u64,
-        flush: u64,
+        flush: Option<FlushId>,
     ) -> Result<usize, EngineError> {
         let mut invocation = scripts::ACK.prepare_invoke();
         invocation
             .arg(&self.prefix)
             .arg(whole_set_at.unwrap_or(""))
             .arg(high)
-            .arg(flush);
+            .arg(flush.map_or(0, |f| f.count))
+            .arg(flush.map_or(0, |f| f.id));
         for (serial, entry) in entries {
             invocation.arg(serial.as_str()).arg(entry);
         }
@@ -596,6 +596,12 @@ impl RedisEngine {
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
+        if removed == -2 {
+            // Acknowledged too late to be checked against PostgreSQL by a later round: its
+            // widgets stay dirty, and are written again.
+            tracing::debug!(?flush, "a flush acknowledged after 256 later ones");
+            return Ok(0);
+        }
         if removed < 0 {
             return Err(self.behind_in_place(high).await?);
         }
@@ -604,19 +610,19 @@ impl RedisEngine {
 }
 
 /// What acknowledging a flushed batch needs: each serial with the dirty entry it was taken
-/// with, the take's time if it took the whole dirty set (see [`Taken`]), and the count of
-/// the flush that committed it, which the store puts there ([`RedisTake::counted`]).
+/// with, the take's time if it took the whole dirty set (see [`Taken`]), and the flush
+/// that committed it, which the store puts there ([`RedisTake::committed`]).
 #[derive(Debug)]
 pub struct Acks {
     pub entries: Vec<(Serial, String)>,
     pub whole_set_at: Option<String>,
-    pub counted: Arc<AtomicU64>,
+    pub committed: Arc<OnceLock<FlushId>>,
 }
 
 impl Acks {
-    /// The count of the flush that committed the batch (0 before it has).
-    pub fn flush(&self) -> u64 {
-        self.counted.load(Ordering::Relaxed)
+    /// The flush that committed the batch (`None` before it has).
+    pub fn flush(&self) -> Option<FlushId> {
+        self.committed.get().copied()
     }
 }
 
@@ -658,14 +664,14 @@ impl Taken {
             })
             .unzip();
         items.sort_unstable_by(|a, b| a.serial.cmp(&b.serial));
-        let counted = Arc::new(AtomicU64::new(0));
+        let committed = Arc::new(OnceLock::new());
         let batch = FlushBatch {
             items,
             checkpoint: None,
             widgets: None,
             redis: Some(RedisTake {
                 epoch,
-                counted: counted.clone(),
+                committed: committed.clone(),
             }),
         };
         (
@@ -673,7 +679,7 @@ impl Taken {
             Acks {
                 entries,
                 whole_set_at,
-                counted,
+                committed,
             },
         )
     }

@@ -4,11 +4,13 @@
 //! lost flushes whose dirty marks Redis has already cleared: those widgets are then only in
 //! Redis, and PostgreSQL would miss them until they changed again (and a Redis that lost
 //! its data later would be loaded without them). Every flush counts itself in PostgreSQL
-//! (`version_high_water.flushes`) as it commits, and Redis keeps the count of the latest
-//! flush it acknowledged (`flushed`, set by the ACK script after the commit). So each
-//! flush round reads Redis first and PostgreSQL second: a database whose count is below
-//! the one Redis read before it, or whose fencing epoch is below Redis's (raised in
-//! PostgreSQL first, always), has lost commits.
+//! (`version_high_water.flushes`) as it commits and logs the count with an id of its own
+//! (`flush_log`), and Redis keeps the count and id of the latest flushes it acknowledged
+//! (`acked`, written by the ACK script after the commit; two ids under one count set
+//! `diverged`). So each flush round reads Redis first and PostgreSQL second: a database
+//! whose count is below a flush Redis acknowledged, whose log holds another id under its
+//! count (a flush of its new history that brought the count back), or whose fencing epoch
+//! is below Redis's (raised in PostgreSQL first, always), has lost commits.
 //!
 //! The repair runs under the load lock, with a token that pauses every instance's flushes
 //! (the TAKE script takes nothing while it is held). It raises the fencing epoch above
@@ -16,55 +18,87 @@
 //! kept an older epoch), then compares every widget PostgreSQL holds with Redis, and every
 //! widget Redis holds with PostgreSQL, and marks dirty again each one PostgreSQL lost
 //! (scripts::MARK_LOST), linked to its peers on both sides, so that the flushes after it
-//! write each lost change whole. Last it records the database's count as the one to check
-//! from, and lets the flushes go on. Writes and reads go on meanwhile.
+//! write each lost change whole. Last it forgets the flushes acknowledged before (the ones
+//! from then on are the ones to check), and lets the flushes go on. Writes and reads go on
+//! meanwhile.
 
 use super::load::{self, holding_lock, lock_token, release_lock, take_lock, KeyScan};
 use super::{scripts, unavailable, RedisEngine};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
-use crate::store::postgres::Fence;
 use crate::store::Store;
+use crate::store::{Fence, FlushId};
 use redis::AsyncCommands;
 
 /// Widgets compared per script while repairing.
 const BATCH: usize = 1000;
 
 /// What the check found: PostgreSQL's fence, and what Redis had acknowledged before it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Found {
     pub postgres: Fence,
-    /// The count of the latest flush Redis acknowledged.
-    pub flushed: u64,
     /// The fencing epoch Redis holds.
     pub epoch: u64,
+    /// The count two acknowledgements gave different ids (`diverged`).
+    pub diverged: Option<u64>,
+    /// The first of them PostgreSQL does not hold.
+    pub lost: Option<FlushId>,
 }
 
 impl Found {
     fn behind(&self) -> bool {
-        self.postgres.flushes < self.flushed || self.postgres.epoch < self.epoch
+        self.lost.is_some() || self.diverged.is_some() || self.postgres.epoch < self.epoch
     }
 }
 
-/// Redis's `flushed` and `epoch`, then PostgreSQL's fence, in that order: every count and
-/// epoch Redis holds was PostgreSQL's first, so a database that has not gone back in time
-/// shows at least as much after. Returns the fence, and what was found if it has gone back.
+/// Redis's acknowledged flushes and epoch, then PostgreSQL's, in that order: every flush
+/// and epoch Redis holds was PostgreSQL's first, so a database that has not gone back in
+/// time shows them all after. A flush of Redis's is lost if the database's count is below
+/// it, or its log holds another id under that count (a log that no longer keeps the count
+/// says nothing). Returns the fence, and what was found if the database has gone back.
 pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Found>), EngineError> {
-    let (flushed, epoch): (Option<u64>, Option<u64>) = redis::cmd("MGET")
-        .arg(engine.key("flushed"))
-        .arg(engine.key("epoch"))
-        .query_async(&mut engine.conn())
+    let flat: Vec<String> = scripts::ACKED
+        .prepare_invoke()
+        .arg(engine.prefix())
+        .invoke_async(&mut engine.conn())
         .await
         .map_err(unavailable)?;
-    let postgres = engine
-        .store()
-        .redis_fence()
-        .await
-        .map_err(|e| EngineError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let bad = || EngineError::Unavailable("Redis holds a bad acknowledged flush".into());
+    let [epoch, diverged, acked @ ..] = &flat[..] else {
+        return Err(bad());
+    };
+    let acked = acked
+        .chunks(2)
+        .map(|pair| match pair {
+            [id, count] => Some(FlushId {
+                count: count.parse().ok()?,
+                id: id.parse().ok()?,
+            }),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    let postgres_failed = |e| EngineError::Unavailable(format!("PostgreSQL: {e}"));
+    let store = engine.store();
+    let postgres = store.redis_fence().await.map_err(postgres_failed)?;
+    let logged = if acked.is_empty() {
+        Default::default()
+    } else {
+        let counts: Vec<u64> = acked.iter().map(|f| f.count).collect();
+        store
+            .logged_flushes(&counts)
+            .await
+            .map_err(postgres_failed)?
+    };
+    let lost = acked
+        .iter()
+        .copied()
+        .find(|f| f.count > postgres.flushes || logged.get(&f.count).is_some_and(|&id| id != f.id));
     let found = Found {
         postgres,
-        flushed: flushed.unwrap_or(0),
-        epoch: epoch.unwrap_or(0),
+        epoch: epoch.parse().map_err(|_| bad())?,
+        diverged: diverged.parse().ok(),
+        lost,
     };
     if !found.behind() {
         return Ok((postgres, None));
@@ -75,7 +109,8 @@ pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Foun
             count,
             postgres_flushes = found.postgres.flushes,
             postgres_epoch = found.postgres.epoch,
-            redis_flushed = found.flushed,
+            lost_flush = ?found.lost,
+            diverged_at = ?found.diverged,
             redis_epoch = found.epoch,
             "PostgreSQL has gone back in time (restored from an older backup, or failed over \
              to a replica that lagged): it lost flushes whose widgets only Redis holds now. \
@@ -101,7 +136,7 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
         let started = std::time::Instant::now();
         tracing::warn!(
             postgres_flushes = found.postgres.flushes,
-            redis_flushed = found.flushed,
+            lost_flush = ?found.lost,
             "comparing PostgreSQL with Redis to write again the widgets it lost; flushes wait"
         );
         let store = engine.store();
@@ -115,11 +150,10 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
             .map_err(unavailable)?;
         let mut marked = mark_lost_in_postgres(engine, fresh).await?;
         marked += mark_missing_from_postgres(engine, fresh).await?;
-        // Every lost widget is dirty again: the database's count is the one to check from.
-        let now = store.redis_fence().await?;
+        // Every lost widget is dirty again: the flushes from now on are the ones to check.
         let _: () = engine
             .conn()
-            .set(engine.key("flushed"), now.flushes)
+            .del(&[engine.key("acked"), engine.key("diverged")])
             .await
             .map_err(unavailable)?;
         let _: () = engine

@@ -8,8 +8,9 @@
 //! has not caught up with), `l:<serial>` (set: the other widgets of the changes that made
 //! a dirty widget dirty, so a flush takes every change whole), `seq` (the version
 //! counter), `epoch` (the fencing epoch it was checked or loaded under, see the
-//! `redis_epoch` table), `flushed` (the count of the latest flush acknowledged, see
-//! `version_high_water.flushes`), `count` (widgets), `dirty_since`
+//! `redis_epoch` table), `acked` (sorted set: the id of each of the latest flushes
+//! acknowledged, scored by its count, see the `flush_log` table) and `diverged` (set
+//! when two acknowledgements gave one count different ids), `count` (widgets), `dirty_since`
 //! (ms timestamp of when `dirty` last became non-empty), `loaded`, `load_lock` and `loads`
 //! (the one-time load from PostgreSQL; a lock whose token starts with `repair-` is a
 //! repair's, see [`MARK_LOST`]) and `repairs` (the repairs of a PostgreSQL gone back in
@@ -234,26 +235,43 @@ return out
     ))
 });
 
-/// After PostgreSQL committed a batch: records the flush's count in `flushed` (never
-/// lowering it), then removes each serial from the dirty set only if its entry is still
-/// the one the batch was taken with (nothing changed since). ARGV: prefix, the take's time
-/// in ms if the batch held the whole dirty set (else ""), the highest version PostgreSQL
-/// holds, the flush's count, then pairs (serial, entry), each removed with its links.
-/// Returns how many it removed, or -1 (removing nothing) if `seq` is below that version:
+/// After PostgreSQL committed a batch: records the flush's count and id in `acked` (the
+/// latest [`ACKED_KEPT`] by count; another id already there under the count sets
+/// `diverged`), then removes each serial from the dirty set only if its entry is still the
+/// one the batch was taken with (nothing changed since). ARGV: prefix, the take's time in
+/// ms if the batch held the whole dirty set (else ""), the highest version PostgreSQL
+/// holds, the flush's count ("0": not known, nothing recorded) and id, then pairs (serial,
+/// entry), each removed with its links. Returns how many it removed; -2 (recording and
+/// removing nothing) if the count is below every one `acked` keeps, so that no later round
+/// could check it (the entries stay dirty and are written again); or -1 (removing nothing)
+/// if `seq` is below that version:
 /// Redis went back in time, and entries whose writes PostgreSQL's guards dropped as older
 /// must not be taken for written. After a whole-set batch, everything still
 /// dirty changed after the take, so `dirty_since` moves up to the take's time.
 pub static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r#"
+        &r#"
 local prefix = ARGV[1]
-if tonumber(redis.call('GET', prefix .. 'flushed') or '0') < tonumber(ARGV[4]) then
-  redis.call('SET', prefix .. 'flushed', ARGV[4])
+local count, id = tonumber(ARGV[4]), ARGV[5]
+if count > 0 then
+  local acked = prefix .. 'acked'
+  local same = redis.call('ZRANGEBYSCORE', acked, count, count)
+  if #same == 0 then
+    if redis.call('ZCARD', acked) >= KEPT then
+      local lowest = redis.call('ZRANGE', acked, 0, 0, 'WITHSCORES')
+      if count < tonumber(lowest[2]) then return -2 end
+    end
+    redis.call('ZADD', acked, count, id)
+    redis.call('ZREMRANGEBYRANK', acked, 0, -(KEPT + 1))
+  end
+  for _, other in ipairs(same) do
+    if other ~= id then redis.call('SET', prefix .. 'diverged', count) end
+  end
 end
 if tonumber(redis.call('GET', prefix .. 'seq') or '0') < tonumber(ARGV[3]) then return -1 end
 local dirty = prefix .. 'dirty'
 local removed = 0
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   if redis.call('HGET', dirty, ARGV[i]) == ARGV[i + 1] then
     redis.call('HDEL', dirty, ARGV[i])
     redis.call('DEL', prefix .. 'l:' .. ARGV[i])
@@ -266,7 +284,8 @@ elseif ARGV[2] ~= '' then
   redis.call('SET', prefix .. 'dirty_since', ARGV[2])
 end
 return removed
-"#,
+"#
+        .replace("KEPT", &ACKED_KEPT.to_string()),
     )
 });
 
@@ -313,6 +332,26 @@ end
 return {'ok', tostring(marked)}
 "#
     ))
+});
+
+/// How many of the latest acknowledged flushes `acked` keeps: each flush round checks
+/// them all against PostgreSQL's `flush_log`.
+pub const ACKED_KEPT: usize = 256;
+
+/// What Redis has acknowledged of PostgreSQL, in one atomic call: the fencing epoch ("0" if
+/// unset), `diverged` ("" if unset), then for each flush `acked` keeps its id and count.
+/// ARGV: prefix.
+pub static ACKED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+local out = {redis.call('GET', prefix .. 'epoch') or '0', redis.call('GET', prefix .. 'diverged') or ''}
+for _, v in ipairs(redis.call('ZRANGE', prefix .. 'acked', 0, -1, 'WITHSCORES')) do
+  table.insert(out, v)
+end
+return out
+"#,
+    )
 });
 
 /// The state gauges in one atomic call. ARGV: prefix. Returns {count, dirty, lag_ms}.
