@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
 use widgets::domain::{Associate, Create, Delete, Free, Name, PortType, Ports, Serial};
-use widgets::engine::redis::RedisEngine;
+use widgets::engine::redis::{Acks, RedisEngine};
 use widgets::flush::redis::RedisSource;
 use widgets::flush::Flusher;
 use widgets::store::{FlushBatch, PgStore, Store};
@@ -1475,10 +1475,7 @@ async fn a_postgres_gone_back_in_time_gets_its_lost_widgets_again(epoch_raised_s
     associate(&engine, "g", "f").await;
     if epoch_raised_since {
         // Another instance checks the server (as after a Redis failover).
-        let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, (*store).clone())
-            .await
-            .unwrap();
-        other.check_server().await.unwrap();
+        another_instance(&engine, &store).await;
     }
     flush_all(&flusher, &engine).await;
     assert_eq!(pg_state(&mut pg).await, redis_state(&engine, &all).await);
@@ -1553,11 +1550,7 @@ async fn no_flush_takes_anything_while_a_repair_compares_postgres_with_redis() {
 /// Redis acknowledged last, but under another id.
 #[tokio::test]
 async fn a_lost_flush_is_found_though_the_next_one_brings_the_count_back() {
-    let (db, store, engine, flusher) = flush_parts().await;
-    create(&engine, "a").await;
-    flush_all(&flusher, &engine).await;
-    let mut pg = db.connect().await;
-    back_up(&mut pg).await; // the replica, lagging from here
+    let (db, store, engine, flusher, _, mut pg) = a_flushed_and_backed_up(0).await;
     create(&engine, "b").await; // flushed and acknowledged on the primary, then lost
     flush_all(&flusher, &engine).await;
     create(&engine, "c").await;
@@ -1581,23 +1574,8 @@ async fn a_lost_flush_is_found_though_the_next_one_brings_the_count_back() {
 /// acknowledged, commits on the new primary after the failover.
 #[tokio::test]
 async fn a_lost_flush_is_found_though_another_instance_brings_the_count_back() {
-    let (db, store, engine, flusher) = flush_parts().await;
-    let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, (*store).clone())
-        .await
-        .unwrap();
-    other.check_server().await.unwrap();
-    create(&engine, "a").await;
-    flush_all(&flusher, &engine).await;
-    let mut pg = db.connect().await;
-    back_up(&mut pg).await;
-    create(&engine, "b").await;
-    create(&engine, "c").await;
-    let taken_by_other = loop {
-        let (batch, acks) = other.take_flush(1).await.unwrap().unwrap();
-        if batch.items[0].serial.as_str() == "c" {
-            break (batch, acks);
-        }
-    };
+    let (db, store, engine, flusher, other, mut pg) = backed_up_with_b_and_c_dirty().await;
+    let taken_by_other = take_one(&other, "c").await;
     let (batch, acks) = engine.take_flush(1000).await.unwrap().unwrap();
     store.write_batch(batch).await.unwrap();
     engine.finish_flush(&acks).await.unwrap();
@@ -1619,16 +1597,9 @@ async fn a_lost_flush_is_found_though_another_instance_brings_the_count_back() {
 /// is there, only the epoch went back, and every flush would be refused for good.
 #[tokio::test]
 async fn a_postgres_gone_back_to_an_older_epoch_alone_takes_flushes_again() {
-    let (db, store, engine, flusher) = flush_parts().await;
-    create(&engine, "a").await;
-    flush_all(&flusher, &engine).await;
-    let mut pg = db.connect().await;
-    back_up(&mut pg).await;
+    let (db, store, engine, flusher, _, mut pg) = a_flushed_and_backed_up(0).await;
     for _ in 0..2 {
-        let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, (*store).clone())
-            .await
-            .unwrap();
-        other.check_server().await.unwrap();
+        another_instance(&engine, &store).await;
     }
     restore(&mut pg).await;
     create(&engine, "b").await;
@@ -1697,29 +1668,9 @@ async fn a_repair_of_a_postgres_in_line_marks_nothing() {
 /// the new primary's; only the two ids under one count tell.
 #[tokio::test]
 async fn a_lost_flush_acknowledged_late_is_found() {
-    let (db, store, engine, flusher) = flush_parts().await;
-    let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, (*store).clone())
-        .await
-        .unwrap();
-    other.check_server().await.unwrap();
-    create(&engine, "a").await;
-    flush_all(&flusher, &engine).await;
-    let mut pg = db.connect().await;
-    back_up(&mut pg).await;
-    create(&engine, "b").await;
-    create(&engine, "c").await;
-    let taken_by_other = loop {
-        let (batch, acks) = other.take_flush(1).await.unwrap().unwrap();
-        if batch.items[0].serial.as_str() == "c" {
-            break (batch, acks);
-        }
-    };
-    let (batch, late) = loop {
-        let (batch, acks) = engine.take_flush(1).await.unwrap().unwrap();
-        if batch.items[0].serial.as_str() == "b" {
-            break (batch, acks);
-        }
-    };
+    let (db, store, engine, flusher, other, mut pg) = backed_up_with_b_and_c_dirty().await;
+    let taken_by_other = take_one(&other, "c").await;
+    let (batch, late) = take_one(&engine, "b").await;
     store.write_batch(batch).await.unwrap(); // on the old primary
     restore(&mut pg).await; // the failover: b's flush lost
     store.write_batch(taken_by_other.0).await.unwrap();
@@ -1759,4 +1710,65 @@ async fn an_acknowledgement_too_old_to_be_checked_clears_nothing() {
     let oldest: Vec<(String, u64)> = conn.zrange_withscores(&acked, 0, 0).await.unwrap();
     assert_eq!(oldest, vec![("1001".to_owned(), 1001)]);
     db.drop_db().await;
+}
+
+/// Another instance on the engine's Redis and PostgreSQL, its server checked (which raises
+/// the fencing epoch).
+async fn another_instance(engine: &RedisEngine, store: &PgStore) -> RedisEngine {
+    let other = RedisEngine::connect(&redis_url(), engine.prefix(), 1000, store.clone())
+        .await
+        .unwrap();
+    other.check_server().await.unwrap();
+    other
+}
+
+/// A flush round of `engine` that took `serial` (rounds of one widget, taken again until
+/// one does).
+async fn take_one(engine: &RedisEngine, serial: &str) -> (FlushBatch, Acks) {
+    loop {
+        let (batch, acks) = engine.take_flush(1).await.unwrap().unwrap();
+        if batch.items[0].serial.as_str() == serial {
+            return (batch, acks);
+        }
+    }
+}
+
+/// `a` created, flushed and backed up (the replica, lagging from here), with `others`
+/// more instances checked in before.
+async fn a_flushed_and_backed_up(
+    others: usize,
+) -> (
+    TestDb,
+    Arc<PgStore>,
+    Arc<RedisEngine>,
+    RedisFlusher,
+    Vec<RedisEngine>,
+    sqlx::PgConnection,
+) {
+    let (db, store, engine, flusher) = flush_parts().await;
+    let mut instances = Vec::new();
+    for _ in 0..others {
+        instances.push(another_instance(&engine, &store).await);
+    }
+    create(&engine, "a").await;
+    flush_all(&flusher, &engine).await;
+    let mut pg = db.connect().await;
+    back_up(&mut pg).await;
+    (db, store, engine, flusher, instances, pg)
+}
+
+/// Two instances; `a` flushed and backed up, then `b` and `c` created and not flushed.
+async fn backed_up_with_b_and_c_dirty() -> (
+    TestDb,
+    Arc<PgStore>,
+    Arc<RedisEngine>,
+    RedisFlusher,
+    RedisEngine,
+    sqlx::PgConnection,
+) {
+    let (db, store, engine, flusher, mut others, pg) = a_flushed_and_backed_up(1).await;
+    let other = others.pop().expect("one more instance");
+    create(&engine, "b").await;
+    create(&engine, "c").await;
+    (db, store, engine, flusher, other, pg)
 }
