@@ -30,11 +30,16 @@ async fn instance(db: &TestDb, prefix: &str) -> TestApp {
 type RedisFlusher = Flusher<RedisSource, PgStore>;
 
 async fn flush_parts() -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher) {
+    flush_parts_on(&redis_url()).await
+}
+
+/// [`flush_parts`] on the Redis server at `url`.
+async fn flush_parts_on(url: &str) -> (TestDb, Arc<PgStore>, Arc<RedisEngine>, RedisFlusher) {
     let db = TestDb::create().await;
     let store = Arc::new(PgStore::connect(&db.url).await.unwrap());
     store.migrate().await.unwrap();
     let engine = Arc::new(
-        RedisEngine::connect(&redis_url(), &redis_prefix(), 1000, (*store).clone())
+        RedisEngine::connect(url, &redis_prefix(), 1000, (*store).clone())
             .await
             .unwrap(),
     );
@@ -1188,17 +1193,8 @@ async fn a_batch_taken_before_a_server_was_checked_again_cannot_commit_after() {
 
 #[tokio::test]
 async fn a_load_that_postgres_rows_would_fail_leaves_redis_as_it_is() {
-    let (db, _store, engine, flusher) = flush_parts().await;
-    for w in ["a", "b"] {
-        create(&engine, w).await;
-    }
-    flush_all(&flusher, &engine).await;
     // PostgreSQL holds a one-sided row, and Redis is found behind.
-    let mut pg = db.connect().await;
-    sqlx::query("INSERT INTO associations_p VALUES ('a', 'b', 5)")
-        .execute(&mut pg)
-        .await
-        .unwrap();
+    let (db, engine, flusher, pg) = a_and_b_flushed_with_a_one_sided_row().await;
     let mut conn = redis_conn().await;
     let prefix = engine.prefix().to_owned();
     let _: () = conn.set(format!("{prefix}seq"), 0).await.unwrap();
@@ -1272,7 +1268,7 @@ async fn a_reader_of_postgres_never_sees_one_side_while_two_instances_re_plug() 
     // PostgreSQL gone back in time (the instances share this process's metrics with the
     // other tests, so Redis's keys tell).
     let mut redis = redis_conn().await;
-    for key in ["repairs", "diverged"] {
+    for key in ["repairs", "lost_flush"] {
         let value: Option<String> = redis.get(format!("{prefix}{key}")).await.unwrap();
         assert_eq!(value, None, "{key}");
     }
@@ -1651,7 +1647,7 @@ async fn a_repair_of_a_postgres_in_line_marks_nothing() {
     // A repair forced by hand.
     let _: () = redis_conn()
         .await
-        .set(format!("{}diverged", engine.prefix()), 1)
+        .set(format!("{}lost_flush", engine.prefix()), 1)
         .await
         .unwrap();
     assert!(
@@ -1771,4 +1767,114 @@ async fn backed_up_with_b_and_c_dirty() -> (
     create(&engine, "b").await;
     create(&engine, "c").await;
     (db, store, engine, flusher, other, pg)
+}
+
+/// Redis comes back from a snapshot taken after PostgreSQL went back in time and before the
+/// repair forgot the flushes it had acknowledged: its `acked` names a flush of the lost
+/// history, and its `seq` is below versions PostgreSQL got since. Such a Redis is loaded
+/// again from PostgreSQL, which forgets them; the rounds used to stop at a repair that
+/// refused a Redis behind the database, every one of them, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_from_before_a_repair_is_loaded_again_not_stuck_on_its_old_flushes() {
+    let mut redis = common::OwnRedis::start().await;
+    let (db, _store, engine, flusher) = flush_parts_on(&redis.url()).await;
+    let prefix = engine.prefix().to_owned();
+    create(&engine, "a").await;
+    flush_all(&flusher, &engine).await;
+    let mut pg = db.connect().await;
+    back_up(&mut pg).await;
+    create(&engine, "b").await;
+    flush_all(&flusher, &engine).await;
+    restore(&mut pg).await; // PostgreSQL loses b's flush
+    redis.save().await; // the snapshot still holds b's flush in `acked`
+    create(&engine, "c").await;
+    flush_all(&flusher, &engine).await; // repaired: b and c written again
+    create(&engine, "d").await;
+    flush_all(&flusher, &engine).await;
+    redis.restart().await; // back at the snapshot: seq below PostgreSQL's versions
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    eventually!("Redis loaded again from PostgreSQL", 10, {
+        let _ = flusher.flush_once().await;
+        conn.get::<_, u64>(format!("{prefix}loads")).await.unwrap() == 2
+    });
+    flush_all(&flusher, &engine).await;
+    assert_eq!(
+        pg_state(&mut pg).await,
+        redis_state(&engine, &["a", "b", "c", "d"]).await
+    );
+    assert!(pg_state(&mut pg).await.contains_key("d"));
+    drop(pg);
+    db.drop_db().await;
+}
+
+/// A repair that fails every time (here: a one-sided row, which the comparison's read of
+/// PostgreSQL refuses, as a load does) is tried again after a backoff, and the flushes of
+/// every other widget go on meanwhile; they used to stop with it.
+#[tokio::test]
+async fn the_flushes_go_on_while_a_repair_fails() {
+    let (db, engine, flusher, mut pg) = a_and_b_flushed_with_a_one_sided_row().await;
+    let mut conn = redis_conn().await;
+    let lost = format!("{}lost_flush", engine.prefix());
+    let _: () = conn.set(&lost, 7).await.unwrap();
+    create(&engine, "c").await;
+    for _ in 0..5 {
+        flusher.flush_once().await.unwrap();
+    }
+    assert!(pg_state(&mut pg).await.contains_key("c"));
+    let still: Option<u64> = conn.get(&lost).await.unwrap();
+    assert_eq!(still, Some(7), "the failed repair forgot the lost flush");
+    assert_eq!(redis_counter(&engine, "repairs").await, 0);
+    drop(pg);
+    db.drop_db().await;
+}
+
+/// Redis's keys set back in place (no new run_id) to before `b`, with a lost flush
+/// recorded (a snapshot taken before a repair): the repair must not run on a Redis behind
+/// the database. It used to, on the server it still trusted, and marked `b` (in
+/// PostgreSQL, not in Redis) deleted at a version from the old `seq`, which deleted b's
+/// row from PostgreSQL.
+#[tokio::test]
+async fn a_repair_never_runs_on_a_redis_behind_postgres() {
+    let (db, _store, engine, flusher) = flush_parts().await;
+    create(&engine, "a").await;
+    create(&engine, "b").await;
+    flush_all(&flusher, &engine).await;
+    let mut conn = redis_conn().await;
+    let prefix = engine.prefix().to_owned();
+    let seq: u64 = conn.get(format!("{prefix}seq")).await.unwrap();
+    let _: () = conn.set(format!("{prefix}seq"), seq - 1).await.unwrap();
+    let _: () = conn.del(format!("{prefix}w:b")).await.unwrap();
+    let _: () = conn.decr(format!("{prefix}count"), 1).await.unwrap();
+    let _: () = conn.set(format!("{prefix}lost_flush"), 1).await.unwrap();
+    for _ in 0..3 {
+        let _ = flusher.flush_once().await;
+    }
+    let mut pg = db.connect().await;
+    assert!(
+        pg_state(&mut pg).await.contains_key("b"),
+        "b's flushed row was deleted from PostgreSQL"
+    );
+    drop(pg);
+    db.drop_db().await;
+}
+
+/// `a` and `b` created and flushed, then a row PostgreSQL's loads refuse: `a`'s P port
+/// plugged into `b` without `b`'s side.
+async fn a_and_b_flushed_with_a_one_sided_row(
+) -> (TestDb, Arc<RedisEngine>, RedisFlusher, sqlx::PgConnection) {
+    let (db, _store, engine, flusher) = flush_parts().await;
+    for w in ["a", "b"] {
+        create(&engine, w).await;
+    }
+    flush_all(&flusher, &engine).await;
+    let mut pg = db.connect().await;
+    sqlx::query("INSERT INTO associations_p VALUES ('a', 'b', 5)")
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    (db, engine, flusher, pg)
 }

@@ -169,9 +169,15 @@ pub async fn resync(engine: &RedisEngine) -> anyhow::Result<bool> {
         // epoch. And no write anywhere: every write script needs `loaded`.
         let (_, epoch) = store.raise_redis_epoch(None).await?;
         engine.raise_epoch(epoch).await?;
+        // A Redis loaded again from PostgreSQL has acknowledged nothing the database lacks:
+        // the flushes it kept are forgotten before its dirty widgets are written.
         let _: () = engine
             .conn()
-            .del(engine.key("loaded"))
+            .del(&[
+                engine.key("loaded"),
+                engine.key("acked"),
+                engine.key("lost_flush"),
+            ])
             .await
             .map_err(unavailable)?;
         let drained = drain_dirty(engine, &run_id).await?;

@@ -53,6 +53,9 @@ pub struct RedisEngine {
     /// One check at a time, and the server last found behind, with when: a burst of
     /// requests to a server found behind a moment ago does not each ask PostgreSQL.
     checking: tokio::sync::Mutex<Option<(String, Instant)>>,
+    /// Repairs of a PostgreSQL gone back in time that failed in a row, and when to try
+    /// again.
+    repair_retry: std::sync::Mutex<(u32, Option<Instant>)>,
 }
 
 /// How long a server found behind PostgreSQL is answered for without asking again.
@@ -141,6 +144,7 @@ impl RedisEngine {
             "widgets_redis_write_conflicts_total",
             "widgets_postgres_behind_total",
             "widgets_postgres_repairs_total",
+            "widgets_postgres_repair_failures_total",
         ]);
         Ok(Self {
             conn,
@@ -149,6 +153,7 @@ impl RedisEngine {
             store,
             trusted: RwLock::default(),
             checking: tokio::sync::Mutex::default(),
+            repair_retry: std::sync::Mutex::default(),
         })
     }
 
@@ -448,23 +453,13 @@ impl RedisEngine {
     /// with no new `run_id`), the take first brings it in line ([`load::resync`]), and
     /// takes nothing if it could not.
     ///
-    /// First it checks PostgreSQL against Redis the other way round: a database that holds
-    /// fewer flushes than Redis has acknowledged, or an older fencing epoch, has gone back
-    /// in time, and the widgets it lost are written to it again from Redis
-    /// ([`repair::repair`]) before anything else is taken.
+    /// A server in line also checks PostgreSQL the other way round: a database that lost
+    /// flushes Redis acknowledged, or holds an older fencing epoch, has gone back in time,
+    /// and the take marks the widgets it lost dirty again instead ([`repair::repair`]). A
+    /// repair that fails is tried again after a backoff, and meanwhile the takes go on.
     pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
-        let (mut fence, behind) = repair::postgres_behind(self).await?;
-        if behind.is_some() {
-            let repaired = repair::repair(self).await.map_err(|e| {
-                EngineError::Unavailable(format!(
-                    "writing the widgets PostgreSQL lost again from Redis: {e:#}"
-                ))
-            })?;
-            if !repaired {
-                return Ok(Taken::nothing()); // another instance is at it
-            }
-            fence = self.store.redis_fence().await.map_err(postgres)?;
-        }
+        // Redis's acknowledged flushes are read before PostgreSQL's (see the repair).
+        let (fence, behind) = repair::postgres_behind(self).await?;
         let (high, epoch) = (fence.high, fence.epoch);
         let mut taken = self.take_on(&self.trusted(), count, high).await?;
         if matches!(&taken, Take::Taken(t) if t.loaded && t.epoch < epoch) {
@@ -475,7 +470,20 @@ impl RedisEngine {
             taken = self.take_on(&self.trusted(), count, high).await?;
         }
         match taken {
-            Take::Taken(taken) if taken.loaded => return Ok(taken),
+            Take::Taken(taken) if taken.loaded => {
+                if behind.is_none() || !self.repair_due() {
+                    return Ok(taken);
+                }
+                // The repair raises the epoch: the batch taken before it would be refused.
+                if !self.repair().await {
+                    return Ok(Taken::nothing());
+                }
+                let high = self.store.redis_fence().await.map_err(postgres)?.high;
+                return match self.take_on(&self.trusted(), count, high).await? {
+                    Take::Taken(taken) if taken.loaded => Ok(taken),
+                    _ => Ok(Taken::nothing()),
+                };
+            }
             Take::Paused => return Ok(Taken::nothing()),
             Take::Behind => {
                 // Logged and counted; the resync below is the answer.
@@ -492,6 +500,35 @@ impl RedisEngine {
             }
         }
         Ok(Taken::nothing())
+    }
+
+    /// Whether a repair may be tried: not while the backoff after a failed one runs.
+    fn repair_due(&self) -> bool {
+        let retry = self.repair_retry.lock().expect("repair retry lock");
+        retry.1.is_none_or(|at| Instant::now() >= at)
+    }
+
+    /// Repairs a PostgreSQL found behind Redis ([`repair::repair`]); returns whether it did
+    /// (`false`: another instance holds the lock, or the repair failed, which is logged,
+    /// counted and tried again after a backoff).
+    async fn repair(&self) -> bool {
+        match repair::repair(self).await {
+            Ok(done) => {
+                *self.repair_retry.lock().expect("repair retry lock") = (0, None);
+                done
+            }
+            Err(e) => {
+                let mut retry = self.repair_retry.lock().expect("repair retry lock");
+                retry.0 = retry.0.saturating_add(1);
+                let delay = crate::flush::backoff(retry.0);
+                retry.1 = Some(Instant::now() + delay);
+                metrics::counter!("widgets_postgres_repair_failures_total").increment(1);
+                tracing::error!(error = %format!("{e:#}"), failures = retry.0,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "marking the widgets PostgreSQL lost dirty again failed; flushes go on");
+                false
+            }
+        }
     }
 
     /// [`RedisEngine::take`] on the server whose `run_id` is `server`, trusted or not, if

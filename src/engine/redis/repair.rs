@@ -6,21 +6,26 @@
 //! its data later would be loaded without them). Every flush counts itself in PostgreSQL
 //! (`version_high_water.flushes`) as it commits and logs the count with an id of its own
 //! (`flush_log`), and Redis keeps the count and id of the latest flushes it acknowledged
-//! (`acked`, written by the ACK script after the commit; two ids under one count set
-//! `diverged`). So each flush round reads Redis first and PostgreSQL second: a database
-//! whose count is below a flush Redis acknowledged, whose log holds another id under its
-//! count (a flush of its new history that brought the count back), or whose fencing epoch
-//! is below Redis's (raised in PostgreSQL first, always), has lost commits.
+//! (`acked`, written by the ACK script after the commit). So each flush round reads Redis
+//! first and PostgreSQL second: a database whose count is below a flush Redis
+//! acknowledged, or whose log holds another id under its count (a flush of its new
+//! history that brought the count back), has lost that flush; so has one under whose count
+//! two ids were acknowledged. Redis keeps the lost count (`lost_flush`) until a repair, so
+//! the flushes of the new history cannot push it out of sight. A database whose fencing
+//! epoch is below Redis's (raised in PostgreSQL first, always) has gone back too.
 //!
 //! The repair runs under the load lock, with a token that pauses every instance's flushes
-//! (the TAKE script takes nothing while it is held). It raises the fencing epoch above
-//! Redis's (so no batch taken before commits, and flushes commit again where the database
-//! kept an older epoch), then compares every widget PostgreSQL holds with Redis, and every
+//! (the TAKE script takes nothing while it is held), on a Redis in line with PostgreSQL
+//! (checked, loaded, `seq` not below the database's versions). It raises the fencing epoch
+//! above Redis's (so no batch taken before commits, and flushes commit again where the
+//! database kept an older epoch); if only the epoch had gone back, that is all. Otherwise
+//! it compares every widget PostgreSQL holds with Redis, and every
 //! widget Redis holds with PostgreSQL, and marks dirty again each one PostgreSQL lost
 //! (scripts::MARK_LOST), linked to its peers on both sides, so that the flushes after it
-//! write each lost change whole. Last it forgets the flushes acknowledged before (the ones
-//! from then on are the ones to check), and lets the flushes go on. Writes and reads go on
-//! meanwhile.
+//! write each lost change whole. Last it forgets the flushes acknowledged before and the
+//! lost count (the flushes from then on are the ones to check), and lets the flushes go on.
+//! Writes and reads go on meanwhile. A repair that fails leaves Redis's keys as they were;
+//! it is tried again after a backoff, and the flushes go on in between.
 
 use super::load::{self, holding_lock, lock_token, release_lock, take_lock, KeyScan};
 use super::{scripts, unavailable, RedisEngine};
@@ -39,15 +44,20 @@ pub struct Found {
     pub postgres: Fence,
     /// The fencing epoch Redis holds.
     pub epoch: u64,
-    /// The count two acknowledgements gave different ids (`diverged`).
-    pub diverged: Option<u64>,
+    /// The count of a flush found lost before (`lost_flush`).
+    pub recorded: Option<u64>,
     /// The first of them PostgreSQL does not hold.
     pub lost: Option<FlushId>,
 }
 
 impl Found {
     fn behind(&self) -> bool {
-        self.lost.is_some() || self.diverged.is_some() || self.postgres.epoch < self.epoch
+        self.lost_flush().is_some() || self.postgres.epoch < self.epoch
+    }
+
+    /// The count of a flush PostgreSQL lost, found now or before.
+    pub fn lost_flush(&self) -> Option<u64> {
+        self.recorded.or(self.lost.map(|f| f.count))
     }
 }
 
@@ -64,7 +74,7 @@ pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Foun
         .await
         .map_err(unavailable)?;
     let bad = || EngineError::Unavailable("Redis holds a bad acknowledged flush".into());
-    let [epoch, diverged, acked @ ..] = &flat[..] else {
+    let [epoch, recorded, acked @ ..] = &flat[..] else {
         return Err(bad());
     };
     let acked = acked
@@ -97,11 +107,19 @@ pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Foun
     let found = Found {
         postgres,
         epoch: epoch.parse().map_err(|_| bad())?,
-        diverged: diverged.parse().ok(),
+        recorded: recorded.parse().ok(),
         lost,
     };
     if !found.behind() {
         return Ok((postgres, None));
+    }
+    if let (None, Some(lost)) = (found.recorded, found.lost) {
+        // Kept until a repair: the flushes of the new history push `acked` on.
+        let _: () = engine
+            .conn()
+            .set(engine.key("lost_flush"), lost.count)
+            .await
+            .map_err(unavailable)?;
     }
     metrics::counter!("widgets_postgres_behind_total").increment(1);
     if let Some(count) = crate::metrics::throttled("postgres behind redis") {
@@ -110,7 +128,7 @@ pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Foun
             postgres_flushes = found.postgres.flushes,
             postgres_epoch = found.postgres.epoch,
             lost_flush = ?found.lost,
-            diverged_at = ?found.diverged,
+            found_before = ?found.recorded,
             redis_epoch = found.epoch,
             "PostgreSQL has gone back in time (restored from an older backup, or failed over \
              to a replica that lagged): it lost flushes whose widgets only Redis holds now. \
@@ -134,15 +152,33 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
         };
         engine.check_server().await?;
         let started = std::time::Instant::now();
-        tracing::warn!(
-            postgres_flushes = found.postgres.flushes,
-            lost_flush = ?found.lost,
-            "comparing PostgreSQL with Redis to write again the widgets it lost; flushes wait"
-        );
         let store = engine.store();
         // Waits for the flushes in flight; none taken before commits after it.
-        let (_, epoch) = store.raise_redis_epoch_above(None, found.epoch).await?;
+        let (high, epoch) = store.raise_redis_epoch_above(None, found.epoch).await?;
         engine.raise_epoch(epoch).await?;
+        // A Redis behind the database is loaded again from it instead (load::resync): its
+        // widgets are not the newer ones.
+        let (_, seq, loaded) = engine.server_state().await?;
+        anyhow::ensure!(
+            loaded && seq >= high,
+            "Redis is behind PostgreSQL (seq {seq}, PostgreSQL's versions up to {high}): it \
+             is loaded again from PostgreSQL first"
+        );
+        if found.lost_flush().is_none() {
+            tracing::warn!(
+                postgres_epoch = found.postgres.epoch,
+                redis_epoch = found.epoch,
+                epoch,
+                "PostgreSQL's fencing epoch had gone back below Redis's; raised above it"
+            );
+            count_repair(engine).await?;
+            return Ok(());
+        }
+        tracing::warn!(
+            postgres_flushes = found.postgres.flushes,
+            lost_flush = ?found.lost_flush(),
+            "comparing PostgreSQL with Redis to write again the widgets it lost; flushes wait"
+        );
         let fresh: u64 = engine
             .conn()
             .incr(engine.key("seq"), 1)
@@ -153,15 +189,10 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
         // Every lost widget is dirty again: the flushes from now on are the ones to check.
         let _: () = engine
             .conn()
-            .del(&[engine.key("acked"), engine.key("diverged")])
+            .del(&[engine.key("acked"), engine.key("lost_flush")])
             .await
             .map_err(unavailable)?;
-        let _: () = engine
-            .conn()
-            .incr(engine.key("repairs"), 1)
-            .await
-            .map_err(unavailable)?;
-        metrics::counter!("widgets_postgres_repairs_total").increment(1);
+        count_repair(engine).await?;
         tracing::warn!(
             marked,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -172,6 +203,17 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
     .await;
     release_lock(engine, &token).await?;
     done.map(|()| true)
+}
+
+/// Counts a repair done, in Redis (every instance's) and in this instance's metrics.
+async fn count_repair(engine: &RedisEngine) -> Result<(), EngineError> {
+    let _: () = engine
+        .conn()
+        .incr(engine.key("repairs"), 1)
+        .await
+        .map_err(unavailable)?;
+    metrics::counter!("widgets_postgres_repairs_total").increment(1);
+    Ok(())
 }
 
 /// Compares every widget PostgreSQL holds with Redis's; returns how many it marked.

@@ -9,8 +9,8 @@
 //! a dirty widget dirty, so a flush takes every change whole), `seq` (the version
 //! counter), `epoch` (the fencing epoch it was checked or loaded under, see the
 //! `redis_epoch` table), `acked` (sorted set: the id of each of the latest flushes
-//! acknowledged, scored by its count, see the `flush_log` table) and `diverged` (set
-//! when two acknowledgements gave one count different ids), `count` (widgets), `dirty_since`
+//! acknowledged, scored by its count, see the `flush_log` table) and `lost_flush` (the count
+//! of a flush PostgreSQL lost, until a repair), `count` (widgets), `dirty_since`
 //! (ms timestamp of when `dirty` last became non-empty), `loaded`, `load_lock` and `loads`
 //! (the one-time load from PostgreSQL; a lock whose token starts with `repair-` is a
 //! repair's, see [`MARK_LOST`]) and `repairs` (the repairs of a PostgreSQL gone back in
@@ -237,7 +237,7 @@ return out
 
 /// After PostgreSQL committed a batch: records the flush's count and id in `acked` (the
 /// latest [`ACKED_KEPT`] by count; another id already there under the count sets
-/// `diverged`), then removes each serial from the dirty set only if its entry is still the
+/// `lost_flush`: one history of the database lost it), then removes each serial from the dirty set only if its entry is still the
 /// one the batch was taken with (nothing changed since). ARGV: prefix, the take's time in
 /// ms if the batch held the whole dirty set (else ""), the highest version PostgreSQL
 /// holds, the flush's count ("0": not known, nothing recorded) and id, then pairs (serial,
@@ -265,7 +265,7 @@ if count > 0 then
     redis.call('ZREMRANGEBYRANK', acked, 0, -(KEPT + 1))
   end
   for _, other in ipairs(same) do
-    if other ~= id then redis.call('SET', prefix .. 'diverged', count) end
+    if other ~= id then redis.call('SET', prefix .. 'lost_flush', count) end
   end
 end
 if tonumber(redis.call('GET', prefix .. 'seq') or '0') < tonumber(ARGV[3]) then return -1 end
@@ -339,13 +339,13 @@ return {'ok', tostring(marked)}
 pub const ACKED_KEPT: usize = 256;
 
 /// What Redis has acknowledged of PostgreSQL, in one atomic call: the fencing epoch ("0" if
-/// unset), `diverged` ("" if unset), then for each flush `acked` keeps its id and count.
+/// unset), `lost_flush` ("" if unset), then for each flush `acked` keeps its id and count.
 /// ARGV: prefix.
 pub static ACKED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
-local out = {redis.call('GET', prefix .. 'epoch') or '0', redis.call('GET', prefix .. 'diverged') or ''}
+local out = {redis.call('GET', prefix .. 'epoch') or '0', redis.call('GET', prefix .. 'lost_flush') or ''}
 for _, v in ipairs(redis.call('ZRANGE', prefix .. 'acked', 0, -1, 'WITHSCORES')) do
   table.insert(out, v)
 end
