@@ -784,6 +784,12 @@ impl Store for PgStore {
             if loaded.is_multiple_of(1_000_000) {
                 tracing::info!(loaded, "loading widgets from PostgreSQL");
             }
+            if loaded.is_multiple_of(1024) {
+                // Rows already received come without a wait: without a yield, a load holds
+                // its worker thread for as long as they last, and a task beside it on the
+                // same thread (what consumes the visited widgets, a lease's renewal) waits.
+                tokio::task::yield_now().await;
+            }
         }
         drop(rows);
         if !links.balanced() {
