@@ -75,6 +75,13 @@ pub struct Fence {
     pub flushes: u64,
 }
 
+/// Whether a read of every widget checks that each association row has its mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mirrors {
+    Checked,
+    Unchecked,
+}
+
 /// A single-node instance's claim on its database: the connection whose session holds the
 /// advisory lock (kept open for the process's life), and the token it took.
 struct WriterClaim {
@@ -337,6 +344,84 @@ impl PgStore {
             .into_iter()
             .map(|(c, id)| (c.max(0) as u64, id))
             .collect())
+    }
+
+    /// [`Store::load`], which checks every association row's mirror; a repair of a
+    /// database gone back in time reads its rows as they are ([`Mirrors::Unchecked`]),
+    /// since it writes each widget it finds differing again, peers and all.
+    pub async fn read_widgets(
+        &self,
+        mut visit: Visitor,
+        mirrors: Mirrors,
+    ) -> Result<u64, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let row_deadline = self.flush.row_deadline();
+        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
+        // One snapshot for the rows and the checkpoint that covers them.
+        let mut tx = conn.begin().within(deadline).await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .within(deadline)
+            .await?;
+        let checkpoint = stored_checkpoint(&mut tx, deadline).await?;
+        let mut rows = sqlx::query(
+            "SELECT w.serial_number, w.name, w.ports, w.version, \
+                    p.peer_serial_number AS p, p.version AS pv, \
+                    r.peer_serial_number AS r, r.version AS rv, \
+                    q.peer_serial_number AS q, q.version AS qv \
+             FROM widgets w \
+             LEFT JOIN associations_p p USING (serial_number) \
+             LEFT JOIN associations_r r USING (serial_number) \
+             LEFT JOIN associations_q q USING (serial_number)",
+        )
+        .fetch(&mut *tx);
+        let mut loaded = 0u64;
+        let mut links = LinkBalance::default();
+        let mut waiting = RowWait::new(row_deadline);
+        while let Some(row) = waiting.for_next(rows.try_next()).await? {
+            let key: String = row.try_get("serial_number")?;
+            let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
+            let name: String = row.try_get("name")?;
+            let mut widget = Widget::new(
+                Name::parse("name", &name).map_err(|e| corrupt(&key, e))?,
+                Ports::from_bits(row.try_get::<i16, _>("ports")? as u8)
+                    .ok_or_else(|| corrupt(&key, "ports out of range"))?,
+            );
+            let mut version: i64 = row.try_get("version")?;
+            for port in PortType::ALL {
+                let column = port.as_str().to_lowercase();
+                let peer: Option<String> = row.try_get(column.as_str())?;
+                if let Some(peer) = peer {
+                    links.add(&key, &peer, port);
+                    widget.peers[port.index()] =
+                        Some(Serial::parse("peer", &peer).map_err(|e| corrupt(&key, e))?);
+                }
+                // A freed port's row (no peer) still carries the version that freed it.
+                let v: Option<i64> = row.try_get(format!("{column}v").as_str())?;
+                version = version.max(v.unwrap_or(0));
+            }
+            widget.version = version as u64;
+            widget.check(&serial).map_err(|e| corrupt(&key, e))?;
+            visit(serial, widget);
+            loaded += 1;
+            if loaded.is_multiple_of(1_000_000) {
+                tracing::info!(loaded, "loading widgets from PostgreSQL");
+            }
+            if loaded.is_multiple_of(1024) {
+                // Rows already received come without a wait: without a yield, a load holds
+                // its worker thread for as long as they last, and a task beside it on the
+                // same thread (what consumes the visited widgets, a lease's renewal) waits.
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(rows);
+        if mirrors == Mirrors::Checked && !links.balanced() {
+            return Err(one_sided_association(&mut tx, row_deadline).await?);
+        }
+        tx.commit().within(deadline).await?;
+        conn.done();
+        self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
+        Ok(checkpoint)
     }
 
     /// Which of `serials` have a widget row.
@@ -730,75 +815,8 @@ impl Store for PgStore {
     /// Each statement waits at most [`FlushTxSettings::statement_deadline`] for
     /// PostgreSQL, and each row at most that or [`LOAD_ROW_WAIT`], whichever is longer,
     /// on a connection closed unless the load committed.
-    async fn load(&self, mut visit: Visitor) -> Result<u64, StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let row_deadline = self.flush.row_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        // One snapshot for the rows and the checkpoint that covers them.
-        let mut tx = conn.begin().within(deadline).await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .within(deadline)
-            .await?;
-        let checkpoint = stored_checkpoint(&mut tx, deadline).await?;
-        let mut rows = sqlx::query(
-            "SELECT w.serial_number, w.name, w.ports, w.version, \
-                    p.peer_serial_number AS p, p.version AS pv, \
-                    r.peer_serial_number AS r, r.version AS rv, \
-                    q.peer_serial_number AS q, q.version AS qv \
-             FROM widgets w \
-             LEFT JOIN associations_p p USING (serial_number) \
-             LEFT JOIN associations_r r USING (serial_number) \
-             LEFT JOIN associations_q q USING (serial_number)",
-        )
-        .fetch(&mut *tx);
-        let mut loaded = 0u64;
-        let mut links = LinkBalance::default();
-        let mut waiting = RowWait::new(row_deadline);
-        while let Some(row) = waiting.for_next(rows.try_next()).await? {
-            let key: String = row.try_get("serial_number")?;
-            let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
-            let name: String = row.try_get("name")?;
-            let mut widget = Widget::new(
-                Name::parse("name", &name).map_err(|e| corrupt(&key, e))?,
-                Ports::from_bits(row.try_get::<i16, _>("ports")? as u8)
-                    .ok_or_else(|| corrupt(&key, "ports out of range"))?,
-            );
-            let mut version: i64 = row.try_get("version")?;
-            for port in PortType::ALL {
-                let column = port.as_str().to_lowercase();
-                let peer: Option<String> = row.try_get(column.as_str())?;
-                if let Some(peer) = peer {
-                    links.add(&key, &peer, port);
-                    widget.peers[port.index()] =
-                        Some(Serial::parse("peer", &peer).map_err(|e| corrupt(&key, e))?);
-                }
-                // A freed port's row (no peer) still carries the version that freed it.
-                let v: Option<i64> = row.try_get(format!("{column}v").as_str())?;
-                version = version.max(v.unwrap_or(0));
-            }
-            widget.version = version as u64;
-            widget.check(&serial).map_err(|e| corrupt(&key, e))?;
-            visit(serial, widget);
-            loaded += 1;
-            if loaded.is_multiple_of(1_000_000) {
-                tracing::info!(loaded, "loading widgets from PostgreSQL");
-            }
-            if loaded.is_multiple_of(1024) {
-                // Rows already received come without a wait: without a yield, a load holds
-                // its worker thread for as long as they last, and a task beside it on the
-                // same thread (what consumes the visited widgets, a lease's renewal) waits.
-                tokio::task::yield_now().await;
-            }
-        }
-        drop(rows);
-        if !links.balanced() {
-            return Err(one_sided_association(&mut tx, row_deadline).await?);
-        }
-        tx.commit().within(deadline).await?;
-        conn.done();
-        self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
-        Ok(checkpoint)
+    async fn load(&self, visit: Visitor) -> Result<u64, StoreError> {
+        self.read_widgets(visit, Mirrors::Checked).await
     }
 
     /// Waits at most [`FlushTxSettings::statement_deadline`]: a start that stalls here

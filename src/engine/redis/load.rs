@@ -32,11 +32,21 @@ const BATCH: usize = 1000;
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the Redis load lock expired while this instance {doing} (it stalled for longer than the \
-     {lease:?} lease); another instance is loading"
+     {lease:?} lease); another instance may hold it now"
 )]
 pub struct LockLost {
     doing: &'static str,
     lease: Duration,
+}
+
+impl LockLost {
+    /// The lock lost while this instance did `doing`, past [`LOCK_LEASE`].
+    pub(super) const fn new(doing: &'static str) -> Self {
+        Self {
+            doing,
+            lease: LOCK_LEASE,
+        }
+    }
 }
 
 /// What a loader is told whose lock was taken while it loaded: at a batch or at its finish.

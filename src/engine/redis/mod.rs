@@ -455,8 +455,9 @@ impl RedisEngine {
     ///
     /// A server in line also checks PostgreSQL the other way round: a database that lost
     /// flushes Redis acknowledged, or holds an older fencing epoch, has gone back in time,
-    /// and the take marks the widgets it lost dirty again instead ([`repair::repair`]). A
-    /// repair that fails is tried again after a backoff, and meanwhile the takes go on.
+    /// and the take marks the widgets it lost dirty again first ([`repair::repair`]). A
+    /// repair that fails is tried again after a backoff, and until one succeeds the takes
+    /// take nothing.
     pub async fn take(&self, count: usize) -> Result<Taken, EngineError> {
         // Redis's acknowledged flushes are read before PostgreSQL's (see the repair).
         let (fence, behind) = repair::postgres_behind(self).await?;
@@ -471,11 +472,14 @@ impl RedisEngine {
         }
         match taken {
             Take::Taken(taken) if taken.loaded => {
-                if behind.is_none() || !self.repair_due() {
+                let Some(found) = behind else {
                     return Ok(taken);
-                }
-                // The repair raises the epoch: the batch taken before it would be refused.
-                if !self.repair().await {
+                };
+                repair::report(&found);
+                // Nothing is flushed while the database is behind: a lost widget not yet
+                // marked again would be written without its peers. And the repair raises
+                // the epoch, so the batch taken before it would be refused.
+                if !self.repair_due() || !self.repair().await {
                     return Ok(Taken::nothing());
                 }
                 let high = self.store.redis_fence().await.map_err(postgres)?.high;
@@ -525,7 +529,8 @@ impl RedisEngine {
                 metrics::counter!("widgets_postgres_repair_failures_total").increment(1);
                 tracing::error!(error = %format!("{e:#}"), failures = retry.0,
                     retry_in_ms = delay.as_millis() as u64,
-                    "marking the widgets PostgreSQL lost dirty again failed; flushes go on");
+                    "marking the widgets PostgreSQL lost dirty again failed; no flush is \
+                     written until it succeeds");
                 false
             }
         }

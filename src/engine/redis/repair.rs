@@ -18,25 +18,31 @@
 //! (the TAKE script takes nothing while it is held), on a Redis in line with PostgreSQL
 //! (checked, loaded, `seq` not below the database's versions). It raises the fencing epoch
 //! above Redis's (so no batch taken before commits, and flushes commit again where the
-//! database kept an older epoch); if only the epoch had gone back, that is all. Otherwise
+//! database kept an older epoch); if only the epoch had gone back (a flush acknowledged
+//! since Redis was loaded or repaired, and every one in the database), that is all. Otherwise
 //! it compares every widget PostgreSQL holds with Redis, and every
 //! widget Redis holds with PostgreSQL, and marks dirty again each one PostgreSQL lost
 //! (scripts::MARK_LOST), linked to its peers on both sides, so that the flushes after it
 //! write each lost change whole. Last it forgets the flushes acknowledged before and the
 //! lost count (the flushes from then on are the ones to check), and lets the flushes go on.
-//! Writes and reads go on meanwhile. A repair that fails leaves Redis's keys as they were;
-//! it is tried again after a backoff, and the flushes go on in between.
+//! Writes and reads go on meanwhile. A repair that fails keeps `acked` and `lost_flush`,
+//! so the next one starts over; it is tried again after a backoff, and no flush is written
+//! until one succeeds (a lost widget not yet marked would be written without its peers).
 
 use super::load::{self, holding_lock, lock_token, release_lock, take_lock, KeyScan};
 use super::{scripts, unavailable, RedisEngine};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
-use crate::store::Store;
+use crate::store::postgres::Mirrors;
 use crate::store::{Fence, FlushId};
 use redis::AsyncCommands;
 
 /// Widgets compared per script while repairing.
 const BATCH: usize = 1000;
+
+/// What a repair that stalled past its lease is told at its next step: another instance
+/// may be repairing, and its lock lets the flushes go on.
+const LOST_WHILE_REPAIRING: load::LockLost = load::LockLost::new("repaired PostgreSQL");
 
 /// What the check found: PostgreSQL's fence, and what Redis had acknowledged before it.
 #[derive(Debug, Clone)]
@@ -48,6 +54,8 @@ pub struct Found {
     pub recorded: Option<u64>,
     /// The first of them PostgreSQL does not hold.
     pub lost: Option<FlushId>,
+    /// How many flushes Redis has acknowledged since it was loaded or last repaired.
+    pub acked: usize,
 }
 
 impl Found {
@@ -109,18 +117,28 @@ pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Foun
         epoch: epoch.parse().map_err(|_| bad())?,
         recorded: recorded.parse().ok(),
         lost,
+        acked: acked.len(),
     };
     if !found.behind() {
         return Ok((postgres, None));
     }
     if let (None, Some(lost)) = (found.recorded, found.lost) {
-        // Kept until a repair: the flushes of the new history push `acked` on.
-        let _: () = engine
-            .conn()
-            .set(engine.key("lost_flush"), lost.count)
+        // Kept until a repair: the flushes of the new history push `acked` on. Only while
+        // `acked` still holds it: a repair that has just forgotten it is not undone.
+        let _: i64 = scripts::RECORD_LOST
+            .prepare_invoke()
+            .arg(engine.prefix())
+            .arg(lost.count)
+            .arg(lost.id)
+            .invoke_async(&mut engine.conn())
             .await
             .map_err(unavailable)?;
     }
+    Ok((postgres, Some(found)))
+}
+
+/// Counts and logs (at most once a second) that a flush round found PostgreSQL behind.
+pub fn report(found: &Found) {
     metrics::counter!("widgets_postgres_behind_total").increment(1);
     if let Some(count) = crate::metrics::throttled("postgres behind redis") {
         tracing::error!(
@@ -132,10 +150,9 @@ pub async fn postgres_behind(engine: &RedisEngine) -> Result<(Fence, Option<Foun
             redis_epoch = found.epoch,
             "PostgreSQL has gone back in time (restored from an older backup, or failed over \
              to a replica that lagged): it lost flushes whose widgets only Redis holds now. \
-             They are marked dirty again and written from Redis"
+             No flush is written until they are marked dirty again"
         );
     }
-    Ok((postgres, Some(found)))
 }
 
 /// Marks dirty again every widget PostgreSQL lost (see the module's text); returns whether
@@ -164,14 +181,17 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
             "Redis is behind PostgreSQL (seq {seq}, PostgreSQL's versions up to {high}): it \
              is loaded again from PostgreSQL first"
         );
-        if found.lost_flush().is_none() {
+        // With a flush acknowledged since Redis was loaded or repaired, and every such
+        // flush in the database, the database holds everything Redis took for written; the
+        // epoch alone went back. Without one, nothing tells, and the widgets are compared.
+        if found.lost_flush().is_none() && found.acked > 0 {
             tracing::warn!(
                 postgres_epoch = found.postgres.epoch,
                 redis_epoch = found.epoch,
                 epoch,
                 "PostgreSQL's fencing epoch had gone back below Redis's; raised above it"
             );
-            count_repair(engine).await?;
+            finish(engine, &token).await?;
             return Ok(());
         }
         tracing::warn!(
@@ -184,15 +204,9 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
             .incr(engine.key("seq"), 1)
             .await
             .map_err(unavailable)?;
-        let mut marked = mark_lost_in_postgres(engine, fresh).await?;
-        marked += mark_missing_from_postgres(engine, fresh).await?;
-        // Every lost widget is dirty again: the flushes from now on are the ones to check.
-        let _: () = engine
-            .conn()
-            .del(&[engine.key("acked"), engine.key("lost_flush")])
-            .await
-            .map_err(unavailable)?;
-        count_repair(engine).await?;
+        let mut marked = mark_lost_in_postgres(engine, &token, fresh).await?;
+        marked += mark_missing_from_postgres(engine, &token, fresh).await?;
+        finish(engine, &token).await?;
         tracing::warn!(
             marked,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -205,23 +219,39 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
     done.map(|()| true)
 }
 
-/// Counts a repair done, in Redis (every instance's) and in this instance's metrics.
-async fn count_repair(engine: &RedisEngine) -> Result<(), EngineError> {
-    let _: () = engine
-        .conn()
-        .incr(engine.key("repairs"), 1)
+/// Ends a repair while `token` still holds the lock: forgets the flushes acknowledged
+/// before and the lost one (the flushes from now on are the ones to check), and counts the
+/// repair, in Redis (every instance's) and in this instance's metrics.
+async fn finish(engine: &RedisEngine, token: &str) -> anyhow::Result<()> {
+    let done: i64 = scripts::FINISH_REPAIR
+        .prepare_invoke()
+        .arg(engine.prefix())
+        .arg(token)
+        .invoke_async(&mut engine.conn())
         .await
         .map_err(unavailable)?;
+    if done != 1 {
+        return Err(LOST_WHILE_REPAIRING.into());
+    }
     metrics::counter!("widgets_postgres_repairs_total").increment(1);
     Ok(())
 }
 
 /// Compares every widget PostgreSQL holds with Redis's; returns how many it marked.
-async fn mark_lost_in_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Result<u64> {
+async fn mark_lost_in_postgres(
+    engine: &RedisEngine,
+    token: &str,
+    fresh: u64,
+) -> anyhow::Result<u64> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
-    let reading = engine.store().load(Box::new(move |serial, widget| {
-        let _ = tx.send((serial, widget));
-    }));
+    // As the rows are: a one-sided association the database holds is mended by writing
+    // both widgets again, which a load that refused it would not allow.
+    let reading = engine.store().read_widgets(
+        Box::new(move |serial, widget| {
+            let _ = tx.send((serial, widget));
+        }),
+        Mirrors::Unchecked,
+    );
     let marking = async {
         let mut marked = 0;
         let mut batch = Vec::with_capacity(BATCH);
@@ -232,7 +262,7 @@ async fn mark_lost_in_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Resu
                     let peers = PortType::ALL.map(|p| w.peer(p).map(|s| s.as_str().to_owned()));
                     (serial.as_str().to_owned(), Some(w.version), peers)
                 });
-                marked += mark_lost(engine, fresh, widgets.collect()).await?;
+                marked += mark_lost(engine, token, fresh, widgets.collect()).await?;
             }
             if done {
                 return Ok::<_, anyhow::Error>(marked);
@@ -246,7 +276,11 @@ async fn mark_lost_in_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Resu
 
 /// Looks for every widget Redis holds in PostgreSQL; returns how many it marked (those
 /// PostgreSQL has no row for).
-async fn mark_missing_from_postgres(engine: &RedisEngine, fresh: u64) -> anyhow::Result<u64> {
+async fn mark_missing_from_postgres(
+    engine: &RedisEngine,
+    token: &str,
+    fresh: u64,
+) -> anyhow::Result<u64> {
     let widgets = engine.key("w:");
     let mut scan = KeyScan::new(engine, &widgets);
     let mut marked = 0;
@@ -263,7 +297,7 @@ async fn mark_missing_from_postgres(engine: &RedisEngine, fresh: u64) -> anyhow:
                 .map(|s| ((*s).to_owned(), None, [None, None, None]))
                 .collect();
             if !missing.is_empty() {
-                marked += mark_lost(engine, fresh, missing).await?;
+                marked += mark_lost(engine, token, fresh, missing).await?;
             }
         }
     }
@@ -275,9 +309,18 @@ async fn mark_missing_from_postgres(engine: &RedisEngine, fresh: u64) -> anyhow:
 type Held = (String, Option<u64>, [Option<String>; 3]);
 
 /// Runs MARK_LOST over `widgets`; returns how many it marked.
-async fn mark_lost(engine: &RedisEngine, fresh: u64, widgets: Vec<Held>) -> anyhow::Result<u64> {
+async fn mark_lost(
+    engine: &RedisEngine,
+    token: &str,
+    fresh: u64,
+    widgets: Vec<Held>,
+) -> anyhow::Result<u64> {
     let mut script = scripts::MARK_LOST.prepare_invoke();
-    script.arg(engine.trusted()).arg(engine.prefix()).arg(fresh);
+    script
+        .arg(engine.trusted())
+        .arg(engine.prefix())
+        .arg(token)
+        .arg(fresh);
     for (serial, version, peers) in &widgets {
         script.arg(serial).arg(version.map_or(-1, |v| v as i64));
         for peer in peers {
@@ -290,6 +333,7 @@ async fn mark_lost(engine: &RedisEngine, fresh: u64, widgets: Vec<Held>) -> anyh
         .map_err(unavailable)?;
     match &answer[..] {
         [ok, marked] if ok == "ok" => Ok(marked.parse().unwrap_or(0)),
+        [lost] if lost == "lock_lost" => Err(LOST_WHILE_REPAIRING.into()),
         _ => anyhow::bail!("the Redis server changed while PostgreSQL was compared with it"),
     }
 }

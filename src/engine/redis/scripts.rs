@@ -291,22 +291,25 @@ return removed
 
 /// Marks dirty again the widgets a PostgreSQL gone back in time lost, while a repair holds
 /// the load lock (so no flush takes anything until every lost widget is marked). ARGV:
-/// trusted run_id, prefix, a version no dirty entry has yet, then for each widget
-/// PostgreSQL holds or Redis holds: its serial, the version PostgreSQL holds ("-1": no
-/// row) and its peer there on P, R, Q ("" where free). A widget whose Redis version is
-/// above PostgreSQL's, that Redis holds and PostgreSQL does not, or that PostgreSQL holds
-/// and Redis has deleted, is marked: its row and every port plugged on either side, at
-/// the new version (so no flush taken before can clear it), linked to those peers, so a
-/// flush takes it with every lost widget whose association it shares, and PostgreSQL never
-/// shows one side. Returns {"ok", how many it marked}.
+/// trusted run_id, prefix, the repair's lock token, a version no dirty entry has yet, then
+/// for each widget PostgreSQL holds or Redis holds: its serial, the version PostgreSQL
+/// holds ("-1": no row) and its peer there on P, R, Q ("" where free). A widget whose Redis
+/// version is above PostgreSQL's, that Redis holds and PostgreSQL does not, or that
+/// PostgreSQL holds and Redis has deleted, is marked: its row and every port plugged on
+/// either side (with what its entry marked already), at the new version (so no flush taken
+/// before can clear it), linked to those peers, so a flush takes it with every lost widget
+/// whose association it shares, and PostgreSQL never shows one side. Returns {"ok", how
+/// many it marked}, or {"lock_lost"} (marking nothing) if the token no longer holds the
+/// lock: the repair stalled past its lease, and the flushes may have gone on.
 pub static MARK_LOST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         trusted_server_lua!(),
         r#"
-local prefix, fresh = ARGV[2], ARGV[3]
+local prefix, fresh = ARGV[2], ARGV[4]
+if redis.call('GET', prefix .. 'load_lock') ~= ARGV[3] then return {'lock_lost'} end
 local dirty = prefix .. 'dirty'
 local marked = 0
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local s, pg = ARGV[i], tonumber(ARGV[i + 1])
   local v = redis.call('HGET', prefix .. 'w:' .. s, 'version')
   if (v and tonumber(v) > pg) or (not v and pg >= 0) then
@@ -320,7 +323,10 @@ for i = 4, #ARGV, 5 do
         end
       end
     end
-    if redis.call('HLEN', dirty) == 0 then
+    local old = redis.call('HGET', dirty, s)
+    if old then
+      bits = bit.bor(bits, tonumber(string.match(old, '^(%d+):')))
+    elseif redis.call('HLEN', dirty) == 0 then
       local t = redis.call('TIME')
       redis.call('SET', prefix .. 'dirty_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
     end
@@ -332,6 +338,35 @@ end
 return {'ok', tostring(marked)}
 "#
     ))
+});
+
+/// Keeps the count of a flush PostgreSQL lost in `lost_flush` until a repair, if `acked`
+/// still holds that flush (a repair that forgot it since is not undone). ARGV: prefix,
+/// count, id. Returns 1 if it kept it.
+pub static RECORD_LOST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+if redis.call('ZSCORE', prefix .. 'acked', ARGV[3]) ~= ARGV[2] then return 0 end
+redis.call('SET', prefix .. 'lost_flush', ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// Ends a repair, if its token still holds the load lock: forgets `acked` and
+/// `lost_flush`, and counts the repair in `repairs`. ARGV: prefix, token. Returns 1, or 0
+/// (changing nothing) if the lock is another's.
+pub static FINISH_REPAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local prefix = ARGV[1]
+if redis.call('GET', prefix .. 'load_lock') ~= ARGV[2] then return 0 end
+redis.call('DEL', prefix .. 'acked', prefix .. 'lost_flush')
+redis.call('INCR', prefix .. 'repairs')
+return 1
+"#,
+    )
 });
 
 /// How many of the latest acknowledged flushes `acked` keeps: each flush round checks
