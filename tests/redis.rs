@@ -1962,3 +1962,42 @@ async fn a_repair_reads_a_one_sided_row_as_it_is() {
     drop(pg);
     db.drop_db().await;
 }
+
+/// A flush committed on the old primary and acknowledged only while a repair of an epoch
+/// gone back alone runs (after its check under the lock): the acknowledgement clears b's
+/// dirty mark, and only `acked` still tells b's flush was lost. The repair's end used to
+/// forget `acked`, and b was gone from PostgreSQL for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_acknowledgement_during_an_epoch_repair_is_not_forgotten() {
+    let (db, store, engine, flusher, _, mut pg) = a_flushed_and_backed_up(0).await;
+    another_instance(&engine, &store).await; // an epoch raise after the backup
+    create(&engine, "b").await;
+    let (batch, late) = take_one(&engine, "b").await;
+    store.write_batch(batch).await.unwrap(); // on the old primary
+    restore(&mut pg).await; // the failover: b's flush and the epoch raise lost
+                            // A flush in flight on the new primary holds the epoch: the repair's raise waits.
+    let mut holder = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT epoch FROM redis_epoch FOR SHARE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let round = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.take(1000).await.map(|t| t.items.len()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    engine.finish_flush(&late).await.unwrap(); // b's flusher is back from the failover
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+    round.await.unwrap().unwrap();
+    assert_eq!(redis_counter(&engine, "repairs").await, 1);
+    for _ in 0..5 {
+        let _ = flusher.flush_once().await;
+    }
+    assert_eq!(
+        pg_state(&mut pg).await,
+        redis_state(&engine, &["a", "b"]).await,
+        "PostgreSQL lost b for good: its late acknowledgement was forgotten by the repair"
+    );
+    drop((pg, holder));
+    db.drop_db().await;
+}

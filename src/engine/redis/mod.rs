@@ -498,7 +498,9 @@ impl RedisEngine {
         let in_line = load::resync(self).await.map_err(|e| {
             EngineError::Unavailable(format!("bringing Redis in line with PostgreSQL: {e:#}"))
         })?;
-        if in_line {
+        // A database found behind is checked again next round, against the Redis now in
+        // line, before anything is flushed.
+        if in_line && behind.is_none() {
             if let Take::Taken(taken) = self.take_on(&self.trusted(), count, high).await? {
                 return Ok(taken);
             }

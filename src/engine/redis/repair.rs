@@ -191,7 +191,9 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
                 epoch,
                 "PostgreSQL's fencing epoch had gone back below Redis's; raised above it"
             );
-            finish(engine, &token).await?;
+            // `acked` stays: each flush it holds is in the database, and one acknowledged
+            // while this ran (committed before the failover, and lost) must still tell.
+            finish(engine, &token, Forget::LostFlush).await?;
             return Ok(());
         }
         tracing::warn!(
@@ -206,7 +208,7 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
             .map_err(unavailable)?;
         let mut marked = mark_lost_in_postgres(engine, &token, fresh).await?;
         marked += mark_missing_from_postgres(engine, &token, fresh).await?;
-        finish(engine, &token).await?;
+        finish(engine, &token, Forget::Acknowledged).await?;
         tracing::warn!(
             marked,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -219,14 +221,28 @@ pub async fn repair(engine: &RedisEngine) -> anyhow::Result<bool> {
     done.map(|()| true)
 }
 
-/// Ends a repair while `token` still holds the lock: forgets the flushes acknowledged
-/// before and the lost one (the flushes from now on are the ones to check), and counts the
-/// repair, in Redis (every instance's) and in this instance's metrics.
-async fn finish(engine: &RedisEngine, token: &str) -> anyhow::Result<()> {
+/// What a repair forgets at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forget {
+    /// The lost flush's count only.
+    LostFlush,
+    /// That and every flush acknowledged before: the comparison marked what they lost.
+    Acknowledged,
+}
+
+/// Ends a repair while `token` still holds the lock: forgets what `forget` says (the
+/// flushes from now on are the ones to check), and counts the repair, in Redis (every
+/// instance's) and in this instance's metrics.
+async fn finish(engine: &RedisEngine, token: &str, forget: Forget) -> anyhow::Result<()> {
     let done: i64 = scripts::FINISH_REPAIR
         .prepare_invoke()
         .arg(engine.prefix())
         .arg(token)
+        .arg(if forget == Forget::Acknowledged {
+            "1"
+        } else {
+            "0"
+        })
         .invoke_async(&mut engine.conn())
         .await
         .map_err(unavailable)?;

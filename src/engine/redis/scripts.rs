@@ -354,15 +354,18 @@ return 1
     )
 });
 
-/// Ends a repair, if its token still holds the load lock: forgets `acked` and
-/// `lost_flush`, and counts the repair in `repairs`. ARGV: prefix, token. Returns 1, or 0
-/// (changing nothing) if the lock is another's.
+/// Ends a repair, if its token still holds the load lock: forgets `lost_flush`, and
+/// `acked` too if ARGV[3] is "1" (after a comparison of every widget, which marked what an
+/// acknowledgement during it cleared; not after an epoch raised alone, which marked
+/// nothing), and counts the repair in `repairs`. ARGV: prefix, token, forget acked.
+/// Returns 1, or 0 (changing nothing) if the lock is another's.
 pub static FINISH_REPAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local prefix = ARGV[1]
 if redis.call('GET', prefix .. 'load_lock') ~= ARGV[2] then return 0 end
-redis.call('DEL', prefix .. 'acked', prefix .. 'lost_flush')
+redis.call('DEL', prefix .. 'lost_flush')
+if ARGV[3] == '1' then redis.call('DEL', prefix .. 'acked') end
 redis.call('INCR', prefix .. 'repairs')
 return 1
 "#,
