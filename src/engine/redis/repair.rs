@@ -18,16 +18,17 @@
 //! (the TAKE script takes nothing while it is held), on a Redis in line with PostgreSQL
 //! (checked, loaded, `seq` not below the database's versions). It raises the fencing epoch
 //! above Redis's (so no batch taken before commits, and flushes commit again where the
-//! database kept an older epoch); if only the epoch had gone back (a flush acknowledged
-//! since Redis was loaded or repaired, and every one in the database), that is all. Otherwise
-//! it compares every widget PostgreSQL holds with Redis, and every
-//! widget Redis holds with PostgreSQL, and marks dirty again each one PostgreSQL lost
-//! (scripts::MARK_LOST), linked to its peers on both sides, so that the flushes after it
-//! write each lost change whole. Last it forgets the flushes acknowledged before and the
-//! lost count (the flushes from then on are the ones to check), and lets the flushes go on.
-//! Writes and reads go on meanwhile. A repair that fails keeps `acked` and `lost_flush`,
-//! so the next one starts over; it is tried again after a backoff, and no flush is written
-//! until one succeeds (a lost widget not yet marked would be written without its peers).
+//! database kept an older epoch). If only the epoch had gone back (a flush acknowledged
+//! since Redis was loaded or repaired, and every one in the database), that is all, and
+//! `acked` is kept: a flush acknowledged meanwhile may be one the database lost. Otherwise
+//! it compares every widget PostgreSQL holds with Redis, and every widget Redis holds with
+//! PostgreSQL, and marks dirty again each one PostgreSQL lost (scripts::MARK_LOST), linked
+//! to its peers on both sides, so that the flushes after it write each lost change whole;
+//! then it forgets the flushes acknowledged before (the ones from then on are the ones to
+//! check). Either way it forgets the lost count and lets the flushes go on. Writes and
+//! reads go on meanwhile. A repair that fails keeps `acked` and `lost_flush`, so the next
+//! one starts over; it is tried again after a backoff, and no flush is written until one
+//! succeeds (a lost widget not yet marked would be written without its peers).
 
 use super::load::{self, holding_lock, lock_token, release_lock, take_lock, KeyScan};
 use super::{scripts, unavailable, RedisEngine};
