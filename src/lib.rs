@@ -15,7 +15,8 @@
 //!   validator, changes and their marks, and the association rules as pure functions.
 //! - [`engine`]: the hot state behind one interface: `memory` (the papaya map, the dirty
 //!   set, the sequencer thread, recovery from the store and the WAL) and, with the `redis`
-//!   feature, `redis` (scripts, optimistic writes, the one-time load from PostgreSQL).
+//!   feature, `redis` (scripts, optimistic writes, the one-time load from PostgreSQL, the
+//!   repair of a PostgreSQL gone back in time).
 //! - [`wal`]: the write-ahead log: format and framing, writer with group commit, recovery,
 //!   file-system seam.
 //! - [`store`]: the durable-store trait; the embedded sled store and PostgreSQL.
