@@ -386,7 +386,7 @@ async fn retried<T, E: std::fmt::Display, F: std::future::Future<Output = Result
             Ok(done) => return Ok(Some(done)),
             Err(e) if passing(&e) => {
                 failures += 1;
-                let delay = crate::flush::backoff(failures);
+                let delay = crate::backoff::backoff(failures);
                 tracing::warn!(
                     error = format!("{e:#}"),
                     failures,

@@ -8,6 +8,7 @@
 //! - [`config`]: every setting, by flag or environment variable, with its default.
 //! - [`data_dir`]: the lock that makes a data directory one process's alone.
 //! - [`app`]: picks the store and engine, serves, runs the flusher, graceful shutdown.
+//! - [`backoff`]: the wait before a retry, growing with each failure.
 //! - [`api`]: the HTTP routes, one file per resource, plus health, readiness, metrics, bearer
 //!   auth, and the OpenAPI document built from the checks.
 //! - [`error`]: `ApiError`, the one HTTP error type and its JSON body.
@@ -20,7 +21,7 @@
 //! - [`wal`]: the write-ahead log: format and framing, writer with group commit, recovery,
 //!   file-system seam.
 //! - [`store`]: the durable-store trait; the embedded sled store and PostgreSQL.
-//! - [`flush`]: write-behind: the loop with its backoff and the one flusher, driving each
+//! - [`flush`]: write-behind: the loop with its retries and the one flusher, driving each
 //!   engine's side of a flush.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`logging`]: the log subscriber: `RUST_LOG`, text or JSON lines on stderr.
@@ -30,6 +31,7 @@
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod config;
 pub mod data_dir;
 pub mod domain;

@@ -24,10 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Longest wait between retries while the store is failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// First wait after a failure.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// How often shutdown tries its last flush.
 const FINAL_FLUSH_ATTEMPTS: u32 = 3;
 /// Most batches one flush writes, so a flush under constant load still ends.
@@ -185,7 +181,7 @@ pub async fn run<E: Source, S: Store>(
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                let delay = backoff(failures);
+                let delay = crate::backoff::backoff(failures);
                 tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64,
                     "flush failed; every change stays dirty and is retried");
                 tokio::select! {
@@ -212,13 +208,6 @@ pub async fn flush_at_shutdown<E: Source, S: Store>(flusher: &Flusher<E, S>) {
     }
 }
 
-/// Exponential backoff with jitter: about 100 ms, 200 ms, 400 ms ... up to 30 s, each
-/// scaled by a random factor in [0.5, 1) so many instances do not retry in step.
-pub fn backoff(failures: u32) -> Duration {
-    let exp = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(16));
-    exp.min(MAX_BACKOFF).mul_f64(0.5 + fastrand::f64() / 2.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,18 +216,6 @@ mod tests {
     use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
     use std::sync::Mutex;
     use tokio::sync::Notify;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for _ in 0..100 {
-            let first = backoff(1);
-            assert!(first >= Duration::from_millis(50) && first < FIRST_BACKOFF);
-            let fourth = backoff(4);
-            assert!(fourth >= Duration::from_millis(400) && fourth < Duration::from_millis(800));
-            assert!(backoff(u32::MAX) < MAX_BACKOFF);
-            assert!(backoff(u32::MAX) >= MAX_BACKOFF / 2);
-        }
-    }
 
     /// A source that always has one widget dirty, hands out `round` of them per batch
     /// until `per_flush` are taken, and counts what comes back. Only the loop's timing is

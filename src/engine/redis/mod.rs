@@ -526,7 +526,7 @@ impl RedisEngine {
             Err(e) => {
                 let mut retry = self.repair_retry.lock().expect("repair retry lock");
                 retry.0 = retry.0.saturating_add(1);
-                let delay = crate::flush::backoff(retry.0);
+                let delay = crate::backoff::backoff(retry.0);
                 retry.1 = Some(Instant::now() + delay);
                 metrics::counter!("widgets_postgres_repair_failures_total").increment(1);
                 tracing::error!(error = %format!("{e:#}"), failures = retry.0,
