@@ -13,10 +13,13 @@ use super::associations::{self, Associate};
 use super::auth::{Auth, Class};
 use super::ops;
 use super::widgets::{self, CreateWidget};
+use super::AppState;
 use crate::domain::schema::NOT_CONST_EXTENSION;
 use crate::domain::{Associated, DomainError, PortType, Serial, ValidationError, WidgetView};
 use crate::error::{ApiError, ErrorBody, ErrorDetail};
+use axum::extract::State;
 use axum::http::Method;
+use axum::Json;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use utoipa::OpenApi;
@@ -55,6 +58,12 @@ use utoipa::OpenApi;
     ))
 )]
 pub struct ApiDoc;
+
+/// `GET /openapi.json`: the OpenAPI 3 document of this API, for this service's auth
+/// settings.
+pub async fn openapi(State(state): State<AppState>) -> Json<Value> {
+    Json(document(state.auth()))
+}
 
 /// The errors an operation can answer, in any mode (single node or Redis), besides
 /// `401` (added by [`document`] where a token is needed).

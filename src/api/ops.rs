@@ -1,4 +1,5 @@
-//! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
+//! Operational endpoints: liveness, readiness, Prometheus metrics (the OpenAPI document is
+//! `super::doc`'s).
 
 use super::AppState;
 use crate::error::ApiError;
@@ -50,10 +51,4 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(&gauges),
     )
-}
-
-/// The OpenAPI 3 document of this API, generated from the handlers and the checks
-/// (`super::doc`), for this service's auth settings.
-pub async fn openapi(State(state): State<AppState>) -> Json<Value> {
-    Json(super::doc::document(state.auth()))
 }
