@@ -13,6 +13,7 @@
 use super::{scripts, unavailable, RedisEngine, Take};
 use crate::domain::{PortType, Serial, Widget};
 use crate::engine::EngineError;
+use crate::store::postgres::Mirrors;
 use crate::store::{PgStore, Store, StoreError};
 use anyhow::Context;
 use redis::AsyncCommands;
@@ -376,43 +377,33 @@ pub async fn release_lock(engine: &RedisEngine, token: &str) -> Result<bool, Eng
 pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (_, epoch) = store.raise_redis_epoch(None).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
-    let reading = store.load(Box::new(move |serial, widget| {
-        let _ = tx.send((serial, widget));
-    }));
+    let (reading, mut batches) = widget_batches(store, Mirrors::Checked);
     let writing = async {
         let mut conn = engine.conn();
         let (mut count, mut max_version) = (0u64, 0u64);
-        let mut batch = Vec::with_capacity(BATCH);
-        loop {
-            let done = rx.recv_many(&mut batch, BATCH).await == 0;
-            if !batch.is_empty() {
-                let mut script = scripts::LOAD_BATCH.prepare_invoke();
-                script.arg(engine.prefix()).arg(token);
-                for (serial, w) in batch.drain(..) {
-                    max_version = max_version.max(w.version);
-                    count += 1;
-                    let peers: Vec<(&str, &str)> = PortType::ALL
-                        .into_iter()
-                        .filter_map(|p| w.peer(p).map(|s| (field(p), s.as_str())))
-                        .collect();
-                    script
-                        .arg(serial.as_str())
-                        .arg(w.name.as_str())
-                        .arg(w.ports.bits())
-                        .arg(w.version)
-                        .arg(peers.len());
-                    for (port, peer) in peers {
-                        script.arg(port).arg(peer);
-                    }
-                }
-                let written: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
-                if written != 1 {
-                    return Err(LOST_WHILE_LOADING.into());
+        while let Some(batch) = batches.next().await {
+            let mut script = scripts::LOAD_BATCH.prepare_invoke();
+            script.arg(engine.prefix()).arg(token);
+            for (serial, w) in batch {
+                max_version = max_version.max(w.version);
+                count += 1;
+                let peers: Vec<(&str, &str)> = PortType::ALL
+                    .into_iter()
+                    .filter_map(|p| w.peer(p).map(|s| (field(p), s.as_str())))
+                    .collect();
+                script
+                    .arg(serial.as_str())
+                    .arg(w.name.as_str())
+                    .arg(w.ports.bits())
+                    .arg(w.version)
+                    .arg(peers.len());
+                for (port, peer) in peers {
+                    script.arg(port).arg(peer);
                 }
             }
-            if done {
-                break;
+            let written: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
+            if written != 1 {
+                return Err(LOST_WHILE_LOADING.into());
             }
         }
         Ok::<_, anyhow::Error>((count, max_version))
@@ -440,6 +431,38 @@ pub async fn load(engine: &RedisEngine, store: &PgStore, token: &str) -> anyhow:
         "loaded Redis from PostgreSQL"
     );
     Ok(())
+}
+
+/// Every widget `store` holds, read as `mirrors` says, [`BATCH`] at a time: the read, to
+/// be awaited beside what takes the batches (`tokio::join!`), and the batches it fills.
+pub(super) fn widget_batches(
+    store: &PgStore,
+    mirrors: Mirrors,
+) -> (
+    impl Future<Output = Result<u64, StoreError>> + '_,
+    WidgetBatches,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reading = store.read_widgets(
+        Box::new(move |serial, widget| {
+            let _ = tx.send((serial, widget));
+        }),
+        mirrors,
+    );
+    (reading, WidgetBatches { rx })
+}
+
+/// What [`widget_batches`] reads, as it comes.
+pub(super) struct WidgetBatches {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(Serial, Widget)>,
+}
+
+impl WidgetBatches {
+    /// The next batch of at most [`BATCH`] widgets, or `None` once the read has ended.
+    pub(super) async fn next(&mut self) -> Option<Vec<(Serial, Widget)>> {
+        let mut batch = Vec::with_capacity(BATCH);
+        (self.rx.recv_many(&mut batch, BATCH).await > 0).then_some(batch)
+    }
 }
 
 fn field(port: PortType) -> &'static str {

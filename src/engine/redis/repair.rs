@@ -32,14 +32,11 @@
 
 use super::load::{self, holding_lock, lock_token, release_lock, take_lock, KeyScan};
 use super::{scripts, unavailable, RedisEngine};
-use crate::domain::{PortType, Serial, Widget};
+use crate::domain::PortType;
 use crate::engine::EngineError;
 use crate::store::postgres::Mirrors;
 use crate::store::{Fence, FlushId};
 use redis::AsyncCommands;
-
-/// Widgets compared per script while repairing.
-const BATCH: usize = 1000;
 
 /// What a repair that stalled past its lease is told at its next step: another instance
 /// may be repairing, and its lock lets the flushes go on.
@@ -260,31 +257,19 @@ async fn mark_lost_in_postgres(
     token: &str,
     fresh: u64,
 ) -> anyhow::Result<u64> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Serial, Widget)>();
     // As the rows are: a one-sided association the database holds is mended by writing
     // both widgets again, which a load that refused it would not allow.
-    let reading = engine.store().read_widgets(
-        Box::new(move |serial, widget| {
-            let _ = tx.send((serial, widget));
-        }),
-        Mirrors::Unchecked,
-    );
+    let (reading, mut batches) = load::widget_batches(engine.store(), Mirrors::Unchecked);
     let marking = async {
         let mut marked = 0;
-        let mut batch = Vec::with_capacity(BATCH);
-        loop {
-            let done = rx.recv_many(&mut batch, BATCH).await == 0;
-            if !batch.is_empty() {
-                let widgets = batch.drain(..).map(|(serial, w): (Serial, Widget)| {
-                    let peers = PortType::ALL.map(|p| w.peer(p).map(|s| s.as_str().to_owned()));
-                    (serial.as_str().to_owned(), Some(w.version), peers)
-                });
-                marked += mark_lost(engine, token, fresh, widgets.collect()).await?;
-            }
-            if done {
-                return Ok::<_, anyhow::Error>(marked);
-            }
+        while let Some(batch) = batches.next().await {
+            let widgets = batch.into_iter().map(|(serial, w)| {
+                let peers = PortType::ALL.map(|p| w.peer(p).map(|s| s.as_str().to_owned()));
+                (serial.as_str().to_owned(), Some(w.version), peers)
+            });
+            marked += mark_lost(engine, token, fresh, widgets.collect()).await?;
         }
+        Ok::<_, anyhow::Error>(marked)
     };
     let (read, marked) = tokio::join!(reading, marking);
     read?;

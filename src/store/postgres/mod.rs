@@ -13,20 +13,29 @@
 //! found by bisecting the batch under savepoints, logged with its serial, and kept in
 //! `flush_rejects`; the rest of the batch and the checkpoint commit, so one bad row never
 //! blocks every flush behind it.
+//!
+//! Files: this one (connecting, the single-node writer's claim, the flush), `read` (every
+//! widget in one snapshot: a load, a repair's read), `redis_mode` (the fencing epoch,
+//! the flush count and log Redis mode checks PostgreSQL by) and `conn` (the bounds this
+//! side puts on each wait for PostgreSQL).
+
+mod conn;
+mod read;
+mod redis_mode;
+
+pub use read::Mirrors;
+pub use redis_mode::Fence;
 
 use super::{FlushBatch, FlushId, FlushItem, Store, StoreError, Visitor};
-use crate::domain::{Name, PortType, Ports, Serial, Widget};
-use futures_util::TryStreamExt;
-use sqlx::pool::PoolConnection;
+use crate::domain::{PortType, Serial, Widget};
+use conn::{
+    answer_deadline, has_code, is_lock_timeout, pg_millis, CloseUnlessDone, Within, QUERY_CANCELED,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
-use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
 use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -44,11 +53,6 @@ const CLAIM_ATTEMPTS: u32 = 15;
 const LOAD_ROW_WAIT: Duration = Duration::from_secs(60);
 /// The highest version any flush has committed ([`PgStore::high_water`]).
 const HIGH_WATER: &str = "SELECT version FROM version_high_water";
-/// SQLSTATE `lock_not_available`: `lock_timeout` passed.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
-/// SQLSTATE `query_canceled`: a statement past its `statement_timeout`, among others.
-const QUERY_CANCELED: &str = "57014";
-
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
@@ -61,25 +65,6 @@ pub struct PgStore {
     /// The highest checkpoint this instance has loaded or committed: the database's may
     /// not be below it (see `write_batch`).
     checkpoint: Arc<AtomicU64>,
-}
-
-/// What Redis mode checks a Redis server and PostgreSQL against each other with
-/// ([`PgStore::redis_fence`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fence {
-    /// The highest version any flush has committed.
-    pub high: u64,
-    /// The fencing epoch (`redis_epoch`).
-    pub epoch: u64,
-    /// How many flushes have committed.
-    pub flushes: u64,
-}
-
-/// Whether a read of every widget checks that each association row has its mirror.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mirrors {
-    Checked,
-    Unchecked,
 }
 
 /// A single-node instance's claim on its database: the connection whose session holds the
@@ -117,13 +102,6 @@ impl FlushTxSettings {
     fn row_deadline(&self) -> Duration {
         self.statement_deadline().max(LOAD_ROW_WAIT)
     }
-}
-
-/// How long this instance waits for the answer to a statement PostgreSQL itself bounds
-/// at `bound` (`statement_timeout`, `lock_timeout`): twice that, since PostgreSQL's own
-/// bound cannot fire in a backend or behind a network that stalls.
-fn answer_deadline(bound: Duration) -> Duration {
-    bound.saturating_mul(2)
 }
 
 impl Default for FlushTxSettings {
@@ -311,134 +289,6 @@ impl PgStore {
         Ok(max.max(0) as u64)
     }
 
-    /// [`PgStore::high_water`], Redis mode's fencing epoch and how many flushes have
-    /// committed, in one query.
-    pub async fn redis_fence(&self) -> Result<Fence, StoreError> {
-        let (high, epoch, flushes): (i64, i64, i64) = self
-            .read_row(
-                "SELECT version, (SELECT epoch FROM redis_epoch), flushes \
-                 FROM version_high_water",
-                self.flush.statement_deadline(),
-            )
-            .await?;
-        Ok(Fence {
-            high: high.max(0) as u64,
-            epoch: epoch.max(0) as u64,
-            flushes: flushes.max(0) as u64,
-        })
-    }
-
-    /// The ids `flush_log` holds for those of `counts` it still keeps.
-    pub async fn logged_flushes(&self, counts: &[u64]) -> Result<HashMap<u64, i64>, StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        let counts: Vec<i64> = counts.iter().map(|&c| to_i64(c)).collect();
-        let rows: Vec<(i64, i64)> =
-            sqlx::query_as("SELECT flushes, id FROM flush_log WHERE flushes = ANY($1::int8[])")
-                .bind(&counts)
-                .fetch_all(conn.conn())
-                .within(deadline)
-                .await?;
-        conn.done();
-        Ok(rows
-            .into_iter()
-            .map(|(c, id)| (c.max(0) as u64, id))
-            .collect())
-    }
-
-    /// [`Store::load`], which checks every association row's mirror; a repair of a
-    /// database gone back in time reads its rows as they are ([`Mirrors::Unchecked`]),
-    /// since it writes each widget it finds differing again, peers and all.
-    pub async fn read_widgets(
-        &self,
-        mut visit: Visitor,
-        mirrors: Mirrors,
-    ) -> Result<u64, StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let row_deadline = self.flush.row_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        // One snapshot for the rows and the checkpoint that covers them.
-        let mut tx = conn.begin().within(deadline).await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *tx)
-            .within(deadline)
-            .await?;
-        let checkpoint = stored_checkpoint(&mut tx, deadline).await?;
-        let mut rows = sqlx::query(
-            "SELECT w.serial_number, w.name, w.ports, w.version, \
-                    p.peer_serial_number AS p, p.version AS pv, \
-                    r.peer_serial_number AS r, r.version AS rv, \
-                    q.peer_serial_number AS q, q.version AS qv \
-             FROM widgets w \
-             LEFT JOIN associations_p p USING (serial_number) \
-             LEFT JOIN associations_r r USING (serial_number) \
-             LEFT JOIN associations_q q USING (serial_number)",
-        )
-        .fetch(&mut *tx);
-        let mut loaded = 0u64;
-        let mut links = LinkBalance::default();
-        let mut waiting = RowWait::new(row_deadline);
-        while let Some(row) = waiting.for_next(rows.try_next()).await? {
-            let key: String = row.try_get("serial_number")?;
-            let serial = Serial::parse("serial_number", &key).map_err(|e| corrupt(&key, e))?;
-            let name: String = row.try_get("name")?;
-            let mut widget = Widget::new(
-                Name::parse("name", &name).map_err(|e| corrupt(&key, e))?,
-                Ports::from_bits(row.try_get::<i16, _>("ports")? as u8)
-                    .ok_or_else(|| corrupt(&key, "ports out of range"))?,
-            );
-            let mut version: i64 = row.try_get("version")?;
-            for port in PortType::ALL {
-                let column = port.as_str().to_lowercase();
-                let peer: Option<String> = row.try_get(column.as_str())?;
-                if let Some(peer) = peer {
-                    links.add(&key, &peer, port);
-                    widget.peers[port.index()] =
-                        Some(Serial::parse("peer", &peer).map_err(|e| corrupt(&key, e))?);
-                }
-                // A freed port's row (no peer) still carries the version that freed it.
-                let v: Option<i64> = row.try_get(format!("{column}v").as_str())?;
-                version = version.max(v.unwrap_or(0));
-            }
-            widget.version = version as u64;
-            widget.check(&serial).map_err(|e| corrupt(&key, e))?;
-            visit(serial, widget);
-            loaded += 1;
-            if loaded.is_multiple_of(1_000_000) {
-                tracing::info!(loaded, "loading widgets from PostgreSQL");
-            }
-            if loaded.is_multiple_of(1024) {
-                // Rows already received come without a wait: without a yield, a load holds
-                // its worker thread for as long as they last, and a task beside it on the
-                // same thread (what consumes the visited widgets, a lease's renewal) waits.
-                tokio::task::yield_now().await;
-            }
-        }
-        drop(rows);
-        if mirrors == Mirrors::Checked && !links.balanced() {
-            return Err(one_sided_association(&mut tx, row_deadline).await?);
-        }
-        tx.commit().within(deadline).await?;
-        conn.done();
-        self.checkpoint.fetch_max(checkpoint, Ordering::Relaxed);
-        Ok(checkpoint)
-    }
-
-    /// Which of `serials` have a widget row.
-    pub async fn existing(&self, serials: &[&str]) -> Result<HashSet<String>, StoreError> {
-        let deadline = self.flush.statement_deadline();
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        let found: Vec<String> = sqlx::query_scalar(
-            "SELECT serial_number FROM widgets WHERE serial_number = ANY($1::text[])",
-        )
-        .bind(serials)
-        .fetch_all(conn.conn())
-        .within(deadline)
-        .await?;
-        conn.done();
-        Ok(found.into_iter().collect())
-    }
-
     /// The one row `sql` reads, on a pooled connection (closed unless it answered), waiting
     /// at most `deadline` for the connection and for the answer.
     async fn read_row<T>(&self, sql: &'static str, deadline: Duration) -> Result<T, StoreError>
@@ -465,72 +315,6 @@ impl PgStore {
             .await?;
         conn.done();
         Ok(row)
-    }
-
-    /// Raises Redis mode's fencing epoch, once every flush in flight under the current one
-    /// has committed or failed; every batch taken under an older one is refused from now
-    /// on. Returns what [`PgStore::redis_fence`] does: the high-water mark, read once those
-    /// flushes have ended (so it covers every version they wrote), and the new epoch.
-    ///
-    /// Waits for those flushes at most `wait` (PostgreSQL's `lock_timeout`), or without it
-    /// the flush timeout, then fails: a flush stalled in PostgreSQL holds its lock as long
-    /// as it stalls, and must not hold up a request that checks a Redis server, nor a load.
-    /// Each statement waits at most twice that for PostgreSQL's answer, and a transaction
-    /// left open on a connection that stalls ends in PostgreSQL after as long: it would
-    /// hold every flush.
-    pub async fn raise_redis_epoch(
-        &self,
-        wait: Option<Duration>,
-    ) -> Result<(u64, u64), StoreError> {
-        self.raise_redis_epoch_above(wait, 0).await
-    }
-
-    /// [`PgStore::raise_redis_epoch`], to above `floor` too: a database gone back in time
-    /// may hold an epoch below the one Redis keeps, and every flush would be refused.
-    pub async fn raise_redis_epoch_above(
-        &self,
-        wait: Option<Duration>,
-        floor: u64,
-    ) -> Result<(u64, u64), StoreError> {
-        let wait = wait.unwrap_or(self.flush.timeout);
-        let deadline = answer_deadline(wait);
-        let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
-        let mut tx = conn.begin().within(deadline).await?;
-        sqlx::query(
-            "SELECT set_config('lock_timeout', $1, true), \
-                    set_config('idle_in_transaction_session_timeout', $2, true)",
-        )
-        .bind(pg_millis(wait))
-        .bind(pg_millis(deadline))
-        .execute(&mut *tx)
-        .within(deadline)
-        .await?;
-        let raised = sqlx::query_scalar(
-            "UPDATE redis_epoch SET epoch = GREATEST(epoch, $1) + 1 RETURNING epoch",
-        )
-        .bind(to_i64(floor))
-        .fetch_one(&mut *tx)
-        .within(deadline)
-        .await;
-        let epoch: i64 = match raised {
-            Err(e) if is_lock_timeout(&e) => {
-                // PostgreSQL answered: the connection is sound, and goes back to the pool.
-                tx.rollback().within(deadline).await?;
-                conn.done();
-                return Err(StoreError::EpochHeld { waited: wait });
-            }
-            other => other?,
-        };
-        tx.commit().within(deadline).await?;
-        // After the commit, so that its snapshot is taken after the flushes the raise
-        // waited for whatever isolation level the database's default is (under repeatable
-        // read, a snapshot in the transaction would be the one before the raise waited).
-        let high: i64 = sqlx::query_scalar(HIGH_WATER)
-            .fetch_one(conn.conn())
-            .within(deadline)
-            .await?;
-        conn.done();
-        Ok((high.max(0) as u64, epoch.max(0) as u64))
     }
 
     /// The highest version any flush has committed, at or above every version a row
@@ -702,12 +486,6 @@ impl PgStore {
     }
 }
 
-/// `d` as a PostgreSQL time setting in whole milliseconds, at least 1 (0 turns a timeout
-/// off).
-fn pg_millis(d: Duration) -> String {
-    format!("{}ms", d.as_millis().max(1))
-}
-
 /// Versions are LSNs (or Redis sequence numbers), far below `i64::MAX`.
 fn to_i64(version: u64) -> i64 {
     i64::try_from(version).unwrap_or(i64::MAX)
@@ -725,76 +503,6 @@ fn is_permanent(e: &sqlx::Error) -> bool {
             .code()
             .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
         _ => false,
-    }
-}
-
-/// Checks, in one pass and constant memory, that every association row has its mirror
-/// (`A -> B` on a port and `B -> A` on the same port): each row adds or subtracts a hash
-/// of the unordered pair and the port, by the direction it points, so mirrored rows
-/// cancel and the sum ends at zero unless a row is one-sided (a false zero needs a 64-bit
-/// collision). The rare failure is then named by [`one_sided_association`].
-#[derive(Default)]
-struct LinkBalance(u64);
-
-impl LinkBalance {
-    fn add(&mut self, serial: &str, peer: &str, port: PortType) {
-        use std::hash::{Hash, Hasher};
-        let (low, high) = if serial < peer {
-            (serial, peer)
-        } else {
-            (peer, serial)
-        };
-        let mut hasher = std::hash::DefaultHasher::new();
-        (low, high, port.index()).hash(&mut hasher);
-        let h = hasher.finish();
-        self.0 = if serial < peer {
-            self.0.wrapping_add(h)
-        } else {
-            self.0.wrapping_sub(h)
-        };
-    }
-
-    fn balanced(&self) -> bool {
-        self.0 == 0
-    }
-}
-
-/// The first association row whose mirror is missing, as the error that names it.
-async fn one_sided_association(
-    tx: &mut Transaction<'_, Postgres>,
-    deadline: Duration,
-) -> Result<StoreError, StoreError> {
-    for port in PortType::ALL {
-        let table = ASSOCIATION_TABLES[port.index()];
-        let row: Option<(String, String)> = sqlx::query_as(&format!(
-            "SELECT a.serial_number, a.peer_serial_number FROM {table} a \
-             WHERE a.peer_serial_number IS NOT NULL AND NOT EXISTS ( \
-                 SELECT 1 FROM {table} b WHERE b.serial_number = a.peer_serial_number \
-                 AND b.peer_serial_number = a.serial_number) \
-             ORDER BY a.serial_number LIMIT 1"
-        ))
-        .fetch_optional(&mut **tx)
-        .within(deadline)
-        .await?;
-        if let Some((serial, peer)) = row {
-            return Ok(corrupt(
-                &serial,
-                format!(
-                    "{table}: associated with {peer:?} on port {}, which is not associated back",
-                    port.as_str()
-                ),
-            ));
-        }
-    }
-    Ok(StoreError::Task(
-        "the association rows do not mirror each other, but no one-sided row was found".into(),
-    ))
-}
-
-fn corrupt(key: &str, reason: impl ToString) -> StoreError {
-    StoreError::Corrupt {
-        key: key.to_owned(),
-        reason: reason.to_string(),
     }
 }
 
@@ -971,7 +679,7 @@ impl Store for PgStore {
                     count: count.max(0) as u64,
                     id: fastrand::i64(..),
                 };
-                log_flush(&mut tx, flush, deadline).await?;
+                redis_mode::log_flush(&mut tx, flush, deadline).await?;
                 committed = Some(flush);
             }
         }
@@ -994,36 +702,6 @@ impl Store for PgStore {
     }
 }
 
-/// How many flushes `flush_log` keeps.
-const FLUSH_LOG_KEPT: u64 = 10_000;
-
-/// Logs `flush`, and every hundredth flush drops the rows the log no longer keeps.
-async fn log_flush(
-    tx: &mut Transaction<'_, Postgres>,
-    flush: FlushId,
-    deadline: Duration,
-) -> Result<(), sqlx::Error> {
-    // A row already there under the count is another history's (a log restored apart
-    // from the count): this flush's takes its place.
-    sqlx::query(
-        "INSERT INTO flush_log (flushes, id) VALUES ($1, $2) \
-         ON CONFLICT (flushes) DO UPDATE SET id = excluded.id",
-    )
-    .bind(to_i64(flush.count))
-    .bind(flush.id)
-    .execute(&mut **tx)
-    .within(deadline)
-    .await?;
-    if flush.count.is_multiple_of(100) {
-        sqlx::query("DELETE FROM flush_log WHERE flushes <= $1")
-            .bind(to_i64(flush.count.saturating_sub(FLUSH_LOG_KEPT)))
-            .execute(&mut **tx)
-            .within(deadline)
-            .await?;
-    }
-    Ok(())
-}
-
 /// The checkpoint the database holds.
 async fn stored_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
@@ -1034,154 +712,4 @@ async fn stored_checkpoint(
         .within(deadline)
         .await?;
     Ok(stored.max(0) as u64)
-}
-
-/// A pooled connection that goes back to the pool only once its work is done (a flush
-/// committed, a read answered); dropped before that (the work failed, or was abandoned
-/// mid-statement) it is closed: an abandoned statement may still be on it, or a
-/// transaction nobody ends (sqlx #4393).
-struct CloseUnlessDone {
-    conn: PoolConnection<Postgres>,
-    done: bool,
-}
-
-impl CloseUnlessDone {
-    /// A connection from `pool`, within `deadline` (as well as the pool's own
-    /// `acquire_timeout`): taking one pings an idle connection or opens a new one, and
-    /// either waits for PostgreSQL.
-    async fn acquire(pool: &PgPool, deadline: Duration) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            conn: pool.acquire().within(deadline).await?,
-            done: false,
-        })
-    }
-
-    async fn begin(&mut self) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
-        self.conn.begin().await
-    }
-
-    fn conn(&mut self) -> &mut PgConnection {
-        &mut self.conn
-    }
-
-    fn done(&mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for CloseUnlessDone {
-    fn drop(&mut self) {
-        if !self.done {
-            self.conn.close_on_drop();
-        }
-    }
-}
-
-/// Whether `e` is PostgreSQL's `lock_timeout` passing.
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    has_code(e, LOCK_NOT_AVAILABLE)
-}
-
-/// Whether PostgreSQL answered `e` with SQLSTATE `code`.
-fn has_code(e: &sqlx::Error, code: &str) -> bool {
-    matches!(e, sqlx::Error::Database(e) if e.code().as_deref() == Some(code))
-}
-
-/// A deadline for each row of a stream, as [`Within::within`] sets one for a statement,
-/// that reads the clock only when a row is not already at hand: `within` on every row
-/// costs ~80 ns, most of a second over a load of 10 M widgets.
-struct RowWait {
-    limit: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl RowWait {
-    fn new(limit: Duration) -> Self {
-        Self {
-            limit,
-            timer: Box::pin(tokio::time::sleep(limit)),
-        }
-    }
-
-    /// `next`'s answer, or a timeout once it has waited `limit` for it.
-    async fn for_next<T>(
-        &mut self,
-        next: impl Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, sqlx::Error> {
-        let mut next = std::pin::pin!(next);
-        let mut armed = false;
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(answer) = next.as_mut().poll(cx) {
-                return Poll::Ready(answer);
-            }
-            if !armed {
-                let deadline = tokio::time::Instant::now() + self.limit;
-                self.timer.as_mut().reset(deadline);
-                armed = true;
-            }
-            match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(no_answer(self.limit))),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-    }
-}
-
-/// What a statement, or a connection from the pool, that took longer than `deadline`
-/// fails with: an I/O error (never [`is_permanent`]).
-fn no_answer(deadline: Duration) -> sqlx::Error {
-    sqlx::Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!(
-            "no answer from PostgreSQL, or no connection from the pool, within {deadline:?} \
-             (a backend or a network that stalls, or every pooled connection busy): \
-             abandoned, and its connection closed"
-        ),
-    ))
-}
-
-/// [`Within::within`] for a PostgreSQL statement's future.
-trait Within<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
-    /// The statement's answer, or an I/O error (never [`is_permanent`]) if PostgreSQL has
-    /// not answered within `deadline`.
-    async fn within(self, deadline: Duration) -> Result<T, sqlx::Error> {
-        tokio::time::timeout(deadline, self)
-            .await
-            .unwrap_or_else(|_| Err(no_answer(deadline)))
-    }
-}
-
-impl<T, F: Future<Output = Result<T, sqlx::Error>>> Within<T> for F {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    /// A row that comes `after` this long.
-    async fn row_after(after: Duration) -> Result<u32, sqlx::Error> {
-        tokio::time::sleep(after).await;
-        Ok(1)
-    }
-
-    #[tokio::test]
-    async fn each_row_waits_its_own_limit_and_a_row_that_never_comes_times_out() {
-        let mut waiting = RowWait::new(Duration::from_millis(300));
-        // Rows at hand, then rows that each wait most of the limit: 3 x 200 ms is past
-        // the limit in all, not for any one row.
-        assert_eq!(waiting.for_next(async { Ok(1) }).await.unwrap(), 1);
-        for _ in 0..3 {
-            let row = waiting.for_next(row_after(Duration::from_millis(200)));
-            assert_eq!(row.await.unwrap(), 1);
-        }
-        let started = Instant::now();
-        let never = waiting.for_next(std::future::pending::<Result<u32, sqlx::Error>>());
-        let error = never.await.expect_err("a row that never comes");
-        assert!(started.elapsed() >= Duration::from_millis(300));
-        assert!(
-            error.to_string().contains("no answer from PostgreSQL"),
-            "{error}"
-        );
-    }
 }
