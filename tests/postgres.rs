@@ -1153,6 +1153,7 @@ async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_ste
     let store = common::pg::store_timing_out_after(&url, Duration::from_secs(1)).await;
 
     let steps = [
+        "SELECT set_config('tcp_keepalives_idle'",
         "SELECT pg_try_advisory_lock",
         "SELECT set_config('lock_timeout'",
     ];
@@ -1201,6 +1202,39 @@ async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_ste
         .expect("the abandoned claim's session let its lock go");
     assert!(token >= 1);
     drop(store);
+    drop(proxy);
+    db.drop_db().await;
+}
+
+/// A single-node writer whose machine dies without a word (power, network) lets the
+/// database's single-writer lock go within a minute, so that its replacement can start:
+/// PostgreSQL probes the claim's idle session with TCP keepalives. Without them it kept
+/// the session, and the lock, for the operating system's default (two hours on Linux),
+/// and refused every other start meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_machine_dies_silently_lets_the_lock_go_within_a_minute() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let dead = PgStore::connect(&db.url_via(proxy.addr)).await.unwrap();
+    dead.migrate().await.unwrap();
+    let token = dead.claim_single_writer().await.unwrap();
+    proxy.vanish().await;
+
+    let other = PgStore::connect(&db.url).await.unwrap();
+    let started = std::time::Instant::now();
+    let claimed = loop {
+        match other.claim_single_writer().await {
+            Ok(claimed) => break claimed,
+            Err(StoreError::WriterHeld { .. }) if started.elapsed() < Duration::from_secs(60) => {}
+            Err(e) => panic!(
+                "the lock of a writer whose machine died was still held after {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+    };
+    assert!(claimed > token, "{claimed} after {token}");
+    drop(other);
+    drop(dead);
     drop(proxy);
     db.drop_db().await;
 }

@@ -22,6 +22,10 @@ pub struct Proxy {
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
     stall: Arc<Stall>,
+    /// Set by [`Proxy::vanish`].
+    vanished: tokio::sync::watch::Sender<bool>,
+    /// How each link's silent close went.
+    silenced: Arc<Mutex<Vec<std::io::Result<()>>>>,
 }
 
 /// When the proxy's links stop carrying bytes: once a client sends the trigger (a
@@ -66,22 +70,39 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let stall = Arc::new(Stall::default());
+        let vanished = tokio::sync::watch::Sender::new(false);
+        let silenced: Arc<Mutex<Vec<std::io::Result<()>>>> = Arc::default();
         let accept = {
             let (cut, links, stall) = (cut.clone(), links.clone(), stall.clone());
+            let (vanished, silenced) = (vanished.clone(), silenced.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: the connection is refused
                     }
                     let (target, stall) = (target.clone(), stall.clone());
+                    let (mut vanish, silenced) = (vanished.subscribe(), silenced.clone());
                     let link = tokio::spawn(async move {
-                        if let Ok(server) = TcpStream::connect(&target).await {
-                            let (from_client, to_client) = client.into_split();
-                            let (from_server, to_server) = server.into_split();
-                            tokio::join!(
-                                pump(from_client, to_server, &stall, true),
-                                pump(from_server, to_client, &stall, false),
-                            );
+                        let mut client = client;
+                        if let Ok(mut server) = TcpStream::connect(&target).await {
+                            let fd = std::os::fd::AsRawFd::as_raw_fd(&server);
+                            // Borrowed halves: an owned write half sends a FIN when it is
+                            // dropped, which a machine that vanished would not.
+                            let (from_client, to_client) = client.split();
+                            let (from_server, to_server) = server.split();
+                            let vanished = tokio::select! {
+                                _ = async {
+                                    tokio::join!(
+                                        pump(from_client, to_server, &stall, true),
+                                        pump(from_server, to_client, &stall, false),
+                                    )
+                                } => false,
+                                _ = vanish.wait_for(|v| *v) => true,
+                            };
+                            if vanished {
+                                // Dropped at the end of this block, after this.
+                                silenced.lock().unwrap().push(close_silently(fd));
+                            }
                         }
                     });
                     links.lock().unwrap().push(link.abort_handle());
@@ -95,6 +116,37 @@ impl Proxy {
             links,
             accept,
             stall,
+            vanished,
+            silenced,
+        }
+    }
+
+    /// As if this side's machine lost its power or its network: every link's connection
+    /// to PostgreSQL goes without a word (no FIN, no reset; a packet PostgreSQL sends
+    /// later is answered with a reset, as by a machine that came back without the
+    /// process), and new connections are refused. Needs `CAP_NET_ADMIN` (root).
+    ///
+    /// Waits a second first, for the links' last acknowledgements to go out: PostgreSQL
+    /// would send again what was not acknowledged, and that would meet the reset.
+    pub async fn vanish(&self) {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        self.cut.store(true, Ordering::SeqCst);
+        self.vanished.send_replace(true);
+        let links: Vec<AbortHandle> = self.links.lock().unwrap().drain(..).collect();
+        for link in &links {
+            while !link.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        let silenced = std::mem::take(&mut *self.silenced.lock().unwrap());
+        assert!(!silenced.is_empty(), "no link to PostgreSQL was open");
+        for closed in silenced {
+            if let Err(e) = closed {
+                panic!(
+                    "TCP_REPAIR on the proxy's connection to PostgreSQL: {e} (this test needs \
+                     CAP_NET_ADMIN: run it as root)"
+                );
+            }
         }
     }
 
@@ -134,8 +186,8 @@ impl Proxy {
 /// Copies one direction of a link, holding each read while the proxy is stalled; what
 /// comes `from_client` may set the stall off.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
     stall: &Stall,
     from_client: bool,
 ) {
@@ -157,6 +209,27 @@ async fn pump(
         }
     }
     let _ = to.shutdown().await;
+}
+
+/// Puts `fd`'s TCP connection in repair mode (`TCP_REPAIR`), in which closing it sends
+/// nothing to the peer (a shutdown still would).
+fn close_silently(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the caller holds `fd` open, and `on` outlives the call.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl Drop for Proxy {

@@ -47,6 +47,14 @@ const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "asso
 const SINGLE_WRITER_LOCK: i64 = 0x7769_6467_6574_7331;
 /// Tries for the lock, 200 ms apart, before a start is refused (about 3 s).
 const CLAIM_ATTEMPTS: u32 = 15;
+/// How PostgreSQL watches the claim's session, which is idle for the process's life: after
+/// this long without a packet it probes this instance's side of the connection...
+const CLAIM_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// ...every this long...
+const CLAIM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and ends the session, letting the lock go, after this many probes unanswered (or
+/// answered with a reset: the machine came back without the process).
+const CLAIM_KEEPALIVE_COUNT: u32 = 3;
 /// The least a load waits for its next row: the first comes once PostgreSQL has joined
 /// the widgets with their associations, which over millions of rows takes seconds, however
 /// short an operator makes `--pg-flush-timeout`.
@@ -173,9 +181,30 @@ impl PgStore {
     /// answer. A claim that gives up closes its session. The lock goes once PostgreSQL
     /// sees it closed, which behind a network that stalls takes as long as the stall, and
     /// an increment of the token it sent may still commit (harmless: tokens only grow).
+    ///
+    /// The session asks PostgreSQL to probe it with TCP keepalives (over TCP; a Unix
+    /// socket has none), so that a writer whose machine died silently (power, network)
+    /// lets the lock go within ~25 s ([`CLAIM_KEEPALIVE_IDLE`] and the probes after it)
+    /// instead of the operating system's default, two hours on Linux, through which every
+    /// start of its replacement would be refused. A writer cut off but alive loses the
+    /// lock so too; its flushes are fenced by the token, not by the lock.
     pub async fn claim_single_writer(&self) -> Result<i64, StoreError> {
         let deadline = self.flush.statement_deadline();
         let mut session = self.pool.acquire().within(deadline).await?.detach();
+        let probes_for = CLAIM_KEEPALIVE_IDLE + CLAIM_KEEPALIVE_INTERVAL * CLAIM_KEEPALIVE_COUNT;
+        sqlx::query(
+            "SELECT set_config('tcp_keepalives_idle', $1, false), \
+                    set_config('tcp_keepalives_interval', $2, false), \
+                    set_config('tcp_keepalives_count', $3, false), \
+                    set_config('tcp_user_timeout', $4, false)",
+        )
+        .bind(CLAIM_KEEPALIVE_IDLE.as_secs().to_string())
+        .bind(CLAIM_KEEPALIVE_INTERVAL.as_secs().to_string())
+        .bind(CLAIM_KEEPALIVE_COUNT.to_string())
+        .bind(probes_for.as_millis().to_string())
+        .execute(&mut session)
+        .within(deadline)
+        .await?;
         // A predecessor that was just killed holds the lock until PostgreSQL notices its
         // session is gone, which takes a moment: wait that long before refusing.
         let mut locked = false;
