@@ -1,7 +1,8 @@
 //! One writer, one history: a second instance on the same data directory refuses to start
 //! at once, naming the lock and the holder's PID, in-process and as a real process; and a
 //! WAL and a store that are not from one history (another store's WAL, a store whose WAL
-//! is gone, a WAL older than the store) refuse to start together unless told to.
+//! is gone, a WAL older than the store, a store older than the WAL) refuse to start
+//! together unless told to.
 
 mod common;
 
@@ -153,5 +154,90 @@ async fn a_wal_older_than_its_store_refuses_to_start() {
         201,
         "new writes go on above the store's checkpoint"
     );
+    accepted.stop().await;
+}
+
+/// A copy of `from` (a directory tree) at `to`, which must not exist.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Starts an app on `dir` with `args`, which must be refused with a message holding every
+/// one of `why`; returns the directory once the refused app has let go of it.
+async fn refused(dir: &Arc<tempfile::TempDir>, args: &[&str], why: &[&str]) {
+    let mut app = common::try_spawn_app_in(dir.path(), args, Arc::new(RealFs))
+        .await
+        .expect("binding");
+    let err = app.ready().await.expect_err("the app started");
+    let message = format!("{err:#}");
+    for part in why {
+        assert!(message.contains(part), "{part:?} not in: {message}");
+    }
+    app.stop()
+        .await
+        .expect_err("a refused app ends with its error");
+}
+
+/// After a graceful stop and a start with no write, the WAL holds one segment with no
+/// record: its name is all that says where the log had got to. A store that is behind it
+/// (restored from a backup taken before the last writes, or a new store where the old one
+/// was) must be refused, naming the records it lacks, not served without them: that
+/// segment was taken for a torn tail and cut.
+#[tokio::test]
+async fn a_store_behind_a_wal_with_no_record_refuses_to_start() {
+    for replace_with_new in [false, true] {
+        let app = common::spawn_app_with(&["--flush-interval", "1h"]).await;
+        assert_eq!(app.create("early", &["P"]).await.status(), 201);
+        let dir = app.stop().await;
+        let backup = tempfile::TempDir::new().unwrap();
+        copy_tree(&dir.path().join("store"), &backup.path().join("store"));
+
+        let app = common::spawn_app_in(dir, &["--flush-interval", "1h"], Arc::new(RealFs)).await;
+        assert_eq!(app.create("late", &["P"]).await.status(), 201);
+        let dir = app.stop().await;
+        // A start and stop with no write: the store and the WAL end at the same LSN.
+        let idle = common::spawn_app_in(dir, &[], Arc::new(RealFs)).await;
+        assert!(idle.widget("late").await.is_some());
+        let dir = idle.stop().await;
+
+        std::fs::remove_dir_all(dir.path().join("store")).unwrap();
+        if !replace_with_new {
+            copy_tree(&backup.path().join("store"), &dir.path().join("store"));
+        }
+        refused(&dir, &[], &["are in neither", "--wal-recovery truncate"]).await;
+        // Refused again, and left as it was: the WAL still says where it had got to.
+        refused(&dir, &[], &["are in neither"]).await;
+    }
+}
+
+/// A copy of the WAL taken after a start with no write (one segment, no record) put
+/// back beside a store that has moved on since is older than the store: refused, as a
+/// WAL whose last record is below the store's checkpoint is.
+#[tokio::test]
+async fn an_old_wal_with_no_record_beside_a_newer_store_refuses_to_start() {
+    let app = common::spawn_app_with(&["--flush-interval", "1h"]).await;
+    assert_eq!(app.create("early", &["P"]).await.status(), 201);
+    let dir = app.stop().await;
+    let idle = common::spawn_app_in(dir, &[], Arc::new(RealFs)).await;
+    let dir = idle.stop().await;
+    let old_wal = tempfile::TempDir::new().unwrap();
+    copy_tree(&dir.path().join("wal"), &old_wal.path().join("wal"));
+
+    let app = common::spawn_app_in(dir, &["--flush-interval", "1h"], Arc::new(RealFs)).await;
+    assert_eq!(app.create("late", &["P"]).await.status(), 201);
+    let dir = app.stop().await;
+
+    put_wal(dir.path(), &old_wal.path().join("wal"));
+    let accepted = refused_unless_accepted(dir, &["below the store's checkpoint"]).await;
+    assert!(accepted.widget("late").await.is_some());
     accepted.stop().await;
 }

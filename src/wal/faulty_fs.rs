@@ -90,6 +90,10 @@ impl WalFs for FaultyFs {
         RealFs.read(path, buf)
     }
 
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        RealFs.len(path)
+    }
+
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {
         if self.is(Fault::NoSpace) {
             return Err(io::Error::from(io::ErrorKind::StorageFull));

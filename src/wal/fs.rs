@@ -16,6 +16,8 @@ pub trait WalFs: Send + Sync + 'static {
     /// The whole file, into `buf` (replacing what it held): one buffer serves every
     /// segment of a replay, so its pages are not faulted in afresh for each.
     fn read(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self, path: &Path) -> io::Result<u64>;
     /// Creates a file that must not exist yet, for writing.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>>;
     /// Opens an existing file for writing (recovery cuts a torn tail through it).
@@ -76,6 +78,10 @@ impl WalFs for RealFs {
         buf.reserve(file.metadata()?.len() as usize);
         file.read_to_end(buf)?;
         Ok(())
+    }
+
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        Ok(fs::metadata(path)?.len())
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WalFile>> {

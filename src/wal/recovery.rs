@@ -19,9 +19,11 @@ pub struct Recovered {
     pub last_lsn: u64,
     /// How many records above the checkpoint were handed to the caller.
     pub replayed: u64,
-    /// The LSN of the log's last whole record, if it holds any (at or below the
-    /// checkpoint too).
-    pub last_record: Option<u64>,
+    /// Where the log ends, as far as its segments show: its last whole record, or, when
+    /// its newest segment holds none, the LSN before that segment's first (the log ended
+    /// there when the segment was made). `None` for a directory with no segment. A log
+    /// that ends below the store's checkpoint is older than the store.
+    pub end: Option<u64>,
 }
 
 /// Replays the log in `dir`. `apply` gets every record whose LSN is above `checkpoint`, in
@@ -41,6 +43,15 @@ pub fn recover(
 /// its records: for a caller that sizes what it replays into. A segment that the next
 /// one's first LSN shows to end at or below the checkpoint is not shown; the last one
 /// always is, and may hold none.
+///
+/// Such a segment is not read either: everything in it is in the store already, and the
+/// writer trims it. It is there after a crash between a flush's commit and the trim's
+/// unlink, and damage in it is no reason to refuse a start, nor to cut the log after it.
+///
+/// A log whose first segment starts above the LSN after the checkpoint is refused in
+/// either mode as [`WalError::Corrupt`] (truncate mode cuts it all): the records between
+/// are in neither the store nor the log, and a segment with no record still names where
+/// the log had got to.
 pub fn recover_segments(
     fs: &dyn WalFs,
     dir: &Path,
@@ -70,7 +81,7 @@ pub fn recover_segments(
         segments: Vec::new(),
         last_lsn: checkpoint,
         replayed: 0,
-        last_record: None,
+        end: None,
     };
     // The LSN the next record must have; None until the first segment is read.
     let mut expected: Option<u64> = None;
@@ -79,11 +90,28 @@ pub fn recover_segments(
     for (i, (first_lsn, name)) in names.iter().enumerate() {
         let path = dir.join(name);
         let is_last = i + 1 == count;
+        // Whether the segment may hold a record above the checkpoint: the next one's
+        // first LSN shows where it ends.
+        let replays = names
+            .get(i + 1)
+            .is_none_or(|(next, _)| *next > checkpoint.saturating_add(1));
+        if !replays {
+            let next = names[i + 1].0;
+            let len = fs.len(&path).map_err(WalError::io(&path))?;
+            out.segments.push(SegmentInfo {
+                first_lsn: *first_lsn,
+                path,
+                len,
+            });
+            expected = Some(next);
+            continue;
+        }
         fs.read(&path, &mut data).map_err(WalError::io(&path))?;
         let damage = |offset: usize, reason: String| Damage {
             path: path.clone(),
             offset,
             reason,
+            hole: false,
         };
 
         let scan = match decode_segment_header(&data) {
@@ -104,24 +132,25 @@ pub fn recover_segments(
                     0,
                     format!("segment starts at LSN {first_lsn}, but the previous one ended before LSN {exp}"),
                 )),
-                None if *first_lsn > checkpoint.saturating_add(1) => Err(damage(
-                    0,
-                    format!(
-                        "the log starts at LSN {first_lsn} but the store's checkpoint is {checkpoint}: \
-                         records {} to {} are missing",
-                        checkpoint.saturating_add(1),
-                        first_lsn - 1
-                    ),
-                )),
+                None if *first_lsn > checkpoint.saturating_add(1) => Err(Damage {
+                    // Never a torn tail, even in a segment with no record: its name says
+                    // the log had reached the LSN before it.
+                    hole: true,
+                    ..damage(
+                        0,
+                        format!(
+                            "the log starts at LSN {first_lsn} but the store's checkpoint is \
+                             {checkpoint}: records {} to {} are in neither. The store is older \
+                             than this log (restored from an older backup, or a new or another \
+                             store: check DATABASE_URL and --data-dir), or the log's older \
+                             segments were deleted",
+                            checkpoint.saturating_add(1),
+                            first_lsn - 1
+                        ),
+                    )
+                }),
                 _ => {
-                    // A segment the next one shows to hold only records at or below the
-                    // checkpoint adds nothing to replay.
-                    let replays = names
-                        .get(i + 1)
-                        .is_none_or(|(next, _)| *next > checkpoint.saturating_add(1));
-                    if replays {
-                        segment(&data);
-                    }
+                    segment(&data);
                     scan_records(&data, *first_lsn, |_, lsn, record| {
                         if lsn > checkpoint {
                             apply(lsn, record);
@@ -138,7 +167,7 @@ pub fn recover_segments(
             Ok(scanned) => (scanned.end, scanned.next),
             Err(d) => {
                 cut = true;
-                let torn = is_last && !valid_record_after(&data, d.offset);
+                let torn = !d.hole && is_last && !valid_record_after(&data, d.offset);
                 if !torn && mode == RecoveryMode::Strict {
                     return Err(WalError::Corrupt {
                         file: d.path,
@@ -164,9 +193,7 @@ pub fn recover_segments(
             }
         };
         let had_records = next > *first_lsn;
-        if had_records {
-            out.last_record = Some(next - 1);
-        }
+        out.end = Some(next - 1);
         if is_last && !had_records {
             // An empty newest segment: the writer will create it again.
             fs.remove(&path).map_err(WalError::io(&path))?;
@@ -200,6 +227,8 @@ struct Damage {
     path: PathBuf,
     offset: usize,
     reason: String,
+    /// Records missing before the log's first: never a torn tail.
+    hole: bool,
 }
 
 /// Where the records of a segment end.
@@ -546,7 +575,93 @@ mod tests {
         // Segments wholly below the store's checkpoint may be gone; above it, never.
         std::fs::remove_file(&segs[0]).unwrap();
         let err = replay(dir.path(), RecoveryMode::Strict, 0).unwrap_err();
-        assert!(err.to_string().contains("are missing"), "{err}");
+        assert!(err.to_string().contains("are in neither"), "{err}");
+    }
+
+    /// After a clean stop and a start with no write, the log is one segment with no
+    /// record, whose name is all that says where the log had got to. A store that is
+    /// behind it (restored from an older backup, replaced by a new one) is refused, not
+    /// taken for a torn tail, and the segment is left as it was.
+    #[test]
+    fn an_empty_segment_after_a_gap_is_refused_not_cut() {
+        let dir = TempDir::new().unwrap();
+        let empty = dir.path().join(crate::wal::format::segment_file_name(61));
+        std::fs::write(&empty, crate::wal::format::encode_segment_header(61)).unwrap();
+        let err = replay(dir.path(), RecoveryMode::Strict, 40).unwrap_err();
+        assert!(
+            err.to_string().contains("records 41 to 60 are in neither"),
+            "{err}"
+        );
+        assert!(empty.exists(), "refusing removed the segment");
+        // The store that belongs with it: an empty log that ends at its checkpoint.
+        let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 60).unwrap();
+        assert!(seen.is_empty());
+        assert_eq!((r.last_lsn, r.end), (60, Some(60)));
+        // Truncate mode cuts it, as it cuts any damage, and says so.
+        std::fs::write(&empty, crate::wal::format::encode_segment_header(61)).unwrap();
+        let (r, seen) = replay(dir.path(), RecoveryMode::Truncate, 40).unwrap();
+        assert!(seen.is_empty());
+        assert_eq!((r.last_lsn, r.end), (40, None));
+    }
+
+    /// A log whose newest segment holds no record ends before that segment's first LSN,
+    /// also when an older segment holds records: what the engine compares with the
+    /// store's checkpoint to find a log older than the store.
+    #[test]
+    fn an_empty_newest_segment_says_where_the_log_ends() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 10, 5, 1 << 20);
+        let empty = dir.path().join(crate::wal::format::segment_file_name(11));
+        std::fs::write(&empty, crate::wal::format::encode_segment_header(11)).unwrap();
+        let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 4).unwrap();
+        assert_eq!(seen, (5..=10).collect::<Vec<_>>());
+        assert_eq!((r.last_lsn, r.end), (10, Some(10)));
+
+        let dir = TempDir::new().unwrap();
+        let empty = dir.path().join(crate::wal::format::segment_file_name(8));
+        std::fs::write(&empty, crate::wal::format::encode_segment_header(8)).unwrap();
+        let (r, _) = replay(dir.path(), RecoveryMode::Strict, 30).unwrap();
+        assert_eq!(
+            r.end,
+            Some(7),
+            "a log that ended at 7, beside a store at 30"
+        );
+    }
+
+    /// A segment the next one shows to lie wholly at or below the checkpoint (a crash
+    /// between a flush's commit and the trim's unlink left it) is not read: damage in it
+    /// neither refuses the start nor, in truncate mode, cuts the records after it.
+    #[test]
+    fn damage_in_a_segment_the_store_holds_is_not_read() {
+        for mode in [RecoveryMode::Strict, RecoveryMode::Truncate] {
+            let dir = TempDir::new().unwrap();
+            write_log(dir.path(), 60, 5, 1024);
+            let segs = segments(dir.path());
+            assert!(segs.len() >= 3, "the test needs several segments");
+            let second_first = crate::wal::format::parse_segment_file_name(
+                &segs[1].file_name().unwrap().to_string_lossy(),
+            )
+            .unwrap();
+            let mut bytes = std::fs::read(&segs[0]).unwrap();
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x10;
+            std::fs::write(&segs[0], &bytes).unwrap();
+
+            let checkpoint = second_first - 1;
+            let (r, seen) = replay(dir.path(), mode, checkpoint).unwrap();
+            assert_eq!(seen, (second_first..=60).collect::<Vec<_>>(), "{mode:?}");
+            assert_eq!((r.last_lsn, r.end), (60, Some(60)));
+            assert_eq!(
+                segments(dir.path()),
+                segs,
+                "{mode:?}: a segment was removed"
+            );
+            // Below that checkpoint the segment still holds records to replay: refused.
+            if mode == RecoveryMode::Strict {
+                let err = replay(dir.path(), mode, checkpoint - 1).unwrap_err();
+                assert!(matches!(err, WalError::Corrupt { .. }), "{err}");
+            }
+        }
     }
 
     #[test]

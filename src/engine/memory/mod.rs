@@ -420,7 +420,7 @@ fn replay_and_open(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "WAL replayed"
     );
-    if let Some(last) = recovered.last_record.filter(|&last| last < checkpoint) {
+    if let Some(last) = recovered.end.filter(|&end| end < checkpoint) {
         let reason = format!(
             "the WAL in {} ends at LSN {last}, below the store's checkpoint {checkpoint}: it is \
              older than the store (a copy restored from before the store's last flush?), so \
