@@ -525,19 +525,25 @@ impl Config {
         }
     }
 
-    /// A `--wal-dir` that is the data directory or the embedded store's directory would mix
-    /// the log with what is not the log: refused, by name (as written, made absolute).
+    /// A `--wal-dir` that is the data directory or one of the embedded store's directories
+    /// would mix the log with what is not the log: refused, by name (as written, made
+    /// absolute).
     pub fn check_wal_dir(&self) -> anyhow::Result<()> {
         let Some(wal) = &self.wal_dir_option else {
             return Ok(());
         };
         // Compared as resolved: `d/x/../store` or a link to the store is the store. Inside
-        // the store, a compaction's swap would delete the WAL with the old store.
-        let (wal, store) = (resolved(wal), resolved(&self.store_dir()));
-        if wal == resolved(&self.data_dir) || wal.starts_with(&store) {
+        // the store, or the directories it is rebuilt in and swapped through, a
+        // compaction's swap would delete the WAL with the old store.
+        let wal = resolved(wal);
+        let in_store = crate::store::sled::directories(&self.store_dir())
+            .iter()
+            .any(|dir| wal.starts_with(resolved(dir)));
+        if wal == resolved(&self.data_dir) || in_store {
             anyhow::bail!(
-                "--wal-dir {} is the data directory, its store or inside the store: give the \
-                 WAL a directory of its own (or leave --wal-dir out for <data dir>/wal)",
+                "--wal-dir {} is the data directory, or the embedded store's directory (store, \
+                 store.buckets, store.before-buckets) or inside one: give the WAL a directory \
+                 of its own (or leave --wal-dir out for <data dir>/wal)",
                 wal.display()
             );
         }
@@ -645,13 +651,15 @@ mod tests {
             "d/x/../store",
             "d/store/wal",
             "d/./store/",
+            "d/store.buckets",
+            "d/store.before-buckets/wal",
         ] {
             let c =
                 Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", mixed]).unwrap();
             let err = c.check_wal_dir().unwrap_err().to_string();
             assert!(err.contains("--wal-dir"), "{mixed}: {err}");
         }
-        for apart in ["d/wal", "d/storage", "d/x/../wal", "w/../w2"] {
+        for apart in ["d/wal", "d/storage", "d/store.wal", "d/x/../wal", "w/../w2"] {
             let c =
                 Config::try_parse_from(["widgets", "--data-dir", "d", "--wal-dir", apart]).unwrap();
             assert!(c.check_wal_dir().is_ok(), "{apart}");

@@ -611,6 +611,16 @@ const PASS_WIDGETS: u64 = 2_000_000;
 const REBUILDING: &str = ".buckets";
 const REPLACED: &str = ".before-buckets";
 
+/// Every directory the embedded store at `path` writes, renames or removes: its own and
+/// those it is rebuilt in and swapped through. Nothing else may live in them.
+pub fn directories(path: &Path) -> [PathBuf; 3] {
+    [
+        path.to_owned(),
+        sibling(path, REBUILDING),
+        sibling(path, REPLACED),
+    ]
+}
+
 /// `path` with `suffix` added to its last component.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or(path.as_os_str()).to_owned();
