@@ -628,6 +628,40 @@ mod tests {
         );
     }
 
+    /// `--accept-mismatched-wal` on a log older than the store goes on at the LSN after the
+    /// store's checkpoint, in a new segment, and the old ones are unlinked after: a crash
+    /// before that leaves a jump from the old segments to the new one, which recovery takes
+    /// as it is, since the old ones hold nothing above the checkpoint.
+    #[test]
+    fn old_segments_before_a_jump_to_the_checkpoint_are_passed_over() {
+        let (old, new) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        write_log(old.path(), 10, 5, 1 << 20);
+        let mut w = WalWriter::open(
+            Arc::new(RealFs),
+            new.path(),
+            vec![],
+            31,
+            1 << 20,
+            Arc::new(AtomicU64::new(0)),
+        )
+        .unwrap();
+        let mut batch = LogBatch::new(31);
+        for lsn in 31..=35 {
+            batch.push(&sample(lsn));
+        }
+        w.append(&batch).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        for file in segments(old.path()) {
+            std::fs::copy(&file, new.path().join(file.file_name().unwrap())).unwrap();
+        }
+        for mode in [RecoveryMode::Strict, RecoveryMode::Truncate] {
+            let (r, seen) = replay(new.path(), mode, 30).unwrap();
+            assert_eq!(seen, (31..=35).collect::<Vec<_>>(), "{mode:?}");
+            assert_eq!((r.last_lsn, r.end, r.segments.len()), (35, Some(35), 2));
+        }
+    }
+
     /// A segment the next one shows to lie wholly at or below the checkpoint (a crash
     /// between a flush's commit and the trim's unlink left it) is not read: damage in it
     /// neither refuses the start nor, in truncate mode, cuts the records after it.
