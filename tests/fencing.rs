@@ -89,19 +89,7 @@ fn put_wal(dir: &std::path::Path, from: &std::path::Path) {
 /// Starts an app on `dir`, which must refuse with a message holding every one of `why`;
 /// then starts it with `--accept-mismatched-wal`, which must work.
 async fn refused_unless_accepted(dir: Arc<tempfile::TempDir>, why: &[&str]) -> common::TestApp {
-    let mut app = common::try_spawn_app_in(dir.path(), &[], Arc::new(RealFs))
-        .await
-        .expect("binding");
-    let err = app.ready().await.expect_err("the app started");
-    let message = format!("{err:#}");
-    for part in why {
-        assert!(message.contains(part), "{part:?} not in: {message}");
-    }
-    // The refused app says so before its task has ended and let go of the data
-    // directory's lock: wait for that, or the next start finds the directory in use.
-    app.stop()
-        .await
-        .expect_err("a refused app ends with its error");
+    refused(&dir, &[], why).await;
     common::spawn_app_in(dir, &["--accept-mismatched-wal"], Arc::new(RealFs)).await
 }
 
@@ -172,7 +160,7 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// Starts an app on `dir` with `args`, which must be refused with a message holding every
-/// one of `why`; returns the directory once the refused app has let go of it.
+/// one of `why`; returns once the refused app has let go of the directory.
 async fn refused(dir: &Arc<tempfile::TempDir>, args: &[&str], why: &[&str]) {
     let mut app = common::try_spawn_app_in(dir.path(), args, Arc::new(RealFs))
         .await
@@ -182,6 +170,8 @@ async fn refused(dir: &Arc<tempfile::TempDir>, args: &[&str], why: &[&str]) {
     for part in why {
         assert!(message.contains(part), "{part:?} not in: {message}");
     }
+    // The refused app says so before its task has ended and let go of the data
+    // directory's lock: wait for that, or the next start finds the directory in use.
     app.stop()
         .await
         .expect_err("a refused app ends with its error");
