@@ -2,11 +2,13 @@
 //! hostile or broken client must not get past (axum's own `serve` has none of them):
 //!
 //! - **A cap on open connections** (`--max-connections`). At the cap, a new connection
-//!   takes the place of the connection that has been idle longest (open, but with no
-//!   request in progress: a keep-alive socket, or one still sending its headers), which is
-//!   closed. Only when every connection is in a request does the new one wait in the
-//!   kernel's backlog. So idle or half-sent sockets cannot lock other clients out, and
-//!   `/healthz` and `/readyz` answer while an attacker holds thousands of them.
+//!   waiting to be accepted takes the place of the connection that has been idle longest
+//!   (open, but with no request in progress: a keep-alive socket, or one still sending its
+//!   headers), which is closed. Nothing is closed while nobody waits, and the newcomer is
+//!   never the one closed: it stays in the kernel's backlog until there is room. Only when
+//!   every connection is in a request does it wait there for one to end or go idle. So
+//!   idle or half-sent sockets cannot lock other clients out, and `/healthz` and `/readyz`
+//!   answer while an attacker holds thousands of them.
 //! - **An idle timeout** (`--idle-timeout`): a connection must send a whole request head
 //!   within this time of opening or of its last answer, or it is closed. (hyper starts the
 //!   header clock when a connection goes idle, so this one bound covers both keep-alive
@@ -31,11 +33,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_io_timeout::TimeoutWriter;
@@ -69,11 +74,31 @@ pub async fn serve(
     let open = Arc::new(Connections::default());
     let mut tasks = JoinSet::new();
     let drain = CancellationToken::new();
+    // Watched for readiness rather than accepted from at once: at the cap, a connection
+    // waiting in the backlog is what makes room, and it is not accepted until there is.
+    // SAFETY: the `AsyncFd` owns the listener, whose descriptor stays open and the same
+    // until the `AsyncFd` is dropped.
+    let listener =
+        unsafe { AsyncFd::register_with_interest(listener.into_std()?, Interest::READABLE)? };
     loop {
-        // At the cap: close the longest-idle connection and wait for it to go, or, when
-        // every connection is in a request, wait for one to end or go idle (a request
-        // ending notifies nothing, hence the tick).
-        while open.len() >= limits.max_connections {
+        let mut waiting = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            ready = listener.readable() => ready?,
+        };
+        // A connection may be waiting. At the cap, if one really is (the readiness is an
+        // edge's, and may be older than the accept that took the last one): close the
+        // longest-idle connection (every open one is older than the newcomer) and wait for
+        // it to go, or, when every connection is in a request, wait for one to end or go
+        // idle (a request ending notifies nothing, hence the tick). The newcomer stays in
+        // the backlog meanwhile, and the listener stays ready. If nobody waits, nothing is
+        // closed, and the next connection to arrive wakes the loop again.
+        if open.len() >= limits.max_connections {
+            if !backlog_holds_a_connection(listener.get_ref()) {
+                waiting.clear_ready();
+                continue;
+            }
+            drop(waiting);
             if open.evict_idlest() {
                 metrics::counter!("http_connections_evicted_total").increment(1);
             }
@@ -83,19 +108,24 @@ pub async fn serve(
                 _ = open.changed.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
+            continue;
         }
-        let (stream, _) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = match waiting.try_io(|listener| listener.get_ref().accept()) {
+            Ok(accepted) => accepted,
+            // Gone already (the readiness was stale): wait for the next one.
+            Err(_would_block) => continue,
+        };
+        let stream = match accepted.and_then(|(stream, _)| {
+            stream.set_nonblocking(true)?;
+            TcpStream::from_std(stream)
+        }) {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let connection = open.add();
@@ -135,7 +165,7 @@ pub async fn serve(
 /// any, and closes).
 async fn serve_connection(
     builder: &Builder,
-    stream: Pin<Box<TimeoutWriter<tokio::net::TcpStream>>>,
+    stream: Pin<Box<TimeoutWriter<TcpStream>>>,
     router: Router,
     connection: &Connection,
     drain: &CancellationToken,
@@ -172,6 +202,24 @@ async fn serve_connection(
     }
     served.as_mut().graceful_shutdown();
     let _ = served.as_mut().await;
+}
+
+/// Whether a connection is waiting in `listener`'s backlog to be accepted (a `poll` that
+/// does not block, and accepts nothing). An error counts as one waiting: the accept that
+/// follows tells what it is.
+fn backlog_holds_a_connection(listener: &std::net::TcpListener) -> bool {
+    let mut poll = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one `pollfd`, valid for the call, on a descriptor the listener holds open.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        if ready >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return ready != 0;
+        }
+    }
 }
 
 /// Whether hyper ended the connection because a write to it made no progress for the idle

@@ -74,6 +74,71 @@ async fn idle_and_half_sent_sockets_at_twice_the_cap_do_not_lock_out_readyz() {
     app.stop().await;
 }
 
+/// Sends `GET /healthz` with `Connection: close` on a new connection; the answer, or what
+/// the server sent before it closed the connection without one.
+async fn healthz_on_a_new_connection(addr: std::net::SocketAddr) -> String {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    read_until_closed(&mut socket, Duration::from_secs(5))
+        .await
+        .expect("the request was not answered within 5 s")
+}
+
+/// The cap makes room only for a connection that is waiting beyond it, and never by closing
+/// that newcomer. The connection that reached the cap used to evict at once: the
+/// longest-idle one with nobody waiting, or, when the others were all in a request, the
+/// newcomer itself, before it had sent its head (an empty reply).
+#[tokio::test]
+async fn at_the_cap_only_a_waiting_newcomer_evicts_and_never_itself() {
+    let app = common::spawn_app_with(&["--max-connections", "20"]).await;
+    // Exactly the cap of idle connections, and nobody waiting: every one stays and is
+    // served.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(app.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, socket) in idle.iter_mut().enumerate() {
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed(socket, Duration::from_secs(5))
+            .await
+            .expect("the request was not answered within 5 s");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "idle connection {i} of 20 at a cap of 20 was closed: {answer:?}"
+        );
+    }
+    drop(idle);
+
+    // One below the cap in requests (bodies that stall): each new connection reaches the
+    // cap, and is served.
+    let mut busy = Vec::new();
+    for _ in 0..19 {
+        let mut socket = TcpStream::connect(app.addr).await.unwrap();
+        socket
+            .write_all(b"POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            .await
+            .unwrap();
+        busy.push(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        let answer = healthz_on_a_new_connection(app.addr).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "request {i}: the connection that reached the cap was closed: {answer:?}"
+        );
+    }
+    drop(busy);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_idle_connection_and_a_slow_head_are_closed_after_the_idle_timeout() {
     let app = common::spawn_app_with(&["--idle-timeout", "300ms"]).await;
