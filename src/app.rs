@@ -90,6 +90,9 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         tracing::warn!("{warning}");
     }
     let auth = config.auth()?;
+    let mut limits = config.connection_limits();
+    limits.max_connections = crate::serve::fit_to_open_file_limit(limits.max_connections)
+        .context("fitting --max-connections to the open-file limit")?;
     if auth.is_on() {
         tracing::info!(?auth, "bearer auth is on");
     }
@@ -129,7 +132,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     let server = tokio::spawn(crate::serve::serve(
         listener,
         router,
-        config.connection_limits(),
+        limits,
         shutdown.clone(),
     ));
     let (recovered, recovery) = watch::channel(None);

@@ -163,6 +163,7 @@ pub struct Config {
 
     /// Most open HTTP connections. At the cap a new connection replaces the one idle
     /// longest; only when every connection is in a request does it wait to be accepted.
+    /// Lowered, with a warning, to the open-file limit less 64 if it does not fit.
     #[arg(long, env = "WIDGETS_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 

@@ -41,7 +41,7 @@ pub fn handle() -> &'static PrometheusHandle {
 /// series that first appears at 1 has no increase for `rate()` or `increase()` to see, so
 /// an alert on the first flush failure would miss it. (Redis mode adds its own on
 /// connecting.)
-const EVENTS: [&str; 10] = [
+const EVENTS: [&str; 11] = [
     "widgets_flush_failures_total",
     "widgets_flush_rejected_total",
     "widgets_flush_batches_total",
@@ -49,6 +49,7 @@ const EVENTS: [&str; 10] = [
     "widgets_store_reopens_total",
     "http_connections_evicted_total",
     "http_connections_write_timeouts_total",
+    "http_accept_errors_total",
     "widgets_wal_fsyncs_total",
     "widgets_wal_records_total",
     "widgets_wal_bytes_written_total",

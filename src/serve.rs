@@ -47,6 +47,17 @@ use tokio_io_timeout::TimeoutWriter;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// File descriptors kept for everything but the HTTP connections: the standard streams,
+/// the data directory's locks, the WAL's segments and directory, the embedded store (twice
+/// over during a compaction), the PostgreSQL pool and its single-writer session, the
+/// Redis connections, the runtime's own, the listener and the connection being accepted.
+/// About 20 are in use at a time; the rest is margin.
+pub const FD_HEADROOM: usize = 64;
+
+/// How often at most an accept that fails is logged (the others are counted in
+/// `http_accept_errors_total`, and in the next warning).
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The bounds on connections (see `Config` for each setting).
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -54,6 +65,60 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+}
+
+/// Raises the process's soft open-file limit to its hard limit, and returns how many
+/// connections the service can hold within it: `max_connections`, or, when that and
+/// [`FD_HEADROOM`] do not fit, the limit less the headroom, with one warning saying so.
+/// Past the limit every accept fails, so a cap above it would never be reached and never
+/// make room. A limit that leaves no room for a connection at all is an error.
+pub fn fit_to_open_file_limit(max_connections: usize) -> std::io::Result<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one `rlimit` it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the one `rlimit` it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), soft = limit.rlim_cur,
+                hard = limit.rlim_max, "could not raise the open-file limit to its hard limit");
+        }
+    }
+    let files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    let room = files.saturating_sub(FD_HEADROOM);
+    if room == 0 {
+        return Err(std::io::Error::other(format!(
+            "the open-file limit ({files}) leaves no file descriptor for a connection: the \
+             service keeps {FD_HEADROOM} for its files and store connections; raise the \
+             limit (`ulimit -n`, systemd's LimitNOFILE, the container's nofile) to at least \
+             {}, --max-connections plus {FD_HEADROOM}",
+            max_connections.saturating_add(FD_HEADROOM)
+        )));
+    }
+    if room < max_connections {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = files,
+            serving_at_most = room,
+            "--max-connections does not fit in the open-file limit (less {FD_HEADROOM} kept \
+             for the service's files and store connections): the cap is lowered to \
+             {room} connections; raise the limit (`ulimit -n`, systemd's LimitNOFILE, the \
+             container's nofile) to at least {} for the whole cap",
+            max_connections.saturating_add(FD_HEADROOM)
+        );
+        return Ok(room);
+    }
+    Ok(max_connections)
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then drains: stops
@@ -74,6 +139,7 @@ pub async fn serve(
     let open = Arc::new(Connections::default());
     let mut tasks = JoinSet::new();
     let drain = CancellationToken::new();
+    let mut accept_errors = AcceptErrors::default();
     // Watched for readiness rather than accepted from at once: at the cap, a connection
     // waiting in the backlog is what makes room, and it is not accepted until there is.
     // SAFETY: the `AsyncFd` owns the listener, whose descriptor stays open and the same
@@ -121,9 +187,23 @@ pub async fn serve(
         }) {
             Ok(stream) => stream,
             Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                metrics::counter!("http_accept_errors_total").increment(1);
+                // Out of file descriptors (below the cap: something else took them): close
+                // the longest-idle connection to free one, as the cap would, rather than
+                // let idle sockets lock every newcomer out. Then wait for it to go, or for
+                // a while, instead of spinning.
+                let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                let evicted = out_of_files && open.evict_idlest();
+                if evicted {
+                    metrics::counter!("http_connections_evicted_total").increment(1);
+                }
+                accept_errors.warn(&e, evicted);
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    _ = open.changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
                 continue;
             }
         };
@@ -202,6 +282,32 @@ async fn serve_connection(
     }
     served.as_mut().graceful_shutdown();
     let _ = served.as_mut().await;
+}
+
+/// Failed accepts, logged at most once per [`ACCEPT_WARN_EVERY`]: out of file descriptors,
+/// every newcomer fails, and a warning each would flood the log.
+#[derive(Default)]
+struct AcceptErrors {
+    last_warned: Option<Instant>,
+    held_back: u64,
+}
+
+impl AcceptErrors {
+    fn warn(&mut self, e: &std::io::Error, evicted: bool) {
+        let now = Instant::now();
+        if self
+            .last_warned
+            .is_some_and(|last| now.duration_since(last) < ACCEPT_WARN_EVERY)
+        {
+            self.held_back += 1;
+            return;
+        }
+        tracing::warn!(error = %e, evicted_an_idle_connection = evicted,
+            failed_since_last_warning = self.held_back,
+            "accept failed (logged once per {ACCEPT_WARN_EVERY:?} at most; counted in http_accept_errors_total)");
+        self.last_warned = Some(now);
+        self.held_back = 0;
+    }
 }
 
 /// Whether a connection is waiting in `listener`'s backlog to be accepted (a `poll` that

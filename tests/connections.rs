@@ -3,6 +3,7 @@
 //! oversized heads are refused, and a client stalled mid-body cannot hold up a graceful
 //! stop.
 
+#[macro_use]
 mod common;
 
 use common::binary;
@@ -137,6 +138,201 @@ async fn at_the_cap_only_a_waiting_newcomer_evicts_and_never_itself() {
     }
     drop(busy);
     app.stop().await;
+}
+
+/// The `widgets` binary on a temporary data directory, started under an open-file limit of
+/// `files` (soft and hard) if given, its whole log kept.
+struct Limited {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Limited {
+    async fn start(files: Option<u64>) -> Limited {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"));
+        widgets_testkit::server::log_on_a_pipe(&mut command)
+            .args(["--listen", "127.0.0.1:0", "--database-url=", "--redis-url="])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "info");
+        if let Some(files) = files {
+            // SAFETY: setrlimit alone between fork and exec, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: files,
+                        rlim_max: files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("starting widgets");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = widgets_testkit::server::listen_addr_in_log(&line) {
+                    let _ = addr_tx.send(addr.parse::<std::net::SocketAddr>().unwrap());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr =
+            tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| panic!("widgets did not listen: {:?}", log.lock().unwrap()));
+        let server = Limited {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        };
+        let client = reqwest::Client::new();
+        eventually!(
+            "/readyz",
+            30,
+            client
+                .get(format!("http://{}/readyz", server.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        );
+        server
+    }
+
+    /// Lowers the running server's open-file limit to the descriptors it has open now and
+    /// `more`: as if something else in the process had taken the rest.
+    fn leave_files(&self, more: u64) {
+        let open = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count() as u64;
+        let limit = libc::rlimit {
+            rlim_cur: open + more,
+            rlim_max: open + more,
+        };
+        // SAFETY: prlimit(2) on our own child, with one `rlimit` to read and none to write.
+        let set = unsafe {
+            libc::prlimit(
+                self.child.id() as libc::pid_t,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// Log lines that contain `text`.
+    fn logged(&self, text: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+
+    /// Opens 200 connections that say nothing, then checks that `/healthz` answers on new
+    /// connections all the same.
+    async fn healthz_answers_past_200_idle_connections(&self) -> Vec<TcpStream> {
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(TcpStream::connect(self.addr).await.unwrap());
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        for i in 0..5 {
+            let r = client
+                .get(format!("http://{}/healthz", self.addr))
+                .send()
+                .await;
+            assert_eq!(
+                r.as_ref().map(|r| r.status()).ok(),
+                Some(StatusCode::OK),
+                "/healthz {i} past 200 idle connections: {r:?}; the log: {:#?}",
+                self.log.lock().unwrap()
+            );
+        }
+        idle
+    }
+
+    /// SIGTERM, and a graceful exit.
+    async fn stop(mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "{status}");
+    }
+}
+
+impl Drop for Limited {
+    /// A failing test leaves no server behind (a stopped one is reaped already).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An open-file limit below `--max-connections` (4,096 by default) used to leave the cap
+/// unreachable: every accept failed with "Too many open files", nothing was evicted, and
+/// `/healthz` went unanswered behind idle sockets while the log took about 20 warnings a
+/// second. The cap is now lowered to fit, once, with a warning.
+#[tokio::test]
+async fn an_open_file_limit_below_the_cap_lowers_the_cap_and_eviction_still_makes_room() {
+    let server = Limited::start(Some(128)).await;
+    let idle = server.healthz_answers_past_200_idle_connections().await;
+    assert_eq!(
+        server.logged("does not fit in the open-file limit"),
+        1,
+        "{:#?}",
+        server.log.lock().unwrap()
+    );
+    drop(idle);
+    server.stop().await;
+}
+
+/// Descriptors run out below the cap (something else in the process holds them): a failed
+/// accept closes the longest-idle connection to make room, and is not logged more than once
+/// in ten seconds.
+#[tokio::test]
+async fn out_of_file_descriptors_an_accept_evicts_the_longest_idle_connection() {
+    // Then 20 descriptors are left, below the cap it started with (whatever that was).
+    let server = Limited::start(None).await;
+    server.leave_files(20);
+    let idle = server.healthz_answers_past_200_idle_connections().await;
+    let warnings = server.logged("accept failed");
+    assert!(
+        (1..=2).contains(&warnings),
+        "{warnings} accept warnings: {:#?}",
+        server.log.lock().unwrap()
+    );
+    drop(idle);
+    server.stop().await;
 }
 
 #[tokio::test]

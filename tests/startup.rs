@@ -73,6 +73,7 @@ async fn event_counters_are_at_0_from_the_first_scrape() {
         "widgets_store_reopens_total",
         "http_connections_evicted_total",
         "http_connections_write_timeouts_total",
+        "http_accept_errors_total",
     ] {
         assert_eq!(common::metric(&text, name), Some(0.0), "{name} in:\n{text}");
     }
