@@ -16,6 +16,8 @@
 //!   nothing of its answers: a write to it that makes no progress for that long closes the
 //!   connection, which otherwise held its socket and the kernel's send buffer (megabytes)
 //!   for as long as the client liked.
+//! - **Half-closed connections are answered**: a client that shuts its side down after its
+//!   request still gets the answer, under the same bounds.
 //! - **HTTP/1.1 only.** The API has no use for HTTP/2 over plain TCP (clients speak it only
 //!   with prior knowledge), and its connections would need bounds of their own: an evicted
 //!   HTTP/2 connection waits for the client's answer to a PING before it closes.
@@ -134,7 +136,13 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
-        .max_buf_size(limits.max_header_bytes);
+        .max_buf_size(limits.max_header_bytes)
+        // A client that shuts its side down once its request is sent still gets the
+        // answer (hyper's default closes at the end of the stream, after the request has
+        // been served). The bounds hold all the same: the end of the stream closes an idle
+        // connection or a half-sent head at once, a body cut short fails its read, and an
+        // answer that is not read stalls its write into the idle timeout.
+        .half_close(true);
     let builder = Arc::new(builder);
     let open = Arc::new(Connections::default());
     let mut tasks = JoinSet::new();

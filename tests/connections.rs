@@ -335,6 +335,94 @@ async fn out_of_file_descriptors_an_accept_evicts_the_longest_idle_connection() 
     server.stop().await;
 }
 
+/// A client that sends its whole request and then shuts its side down (`shutdown(SHUT_WR)`,
+/// as `nc -N` does) gets its answer. hyper closed such a connection when it read the end
+/// of the stream, even after making the write, so the client never learnt it was made.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let app = common::spawn_app_with(&[]).await;
+    let body = r#"{"name": "w", "serial_number": "half", "ports": ["P"]}"#;
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    socket.shutdown().await.unwrap();
+    let answer = read_until_closed(&mut socket, Duration::from_secs(5))
+        .await
+        .expect("the server kept the connection open");
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer:?}");
+    assert!(answer.contains(r#""serial_number":"half""#), "{answer}");
+    assert!(app.widget("half").await.is_some());
+    app.stop().await;
+}
+
+/// Half-closed connections are bounded as others are: one that sent nothing or half a head
+/// is closed, and one that reads none of its answers is closed once its writes stall for
+/// the idle timeout.
+#[tokio::test]
+async fn half_closed_connections_are_still_closed_when_idle_or_unread() {
+    let app = common::spawn_app_with(&["--idle-timeout", "500ms"]).await;
+    for sent in [&b""[..], b"GET /healthz HTTP/1.1\r\nHo"] {
+        let mut socket = TcpStream::connect(app.addr).await.unwrap();
+        socket.write_all(sent).await.unwrap();
+        socket.shutdown().await.unwrap();
+        let answer = read_until_closed(&mut socket, Duration::from_secs(5)).await;
+        assert!(
+            answer.is_some(),
+            "{:?}: the connection stayed open",
+            String::from_utf8_lossy(sent)
+        );
+    }
+    // A body cut short by the end of the stream fails at once, well within --body-timeout.
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    socket
+        .write_all(b"POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"na")
+        .await
+        .unwrap();
+    socket.shutdown().await.unwrap();
+    let answer = read_until_closed(&mut socket, Duration::from_secs(5))
+        .await
+        .expect("a body cut short was waited for");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+
+    // Answers of tens of kilobytes each, thousands of them: far more than the sockets'
+    // buffers hold, so the server's writes stall until the client reads.
+    let mut socket = TcpStream::connect(app.addr).await.unwrap();
+    let requests = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let writing = async {
+        let mut sent = 0;
+        let started = Instant::now();
+        while sent < requests.len() && started.elapsed() < Duration::from_secs(2) {
+            match socket.try_write(&requests[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_) => break,
+            }
+        }
+        sent
+    };
+    let sent = writing.await;
+    let _ = socket.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Now read: a connection still open would go on answering until every request it read
+    // had its answer; a closed one ends with what the buffers held (or a reset).
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut got)).await;
+    let answers = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    let asked = sent / b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".len();
+    assert!(
+        read.is_ok() && answers < asked,
+        "the server kept the connection open, its answers unread: {answers} answers to {asked} requests"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_idle_connection_and_a_slow_head_are_closed_after_the_idle_timeout() {
     let app = common::spawn_app_with(&["--idle-timeout", "300ms"]).await;
