@@ -23,9 +23,10 @@
 //!   HTTP/2 connection waits for the client's answer to a PING before it closes.
 //! - **A header size limit** (`--max-header-bytes`): a longer request head is refused, and
 //!   no connection buffers more than that while it waits for one.
-//! - **A drain deadline** (`--drain-timeout`): at shutdown, idle connections close at once
-//!   and requests in progress may finish; whatever is still open at the deadline is closed,
-//!   so a client stalled mid-body cannot hold the process up.
+//! - **A drain deadline** (`--drain-timeout`): at shutdown, idle connections (half-sent
+//!   heads included) close at once and requests in progress may finish; whatever is still
+//!   open at the deadline is closed, so a client stalled mid-body cannot hold the process
+//!   up.
 //!
 //! The request body's own deadline (`--body-timeout`) is the body extractor's.
 
@@ -248,9 +249,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it ends, is evicted (closed at once, unless a request has
-/// just begun on it), or the drain begins (then it finishes the request in progress, if
-/// any, and closes).
+/// Serves one connection until it ends, is evicted, or the drain begins. Either of the
+/// last two closes it at once if no request is in progress on it (a half-sent head is
+/// none); otherwise it finishes that request, and closes.
 async fn serve_connection(
     builder: &Builder,
     stream: Pin<Box<TimeoutWriter<TcpStream>>>,
@@ -279,14 +280,15 @@ async fn serve_connection(
             }
             return;
         }
-        _ = connection.close.cancelled() => {
-            if connection.busy.requests.load(Ordering::Acquire) == 0 {
-                // Idle: nothing to finish. Dropping the connection closes the socket now,
-                // where a graceful close would wait for a half-sent head to time out.
-                return;
-            }
-        }
+        // Evicted, or the drain has begun.
+        _ = connection.close.cancelled() => {}
         _ = drain.cancelled() => {}
+    }
+    if connection.busy.requests.load(Ordering::Acquire) == 0 {
+        // Idle: nothing to finish. Dropping the connection closes the socket now, where a
+        // graceful close would wait for a half-sent head to time out (or, at a drain, for
+        // the drain deadline).
+        return;
     }
     served.as_mut().graceful_shutdown();
     let _ = served.as_mut().await;

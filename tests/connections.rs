@@ -553,6 +553,39 @@ async fn a_body_that_stalls_answers_408_and_changes_nothing() {
     app.stop().await;
 }
 
+/// At a graceful stop, a connection with no request in progress closes at once, a
+/// half-sent head included: one used to hold the stop for the whole drain deadline (here
+/// an hour), as if it were a request.
+#[tokio::test]
+async fn idle_connections_and_half_sent_heads_do_not_hold_up_a_graceful_stop() {
+    let app = common::spawn_app_with(&["--drain-timeout", "1h", "--idle-timeout", "1h"]).await;
+    let mut half_sent = TcpStream::connect(app.addr).await.unwrap();
+    half_sent
+        .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    // A keep-alive connection, idle after its answer.
+    let mut kept = TcpStream::connect(app.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0; 12];
+    kept.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(10), app.stop())
+        .await
+        .expect("idle connections held the stop up until the drain deadline");
+    for socket in [&mut half_sent, &mut kept] {
+        assert!(
+            read_until_closed(socket, Duration::from_secs(1))
+                .await
+                .is_some(),
+            "a connection outlived the stop"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_client_stalled_mid_body_cannot_hold_up_a_graceful_stop() {
     let dir = tempfile::tempdir().unwrap();
