@@ -1,5 +1,6 @@
 //! The API's own middleware, as tower layers: [`Track`] counts and times every request,
-//! and [`Guard`] refuses one that needs a token and lacks an accepted one.
+//! [`Guard`] refuses one that needs a token and lacks an accepted one, and [`NoEmpty`]
+//! answers a path with an empty segment as one no route has.
 //!
 //! Written as services rather than with `axum::middleware::from_fn`, which boxes a clone
 //! of the inner service and the handler's future on every request, and the router stacks
@@ -8,7 +9,7 @@
 //! by 18% (BENCHMARKS.md, "The request path in instructions").
 
 use super::auth::Auth;
-use crate::error::ErrorCode;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{header, Method};
@@ -84,11 +85,17 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(response) = ready!(this.inner.poll(cx));
-        let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+        // `not_found` is a path no route has, even where the router matched a template
+        // (an empty segment: see `NoEmpty`).
+        let route = match this.route {
+            Some(route) if code != Some(ApiError::NoRoute(String::new()).code()) => route.as_str(),
+            _ => "unmatched",
+        };
         let status = response.status();
         metrics::record_request(this.method, route, status.as_u16(), this.started.elapsed());
         if status.is_server_error() {
-            if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+            if let Some(code) = code {
                 metrics::record_refusal(code);
             }
         }
@@ -142,6 +149,76 @@ where
         {
             Ok(()) => Either::Right(self.inner.call(req)),
             Err(e) => Either::Left(future::ready(Ok(e.into_response()))),
+        }
+    }
+}
+
+/// Wraps a service in [`NoEmpty`].
+#[derive(Debug, Clone, Default)]
+pub struct NoEmptyLayer;
+
+impl<S> Layer<S> for NoEmptyLayer {
+    type Service = NoEmpty<S>;
+
+    fn layer(&self, inner: S) -> NoEmpty<S> {
+        NoEmpty { inner }
+    }
+}
+
+/// A path with an empty segment (`/widgets//associations/P`, `/widgets/123/`) answers
+/// `404 not_found`, as a path no route has, before the route sees it: the router matches
+/// a parameter to an empty segment, and the serial or port type it gave was answered
+/// `422`, or the route's `405`. docs/API.md (Routing) makes an empty serial or port type
+/// a path no route has.
+#[derive(Debug, Clone)]
+pub struct NoEmpty<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for NoEmpty<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let path = req.uri().path();
+        if has_empty_segment(path) {
+            let e = ApiError::NoRoute(format!("{} {path}", req.method()));
+            return Either::Left(future::ready(Ok(e.into_response())));
+        }
+        Either::Right(self.inner.call(req))
+    }
+}
+
+/// Whether `path` has an empty segment: `//` in it, or a `/` at its end.
+fn has_empty_segment(path: &str) -> bool {
+    path.starts_with('/') && path[1..].split('/').any(str::is_empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_empty_segment;
+
+    #[test]
+    fn empty_segments_are_found_wherever_they_are() {
+        for path in [
+            "/",
+            "//",
+            "/widgets/",
+            "/widgets//associations/P",
+            "//widgets",
+        ] {
+            assert!(has_empty_segment(path), "{path}");
+        }
+        for path in ["/widgets", "/widgets/123/associations/P", "/healthz", "*"] {
+            assert!(!has_empty_segment(path), "{path}");
         }
     }
 }

@@ -21,7 +21,7 @@ use auth::Auth;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{delete, get, put};
 use axum::Router;
-use layers::{GuardLayer, TrackLayer};
+use layers::{GuardLayer, NoEmptyLayer, TrackLayer};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tower::ServiceBuilder;
@@ -124,6 +124,10 @@ pub fn router(state: AppState) -> Router {
                 // Before routing answers anything but an open path: without a token, a
                 // protected request learns nothing, not even whether its route exists.
                 .layer(GuardLayer(state.auth().clone()))
+                // An empty serial or port type is a path no route has, not a bad value:
+                // before the route answers (the router matches parameters to empty
+                // segments), after the token, which comes before any route.
+                .layer(NoEmptyLayer)
                 .layer(DefaultBodyLimit::max(max_body_bytes)),
         )
         .with_state(state)

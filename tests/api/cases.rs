@@ -897,6 +897,40 @@ async fn unknown_routes_are_404_and_wrong_methods_405_with_an_error_body() {
     assert_stored(&app, &expected("123", &["P"], &[])).await;
 }
 
+/// An empty serial or port type makes a path no route has (docs/API.md, Routing), whatever
+/// route it would otherwise fall into: `DELETE /widgets//associations/P` answered `422`,
+/// and `GET` of it `405`.
+#[tokio::test]
+async fn a_path_with_an_empty_segment_is_404_not_found() {
+    let watched = ["123", "321"];
+    let app = app_with(&[("123", &["P"]), ("321", &["P"])]).await;
+    plug(&app, "P", "123", "321").await;
+    let before = snapshot(&app, &watched).await;
+    let cases = [
+        (Method::DELETE, "/widgets//associations/P"),
+        (Method::GET, "/widgets//associations/P"),
+        (Method::DELETE, "/widgets/123/associations/"),
+        (Method::DELETE, "/widgets//associations/"),
+        (Method::GET, "/widgets//"),
+        (Method::DELETE, "//widgets/123"),
+        (Method::GET, "/widgets/123//"),
+        (Method::POST, "/widgets/"),
+        (Method::PUT, "/widgets//associations"),
+        (Method::GET, "/healthz/"),
+    ];
+    for (method, path) in cases {
+        let resp = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .expect("request");
+        let message = expect_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+        assert_eq!(message, format!("no route for {method} {path}"));
+    }
+    assert_eq!(snapshot(&app, &watched).await, before);
+}
+
 // ---------------------------------------------------------------------------------------
 // Operations
 // ---------------------------------------------------------------------------------------
