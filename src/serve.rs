@@ -31,6 +31,7 @@
 //! The request body's own deadline (`--body-timeout`) is the body extractor's.
 
 use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
@@ -264,9 +265,18 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let in_request = InRequest::enter(&busy);
         let router = router.clone();
-        decode_unreserved(req.uri_mut());
+        // A raw non-ASCII byte in the path is not HTTP/1.1, which the HTTP layer lets
+        // through when it is UTF-8: refused as the HTTP layer refuses the rest.
+        let readable = req.uri().path().is_ascii();
+        if readable {
+            decode_unreserved(req.uri_mut());
+        }
         async move {
-            let answer = router.oneshot(req.map(axum::body::Body::new)).await;
+            let answer = if readable {
+                router.oneshot(req.map(axum::body::Body::new)).await
+            } else {
+                Ok(not_http())
+            };
             drop(in_request);
             answer
         }
@@ -351,6 +361,17 @@ fn write_timed_out(e: &hyper::Error) -> bool {
     false
 }
 
+/// The answer to a request the HTTP layer cannot read, as hyper gives it: `400 Bad
+/// Request`, no body, and the connection closed.
+fn not_http() -> axum::response::Response {
+    let mut answer = axum::response::Response::new(axum::body::Body::empty());
+    *answer.status_mut() = StatusCode::BAD_REQUEST;
+    answer
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    answer
+}
+
 /// Decodes the percent-encoded unreserved characters of `uri`'s path (`A-Z a-z 0-9 - . _
 /// ~`), which RFC 3986 (6.2.2.2) makes the same path either way, so that routing sees them
 /// as the path parameters are seen: `/widgets/%61ssociations` is the association route,
@@ -360,27 +381,31 @@ fn decode_unreserved(uri: &mut axum::http::Uri) {
     if !path.contains('%') {
         return;
     }
+    // On bytes: a character outside ASCII is several, each kept as it is.
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    let mut decoded = Vec::with_capacity(bytes.len());
     let mut at = 0;
     while at < bytes.len() {
         let escaped = (bytes[at] == b'%')
             .then(|| bytes.get(at + 1..at + 3))
             .flatten()
-            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+            .and_then(|hex| Some(hex_value(hex[0])? << 4 | hex_value(hex[1])?))
             .filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c));
         match escaped {
             Some(c) => {
-                decoded.push(char::from(c));
+                decoded.push(c);
                 at += 3;
             }
             None => {
-                decoded.push(char::from(bytes[at]));
+                decoded.push(bytes[at]);
                 at += 1;
             }
         }
     }
+    // UTF-8 still: only whole escapes of ASCII characters were replaced.
+    let Ok(decoded) = String::from_utf8(decoded) else {
+        return;
+    };
     let path_and_query = match uri.query() {
         Some(query) => format!("{decoded}?{query}"),
         None => decoded,
@@ -394,6 +419,13 @@ fn decode_unreserved(uri: &mut axum::http::Uri) {
     if let Ok(decoded) = axum::http::Uri::from_parts(parts) {
         *uri = decoded;
     }
+}
+
+/// The value of one hexadecimal digit.
+fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 /// The open connections, by id.
@@ -513,5 +545,12 @@ mod tests {
         assert_eq!(decoded("/widgets/%zz%"), "/widgets/%zz%");
         assert_eq!(decoded("/widgets/%+6%-1"), "/widgets/%+6%-1");
         assert_eq!(decoded("/widgets/plain"), "/widgets/plain");
+    }
+
+    #[test]
+    fn escapes_are_decoded_on_bytes_and_other_characters_kept_whole() {
+        // Each byte was taken for a character of its own: é came out as Ã©.
+        assert_eq!(decoded("/%C3%A9/é%41"), "/%C3%A9/éA");
+        assert_eq!(decoded("/€%7E"), "/€~");
     }
 }

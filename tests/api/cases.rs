@@ -931,6 +931,51 @@ async fn a_path_with_an_empty_segment_is_404_not_found() {
     assert_eq!(snapshot(&app, &watched).await, before);
 }
 
+/// A raw non-ASCII byte in the path (UTF-8 or not) is not HTTP/1.1: `400 Bad Request`
+/// with no body, and the connection closed, before routing or a token (docs/API.md, Bad
+/// input). UTF-8 used to get through: `GET /widgets/\xc3\xa9` answered `422`, and
+/// `GET /\xc3\xa9%41` a `404` naming the path decoded as Latin-1.
+#[tokio::test]
+async fn a_raw_non_ascii_byte_in_the_path_is_400_with_no_body_and_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let watched = ["123", "321"];
+    let app = app_with(&[("123", &["P"]), ("321", &["P"])]).await;
+    plug(&app, "P", "123", "321").await;
+    let before = snapshot(&app, &watched).await;
+    let cases: [(&str, &[u8]); 8] = [
+        ("GET", b"/widgets/\xc3\xa9"),
+        ("DELETE", b"/widgets/\xc3\xa9"),
+        ("DELETE", b"/widgets/123\xc3\xa9"),
+        ("DELETE", b"/widgets/\xc3\xa9/associations/P"),
+        ("PUT", b"/widgets/\xc3\xa9ssociations"),
+        ("GET", b"/\xc3\xa9%41"),
+        ("GET", b"/healthz\xe2\x82\xac"),
+        // Not UTF-8: the HTTP layer's own refusal, which the others must match.
+        ("GET", b"/widgets/\xff"),
+    ];
+    for (method, path) in cases {
+        let shown = format!("{method} {}", String::from_utf8_lossy(path));
+        let mut request = format!("{method} ").into_bytes();
+        request.extend_from_slice(path);
+        request.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        socket.write_all(&request).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            socket.read_to_end(&mut got),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{shown}: the connection stayed open"))
+        .unwrap_or_else(|e| panic!("{shown}: {e}"));
+        let answer = String::from_utf8_lossy(&got);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{shown}: {answer}");
+        let body = answer.split_once("\r\n\r\n").map(|(_, body)| body);
+        assert_eq!(body, Some(""), "{shown}: {answer}");
+    }
+    assert_eq!(snapshot(&app, &watched).await, before);
+}
+
 // ---------------------------------------------------------------------------------------
 // Operations
 // ---------------------------------------------------------------------------------------
