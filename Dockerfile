@@ -21,8 +21,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/widgets /usr/local/bin/widgets
 
 FROM debian:bookworm-slim
-# Debian stable only takes security fixes into ca-certificates: an exact version pin would
-# break the build whenever the archive moves on, for no reproducibility gained.
+# ca-certificates: the roots TLS to PostgreSQL and Redis trusts (README, TLS to PostgreSQL
+# and Redis); no list of roots is built into the binary. Debian stable only takes security
+# fixes into it: an exact version pin would break the build whenever the archive moves on,
+# for no reproducibility gained.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \

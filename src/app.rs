@@ -172,7 +172,7 @@ impl Serving {
     async fn supervise(self) -> anyhow::Result<()> {
         match self.config.postgres_url().map(str::to_owned) {
             Some(url) => match connect_postgres(&url, &self.shutdown).await {
-                Some(store) => {
+                Ok(Some(store)) => {
                     let store = store.with_flush_settings(self.config.flush_tx_settings());
                     #[cfg(feature = "redis")]
                     if let Some(redis) = self.config.redis_url().map(str::to_owned) {
@@ -196,7 +196,8 @@ impl Serving {
                     self.run(store).await
                 }
                 // Shut down while waiting for PostgreSQL.
-                None => self.drain().await,
+                Ok(None) => self.drain().await,
+                Err(e) => self.fail(e).await,
             },
             None => match open_sled(&self.config).await {
                 Ok(store) => self.run(store).await,
@@ -352,8 +353,13 @@ pub async fn open_sled(config: &Config) -> anyhow::Result<SledStore> {
 }
 
 /// Connects to PostgreSQL and applies migrations, retrying with backoff while it is
-/// unreachable (`/readyz` says `503` meanwhile). `None` if shutdown came first.
-async fn connect_postgres(url: &str, shutdown: &CancellationToken) -> Option<PgStore> {
+/// unreachable (`/readyz` says `503` meanwhile). `Ok(None)` if shutdown came first; an
+/// error if TLS refused the connection as configured, which no retry mends
+/// ([`crate::tls::refused_postgres`]).
+async fn connect_postgres(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<PgStore>> {
     let attempt = || async {
         let store = PgStore::connect(url).await?;
         store.migrate().await?;
@@ -362,12 +368,14 @@ async fn connect_postgres(url: &str, shutdown: &CancellationToken) -> Option<PgS
     let tried = retried(
         shutdown,
         "PostgreSQL is not reachable yet; not ready",
-        |_| true,
+        |e| !crate::tls::refused_postgres(e),
         attempt,
     );
-    let store = tried.await.ok().flatten()?;
+    let Some(store) = tried.await.map_err(crate::tls::postgres_refused)? else {
+        return Ok(None);
+    };
     tracing::info!("connected to PostgreSQL; migrations applied");
-    Some(store)
+    Ok(Some(store))
 }
 
 /// Runs `attempt` until it succeeds, or fails in a way `passing` does not accept; after a

@@ -560,12 +560,14 @@ impl Config {
             if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url) {
                 anyhow::bail!("DATABASE_URL (--database-url) is not a PostgreSQL URL: {e}");
             }
+            crate::tls::check_postgres_url(url)?;
         }
         #[cfg(feature = "redis")]
         if let Some(url) = self.redis_url() {
             if let Err(e) = redis::Client::open(url) {
                 anyhow::bail!("REDIS_URL (--redis-url) is not a Redis URL: {e}");
             }
+            crate::tls::check_redis_url(url)?;
         }
         Ok(())
     }

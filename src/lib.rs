@@ -25,6 +25,8 @@
 //!   engine's side of a flush.
 //! - [`metrics`]: the Prometheus recorder and the state gauges.
 //! - [`logging`]: the log subscriber: `RUST_LOG`, text or JSON lines on stderr.
+//! - [`tls`]: TLS to PostgreSQL and Redis: the crypto provider, and the start-up checks
+//!   that tell a TLS setting that cannot work from a server that is down.
 //! - [`serve`]: the HTTP server: connection cap with idle eviction, timeouts, header
 //!   limit, graceful drain with a deadline.
 //! - [`seed`]: `widgets bench-seed`, filling an empty store with paired widgets to measure at scale.
@@ -43,4 +45,5 @@ pub mod metrics;
 pub mod seed;
 pub mod serve;
 pub mod store;
+pub mod tls;
 pub mod wal;

@@ -62,6 +62,7 @@ async fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     widgets::logging::init(cli.config.log_format);
+    widgets::tls::install_crypto_provider();
     if !cli.config.transparent_huge_pages {
         turn_off_transparent_huge_pages();
     }

@@ -99,14 +99,22 @@ impl ScratchDb {
         Ok(())
     }
 
-    /// This database's URL with the server's `host:port` replaced by `addr` (a proxy).
+    /// This database's URL with the server's `host:port` replaced by `addr` (a proxy), and
+    /// TLS off (`sslmode=disable`, after any other `sslmode`): a test's proxy reads the
+    /// statements that pass through it to stall on one, which TLS would hide (the default,
+    /// `prefer`, encrypts wherever the server offers TLS).
     pub fn url_via(&self, addr: SocketAddr) -> String {
         let after_at = self
             .url
             .rsplit_once('@')
             .map_or(self.url.as_str(), |(_, rest)| rest);
         let host_port = after_at.split('/').next().expect("host:port");
-        self.url.replacen(host_port, &addr.to_string(), 1)
+        let url = self.url.replacen(host_port, &addr.to_string(), 1);
+        if url.ends_with("sslmode=disable") {
+            return url;
+        }
+        let joint = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{joint}sslmode=disable")
     }
 }
 
@@ -284,16 +292,28 @@ mod tests {
     }
 
     #[test]
-    fn a_proxy_replaces_the_host_and_port() {
-        let db = ScratchDb {
-            admin_url: String::new(),
-            name: "x".into(),
-            url: "postgres://postgres@127.0.0.1:5432/x?sslmode=disable".into(),
-        };
+    fn a_proxy_replaces_the_host_and_port_and_sees_plain_text() {
         let addr: SocketAddr = "127.0.0.1:6000".parse().unwrap();
-        assert_eq!(
-            db.url_via(addr),
-            "postgres://postgres@127.0.0.1:6000/x?sslmode=disable"
-        );
+        for (url, via) in [
+            (
+                "postgres://postgres@127.0.0.1:5432/x?sslmode=disable",
+                "postgres://postgres@127.0.0.1:6000/x?sslmode=disable",
+            ),
+            (
+                "postgres://postgres@127.0.0.1:5432/x",
+                "postgres://postgres@127.0.0.1:6000/x?sslmode=disable",
+            ),
+            (
+                "postgres://postgres@127.0.0.1:5432/x?sslmode=require",
+                "postgres://postgres@127.0.0.1:6000/x?sslmode=require&sslmode=disable",
+            ),
+        ] {
+            let db = ScratchDb {
+                admin_url: String::new(),
+                name: "x".into(),
+                url: url.into(),
+            };
+            assert_eq!(db.url_via(addr), via);
+        }
     }
 }
