@@ -88,19 +88,49 @@ def _():
             assert c["resources"]["limits"]["memory"], path
 
 
-@check("single node: a StatefulSet of exactly one replica with its volume and a long grace")
+def component(doc):
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def single_node():
+    """The single node's workloads, by their directory's name."""
+    return {p.parent.name: (p, d) for p, d in workloads() if component(d) == "single-node"}
+
+
+@check("single node: Deployments of one replica, Recreate, on one ReadWriteOncePod claim made once")
 def _():
-    sets = [(p, d) for p, d in workloads() if d["kind"] == "StatefulSet"]
-    assert len(sets) == 1, sets
-    path, doc = sets[0]
-    assert doc["spec"]["replicas"] == 1, f"{path}: the WAL is local state: one replica"
-    assert doc["spec"]["volumeClaimTemplates"], path
-    pod = doc["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= 60, f"{path}: drain + final flush"
-    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    config = next(d for p, d in manifests() if d["kind"] == "ConfigMap"
-                  and d["metadata"]["name"] == pod["containers"][0]["envFrom"][0]["configMapRef"]["name"])
-    assert config["data"]["WIDGETS_DATA_DIR"] in mounts, "the data dir is the volume"
+    kinds = {d["kind"] for _, d in manifests()}
+    # volumeClaimTemplates give every replica a claim of its own: a second replica would
+    # serve an empty store behind the same Service.
+    assert "StatefulSet" not in kinds, "a StatefulSet: each replica would get its own volume"
+    found = single_node()
+    assert found, "no single-node workload"
+    claims = {d["metadata"]["name"]: d for _, d in manifests()
+              if d["kind"] == "PersistentVolumeClaim"}
+    for path, doc in found.values():
+        spec = doc["spec"]
+        assert doc["kind"] == "Deployment", f"{path}: {doc['kind']}"
+        assert spec["replicas"] == 1, f"{path}: the WAL is local state: one replica"
+        assert spec["strategy"] == {"type": "Recreate"}, f"{path}: the old pod stops first"
+        pod = spec["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= 60, f"{path}: drain + final flush"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+        assert claim in claims, f"{path}: its claim {claim} is made by no manifest"
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOncePod"], \
+            f"{claim}: one pod at a time, so a second replica stays Pending"
+        container = pod["containers"][0]
+        mounts = {m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data"}
+        config = next(d for p, d in manifests() if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == container["envFrom"][0]["configMapRef"]["name"])
+        assert config["data"]["WIDGETS_DATA_DIR"] in mounts, f"{path}: the data dir is the volume"
+    names = {d["metadata"]["name"] for _, d in found.values()}
+    for path, doc in manifests():
+        if doc["kind"] in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
+            target = doc["spec"].get("scaleTargetRef", {}).get("name")
+            selects = doc["spec"].get("selector", {}).get("matchLabels", {})
+            assert target not in names, f"{path} scales the single node"
+            assert selects.get("app.kubernetes.io/component") != "single-node", path
 
 
 def seconds(duration):
@@ -150,8 +180,8 @@ def _():
 
 @check("Redis mode: a Deployment of two or more, its PDB and autoscalers select it")
 def _():
-    deployments = [d for _, d in workloads() if d["kind"] == "Deployment"]
-    assert len(deployments) == 1
+    deployments = [d for _, d in workloads() if component(d) == "redis-mode"]
+    assert len(deployments) == 1 and deployments[0]["kind"] == "Deployment", deployments
     dep = deployments[0]
     assert dep["spec"]["replicas"] >= 2
     labels = dep["spec"]["template"]["metadata"]["labels"]
