@@ -6,6 +6,7 @@ still matches the service (settings in src/config.rs, metrics in src/).
 Run from the repository root with PyYAML: python deploy/check.py
 """
 
+import copy
 import json
 import re
 import sys
@@ -93,7 +94,7 @@ def component(doc):
 
 
 def single_node():
-    """The single node's workloads, by their directory's name."""
+    """The single node's workloads, by the store each runs on (its directory's name)."""
     return {p.parent.name: (p, d) for p, d in workloads() if component(d) == "single-node"}
 
 
@@ -104,7 +105,7 @@ def _():
     # serve an empty store behind the same Service.
     assert "StatefulSet" not in kinds, "a StatefulSet: each replica would get its own volume"
     found = single_node()
-    assert found, "no single-node workload"
+    assert set(found) == {"embedded", "postgres"}, sorted(found)
     claims = {d["metadata"]["name"]: d for _, d in manifests()
               if d["kind"] == "PersistentVolumeClaim"}
     for path, doc in found.values():
@@ -131,6 +132,39 @@ def _():
             selects = doc["spec"].get("selector", {}).get("matchLabels", {})
             assert target not in names, f"{path} scales the single node"
             assert selects.get("app.kubernetes.io/component") != "single-node", path
+
+
+@check("single node: the two Deployments differ only in DATABASE_URL")
+def _():
+    found = single_node()
+    embedded = copy.deepcopy(found["embedded"][1])
+    postgres = copy.deepcopy(found["postgres"][1])
+    container = postgres["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] != "DATABASE_URL"]
+    assert embedded == postgres, "embedded/ and postgres/ have drifted apart"
+
+
+def secret_refs(container):
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+@check("Secrets are required: a missing one stops the pod instead of changing what it does")
+def _():
+    for path, doc in workloads():
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            refs = secret_refs(c)
+            for name, ref in refs.items():
+                assert not ref.get("optional", False), f"{path}: {name} from an optional Secret"
+            for source in c.get("envFrom", []):
+                assert not source.get("secretRef", {}).get("optional", False), path
+            # Off, auth fails open: writes from anyone who reaches the Service.
+            assert "WIDGETS_AUTH_TOKEN" in refs, f"{path}: no bearer token"
+            env = {e["name"] for e in c.get("env", [])}
+            if path.parent.name == "embedded":
+                assert "DATABASE_URL" not in env, f"{path}: the embedded store has no URL"
+            else:
+                assert "DATABASE_URL" in refs, f"{path}: DATABASE_URL from a Secret"
 
 
 def seconds(duration):
