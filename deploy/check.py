@@ -312,6 +312,39 @@ def _():
             assert p["targets"], p["title"]
 
 
+def default_flush_intervals():
+    """The flush interval src/config.rs defaults to: (embedded store, PostgreSQL and Redis
+    mode), in seconds."""
+    source = (ROOT / "src" / "config.rs").read_text()
+    embedded = re.search(r"const EMBEDDED_FLUSH_INTERVAL: Duration = Duration::from_secs\((\d+)\)",
+                         source)
+    other = re.search(r"EMBEDDED_FLUSH_INTERVAL\s*\}\s*else\s*\{\s*Duration::from_secs\((\d+)\)",
+                      source)
+    assert embedded and other, "src/config.rs: the flush interval's defaults not found"
+    return int(embedded.group(1)), int(other.group(1))
+
+
+def lag_thresholds(alert):
+    """An alert's flush-lag thresholds: (embedded store, other stores), told apart by
+    widgets_store_file_bytes, which only the embedded store exports."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    expr = next(r["expr"] for g in rules for r in g["rules"] if r.get("alert") == alert)
+    found = dict((op, int(t)) for t, op in re.findall(
+        r'widgets_flush_lag_seconds\{job="widgets"\} > (\d+)\s+(and|unless) on \(job, instance\)',
+        expr))
+    assert set(found) == {"and", "unless"}, f"{alert}: no threshold per store in {expr}"
+    return found["and"], found["unless"]
+
+
+@check("flush-lag alert: a threshold per store, past two of its default flush intervals")
+def _():
+    embedded, other = lag_thresholds("WidgetsFlushLagHigh")
+    interval_embedded, interval_other = default_flush_intervals()
+    # A healthy flush cycle takes the lag to about one interval (plus the flush).
+    assert embedded >= 2 * interval_embedded, f"embedded: {embedded} s, interval {interval_embedded} s"
+    assert other >= 2 * interval_other, f"other stores: {other} s, interval {interval_other} s"
+
+
 failed = [(n, e) for n, e in results if e]
 for name, error in results:
     print(f"{'ok  ' if error is None else 'FAIL'} {name}" + (f"\n     {error}" if error else ""))
