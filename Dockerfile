@@ -6,8 +6,9 @@
 # Every setting comes from the environment at run time (README, Settings); nothing secret
 # is baked in.
 
-# The toolchain: the locked dependencies need Rust 1.88 or newer. Bookworm, as the runtime
-# image below, so the binary links against the glibc it runs with.
+# The toolchain: Rust 1.89 or newer, the rust-version in Cargo.toml (deploy/check.py holds
+# this line and the tag below to it). Bookworm, as the runtime image below, so the binary
+# links against the glibc it runs with.
 FROM rust:1.93-slim-bookworm AS build
 # Cargo features of the build: empty (single node) or "redis".
 ARG FEATURES=""

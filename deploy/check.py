@@ -283,6 +283,28 @@ def _():
     assert "cargo build --release --locked -p widgets" in text
 
 
+@check("Dockerfile: the toolchain its comment names is Cargo.toml's rust-version, the tag newer")
+def _():
+    text = (ROOT / "Dockerfile").read_text()
+    wanted = re.search(r'^rust-version = "(\d+)\.(\d+)"', (ROOT / "Cargo.toml").read_text(), re.M)
+    said = re.search(r"Rust (\d+)\.(\d+) or newer", text)
+    tag = re.search(r"^FROM rust:(\d+)\.(\d+)", text, re.M)
+    assert wanted and said and tag, "rust-version, the Dockerfile's comment or its FROM rust:"
+    version = lambda m: (int(m.group(1)), int(m.group(2)))
+    assert version(said) == version(wanted), f"the comment says {said.group(0)}, Cargo.toml {wanted.group(0)}"
+    assert version(tag) >= version(wanted), f"{tag.group(0)} is older than {wanted.group(0)}"
+
+
+@check(".dockerignore leaves out every local-only path .gitignore names")
+def _():
+    ignored = {line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for line in (ROOT / ".gitignore").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            top = line.strip().lstrip("/").split("/")[0]
+            assert top in ignored, f".gitignore's {line.strip()} is sent in the build context"
+
+
 @check("every metric the alerts, the dashboard and the adapter use exists in src/")
 def _():
     source = source_strings()
