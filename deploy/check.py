@@ -367,6 +367,37 @@ def _():
     assert other >= 2 * interval_other, f"other stores: {other} s, interval {interval_other} s"
 
 
+def default_ready_max_flush_lag(interval):
+    """/readyz's bound on the flush lag src/config.rs defaults to, for a flush interval."""
+    source = (ROOT / "src" / "config.rs").read_text()
+    found = re.search(r"\((\d+) \* self\.flush_interval\(\)\)\s*\.max\(Duration::from_secs\((\d+)\)\)",
+                      source)
+    assert found, "src/config.rs: --ready-max-flush-lag's default not found"
+    return max(int(found.group(1)) * interval, int(found.group(2)))
+
+
+@check("flush_stalled alert: at /readyz's default bound per store, past the flush-lag alert's")
+def _():
+    embedded, other = lag_thresholds("WidgetsFlushStalled")
+    interval_embedded, interval_other = default_flush_intervals()
+    bounds = (default_ready_max_flush_lag(interval_embedded),
+              default_ready_max_flush_lag(interval_other))
+    assert (embedded, other) == bounds, f"{(embedded, other)} s, /readyz's bounds {bounds} s"
+    high = lag_thresholds("WidgetsFlushLagHigh")
+    assert high[0] < embedded and high[1] < other, f"{high} s, stalled at {bounds} s"
+
+
+@check("the states where /readyz refuses a running single node each have an alert")
+def _():
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    alerts = {r["alert"]: r for g in rules for r in g["rules"] if "alert" in r}
+    # With one replica, not ready means no endpoint: the operator hears of it at once.
+    for name in ("WidgetsWalFailed", "WidgetsFlushStalled"):
+        assert name in alerts, name
+        assert alerts[name]["labels"]["severity"] == "critical", name
+        assert "for" not in alerts[name], f"{name} waits before firing"
+
+
 failed = [(n, e) for n, e in results if e]
 for name, error in results:
     print(f"{'ok  ' if error is None else 'FAIL'} {name}" + (f"\n     {error}" if error else ""))
