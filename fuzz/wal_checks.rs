@@ -256,9 +256,19 @@ pub fn replay(dir: &Path, mode: RecoveryMode, checkpoint: u64) -> Result<Replay,
         }
     }
     match records.last() {
-        Some((lsn, _)) => assert_eq!(r.last_lsn, *lsn, "last LSN is not the last record's"),
+        Some((lsn, _)) => {
+            assert_eq!(r.last_lsn, *lsn, "last LSN is not the last record's");
+            assert_eq!(r.end, Some(*lsn), "the log's end is not its last record");
+        }
         None => assert!(r.last_lsn >= checkpoint, "last LSN below the checkpoint"),
     }
+    // The writer goes on after the log's end or the checkpoint, whichever is later.
+    assert_eq!(
+        r.last_lsn,
+        r.end.map_or(checkpoint, |end| end.max(checkpoint)),
+        "last LSN against the log's end {:?} and the checkpoint {checkpoint}",
+        r.end
+    );
     // A segment's length is where its records end: after it, only a zero tail.
     let returned: BTreeMap<u64, u64> = r.segments.iter().map(|s| (s.first_lsn, s.len)).collect();
     let on_disk: BTreeMap<u64, u64> = snapshot(dir)
@@ -561,8 +571,14 @@ pub fn check_cut(log: &Log, cut: usize) {
         log.first_lsn - 1 + whole as u64,
         "last LSN, cut at {cut}"
     );
-    // With no whole record left the segment is removed: the writer creates it again.
-    let kept = if whole == 0 { 0 } else { log.end(whole) };
+    // With no whole record left, a torn first record takes the segment with it (it says
+    // nothing the previous segment does not), and a segment cut right after its header
+    // stays as it is: its name says where the log had got to, and the writer goes on in it.
+    let kept = match whole {
+        0 if cut == SEGMENT_HEADER_LEN => cut,
+        0 => 0,
+        _ => log.end(whole),
+    };
     assert_eq!(file_len(&path), kept, "bytes left of a log cut at {cut}");
 }
 

@@ -143,6 +143,17 @@ async fn a_failed_directory_fsync_on_rotation_stops_write_acknowledgements() {
     }
 }
 
+/// The one WAL segment in the data directory `dir`.
+fn only_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let segments: Vec<_> = std::fs::read_dir(dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    segments.into_iter().next().unwrap()
+}
+
 /// Flips one byte inside the first record of the oldest WAL segment.
 fn damage_first_record(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segments: Vec<_> = std::fs::read_dir(dir.join("wal"))
@@ -200,6 +211,44 @@ async fn a_damaged_log_stops_start_up_naming_file_and_offset_unless_told_to_trun
     );
     assert!(app.widget("w4").await.is_none());
     assert_eq!(app.create("w0", &["P"]).await.status(), StatusCode::CREATED);
+}
+
+/// Damage in records the store already holds, in the newest segment (after a graceful
+/// stop): truncate mode cuts there, as asked, and starts from the store, with every widget.
+/// It was refused after the cut as a log older than the store, the cut already made.
+#[tokio::test]
+async fn truncate_mode_cuts_damage_in_what_the_store_holds_and_starts() {
+    let app = spawn_app_with(&["--flush-interval", "1h"]).await;
+    for i in 0..5 {
+        assert_eq!(
+            app.create(&format!("w{i}"), &["P"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    // The graceful stop flushes all five: the store's checkpoint is the log's end, and the
+    // one segment holds records 1 to 5. Damage the third: records follow it, so it is no
+    // torn tail.
+    let dir = app.stop().await;
+    let segment = only_segment(dir.path());
+    let mut data = std::fs::read(&segment).unwrap();
+    let mut at = widgets::wal::format::SEGMENT_HEADER_LEN;
+    for _ in 0..2 {
+        let (_, len) = widgets::wal::format::check_frame(&data[at..]).unwrap();
+        at += len;
+    }
+    data[at + widgets::wal::format::RECORD_HEADER_LEN + 2] ^= 0xff;
+    std::fs::write(&segment, data).unwrap();
+    let app = spawn_app_in(dir, &["--wal-recovery", "truncate"], Arc::new(RealFs)).await;
+    for i in 0..5 {
+        assert!(app.widget(&format!("w{i}")).await.is_some(), "w{i} lost");
+    }
+    assert_eq!(app.create("w5", &["P"]).await.status(), StatusCode::CREATED);
+    let dir = app.stop().await;
+    let app = spawn_app_in(dir, &[], Arc::new(RealFs)).await;
+    assert!(
+        app.widget("w5").await.is_some(),
+        "a write after the cut was lost"
+    );
 }
 
 #[tokio::test]

@@ -24,6 +24,9 @@ pub struct Recovered {
     /// there when the segment was made). `None` for a directory with no segment. A log
     /// that ends below the store's checkpoint is older than the store.
     pub end: Option<u64>,
+    /// Whether truncate mode cut the log at damage (not a torn tail): what it dropped is
+    /// gone, and the log may then end below the store's checkpoint.
+    pub cut: bool,
 }
 
 /// Replays the log in `dir`. `apply` gets every record whose LSN is above `checkpoint`, in
@@ -82,6 +85,7 @@ pub fn recover_segments(
         last_lsn: checkpoint,
         replayed: 0,
         end: None,
+        cut: false,
     };
     // The LSN the next record must have; None until the first segment is read.
     let mut expected: Option<u64> = None;
@@ -128,10 +132,15 @@ pub fn recover_segments(
                 format!("header names LSN {lsn} but the file name says {first_lsn}"),
             )),
             Ok(_) => match expected {
-                Some(exp) if exp != *first_lsn => Err(damage(
-                    0,
-                    format!("segment starts at LSN {first_lsn}, but the previous one ended before LSN {exp}"),
-                )),
+                // Never a torn tail either: a segment is made only once the one before it
+                // is synced.
+                Some(exp) if exp != *first_lsn => Err(Damage {
+                    hole: true,
+                    ..damage(
+                        0,
+                        format!("segment starts at LSN {first_lsn}, but the previous one ended before LSN {exp}"),
+                    )
+                }),
                 None if *first_lsn > checkpoint.saturating_add(1) => Err(Damage {
                     // Never a torn tail, even in a segment with no record: its name says
                     // the log had reached the LSN before it.
@@ -162,12 +171,13 @@ pub fn recover_segments(
             },
         };
 
-        let mut cut = false;
+        let (mut cut, mut torn_cut) = (false, false);
         let (valid_end, next) = match scan {
             Ok(scanned) => (scanned.end, scanned.next),
             Err(d) => {
                 cut = true;
                 let torn = !d.hole && is_last && !valid_record_after(&data, d.offset);
+                torn_cut = torn;
                 if !torn && mode == RecoveryMode::Strict {
                     return Err(WalError::Corrupt {
                         file: d.path,
@@ -187,38 +197,27 @@ pub fn recover_segments(
                     // Nothing valid was in this segment and cut_log removed it. It says
                     // nothing about the LSNs before it (it may stand after a hole), so the
                     // log ends where the previous segment ended.
+                    out.cut = !torn;
                     break;
                 }
                 (d.offset, last_lsn_before(&data, d.offset, *first_lsn))
             }
         };
-        let had_records = next > *first_lsn;
         out.end = Some(next - 1);
-        if is_last && !had_records {
-            // An empty newest segment: the writer will create it again.
-            fs.remove(&path).map_err(WalError::io(&path))?;
-        } else {
-            out.segments.push(SegmentInfo {
-                first_lsn: *first_lsn,
-                path: path.clone(),
-                len: valid_end as u64,
-            });
-        }
+        // Kept also with no record (the newest segment after a start with no write): its
+        // name is what says where the log had got to, until the writer goes on in it.
+        out.segments.push(SegmentInfo {
+            first_lsn: *first_lsn,
+            path: path.clone(),
+            len: valid_end as u64,
+        });
         expected = Some(next);
         // Segment names and LSNs start at 1, and scan_records checks for overflow.
         out.last_lsn = out.last_lsn.max(next.saturating_sub(1));
         if cut {
+            out.cut = !torn_cut;
             break; // cut_log removed the later segments
         }
-    }
-    // Segments left with no record at the end of the log (an empty one whose successor was
-    // removed above) would be created again by the writer: remove them now.
-    while let Some(last) = out.segments.last() {
-        if last.len > SEGMENT_HEADER_LEN as u64 {
-            break;
-        }
-        fs.remove(&last.path).map_err(WalError::io(&last.path))?;
-        out.segments.pop();
     }
     Ok(out)
 }
@@ -602,6 +601,19 @@ mod tests {
         let (r, seen) = replay(dir.path(), RecoveryMode::Truncate, 40).unwrap();
         assert!(seen.is_empty());
         assert_eq!((r.last_lsn, r.end), (40, None));
+    }
+
+    /// A segment after a jump in the LSNs is never a torn tail, even the newest with no
+    /// record: one is made only once the segment before it is synced.
+    #[test]
+    fn a_jump_before_an_empty_newest_segment_is_refused_not_cut() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 3, 3, 1 << 20);
+        let empty = dir.path().join(crate::wal::format::segment_file_name(5));
+        std::fs::write(&empty, crate::wal::format::encode_segment_header(5)).unwrap();
+        let err = replay(dir.path(), RecoveryMode::Strict, 3).unwrap_err();
+        assert!(err.to_string().contains("previous one ended"), "{err}");
+        assert!(empty.exists(), "refusing removed the segment");
     }
 
     /// A log whose newest segment holds no record ends before that segment's first LSN,

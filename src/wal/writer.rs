@@ -71,17 +71,29 @@ pub struct WalWriter {
 
 impl WalWriter {
     /// Opens the log for appending after recovery: `sealed` are the segments recovery kept,
-    /// and a new active segment starts at `next_lsn`.
+    /// and the active segment starts at `next_lsn`: the last of them if it starts there and
+    /// holds no record (its name stays on disk throughout), or a new one.
     pub fn open(
         fs: Arc<dyn WalFs>,
         dir: &Path,
-        sealed: Vec<SegmentInfo>,
+        mut sealed: Vec<SegmentInfo>,
         next_lsn: u64,
         segment_size: u64,
         total_bytes: Arc<AtomicU64>,
     ) -> Result<Self, WalError> {
         let path = dir.join(segment_file_name(next_lsn));
-        let (active, file) = create_segment(&*fs, dir, next_lsn).map_err(|e| match e {
+        let empty_at_next = sealed
+            .last()
+            .is_some_and(|s| s.first_lsn == next_lsn && s.len == SEGMENT_HEADER_LEN as u64);
+        let opened = if empty_at_next {
+            let active = sealed.pop().expect("the last segment");
+            fs.open(&active.path)
+                .map(|file| (active, file))
+                .map_err(AppendError::from_write)
+        } else {
+            create_segment(&*fs, dir, next_lsn)
+        };
+        let (active, file) = opened.map_err(|e| match e {
             AppendError::Fatal(e) => e,
             AppendError::NoSpace(source) | AppendError::Write(source) => {
                 WalError::Io { path, source }

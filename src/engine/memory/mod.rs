@@ -420,7 +420,12 @@ fn replay_and_open(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "WAL replayed"
     );
-    if let Some(last) = recovered.end.filter(|&end| end < checkpoint) {
+    // Cut at damage in truncate mode, as asked: the log may end below the checkpoint for
+    // that alone, and what the cut dropped the store holds or the operator gave up.
+    let older = recovered
+        .end
+        .filter(|&end| end < checkpoint && !recovered.cut);
+    if let Some(last) = older {
         let reason = format!(
             "the WAL in {} ends at LSN {last}, below the store's checkpoint {checkpoint}: it is \
              older than the store (a copy restored from before the store's last flush?), so \
