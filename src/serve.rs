@@ -39,11 +39,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -175,7 +176,9 @@ pub async fn serve(
                 continue;
             }
             drop(waiting);
-            if open.evict_idlest() {
+            // One at a time: a connection already closing makes the room this newcomer
+            // waits for (the wake-up below may be an old one, from before it closed).
+            if !open.closing() && open.evict_idlest() {
                 metrics::counter!("http_connections_evicted_total").increment(1);
             }
             tokio::select! {
@@ -203,7 +206,7 @@ pub async fn serve(
                 // let idle sockets lock every newcomer out. Then wait for it to go, or for
                 // a while, instead of spinning.
                 let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                let evicted = out_of_files && open.evict_idlest();
+                let evicted = out_of_files && !open.closing() && open.evict_idlest();
                 if evicted {
                     metrics::counter!("http_connections_evicted_total").increment(1);
                 }
@@ -251,8 +254,8 @@ pub async fn serve(
 }
 
 /// Serves one connection until it ends, is evicted, or the drain begins. Either of the
-/// last two closes it at once if no request is in progress on it (a half-sent head is
-/// none); otherwise it finishes that request, and closes.
+/// last two closes it at once if it is idle or holds a half-sent head; otherwise it
+/// finishes the request in progress, or sends the rest of an answer, and closes.
 async fn serve_connection(
     builder: &Builder,
     stream: Pin<Box<TimeoutWriter<TcpStream>>>,
@@ -281,6 +284,10 @@ async fn serve_connection(
             answer
         }
     });
+    let stream = Watched {
+        io: stream,
+        busy: connection.busy.clone(),
+    };
     let served = builder.serve_connection(TokioIo::new(stream), service);
     let mut served = pin!(served);
     tokio::select! {
@@ -294,14 +301,73 @@ async fn serve_connection(
         _ = connection.close.cancelled() => {}
         _ = drain.cancelled() => {}
     }
-    if connection.busy.requests.load(Ordering::Acquire) == 0 {
-        // Idle: nothing to finish. Dropping the connection closes the socket now, where a
-        // graceful close would wait for a half-sent head to time out (or, at a drain, for
-        // the drain deadline).
+    let busy = &connection.busy;
+    if busy.requests.load(Ordering::Acquire) == 0 && busy.head_started.load(Ordering::Acquire) {
+        // Part of a request head and no request in progress: no answer is owed, and a
+        // graceful close would wait for the rest of the head until the idle timeout.
+        // Dropping the connection closes the socket now.
         return;
     }
+    // A request in progress finishes; an answer still being sent (its handler has
+    // returned, its body or its last bytes are still going out) is sent whole, within
+    // the write timeout; an idle connection closes at once.
     served.as_mut().graceful_shutdown();
     let _ = served.as_mut().await;
+}
+
+/// A connection's socket, noting when bytes of a new request head arrive while no request
+/// is in progress ([`Busy::head_started`]).
+struct Watched<S> {
+    io: S,
+    busy: Arc<Busy>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && self.busy.requests.load(Ordering::Acquire) == 0
+        {
+            self.busy.head_started.store(true, Ordering::Release);
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Failed accepts, logged at most once per [`ACCEPT_WARN_EVERY`]: out of file descriptors,
@@ -454,6 +520,10 @@ struct Connection {
 struct Busy {
     requests: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// Bytes of a request head have come since the last request began (so none is in
+    /// progress, and the previous answer was sent: the HTTP layer reads the next head
+    /// only then).
+    head_started: AtomicBool,
 }
 
 impl Connections {
@@ -469,6 +539,7 @@ impl Connections {
             busy: Arc::new(Busy {
                 requests: AtomicUsize::new(0),
                 idle_since: Mutex::new(Instant::now()),
+                head_started: AtomicBool::new(false),
             }),
             close: CancellationToken::new(),
         });
@@ -483,6 +554,12 @@ impl Connections {
             .open
             .remove(&id);
         self.changed.notify_one();
+    }
+
+    /// Whether a connection told to close is still open.
+    fn closing(&self) -> bool {
+        let inner = self.inner.lock().expect("connections lock");
+        inner.open.values().any(|c| c.close.is_cancelled())
     }
 
     /// Closes the connection idle longest, if one is idle and not already closing;
@@ -512,6 +589,7 @@ struct InRequest(Arc<Busy>);
 impl InRequest {
     fn enter(busy: &Arc<Busy>) -> Self {
         busy.requests.fetch_add(1, Ordering::AcqRel);
+        busy.head_started.store(false, Ordering::Release);
         Self(busy.clone())
     }
 }

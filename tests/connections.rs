@@ -633,3 +633,106 @@ async fn a_client_stalled_mid_body_cannot_hold_up_a_graceful_stop() {
     );
     drop(stalled);
 }
+
+/// An answer whose handler has returned but whose body is still being sent when the drain
+/// begins is sent whole: the connection has no request in progress, but it owes the rest
+/// of an answer. It was dropped mid-body, the client left with half an answer.
+#[tokio::test]
+async fn an_answer_still_being_sent_at_a_graceful_stop_is_sent_whole() {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(Some(released)));
+    let router = axum::Router::new().route(
+        "/slow",
+        get(move || {
+            let released = released.lock().unwrap().take().expect("one request");
+            async move {
+                // A first chunk at once, the last once the test says so.
+                let first =
+                    futures_util::stream::once(async { Ok::<_, std::io::Error>(vec![b'a'; 1000]) });
+                let last = futures_util::stream::once(async move {
+                    let _ = released.await;
+                    Ok(vec![b'b'; 1000])
+                });
+                axum::body::Body::from_stream(futures_util::StreamExt::chain(first, last))
+            }
+        }),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = widgets::serve::ConnectionLimits {
+        max_connections: 10,
+        idle_timeout: Duration::from_secs(30),
+        max_header_bytes: 16384,
+        drain_timeout: Duration::from_secs(30),
+    };
+    let server = tokio::spawn(widgets::serve::serve(
+        listener,
+        router,
+        limits,
+        shutdown.clone(),
+    ));
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = vec![0; 4096];
+    let n = socket.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = release.send(());
+    let rest = read_until_closed(&mut socket, Duration::from_secs(10))
+        .await
+        .expect("the connection was not closed after its answer");
+    server.await.unwrap().unwrap();
+    let answer = [String::from_utf8_lossy(&first[..n]).into_owned(), rest].concat();
+    assert_eq!(
+        answer.matches('b').count(),
+        1000,
+        "the last chunk is missing"
+    );
+    assert!(
+        answer.ends_with("0\r\n\r\n"),
+        "the answer was cut off: {answer:?}"
+    );
+}
+
+/// One newcomer at the cap closes one idle connection, the idlest: a wake-up left over from
+/// an earlier connection's end made the loop go round before the evicted one was gone, and
+/// close a second.
+#[tokio::test]
+async fn one_newcomer_at_the_cap_closes_one_idle_connection() {
+    let app = common::spawn_app_with(&["--max-connections", "3", "--idle-timeout", "30s"]).await;
+    // A connection that ends while nobody waits on its end: the wake-up is kept.
+    let mut earlier = TcpStream::connect(app.addr).await.unwrap();
+    earlier
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_closed(&mut earlier, Duration::from_secs(5))
+        .await
+        .is_some());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(app.addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = healthz_on_a_new_connection(app.addr).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut closed = Vec::new();
+    for socket in &mut held {
+        closed.push(
+            read_until_closed(socket, Duration::from_millis(300))
+                .await
+                .is_some(),
+        );
+    }
+    assert_eq!(closed, [true, false, false], "closed, oldest first");
+    app.stop().await;
+}
