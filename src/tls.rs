@@ -37,7 +37,9 @@ pub fn install_crypto_provider() {
 /// and `PGSSLKEY`, which sqlx reads too) names for the handshake its `sslmode` makes: one
 /// that cannot be read, or a client certificate without its key, refuses the start,
 /// naming the parameter and the file (never the URL, which may hold a password). A value
-/// that is the PEM itself is not a file.
+/// of one of those variables that is the PEM itself is not a file; in the URL, sqlx takes
+/// every value for a file's name, so a PEM there is refused (without printing it: it may
+/// be a private key).
 pub fn check_postgres_url(url: &str) -> anyhow::Result<()> {
     let Ok(options) = PgConnectOptions::from_str(url) else {
         return Ok(()); // Config::check_store_urls says what is wrong with it.
@@ -45,13 +47,14 @@ pub fn check_postgres_url(url: &str) -> anyhow::Result<()> {
     let Ok(parsed) = url::Url::parse(url) else {
         return Ok(());
     };
+    // (where it was set, the value, whether sqlx takes a PEM there for the PEM itself)
     let param = |names: &[&str], env: &str| {
         let from_url = parsed
             .query_pairs()
             .filter(|(key, _)| names.contains(&&**key))
             .last()
-            .map(|(key, value)| (format!("DATABASE_URL's {key}"), value.into_owned()));
-        from_url.or_else(|| std::env::var(env).ok().map(|v| (env.to_owned(), v)))
+            .map(|(key, value)| (format!("DATABASE_URL's {key}"), value.into_owned(), false));
+        from_url.or_else(|| std::env::var(env).ok().map(|v| (env.to_owned(), v, true)))
     };
     let mode = options.get_ssl_mode();
     let handshake = !matches!(mode, PgSslMode::Disable | PgSslMode::Allow);
@@ -66,10 +69,16 @@ pub fn check_postgres_url(url: &str) -> anyhow::Result<()> {
         );
     }
     let read = [(verifies, root), (handshake, cert), (handshake, key)];
-    for (name, value) in read.into_iter().filter_map(|(used, p)| p.filter(|_| used)) {
+    for (name, value, pem_taken) in read.into_iter().filter_map(|(used, p)| p.filter(|_| used)) {
         let trimmed = value.trim();
         if trimmed.starts_with("-----BEGIN") && trimmed.ends_with("-----") {
-            continue; // The PEM itself, as sqlx takes it.
+            if pem_taken {
+                continue; // The PEM itself, as sqlx takes it.
+            }
+            bail!(
+                "{name} holds a PEM, but sqlx reads a value in the URL as a file's name: \
+                 give the file's path, or the PEM in PGSSLROOTCERT, PGSSLCERT or PGSSLKEY"
+            );
         }
         if let Err(e) = std::fs::read(&value) {
             bail!("{name}: cannot read {value}: {e}");
@@ -176,7 +185,6 @@ mod tests {
             // Read only by a handshake that verifies, or none at all.
             format!("{base}?sslmode=require&sslrootcert={missing}"),
             format!("{base}?sslmode=disable&sslcert={missing}&sslkey={missing}"),
-            format!("{base}?sslmode=verify-ca&sslrootcert=-----BEGIN%20CERTIFICATE-----"),
         ] {
             check_postgres_url(&fine).unwrap_or_else(|e| panic!("{fine}: {e}"));
         }
@@ -191,6 +199,11 @@ mod tests {
             ),
             (format!("{base}?sslcert={missing}&sslkey={pem}"), "sslcert"),
             (format!("{base}?sslmode=require&sslcert={pem}"), "sslkey"),
+            // sqlx would look for a file of that name, and wait for ever.
+            (
+                format!("{base}?sslmode=verify-ca&sslrootcert=-----BEGIN%20CERTIFICATE-----"),
+                "holds a PEM",
+            ),
         ] {
             let err = check_postgres_url(&bad).unwrap_err().to_string();
             assert!(err.contains(names), "{bad}: {err}");
