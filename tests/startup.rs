@@ -77,5 +77,11 @@ async fn event_counters_are_at_0_from_the_first_scrape() {
     ] {
         assert_eq!(common::metric(&text, name), Some(0.0), "{name} in:\n{text}");
     }
+    // The embedded store's file, before any flush has written it: the alerts tell that
+    // store's longer flush interval by it, also where every flush fails.
+    assert!(
+        common::metric(&text, "widgets_store_file_bytes").is_some(),
+        "widgets_store_file_bytes in:\n{text}"
+    );
     server.stop().await.unwrap();
 }

@@ -166,6 +166,10 @@ impl SledStore {
         tests::crash::opening(&self.inner.path);
         let path = &self.inner.path;
         let db = self.db_once_closed()?;
+        // From the start, not from the first write: it is also how an alert tells the
+        // embedded store (whose flush interval is longer) from PostgreSQL, whose flushes
+        // may fail from the start.
+        metrics::gauge!("widgets_store_file_bytes").set(db.size_on_disk().unwrap_or(0) as f64);
         if self.layout().is_some() {
             return Ok(());
         }
