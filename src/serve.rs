@@ -176,16 +176,12 @@ pub async fn serve(
                 continue;
             }
             drop(waiting);
-            // One at a time: a connection already closing makes the room this newcomer
-            // waits for (the wake-up below may be an old one, from before it closed).
-            if !open.closing() && open.evict_idlest() {
-                metrics::counter!("http_connections_evicted_total").increment(1);
-            }
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = open.changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            open.evict_idlest();
+            if !open
+                .changed_within(&shutdown, Duration::from_millis(10))
+                .await
+            {
+                break;
             }
             continue;
         }
@@ -206,16 +202,13 @@ pub async fn serve(
                 // let idle sockets lock every newcomer out. Then wait for it to go, or for
                 // a while, instead of spinning.
                 let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                let evicted = out_of_files && !open.closing() && open.evict_idlest();
-                if evicted {
-                    metrics::counter!("http_connections_evicted_total").increment(1);
-                }
+                let evicted = out_of_files && open.evict_idlest();
                 accept_errors.warn(&e, evicted);
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break,
-                    _ = open.changed.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                if !open
+                    .changed_within(&shutdown, Duration::from_millis(50))
+                    .await
+                {
+                    break;
                 }
                 continue;
             }
@@ -556,29 +549,37 @@ impl Connections {
         self.changed.notify_one();
     }
 
-    /// Whether a connection told to close is still open.
-    fn closing(&self) -> bool {
-        let inner = self.inner.lock().expect("connections lock");
-        inner.open.values().any(|c| c.close.is_cancelled())
-    }
-
-    /// Closes the connection idle longest, if one is idle and not already closing;
-    /// returns whether it found one. It stays counted until its task has closed it, so
-    /// the cap bounds open sockets, evicted ones included.
+    /// Closes the connection idle longest, if one is idle, and counts it; returns whether
+    /// it found one. One at a time: while a connection told to close is still open, that
+    /// is the room being made, and none is closed (a wake-up from before it closed must not
+    /// close a second for the same newcomer). It stays counted until its task has closed
+    /// it, so the cap bounds open sockets, evicted ones included.
     fn evict_idlest(&self) -> bool {
         let inner = self.inner.lock().expect("connections lock");
+        if inner.open.values().any(|c| c.close.is_cancelled()) {
+            return false;
+        }
         let idlest = inner
             .open
             .values()
-            .filter(|c| !c.close.is_cancelled() && c.busy.requests.load(Ordering::Acquire) == 0)
-            .min_by_key(|c| *c.busy.idle_since.lock().expect("idle lock"))
-            .cloned();
-        match idlest {
-            Some(c) => {
-                c.close.cancel();
-                true
-            }
-            None => false,
+            .filter(|c| c.busy.requests.load(Ordering::Acquire) == 0)
+            .min_by_key(|c| *c.busy.idle_since.lock().expect("idle lock"));
+        let Some(idlest) = idlest else {
+            return false;
+        };
+        idlest.close.cancel();
+        metrics::counter!("http_connections_evicted_total").increment(1);
+        true
+    }
+
+    /// Waits until a connection ends, or `tick` has passed (a request ending notifies
+    /// nothing); `false` if the shutdown came first.
+    async fn changed_within(&self, shutdown: &CancellationToken, tick: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => false,
+            _ = self.changed.notified() => true,
+            _ = tokio::time::sleep(tick) => true,
         }
     }
 }
