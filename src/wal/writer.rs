@@ -82,16 +82,14 @@ impl WalWriter {
         total_bytes: Arc<AtomicU64>,
     ) -> Result<Self, WalError> {
         let path = dir.join(segment_file_name(next_lsn));
-        let empty_at_next = sealed
-            .last()
-            .is_some_and(|s| s.first_lsn == next_lsn && s.len == SEGMENT_HEADER_LEN as u64);
-        let opened = if empty_at_next {
-            let active = sealed.pop().expect("the last segment");
-            fs.open(&active.path)
+        let empty_at_next =
+            sealed.pop_if(|s| s.first_lsn == next_lsn && s.len == SEGMENT_HEADER_LEN as u64);
+        let opened = match empty_at_next {
+            Some(active) => fs
+                .open(&active.path)
                 .map(|file| (active, file))
-                .map_err(AppendError::from_write)
-        } else {
-            create_segment(&*fs, dir, next_lsn)
+                .map_err(AppendError::from_write),
+            None => create_segment(&*fs, dir, next_lsn),
         };
         let (active, file) = opened.map_err(|e| match e {
             AppendError::Fatal(e) => e,
