@@ -171,13 +171,12 @@ pub fn recover_segments(
             },
         };
 
-        let (mut cut, mut torn_cut) = (false, false);
+        let mut cut = false;
         let (valid_end, next) = match scan {
             Ok(scanned) => (scanned.end, scanned.next),
             Err(d) => {
                 cut = true;
                 let torn = !d.hole && is_last && !valid_record_after(&data, d.offset);
-                torn_cut = torn;
                 if !torn && mode == RecoveryMode::Strict {
                     return Err(WalError::Corrupt {
                         file: d.path,
@@ -192,12 +191,12 @@ pub fn recover_segments(
                     tracing::error!(file = %d.path.display(), offset = d.offset, reason = %d.reason,
                         "WAL damaged: cutting the log here as --wal-recovery truncate asks, dropping everything after it");
                 }
+                out.cut = !torn;
                 cut_log(fs, dir, &d, &names[i + 1..])?;
                 if d.offset <= SEGMENT_HEADER_LEN {
                     // Nothing valid was in this segment and cut_log removed it. It says
                     // nothing about the LSNs before it (it may stand after a hole), so the
                     // log ends where the previous segment ended.
-                    out.cut = !torn;
                     break;
                 }
                 (d.offset, last_lsn_before(&data, d.offset, *first_lsn))
@@ -215,7 +214,6 @@ pub fn recover_segments(
         // Segment names and LSNs start at 1, and scan_records checks for overflow.
         out.last_lsn = out.last_lsn.max(next.saturating_sub(1));
         if cut {
-            out.cut = !torn_cut;
             break; // cut_log removed the later segments
         }
     }
