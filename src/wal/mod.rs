@@ -17,8 +17,11 @@
 //! - Recovery ([`recover`]) replays segments in LSN order. It tolerates a torn tail: a
 //!   partial or damaged record at the very end of the newest segment with no valid record
 //!   after it is cut off with a warning. It refuses damage followed by valid records, a
-//!   damaged older segment, or a gap in the LSNs, naming the file and offset, unless the
-//!   operator chose [`RecoveryMode::Truncate`], which cuts the log at the first damage.
+//!   damaged older segment, or a gap in the LSNs (between segments, or between the store's
+//!   checkpoint and the first segment, even one with no record), naming the file and
+//!   offset, unless the operator chose [`RecoveryMode::Truncate`], which cuts the log at
+//!   the first damage. A segment the next one's name shows to hold nothing above the
+//!   checkpoint is not read: the store has it all, and the writer trims it.
 //!
 //! Layout: `format` (constants and framing), `fs` (the file-system seam; `faulty_fs`, its
 //! fault-injecting twin for tests), `writer`
