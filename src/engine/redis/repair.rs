@@ -339,3 +339,67 @@ async fn mark_lost(
         _ => anyhow::bail!("the Redis server changed while PostgreSQL was compared with it"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against a real Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`) and PostgreSQL
+    //! (`widgets_testkit::pg::admin_url`), as tests/redis.rs runs the rest of the repair.
+    use super::*;
+    use crate::domain::{Create, Name, Ports, Serial};
+    use crate::store::PgStore;
+    use widgets_testkit::pg::TestDb;
+
+    /// A prefix in the shape tests/common gives (`test:<pid>:<random>:`), so its keys are
+    /// swept as theirs are once this process is gone.
+    fn prefix() -> String {
+        format!("test:{}:{}:", std::process::id(), fastrand::u64(..))
+    }
+
+    #[tokio::test]
+    async fn a_repair_whose_lock_another_holds_now_marks_nothing() {
+        let url =
+            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let db = TestDb::create().await;
+        let store = PgStore::connect(&db.url).await.unwrap();
+        store.migrate().await.unwrap();
+        let engine = RedisEngine::connect(&url, &prefix(), 1000, store.clone())
+            .await
+            .unwrap_or_else(|e| panic!("no Redis at {url} (set REDIS_URL): {e}"));
+        let stop = tokio_util::sync::CancellationToken::new();
+        assert!(load::ensure_loaded(&engine, &store, &stop).await.unwrap());
+        let serial = Serial::parse("serial", "lost-1").unwrap();
+        let create = Create {
+            serial: serial.clone(),
+            name: Name::parse("name", "w").unwrap(),
+            ports: Ports::from_list("ports", &[PortType::P]).unwrap(),
+        };
+        engine.execute(create).await.unwrap();
+        let dirty = format!("{}dirty", engine.prefix());
+        let lock = format!("{}load_lock", engine.prefix());
+        let mut conn = engine.conn();
+        let before: Option<String> = conn.hget(&dirty, serial.as_str()).await.unwrap();
+        let fresh = 1_000_000;
+        // PostgreSQL holds no row of a widget Redis holds: the repair would mark it.
+        let lost = || vec![(serial.as_str().to_owned(), None, [None, None, None])];
+
+        // The repair stalled past its lease, and another took the lock meanwhile.
+        let _: () = conn.set(&lock, "theirs").await.unwrap();
+        let stale = mark_lost(&engine, "mine", fresh, lost()).await;
+        assert!(stale.is_err(), "a repair marked without its lock");
+        let after: Option<String> = conn.hget(&dirty, serial.as_str()).await.unwrap();
+        assert_eq!(after, before, "a repair without its lock changed a mark");
+
+        // The holder of the lock marks it, at the fresh version.
+        assert_eq!(
+            mark_lost(&engine, "theirs", fresh, lost()).await.unwrap(),
+            1
+        );
+        let marked: Option<String> = conn.hget(&dirty, serial.as_str()).await.unwrap();
+        assert!(
+            marked.as_deref().is_some_and(|m| m.ends_with(":1000000")),
+            "{marked:?}"
+        );
+        drop(engine);
+        db.drop_db().await;
+    }
+}
