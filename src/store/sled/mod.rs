@@ -296,6 +296,7 @@ impl SledStore {
             return Ok(db.clone());
         }
         finish_move(&self.inner.path)?;
+        remove_unfinished_snapshots(&self.inner.path)?;
         let opened = sled::Config::new()
             .path(&self.inner.path)
             .cache_capacity(self.inner.cache_bytes)
@@ -796,6 +797,38 @@ fn finish_move(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Removes the snapshots sled left unfinished in the store's directory `dir`. sled 0.34
+/// writes a snapshot only as it opens, to `snap.<lsn>.generating`, synced and then renamed
+/// `snap.<lsn>`; but it takes any `snap.*` file for a snapshot, that name included, and
+/// refuses to open when the newest is empty or cut short, as a full disk (a flush's retry
+/// opens the store again) or a kill while it opens leaves it. Without it sled opens from
+/// the snapshot before and its log, as it did before it began this one.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let listing = |e| StoreError::io(format!("listing {}", dir.display()))(e);
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // A new store: sled makes the directory.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(listing(e)),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let path = entry.map_err(listing)?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(path = %path.display(),
+                "removing a snapshot sled left unfinished (a full disk or a kill as it opened)");
+            std::fs::remove_file(&path)
+                .map_err(StoreError::io(format!("removing {}", path.display())))?;
+            removed = true;
+        }
+    }
+    if removed {
+        sync_files(dir, &["."])?;
+    }
+    Ok(())
+}
+
 fn rename(from: &Path, to: &Path) -> Result<(), StoreError> {
     std::fs::rename(from, to).map_err(StoreError::io(format!(
         "renaming {} to {}",
@@ -1254,6 +1287,33 @@ mod tests {
             0,
             "an empty bucket is removed"
         );
+    }
+
+    /// sled writes a snapshot as it opens (`snap.<lsn>.generating`, synced, then renamed
+    /// `snap.<lsn>`), and takes any `snap.*` file for one, that name included. The open of a
+    /// flush's retry on a full disk left it empty (or a kill, cut short), and every later
+    /// open then took it for a damaged snapshot and refused the store: no flush once there
+    /// was space again, and no start.
+    #[tokio::test]
+    async fn a_snapshot_sled_left_unfinished_as_it_opened_does_not_stop_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open(&path, 1 << 20).unwrap();
+        store.write_batch(many(100)).await.unwrap();
+        drop(store);
+        let unfinished = path.join("snap.7FFFFFFFFFFFFFFF.generating");
+        for (round, left) in [&[][..], &[7u8; 40][..]].into_iter().enumerate() {
+            std::fs::write(&unfinished, left).unwrap();
+            let store = SledStore::open(&path, 1 << 20).unwrap();
+            assert_eq!(loaded(&store).await.0.len(), 100 + round);
+            let mut batch = many(0);
+            batch.items.push(item(&format!("after{round}")));
+            store.write_batch(batch).await.unwrap();
+            drop(store);
+        }
+        let store = SledStore::open(&path, 1 << 20).unwrap();
+        assert_eq!(loaded(&store).await.0.len(), 102);
+        assert!(!unfinished.exists());
     }
 
     /// A store as versions before buckets wrote it: one entry a widget, keyed by serial.
