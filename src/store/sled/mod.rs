@@ -307,8 +307,10 @@ impl SledStore {
             .flush_every_ms(None)
             .open()?;
         // The names of a store sled has just made are on disk before a write the WAL is
-        // trimmed behind: each write `fsync`s only the file `db`.
-        sync_files(&self.inner.path, &["conf", "."])
+        // trimmed behind: each write `fsync`s only the file `db`. And `db` itself: a kill
+        // between a write's `flush` and its `fsync` leaves the write in the page cache,
+        // where this open reads it as written, and the start trims the WAL behind it.
+        sync_files(&self.inner.path, &["db", "conf", "."])
             .and_then(|()| sync_parent(&self.inner.path))?;
         // What the store records, even none: a layout a new store chose just before an I/O
         // error closed it may never have reached the disk.
