@@ -1290,3 +1290,60 @@ async fn a_load_whose_postgres_stops_answering_gives_up_and_closes_its_connectio
     drop(proxy);
     db.drop_db().await;
 }
+
+/// Under `--fsync interval` a write is acknowledged before its record is fsynced. A flush
+/// must not commit such a record's change, and a checkpoint past it, to PostgreSQL before
+/// the WAL has it on disk: a power loss then takes the WAL's unsynced tail and leaves a log
+/// that ends below the store's checkpoint, and the restart refused to start, taking the
+/// WAL for a copy older than the store. The flush syncs the WAL first, so the log on disk
+/// reaches the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_fsync_interval_a_flush_never_puts_postgres_ahead_of_the_wal_on_disk() {
+    let db = TestDb::create().await;
+    let fs = common::PowerLossFs::default();
+    let args = [
+        "--database-url",
+        &db.url,
+        "--flush-interval",
+        "100ms",
+        "--fsync",
+        "interval",
+        "--fsync-interval",
+        "30m",
+    ];
+    let dir = std::sync::Arc::new(tempfile::TempDir::new().unwrap());
+    let app = common::spawn_app_in(dir.clone(), &args, std::sync::Arc::new(fs.clone())).await;
+    let mut conn = db.connect().await;
+    for serial in ["a", "b", "c"] {
+        assert_eq!(
+            app.create(serial, &["P"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    eventually!("the flush of a, b and c", 10, {
+        pg_state(&mut conn).await.len() == 3
+    });
+    // The machine loses its power: the WAL keeps what was fsynced, PostgreSQL its commits.
+    let image = std::sync::Arc::new(fs.image(&dir.path().join("wal")));
+    app.stop().await;
+    let mut again = common::try_spawn_app_in(
+        image.path(),
+        &args,
+        std::sync::Arc::new(widgets::wal::RealFs),
+    )
+    .await
+    .unwrap();
+    if let Err(e) = again.ready().await {
+        panic!("the start after a power loss was refused: {e:#}");
+    }
+    let base = format!("http://{}", again.addr());
+    for serial in ["a", "b", "c"] {
+        let r = reqwest::get(format!("{base}/widgets/{serial}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{serial}");
+    }
+    again.stop().await.unwrap();
+    drop(image);
+    db.drop_db().await;
+}

@@ -502,3 +502,122 @@ impl Drop for OwnRedis {
         self.kill();
     }
 }
+
+/// The real file system, remembering which bytes of each WAL file were written since its
+/// last fsync: what a power loss (or a kernel crash) would take back, as
+/// [`PowerLossFs::image`] shows.
+/// By inode: the ranges (offset, length) of a file written since its last `fdatasync`.
+type Unsynced = Arc<std::sync::Mutex<std::collections::HashMap<u64, Vec<(u64, usize)>>>>;
+
+#[derive(Clone, Default)]
+pub struct PowerLossFs {
+    /// By inode (a segment is renamed into place after it is made): the ranges written
+    /// since the file's last `fdatasync`.
+    unsynced: Unsynced,
+}
+
+struct TrackedFile {
+    inner: Box<dyn widgets::wal::fs::WalFile>,
+    inode: u64,
+    unsynced: Unsynced,
+}
+
+impl widgets::wal::fs::WalFile for TrackedFile {
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(buf, offset)?;
+        let mut unsynced = self.unsynced.lock().unwrap();
+        unsynced
+            .entry(self.inode)
+            .or_default()
+            .push((offset, buf.len()));
+        Ok(())
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        self.inner.sync_data()?;
+        self.unsynced.lock().unwrap().remove(&self.inode);
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl PowerLossFs {
+    fn track(
+        &self,
+        path: &Path,
+        inner: Box<dyn widgets::wal::fs::WalFile>,
+    ) -> std::io::Result<Box<dyn widgets::wal::fs::WalFile>> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Box::new(TrackedFile {
+            inner,
+            inode: std::fs::metadata(path)?.ino(),
+            unsynced: self.unsynced.clone(),
+        }))
+    }
+
+    /// A new data dir holding the WAL in `wal` as a power loss now would leave it: every
+    /// byte written since its file's last fsync is zero again (what the zero-filled
+    /// segments held before).
+    pub fn image(&self, wal: &Path) -> TempDir {
+        use std::os::unix::fs::MetadataExt;
+        let image = TempDir::new().expect("temp dir");
+        let to = image.path().join("wal");
+        std::fs::create_dir(&to).expect("wal dir");
+        let unsynced = self.unsynced.lock().unwrap();
+        for entry in std::fs::read_dir(wal).expect("reading the WAL") {
+            let entry = entry.expect("dir entry");
+            let mut bytes = std::fs::read(entry.path()).expect("reading a WAL file");
+            let inode = entry.metadata().expect("a WAL file's metadata").ino();
+            for &(offset, len) in unsynced.get(&inode).into_iter().flatten() {
+                let start = (offset as usize).min(bytes.len());
+                let end = (start + len).min(bytes.len());
+                bytes[start..end].fill(0);
+            }
+            std::fs::write(to.join(entry.file_name()), bytes).expect("writing a WAL file");
+        }
+        image
+    }
+}
+
+impl WalFs for PowerLossFs {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        RealFs.create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        RealFs.list(dir)
+    }
+
+    fn read(&self, path: &Path, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        RealFs.read(path, buf)
+    }
+
+    fn len(&self, path: &Path) -> std::io::Result<u64> {
+        RealFs.len(path)
+    }
+
+    fn create_new(&self, path: &Path) -> std::io::Result<Box<dyn widgets::wal::fs::WalFile>> {
+        let file = RealFs.create_new(path)?;
+        self.track(path, file)
+    }
+
+    fn open(&self, path: &Path) -> std::io::Result<Box<dyn widgets::wal::fs::WalFile>> {
+        let file = RealFs.open(path)?;
+        self.track(path, file)
+    }
+
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        RealFs.remove(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        RealFs.rename(from, to)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        RealFs.sync_dir(dir)
+    }
+}

@@ -232,7 +232,26 @@ impl MemoryEngine {
         // panic included: tokio catches it and the task's share is dropped).
         let taken = Arc::new(taken);
         let building = taken.clone();
-        let built = self.flush_prep.run(move || flush_items(&building)).await;
+        // Under `--fsync interval` (or `never`) the taken states may rest on records not
+        // yet on disk: the store must not get them, and a checkpoint past them, before the
+        // WAL has them, or a power loss leaves a log that ends below the store's
+        // checkpoint, which a start refuses as a WAL older than its store.
+        let sync = (self.settings.fsync != FsyncMode::Always).then(|| self.jobs.clone());
+        let built = self
+            .flush_prep
+            .run(move || {
+                let items = flush_items(&building);
+                if let Some(jobs) = sync {
+                    let (reply, synced) = tokio::sync::oneshot::channel();
+                    jobs.send(Job::Sync(reply))
+                        .map_err(|_| EngineError::WalFailed("the WAL writer has stopped".into()))?;
+                    synced.blocking_recv().unwrap_or_else(|_| {
+                        Err(EngineError::WalFailed("the WAL writer has stopped".into()))
+                    })?;
+                }
+                Ok::<_, EngineError>(items)
+            })
+            .await;
         let Some(taken) = Arc::into_inner(taken) else {
             // Cannot happen (the task has ended, and its share with it); were it to, the
             // widgets would be in no take, so stop acknowledging writes rather than risk
@@ -242,7 +261,11 @@ impl MemoryEngine {
             return Err(EngineError::Internal(reason));
         };
         let items = match built {
-            Ok(items) => items,
+            Ok(Ok(items)) => items,
+            Ok(Err(e)) => {
+                self.shared.dirty.restore(taken);
+                return Err(e);
+            }
             Err(e) => {
                 self.shared.dirty.restore(taken);
                 return Err(EngineError::Internal(format!(

@@ -62,6 +62,9 @@ pub(super) enum Job {
     /// Dirty entries a finished flush is done with, to free here: this thread allocated
     /// them (see [`super::dirty::DirtySet::recycle`]).
     Release(Vec<(Serial, Dirty)>),
+    /// A flush has taken the dirty set: fsync what is logged (under `--fsync interval` or
+    /// `never` it may not be yet) before the store gets it, and say how that went.
+    Sync(oneshot::Sender<Result<(), EngineError>>),
     Stop,
 }
 
@@ -317,6 +320,12 @@ impl Sequencer {
         if logged.is_ok() && !self.batch.is_empty() {
             publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
         }
+        if !plan.syncs.is_empty() {
+            let synced = self.log.sync_now(&self.shared);
+            for sync in plan.syncs {
+                let _ = sync.send(synced.clone());
+            }
+        }
         // Before the answers, so that a scrape after one sees its group.
         self.log.metrics.group_seconds.record(started.elapsed());
         for write in plan.writes {
@@ -341,6 +350,8 @@ struct Plan {
     trim_to: Option<u64>,
     /// Freed once the group is answered.
     release: Vec<Vec<(Serial, Dirty)>>,
+    /// Flushes waiting for the log to be on disk up to this group.
+    syncs: Vec<oneshot::Sender<Result<(), EngineError>>>,
     stop: bool,
 }
 
@@ -401,6 +412,10 @@ fn plan(
             }
             Job::Release(entries) => {
                 plan.release.push(entries);
+                continue;
+            }
+            Job::Sync(reply) => {
+                plan.syncs.push(reply);
                 continue;
             }
         };
@@ -543,6 +558,28 @@ impl Log {
                 .fsync_seconds
                 .record(self.last_sync.duration_since(started));
         }
+        Ok(())
+    }
+
+    /// A flush's sync: everything logged so far is on disk once this answers `Ok`. A log
+    /// that has failed is not synced again (a failed fsync may have dropped pages that a
+    /// later one would not report).
+    fn sync_now(&mut self, shared: &Shared) -> Result<(), EngineError> {
+        if let Some(reason) = shared.failed.get() {
+            return Err(EngineError::WalFailed(reason.clone()));
+        }
+        if self.fsync == FsyncMode::Always {
+            return Ok(()); // every logged group was synced before it was published
+        }
+        let started = Instant::now();
+        if let Err(e) = self.writer.sync() {
+            shared.fail(e.to_string());
+            return Err(EngineError::WalFailed(e.to_string()));
+        }
+        self.last_sync = Instant::now();
+        self.metrics
+            .fsync_seconds
+            .record(self.last_sync.duration_since(started));
         Ok(())
     }
 
