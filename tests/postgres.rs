@@ -724,6 +724,49 @@ async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
     db.drop_db().await;
 }
 
+/// A database or role that ends idle sessions (`idle_session_timeout`, which managed
+/// PostgreSQL services often set) does not end the single writer's claim, whose session is
+/// idle for the process's life: a second single-node instance is still refused, and the
+/// first goes on flushing. The claim's session used to be ended at the timeout and the lock
+/// with it, so that every later start of a second instance claimed the database and fenced
+/// the running one, which then refused every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_ends_idle_sessions_keeps_the_writers_claim() {
+    let db = TestDb::create().await;
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {} SET idle_session_timeout = '1s'",
+        db.name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let first = pg_app(&db.url, &[]).await;
+    assert_eq!(
+        first.create("a", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    // Past the timeout: an idle session has been ended by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = PgStore::connect(&db.url).await.unwrap();
+    let claimed = second.claim_single_writer().await;
+    assert!(
+        matches!(claimed, Err(StoreError::WriterHeld { .. })),
+        "a second writer claimed the database: {claimed:?}"
+    );
+    drop(second);
+    assert_eq!(
+        first.create("b", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    eventually!("b in PostgreSQL", 10, {
+        pg_state(&mut conn).await.contains_key("b")
+    });
+    first.stop().await;
+    drop(conn);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn widgets_migrate_applies_the_schema() {
     let db = TestDb::create().await;
@@ -1154,6 +1197,7 @@ async fn a_single_node_start_whose_postgres_stops_answering_gives_up_at_each_ste
 
     let steps = [
         "SELECT set_config('tcp_keepalives_idle'",
+        "SELECT set_config(name, '0', false)",
         "SELECT pg_try_advisory_lock",
         "SELECT set_config('lock_timeout'",
     ];

@@ -182,6 +182,8 @@ impl PgStore {
     /// sees it closed, which behind a network that stalls takes as long as the stall, and
     /// an increment of the token it sent may still commit (harmless: tokens only grow).
     ///
+    /// The session turns off `idle_session_timeout` for itself, which would end it.
+    ///
     /// The session asks PostgreSQL to probe it with TCP keepalives (over TCP; a Unix
     /// socket has none), so that a writer whose machine died silently (power, network)
     /// lets the lock go within ~25 s ([`CLAIM_KEEPALIVE_IDLE`] and the probes after it)
@@ -202,6 +204,17 @@ impl PgStore {
         .bind(CLAIM_KEEPALIVE_INTERVAL.as_secs().to_string())
         .bind(CLAIM_KEEPALIVE_COUNT.to_string())
         .bind(probes_for.as_millis().to_string())
+        .execute(&mut session)
+        .within(deadline)
+        .await?;
+        // The session is idle for the process's life: a database or role that ends idle
+        // sessions (`idle_session_timeout`, PostgreSQL 14 and later) would end it, and the
+        // lock with it, within that timeout, and a second instance would then claim the
+        // database and fence this one instead of being refused.
+        sqlx::query(
+            "SELECT set_config(name, '0', false) FROM pg_settings \
+             WHERE name = 'idle_session_timeout'",
+        )
         .execute(&mut session)
         .within(deadline)
         .await?;
