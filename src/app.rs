@@ -368,14 +368,51 @@ async fn connect_postgres(
     let tried = retried(
         shutdown,
         "PostgreSQL is not reachable yet; not ready",
-        |e| !crate::tls::refused_postgres(e),
+        |e| !crate::tls::refused_postgres(e) && !migration_refused(e),
         attempt,
     );
-    let Some(store) = tried.await.map_err(crate::tls::postgres_refused)? else {
+    let refused = |e| {
+        if migration_refused(&e) {
+            anyhow::Error::new(e).context(
+                "the database's schema cannot be brought to this version's, and no retry \
+                 mends that: a migration this version does not have (the database was \
+                 migrated by a newer version), one applied that differs from this version's, \
+                 or one PostgreSQL refuses (what it names)",
+            )
+        } else {
+            crate::tls::postgres_refused(e)
+        }
+    };
+    let Some(store) = tried.await.map_err(refused)? else {
         return Ok(None);
     };
     tracing::info!("connected to PostgreSQL; migrations applied");
     Ok(Some(store))
+}
+
+/// Whether applying the migrations failed in a way no retry mends: the applied ones are
+/// not this version's (one it lacks, one that differs, one left half-applied), or
+/// PostgreSQL refused a migration's SQL for what the database holds or who runs it. A
+/// connection that fails or a server that is busy, starting or stopping is retried, as an
+/// unreachable one is.
+fn migration_refused(e: &crate::store::StoreError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let crate::store::StoreError::Migrate(e) = e else {
+        return false;
+    };
+    match e {
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => {
+            let sqlx::Error::Database(e) = e else {
+                return false;
+            };
+            // Connection (08), resources (53), operator intervention (57: shutdown,
+            // starting up, cancelled), a rollback (40: deadlock, serialization) and a lock
+            // not available (55P03) pass; anything else is the SQL refused.
+            let code = e.code().unwrap_or_default();
+            !["08", "53", "57", "40"].iter().any(|c| code.starts_with(c)) && code != "55P03"
+        }
+        _ => true,
+    }
 }
 
 /// Runs `attempt` until it succeeds, or fails in a way `passing` does not accept; after a

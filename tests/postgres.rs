@@ -767,6 +767,61 @@ async fn a_database_that_ends_idle_sessions_keeps_the_writers_claim() {
     db.drop_db().await;
 }
 
+/// Starts on `db` (migrated, then changed by `sql`) and waits up to 20 s for the start to
+/// fail; returns why. A start that is still trying then fails the test.
+async fn start_refused_after(db: &TestDb, sql: &str) -> String {
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    drop(store);
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let args = ["--database-url", &db.url];
+    let mut app =
+        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
+            .await
+            .unwrap();
+    let ready = tokio::time::timeout(Duration::from_secs(20), app.ready())
+        .await
+        .expect("the start was still retrying after 20 s, as if PostgreSQL were unreachable");
+    let refused = ready.expect_err("the start went on");
+    let _ = app.stop().await;
+    format!("{refused:#}")
+}
+
+/// A schema no retry makes right is refused at the start, naming the migration: one a
+/// newer version applied (a rollback to this one), one applied that differs from this
+/// version's, and a migration PostgreSQL refuses. They were retried for ever as a
+/// PostgreSQL "not reachable yet", and the service never became ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_no_retry_mends_refuses_the_start_naming_the_migration() {
+    let cases = [
+        (
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (29991231000001, 'newer', true, '\\x00', 1)",
+            "29991231000001",
+        ),
+        (
+            "UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 20261124000001",
+            "20261124000001",
+        ),
+        (
+            // The last migration, to be applied again, fails on what the database holds.
+            "DELETE FROM _sqlx_migrations WHERE version = 20261207000001",
+            "20261207000001",
+        ),
+    ];
+    for (sql, migration) in cases {
+        let db = TestDb::create().await;
+        let message = start_refused_after(&db, sql).await;
+        assert!(
+            message.contains(migration) && message.contains("migration"),
+            "{message}"
+        );
+        db.drop_db().await;
+    }
+}
+
 #[tokio::test]
 async fn widgets_migrate_applies_the_schema() {
     let db = TestDb::create().await;
