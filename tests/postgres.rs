@@ -1207,6 +1207,114 @@ async fn a_database_restored_from_before_the_claim_is_gone_back_in_time_not_take
     db.drop_db().await;
 }
 
+/// A database replaced under a running instance by one of another history (another
+/// service's backup restored into it, a failover to another service's cluster) holds
+/// another identity. A flush there is refused, and the WAL keeps what it did not commit:
+/// once this service's database is back, a restart replays it. The flush used to commit
+/// into the other history whenever its token and checkpoint let it (a first start's
+/// token, a checkpoint ahead), and trim the WAL behind it: those writes were then in no
+/// database of this service's, nor in its WAL, and the restart refused to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_another_history_under_a_running_instance_takes_no_flush() {
+    let (db, other_db) = (TestDb::create().await, TestDb::create().await);
+    // The other history: one start, and a checkpoint ahead of this one's.
+    let other = pg_app(&other_db.url, &[]).await;
+    for i in 0..50 {
+        let serial = format!("t{i}");
+        assert_eq!(
+            other.create(&serial, &["P"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    let mut theirs = other_db.connect().await;
+    eventually!("the other history's flush", 10, {
+        checkpoint(&mut theirs).await == 50
+    });
+    other.stop().await;
+    let their_identity: String = sqlx::query_scalar("SELECT identity FROM store_identity")
+        .fetch_one(&mut theirs)
+        .await
+        .unwrap();
+    let their_rows: Vec<(String, String, i16, i64)> =
+        sqlx::query_as("SELECT serial_number, name, ports, version FROM widgets")
+            .fetch_all(&mut theirs)
+            .await
+            .unwrap();
+    drop(theirs);
+
+    // Small segments, so that a flush's checkpoint trims whole ones.
+    let app = pg_app(&db.url, &["--wal-segment-bytes", "4096"]).await;
+    let mut conn = db.connect().await;
+    assert_eq!(app.create("a0", &["P"]).await.status(), StatusCode::CREATED);
+    eventually!("a0 in PostgreSQL", 10, {
+        pg_state(&mut conn).await.contains_key("a0")
+    });
+    // This service's backup, as of now; then the other's restored over it.
+    sqlx::raw_sql(
+        "CREATE TABLE saved AS SELECT * FROM widgets; \
+         CREATE TABLE saved_lsn AS SELECT lsn FROM checkpoint; \
+         CREATE TABLE saved_identity AS SELECT identity FROM store_identity",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut restore = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("DELETE FROM widgets")
+        .execute(&mut *restore)
+        .await
+        .unwrap();
+    for (serial, name, ports, version) in &their_rows {
+        sqlx::query(
+            "INSERT INTO widgets (serial_number, name, ports, version) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(serial)
+        .bind(name)
+        .bind(ports)
+        .bind(version)
+        .execute(&mut *restore)
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE checkpoint SET lsn = 50")
+        .execute(&mut *restore)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE store_identity SET identity = $1")
+        .bind(&their_identity)
+        .execute(&mut *restore)
+        .await
+        .unwrap();
+    restore.commit().await.unwrap();
+
+    // Writes go on, over several WAL segments, and flushes are tried.
+    let names: Vec<String> = (0..400).map(|i| format!("a{i}")).collect();
+    for serial in &names[1..] {
+        assert_eq!(
+            app.create(serial, &["P"]).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    eventually!("the writes flushed, or a flush refused", 10, {
+        let text = app.get("/metrics").await.text().await.unwrap();
+        metric(&text, "widgets_dirty") == 0.0
+            || metric(&text, "widgets_flush_failures_total") >= 1.0
+    });
+    // This service's database is back.
+    sqlx::raw_sql(
+        "BEGIN; DELETE FROM widgets; INSERT INTO widgets SELECT * FROM saved; \
+         UPDATE checkpoint SET lsn = (SELECT lsn FROM saved_lsn); \
+         UPDATE store_identity SET identity = (SELECT identity FROM saved_identity); COMMIT",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let serials: Vec<&str> = names.iter().map(String::as_str).collect();
+    restart_and_flush(app, &db, &mut conn, &serials).await;
+    drop(conn);
+    db.drop_db().await;
+    other_db.drop_db().await;
+}
+
 /// Stops `app` and starts it again on its data directory and `db`: it serves every one of
 /// `serials`, and writes them all to the database (replayed from the WAL where the
 /// database lost them).

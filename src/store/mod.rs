@@ -69,6 +69,16 @@ pub enum StoreError {
          {current}): another single-node instance took over; flush refused"
     )]
     Fenced { mine: i64, current: i64 },
+    #[error(
+        "PostgreSQL now holds another history ({}), not this instance's ({mine}): it was \
+         replaced by another service's database or restored from another service's backup. \
+         Not committed, and the WAL is kept from here on: bring back this service's database",
+        theirs.as_deref().unwrap_or("none")
+    )]
+    OtherHistory {
+        mine: String,
+        theirs: Option<String>,
+    },
     /// The database has gone back in time; `stored` is its checkpoint.
     #[error(
         "PostgreSQL has gone back in time: {what}. It was restored from an older backup, or \

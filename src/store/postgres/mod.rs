@@ -73,6 +73,10 @@ pub struct PgStore {
     /// The highest checkpoint this instance has loaded or committed: the database's may
     /// not be below it (see `write_batch`).
     checkpoint: Arc<AtomicU64>,
+    /// Single node: the identity of the history this instance's WAL and the database
+    /// share, once read or recorded at the start; every flush checks that the database
+    /// still holds it (see `write_batch`).
+    history: Arc<Mutex<Option<String>>>,
 }
 
 /// A single-node instance's claim on its database: the connection whose session holds the
@@ -161,6 +165,7 @@ impl PgStore {
             flush: FlushTxSettings::default(),
             writer: Arc::default(),
             checkpoint: Arc::default(),
+            history: Arc::default(),
         })
     }
 
@@ -578,7 +583,11 @@ impl Store for PgStore {
                 self.flush.statement_deadline(),
             )
             .await?;
-        Ok(row.map(|(identity,)| identity))
+        let identity = row.map(|(identity,)| identity);
+        if identity.is_some() {
+            identity.clone_into(&mut self.history.lock().expect("history lock"));
+        }
+        Ok(identity)
     }
 
     /// Waits at most [`FlushTxSettings::statement_deadline`], as [`PgStore::identity`].
@@ -594,6 +603,7 @@ impl Store for PgStore {
         .within(deadline)
         .await?;
         conn.done();
+        *self.history.lock().expect("history lock") = Some(identity.to_owned());
         Ok(())
     }
 
@@ -633,10 +643,24 @@ impl Store for PgStore {
         if let Some(claim) = self.writer.get() {
             // Share-locked until the commit: a newer writer's claim waits for this flush,
             // and a flush after that claim sees the new token and is refused.
-            let current: i64 = sqlx::query_scalar("SELECT token FROM single_writer FOR SHARE")
-                .fetch_one(&mut *tx)
-                .within(deadline)
-                .await?;
+            let (current, history): (i64, Option<String>) = sqlx::query_as(
+                "SELECT token, (SELECT identity FROM store_identity) FROM single_writer \
+                 FOR SHARE OF single_writer",
+            )
+            .fetch_one(&mut *tx)
+            .within(deadline)
+            .await?;
+            // A database of another history (another service's backup restored into it, a
+            // failover to another service's cluster) may hold a token and a checkpoint that
+            // let the flush through: committed there, and the WAL trimmed behind it, the
+            // batch's writes would be in no database of this service's, nor in its WAL.
+            let mine = self.history.lock().expect("history lock").clone();
+            if let Some(mine) = mine.filter(|mine| history.as_ref() != Some(mine)) {
+                return Err(StoreError::OtherHistory {
+                    mine,
+                    theirs: history,
+                });
+            }
             if current < claim.token {
                 // Tokens only grow: the database has gone back to before this claim.
                 let stored = stored_checkpoint(&mut tx, deadline).await?;
