@@ -406,10 +406,12 @@ fn migration_refused(e: &crate::store::StoreError) -> bool {
                 return false;
             };
             // Connection (08), resources (53), operator intervention (57: shutdown,
-            // starting up, cancelled), a rollback (40: deadlock, serialization) and a lock
-            // not available (55P03) pass; anything else is the SQL refused.
+            // starting up, cancelled), a rollback (40: deadlock, serialization), a lock
+            // not available (55P03) and a read-only transaction (25006: a standby a
+            // failover has not promoted yet) pass; anything else is the SQL refused.
             let code = e.code().unwrap_or_default();
-            !["08", "53", "57", "40"].iter().any(|c| code.starts_with(c)) && code != "55P03"
+            !["08", "53", "57", "40"].iter().any(|c| code.starts_with(c))
+                && !["55P03", "25006"].contains(&code.as_ref())
         }
         _ => true,
     }

@@ -822,6 +822,61 @@ async fn a_schema_no_retry_mends_refuses_the_start_naming_the_migration() {
     }
 }
 
+/// A database that takes no write for now (a standby that a failover has not promoted
+/// yet, here one whose sessions are read-only) is waited for, as an unreachable one is,
+/// not refused as a schema no retry mends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_waited_for_until_it_takes_writes() {
+    let db = TestDb::create().await;
+    let mut conn = db.connect().await;
+    let read_only = |on: &str| {
+        format!(
+            "ALTER DATABASE \"{}\" SET default_transaction_read_only = {on}",
+            db.name
+        )
+    };
+    sqlx::raw_sql(&read_only("on"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut app = common::try_spawn_app_in(
+        dir.path(),
+        &["--database-url", &db.url],
+        std::sync::Arc::new(widgets::wal::RealFs),
+    )
+    .await
+    .unwrap();
+    let still_waiting = tokio::time::timeout(Duration::from_secs(3), app.ready()).await;
+    assert!(
+        still_waiting.is_err(),
+        "the start did not wait: {still_waiting:?}"
+    );
+    let base = format!("http://{}", app.addr());
+    let client = reqwest::Client::new();
+    let r = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    sqlx::raw_sql(&read_only("off"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(40), app.ready())
+        .await
+        .expect("ready in time")
+        .unwrap();
+    let r = client
+        .post(format!("{base}/widgets"))
+        .json(&serde_json::json!({"serial_number": "after", "name": "w", "ports": ["P"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    app.stop().await.unwrap();
+    drop(conn);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn widgets_migrate_applies_the_schema() {
     let db = TestDb::create().await;
