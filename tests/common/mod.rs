@@ -503,12 +503,12 @@ impl Drop for OwnRedis {
     }
 }
 
-/// The real file system, remembering which bytes of each WAL file were written since its
-/// last fsync: what a power loss (or a kernel crash) would take back, as
-/// [`PowerLossFs::image`] shows.
 /// By inode: the ranges (offset, length) of a file written since its last `fdatasync`.
 type Unsynced = Arc<std::sync::Mutex<std::collections::HashMap<u64, Vec<(u64, usize)>>>>;
 
+/// The real file system, remembering which bytes of each WAL file were written since its
+/// last fsync: what a power loss (or a kernel crash) would take back, as
+/// [`PowerLossFs::image`] shows.
 #[derive(Clone, Default)]
 pub struct PowerLossFs {
     /// By inode (a segment is renamed into place after it is made): the ranges written
