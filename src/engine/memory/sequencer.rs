@@ -321,7 +321,7 @@ impl Sequencer {
             publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
         }
         if !plan.syncs.is_empty() {
-            let synced = self.log.sync_now(&self.shared);
+            let synced = self.log.sync_for_flush(&self.shared);
             for sync in plan.syncs {
                 let _ = sync.send(synced.clone());
             }
@@ -548,15 +548,7 @@ impl Log {
             FsyncMode::Never => false,
         };
         if sync_now {
-            let started = Instant::now();
-            if let Err(e) = self.writer.sync() {
-                shared.fail(e.to_string());
-                return Err(EngineError::WalFailed(e.to_string()));
-            }
-            self.last_sync = Instant::now();
-            self.metrics
-                .fsync_seconds
-                .record(self.last_sync.duration_since(started));
+            self.sync(shared)?;
         }
         Ok(())
     }
@@ -564,13 +556,18 @@ impl Log {
     /// A flush's sync: everything logged so far is on disk once this answers `Ok`. A log
     /// that has failed is not synced again (a failed fsync may have dropped pages that a
     /// later one would not report).
-    fn sync_now(&mut self, shared: &Shared) -> Result<(), EngineError> {
+    fn sync_for_flush(&mut self, shared: &Shared) -> Result<(), EngineError> {
         if let Some(reason) = shared.failed.get() {
             return Err(EngineError::WalFailed(reason.clone()));
         }
         if self.fsync == FsyncMode::Always {
             return Ok(()); // every logged group was synced before it was published
         }
+        self.sync(shared)
+    }
+
+    /// Syncs the log and times it; a failure fails the log for good.
+    fn sync(&mut self, shared: &Shared) -> Result<(), EngineError> {
         let started = Instant::now();
         if let Err(e) = self.writer.sync() {
             shared.fail(e.to_string());
