@@ -317,4 +317,55 @@ mod tests {
             .await
             .unwrap();
     }
+
+    /// Under `--fsync interval` a write is acknowledged before its record is synced. Once
+    /// a sync has failed, the log is not synced again and may have lost those records: the
+    /// store is then their only durable copy, so a flush still writes them there. The
+    /// flush's own sync of the log (`Job::Sync`) refused every flush from then on, and the
+    /// writes stayed in memory alone.
+    #[tokio::test]
+    async fn after_a_failed_wal_sync_acknowledged_writes_still_reach_the_store() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let sled = SledStore::open(&dir.path().join("store"), 1 << 20).unwrap();
+        let fs = crate::wal::FaultyFs::new();
+        let settings = EngineSettings {
+            fsync: FsyncMode::Interval,
+            fsync_interval: Duration::from_millis(50),
+            ..settings()
+        };
+        let engine = Arc::new(
+            MemoryEngine::recover(
+                &sled,
+                &dir.path().join("wal"),
+                Arc::new(fs.clone()),
+                settings,
+            )
+            .await
+            .unwrap(),
+        );
+        fs.set(crate::wal::Fault::SyncError);
+        for serial in ["a", "b", "c"] {
+            create(&engine, serial).await;
+        }
+        for _ in 0..100 {
+            if engine.failure().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            engine.failure().is_some(),
+            "the interval's sync did not fail"
+        );
+        fs.set(crate::wal::Fault::None);
+
+        let flusher = Flusher::new(engine.clone(), Arc::new(sled.clone()));
+        let flushed = flusher.flush_once().await;
+        let (stored, _) = stored(&sled).await;
+        assert_eq!(stored.len(), 3, "the flush: {flushed:?}");
+        let stopping = engine.clone();
+        tokio::task::spawn_blocking(move || stopping.stop())
+            .await
+            .unwrap();
+    }
 }

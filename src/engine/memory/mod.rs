@@ -233,9 +233,13 @@ impl MemoryEngine {
         let taken = Arc::new(taken);
         let building = taken.clone();
         // Under `--fsync interval` (or `never`) the taken states may rest on records not
-        // yet on disk: the store must not get them, and a checkpoint past them, before the
-        // WAL has them, or a power loss leaves a log that ends below the store's
-        // checkpoint, which a start refuses as a WAL older than its store.
+        // yet on disk: the store should not get them, and a checkpoint past them, before
+        // the WAL has them, or a power loss leaves a log that ends below the store's
+        // checkpoint, which a start refuses as a WAL older than its store. The flush goes
+        // on whatever the sync says: a log that failed (or a sequencer that is gone) can
+        // no longer keep what was acknowledged since its last good sync, and the store is
+        // then its only durable copy; a refused start can be told to go on, a lost write
+        // cannot be brought back.
         let sync = (self.settings.fsync != FsyncMode::Always).then(|| self.jobs.clone());
         let built = self
             .flush_prep
@@ -243,13 +247,11 @@ impl MemoryEngine {
                 let items = flush_items(&building);
                 if let Some(jobs) = sync {
                     let (reply, synced) = tokio::sync::oneshot::channel();
-                    jobs.send(Job::Sync(reply))
-                        .map_err(|_| EngineError::WalFailed("the WAL writer has stopped".into()))?;
-                    synced.blocking_recv().unwrap_or_else(|_| {
-                        Err(EngineError::WalFailed("the WAL writer has stopped".into()))
-                    })?;
+                    if jobs.send(Job::Sync(reply)).is_ok() {
+                        let _ = synced.blocking_recv();
+                    }
                 }
-                Ok::<_, EngineError>(items)
+                items
             })
             .await;
         let Some(taken) = Arc::into_inner(taken) else {
@@ -261,11 +263,7 @@ impl MemoryEngine {
             return Err(EngineError::Internal(reason));
         };
         let items = match built {
-            Ok(Ok(items)) => items,
-            Ok(Err(e)) => {
-                self.shared.dirty.restore(taken);
-                return Err(e);
-            }
+            Ok(items) => items,
             Err(e) => {
                 self.shared.dirty.restore(taken);
                 return Err(EngineError::Internal(format!(

@@ -63,8 +63,9 @@ pub(super) enum Job {
     /// them (see [`super::dirty::DirtySet::recycle`]).
     Release(Vec<(Serial, Dirty)>),
     /// A flush has taken the dirty set: fsync what is logged (under `--fsync interval` or
-    /// `never` it may not be yet) before the store gets it, and say how that went.
-    Sync(oneshot::Sender<Result<(), EngineError>>),
+    /// `never` it may not be yet) before the store gets it, and answer once that is done
+    /// or cannot be.
+    Sync(oneshot::Sender<()>),
     Stop,
 }
 
@@ -321,9 +322,9 @@ impl Sequencer {
             publish(&self.shared, plan.durable, self.batch.next_lsn() - 1);
         }
         if !plan.syncs.is_empty() {
-            let synced = self.log.sync_for_flush(&self.shared);
+            self.log.sync_for_flush(&self.shared);
             for sync in plan.syncs {
-                let _ = sync.send(synced.clone());
+                let _ = sync.send(());
             }
         }
         // Before the answers, so that a scrape after one sees its group.
@@ -351,7 +352,7 @@ struct Plan {
     /// Freed once the group is answered.
     release: Vec<Vec<(Serial, Dirty)>>,
     /// Flushes waiting for the log to be on disk up to this group.
-    syncs: Vec<oneshot::Sender<Result<(), EngineError>>>,
+    syncs: Vec<oneshot::Sender<()>>,
     stop: bool,
 }
 
@@ -553,17 +554,14 @@ impl Log {
         Ok(())
     }
 
-    /// A flush's sync: everything logged so far is on disk once this answers `Ok`. A log
-    /// that has failed is not synced again (a failed fsync may have dropped pages that a
-    /// later one would not report).
-    fn sync_for_flush(&mut self, shared: &Shared) -> Result<(), EngineError> {
-        if let Some(reason) = shared.failed.get() {
-            return Err(EngineError::WalFailed(reason.clone()));
+    /// A flush's sync: everything logged so far is on disk, unless the log has failed.
+    /// A log that has failed is not synced again (a failed fsync may have dropped pages
+    /// that a later one would not report); a sync that fails here fails it.
+    fn sync_for_flush(&mut self, shared: &Shared) {
+        // Under `--fsync always` every logged group was synced before it was published.
+        if self.fsync != FsyncMode::Always && shared.failed.get().is_none() {
+            let _ = self.sync(shared);
         }
-        if self.fsync == FsyncMode::Always {
-            return Ok(()); // every logged group was synced before it was published
-        }
-        self.sync(shared)
     }
 
     /// Syncs the log and times it; a failure fails the log for good.
