@@ -408,9 +408,11 @@ fn migration_refused(e: &crate::store::StoreError) -> bool {
             // Connection (08), resources (53), operator intervention (57: shutdown,
             // starting up, cancelled), a rollback (40: deadlock, serialization), a lock
             // not available (55P03) and a read-only transaction (25006: a standby a
-            // failover has not promoted yet) pass; anything else is the SQL refused.
+            // failover has not promoted yet) pass, and so do a login refused (28) or a
+            // database missing (3D) on a connection the migration opens, as they pass
+            // on the first; anything else is the SQL refused.
             let code = e.code().unwrap_or_default();
-            !["08", "53", "57", "40"].iter().any(|c| code.starts_with(c))
+            !["08", "53", "57", "40", "28", "3D"].iter().any(|c| code.starts_with(c))
                 && !["55P03", "25006"].contains(&code.as_ref())
         }
         _ => true,
