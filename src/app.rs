@@ -412,7 +412,9 @@ fn migration_refused(e: &crate::store::StoreError) -> bool {
             // database missing (3D) on a connection the migration opens, as they pass
             // on the first; anything else is the SQL refused.
             let code = e.code().unwrap_or_default();
-            !["08", "53", "57", "40", "28", "3D"].iter().any(|c| code.starts_with(c))
+            !["08", "53", "57", "40", "28", "3D"]
+                .iter()
+                .any(|c| code.starts_with(c))
                 && !["55P03", "25006"].contains(&code.as_ref())
         }
         _ => true,
