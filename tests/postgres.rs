@@ -7,7 +7,9 @@
 mod common;
 
 use common::binary;
-use common::pg::{a_flush_held_by_a_lock, app_state, asymmetric_rows, pg_state, Proxy, TestDb};
+use common::pg::{
+    a_flush_held_by_a_lock, app_state, asymmetric_rows, pg_state, set_for_database, Proxy, TestDb,
+};
 use common::{spawn_app_with, TestApp};
 use reqwest::StatusCode;
 use sqlx::PgConnection;
@@ -733,14 +735,9 @@ async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_ends_idle_sessions_keeps_the_writers_claim() {
     let db = TestDb::create().await;
+    // Before the setting, which ends a session opened after it once idle for 1 s.
     let mut conn = db.connect().await;
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE {} SET idle_session_timeout = '1s'",
-        db.name
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    set_for_database(&db, "idle_session_timeout", "'1s'").await;
     let first = pg_app(&db.url, &[]).await;
     assert_eq!(
         first.create("a", &["P"]).await.status(),
@@ -828,17 +825,7 @@ async fn a_schema_no_retry_mends_refuses_the_start_naming_the_migration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_database_is_waited_for_until_it_takes_writes() {
     let db = TestDb::create().await;
-    let mut conn = db.connect().await;
-    let read_only = |on: &str| {
-        format!(
-            "ALTER DATABASE \"{}\" SET default_transaction_read_only = {on}",
-            db.name
-        )
-    };
-    sqlx::raw_sql(&read_only("on"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    set_for_database(&db, "default_transaction_read_only", "on").await;
     let dir = tempfile::TempDir::new().unwrap();
     let mut app = common::try_spawn_app_in(
         dir.path(),
@@ -857,10 +844,7 @@ async fn a_read_only_database_is_waited_for_until_it_takes_writes() {
     let r = client.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
 
-    sqlx::raw_sql(&read_only("off"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    set_for_database(&db, "default_transaction_read_only", "off").await;
     tokio::time::timeout(Duration::from_secs(40), app.ready())
         .await
         .expect("ready in time")
@@ -873,7 +857,6 @@ async fn a_read_only_database_is_waited_for_until_it_takes_writes() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     app.stop().await.unwrap();
-    drop(conn);
     db.drop_db().await;
 }
 

@@ -1340,13 +1340,7 @@ async fn a_stop_behind_a_locked_postgres_leaves_its_widgets_dirty_in_redis_for_t
 async fn the_raise_reads_the_high_water_mark_after_the_flushes_it_waited_for() {
     let db = TestDb::create().await;
     let mut admin = db.connect().await;
-    sqlx::raw_sql(&format!(
-        "ALTER DATABASE \"{}\" SET default_transaction_isolation = 'repeatable read'",
-        db.name
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    common::pg::set_for_database(&db, "default_transaction_isolation", "'repeatable read'").await;
     let store = PgStore::connect(&db.url).await.unwrap();
     store.migrate().await.unwrap();
     // A flush in flight: it holds the epoch it was taken under and raises the mark.

@@ -332,6 +332,17 @@ pub async fn asymmetric_rows(conn: &mut PgConnection) -> Vec<String> {
     bad
 }
 
+/// Sets `setting` to `value` (SQL, quoted as it needs) for every later session on `db`,
+/// as an operator's `ALTER DATABASE` would; from the admin database, so that a setting
+/// that makes `db`'s sessions read-only can be turned off again.
+pub async fn set_for_database(db: &TestDb, setting: &str, value: &str) {
+    use sqlx::Connection;
+    let admin = widgets_testkit::pg::admin_url();
+    let mut conn = PgConnection::connect(&admin).await.unwrap();
+    let sql = format!("ALTER DATABASE \"{}\" SET {setting} = {value}", db.name);
+    sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
+}
+
 /// A session of `db` holding `widgets` locked (`ACCESS EXCLUSIVE`) in a transaction left
 /// open: every flush that writes a widget row waits for it. `COMMIT` on it lets them go.
 pub async fn lock_widgets(db: &TestDb) -> PgConnection {
