@@ -367,6 +367,13 @@ mod tests {
         Ok((r, seen))
     }
 
+    /// Writes a segment that starts at `first_lsn` and holds no record; returns its path.
+    fn empty_segment(dir: &Path, first_lsn: u64) -> PathBuf {
+        let path = dir.join(crate::wal::format::segment_file_name(first_lsn));
+        std::fs::write(&path, crate::wal::format::encode_segment_header(first_lsn)).unwrap();
+        path
+    }
+
     fn segments(dir: &Path) -> Vec<PathBuf> {
         let mut v: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
@@ -582,8 +589,7 @@ mod tests {
     #[test]
     fn an_empty_segment_after_a_gap_is_refused_not_cut() {
         let dir = TempDir::new().unwrap();
-        let empty = dir.path().join(crate::wal::format::segment_file_name(61));
-        std::fs::write(&empty, crate::wal::format::encode_segment_header(61)).unwrap();
+        let empty = empty_segment(dir.path(), 61);
         let err = replay(dir.path(), RecoveryMode::Strict, 40).unwrap_err();
         assert!(
             err.to_string().contains("records 41 to 60 are in neither"),
@@ -595,7 +601,7 @@ mod tests {
         assert!(seen.is_empty());
         assert_eq!((r.last_lsn, r.end), (60, Some(60)));
         // Truncate mode cuts it, as it cuts any damage, and says so.
-        std::fs::write(&empty, crate::wal::format::encode_segment_header(61)).unwrap();
+        empty_segment(dir.path(), 61);
         let (r, seen) = replay(dir.path(), RecoveryMode::Truncate, 40).unwrap();
         assert!(seen.is_empty());
         assert_eq!((r.last_lsn, r.end), (40, None));
@@ -607,8 +613,7 @@ mod tests {
     fn a_jump_before_an_empty_newest_segment_is_refused_not_cut() {
         let dir = TempDir::new().unwrap();
         write_log(dir.path(), 3, 3, 1 << 20);
-        let empty = dir.path().join(crate::wal::format::segment_file_name(5));
-        std::fs::write(&empty, crate::wal::format::encode_segment_header(5)).unwrap();
+        let empty = empty_segment(dir.path(), 5);
         let err = replay(dir.path(), RecoveryMode::Strict, 3).unwrap_err();
         assert!(err.to_string().contains("previous one ended"), "{err}");
         assert!(empty.exists(), "refusing removed the segment");
@@ -621,15 +626,13 @@ mod tests {
     fn an_empty_newest_segment_says_where_the_log_ends() {
         let dir = TempDir::new().unwrap();
         write_log(dir.path(), 10, 5, 1 << 20);
-        let empty = dir.path().join(crate::wal::format::segment_file_name(11));
-        std::fs::write(&empty, crate::wal::format::encode_segment_header(11)).unwrap();
+        empty_segment(dir.path(), 11);
         let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 4).unwrap();
         assert_eq!(seen, (5..=10).collect::<Vec<_>>());
         assert_eq!((r.last_lsn, r.end), (10, Some(10)));
 
         let dir = TempDir::new().unwrap();
-        let empty = dir.path().join(crate::wal::format::segment_file_name(8));
-        std::fs::write(&empty, crate::wal::format::encode_segment_header(8)).unwrap();
+        empty_segment(dir.path(), 8);
         let (r, _) = replay(dir.path(), RecoveryMode::Strict, 30).unwrap();
         assert_eq!(
             r.end,
