@@ -69,12 +69,7 @@ pub enum StoreError {
          {current}): another single-node instance took over; flush refused"
     )]
     Fenced { mine: i64, current: i64 },
-    #[error(
-        "PostgreSQL now holds another history ({}), not this instance's ({mine}): it was \
-         replaced by another service's database or restored from another service's backup. \
-         Not committed, and the WAL is kept from here on: bring back this service's database",
-        theirs.as_deref().unwrap_or("none")
-    )]
+    #[error("{}", other_history(mine, theirs.as_deref()))]
     OtherHistory {
         mine: String,
         theirs: Option<String>,
@@ -86,6 +81,27 @@ pub enum StoreError {
          and the WAL is kept from here on (README, \"When PostgreSQL goes back in time\")"
     )]
     Behind { what: String, stored: u64 },
+}
+
+/// What [`StoreError::OtherHistory`] says: a database that records no history at all was
+/// not necessarily another service's.
+fn other_history(mine: &str, theirs: Option<&str>) -> String {
+    let what = match theirs {
+        Some(theirs) => format!(
+            "PostgreSQL now holds another history ({theirs}), not this instance's ({mine}): it \
+             was replaced by another service's database or restored from another service's \
+             backup"
+        ),
+        None => format!(
+            "PostgreSQL now records no history where this instance's is {mine}: it was \
+             restored from a backup taken before the service recorded one (written by an \
+             older version), or its store_identity row was deleted"
+        ),
+    };
+    format!(
+        "{what}. Not committed, and the WAL is kept from here on: bring back this service's \
+         database"
+    )
 }
 
 impl StoreError {
@@ -178,5 +194,34 @@ pub trait Store: Send + Sync + 'static {
     /// every serial is alike, and the writer's own order stands.
     fn write_order(&self, _serial: &str) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreError;
+
+    #[test]
+    fn a_database_that_records_no_history_is_not_called_another_services() {
+        let none = StoreError::OtherHistory {
+            mine: "abc".into(),
+            theirs: None,
+        }
+        .to_string();
+        assert!(none.contains("records no history"), "{none}");
+        assert!(!none.contains("another service"), "{none}");
+        let other = StoreError::OtherHistory {
+            mine: "abc".into(),
+            theirs: Some("xyz".into()),
+        }
+        .to_string();
+        assert!(
+            other.contains("another history (xyz)") && other.contains("another service's backup"),
+            "{other}"
+        );
+        assert!(
+            other.ends_with("bring back this service's database"),
+            "{other}"
+        );
     }
 }
