@@ -74,6 +74,14 @@ pub enum StoreError {
         mine: String,
         theirs: Option<String>,
     },
+    /// A table the migrations give one row (the checkpoint's, the writer's token's, the
+    /// version high water's, Redis mode's epoch's) has lost it.
+    #[error(
+        "PostgreSQL's {table} table has lost its one row (deleted by hand, or left out by a \
+         restore): nothing is committed, and the WAL is kept from here on. Restore the \
+         database, or put the row back as the migration that made it did (migrations/)"
+    )]
+    MissingRow { table: &'static str },
     /// The database has gone back in time; `stored` is its checkpoint.
     #[error(
         "PostgreSQL has gone back in time: {what}. It was restored from an older backup, or \

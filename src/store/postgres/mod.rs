@@ -294,7 +294,7 @@ impl PgStore {
                     waited,
                 });
             }
-            claimed => claimed?,
+            claimed => claimed.map_err(one_row("single_writer"))?,
         };
         let claim = WriterClaim {
             _session: Mutex::new(session),
@@ -368,8 +368,11 @@ impl PgStore {
     /// holds: [`PgStore::max_version`] in one row, which every flush raises.
     pub async fn high_water(&self) -> Result<u64, StoreError> {
         let (high,): (i64,) = self
-            .read_row(HIGH_WATER, self.flush.statement_deadline())
-            .await?;
+            .read_optional_row(HIGH_WATER, self.flush.statement_deadline())
+            .await?
+            .ok_or(StoreError::MissingRow {
+                table: "version_high_water",
+            })?;
         Ok(high.max(0) as u64)
     }
 
@@ -632,7 +635,8 @@ impl Store for PgStore {
             let current: i64 = sqlx::query_scalar("SELECT epoch FROM redis_epoch FOR SHARE")
                 .fetch_one(&mut *tx)
                 .within(deadline)
-                .await?;
+                .await
+                .map_err(one_row("redis_epoch"))?;
             if current != to_i64(mine) {
                 return Err(StoreError::StaleEpoch {
                     mine,
@@ -649,7 +653,8 @@ impl Store for PgStore {
             )
             .fetch_one(&mut *tx)
             .within(deadline)
-            .await?;
+            .await
+            .map_err(one_row("single_writer"))?;
             // A database of another history (another service's backup restored into it, a
             // failover to another service's cluster) may hold a token and a checkpoint that
             // let the flush through: committed there, and the WAL trimmed behind it, the
@@ -739,7 +744,8 @@ impl Store for PgStore {
             .bind(to_i64(newest))
             .fetch_one(&mut *tx)
             .within(deadline)
-            .await?;
+            .await
+            .map_err(one_row("version_high_water"))?;
             if batch.redis.is_some() {
                 let flush = FlushId {
                     count: count.max(0) as u64,
@@ -750,11 +756,18 @@ impl Store for PgStore {
             }
         }
         if let Some(checkpoint) = batch.checkpoint {
-            sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
+            // Read above, but not locked: a row deleted since would be updated by none,
+            // and the flush commit with no checkpoint stored while the WAL is trimmed.
+            let updated = sqlx::query("UPDATE checkpoint SET lsn = GREATEST(lsn, $1)")
                 .bind(to_i64(checkpoint))
                 .execute(&mut *tx)
                 .within(deadline)
                 .await?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::MissingRow {
+                    table: "checkpoint",
+                });
+            }
         }
         tx.commit().within(deadline).await?;
         conn.done();
@@ -772,10 +785,21 @@ impl Store for PgStore {
 async fn stored_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     deadline: Duration,
-) -> Result<u64, sqlx::Error> {
+) -> Result<u64, StoreError> {
     let stored: i64 = sqlx::query_scalar("SELECT lsn FROM checkpoint")
         .fetch_one(&mut **tx)
         .within(deadline)
-        .await?;
+        .await
+        .map_err(one_row("checkpoint"))?;
     Ok(stored.max(0) as u64)
+}
+
+/// The error of a statement that reads or changes `table`, one of the tables the
+/// migrations give one row: no row is [`StoreError::MissingRow`], named, where sqlx says
+/// only that a query returned no rows.
+fn one_row(table: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match e {
+        sqlx::Error::RowNotFound => StoreError::MissingRow { table },
+        e => e.into(),
+    }
 }

@@ -3,7 +3,7 @@
 //! which a repair finds a database gone back in time ([`crate::engine`]'s Redis side).
 
 use super::conn::{answer_deadline, is_lock_timeout, pg_millis, CloseUnlessDone, Within};
-use super::{to_i64, PgStore, HIGH_WATER};
+use super::{one_row, to_i64, PgStore, HIGH_WATER};
 use crate::store::{FlushId, StoreError};
 use sqlx::{Postgres, Transaction};
 use std::collections::{HashMap, HashSet};
@@ -25,13 +25,19 @@ impl PgStore {
     /// [`PgStore::high_water`], Redis mode's fencing epoch and how many flushes have
     /// committed, in one query.
     pub async fn redis_fence(&self) -> Result<Fence, StoreError> {
-        let (high, epoch, flushes): (i64, i64, i64) = self
-            .read_row(
+        let (high, epoch, flushes): (i64, Option<i64>, i64) = self
+            .read_optional_row(
                 "SELECT version, (SELECT epoch FROM redis_epoch), flushes \
                  FROM version_high_water",
                 self.flush.statement_deadline(),
             )
-            .await?;
+            .await?
+            .ok_or(StoreError::MissingRow {
+                table: "version_high_water",
+            })?;
+        let epoch = epoch.ok_or(StoreError::MissingRow {
+            table: "redis_epoch",
+        })?;
         Ok(Fence {
             high: high.max(0) as u64,
             epoch: epoch.max(0) as u64,
@@ -124,7 +130,7 @@ impl PgStore {
                 conn.done();
                 return Err(StoreError::EpochHeld { waited: wait });
             }
-            other => other?,
+            other => other.map_err(one_row("redis_epoch"))?,
         };
         tx.commit().within(deadline).await?;
         // After the commit, so that its snapshot is taken after the flushes the raise
@@ -133,7 +139,8 @@ impl PgStore {
         let high: i64 = sqlx::query_scalar(HIGH_WATER)
             .fetch_one(conn.conn())
             .within(deadline)
-            .await?;
+            .await
+            .map_err(one_row("version_high_water"))?;
         conn.done();
         Ok((high.max(0) as u64, epoch.max(0) as u64))
     }
