@@ -25,9 +25,12 @@
 //! renames leaves the old store whole, and the next open removes the half-built one. A
 //! failure in the new store (a full disk, above all) abandons the compaction and removes
 //! what it built; the write it followed stands, and the next try waits [`RETRY_AFTER`].
+//! So does a new store that, opened again once it is whole, does not hold what the old
+//! one holds (see [`check`]): the old one is removed only after the new one has been
+//! read back.
 
 use super::bucket::{self, Layout};
-use super::{collect_garbage, StoreError, BUCKET_BITS_KEY, LEGACY_START, OWN_KEYS};
+use super::{collect_garbage, read_layout, StoreError, BUCKET_BITS_KEY, LEGACY_START, OWN_KEYS};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -127,6 +130,11 @@ impl Compaction {
     /// The layout the store is copied from, which names the buckets a write changed.
     pub fn from(&self) -> Layout {
         self.from
+    }
+
+    /// The layout the store is copied into.
+    pub fn to(&self) -> Layout {
+        self.to
     }
 
     /// Puts the old bucket `key`, holding `value` (`None`: no longer there), into `batch`
@@ -268,6 +276,68 @@ impl Compaction {
         );
         Ok(())
     }
+}
+
+/// Opens the store a compaction has built in `path` (whole, closed and synced) as the
+/// store's next open will, and checks it against `old`, before it takes the old one's
+/// place and the old one is removed: the store's own keys the same, its layout `to`, and
+/// as many widgets, every bucket read. Returns the bytes of its buckets.
+///
+/// Why: once the old store is gone, a new one that sled cannot open or read back would
+/// leave the service with no store, and the WAL holds only what came after the last
+/// flush. It costs a read of both stores' buckets.
+pub fn check(old: &sled::Db, path: &Path, to: Layout) -> Result<u64, StoreError> {
+    let new = sled::Config::new()
+        .path(path)
+        .cache_capacity(NEW_CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()?;
+    let differs = |key: &[u8], reason: String| StoreError::Corrupt {
+        key: format!("{} in the compacted store", bucket::describe(key)),
+        reason,
+    };
+    for key in OWN_KEYS.into_iter().filter(|&key| key != BUCKET_BITS_KEY) {
+        let (was, is) = (old.get(key)?, new.get(key)?);
+        if was != is {
+            return Err(differs(
+                key,
+                format!("{is:?}, where the store holds {was:?}"),
+            ));
+        }
+    }
+    let layout = read_layout(&new)?;
+    if layout != Some(to) {
+        return Err(differs(
+            BUCKET_BITS_KEY,
+            format!("{:?}, expected {}", layout.map(Layout::bits), to.bits()),
+        ));
+    }
+    let (widgets, bytes) = widgets_in(&new)?;
+    let (held, _) = widgets_in(old)?;
+    if widgets != held {
+        return Err(differs(
+            &[bucket::PREFIX],
+            format!("{widgets} widgets, where the store holds {held}"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The widgets in `db`'s buckets, and the buckets' bytes (keys and values).
+fn widgets_in(db: &sled::Db) -> Result<(u64, u64), StoreError> {
+    let (mut widgets, mut bytes) = (0, 0);
+    for entry in db.range(&[bucket::PREFIX][..]..LEGACY_START) {
+        let (key, value) = entry?;
+        for entry in bucket::entries(&value) {
+            entry.map_err(|reason| StoreError::Corrupt {
+                key: bucket::describe(&key),
+                reason,
+            })?;
+            widgets += 1;
+        }
+        bytes += (key.len() + value.len()) as u64;
+    }
+    Ok((widgets, bytes))
 }
 
 #[cfg(test)]

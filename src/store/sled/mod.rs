@@ -500,18 +500,22 @@ impl SledStore {
         let whole = match stepped {
             Ok(false) => return,
             Ok(true) => (upkeep.compaction.take()).map(|c| {
+                let to = c.to();
                 c.finish(&db)
                     .and_then(|()| sync_blobs(&rebuilding, &mut 0))
                     .and_then(|()| sync_files(&rebuilding, &["db", "conf", "."]))
                     .and_then(|()| {
                         point("compaction: the new store synced").map_err(StoreError::from)
                     })
+                    .and_then(|()| compact::check(&db, &rebuilding, to))
             }),
             Err(e) => Some(Err(e)),
         };
-        if let Some(Err(e)) = whole {
-            return self.abandon_compaction(&mut upkeep, &e);
-        }
+        let live = match whole {
+            Some(Err(e)) => return self.abandon_compaction(&mut upkeep, &e),
+            Some(Ok(live)) => live,
+            None => return,
+        };
         // Every handle on the old store closed before its directory is renamed, and the
         // kept one's lock held meanwhile, so that nothing opens it again halfway; from here
         // on a failure is finished by `finish_move` when the store opens again.
@@ -523,6 +527,7 @@ impl SledStore {
         match swapped.and_then(|()| self.db_once_closed()) {
             Ok(_) => {
                 upkeep.compacted += 1;
+                upkeep.live_bytes = Some(live);
                 metrics::counter!("widgets_store_compactions_total", "outcome" => "done")
                     .increment(1);
             }
@@ -1771,6 +1776,50 @@ mod tests {
             "not tried again at once"
         );
         assert_eq!(loaded(&store).await, (model, 152));
+    }
+
+    /// A compacted copy that, read back, lacks what the store holds (here a bucket taken
+    /// out of it once it is whole) is abandoned, and the old store stays. It used to be
+    /// swapped in unread, and the old store removed.
+    #[tokio::test]
+    async fn a_compacted_copy_that_lacks_a_bucket_does_not_replace_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut model = BTreeMap::new();
+        let (store, _) = store_due(&path, &mut model).await;
+        let rebuilding = sibling(&path, REBUILDING);
+        let hook: crash::Hook = Box::new(move |at| {
+            if at == "compaction: the new store synced" {
+                // sled's threads may hold its lock a moment after the last handle.
+                let deadline = Instant::now() + std::time::Duration::from_secs(5);
+                let db = loop {
+                    match sled::Config::new().path(&rebuilding).open() {
+                        Ok(db) => break db,
+                        Err(e) if Instant::now() > deadline => panic!("{e}"),
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                    }
+                };
+                let (first, _) = (db.range(&[bucket::PREFIX][..]..LEGACY_START))
+                    .next()
+                    .unwrap()
+                    .unwrap();
+                db.remove(first).unwrap();
+                db.flush().unwrap();
+            }
+            None
+        });
+        crash::set(&store, Some(hook)).await;
+        for round in 151..=170 {
+            write_round(&store, &mut model, round).await;
+        }
+        crash::set(&store, None).await;
+        {
+            let upkeep = store.upkeep();
+            assert_eq!(upkeep.compacted, 0, "swapped in");
+            assert!(upkeep.compaction.is_none() && upkeep.retry_at.is_some());
+        }
+        assert!(!sibling(&path, REBUILDING).exists());
+        assert_eq!(loaded(&store).await, (model, 170));
     }
 
     #[tokio::test]
