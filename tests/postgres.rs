@@ -827,6 +827,68 @@ async fn a_database_that_ends_idle_sessions_keeps_the_writers_claim() {
     db.drop_db().await;
 }
 
+/// The session that holds a single node's lock ends while the instance lives (PostgreSQL
+/// restarted or failed over, or the session was terminated): the instance takes the lock
+/// again before its next flush, so that a second instance started since is refused, as
+/// at the start. The second used to start, take the next token and fence the first,
+/// whose writes acknowledged since its last flush were then stranded in its WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_lock_session_ended_takes_the_lock_again_before_its_next_flush() {
+    let db = TestDb::create().await;
+    let first = pg_app(&db.url, &[]).await;
+    let mut conn = db.connect().await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(ended, [true], "the lock's session");
+    assert_eq!(
+        first.create("a1", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    eventually!("a1 to be flushed", 10, {
+        widget_rows(&mut conn)
+            .await
+            .iter()
+            .any(|(s, _, _)| s == "a1")
+    });
+
+    // Told to go on without the first one's WAL, as a takeover is.
+    let dir = tempfile::TempDir::new().unwrap();
+    let args = [
+        "--database-url",
+        &db.url,
+        "--flush-interval",
+        "100ms",
+        "--accept-mismatched-wal",
+    ];
+    let mut second =
+        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
+            .await
+            .unwrap();
+    let refused = second.ready().await.expect_err("a second writer started");
+    let message = format!("{refused:#}");
+    assert!(message.contains("single-node"), "{message}");
+    assert_eq!(
+        first.create("a2", &["P"]).await.status(),
+        StatusCode::CREATED
+    );
+    eventually!("a2 to be flushed by the first", 10, {
+        widget_rows(&mut conn)
+            .await
+            .iter()
+            .any(|(s, _, _)| s == "a2")
+    });
+    let text = first.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&text, "widgets_pg_writer_lock_retaken_total"), 1.0);
+    drop(conn);
+    first.stop().await;
+    db.drop_db().await;
+}
+
 /// Starts on `db` (migrated, then changed by `sql`) and waits up to 20 s for the start to
 /// fail; returns why. A start that is still trying then fails the test.
 async fn start_refused_after(db: &TestDb, sql: &str) -> String {

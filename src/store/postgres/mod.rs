@@ -32,7 +32,7 @@ use conn::{
     answer_deadline, has_code, is_lock_timeout, pg_millis, CloseUnlessDone, Within, QUERY_CANCELED,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -82,7 +82,7 @@ pub struct PgStore {
 /// A single-node instance's claim on its database: the connection whose session holds the
 /// advisory lock (kept open for the process's life), and the token it took.
 struct WriterClaim {
-    _session: Mutex<PgConnection>,
+    session: tokio::sync::Mutex<PgConnection>,
     token: i64,
 }
 
@@ -175,27 +175,10 @@ impl PgStore {
         self
     }
 
-    /// Makes this instance the database's one single-node writer: takes the advisory lock
-    /// on a session of its own (held until the process ends) and the next fencing token,
-    /// which every later flush checks. Fails with [`StoreError::WriterHeld`] while another
-    /// single-node instance holds the lock.
-    ///
-    /// Each statement waits at most [`FlushTxSettings::statement_deadline`] for PostgreSQL
-    /// (the claim's wait for the row, which PostgreSQL bounds itself, at most half that):
-    /// a start that stalls here would stay unready for as long as PostgreSQL does not
-    /// answer. A claim that gives up closes its session. The lock goes once PostgreSQL
-    /// sees it closed, which behind a network that stalls takes as long as the stall, and
-    /// an increment of the token it sent may still commit (harmless: tokens only grow).
-    ///
-    /// The session turns off `idle_session_timeout` for itself, which would end it.
-    ///
-    /// The session asks PostgreSQL to probe it with TCP keepalives (over TCP; a Unix
-    /// socket has none), so that a writer whose machine died silently (power, network)
-    /// lets the lock go within ~25 s ([`CLAIM_KEEPALIVE_IDLE`] and the probes after it)
-    /// instead of the operating system's default, two hours on Linux, through which every
-    /// start of its replacement would be refused. A writer cut off but alive loses the
-    /// lock so too; its flushes are fenced by the token, not by the lock.
-    pub async fn claim_single_writer(&self) -> Result<i64, StoreError> {
+    /// A session of its own, detached from the pool, set up to hold the single-writer
+    /// lock for the process's life (see [`PgStore::claim_single_writer`]), and whether it
+    /// took the lock, tried `attempts` times 200 ms apart.
+    async fn lock_session(&self, attempts: u32) -> Result<(PgConnection, bool), StoreError> {
         let deadline = self.flush.statement_deadline();
         let mut session = self.pool.acquire().within(deadline).await?.detach();
         let probes_for = CLAIM_KEEPALIVE_IDLE + CLAIM_KEEPALIVE_INTERVAL * CLAIM_KEEPALIVE_COUNT;
@@ -226,7 +209,7 @@ impl PgStore {
         // A predecessor that was just killed holds the lock until PostgreSQL notices its
         // session is gone, which takes a moment: wait that long before refusing.
         let mut locked = false;
-        for attempt in 0..CLAIM_ATTEMPTS {
+        for attempt in 0..attempts {
             locked = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(SINGLE_WRITER_LOCK)
                 .fetch_one(&mut session)
@@ -235,10 +218,71 @@ impl PgStore {
             if locked {
                 break;
             }
-            if attempt + 1 < CLAIM_ATTEMPTS {
+            if attempt + 1 < attempts {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        Ok((session, locked))
+    }
+
+    /// Single node: before a flush, takes the advisory lock again on a new session if the
+    /// claim's session has ended (PostgreSQL restarted or failed over, or the session was
+    /// terminated), so that a second instance started since is still refused, as at the
+    /// start. The token, not the lock, fences the flushes: a lock another instance holds
+    /// now is logged, and that instance's claim refuses this one's next flush.
+    async fn keep_claim(&self, claim: &WriterClaim) {
+        let deadline = self.flush.statement_deadline();
+        let mut session = claim.session.lock().await;
+        if session.ping().within(deadline).await.is_ok() {
+            return;
+        }
+        match self.lock_session(1).await {
+            Ok((new, true)) => {
+                *session = new;
+                metrics::counter!("widgets_pg_writer_lock_retaken_total").increment(1);
+                tracing::warn!(
+                    token = claim.token,
+                    "the session holding the single-writer lock had ended (PostgreSQL \
+                     restarted or failed over, or the session was terminated); took the \
+                     lock again"
+                );
+            }
+            Ok((_, false)) => tracing::error!(
+                token = claim.token,
+                "the session holding the single-writer lock has ended, and another \
+                 instance holds the lock now: a second single-node instance on this \
+                 database, whose claim fences this one"
+            ),
+            Err(e) => tracing::warn!(error = %e, token = claim.token,
+                "the session holding the single-writer lock has ended, and taking the lock \
+                 again failed; tried again before the next flush"),
+        }
+    }
+
+    /// Makes this instance the database's one single-node writer: takes the advisory lock
+    /// on a session of its own (held until the process ends) and the next fencing token,
+    /// which every later flush checks. Fails with [`StoreError::WriterHeld`] while another
+    /// single-node instance holds the lock.
+    ///
+    /// Each statement waits at most [`FlushTxSettings::statement_deadline`] for PostgreSQL
+    /// (the claim's wait for the row, which PostgreSQL bounds itself, at most half that):
+    /// a start that stalls here would stay unready for as long as PostgreSQL does not
+    /// answer. A claim that gives up closes its session. The lock goes once PostgreSQL
+    /// sees it closed, which behind a network that stalls takes as long as the stall, and
+    /// an increment of the token it sent may still commit (harmless: tokens only grow).
+    ///
+    /// The session turns off `idle_session_timeout` for itself, which would end it.
+    ///
+    /// The session asks PostgreSQL to probe it with TCP keepalives (over TCP; a Unix
+    /// socket has none), so that a writer whose machine died silently (power, network)
+    /// lets the lock go within ~25 s ([`CLAIM_KEEPALIVE_IDLE`] and the probes after it)
+    /// instead of the operating system's default, two hours on Linux, through which every
+    /// start of its replacement would be refused. A writer cut off but alive loses the
+    /// lock so too, and takes it again before its next flush if it is still free (see
+    /// [`PgStore::keep_claim`]); its flushes are fenced by the token, not by the lock.
+    pub async fn claim_single_writer(&self) -> Result<i64, StoreError> {
+        let deadline = self.flush.statement_deadline();
+        let (mut session, locked) = self.lock_session(CLAIM_ATTEMPTS).await?;
         if !locked {
             let holder: Option<i32> = sqlx::query_scalar(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
@@ -297,7 +341,7 @@ impl PgStore {
             claimed => claimed.map_err(one_row("single_writer"))?,
         };
         let claim = WriterClaim {
-            _session: Mutex::new(session),
+            session: tokio::sync::Mutex::new(session),
             token,
         };
         if self.writer.set(claim).is_err() {
@@ -615,6 +659,9 @@ impl Store for PgStore {
     /// commit closes its connection instead of handing it back to the pool: an abandoned
     /// statement may still be on it, or a transaction nobody ends (sqlx #4393).
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
+        if let Some(claim) = self.writer.get() {
+            self.keep_claim(claim).await;
+        }
         let deadline = self.flush.statement_deadline();
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
         let mut tx = conn.begin().within(deadline).await?;
