@@ -30,7 +30,10 @@
 //! read back.
 
 use super::bucket::{self, Layout};
-use super::{collect_garbage, read_layout, StoreError, BUCKET_BITS_KEY, LEGACY_START, OWN_KEYS};
+use super::{
+    collect_garbage, once_unlocked, read_layout, StoreError, BUCKET_BITS_KEY, LEGACY_START,
+    OWN_KEYS,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -278,22 +281,25 @@ impl Compaction {
     }
 }
 
-/// Opens the store a compaction has built in `path` (whole, closed and synced) as the
-/// store's next open will, and checks it against `old`, before it takes the old one's
-/// place and the old one is removed: the store's own keys the same, its layout `to`, and
-/// as many widgets, every bucket read. Returns the bytes of its buckets.
+/// Opens the store a compaction (or the move into buckets) has built in `path` (whole,
+/// closed and synced) as the store's next open will, and checks it against `old`, before
+/// it takes the old one's place and the old one is removed: the store's own keys the
+/// same, its layout `to`, and the `held` widgets `old` holds, every bucket read. Returns
+/// the bytes of its buckets.
 ///
 /// Why: once the old store is gone, a new one that sled cannot open or read back would
 /// leave the service with no store, and the WAL holds only what came after the last
 /// flush. It costs a read of both stores' buckets.
-pub fn check(old: &sled::Db, path: &Path, to: Layout) -> Result<u64, StoreError> {
-    let new = sled::Config::new()
-        .path(path)
-        .cache_capacity(NEW_CACHE_BYTES)
-        .flush_every_ms(None)
-        .open()?;
+pub fn check(old: &sled::Db, path: &Path, to: Layout, held: u64) -> Result<u64, StoreError> {
+    let new = once_unlocked(|| {
+        let config = sled::Config::new().path(path);
+        Ok(config
+            .cache_capacity(NEW_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open()?)
+    })?;
     let differs = |key: &[u8], reason: String| StoreError::Corrupt {
-        key: format!("{} in the compacted store", bucket::describe(key)),
+        key: format!("{} in the rebuilt store", bucket::describe(key)),
         reason,
     };
     for key in OWN_KEYS.into_iter().filter(|&key| key != BUCKET_BITS_KEY) {
@@ -313,7 +319,6 @@ pub fn check(old: &sled::Db, path: &Path, to: Layout) -> Result<u64, StoreError>
         ));
     }
     let (widgets, bytes) = widgets_in(&new)?;
-    let (held, _) = widgets_in(old)?;
     if widgets != held {
         return Err(differs(
             &[bucket::PREFIX],
@@ -324,7 +329,7 @@ pub fn check(old: &sled::Db, path: &Path, to: Layout) -> Result<u64, StoreError>
 }
 
 /// The widgets in `db`'s buckets, and the buckets' bytes (keys and values).
-fn widgets_in(db: &sled::Db) -> Result<(u64, u64), StoreError> {
+pub fn widgets_in(db: &sled::Db) -> Result<(u64, u64), StoreError> {
     let (mut widgets, mut bytes) = (0, 0);
     for entry in db.range(&[bucket::PREFIX][..]..LEGACY_START) {
         let (key, value) = entry?;

@@ -210,6 +210,9 @@ impl SledStore {
         // On disk, names included, before the old store goes, as a compaction's copy is.
         sync_blobs(&moving, &mut 0).and_then(|()| sync_files(&moving, &["db", "conf", "."]))?;
         point("move: the new store synced")?;
+        // Read back before the old store goes, as a compaction's copy is.
+        let checked = compact::check(&db, &moving, layout, old);
+        self.closing_on_io_error(db.clone(), checked)?;
         // Closed (this handle and the kept one) before its directory is renamed.
         drop(db);
         self.handle().take();
@@ -229,21 +232,10 @@ impl SledStore {
         Ok(())
     }
 
-    /// [`Self::db`], waiting up to 5 s for the file lock of a database this process has
-    /// just closed: sled's I/O threads may hold it a moment after the last handle is gone.
+    /// [`Self::db`], once this process's last use of the database has let it go (see
+    /// [`once_unlocked`]).
     fn db_once_closed(&self) -> Result<sled::Db, StoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match self.db() {
-                Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                opened => return opened,
-            }
-        }
+        once_unlocked(|| self.db())
     }
 
     /// The kept handle. A panic while it was held leaves it as it was: sled 0.34 panics
@@ -507,7 +499,8 @@ impl SledStore {
                     .and_then(|()| {
                         point("compaction: the new store synced").map_err(StoreError::from)
                     })
-                    .and_then(|()| compact::check(&db, &rebuilding, to))
+                    .and_then(|()| compact::widgets_in(&db))
+                    .and_then(|(held, _)| compact::check(&db, &rebuilding, to, held))
             }),
             Err(e) => Some(Err(e)),
         };
@@ -909,6 +902,23 @@ fn sync_blobs(dir: &Path, synced: &mut u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What `open` opens, waiting up to 5 s for the file lock of a database this process has
+/// just closed: sled's I/O threads may hold it a moment after the last handle is gone.
+fn once_unlocked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open() {
+            Err(StoreError::Sled(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// Makes a rename or removal in `path`'s directory durable.
 fn sync_parent(path: &Path) -> Result<(), StoreError> {
     let parent = match path.parent() {
@@ -1260,11 +1270,11 @@ mod tests {
     /// The database in `path`, with no flusher thread of sled's: dropped, it is closed, and
     /// a store can open it at once.
     fn raw(path: &Path) -> sled::Db {
-        sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .open()
-            .unwrap()
+        raw_open(path).unwrap()
+    }
+
+    fn raw_open(path: &Path) -> sled::Result<sled::Db> {
+        sled::Config::new().path(path).flush_every_ms(None).open()
     }
 
     /// A store of two buckets, so that most widgets share one.
@@ -1778,6 +1788,41 @@ mod tests {
         assert_eq!(loaded(&store).await, (model, 152));
     }
 
+    /// A hook that, at `at`, takes the first bucket out of the store being rebuilt beside
+    /// the one at `path`.
+    fn losing_a_bucket(at: &'static str, path: &Path) -> crash::Hook {
+        let rebuilding = sibling(path, REBUILDING);
+        Box::new(move |point| {
+            if point == at {
+                let db = once_unlocked(|| Ok(raw_open(&rebuilding)?)).unwrap();
+                let (first, _) = (db.range(&[bucket::PREFIX][..]..LEGACY_START))
+                    .next()
+                    .unwrap()
+                    .unwrap();
+                db.remove(first).unwrap();
+                db.flush().unwrap();
+            }
+            None
+        })
+    }
+
+    /// A move into buckets whose new store, read back, lacks what the old store holds
+    /// fails the open with the old store as it was, and the next open moves it again.
+    #[tokio::test]
+    async fn a_move_whose_new_store_lacks_a_bucket_keeps_the_old_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(legacy_store(&path, 2_500));
+        crash::on_open(&path, losing_a_bucket("move: the new store synced", &path));
+        let refused = SledStore::open(&path, 1 << 20).err().expect("opened");
+        assert!(refused.to_string().contains("rebuilt store"), "{refused}");
+        assert_eq!(legacy(&raw(&path)), 2_500, "the old store as it was");
+        let store = SledStore::open(&path, 1 << 20).unwrap();
+        let (widgets, checkpoint) = loaded(&store).await;
+        assert_eq!((widgets.len(), checkpoint), (2_500, 7));
+        assert_rebuilt(&path);
+    }
+
     /// A compacted copy that, read back, lacks what the store holds (here a bucket taken
     /// out of it once it is whole) is abandoned, and the old store stays. It used to be
     /// swapped in unread, and the old store removed.
@@ -1787,27 +1832,7 @@ mod tests {
         let path = dir.path().join("store");
         let mut model = BTreeMap::new();
         let (store, _) = store_due(&path, &mut model).await;
-        let rebuilding = sibling(&path, REBUILDING);
-        let hook: crash::Hook = Box::new(move |at| {
-            if at == "compaction: the new store synced" {
-                // sled's threads may hold its lock a moment after the last handle.
-                let deadline = Instant::now() + std::time::Duration::from_secs(5);
-                let db = loop {
-                    match sled::Config::new().path(&rebuilding).open() {
-                        Ok(db) => break db,
-                        Err(e) if Instant::now() > deadline => panic!("{e}"),
-                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                    }
-                };
-                let (first, _) = (db.range(&[bucket::PREFIX][..]..LEGACY_START))
-                    .next()
-                    .unwrap()
-                    .unwrap();
-                db.remove(first).unwrap();
-                db.flush().unwrap();
-            }
-            None
-        });
+        let hook = losing_a_bucket("compaction: the new store synced", &path);
         crash::set(&store, Some(hook)).await;
         for round in 151..=170 {
             write_round(&store, &mut model, round).await;
