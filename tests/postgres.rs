@@ -944,6 +944,29 @@ async fn a_schema_no_retry_mends_refuses_the_start_naming_the_migration() {
     }
 }
 
+/// A `statement_timeout` that the database (or the role) sets for its clients does not
+/// cancel the migrations: one that rewrites a large table may take minutes, and was
+/// cancelled at every start, which then waited for ever as if PostgreSQL were down.
+#[tokio::test]
+async fn a_statement_timeout_the_database_sets_does_not_cancel_the_migrations() {
+    let db = TestDb::create().await;
+    set_for_database(&db, "statement_timeout", "1").await;
+    let store = PgStore::connect(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut conn = db.connect().await;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied as usize,
+        std::fs::read_dir("migrations").unwrap().count()
+    );
+    drop(conn);
+    drop(store);
+    db.drop_db().await;
+}
+
 /// A database that takes no write for now (a standby that a failover has not promoted
 /// yet, here one whose sessions are read-only) is waited for, as an unreachable one is,
 /// not refused as a schema no retry mends.

@@ -352,10 +352,21 @@ impl PgStore {
         Ok(token)
     }
 
-    /// Applies the migrations in `migrations/` that are not applied yet.
+    /// Applies the migrations in `migrations/` that are not applied yet, on a session of
+    /// their own with no `statement_timeout`: one the database or role sets for its clients
+    /// would cancel a migration that rewrites a large table at every start, and the start,
+    /// which retries a cancelled statement as PostgreSQL shutting down, would wait for ever.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        // A setting in the startup packet overrides the database's and the role's.
+        let options = (*self.pool.connect_options()).clone();
+        let session = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.options([("statement_timeout", "0")]))
+            .await?;
+        let migrated = MIGRATOR.run(&session).await;
+        session.close().await;
+        Ok(migrated?)
     }
 
     pub fn pool(&self) -> &PgPool {
