@@ -89,9 +89,9 @@ struct Inner {
     writer: Background,
     compact: compact::Settings,
     upkeep: Mutex<Upkeep>,
-    /// The newest of sled's blob files synced since the database was opened (see
+    /// The first of sled's blob files not yet synced since the database was opened (see
     /// [`sync_blobs`]).
-    blobs_synced: AtomicU64,
+    blobs_unsynced: AtomicU64,
 }
 
 /// What the store knows of its size, and its compaction.
@@ -148,7 +148,7 @@ impl SledStore {
                 .map_err(StoreError::io("starting the store's thread"))?,
             compact: options.compact,
             upkeep: Mutex::new(Upkeep::default()),
-            blobs_synced: AtomicU64::new(0),
+            blobs_unsynced: AtomicU64::new(0),
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -313,7 +313,7 @@ impl SledStore {
         // error closed it may never have reached the disk.
         self.set_layout(read_layout(&opened)?);
         // A blob written before an I/O error closed the database may never have been synced.
-        self.inner.blobs_synced.store(0, Ordering::Relaxed);
+        self.inner.blobs_unsynced.store(0, Ordering::Relaxed);
         *db = Some(opened.clone());
         Ok(opened)
     }
@@ -413,9 +413,9 @@ impl SledStore {
             |chunk| {
                 db.apply_batch(chunk)?;
                 point("write: a chunk applied")?;
-                let mut synced = self.inner.blobs_synced.load(Ordering::Relaxed);
-                sync_blobs(&self.inner.path, &mut synced)?;
-                self.inner.blobs_synced.store(synced, Ordering::Relaxed);
+                let mut from = self.inner.blobs_unsynced.load(Ordering::Relaxed);
+                sync_blobs(&self.inner.path, &mut from)?;
+                self.inner.blobs_unsynced.store(from, Ordering::Relaxed);
                 point("write: a chunk's blobs synced")?;
                 db.flush()?;
                 Ok(point("write: a chunk flushed")?)
@@ -878,26 +878,27 @@ fn sync_files(dir: &Path, names: &[&str]) -> Result<(), StoreError> {
 /// that file nor the directory. Its recovery skips a record whose file is gone, and the
 /// records after it (a write's checkpoint) stand: a power loss could lose the bucket with
 /// the WAL trimmed behind it. So the blobs a chunk wrote are synced before the chunk's
-/// `flush`, and a rebuilt store's before it replaces the old one. `synced`: the newest
-/// blob already synced (their names, LSNs, only grow); the newest synced now on return.
-fn sync_blobs(dir: &Path, synced: &mut u64) -> Result<(), StoreError> {
+/// `flush`, and a rebuilt store's before it replaces the old one. Blobs are named by
+/// their LSN, which only grows: those from `from` on are synced, and `from` is moved past
+/// the newest.
+fn sync_blobs(dir: &Path, from: &mut u64) -> Result<(), StoreError> {
     let blobs = dir.join("blobs");
     let listing = |e| StoreError::io(format!("listing {}", blobs.display()))(e);
-    let mut newest = *synced;
+    let mut next = *from;
     for entry in std::fs::read_dir(&blobs).map_err(listing)? {
         let name = entry.map_err(listing)?.file_name();
         // sled ignores (and warns of) a name that is not an LSN.
         let Some(lsn) = name.to_str().and_then(|name| name.parse::<u64>().ok()) else {
             continue;
         };
-        if lsn > *synced {
+        if lsn >= *from {
             sync_files(&blobs, &[&name.to_string_lossy()])?;
-            newest = newest.max(lsn);
+            next = next.max(lsn.saturating_add(1));
         }
     }
-    if newest > *synced {
+    if next > *from {
         sync_files(&blobs, &["."])?;
-        *synced = newest;
+        *from = next;
     }
     Ok(())
 }
