@@ -30,6 +30,7 @@
 //!
 //! The request body's own deadline (`--body-timeout`) is the body extractor's.
 
+use crate::api::ReadingBody;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::Router;
@@ -260,6 +261,7 @@ async fn serve_connection(
     // Busy from the request's arrival until its answer is ready.
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let in_request = InRequest::enter(&busy);
+        req.extensions_mut().insert(busy.reading_body.clone());
         let router = router.clone();
         // A raw non-ASCII byte in the path is not HTTP/1.1, which the HTTP layer lets
         // through when it is UTF-8: refused as the HTTP layer refuses the rest.
@@ -299,6 +301,12 @@ async fn serve_connection(
         // Part of a request head and no request in progress: no answer is owed, and a
         // graceful close would wait for the rest of the head until the idle timeout.
         // Dropping the connection closes the socket now.
+        return;
+    }
+    if connection.close.is_cancelled() && busy.reading_body.0.load(Ordering::Acquire) {
+        // Evicted while its request's body is still coming: nothing of the request has
+        // happened (the handler is parked in the read, and nothing polls it meanwhile),
+        // and finishing it would hold the room until the body timeout.
         return;
     }
     // A request in progress finishes; an answer still being sent (its handler has
@@ -517,6 +525,8 @@ struct Busy {
     /// progress, and the previous answer was sent: the HTTP layer reads the next head
     /// only then).
     head_started: AtomicBool,
+    /// The request in progress is still reading its body.
+    reading_body: ReadingBody,
 }
 
 impl Connections {
@@ -533,6 +543,7 @@ impl Connections {
                 requests: AtomicUsize::new(0),
                 idle_since: Mutex::new(Instant::now()),
                 head_started: AtomicBool::new(false),
+                reading_body: ReadingBody::default(),
             }),
             close: CancellationToken::new(),
         });
@@ -549,8 +560,9 @@ impl Connections {
         self.changed.notify_one();
     }
 
-    /// Closes the connection idle longest, if one is idle, and counts it; returns whether
-    /// it found one. One at a time: while a connection told to close is still open, that
+    /// Closes the connection idle longest, if one is idle, or else the one longest in a
+    /// request that is still reading its body (a slow or stalled body, which nothing of
+    /// has happened yet), and counts it; returns whether it found one. One at a time: while a connection told to close is still open, that
     /// is the room being made, and none is closed (a wake-up from before it closed must not
     /// close a second for the same newcomer). It stays counted until its task has closed
     /// it, so the cap bounds open sockets, evicted ones included.
@@ -559,11 +571,11 @@ impl Connections {
         if inner.open.values().any(|c| c.close.is_cancelled()) {
             return false;
         }
-        let idlest = inner
-            .open
-            .values()
-            .filter(|c| c.busy.requests.load(Ordering::Acquire) == 0)
-            .min_by_key(|c| *c.busy.idle_since.lock().expect("idle lock"));
+        let idle_since = |c: &&Arc<Connection>| *c.busy.idle_since.lock().expect("idle lock");
+        let idle = |c: &&Arc<Connection>| c.busy.requests.load(Ordering::Acquire) == 0;
+        let in_body = |c: &&Arc<Connection>| c.busy.reading_body.0.load(Ordering::Acquire);
+        let idlest = (inner.open.values().filter(idle).min_by_key(idle_since))
+            .or_else(|| inner.open.values().filter(in_body).min_by_key(idle_since));
         let Some(idlest) = idlest else {
             return false;
         };

@@ -140,6 +140,58 @@ async fn at_the_cap_only_a_waiting_newcomer_evicts_and_never_itself() {
     app.stop().await;
 }
 
+/// At the cap, with every connection in a request whose body stalls (or trickles in), a
+/// newcomer is served: the connection longest in its body is closed for it, with no
+/// answer, and its request changes nothing; the others finish as usual. The newcomer used
+/// to wait for the body timeout (30 s), `/healthz` included, and an attacker who
+/// reconnected then kept every newcomer out.
+#[tokio::test]
+async fn stalled_bodies_at_the_cap_do_not_lock_out_a_newcomer() {
+    let app = common::spawn_app_with(&["--max-connections", "4"]).await;
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let body = format!(r#"{{"name": "w", "serial_number": "slow{i}", "ports": ["P"]}}"#);
+        let head = format!(
+            "POST /widgets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut socket = TcpStream::connect(app.addr).await.unwrap();
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(&body.as_bytes()[..10]).await.unwrap();
+        slow.push((socket, body));
+        // In order, so that the first is the one longest in its body.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = healthz_on_a_new_connection(app.addr).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+
+    let mut answers = Vec::new();
+    for (socket, body) in &mut slow {
+        let _ = socket.write_all(&body.as_bytes()[10..]).await;
+        let answer = read_until_closed(socket, Duration::from_secs(5))
+            .await
+            .expect("neither answered nor closed");
+        answers.push(answer.lines().next().unwrap_or_default().to_owned());
+    }
+    assert_eq!(
+        answers,
+        [
+            "",
+            "HTTP/1.1 201 Created",
+            "HTTP/1.1 201 Created",
+            "HTTP/1.1 201 Created"
+        ]
+    );
+    assert!(
+        app.widget("slow0").await.is_none(),
+        "the closed one's write"
+    );
+    assert!(app.widget("slow1").await.is_some());
+    app.stop().await;
+}
+
 /// The `widgets` binary on a temporary data directory, started under an open-file limit of
 /// `files` (soft and hard) if given, its whole log kept.
 struct Limited {

@@ -14,6 +14,34 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Set while a request's body is read, for the connection that sent it (the server puts
+/// one on each request as an extension): at the connection cap, a connection stalled in
+/// its body may be closed to make room, since nothing of its request has happened yet.
+#[derive(Clone, Default)]
+pub struct ReadingBody(pub Arc<AtomicBool>);
+
+/// Clears [`ReadingBody`] when the body has been read, or the read given up.
+struct BodyRead(Option<ReadingBody>);
+
+impl BodyRead {
+    fn start(reading: Option<&ReadingBody>) -> Self {
+        if let Some(reading) = reading {
+            reading.0.store(true, Ordering::Release);
+        }
+        Self(reading.cloned())
+    }
+}
+
+impl Drop for BodyRead {
+    fn drop(&mut self) {
+        if let Some(reading) = &self.0 {
+            reading.0.store(false, Ordering::Release);
+        }
+    }
+}
 
 /// Path parameters; a path that does not decode is `422 validation_failed`.
 pub struct PathParams<T>(pub T);
@@ -46,9 +74,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if req.body().size_hint().lower() > state.max_body_bytes() as u64 {
             return Err(ApiError::PayloadTooLarge);
         }
+        let body_read = BodyRead::start(req.extensions().get::<ReadingBody>());
         let reading = Bytes::from_request(req, state);
-        let bytes = tokio::time::timeout(state.body_timeout(), reading)
-            .await
+        let read = tokio::time::timeout(state.body_timeout(), reading).await;
+        drop(body_read);
+        let bytes = read
             .map_err(|_| ApiError::BodyTimeout)?
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {

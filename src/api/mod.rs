@@ -11,6 +11,7 @@ pub mod associations;
 pub mod auth;
 pub mod doc;
 mod extract;
+pub(crate) use extract::ReadingBody;
 mod layers;
 pub mod ops;
 pub mod widgets;
