@@ -565,6 +565,42 @@ async fn an_oversized_head_is_refused() {
     app.stop().await;
 }
 
+/// What docs/API.md says of two edges the HTTP layer decides: a request target over
+/// 65,534 bytes is `414` whatever `--max-header-bytes` allows, and two `Content-Length`
+/// headers that agree are read as one (two that differ are `400`).
+#[tokio::test]
+async fn a_huge_target_is_414_and_two_agreeing_lengths_are_read_as_one() {
+    let app = common::spawn_app_with(&["--max-header-bytes", "1048576"]).await;
+    let exchange = |request: String| async move {
+        let mut socket = TcpStream::connect(app.addr).await.unwrap();
+        let _ = socket.write_all(request.as_bytes()).await;
+        read_until_closed(&mut socket, Duration::from_secs(5))
+            .await
+            .expect("the connection stayed open")
+    };
+    let long = format!(
+        "GET /widgets/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let answer = exchange(long).await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{answer}");
+
+    let body = r#"{"name": "w", "serial_number": "twice", "ports": ["P"]}"#;
+    let lengths = |second: usize| {
+        format!(
+            "POST /widgets HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: {}\r\nContent-Length: {second}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let answer = exchange(lengths(body.len() + 1)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(app.widget("twice").await.is_none());
+    let answer = exchange(lengths(body.len())).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_declared_length_over_the_limit_answers_413_at_once_and_invites_no_body() {
     let app = common::spawn_app_with(&["--body-timeout", "30s", "--max-body-bytes", "1024"]).await;
