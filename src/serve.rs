@@ -5,10 +5,12 @@
 //!   waiting to be accepted takes the place of the connection that has been idle longest
 //!   (open, but with no request in progress: a keep-alive socket, or one still sending its
 //!   headers), which is closed. Nothing is closed while nobody waits, and the newcomer is
-//!   never the one closed: it stays in the kernel's backlog until there is room. Only when
-//!   every connection is in a request does it wait there for one to end or go idle. So
-//!   idle or half-sent sockets cannot lock other clients out, and `/healthz` and `/readyz`
-//!   answer while an attacker holds thousands of them.
+//!   never the one closed: it stays in the kernel's backlog until there is room. With none
+//!   idle, the connection longest in a request whose body is still coming is closed
+//!   instead, with no answer (nothing of its request has happened yet). Only when every
+//!   connection is in a request past its body does the newcomer wait for one to end or go
+//!   idle. So idle or half-sent sockets and slow bodies cannot lock other clients out,
+//!   and `/healthz` and `/readyz` answer while an attacker holds thousands of them.
 //! - **An idle timeout** (`--idle-timeout`): a connection must send a whole request head
 //!   within this time of opening or of its last answer, or it is closed. (hyper starts the
 //!   header clock when a connection goes idle, so this one bound covers both keep-alive
@@ -561,10 +563,11 @@ impl Connections {
     }
 
     /// Closes the connection idle longest, if one is idle, or else the one longest in a
-    /// request that is still reading its body (a slow or stalled body, which nothing of
-    /// has happened yet), and counts it; returns whether it found one. One at a time: while a connection told to close is still open, that
-    /// is the room being made, and none is closed (a wake-up from before it closed must not
-    /// close a second for the same newcomer). It stays counted until its task has closed
+    /// request that is still reading its body (a slow or stalled body: nothing of the
+    /// request has happened yet), and counts it; returns whether it found one. One at a
+    /// time: while a connection told to close is still open, that is the room being made,
+    /// and none is closed (a wake-up from before it closed must not close a second for the
+    /// same newcomer). It stays counted until its task has closed
     /// it, so the cap bounds open sockets, evicted ones included.
     fn evict_idlest(&self) -> bool {
         let inner = self.inner.lock().expect("connections lock");
