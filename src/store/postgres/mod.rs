@@ -231,10 +231,13 @@ impl PgStore {
     /// start. The token, not the lock, fences the flushes: a lock another instance holds
     /// now is logged, and that instance's claim refuses this one's next flush.
     async fn keep_claim(&self, claim: &WriterClaim) {
-        let deadline = self.flush.statement_deadline();
         let mut session = claim.session.lock().await;
-        if session.ping().within(deadline).await.is_ok() {
-            return;
+        // Only a session that answers that it has ended is replaced: one that does not
+        // answer within a second (PostgreSQL stalled, which the flush meets on its own
+        // deadline) may still hold the lock.
+        match tokio::time::timeout(Duration::from_secs(1), session.ping()).await {
+            Ok(Ok(())) | Err(_) => return,
+            Ok(Err(_)) => {}
         }
         match self.lock_session(1).await {
             Ok((new, true)) => {
@@ -357,12 +360,21 @@ impl PgStore {
     /// would cancel a migration that rewrites a large table at every start, and the start,
     /// which retries a cancelled statement as PostgreSQL shutting down, would wait for ever.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        // A setting in the startup packet overrides the database's and the role's.
+        // A session's `SET` overrides the database's and the role's (and, unlike a startup
+        // parameter, passes a connection pooler).
         let options = (*self.pool.connect_options()).clone();
         let session = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.options([("statement_timeout", "0")]))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET statement_timeout = 0")
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
             .await?;
         let migrated = MIGRATOR.run(&session).await;
         session.close().await;
