@@ -284,13 +284,23 @@ impl Compaction {
 /// Opens the store a compaction (or the move into buckets) has built in `path` (whole,
 /// closed and synced) as the store's next open will, and checks it against `old`, before
 /// it takes the old one's place and the old one is removed: the store's own keys the
-/// same, its layout `to`, and the `held` widgets `old` holds, every bucket read. Returns
-/// the bytes of its buckets.
+/// same, its layout `to`, and the `held` widgets `old` holds (`None`: counted in `old`'s
+/// buckets), every bucket read. Returns the bytes of its buckets.
 ///
 /// Why: once the old store is gone, a new one that sled cannot open or read back would
 /// leave the service with no store, and the WAL holds only what came after the last
 /// flush. It costs a read of both stores' buckets.
-pub fn check(old: &sled::Db, path: &Path, to: Layout, held: u64) -> Result<u64, StoreError> {
+pub fn check(
+    old: &sled::Db,
+    path: &Path,
+    to: Layout,
+    held: Option<u64>,
+) -> Result<u64, StoreError> {
+    let started = Instant::now();
+    let held = match held {
+        Some(held) => held,
+        None => widgets_in(old)?.0,
+    };
     let new = once_unlocked(|| {
         let config = sled::Config::new().path(path);
         Ok(config
@@ -325,11 +335,16 @@ pub fn check(old: &sled::Db, path: &Path, to: Layout, held: u64) -> Result<u64, 
             format!("{widgets} widgets, where the store holds {held}"),
         ));
     }
+    tracing::info!(
+        widgets,
+        ms = started.elapsed().as_millis() as u64,
+        "read the rebuilt embedded store back: it holds what the store holds"
+    );
     Ok(bytes)
 }
 
 /// The widgets in `db`'s buckets, and the buckets' bytes (keys and values).
-pub fn widgets_in(db: &sled::Db) -> Result<(u64, u64), StoreError> {
+fn widgets_in(db: &sled::Db) -> Result<(u64, u64), StoreError> {
     let (mut widgets, mut bytes) = (0, 0);
     for entry in db.range(&[bucket::PREFIX][..]..LEGACY_START) {
         let (key, value) = entry?;

@@ -211,7 +211,7 @@ impl SledStore {
         sync_blobs(&moving, &mut 0).and_then(|()| sync_files(&moving, &["db", "conf", "."]))?;
         point("move: the new store synced")?;
         // Read back before the old store goes, as a compaction's copy is.
-        let checked = compact::check(&db, &moving, layout, old);
+        let checked = compact::check(&db, &moving, layout, Some(old));
         self.closing_on_io_error(db.clone(), checked)?;
         // Closed (this handle and the kept one) before its directory is renamed.
         drop(db);
@@ -499,8 +499,7 @@ impl SledStore {
                     .and_then(|()| {
                         point("compaction: the new store synced").map_err(StoreError::from)
                     })
-                    .and_then(|()| compact::widgets_in(&db))
-                    .and_then(|(held, _)| compact::check(&db, &rebuilding, to, held))
+                    .and_then(|()| compact::check(&db, &rebuilding, to, None))
             }),
             Err(e) => Some(Err(e)),
         };
