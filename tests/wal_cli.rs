@@ -5,6 +5,7 @@ mod common;
 use common::spawn_app_with;
 use std::path::Path;
 use std::process::{Command, Output};
+use widgets::wal::format;
 
 fn wal(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_widgets"))
@@ -133,6 +134,34 @@ async fn verify_reports_a_torn_tail_as_such() {
         text(&out).contains("TORN TAIL (recovery cuts it off)"),
         "{}",
         text(&out)
+    );
+}
+
+/// verify says what recovery does of two newest segments that look like a tail: a
+/// header that is whole but wrong, in front of records, is damage, not a torn tail; and a
+/// segment of a header alone after a gap is a gap, which recovery refuses.
+#[tokio::test]
+async fn verify_calls_a_wrong_header_and_a_gap_damage_as_recovery_does() {
+    let image = log_with_records().await;
+    let dir = image.path().join("wal");
+    let segment = only_segment(&dir);
+    let good = std::fs::read(&segment).unwrap();
+    let mut wrong = good.clone();
+    wrong[..8].fill(0);
+    std::fs::write(&segment, &wrong).unwrap();
+    let out = wal(&["verify"], &dir);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("DAMAGED"), "{}", text(&out));
+
+    std::fs::write(&segment, &good).unwrap();
+    let after_gap = dir.join(format::segment_file_name(1000));
+    std::fs::write(&after_gap, format::encode_segment_header(1000)).unwrap();
+    let out = wal(&["verify"], &dir);
+    assert!(!out.status.success());
+    let report = text(&out);
+    assert!(
+        report.contains("previous one ended before") && report.contains("DAMAGED"),
+        "{report}"
     );
 }
 

@@ -3,7 +3,7 @@
 //! or removes anything.
 
 use super::format::{decode_segment_header, parse_segment_file_name, Record};
-use super::recovery::{scan_records, valid_record_after};
+use super::recovery::{scan_records, torn_tail};
 use super::WalError;
 use crate::domain::Change;
 use std::fmt;
@@ -58,6 +58,8 @@ pub fn inspect(dir: &Path) -> Result<Vec<SegmentReport>, WalError> {
         let data = std::fs::read(&path).map_err(WalError::io(&path))?;
         let mut records = Vec::new();
         let mut zero_tail = 0;
+        // A segment that starts after a gap is never a torn tail, whatever it holds.
+        let gap = expected.is_some_and(|e| e != first_lsn);
         let problem = match decode_segment_header(&data) {
             Err(e) => Some((0, e.to_string())),
             Ok(lsn) if lsn != first_lsn => Some((
@@ -87,7 +89,7 @@ pub fn inspect(dir: &Path) -> Result<Vec<SegmentReport>, WalError> {
             },
         };
         let damage = problem.map(|(offset, reason)| Damage {
-            torn_tail: i + 1 == count && !valid_record_after(&data, offset),
+            torn_tail: i + 1 == count && !gap && torn_tail(&data, offset),
             offset,
             reason,
         });

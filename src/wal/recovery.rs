@@ -176,7 +176,7 @@ pub fn recover_segments(
             Ok(scanned) => (scanned.end, scanned.next),
             Err(d) => {
                 cut = true;
-                let torn = !d.hole && is_last && !valid_record_after(&data, d.offset);
+                let torn = !d.hole && is_last && torn_tail(&data, d.offset);
                 if !torn && mode == RecoveryMode::Strict {
                     return Err(WalError::Corrupt {
                         file: d.path,
@@ -288,11 +288,24 @@ fn last_lsn_before(data: &[u8], offset: usize, first_lsn: u64) -> u64 {
     next
 }
 
+/// Whether damage at `offset` in the newest segment, `data`, is a torn tail, which recovery
+/// cuts off: what a crash mid-write leaves. Damage with a valid record after it is not (a
+/// hole in the middle of the log), and neither is a header that is whole but wrong with
+/// anything after it: a segment's header is synced before any record goes in, and a
+/// spare's before it takes the segment's name. A header alone, left wrong by a crash
+/// before its sync, is.
+pub(super) fn torn_tail(data: &[u8], offset: usize) -> bool {
+    if offset < SEGMENT_HEADER_LEN {
+        return data.len() <= SEGMENT_HEADER_LEN;
+    }
+    !valid_record_after(data, offset)
+}
+
 /// Whether any valid record frame starts after `offset`: if so, the damage at `offset` is
 /// not a torn tail but a hole in the middle of the log. Only offsets up to the file's last
 /// non-zero byte are tried: a frame starting in a zero tail has a zero length, which no
 /// frame has.
-pub(super) fn valid_record_after(data: &[u8], offset: usize) -> bool {
+fn valid_record_after(data: &[u8], offset: usize) -> bool {
     let last_nonzero = data.iter().rposition(|&b| b != 0).map_or(0, |at| at + 1);
     let end = last_nonzero.min(data.len().saturating_sub(RECORD_HEADER_LEN - 1));
     (offset + 1..end).any(|at| check_frame(&data[at..]).is_ok())
@@ -717,6 +730,51 @@ mod tests {
         write_log(dir.path(), 3, 1, 1 << 20);
         let torn = dir.path().join(crate::wal::format::segment_file_name(4));
         std::fs::write(&torn, &crate::wal::format::encode_segment_header(4)[..10]).unwrap();
+        let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 0).unwrap();
+        assert_eq!((seen.len(), r.last_lsn), (3, 3));
+        assert!(!torn.exists());
+    }
+
+    /// A header that is whole but wrong in the newest segment (another format version
+    /// with a valid checksum, zeros over it, the whole segment zeroed) is damage, refused
+    /// in strict mode: a segment's header is synced before any record goes in (a spare's
+    /// before it takes the segment's name), so no crash leaves one under records. It was
+    /// taken for a torn tail, and the segment removed with every record in it.
+    #[test]
+    fn a_whole_but_wrong_header_in_the_newest_segment_is_refused_not_cut() {
+        let newer = |segment: &mut Vec<u8>| {
+            segment[8..12].copy_from_slice(&99u32.to_le_bytes());
+            let crc = crc32fast::hash(&segment[..20]);
+            segment[20..24].copy_from_slice(&crc.to_le_bytes());
+        };
+        let zeroed_header = |segment: &mut Vec<u8>| segment[..SEGMENT_HEADER_LEN].fill(0);
+        let zeroed = |segment: &mut Vec<u8>| segment.fill(0);
+        let damages: [&dyn Fn(&mut Vec<u8>); 3] = [&newer, &zeroed_header, &zeroed];
+        for (i, damage) in damages.into_iter().enumerate() {
+            let dir = TempDir::new().unwrap();
+            write_log(dir.path(), 30, 1, 1024);
+            let newest = segments(dir.path()).pop().unwrap();
+            let mut bytes = std::fs::read(&newest).unwrap();
+            damage(&mut bytes);
+            std::fs::write(&newest, &bytes).unwrap();
+            let err = replay(dir.path(), RecoveryMode::Strict, 0).unwrap_err();
+            assert!(matches!(err, WalError::Corrupt { .. }), "damage {i}: {err}");
+            assert_eq!(
+                std::fs::read(&newest).unwrap(),
+                bytes,
+                "damage {i}: changed"
+            );
+        }
+    }
+
+    /// A new segment's header that a crash left wrong before its sync, with nothing after
+    /// it, is cut off as a torn tail.
+    #[test]
+    fn a_wrong_header_with_nothing_after_it_is_a_torn_tail() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 3, 1, 1 << 20);
+        let torn = dir.path().join(crate::wal::format::segment_file_name(4));
+        std::fs::write(&torn, [0u8; SEGMENT_HEADER_LEN]).unwrap();
         let (r, seen) = replay(dir.path(), RecoveryMode::Strict, 0).unwrap();
         assert_eq!((seen.len(), r.last_lsn), (3, 3));
         assert!(!torn.exists());
