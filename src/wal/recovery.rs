@@ -749,7 +749,7 @@ mod tests {
         };
         let zeroed_header = |segment: &mut Vec<u8>| segment[..SEGMENT_HEADER_LEN].fill(0);
         let zeroed = |segment: &mut Vec<u8>| segment.fill(0);
-        let damages: [&dyn Fn(&mut Vec<u8>); 3] = [&newer, &zeroed_header, &zeroed];
+        let damages: [fn(&mut Vec<u8>); 3] = [newer, zeroed_header, zeroed];
         for (i, damage) in damages.into_iter().enumerate() {
             let dir = TempDir::new().unwrap();
             write_log(dir.path(), 30, 1, 1024);
