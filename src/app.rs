@@ -97,17 +97,15 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         tracing::info!(?auth, "bearer auth is on");
     }
     // Single node: the WAL and the embedded store in the data directory are this
-    // process's alone, and so is a WAL directory elsewhere. (Redis mode keeps nothing
-    // there.)
+    // process's alone, and so is the WAL directory, wherever it is: the default
+    // `<data dir>/wal` is locked too, or another instance given it as its --wal-dir would
+    // append to this one's log and trim it. (Redis mode keeps nothing there.)
     config.check_wal_dir()?;
     let data_dir = match config.redis_url() {
-        None => {
-            let mut locks = vec![DataDirLock::acquire(&config.data_dir)?];
-            if config.wal_dir_option.is_some() {
-                locks.push(DataDirLock::acquire(&config.wal_dir())?);
-            }
-            Some(locks)
-        }
+        None => Some(vec![
+            DataDirLock::acquire(&config.data_dir)?,
+            DataDirLock::acquire(&config.wal_dir())?,
+        ]),
         Some(_) => None,
     };
     crate::metrics::handle();

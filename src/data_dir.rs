@@ -3,7 +3,8 @@
 //! writes without a word. So an instance holds an exclusive lock on `<data dir>/lock` for
 //! its whole life (`flock`, released by the kernel however the process ends, `kill -9`
 //! included), and a second one refuses to start, naming the lock and the holder's PID.
-//! A WAL directory outside the data directory (`--wal-dir`) is locked the same way.
+//! The WAL directory (`<data dir>/wal`, or `--wal-dir`) is locked the same way, so that
+//! no other instance can name it as its own `--wal-dir`.
 
 use crate::wal::fs::create_dir_durably;
 use crate::wal::RealFs;

@@ -412,6 +412,40 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
     assert!(server.stop().await.expect("stopping").success());
 }
 
+/// A second instance whose `--wal-dir` is a running instance's default WAL directory
+/// (`<data dir>/wal`) is refused as one on its `--wal-dir` is. Only a `--wal-dir` was
+/// locked, so the second started, replayed the first one's records into its own store,
+/// and its flushes trimmed the log the first was still appending to: every write the
+/// first acknowledged was lost at its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_dir_that_is_another_instances_default_wal_is_refused() {
+    let first_data = tempfile::TempDir::new().unwrap();
+    let server = binary::start(first_data.path(), &["--flush-interval", "1h"]).await;
+    let wal_dir = first_data.path().join("wal");
+    let other = tempfile::TempDir::new().unwrap();
+    let second = log_on_a_pipe(&mut std::process::Command::new(env!(
+        "CARGO_BIN_EXE_widgets"
+    )))
+    .args(["--listen", "127.0.0.1:0", "--wal-dir"])
+    .arg(&wal_dir)
+    .arg("--data-dir")
+    .arg(other.path())
+    .spawn()
+    .expect("running the second widgets process");
+    let second = output_within(second, Duration::from_secs(10))
+        .expect("a second instance on the first one's WAL still ran after 10 s");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second process served:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&wal_dir.join("lock").display().to_string()),
+        "the refusal names the WAL directory's lock:\n{stderr}"
+    );
+    assert!(server.stop().await.expect("stopping").success());
+}
+
 /// The service turns transparent huge pages off for itself unless told otherwise
 /// (`--transparent-huge-pages true`): the kernel's view of the process says so.
 #[tokio::test]
