@@ -3,7 +3,7 @@
 //! or removes anything.
 
 use super::format::{decode_segment_header, parse_segment_file_name, Record};
-use super::recovery::{scan_records, torn_tail};
+use super::recovery::{read_segment, scan_records, torn_tail};
 use super::WalError;
 use crate::domain::Change;
 use std::fmt;
@@ -55,7 +55,8 @@ pub fn inspect(dir: &Path) -> Result<Vec<SegmentReport>, WalError> {
     let mut reports = Vec::with_capacity(count);
     for (i, (first_lsn, name)) in names.into_iter().enumerate() {
         let path = dir.join(&name);
-        let data = std::fs::read(&path).map_err(WalError::io(&path))?;
+        let mut data = Vec::new();
+        read_segment(&super::RealFs, &path, &mut data)?;
         let mut records = Vec::new();
         let mut zero_tail = 0;
         // A segment that starts after a gap is never a torn tail, whatever it holds.

@@ -110,7 +110,7 @@ pub fn recover_segments(
             expected = Some(next);
             continue;
         }
-        fs.read(&path, &mut data).map_err(WalError::io(&path))?;
+        read_segment(fs, &path, &mut data)?;
         let damage = |offset: usize, reason: String| Damage {
             path: path.clone(),
             offset,
@@ -218,6 +218,35 @@ pub fn recover_segments(
         }
     }
     Ok(out)
+}
+
+/// The most bytes a segment file of this log holds: twice the largest
+/// `--wal-segment-bytes` (a segment is closed before a group would take it past its size,
+/// and a group is far smaller than that).
+pub const MAX_SEGMENT_FILE_BYTES: u64 = 2 << 30;
+
+/// Reads the segment at `path` into `data`. A file over [`MAX_SEGMENT_FILE_BYTES`] (a
+/// sparse file, or another file under a segment's name) is refused, as damage, before
+/// it is read: reading it would take that much memory, and the process would be killed
+/// for it rather than say what is wrong.
+pub(super) fn read_segment(
+    fs: &dyn WalFs,
+    path: &Path,
+    data: &mut Vec<u8>,
+) -> Result<(), WalError> {
+    let len = fs.len(path).map_err(WalError::io(path))?;
+    if len > MAX_SEGMENT_FILE_BYTES {
+        return Err(WalError::Corrupt {
+            file: path.to_owned(),
+            offset: MAX_SEGMENT_FILE_BYTES,
+            reason: format!(
+                "the file is {len} bytes, more than any segment of this log holds \
+                 ({MAX_SEGMENT_FILE_BYTES}): not one of its segments (a sparse file, or \
+                 another file under a segment's name)"
+            ),
+        });
+    }
+    fs.read(path, data).map_err(WalError::io(path))
 }
 
 struct Damage {
@@ -764,6 +793,29 @@ mod tests {
                 bytes,
                 "damage {i}: changed"
             );
+        }
+    }
+
+    /// A segment file far larger than any this log writes (here a sparse file of 3 GiB)
+    /// is refused, naming it, before it is read. It was read whole, and a start asked for
+    /// that much memory at once: the process was aborted, or killed for it.
+    #[test]
+    fn a_segment_larger_than_any_this_log_writes_is_refused_unread() {
+        let dir = TempDir::new().unwrap();
+        write_log(dir.path(), 3, 1, 1 << 20);
+        let newest = segments(dir.path()).pop().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&newest)
+            .unwrap();
+        file.set_len(3 << 30).unwrap();
+        for mode in [RecoveryMode::Strict, RecoveryMode::Truncate] {
+            let err = replay(dir.path(), mode, 0).unwrap_err();
+            assert!(
+                matches!(&err, WalError::Corrupt { file, .. } if file == &newest),
+                "{mode:?}: {err}"
+            );
+            assert_eq!(std::fs::metadata(&newest).unwrap().len(), 3 << 30);
         }
     }
 
