@@ -92,6 +92,15 @@ pub enum WalError {
         reason: String,
     },
     #[error(
+        "the WAL's identity file {} is damaged ({reason}): it names the history the log \
+         belongs to, and no start goes on without knowing it (--wal-recovery truncate does \
+         not help). Restore it from a backup of this data directory; or, if the store is \
+         this log's, remove it and start once with --accept-mismatched-wal, which gives the \
+         log the store's identity",
+        file.display()
+    )]
+    Identity { file: PathBuf, reason: String },
+    #[error(
         "WAL record {lsn} is intact but holds a change this service never writes ({reason}): \
          the log was not written by this service; start refused, the log left as it is"
     )]

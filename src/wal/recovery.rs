@@ -71,6 +71,7 @@ pub fn recover_segments(
             // A spare segment being made when the last instance stopped: the next writer
             // makes it again.
             None if name == super::identity::IDENTITY_FILE
+                || name == super::identity::IDENTITY_TEMP_FILE
                 || name == super::LOCK_FILE
                 || name == super::writer::SPARE_FILE => {}
             None => {
