@@ -186,14 +186,17 @@ async fn a_damaged_log_stops_start_up_naming_file_and_offset_unless_told_to_trun
     let mut app = try_spawn_app_in(crashed.path(), &[], Arc::new(RealFs))
         .await
         .unwrap();
-    let err = app
+    let refused = app
         .ready()
         .await
-        .expect_err("start-up must refuse a damaged log")
-        .to_string();
+        .expect_err("start-up must refuse a damaged log");
+    let err = refused.to_string();
     let name = damaged.file_name().unwrap().to_str().unwrap();
     assert!(err.contains(name) && err.contains("offset 24"), "{err}");
     assert!(err.contains("--wal-recovery truncate"), "{err}");
+    // The whole chain, as the service prints it, says it once.
+    let chain = format!("{refused:#}");
+    assert_eq!(chain.matches("offset 24").count(), 1, "{chain}");
     assert!(
         app.stop().await.is_err(),
         "the app reports the failed recovery"

@@ -70,16 +70,30 @@ pub struct EngineSettings {
 /// Why recovery could not bring the hot state back.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
+    // The cause is in the message and not a `source` as well: a report of the whole chain
+    // (`{:#}`) printed it twice.
     #[error("loading the durable store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("recovering the WAL: {0}")]
-    Wal(#[from] WalError),
+    Wal(WalError),
     /// The WAL and the store are not from one history: replaying one over the other would
     /// mix them, or lose acknowledged writes without a word.
     #[error("{0}")]
     Identity(String),
     #[error("starting the sequencer: {0}")]
     Sequencer(std::io::Error),
+}
+
+impl From<StoreError> for RecoveryError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<WalError> for RecoveryError {
+    fn from(e: WalError) -> Self {
+        Self::Wal(e)
+    }
 }
 
 pub struct MemoryEngine {
