@@ -240,8 +240,9 @@ pub fn replay(dir: &Path, mode: RecoveryMode, checkpoint: u64) -> Result<Replay,
         Ok(r) => r,
         Err(e @ WalError::Corrupt { .. }) => return Err(e),
         Err(e @ WalError::Io { .. }) => panic!("recovery ({mode:?}) failed with I/O: {e}"),
-        // Only the engine's replay checks values and runs threads; plain recovery does not.
-        Err(e @ (WalError::Invalid { .. } | WalError::Replay(_))) => {
+        // Only the engine's replay checks values and runs threads, and reads the identity;
+        // plain recovery does not.
+        Err(e @ (WalError::Invalid { .. } | WalError::Replay(_) | WalError::Identity { .. })) => {
             panic!("recovery ({mode:?}) failed in a way only the engine can: {e}")
         }
     };
