@@ -134,6 +134,16 @@ fn wal_command(command: WalCmd) -> anyhow::Result<()> {
         WalCmd::Verify { dir } => (dir, false),
     };
     let reports = widgets::wal::inspect::inspect(dir)?;
+    // A data directory given for its WAL directory: no segment, which is a new log's
+    // state too, and "all valid" would say the log had been checked.
+    if reports.is_empty() && dir.join("wal").is_dir() {
+        anyhow::bail!(
+            "{} holds no WAL segment, and {} is a directory: give the WAL directory, not \
+             the data directory",
+            dir.display(),
+            dir.join("wal").display()
+        );
+    }
     let mut records = 0;
     for report in &reports {
         records += report.records.len();

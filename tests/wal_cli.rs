@@ -165,6 +165,20 @@ async fn verify_calls_a_wrong_header_and_a_gap_damage_as_recovery_does() {
     );
 }
 
+/// verify given a data directory, not its WAL directory, says so and fails: it found no
+/// segment there, and reported "0 segments, all checksums valid".
+#[tokio::test]
+async fn verify_of_a_data_directory_points_at_its_wal() {
+    let image = log_with_records().await;
+    let out = wal(&["verify"], image.path());
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&image.path().join("wal").display().to_string()),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn verify_of_a_missing_directory_fails_clearly() {
     let out = wal(&["verify"], Path::new("/nonexistent/wal"));
