@@ -32,6 +32,11 @@ async fn widget_rows(conn: &mut PgConnection) -> Vec<(String, i64, String)> {
         .unwrap()
 }
 
+/// Whether `serial` has a widget row.
+async fn has_row(conn: &mut PgConnection, serial: &str) -> bool {
+    widget_rows(conn).await.iter().any(|(s, _, _)| s == serial)
+}
+
 /// The version of `serial`'s association on P, if it is plugged (a freed port's row has
 /// no peer).
 async fn association_version(conn: &mut PgConnection, serial: &str) -> Option<i64> {
@@ -849,12 +854,7 @@ async fn a_writer_whose_lock_session_ended_takes_the_lock_again_before_its_next_
         first.create("a1", &["P"]).await.status(),
         StatusCode::CREATED
     );
-    eventually!("a1 to be flushed", 10, {
-        widget_rows(&mut conn)
-            .await
-            .iter()
-            .any(|(s, _, _)| s == "a1")
-    });
+    eventually!("a1 to be flushed", 10, has_row(&mut conn, "a1").await);
 
     // Told to go on without the first one's WAL, as a takeover is.
     let dir = tempfile::TempDir::new().unwrap();
@@ -876,12 +876,11 @@ async fn a_writer_whose_lock_session_ended_takes_the_lock_again_before_its_next_
         first.create("a2", &["P"]).await.status(),
         StatusCode::CREATED
     );
-    eventually!("a2 to be flushed by the first", 10, {
-        widget_rows(&mut conn)
-            .await
-            .iter()
-            .any(|(s, _, _)| s == "a2")
-    });
+    eventually!(
+        "a2 to be flushed by the first",
+        10,
+        has_row(&mut conn, "a2").await
+    );
     let text = first.get("/metrics").await.text().await.unwrap();
     assert_eq!(metric(&text, "widgets_pg_writer_lock_retaken_total"), 1.0);
     drop(conn);

@@ -384,22 +384,25 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
     assert_eq!(got["d1"], [Some("d2".into()), None, None]);
     assert_eq!(got["d2"], [Some("d1".into()), None, None]);
 
+    second_refused_on_wal_dir(&wal_dir);
+    assert!(server.stop().await.expect("stopping").success());
+}
+
+/// Runs a second instance, on a data directory of its own and `--wal-dir wal_dir`, and
+/// checks that it exits within 10 s without serving, naming `wal_dir`'s lock.
+fn second_refused_on_wal_dir(wal_dir: &std::path::Path) {
     let other = tempfile::TempDir::new().unwrap();
     let second = log_on_a_pipe(&mut std::process::Command::new(env!(
         "CARGO_BIN_EXE_widgets"
     )))
-    .args([
-        "--listen",
-        "127.0.0.1:0",
-        "--wal-dir",
-        wal_arg,
-        "--data-dir",
-    ])
+    .args(["--listen", "127.0.0.1:0", "--wal-dir"])
+    .arg(wal_dir)
+    .arg("--data-dir")
     .arg(other.path())
     .spawn()
     .expect("running the second widgets process");
     let second = output_within(second, Duration::from_secs(10))
-        .expect("a second instance on the same --wal-dir still ran after 10 s");
+        .expect("a second instance on the same WAL directory still ran after 10 s");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(
         !second.status.success(),
@@ -409,7 +412,6 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
         stderr.contains(&wal_dir.join("lock").display().to_string()),
         "the refusal names the WAL directory's lock:\n{stderr}"
     );
-    assert!(server.stop().await.expect("stopping").success());
 }
 
 /// A second instance whose `--wal-dir` is a running instance's default WAL directory
@@ -421,28 +423,7 @@ async fn a_wal_dir_of_its_own_holds_the_log_through_kill_9_and_is_locked() {
 async fn a_wal_dir_that_is_another_instances_default_wal_is_refused() {
     let first_data = tempfile::TempDir::new().unwrap();
     let server = binary::start(first_data.path(), &["--flush-interval", "1h"]).await;
-    let wal_dir = first_data.path().join("wal");
-    let other = tempfile::TempDir::new().unwrap();
-    let second = log_on_a_pipe(&mut std::process::Command::new(env!(
-        "CARGO_BIN_EXE_widgets"
-    )))
-    .args(["--listen", "127.0.0.1:0", "--wal-dir"])
-    .arg(&wal_dir)
-    .arg("--data-dir")
-    .arg(other.path())
-    .spawn()
-    .expect("running the second widgets process");
-    let second = output_within(second, Duration::from_secs(10))
-        .expect("a second instance on the first one's WAL still ran after 10 s");
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        !second.status.success(),
-        "the second process served:\n{stderr}"
-    );
-    assert!(
-        stderr.contains(&wal_dir.join("lock").display().to_string()),
-        "the refusal names the WAL directory's lock:\n{stderr}"
-    );
+    second_refused_on_wal_dir(&first_data.path().join("wal"));
     assert!(server.stop().await.expect("stopping").success());
 }
 
