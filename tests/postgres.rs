@@ -32,6 +32,20 @@ async fn widget_rows(conn: &mut PgConnection) -> Vec<(String, i64, String)> {
         .unwrap()
 }
 
+/// Starts a second single-node instance with `args` on a data directory of its own and
+/// checks that its start is refused as the database's second writer; returns why.
+async fn second_writer_refused(args: &[&str]) -> String {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut second =
+        common::try_spawn_app_in(dir.path(), args, std::sync::Arc::new(widgets::wal::RealFs))
+            .await
+            .unwrap();
+    let refused = second.ready().await.expect_err("a second writer started");
+    let message = format!("{refused:#}");
+    assert!(message.contains("single-node"), "{message}");
+    message
+}
+
 /// Whether `serial` has a widget row.
 async fn has_row(conn: &mut PgConnection, serial: &str) -> bool {
     widget_rows(conn).await.iter().any(|(s, _, _)| s == serial)
@@ -729,18 +743,9 @@ async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
     );
 
     // A second single-node instance on the same database refuses to start.
-    let dir = tempfile::TempDir::new().unwrap();
     let args = ["--database-url", &db.url, "--flush-interval", "100ms"];
-    let mut second =
-        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
-            .await
-            .unwrap();
-    let refused = second.ready().await.expect_err("a second writer started");
-    let message = format!("{refused:#}");
-    assert!(
-        message.contains("single-node") && message.contains("Redis mode"),
-        "{message}"
-    );
+    let message = second_writer_refused(&args).await;
+    assert!(message.contains("Redis mode"), "{message}");
 
     // The first loses its lock (its session dies) and a third instance takes over: the
     // first can no longer commit a flush, and what it acknowledges since stays its own.
@@ -857,7 +862,6 @@ async fn a_writer_whose_lock_session_ended_takes_the_lock_again_before_its_next_
     eventually!("a1 to be flushed", 10, has_row(&mut conn, "a1").await);
 
     // Told to go on without the first one's WAL, as a takeover is.
-    let dir = tempfile::TempDir::new().unwrap();
     let args = [
         "--database-url",
         &db.url,
@@ -865,13 +869,7 @@ async fn a_writer_whose_lock_session_ended_takes_the_lock_again_before_its_next_
         "100ms",
         "--accept-mismatched-wal",
     ];
-    let mut second =
-        common::try_spawn_app_in(dir.path(), &args, std::sync::Arc::new(widgets::wal::RealFs))
-            .await
-            .unwrap();
-    let refused = second.ready().await.expect_err("a second writer started");
-    let message = format!("{refused:#}");
-    assert!(message.contains("single-node"), "{message}");
+    second_writer_refused(&args).await;
     assert_eq!(
         first.create("a2", &["P"]).await.status(),
         StatusCode::CREATED
