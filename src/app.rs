@@ -102,10 +102,18 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     // append to this one's log and trim it. (Redis mode keeps nothing there.)
     config.check_wal_dir()?;
     let data_dir = match config.redis_url() {
-        None => Some(vec![
-            DataDirLock::acquire(&config.data_dir)?,
-            DataDirLock::acquire(&config.wal_dir())?,
-        ]),
+        None => {
+            // What would refuse the start later is refused before anything in the data
+            // directory is made, locked or recovered.
+            crate::engine::check_priority(config.sequencer_priority)?;
+            for dir in [&config.data_dir, &config.wal_dir()] {
+                DataDirLock::check(dir)?;
+            }
+            Some(vec![
+                DataDirLock::acquire(&config.data_dir)?,
+                DataDirLock::acquire(&config.wal_dir())?,
+            ])
+        }
         Some(_) => None,
     };
     crate::metrics::handle();

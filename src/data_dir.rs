@@ -50,6 +50,16 @@ pub struct DataDirLock {
 }
 
 impl DataDirLock {
+    /// Refuses a `dir` that is there but not a directory, before anything is made.
+    pub fn check(dir: &Path) -> Result<(), LockError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(LockError::NotADirectory {
+                dir: dir.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Creates `dir` if needed and locks it, or fails at once if another process holds it.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
         let lock = dir.join(LOCK_FILE);
@@ -57,11 +67,7 @@ impl DataDirLock {
             lock: lock.clone(),
             source,
         };
-        if dir.exists() && !dir.is_dir() {
-            return Err(LockError::NotADirectory {
-                dir: dir.to_owned(),
-            });
-        }
+        Self::check(dir)?;
         // A new data directory's entry is made durable too, or a power loss could take it
         // with the fsynced WAL inside.
         create_dir_durably(&RealFs, dir).map_err(|(_, e)| io(e))?;

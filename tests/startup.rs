@@ -46,6 +46,48 @@ fn a_malformed_env_file_refuses_the_start_and_applies_none_of_it() {
     );
 }
 
+/// Settings a start cannot go on with are refused before anything in the data directory
+/// is made, locked or recovered: a `--wal-dir` that is a file left `<data dir>/lock`
+/// behind, and `--sequencer-priority realtime` without the right to it was refused only
+/// once recovery had run (on a new directory: the store made, the identity written, a
+/// segment preallocated).
+#[test]
+fn a_start_refused_by_its_settings_leaves_the_data_directory_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out = run_in(dir.path(), &["--wal-dir", file.to_str().unwrap()])
+        .expect("widgets served on a --wal-dir that is a file");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not a directory"), "{stderr}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "the data directory was made"
+    );
+
+    // Without CAP_SYS_NICE (as root, its bounding set less it; RLIMIT_RTPRIO is 0 here).
+    let child = log_on_a_pipe(
+        Command::new("setpriv")
+            .args(["--bounding-set", "-sys_nice", "--"])
+            .arg(env!("CARGO_BIN_EXE_widgets")),
+    )
+    .args(["--listen", "127.0.0.1:0", "--database-url="])
+    .args(["--sequencer-priority", "realtime", "--data-dir"])
+    .arg(dir.path().join("data"))
+    .spawn()
+    .expect("running widgets under setpriv (util-linux), as root");
+    let out = output_within(child, Duration::from_secs(20))
+        .expect("widgets served at realtime priority without CAP_SYS_NICE");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("CAP_SYS_NICE"), "{stderr}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "the data directory was made"
+    );
+}
+
 #[test]
 fn a_store_url_that_cannot_be_read_refuses_the_start_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,9 @@ mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-pub use memory::{EngineSettings, FlushTicket, MemoryEngine, RecoveryError, SequencerPriority};
+pub use memory::{
+    check_priority, EngineSettings, FlushTicket, MemoryEngine, RecoveryError, SequencerPriority,
+};
 
 use crate::domain::{DomainError, Rule, Serial, Widget};
 use std::sync::Arc;

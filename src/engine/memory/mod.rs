@@ -21,7 +21,7 @@ mod state;
 use self::dirty::{DirtySet, Taken};
 use self::packed::PackedWidget;
 use self::sequencer::Job;
-pub use self::sequencer::SequencerPriority;
+pub use self::sequencer::{check_priority, SequencerPriority};
 use self::state::{Shared, WidgetMap};
 use super::EngineError;
 use crate::domain::{Rule, Serial, Widget};

@@ -181,6 +181,22 @@ pub(super) fn spawn(
     }
 }
 
+/// Whether this process may put a thread at `priority`: tried on a thread of its own that
+/// ends at once, so that a start that cannot is refused before it touches the data
+/// directory (the sequencer takes its priority only once recovery is done).
+pub fn check_priority(priority: SequencerPriority) -> std::io::Result<()> {
+    if priority == SequencerPriority::Normal {
+        return Ok(());
+    }
+    std::thread::spawn(move || schedule(priority))
+        .join()
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the priority check's thread panicked",
+            ))
+        })
+}
+
 /// Puts the calling thread at `priority`.
 #[cfg(target_os = "linux")]
 fn schedule(priority: SequencerPriority) -> std::io::Result<()> {
