@@ -308,15 +308,17 @@ pub fn check(
             .flush_every_ms(None)
             .open()?)
     })?;
-    let differs = |key: &[u8], reason: String| StoreError::Corrupt {
-        key: format!("{} in the rebuilt store", bucket::describe(key)),
+    // The store's own keys are a NUL and a name.
+    let name = |key: &[u8]| String::from_utf8_lossy(&key[1..]).into_owned();
+    let differs = |what: String, reason: String| StoreError::Corrupt {
+        key: format!("{what} in the rebuilt store"),
         reason,
     };
     for key in OWN_KEYS.into_iter().filter(|&key| key != BUCKET_BITS_KEY) {
         let (was, is) = (old.get(key)?, new.get(key)?);
         if was != is {
             return Err(differs(
-                key,
+                name(key),
                 format!("{is:?}, where the store holds {was:?}"),
             ));
         }
@@ -324,14 +326,14 @@ pub fn check(
     let layout = read_layout(&new)?;
     if layout != Some(to) {
         return Err(differs(
-            BUCKET_BITS_KEY,
+            name(BUCKET_BITS_KEY),
             format!("{:?}, expected {}", layout.map(Layout::bits), to.bits()),
         ));
     }
     let (widgets, bytes) = widgets_in(&new)?;
     if widgets != held {
         return Err(differs(
-            &[bucket::PREFIX],
+            "the buckets".into(),
             format!("{widgets} widgets, where the store holds {held}"),
         ));
     }
