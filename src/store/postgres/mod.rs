@@ -250,11 +250,12 @@ impl PgStore {
                      lock again"
                 );
             }
-            Ok((_, false)) => tracing::error!(
+            Ok((_, false)) => tracing::warn!(
                 token = claim.token,
-                "the session holding the single-writer lock has ended, and another \
-                 instance holds the lock now: a second single-node instance on this \
-                 database, whose claim fences this one"
+                "the session holding the single-writer lock has ended, and another session \
+                 holds the lock: this one's old session, until PostgreSQL sees it gone, or \
+                 a second single-node instance, whose claim fences this one; tried again \
+                 before the next flush"
             ),
             Err(e) => tracing::warn!(error = %e, token = claim.token,
                 "the session holding the single-writer lock has ended, and taking the lock \
