@@ -78,8 +78,9 @@ pub enum StoreError {
     /// version high water's, Redis mode's epoch's) has lost it.
     #[error(
         "PostgreSQL's {table} table has lost its one row (deleted by hand, or left out by a \
-         restore): nothing is committed, and the WAL is kept from here on. Restore the \
-         database, or put the row back as the migration that made it did (migrations/)"
+         restore): nothing is committed, and what was to be written is kept and tried \
+         again. Restore the database, or put the row back as the migration that made it \
+         did (migrations/)"
     )]
     MissingRow { table: &'static str },
     /// The database has gone back in time; `stored` is its checkpoint.
