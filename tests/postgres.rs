@@ -32,6 +32,18 @@ async fn widget_rows(conn: &mut PgConnection) -> Vec<(String, i64, String)> {
         .unwrap()
 }
 
+/// Ends every session holding an advisory lock on the database (the single writer's), as a
+/// PostgreSQL restart would; whether each was ended.
+async fn end_lock_sessions(conn: &mut PgConnection) -> Vec<bool> {
+    sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
 /// Starts a second single-node instance with `args` on a data directory of its own and
 /// checks that its start is refused as the database's second writer; returns why.
 async fn second_writer_refused(args: &[&str]) -> String {
@@ -750,13 +762,7 @@ async fn one_single_node_writer_per_database_and_a_replaced_one_cannot_flush() {
     // The first loses its lock (its session dies) and a third instance takes over: the
     // first can no longer commit a flush, and what it acknowledges since stays its own.
     let mut conn = db.connect().await;
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    end_lock_sessions(&mut conn).await;
     // (Without the first one's WAL: the operator says so, or the store's identity refuses.)
     let third_dir = tempfile::TempDir::new().unwrap();
     let takeover = [&args[..], &["--accept-mismatched-wal"]].concat();
@@ -847,14 +853,11 @@ async fn a_writer_whose_lock_session_ended_takes_the_lock_again_before_its_next_
     let db = TestDb::create().await;
     let first = pg_app(&db.url, &[]).await;
     let mut conn = db.connect().await;
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!(ended, [true], "the lock's session");
+    assert_eq!(
+        end_lock_sessions(&mut conn).await,
+        [true],
+        "the lock's session"
+    );
     assert_eq!(
         first.create("a1", &["P"]).await.status(),
         StatusCode::CREATED

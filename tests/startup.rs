@@ -54,17 +54,20 @@ fn a_malformed_env_file_refuses_the_start_and_applies_none_of_it() {
 #[test]
 fn a_start_refused_by_its_settings_leaves_the_data_directory_untouched() {
     let dir = tempfile::tempdir().unwrap();
+    let refused_saying = |out: Output, says: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "the data directory was made"
+        );
+    };
     let file = dir.path().join("a-file");
     std::fs::write(&file, "not a directory").unwrap();
     let out = run_in(dir.path(), &["--wal-dir", file.to_str().unwrap()])
         .expect("widgets served on a --wal-dir that is a file");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("not a directory"), "{stderr}");
-    assert!(
-        !dir.path().join("data").exists(),
-        "the data directory was made"
-    );
+    refused_saying(out, "not a directory");
 
     // Without CAP_SYS_NICE (as root, its bounding set less it; RLIMIT_RTPRIO is 0 here).
     let child = log_on_a_pipe(
@@ -79,13 +82,7 @@ fn a_start_refused_by_its_settings_leaves_the_data_directory_untouched() {
     .expect("running widgets under setpriv (util-linux), as root");
     let out = output_within(child, Duration::from_secs(20))
         .expect("widgets served at realtime priority without CAP_SYS_NICE");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("CAP_SYS_NICE"), "{stderr}");
-    assert!(
-        !dir.path().join("data").exists(),
-        "the data directory was made"
-    );
+    refused_saying(out, "CAP_SYS_NICE");
 }
 
 #[test]
