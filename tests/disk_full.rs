@@ -52,6 +52,12 @@ async fn the_embedded_store_heals_after_a_full_disk_without_a_restart() {
         metric(&m, "widgets_flush_failures_total") > 0.0
     });
     assert!(app.widget("f2999").await.is_some(), "reads go on");
+    // sled refused the write before the kernel had it: nothing to rebuild the store for
+    // (a write that failed otherwise marks it so, beside it).
+    assert!(
+        !data.path().join("store.rebuild").exists(),
+        "a full disk marked the store for a rebuild"
+    );
     eventually!("/readyz to say the flusher is stalled", 10, {
         app.get("/readyz").await.status() == StatusCode::SERVICE_UNAVAILABLE
     });

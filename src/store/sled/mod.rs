@@ -43,7 +43,7 @@ use self::compact::Compaction;
 use super::background::{Background, BackgroundError};
 use super::{FlushBatch, Store, StoreError, Visitor};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -92,6 +92,10 @@ struct Inner {
     /// The first of sled's blob files not yet synced since the database was opened (see
     /// [`sync_blobs`]).
     blobs_unsynced: AtomicU64,
+    /// Set by a write that failed an I/O other than a full disk's, and kept on disk by the
+    /// file [`REBUILD_MARK`] beside the store until it is cleared: the next write first
+    /// rebuilds the store (see [`SledStore::rebuild`]).
+    rebuild_due: AtomicBool,
 }
 
 /// What the store knows of its size, and its compaction.
@@ -149,6 +153,7 @@ impl SledStore {
             compact: options.compact,
             upkeep: Mutex::new(Upkeep::default()),
             blobs_unsynced: AtomicU64::new(0),
+            rebuild_due: AtomicBool::new(sibling(path, REBUILD_MARK).exists()),
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -269,14 +274,13 @@ impl SledStore {
         if let Some(layout) = self.layout() {
             return Ok(layout);
         }
-        let widgets = (batch.widgets).unwrap_or(batch.items.len() as u64);
-        let layout = Layout::for_widgets(widgets);
+        let layout = new_layout(batch);
         db.insert(BUCKET_BITS_KEY, &layout.recorded())?;
         point("first write: the layout inserted")?;
         db.flush()?;
         point("first write: the layout flushed")?;
         tracing::info!(
-            widgets,
+            widgets = batch.widgets.unwrap_or(batch.items.len() as u64),
             bucket_bits = layout.bits(),
             "laying out the new embedded store"
         );
@@ -394,7 +398,11 @@ impl SledStore {
     }
 
     fn write_blocking(&self, batch: FlushBatch) -> Result<(), StoreError> {
-        let db = self.db()?;
+        let mut db = self.db()?;
+        if self.inner.rebuild_due.load(Ordering::Relaxed) {
+            let layout = self.layout().unwrap_or_else(|| new_layout(&batch));
+            db = self.rebuild(db, layout)?;
+        }
         // Each chunk is made durable before the next: sled otherwise leaves a whole flush's
         // log to the kernel's page cache until its one `flush`, and the disk then writes
         // it in one burst that every WAL fsync queues behind (fsyncs of 100-500 ms, a few
@@ -402,7 +410,7 @@ impl SledStore {
         let mut grown = 0;
         let layout = match self.layout_for(&db, &batch) {
             Ok(layout) => layout,
-            Err(e) => return self.closing_on_io_error(db, Err(e)),
+            Err(e) => return self.failed_write(db, e),
         };
         let written = write_in_chunks(
             &batch,
@@ -432,9 +440,104 @@ impl SledStore {
             self.abandon_compaction(&mut upkeep, e);
         }
         drop(upkeep);
-        self.closing_on_io_error(db.clone(), written)?;
+        if let Err(e) = written {
+            return self.failed_write(db, e);
+        }
         self.compact_after(db, layout, &batch);
         Ok(())
+    }
+
+    /// A write that failed with `e`. Unless sled refused it for a full disk, before its
+    /// data reached the kernel, the store's file may not hold on disk what sled reads back:
+    /// a failed `fsync` leaves the pages it could not write in the page cache, marked clean,
+    /// and sled, opened again, reads them as written. Writing on over them could leave the
+    /// WAL trimmed behind a store that a power loss takes back to before them, or that
+    /// sled then cannot recover (it reuses a segment once its pages have moved on, to those
+    /// lost pages). So the next write first rebuilds the store from what sled reads, into
+    /// a new file that is synced and read back (see [`Self::rebuild`]); until then no
+    /// checkpoint is stored, and the WAL keeps every change. A file beside the store keeps
+    /// that due across a restart, which reads the same page cache.
+    fn failed_write<T>(&self, db: sled::Db, e: StoreError) -> Result<T, StoreError> {
+        let full = matches!(&e, StoreError::Sled(sled::Error::Io(io))
+            if io.kind() == std::io::ErrorKind::StorageFull);
+        let io = matches!(
+            &e,
+            StoreError::Sled(sled::Error::Io(_)) | StoreError::Io { .. }
+        );
+        if io && !full && !self.inner.rebuild_due.swap(true, Ordering::Relaxed) {
+            let mark = sibling(&self.inner.path, REBUILD_MARK);
+            let marked = std::fs::File::create(&mark)
+                .and_then(|file| file.sync_all())
+                .map_err(StoreError::io(format!("creating {}", mark.display())))
+                .and_then(|()| sync_parent(&mark));
+            tracing::warn!(error = %e, marked = ?marked.err().map(|e| e.to_string()),
+                path = %self.inner.path.display(),
+                "a write to the embedded store failed an I/O: its next write rebuilds it \
+                 first, as what sled reads back may not be on disk");
+        }
+        self.closing_on_io_error(db, Err(e))
+    }
+
+    /// Copies the store, from what `db` reads back, into a new store beside it, syncs and
+    /// reads that back, and puts it in the old one's place (a compaction in one go, `layout`
+    /// kept): due after a failed write (see [`Self::failed_write`]). Returns the new store.
+    /// A failure removes what it built and fails the write; the next write tries again.
+    fn rebuild(&self, db: sled::Db, layout: Layout) -> Result<sled::Db, StoreError> {
+        let started = Instant::now();
+        tracing::warn!(path = %self.inner.path.display(),
+            "rebuilding the embedded store before its next write, after a write that failed");
+        // A compaction under way is closed first: the rebuild is built where it was.
+        self.upkeep().compaction.take();
+        let rebuilding = sibling(&self.inner.path, REBUILDING);
+        let settings = self.inner.compact;
+        let file_bytes = db.size_on_disk().unwrap_or(0);
+        let built = Compaction::start(&rebuilding, file_bytes, layout, layout)
+            .and_then(|mut copy| {
+                while !copy.step(&db, &settings, u64::MAX)? {}
+                Ok(copy)
+            })
+            .and_then(|copy| seal(copy, &db, &rebuilding));
+        let live = match built {
+            Ok(live) => live,
+            Err(e) => {
+                if rebuilding.exists() {
+                    if let Err(removing) = remove_dir(&rebuilding) {
+                        tracing::warn!(error = %removing, "removing a failed rebuild failed");
+                    }
+                }
+                return self.closing_on_io_error(db, Err(e));
+            }
+        };
+        let db = self.swap_in(db)?;
+        self.upkeep().live_bytes = Some(live);
+        self.inner.rebuild_due.store(false, Ordering::Relaxed);
+        let mark = sibling(&self.inner.path, REBUILD_MARK);
+        if let Err(e) = std::fs::remove_file(&mark)
+            .map_err(StoreError::io(format!("removing {}", mark.display())))
+            .and_then(|()| sync_parent(&mark))
+        {
+            // Only costs the next start a rebuild more.
+            tracing::warn!(error = %e, "removing the rebuild's mark failed");
+        }
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            "rebuilt the embedded store"
+        );
+        Ok(db)
+    }
+
+    /// Puts the store built beside this one (closed and synced) in its place and opens it;
+    /// `db` is the old store's handle.
+    fn swap_in(&self, db: sled::Db) -> Result<sled::Db, StoreError> {
+        // Every handle on the old store closed before its directory is renamed, and the
+        // kept one's lock held meanwhile, so that nothing opens it again halfway; from here
+        // on a failure is finished by `finish_move` when the store opens again.
+        drop(db);
+        let mut kept = self.handle();
+        kept.take();
+        let swapped = swap_in_moved(&self.inner.path);
+        drop(kept);
+        swapped.and_then(|()| self.db_once_closed())
     }
 
     /// After a write: takes the compaction under way a step further, and puts the new
@@ -491,16 +594,7 @@ impl SledStore {
         })();
         let whole = match stepped {
             Ok(false) => return,
-            Ok(true) => (upkeep.compaction.take()).map(|c| {
-                let to = c.to();
-                c.finish(&db)
-                    .and_then(|()| sync_blobs(&rebuilding, &mut 0))
-                    .and_then(|()| sync_files(&rebuilding, &["db", "conf", "."]))
-                    .and_then(|()| {
-                        point("compaction: the new store synced").map_err(StoreError::from)
-                    })
-                    .and_then(|()| compact::check(&db, &rebuilding, to, None))
-            }),
+            Ok(true) => (upkeep.compaction.take()).map(|c| seal(c, &db, &rebuilding)),
             Err(e) => Some(Err(e)),
         };
         let live = match whole {
@@ -508,15 +602,7 @@ impl SledStore {
             Some(Ok(live)) => live,
             None => return,
         };
-        // Every handle on the old store closed before its directory is renamed, and the
-        // kept one's lock held meanwhile, so that nothing opens it again halfway; from here
-        // on a failure is finished by `finish_move` when the store opens again.
-        drop(db);
-        let mut kept = self.handle();
-        kept.take();
-        let swapped = swap_in_moved(&self.inner.path);
-        drop(kept);
-        match swapped.and_then(|()| self.db_once_closed()) {
+        match self.swap_in(db) {
             Ok(_) => {
                 upkeep.compacted += 1;
                 upkeep.live_bytes = Some(live);
@@ -626,6 +712,28 @@ const PASS_WIDGETS: u64 = 2_000_000;
 /// half-moved by an earlier version is finished under them.)
 const REBUILDING: &str = ".buckets";
 const REPLACED: &str = ".before-buckets";
+/// A file beside the store (with the store's own name before it) while a rebuild is due
+/// after a failed write (see [`SledStore::failed_write`]).
+const REBUILD_MARK: &str = ".rebuild";
+
+/// The layout of a new store that `batch` is the first write to: for the widgets it says
+/// the store holds (its items, if it does not say).
+fn new_layout(batch: &FlushBatch) -> Layout {
+    Layout::for_widgets((batch.widgets).unwrap_or(batch.items.len() as u64))
+}
+
+/// Finishes `compaction` from the old store `old`, makes the new store in `path` durable,
+/// names included, and reads it back (see [`compact::check`]); returns the bytes of its
+/// buckets.
+fn seal(compaction: Compaction, old: &sled::Db, path: &Path) -> Result<u64, StoreError> {
+    let to = compaction.to();
+    compaction
+        .finish(old)
+        .and_then(|()| sync_blobs(path, &mut 0))
+        .and_then(|()| sync_files(path, &["db", "conf", "."]))
+        .and_then(|()| point("compaction: the new store synced").map_err(StoreError::from))
+        .and_then(|()| compact::check(old, path, to, None))
+}
 
 /// Every directory the embedded store at `path` writes, renames or removes: its own and
 /// those it is rebuilt in and swapped through. Nothing else may live in them.
@@ -2419,5 +2527,114 @@ mod tests {
                 "error at point {fail_at}, {at:?}, opened again: {checkpoint}, {wrong:?}"
             );
         }
+    }
+
+    /// The inode of the store's file: a rebuilt store has a new one.
+    fn file_of(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path.join("db")).unwrap().ino()
+    }
+
+    /// Writes `rounds` into `store` and `model`; the write of `round` fails at the hook's
+    /// point once with `error`, and the next round writes its widgets again.
+    async fn write_failing_once(
+        store: &SledStore,
+        model: &mut BTreeMap<String, Widget>,
+        rounds: std::ops::RangeInclusive<u64>,
+        round: u64,
+        error: std::io::ErrorKind,
+    ) {
+        let mut failed: Option<FlushBatch> = None;
+        for r in rounds {
+            let mut batch = round_batch(model, r);
+            if let Some(before) = failed.take() {
+                let mut items: BTreeMap<String, FlushItem> = (before.items.into_iter())
+                    .map(|i| (i.serial.as_str().to_owned(), i))
+                    .collect();
+                items.extend(
+                    batch
+                        .items
+                        .into_iter()
+                        .map(|i| (i.serial.as_str().to_owned(), i)),
+                );
+                batch.items = items.into_values().collect();
+            }
+            if r == round {
+                let mut fail = true;
+                crash::set(
+                    store,
+                    Some(Box::new(move |at| {
+                        (at == "write: a chunk flushed" && std::mem::take(&mut fail))
+                            .then(|| Err(sled::Error::Io(error.into())))
+                    })),
+                )
+                .await;
+                store.write_batch(batch.clone()).await.unwrap_err();
+                crash::set(store, None).await;
+                failed = Some(batch);
+            } else {
+                store.write_batch(batch).await.unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_failed_an_io_rebuilds_the_store_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open_with(&path, never_compacting()).unwrap();
+        loaded(&store).await;
+        let mut model = BTreeMap::new();
+        write_failing_once(&store, &mut model, 1..=2, 2, std::io::ErrorKind::Other).await;
+        let mark = sibling(&path, REBUILD_MARK);
+        assert!(mark.exists(), "no mark after the failed write");
+        let before = file_of(&path);
+        write_failing_once(&store, &mut model, 3..=4, 0, std::io::ErrorKind::Other).await;
+        assert_ne!(file_of(&path), before, "written on over the failed file");
+        assert!(!mark.exists(), "the mark is left after the rebuild");
+        assert_rebuilt(&path);
+        let (got, checkpoint) = loaded(&store).await;
+        assert_eq!((checkpoint, differences(&got, &model)), (4, vec![]));
+        // Rebuilt once: the write after it goes into the new file.
+        let rebuilt = file_of(&path);
+        write_failing_once(&store, &mut model, 5..=5, 0, std::io::ErrorKind::Other).await;
+        assert_eq!(file_of(&path), rebuilt);
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_due_when_the_store_closed_is_done_by_its_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut model = BTreeMap::new();
+        {
+            let store = SledStore::open_with(&path, never_compacting()).unwrap();
+            loaded(&store).await;
+            write_failing_once(&store, &mut model, 1..=2, 2, std::io::ErrorKind::Other).await;
+        }
+        let before = file_of(&path);
+        let store = SledStore::open_with(&path, never_compacting()).unwrap();
+        loaded(&store).await;
+        write_failing_once(&store, &mut model, 3..=3, 0, std::io::ErrorKind::Other).await;
+        assert_ne!(file_of(&path), before, "written on over the failed file");
+        assert!(!sibling(&path, REBUILD_MARK).exists());
+        let (got, checkpoint) = loaded(&store).await;
+        assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_write_refused_for_a_full_disk_is_written_on_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open_with(&path, never_compacting()).unwrap();
+        loaded(&store).await;
+        let mut model = BTreeMap::new();
+        let full = std::io::ErrorKind::StorageFull;
+        write_failing_once(&store, &mut model, 1..=2, 2, full).await;
+        assert!(!sibling(&path, REBUILD_MARK).exists());
+        let before = file_of(&path);
+        write_failing_once(&store, &mut model, 3..=3, 0, full).await;
+        assert_eq!(file_of(&path), before, "rebuilt after a full disk");
+        let (got, checkpoint) = loaded(&store).await;
+        assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
     }
 }
