@@ -870,9 +870,9 @@ fn swap_in_moved(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A named step of a write, a compaction, a move into buckets or a swap, where the tests
-/// stop the process (by copying the store's files as they are there) or fail the step
-/// with an I/O error. Nothing, outside tests.
+/// A named step of a write (the identity's too), a compaction, a move into buckets or a
+/// swap, where the tests stop the process (by copying the store's files as they are
+/// there) or fail the step with an I/O error. Nothing, outside tests.
 fn point(what: &'static str) -> sled::Result<()> {
     #[cfg(test)]
     if let Some(failed) = tests::crash::at(what) {
@@ -1086,9 +1086,14 @@ impl Store for SledStore {
             .writer
             .run(move || {
                 let db = this.db()?;
-                db.insert(IDENTITY_KEY, identity.as_bytes())?;
-                db.flush()?;
-                Ok(())
+                let written = db
+                    .insert(IDENTITY_KEY, identity.as_bytes())
+                    .and_then(|_| db.flush())
+                    .and_then(|_| point("identity: flushed"));
+                match written {
+                    Ok(()) => Ok(()),
+                    Err(e) => this.failed_write(db, e.into()),
+                }
             })
             .await
             .map_err(task_error)?
@@ -2619,6 +2624,32 @@ mod tests {
         assert!(!sibling(&path, REBUILD_MARK).exists());
         let (got, checkpoint) = loaded(&store).await;
         assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+    }
+
+    #[tokio::test]
+    async fn an_identity_that_failed_an_io_is_followed_by_a_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open_with(&path, never_compacting()).unwrap();
+        let mut model = BTreeMap::new();
+        write_failing_once(&store, &mut model, 1..=1, 0, std::io::ErrorKind::Other).await;
+        crash::set(
+            &store,
+            Some(Box::new(|at| {
+                (at == "identity: flushed").then(|| Err(std::io::Error::other("injected").into()))
+            })),
+        )
+        .await;
+        store.set_identity("history").await.unwrap_err();
+        crash::set(&store, None).await;
+        assert!(sibling(&path, REBUILD_MARK).exists(), "no mark");
+        store.set_identity("history").await.unwrap();
+        let before = file_of(&path);
+        write_failing_once(&store, &mut model, 2..=2, 0, std::io::ErrorKind::Other).await;
+        assert_ne!(file_of(&path), before, "written on over the failed file");
+        assert_eq!(store.identity().await.unwrap().as_deref(), Some("history"));
+        let (got, checkpoint) = loaded(&store).await;
+        assert_eq!((checkpoint, differences(&got, &model)), (2, vec![]));
     }
 
     #[tokio::test]
