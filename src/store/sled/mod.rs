@@ -153,7 +153,8 @@ impl SledStore {
             compact: options.compact,
             upkeep: Mutex::new(Upkeep::default()),
             blobs_unsynced: AtomicU64::new(0),
-            rebuild_due: AtomicBool::new(sibling(path, REBUILD_MARK).exists()),
+            // A mark that cannot be looked at may be there.
+            rebuild_due: AtomicBool::new(sibling(path, REBUILD_MARK).try_exists().unwrap_or(true)),
         };
         let store = Self {
             inner: Arc::new(inner),
@@ -175,12 +176,17 @@ impl SledStore {
         #[cfg(test)]
         tests::crash::opening(&self.inner.path);
         let path = &self.inner.path;
-        let db = self.db_once_closed()?;
+        let db = self.db()?;
         // From the start, not from the first write: it is also how an alert tells the
         // embedded store (whose flush interval is longer) from PostgreSQL, whose flushes
         // may fail from the start.
         metrics::gauge!("widgets_store_file_bytes").set(db.size_on_disk().unwrap_or(0) as f64);
-        if self.layout().is_some() {
+        if let Some(layout) = self.layout() {
+            // Before the store is loaded: the start trims the WAL behind the checkpoint it
+            // reads. (A store with no layout holds no checkpoint: its first write rebuilds it.)
+            if self.inner.rebuild_due.load(Ordering::Relaxed) {
+                self.rebuild(db, layout)?;
+            }
             return Ok(());
         }
         let old = check_old_entries(&db)?;
@@ -222,7 +228,9 @@ impl SledStore {
         drop(db);
         self.handle().take();
         swap_in_moved(path)?;
-        self.db_once_closed()?;
+        self.db()?;
+        // Built anew, synced and read back: what a rebuild due would do.
+        self.rebuild_done();
         if self.layout().is_none() {
             return Err(StoreError::Corrupt {
                 key: "bucket_bits".into(),
@@ -235,12 +243,6 @@ impl SledStore {
             "the embedded store's widgets are in buckets now"
         );
         Ok(())
-    }
-
-    /// [`Self::db`], once this process's last use of the database has let it go (see
-    /// [`once_unlocked`]).
-    fn db_once_closed(&self) -> Result<sled::Db, StoreError> {
-        once_unlocked(|| self.db())
     }
 
     /// The kept handle. A panic while it was held leaves it as it was: sled 0.34 panics
@@ -290,7 +292,8 @@ impl SledStore {
 
     /// The open database, opened again if an I/O error or a compaction closed it (first
     /// finishing what a crash left of a rebuild: see [`finish_move`]), with the layout it
-    /// records read again.
+    /// records read again. Opening again waits for this process's last use of the database
+    /// to let it go (see [`once_unlocked`]).
     fn db(&self) -> Result<sled::Db, StoreError> {
         let mut db = self.handle();
         if let Some(db) = db.as_ref() {
@@ -298,21 +301,34 @@ impl SledStore {
         }
         finish_move(&self.inner.path)?;
         remove_unfinished_snapshots(&self.inner.path)?;
-        let opened = sled::Config::new()
+        let config = sled::Config::new()
             .path(&self.inner.path)
             .cache_capacity(self.inner.cache_bytes)
             // Every write ends with its own `flush`; sled's timer would only add a thread
             // flushing at the usual priority. (sled 0.34 cleans its log's segments only on
             // that thread, and turning it on did not slow the log's growth: BENCHMARKS.md,
             // "sled's file under a long load". The store compacts itself instead.)
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
         // The names of a store sled has just made are on disk before a write the WAL is
         // trimmed behind: each write `fsync`s only the file `db`. And `db` itself: a kill
         // between a write's `flush` and its `fsync` leaves the write in the page cache,
         // where this open reads it as written, and the start trims the WAL behind it.
-        sync_files(&self.inner.path, &["db", "conf", "."])
-            .and_then(|()| sync_parent(&self.inner.path))?;
+        // (sled's recovery writes and syncs too.) A failure here leaves the file as
+        // suspect as a failed write does.
+        let opened = once_unlocked(|| Ok(config.open()?)).and_then(|opened| {
+            sync_files(&self.inner.path, &["db", "conf", "."])
+                .and_then(|()| sync_parent(&self.inner.path))
+                .map(|()| opened)
+        });
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                if suspect(&e) {
+                    self.mark_for_rebuild(&e);
+                }
+                return Err(e);
+            }
+        };
         // What the store records, even none: a layout a new store chose just before an I/O
         // error closed it may never have reached the disk.
         self.set_layout(read_layout(&opened)?);
@@ -447,35 +463,65 @@ impl SledStore {
         Ok(())
     }
 
-    /// A write that failed with `e`. Unless sled refused it for a full disk, before its
-    /// data reached the kernel, the store's file may not hold on disk what sled reads back:
-    /// a failed `fsync` leaves the pages it could not write in the page cache, marked clean,
-    /// and sled, opened again, reads them as written. Writing on over them could leave the
-    /// WAL trimmed behind a store that a power loss takes back to before them, or that
-    /// sled then cannot recover (it reuses a segment once its pages have moved on, to those
-    /// lost pages). So the next write first rebuilds the store from what sled reads, into
-    /// a new file that is synced and read back (see [`Self::rebuild`]); until then no
-    /// checkpoint is stored, and the WAL keeps every change. A file beside the store keeps
-    /// that due across a restart, which reads the same page cache.
+    /// A write that failed with `e`. Unless [`suspect`] clears it (sled refusing it for a
+    /// full disk), the store's file may not hold on disk what sled reads back: a failed
+    /// `fsync` leaves the pages it could not write in the page cache, marked clean, and
+    /// sled, opened again, reads them as written. Writing on over them could leave the WAL
+    /// trimmed behind a store that a power loss takes back to before them, or that sled
+    /// then cannot recover (it reuses a segment once its pages have moved on, to those lost
+    /// pages). So the next write first rebuilds the store from what sled reads, into a new
+    /// file that is synced and read back (see [`Self::rebuild`]); until then no checkpoint
+    /// is stored, and the WAL keeps every change. A file beside the store keeps that due
+    /// across a restart, which reads the same page cache and rebuilds the store as it opens,
+    /// before the start trims the WAL behind the checkpoint it loads.
     fn failed_write<T>(&self, db: sled::Db, e: StoreError) -> Result<T, StoreError> {
-        let full = matches!(&e, StoreError::Sled(sled::Error::Io(io))
-            if io.kind() == std::io::ErrorKind::StorageFull);
-        let io = matches!(
-            &e,
-            StoreError::Sled(sled::Error::Io(_)) | StoreError::Io { .. }
-        );
-        if io && !full && !self.inner.rebuild_due.swap(true, Ordering::Relaxed) {
-            let mark = sibling(&self.inner.path, REBUILD_MARK);
-            let marked = std::fs::File::create(&mark)
-                .and_then(|file| file.sync_all())
-                .map_err(StoreError::io(format!("creating {}", mark.display())))
-                .and_then(|()| sync_parent(&mark));
-            tracing::warn!(error = %e, marked = ?marked.err().map(|e| e.to_string()),
-                path = %self.inner.path.display(),
-                "a write to the embedded store failed an I/O: its next write rebuilds it \
-                 first, as what sled reads back may not be on disk");
+        if suspect(&e) {
+            self.mark_for_rebuild(&e);
         }
         self.closing_on_io_error(db, Err(e))
+    }
+
+    /// Makes a rebuild due after `why` (see [`Self::failed_write`]): in memory, and by the
+    /// file [`REBUILD_MARK`] beside the store, for a restart. A mark that cannot be made
+    /// now is made before the rebuild, which waits for it.
+    fn mark_for_rebuild(&self, why: &StoreError) {
+        if !self.inner.rebuild_due.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %why, path = %self.inner.path.display(),
+                "the embedded store failed an I/O as it was written: it is rebuilt before \
+                 its next write, as what sled reads back may not be on disk");
+        }
+        if let Err(e) = self.mark() {
+            tracing::warn!(error = %e, "marking the embedded store for a rebuild failed; \
+                tried again before the rebuild");
+        }
+    }
+
+    /// Makes the file [`REBUILD_MARK`] beside the store, synced, if it is not there.
+    fn mark(&self) -> Result<(), StoreError> {
+        let mark = sibling(&self.inner.path, REBUILD_MARK);
+        if mark.try_exists().unwrap_or(false) {
+            return Ok(());
+        }
+        std::fs::File::create(&mark)
+            .and_then(|file| file.sync_all())
+            .map_err(StoreError::io(format!("creating {}", mark.display())))
+            .and_then(|()| sync_parent(&mark))
+    }
+
+    /// After the store was built anew (a rebuild, or a move into buckets): no rebuild is
+    /// due. A mark that cannot be removed costs the next start a rebuild more.
+    fn rebuild_done(&self) {
+        self.inner.rebuild_due.store(false, Ordering::Relaxed);
+        let mark = sibling(&self.inner.path, REBUILD_MARK);
+        let removed = match std::fs::remove_file(&mark) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            removed => removed
+                .map_err(StoreError::io(format!("removing {}", mark.display())))
+                .and_then(|()| sync_parent(&mark)),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "removing the embedded store's rebuild mark failed");
+        }
     }
 
     /// Copies the store, from what `db` reads back, into a new store beside it, syncs and
@@ -486,6 +532,10 @@ impl SledStore {
         let started = Instant::now();
         tracing::warn!(path = %self.inner.path.display(),
             "rebuilding the embedded store before its next write, after a write that failed");
+        // Made before anything else is, so that a restart part-way rebuilds too.
+        if let Err(e) = self.mark() {
+            return self.closing_on_io_error(db, Err(e));
+        }
         // A compaction under way is closed first: the rebuild is built where it was.
         self.upkeep().compaction.take();
         let rebuilding = sibling(&self.inner.path, REBUILDING);
@@ -493,7 +543,8 @@ impl SledStore {
         let file_bytes = db.size_on_disk().unwrap_or(0);
         let built = Compaction::start(&rebuilding, file_bytes, layout, layout)
             .and_then(|mut copy| {
-                while !copy.step(&db, &settings, u64::MAX)? {}
+                // Flushed as it goes, as a compaction's steps are, not in one burst at the end.
+                while !copy.step(&db, &settings, REBUILD_FLUSH_BYTES)? {}
                 Ok(copy)
             })
             .and_then(|copy| seal(copy, &db, &rebuilding));
@@ -510,15 +561,7 @@ impl SledStore {
         };
         let db = self.swap_in(db)?;
         self.upkeep().live_bytes = Some(live);
-        self.inner.rebuild_due.store(false, Ordering::Relaxed);
-        let mark = sibling(&self.inner.path, REBUILD_MARK);
-        if let Err(e) = std::fs::remove_file(&mark)
-            .map_err(StoreError::io(format!("removing {}", mark.display())))
-            .and_then(|()| sync_parent(&mark))
-        {
-            // Only costs the next start a rebuild more.
-            tracing::warn!(error = %e, "removing the rebuild's mark failed");
-        }
+        self.rebuild_done();
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,
             "rebuilt the embedded store"
@@ -537,7 +580,7 @@ impl SledStore {
         kept.take();
         let swapped = swap_in_moved(&self.inner.path);
         drop(kept);
-        swapped.and_then(|()| self.db_once_closed())
+        swapped.and_then(|()| self.db())
     }
 
     /// After a write: takes the compaction under way a step further, and puts the new
@@ -715,6 +758,24 @@ const REPLACED: &str = ".before-buckets";
 /// A file beside the store (with the store's own name before it) while a rebuild is due
 /// after a failed write (see [`SledStore::failed_write`]).
 const REBUILD_MARK: &str = ".rebuild";
+
+/// The bytes a rebuild copies between two flushes of the new store.
+const REBUILD_FLUSH_BYTES: u64 = 64 << 20;
+
+/// Whether a write that failed with `e` leaves the store's file suspect (see
+/// [`SledStore::failed_write`]): an I/O error, but for sled's own full disk (taken as
+/// refused before the data reached the kernel, as on ext4 and tmpfs, which reserve the
+/// space as the data is written) and sled's file lock.
+fn suspect(e: &StoreError) -> bool {
+    match e {
+        StoreError::Sled(sled::Error::Io(io)) => {
+            io.kind() != std::io::ErrorKind::StorageFull
+                && !io.to_string().contains("could not acquire lock")
+        }
+        StoreError::Io { .. } => true,
+        _ => false,
+    }
+}
 
 /// The layout of a new store that `batch` is the first write to: for the widgets it says
 /// the store holds (its items, if it does not say).
@@ -2540,90 +2601,157 @@ mod tests {
         std::fs::metadata(path.join("db")).unwrap().ino()
     }
 
-    /// Writes `rounds` into `store` and `model`; the write of `round` fails at the hook's
-    /// point once with `error`, and the next round writes its widgets again.
-    async fn write_failing_once(
+    /// Writes `batch` into the store at `path`; returns the inode of the store's file as
+    /// the write's first chunk went in.
+    async fn written_into(store: &SledStore, path: &Path, batch: FlushBatch) -> u64 {
+        let seen = Arc::new(Mutex::new(None));
+        let (noted, path) = (seen.clone(), path.to_owned());
+        let hook = move |at| {
+            if at == "write: a chunk applied" {
+                noted.lock().unwrap().get_or_insert(file_of(&path));
+            }
+            None
+        };
+        crash::set(store, Some(Box::new(hook))).await;
+        store.write_batch(batch).await.unwrap();
+        crash::set(store, None).await;
+        let inode = seen.lock().unwrap().expect("no chunk written");
+        inode
+    }
+
+    /// Fails the next step of `store` named `at` with an I/O error of `kind`; returns
+    /// what `act` gave.
+    async fn failing_once<T>(
         store: &SledStore,
-        model: &mut BTreeMap<String, Widget>,
-        rounds: std::ops::RangeInclusive<u64>,
-        round: u64,
-        error: std::io::ErrorKind,
-    ) {
-        let mut failed: Option<FlushBatch> = None;
-        for r in rounds {
-            let mut batch = round_batch(model, r);
-            if let Some(before) = failed.take() {
-                let mut items: BTreeMap<String, FlushItem> = (before.items.into_iter())
-                    .map(|i| (i.serial.as_str().to_owned(), i))
-                    .collect();
-                items.extend(
-                    batch
-                        .items
-                        .into_iter()
-                        .map(|i| (i.serial.as_str().to_owned(), i)),
-                );
-                batch.items = items.into_values().collect();
-            }
-            if r == round {
-                let mut fail = true;
-                crash::set(
-                    store,
-                    Some(Box::new(move |at| {
-                        (at == "write: a chunk flushed" && std::mem::take(&mut fail))
-                            .then(|| Err(sled::Error::Io(error.into())))
-                    })),
-                )
-                .await;
-                store.write_batch(batch.clone()).await.unwrap_err();
-                crash::set(store, None).await;
-                failed = Some(batch);
-            } else {
-                store.write_batch(batch).await.unwrap();
-            }
+        at: &'static str,
+        kind: std::io::ErrorKind,
+        act: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut fail = true;
+        let hook = move |point| {
+            (point == at && std::mem::take(&mut fail)).then(|| Err(sled::Error::Io(kind.into())))
+        };
+        crash::set(store, Some(Box::new(hook))).await;
+        let done = act.await;
+        crash::set(store, None).await;
+        done
+    }
+
+    /// Round `round` (see [`round_batch`]) over the widgets of `failed`, which the store
+    /// did not take: the flusher's retry writes both.
+    fn after(failed: &FlushBatch, model: &mut BTreeMap<String, Widget>, round: u64) -> FlushBatch {
+        let batch = round_batch(model, round);
+        let mut items: BTreeMap<String, FlushItem> = (failed.items.iter().cloned())
+            .map(|i| (i.serial.as_str().to_owned(), i))
+            .collect();
+        items.extend(
+            (batch.items)
+                .into_iter()
+                .map(|i| (i.serial.as_str().to_owned(), i)),
+        );
+        FlushBatch {
+            items: items.into_values().collect(),
+            ..batch
         }
     }
+
+    /// A store with round 1 written and round 2 failed at `at` with `kind`; returns the
+    /// store and the failed batch.
+    async fn failed_at(
+        path: &Path,
+        model: &mut BTreeMap<String, Widget>,
+        at: &'static str,
+        kind: std::io::ErrorKind,
+    ) -> (SledStore, FlushBatch) {
+        let store = SledStore::open_with(path, never_compacting()).unwrap();
+        loaded(&store).await;
+        store.set_identity("history").await.unwrap();
+        store.write_batch(round_batch(model, 1)).await.unwrap();
+        let failed = round_batch(model, 2);
+        failing_once(&store, at, kind, store.write_batch(failed.clone()))
+            .await
+            .unwrap_err();
+        (store, failed)
+    }
+
+    const OTHER: std::io::ErrorKind = std::io::ErrorKind::Other;
 
     #[tokio::test]
     async fn a_write_that_failed_an_io_rebuilds_the_store_before_the_next_write() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
-        let store = SledStore::open_with(&path, never_compacting()).unwrap();
-        loaded(&store).await;
         let mut model = BTreeMap::new();
-        write_failing_once(&store, &mut model, 1..=2, 2, std::io::ErrorKind::Other).await;
+        let (store, failed) = failed_at(&path, &mut model, "write: a chunk flushed", OTHER).await;
         let mark = sibling(&path, REBUILD_MARK);
         assert!(mark.exists(), "no mark after the failed write");
         let before = file_of(&path);
-        write_failing_once(&store, &mut model, 3..=4, 0, std::io::ErrorKind::Other).await;
-        assert_ne!(file_of(&path), before, "written on over the failed file");
+        let retry = after(&failed, &mut model, 3);
+        let into = written_into(&store, &path, retry).await;
+        assert_ne!(into, before, "written on over the failed file");
         assert!(!mark.exists(), "the mark is left after the rebuild");
         assert_rebuilt(&path);
         let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (4, vec![]));
-        // Rebuilt once: the write after it goes into the new file.
+        assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+        assert_eq!(store.identity().await.unwrap().as_deref(), Some("history"));
+        // Rebuilt once: the next write goes into the same new file.
         let rebuilt = file_of(&path);
-        write_failing_once(&store, &mut model, 5..=5, 0, std::io::ErrorKind::Other).await;
-        assert_eq!(file_of(&path), rebuilt);
+        let next = round_batch(&mut model, 4);
+        assert_eq!(written_into(&store, &path, next).await, rebuilt);
     }
 
     #[tokio::test]
-    async fn a_rebuild_due_when_the_store_closed_is_done_by_its_next_open() {
+    async fn a_rebuild_due_when_the_store_closed_is_done_as_it_opens_before_it_loads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let mut model = BTreeMap::new();
-        {
-            let store = SledStore::open_with(&path, never_compacting()).unwrap();
-            loaded(&store).await;
-            write_failing_once(&store, &mut model, 1..=2, 2, std::io::ErrorKind::Other).await;
-        }
+        let (store, _) = failed_at(&path, &mut model, "write: a chunk flushed", OTHER).await;
+        drop(store);
         let before = file_of(&path);
         let store = SledStore::open_with(&path, never_compacting()).unwrap();
-        loaded(&store).await;
-        write_failing_once(&store, &mut model, 3..=3, 0, std::io::ErrorKind::Other).await;
-        assert_ne!(file_of(&path), before, "written on over the failed file");
+        // The start trims the WAL behind what it loads: that must be the new file's.
+        assert_ne!(file_of(&path), before, "opened on the failed file");
         assert!(!sibling(&path, REBUILD_MARK).exists());
         let (got, checkpoint) = loaded(&store).await;
+        assert_eq!((checkpoint, differences(&got, &model)), (2, vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_that_fails_is_tried_again_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut model = BTreeMap::new();
+        let (store, failed) = failed_at(&path, &mut model, "write: a chunk flushed", OTHER).await;
+        let before = file_of(&path);
+        let retry = after(&failed, &mut model, 3);
+        let synced = "compaction: the new store synced";
+        failing_once(&store, synced, OTHER, store.write_batch(retry.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(file_of(&path), before);
+        assert!(sibling(&path, REBUILD_MARK).exists(), "the mark went");
+        assert_rebuilt(&path);
+        assert_ne!(written_into(&store, &path, retry).await, before);
+        let (got, checkpoint) = loaded(&store).await;
         assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_first_write_that_failed_an_io_is_rebuilt_with_the_layout_it_chose() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = SledStore::open_with(&path, never_compacting()).unwrap();
+        loaded(&store).await;
+        let mut model = BTreeMap::new();
+        let first = round_batch(&mut model, 1);
+        let at = "first write: the layout flushed";
+        failing_once(&store, at, OTHER, store.write_batch(first.clone()))
+            .await
+            .unwrap_err();
+        let before = file_of(&path);
+        assert_ne!(written_into(&store, &path, first.clone()).await, before);
+        let (got, checkpoint) = loaded(&store).await;
+        assert_eq!((checkpoint, differences(&got, &model)), (1, vec![]));
+        assert_eq!(store.layout(), Some(new_layout(&first)));
     }
 
     #[tokio::test]
@@ -2631,22 +2759,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let store = SledStore::open_with(&path, never_compacting()).unwrap();
+        loaded(&store).await;
         let mut model = BTreeMap::new();
-        write_failing_once(&store, &mut model, 1..=1, 0, std::io::ErrorKind::Other).await;
-        crash::set(
+        store.write_batch(round_batch(&mut model, 1)).await.unwrap();
+        failing_once(
             &store,
-            Some(Box::new(|at| {
-                (at == "identity: flushed").then(|| Err(std::io::Error::other("injected").into()))
-            })),
+            "identity: flushed",
+            OTHER,
+            store.set_identity("history"),
         )
-        .await;
-        store.set_identity("history").await.unwrap_err();
-        crash::set(&store, None).await;
+        .await
+        .unwrap_err();
         assert!(sibling(&path, REBUILD_MARK).exists(), "no mark");
-        store.set_identity("history").await.unwrap();
         let before = file_of(&path);
-        write_failing_once(&store, &mut model, 2..=2, 0, std::io::ErrorKind::Other).await;
-        assert_ne!(file_of(&path), before, "written on over the failed file");
+        let next = round_batch(&mut model, 2);
+        assert_ne!(written_into(&store, &path, next).await, before);
         assert_eq!(store.identity().await.unwrap().as_deref(), Some("history"));
         let (got, checkpoint) = loaded(&store).await;
         assert_eq!((checkpoint, differences(&got, &model)), (2, vec![]));
@@ -2656,15 +2783,13 @@ mod tests {
     async fn a_write_refused_for_a_full_disk_is_written_on_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
-        let store = SledStore::open_with(&path, never_compacting()).unwrap();
-        loaded(&store).await;
         let mut model = BTreeMap::new();
         let full = std::io::ErrorKind::StorageFull;
-        write_failing_once(&store, &mut model, 1..=2, 2, full).await;
+        let (store, failed) = failed_at(&path, &mut model, "write: a chunk flushed", full).await;
         assert!(!sibling(&path, REBUILD_MARK).exists());
         let before = file_of(&path);
-        write_failing_once(&store, &mut model, 3..=3, 0, full).await;
-        assert_eq!(file_of(&path), before, "rebuilt after a full disk");
+        let retry = after(&failed, &mut model, 3);
+        assert_eq!(written_into(&store, &path, retry).await, before);
         let (got, checkpoint) = loaded(&store).await;
         assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
     }
