@@ -91,6 +91,17 @@ pub async fn into_postgres(args: &SeedArgs, store: &PgStore) -> anyhow::Result<(
 
 /// Seeds `store` (named `what` in messages), which must be empty; [`check`] first.
 pub async fn fill<S: Store>(store: &S, args: &SeedArgs, what: &str) -> anyhow::Result<()> {
+    // A store a service has started on, even one it has not flushed to yet: that service's
+    // WAL may hold writes the store lacks, which it would replay over the seed's checkpoint
+    // or trim behind it. (The service gives its store an identity before it serves.)
+    let identity = (store.identity().await).with_context(|| format!("reading {what}"))?;
+    if let Some(identity) = identity {
+        bail!(
+            "{what} belongs to history {identity}: a service has started on it, and its WAL \
+             may hold writes the store does not; bench-seed writes only into a store no \
+             service has used"
+        );
+    }
     let held = Arc::new(AtomicU64::new(0));
     let count = held.clone();
     let checkpoint = store

@@ -182,3 +182,42 @@ async fn a_seed_into_postgres_analyzes_every_table_it_filled() {
     drop(conn);
     db.drop_db().await;
 }
+
+/// A database a single node has started on, before its first flush, holds no widget: the
+/// seed took it for empty, wrote over it, and the node's restart loaded the seed's
+/// checkpoint and replayed none of its own acknowledged writes.
+#[tokio::test]
+async fn no_seed_goes_into_a_database_a_service_has_started_on() {
+    let db = common::pg::TestDb::create().await;
+    let served = tempfile::TempDir::new().unwrap();
+    let server = binary::start(
+        served.path(),
+        &["--database-url", &db.url, "--flush-interval", "1h"],
+    )
+    .await;
+    assert_eq!(
+        binary::create(&server, "acked-1").await,
+        reqwest::StatusCode::CREATED
+    );
+    let dir = tempfile::TempDir::new().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--database-url", &db.url, "bench-seed", "--widgets", "100"])
+        .env_remove("REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running widgets bench-seed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "seeded a database in use:\n{stderr}");
+    assert!(stderr.contains("belongs to history"), "{stderr}");
+    let mut conn = db.connect().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM widgets")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "the refused seed wrote widgets");
+    drop(conn);
+    binary::stop_within(server, std::time::Duration::from_secs(30)).await;
+    db.drop_db().await;
+}
