@@ -276,18 +276,36 @@ impl Serving {
     async fn run<S: Store>(self, store: S) -> anyhow::Result<()> {
         let store = Arc::new(store);
         let wal_dir = self.config.wal_dir();
-        let recovery = MemoryEngine::recover(
-            &*store,
-            &wal_dir,
-            self.fs.clone(),
-            self.config.engine_settings(),
-        );
-        let engine = tokio::select! {
-            r = recovery => match r {
-                Ok(engine) => Arc::new(engine),
-                Err(e) => return self.fail(e.into()).await,
-            },
-            _ = self.shutdown.cancelled() => return self.drain().await,
+        let recovered = {
+            let recovery = MemoryEngine::recover(
+                &*store,
+                &wal_dir,
+                self.fs.clone(),
+                self.config.engine_settings(),
+            );
+            tokio::pin!(recovery);
+            tokio::select! {
+                r = &mut recovery => Some(r),
+                _ = self.shutdown.cancelled() => {
+                    // Not dropped: the WAL's replay and opening run on a thread that no
+                    // drop stops, and the data directory's locks, let go as this returns,
+                    // must outlive them, or another instance starts on the log this one is
+                    // still writing. As long as a start takes (a stalled store's load ends
+                    // at its deadline).
+                    tracing::info!("stopping during start-up: the recovery under way ends first");
+                    if let Ok(engine) = recovery.await {
+                        tokio::task::spawn_blocking(move || engine.stop())
+                            .await
+                            .context("stopping the sequencer")?;
+                    }
+                    None
+                }
+            }
+        };
+        let engine = match recovered {
+            Some(Ok(engine)) => Arc::new(engine),
+            Some(Err(e)) => return self.fail(e.into()).await,
+            None => return self.drain().await,
         };
         self.state.set_engine(Engine::Memory(engine.clone()));
         self.recovered.send_replace(Some(Ok(())));
@@ -476,22 +494,61 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM: what stops the service (and the load generator, which stops the
-/// service it started).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// What stops the service: SIGTERM, SIGINT (Ctrl-C) or SIGHUP (a closed terminal; nothing
+/// is reloaded), listened for from this call on, so that one that comes while the service
+/// starts waits for it instead of ending the process at once (the signals' default). The
+/// future ends at the first. A second one after that exits the process at once, with
+/// status 1 and without the last flush: nothing acknowledged is lost (single node: it is
+/// in the WAL; Redis mode: in Redis, dirty for the next flush).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind| match signal(kind) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, ?kind, "cannot listen for a signal; it ends the process");
+            None
         }
     };
+    let mut signals = [
+        ("SIGTERM", listen(SignalKind::terminate())),
+        ("SIGINT", listen(SignalKind::interrupt())),
+        ("SIGHUP", listen(SignalKind::hangup())),
+    ];
+    async move {
+        let first = next_signal(&mut signals).await;
+        tracing::info!(
+            signal = first,
+            "stopping: requests drain, then a last flush; a \
+            second signal exits at once"
+        );
+        tokio::spawn(async move {
+            let second = next_signal(&mut signals).await;
+            tracing::warn!(
+                signal = second,
+                "a second signal: exiting at once, without the \
+                last flush (nothing acknowledged is lost)"
+            );
+            std::process::exit(1);
+        });
+    }
+}
+
+/// The name of the next of `signals` to come.
+async fn next_signal(
+    signals: &mut [(&'static str, Option<tokio::signal::unix::Signal>); 3],
+) -> &'static str {
+    let [(a, sa), (b, sb), (c, sc)] = signals;
+    async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+        match signal {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
     tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        _ = recv(sa) => a,
+        _ = recv(sb) => b,
+        _ = recv(sc) => c,
     }
 }

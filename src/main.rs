@@ -97,8 +97,10 @@ async fn run(config: Config, cmd: Option<Cmd>) -> anyhow::Result<()> {
         Some(Cmd::Migrate) => widgets::app::migrate(&config).await,
         Some(Cmd::Wal { command }) => wal_command(command),
         Some(Cmd::Serve) | None => {
+            // Listened for before anything starts: see `shutdown_signal`.
+            let stop = widgets::app::shutdown_signal();
             let app = widgets::app::start(config).await?;
-            app.run_until(widgets::app::shutdown_signal()).await
+            app.run_until(stop).await
         }
     }
 }

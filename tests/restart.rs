@@ -448,3 +448,181 @@ async fn transparent_huge_pages_are_off_unless_asked_for() {
         assert!(server.stop().await.unwrap().success());
     }
 }
+
+/// A stop during start-up's WAL replay: the process went on replaying, then opened the log
+/// for appending, after it had let go of the data directory's lock, and a second instance
+/// started beside it on the same log (a fault hunt saw it fail on a segment file the first
+/// had just made). The lock is held until the process is done with the log.
+#[tokio::test]
+async fn a_stop_during_replay_keeps_the_data_directory_locked_until_the_log_is_done_with() {
+    use widgets::domain::{Change, Name, Ports};
+    use widgets::wal::{LogBatch, Record, WalWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    // A log long enough that a debug build replays it for a few seconds.
+    let mut writer = WalWriter::open(
+        Arc::new(widgets::wal::RealFs),
+        &wal,
+        vec![],
+        1,
+        64 << 20,
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    )
+    .unwrap();
+    let (name, ports) = (
+        Name::parse("name", "w").unwrap(),
+        Ports::from_list("ports", &[PortType::P]).unwrap(),
+    );
+    let mut lsn = 1;
+    for _ in 0..600 {
+        let mut batch = LogBatch::new(lsn);
+        for _ in 0..1_000 {
+            let mut widget = Widget::new(name.clone(), ports);
+            widget.version = lsn;
+            let serial = Serial::parse("serial", &format!("r{lsn}")).unwrap();
+            batch.push(&Record {
+                changes: vec![Change::Put { serial, widget }],
+            });
+            lsn += 1;
+        }
+        writer.append(&batch).unwrap();
+    }
+    writer.sync().unwrap();
+    drop(writer);
+
+    let mut command = widgets_testkit::server::ServerCommand::new(env!("CARGO_BIN_EXE_widgets"));
+    command.data_dir = Some(dir.path().to_owned());
+    let first = widgets_testkit::server::Server::start(&command)
+        .await
+        .unwrap();
+    // Into the replay (the empty store loads in a tenth of that).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: a signal to the child this test started, which is not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(first.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    // While the first replays the log it was stopped in (its stop has had time to go as
+    // far as it goes), a second on the same directory.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_widgets"));
+    second
+        .args(widgets_testkit::server::command_line(dir.path(), &[]))
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL");
+    let second = log_on_a_pipe(&mut second).spawn().unwrap();
+    let out = output_within(second, Duration::from_secs(60))
+        .expect("a second instance started on the log a stopped one was still replaying");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && log.contains("in use by another widgets process"),
+        "{log}"
+    );
+    // The first ends by itself (a second signal would end it at once).
+    let stat = format!("/proc/{}/stat", first.pid());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = first.stop().await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Sends `signal` to `server`'s process.
+fn signal(server: &binary::Server, signal: libc::c_int) {
+    // SAFETY: a signal to a child this test started, which is not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(server.pid() as libc::pid_t, signal) },
+        0
+    );
+}
+
+/// Waits until `server`'s process has ended (not reaped: a zombie) or `within` is up;
+/// whether it ended.
+async fn ended_within(server: &binary::Server, within: Duration) -> bool {
+    let stat = format!("/proc/{}/stat", server.pid());
+    let deadline = std::time::Instant::now() + within;
+    while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// SIGHUP (a closed terminal) ended the process at once, the signal's default: no drain,
+/// no last flush. It stops the service as SIGTERM does.
+#[tokio::test]
+async fn sighup_stops_the_service_as_sigterm_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = binary::start(dir.path(), &["--flush-interval", "1h"]).await;
+    assert_eq!(binary::create(&server, "hup-1").await, StatusCode::CREATED);
+    signal(&server, libc::SIGHUP);
+    assert!(
+        ended_within(&server, Duration::from_secs(30)).await,
+        "still running"
+    );
+    let status = server.stop().await.unwrap();
+    assert!(status.success(), "{status:?}");
+    // And the write is there after a restart.
+    let again = binary::start(dir.path(), &[]).await;
+    let got = reqwest::get(format!("{}/widgets/hup-1", again.base))
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    binary::stop_within(again, Duration::from_secs(30)).await;
+}
+
+/// A second signal during a stop was ignored, and the stop went on for as long as its
+/// drain and last flush could take (a minute and more): the operator's second Ctrl-C must
+/// end it at once, and nothing acknowledged is lost.
+#[tokio::test]
+async fn a_second_signal_during_a_stop_exits_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = binary::start(
+        dir.path(),
+        &["--body-timeout", "120s", "--drain-timeout", "120s"],
+    )
+    .await;
+    assert_eq!(
+        binary::create(&server, "twice-1").await,
+        StatusCode::CREATED
+    );
+    // A request whose body stops coming holds the drain up to --drain-timeout.
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /widgets HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"name\":",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&server, libc::SIGTERM);
+    assert!(
+        !ended_within(&server, Duration::from_secs(1)).await,
+        "the stop did not wait for the request in flight"
+    );
+    signal(&server, libc::SIGINT);
+    assert!(
+        ended_within(&server, Duration::from_secs(10)).await,
+        "a second signal did not end the stop"
+    );
+    let status = server.stop().await.unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    drop(stalled);
+    let again = binary::start(dir.path(), &[]).await;
+    let got = reqwest::get(format!("{}/widgets/twice-1", again.base))
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    binary::stop_within(again, Duration::from_secs(30)).await;
+}
