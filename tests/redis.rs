@@ -1995,3 +1995,43 @@ async fn a_late_acknowledgement_during_an_epoch_repair_is_not_forgotten() {
     drop((pg, holder));
     db.drop_db().await;
 }
+
+/// With Redis down, every request, `/readyz` and `/metrics` waited out the client's whole
+/// reconnection round (six retries backing off from 100 ms) before answering: ~9.4 s each,
+/// past the readiness probe's 3 s timeout in the manifests and near a scrape's 10 s. Each
+/// answers at once now, the requests and `/readyz` with `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_every_answer_comes_within_a_probes_timeout() {
+    let db = TestDb::create().await;
+    let mut redis = common::OwnRedis::start().await;
+    let app = own_redis_instance(&db, &redis, "50ms").await;
+    assert_eq!(app.create("a", &["P"]).await.status(), StatusCode::CREATED);
+    // In PostgreSQL, from which the Redis that comes back empty is loaded again.
+    eventually!("a in PostgreSQL", 10, dirty(&app).await == 0.0);
+    redis.kill();
+    // The manifests' readiness probe gives up after 3 s.
+    let bound = std::time::Duration::from_secs(3);
+    for _ in 0..3 {
+        for (path, status) in [
+            ("/readyz", StatusCode::SERVICE_UNAVAILABLE),
+            ("/widgets/a", StatusCode::SERVICE_UNAVAILABLE),
+            ("/metrics", StatusCode::OK),
+        ] {
+            let started = std::time::Instant::now();
+            let answer = app.get(path).await;
+            let took = started.elapsed();
+            assert_eq!(answer.status(), status, "{path}");
+            assert!(
+                took < bound,
+                "{path} answered after {took:?} with Redis down"
+            );
+        }
+    }
+    redis.restart().await;
+    eventually!("the instance to be ready again", 20, {
+        app.get("/readyz").await.status() == StatusCode::OK
+    });
+    assert!(app.widget("a").await.is_some());
+    app.stop().await;
+    db.drop_db().await;
+}

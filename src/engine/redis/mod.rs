@@ -125,6 +125,10 @@ fn corrupt(serial: &str, what: &str) -> EngineError {
     EngineError::Unavailable(format!("widget {serial:?} in Redis has a bad {what}"))
 }
 
+/// How long a command, or an attempt to connect, waits for Redis: a stalled Redis answers
+/// `503` after it (the client's default for a command).
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl RedisEngine {
     /// Connects (the connection reconnects by itself later). `prefix` goes before every key;
     /// past `max_dirty` widgets waiting for PostgreSQL, writes are refused as overloaded.
@@ -136,7 +140,16 @@ impl RedisEngine {
         store: PgStore,
     ) -> Result<Self, EngineError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
-        let conn = client.get_connection_manager().await.map_err(unavailable)?;
+        // One attempt a reconnection: the client's default retries six times, backing off
+        // from 100 ms, and every command waits for that round, so with Redis down each
+        // request (and `/readyz`, and `/metrics`) took ~9.4 s to answer `503`. The next
+        // command tries again. An attempt that gets no answer ends as a command does.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
+        let conn =
+            (client.get_connection_manager_with_config(config).await).map_err(unavailable)?;
         // Shown at 0 from the start, as `metrics::EVENTS` says why.
         crate::metrics::show_at_zero(&[
             "widgets_redis_behind_total",
