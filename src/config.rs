@@ -577,12 +577,14 @@ impl Config {
     }
 }
 
-/// Loads `.env` (from the working directory, or the nearest parent that has one) into the
-/// environment, over nothing already set. A missing file is normal. A malformed one is
-/// refused whole, as a bad flag is: applying the lines around a bad one would start the
-/// service with part of its settings, and the bad line might be the one that turns auth on.
+/// Loads `.env` from the working directory into the environment, over nothing already set.
+/// A missing file is normal. A malformed one is refused whole, as a bad flag is: applying
+/// the lines around a bad one would start the service with part of its settings, and the
+/// bad line might be the one that turns auth on. Only the working directory's: dotenvy's
+/// own search also takes the nearest parent's, which would let a `.env` two directories up
+/// choose a service's data directory and address without a word.
 pub fn load_dotenv() -> Result<(), dotenvy::Error> {
-    let lines = match dotenvy::dotenv_iter() {
+    let lines = match dotenvy::from_path_iter(".env") {
         Ok(lines) => lines,
         Err(e) if e.not_found() => return Ok(()),
         Err(e) => return Err(e),

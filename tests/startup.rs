@@ -46,6 +46,37 @@ fn a_malformed_env_file_refuses_the_start_and_applies_none_of_it() {
     );
 }
 
+/// The README reads `.env` from the working directory; the service also took the nearest
+/// parent's, so a file two directories up chose its settings (here it would refuse the
+/// start, as it is malformed).
+#[test]
+fn a_env_file_in_a_parent_directory_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "broken line here
+",
+    )
+    .unwrap();
+    let below = dir.path().join("a").join("b");
+    std::fs::create_dir_all(&below).unwrap();
+    let started = log_on_a_pipe(&mut Command::new(env!("CARGO_BIN_EXE_widgets")))
+        .current_dir(&below)
+        .args(["--listen", "127.0.0.1:0", "--database-url=", "--data-dir"])
+        .arg(below.join("data"))
+        .spawn()
+        .expect("running widgets");
+    let pid = started.id();
+    // Still serving after a moment: the parent's file was not read (it refused at once).
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: a signal to the child this test started, which is not yet reaped.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let out = output_within(started, Duration::from_secs(20)).expect("widgets did not stop");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("broken line here"), "{stderr}");
+}
+
 /// Settings a start cannot go on with are refused before anything in the data directory
 /// is made, locked or recovered: a `--wal-dir` that is a file left `<data dir>/lock`
 /// behind, and `--sequencer-priority realtime` without the right to it was refused only
