@@ -101,6 +101,11 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
     // `<data dir>/wal` is locked too, or another instance given it as its --wal-dir would
     // append to this one's log and trim it. (Redis mode keeps nothing there.)
     config.check_wal_dir()?;
+    // Bound before the directories are made and locked: a port in use refuses the start
+    // with nothing made.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     let data_dir = match config.redis_url() {
         None => {
             // What would refuse the start later is refused before anything in the data
@@ -117,9 +122,6 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn WalFs>) -> anyhow::Result
         Some(_) => None,
     };
     crate::metrics::handle();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Whoever started the service with `--listen 127.0.0.1:0` (its tests, the load
     // generator) reads its address from `addr=` here (widgets-testkit's server.rs).

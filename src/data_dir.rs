@@ -50,12 +50,23 @@ pub struct DataDirLock {
 }
 
 impl DataDirLock {
-    /// Refuses a `dir` that is there but not a directory, before anything is made.
+    /// Refuses a `dir` that is there but not a directory, or whose lock another process
+    /// holds, before anything is made: a start refused for its second directory left the
+    /// first made and locked. (What another process takes after this is refused by
+    /// [`Self::acquire`].)
     pub fn check(dir: &Path) -> Result<(), LockError> {
         if dir.exists() && !dir.is_dir() {
             return Err(LockError::NotADirectory {
                 dir: dir.to_owned(),
             });
+        }
+        let lock = dir.join(LOCK_FILE);
+        let Ok(mut file) = File::open(&lock) else {
+            // None yet (or unreadable: `acquire` says why).
+            return Ok(());
+        };
+        if let Err(TryLockError::WouldBlock) = file.try_lock() {
+            return Err(held(dir, lock, &mut file));
         }
         Ok(())
     }
@@ -80,19 +91,7 @@ impl DataDirLock {
             .map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match holder.trim() {
-                    "" => "unknown".to_owned(),
-                    pid => pid.to_owned(),
-                };
-                return Err(LockError::Held {
-                    dir: dir.to_owned(),
-                    lock,
-                    holder,
-                });
-            }
+            Err(TryLockError::WouldBlock) => return Err(held(dir, lock, &mut file)),
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
         // For whoever is refused next: who holds it.
@@ -100,6 +99,22 @@ impl DataDirLock {
         file.rewind().map_err(io)?;
         writeln!(file, "{}", std::process::id()).map_err(io)?;
         Ok(Self { _file: file })
+    }
+}
+
+/// The refusal of `dir`, whose lock `file` (at `lock`) another process holds: it names
+/// the holder's PID, which the holder wrote there.
+fn held(dir: &Path, lock: PathBuf, file: &mut File) -> LockError {
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    let holder = match holder.trim() {
+        "" => "unknown".to_owned(),
+        pid => pid.to_owned(),
+    };
+    LockError::Held {
+        dir: dir.to_owned(),
+        lock,
+        holder,
     }
 }
 

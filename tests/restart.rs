@@ -398,7 +398,7 @@ fn second_refused_on_wal_dir(wal_dir: &std::path::Path) {
     .args(["--listen", "127.0.0.1:0", "--wal-dir"])
     .arg(wal_dir)
     .arg("--data-dir")
-    .arg(other.path())
+    .arg(other.path().join("data"))
     .spawn()
     .expect("running the second widgets process");
     let second = output_within(second, Duration::from_secs(10))
@@ -412,6 +412,8 @@ fn second_refused_on_wal_dir(wal_dir: &std::path::Path) {
         stderr.contains(&wal_dir.join("lock").display().to_string()),
         "the refusal names the WAL directory's lock:\n{stderr}"
     );
+    // Refused before its own data directory was made (and locked, and left).
+    assert!(!other.path().join("data").exists(), "{stderr}");
 }
 
 /// A second instance whose `--wal-dir` is a running instance's default WAL directory

@@ -77,6 +77,20 @@ fn a_env_file_in_a_parent_directory_is_not_read() {
     assert!(!stderr.contains("broken line here"), "{stderr}");
 }
 
+/// A port in use refused the start only after the data directory and its WAL directory
+/// were made and locked, and left them behind.
+#[test]
+fn a_port_in_use_refuses_the_start_with_nothing_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run_in(dir.path(), &["--listen", &addr]).expect("widgets served on a port in use");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "{stderr}");
+}
+
 /// Settings a start cannot go on with are refused before anything in the data directory
 /// is made, locked or recovered: a `--wal-dir` that is a file left `<data dir>/lock`
 /// behind, and `--sequencer-priority realtime` without the right to it was refused only
