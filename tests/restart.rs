@@ -500,11 +500,7 @@ async fn a_stop_during_replay_keeps_the_data_directory_locked_until_the_log_is_d
         .unwrap();
     // Into the replay (the empty store loads in a tenth of that).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // SAFETY: a signal to the child this test started, which is not yet reaped.
-    assert_eq!(
-        unsafe { libc::kill(first.pid() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    signal(&first, libc::SIGTERM);
     // While the first replays the log it was stopped in (its stop has had time to go as
     // far as it goes), a second on the same directory.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -522,15 +518,10 @@ async fn a_stop_during_replay_keeps_the_data_directory_locked_until_the_log_is_d
         "{log}"
     );
     // The first ends by itself (a second signal would end it at once).
-    let stat = format!("/proc/{}/stat", first.pid());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        ended_within(&first, Duration::from_secs(60)).await,
+        "still running"
+    );
     let status = first.stop().await.unwrap();
     assert!(status.success(), "{status:?}");
 }
@@ -558,6 +549,16 @@ async fn ended_within(server: &binary::Server, within: Duration) -> bool {
     true
 }
 
+/// Starts the binary on `dir` again and checks that it serves widget `serial`.
+async fn assert_kept_through_a_restart(dir: &std::path::Path, serial: &str) {
+    let again = binary::start(dir, &[]).await;
+    let got = reqwest::get(format!("{}/widgets/{serial}", again.base))
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK, "{serial} lost");
+    binary::stop_within(again, Duration::from_secs(30)).await;
+}
+
 /// SIGHUP (a closed terminal) ended the process at once, the signal's default: no drain,
 /// no last flush. It stops the service as SIGTERM does.
 #[tokio::test]
@@ -572,13 +573,7 @@ async fn sighup_stops_the_service_as_sigterm_does() {
     );
     let status = server.stop().await.unwrap();
     assert!(status.success(), "{status:?}");
-    // And the write is there after a restart.
-    let again = binary::start(dir.path(), &[]).await;
-    let got = reqwest::get(format!("{}/widgets/hup-1", again.base))
-        .await
-        .unwrap();
-    assert_eq!(got.status(), StatusCode::OK);
-    binary::stop_within(again, Duration::from_secs(30)).await;
+    assert_kept_through_a_restart(dir.path(), "hup-1").await;
 }
 
 /// A second signal during a stop was ignored, and the stop went on for as long as its
@@ -621,10 +616,5 @@ async fn a_second_signal_during_a_stop_exits_at_once() {
     let status = server.stop().await.unwrap();
     assert_eq!(status.code(), Some(1), "{status:?}");
     drop(stalled);
-    let again = binary::start(dir.path(), &[]).await;
-    let got = reqwest::get(format!("{}/widgets/twice-1", again.base))
-        .await
-        .unwrap();
-    assert_eq!(got.status(), StatusCode::OK);
-    binary::stop_within(again, Duration::from_secs(30)).await;
+    assert_kept_through_a_restart(dir.path(), "twice-1").await;
 }

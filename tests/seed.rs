@@ -141,21 +141,27 @@ async fn a_seeded_store_serves_its_pairs_and_takes_writes() {
     assert!(stderr.contains("only into"), "{stderr}");
 }
 
+/// `widgets bench-seed` of `widgets` into the PostgreSQL at `url`, from a new data
+/// directory.
+fn seed_postgres(url: &str, widgets: &str) -> Output {
+    let dir = tempfile::TempDir::new().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_widgets"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--database-url", url, "bench-seed", "--widgets", widgets])
+        .env_remove("REDIS_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running widgets bench-seed")
+}
+
 /// A seed into PostgreSQL leaves the planner statistics of every table it filled: without
 /// the association tables', the first start's load joined them 1.6x slower (3 M widgets,
 /// BENCHMARKS.md, "Targets 1 and 2 on the eleventh session's machine").
 #[tokio::test]
 async fn a_seed_into_postgres_analyzes_every_table_it_filled() {
     let db = common::pg::TestDb::create().await;
-    let dir = tempfile::TempDir::new().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_widgets"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--database-url", &db.url, "bench-seed", "--widgets", "1000"])
-        .env_remove("REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running widgets bench-seed");
+    let out = seed_postgres(&db.url, "1000");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench-seed failed:\n{stderr}");
     // The statistics views may show a backend's ANALYZE a moment after it exits.
@@ -199,15 +205,7 @@ async fn no_seed_goes_into_a_database_a_service_has_started_on() {
         binary::create(&server, "acked-1").await,
         reqwest::StatusCode::CREATED
     );
-    let dir = tempfile::TempDir::new().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_widgets"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--database-url", &db.url, "bench-seed", "--widgets", "100"])
-        .env_remove("REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running widgets bench-seed");
+    let out = seed_postgres(&db.url, "100");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "seeded a database in use:\n{stderr}");
     assert!(stderr.contains("belongs to history"), "{stderr}");

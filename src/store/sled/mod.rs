@@ -2676,6 +2676,12 @@ mod tests {
 
     const OTHER: std::io::ErrorKind = std::io::ErrorKind::Other;
 
+    /// Checks that `store` loads `model`'s widgets and `checkpoint`.
+    async fn assert_holds(store: &SledStore, model: &BTreeMap<String, Widget>, checkpoint: u64) {
+        let (got, stored) = loaded(store).await;
+        assert_eq!((stored, differences(&got, model)), (checkpoint, vec![]));
+    }
+
     #[tokio::test]
     async fn a_write_that_failed_an_io_rebuilds_the_store_before_the_next_write() {
         let dir = tempfile::tempdir().unwrap();
@@ -2690,8 +2696,7 @@ mod tests {
         assert_ne!(into, before, "written on over the failed file");
         assert!(!mark.exists(), "the mark is left after the rebuild");
         assert_rebuilt(&path);
-        let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+        assert_holds(&store, &model, 3).await;
         assert_eq!(store.identity().await.unwrap().as_deref(), Some("history"));
         // Rebuilt once: the next write goes into the same new file.
         let rebuilt = file_of(&path);
@@ -2711,8 +2716,7 @@ mod tests {
         // The start trims the WAL behind what it loads: that must be the new file's.
         assert_ne!(file_of(&path), before, "opened on the failed file");
         assert!(!sibling(&path, REBUILD_MARK).exists());
-        let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (2, vec![]));
+        assert_holds(&store, &model, 2).await;
     }
 
     #[tokio::test]
@@ -2731,8 +2735,7 @@ mod tests {
         assert!(sibling(&path, REBUILD_MARK).exists(), "the mark went");
         assert_rebuilt(&path);
         assert_ne!(written_into(&store, &path, retry).await, before);
-        let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+        assert_holds(&store, &model, 3).await;
     }
 
     #[tokio::test]
@@ -2749,8 +2752,7 @@ mod tests {
             .unwrap_err();
         let before = file_of(&path);
         assert_ne!(written_into(&store, &path, first.clone()).await, before);
-        let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (1, vec![]));
+        assert_holds(&store, &model, 1).await;
         assert_eq!(store.layout(), Some(new_layout(&first)));
     }
 
@@ -2775,8 +2777,7 @@ mod tests {
         let next = round_batch(&mut model, 2);
         assert_ne!(written_into(&store, &path, next).await, before);
         assert_eq!(store.identity().await.unwrap().as_deref(), Some("history"));
-        let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (2, vec![]));
+        assert_holds(&store, &model, 2).await;
     }
 
     #[tokio::test]
@@ -2790,7 +2791,6 @@ mod tests {
         let before = file_of(&path);
         let retry = after(&failed, &mut model, 3);
         assert_eq!(written_into(&store, &path, retry).await, before);
-        let (got, checkpoint) = loaded(&store).await;
-        assert_eq!((checkpoint, differences(&got, &model)), (3, vec![]));
+        assert_holds(&store, &model, 3).await;
     }
 }
