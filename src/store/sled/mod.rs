@@ -282,7 +282,7 @@ impl SledStore {
         db.flush()?;
         point("first write: the layout flushed")?;
         tracing::info!(
-            widgets = batch.widgets.unwrap_or(batch.items.len() as u64),
+            widgets = widgets_held(batch),
             bucket_bits = layout.bits(),
             "laying out the new embedded store"
         );
@@ -551,10 +551,8 @@ impl SledStore {
         let live = match built {
             Ok(live) => live,
             Err(e) => {
-                if rebuilding.exists() {
-                    if let Err(removing) = remove_dir(&rebuilding) {
-                        tracing::warn!(error = %removing, "removing a failed rebuild failed");
-                    }
+                if let Some(removing) = remove_half_built(&self.inner.path) {
+                    tracing::warn!(error = %removing, "removing a failed rebuild failed");
                 }
                 return self.closing_on_io_error(db, Err(e));
             }
@@ -664,10 +662,7 @@ impl SledStore {
         // Closed before its directory goes.
         upkeep.compaction.take();
         upkeep.retry_at = Some(Instant::now() + compact::RETRY_AFTER);
-        let rebuilding = sibling(&self.inner.path, REBUILDING);
-        let removed = (rebuilding.exists())
-            .then(|| remove_dir(&rebuilding).err())
-            .flatten();
+        let removed = remove_half_built(&self.inner.path);
         tracing::warn!(error = %why, removing_failed = ?removed.map(|e| e.to_string()),
             retry_in_secs = compact::RETRY_AFTER.as_secs(),
             "abandoned compacting the embedded store; it is written as before");
@@ -769,18 +764,30 @@ const REBUILD_FLUSH_BYTES: u64 = 64 << 20;
 fn suspect(e: &StoreError) -> bool {
     match e {
         StoreError::Sled(sled::Error::Io(io)) => {
-            io.kind() != std::io::ErrorKind::StorageFull
-                && !io.to_string().contains("could not acquire lock")
+            io.kind() != std::io::ErrorKind::StorageFull && !lock_busy(io)
         }
         StoreError::Io { .. } => true,
         _ => false,
     }
 }
 
-/// The layout of a new store that `batch` is the first write to: for the widgets it says
-/// the store holds (its items, if it does not say).
+/// The widgets `batch` says the store holds (its items, if it does not say).
+fn widgets_held(batch: &FlushBatch) -> u64 {
+    (batch.widgets).unwrap_or(batch.items.len() as u64)
+}
+
+/// The layout of a new store that `batch` is the first write to, for [`widgets_held`].
 fn new_layout(batch: &FlushBatch) -> Layout {
-    Layout::for_widgets((batch.widgets).unwrap_or(batch.items.len() as u64))
+    Layout::for_widgets(widgets_held(batch))
+}
+
+/// Removes the store a compaction or rebuild left half-built beside the one at `path`, if
+/// there is one; the error, if that failed.
+fn remove_half_built(path: &Path) -> Option<StoreError> {
+    let rebuilding = sibling(path, REBUILDING);
+    (rebuilding.exists())
+        .then(|| remove_dir(&rebuilding).err())
+        .flatten()
 }
 
 /// Finishes `compaction` from the old store `old`, makes the new store in `path` durable,
@@ -1071,6 +1078,12 @@ fn sync_blobs(dir: &Path, from: &mut u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Whether sled refused to open because another handle holds its file lock (sled 0.34
+/// says so only in the message).
+fn lock_busy(e: &std::io::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
 /// What `open` opens, waiting up to 5 s for the file lock of a database this process has
 /// just closed: sled's I/O threads may hold it a moment after the last handle is gone.
 fn once_unlocked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -1078,8 +1091,7 @@ fn once_unlocked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T
     loop {
         match open() {
             Err(StoreError::Sled(sled::Error::Io(e)))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
+                if lock_busy(&e) && Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
