@@ -523,6 +523,8 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             "stopping: requests drain, then a last flush; a \
             second signal exits at once"
         );
+        // Not owned or awaited, unlike every other task: it has nothing to finish, and a
+        // stop that ends by itself ends it with the runtime.
         tokio::spawn(async move {
             let second = next_signal(&mut signals).await;
             tracing::warn!(
