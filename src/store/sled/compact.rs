@@ -30,10 +30,9 @@
 //! read back.
 
 use super::bucket::{self, Layout};
-use super::{
-    collect_garbage, once_unlocked, read_layout, StoreError, BUCKET_BITS_KEY, LEGACY_START,
-    OWN_KEYS,
-};
+use super::chunks::collect_garbage;
+use super::files::{once_unlocked, remove_dir};
+use super::{read_layout, StoreError, BUCKET_BITS_KEY, LEGACY_START, OWN_KEYS};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -113,7 +112,7 @@ impl Compaction {
             "a compaction never merges buckets"
         );
         if path.exists() {
-            super::remove_dir(path)?;
+            remove_dir(path)?;
         }
         let new = sled::Config::new()
             .path(path)
