@@ -1740,3 +1740,90 @@ async fn under_fsync_interval_a_flush_never_puts_postgres_ahead_of_the_wal_on_di
     drop(image);
     db.drop_db().await;
 }
+
+/// A port nothing listens on: bound, then let go.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// sqlx's pool, while it cannot connect, tries again until its acquire timeout (10 s) and
+/// then says only "pool timed out while waiting for an open connection" (sqlx #3808). A
+/// start on a PostgreSQL that is down logged that, every 10 s, and never why.
+#[tokio::test]
+async fn a_connect_to_a_postgres_that_is_down_says_why_at_once() {
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());
+    let refused = PgStore::connect(&url).await.err().expect("nothing listens");
+    assert!(
+        !matches!(refused, StoreError::Postgres(sqlx::Error::PoolTimedOut)),
+        "the pool's timeout names no cause: {refused}"
+    );
+    assert!(
+        refused.to_string().contains("refused"),
+        "the connection's own error: {refused}"
+    );
+}
+
+/// A flush while PostgreSQL cannot be reached, whose claim's session has ended with it:
+/// it fails once, after one wait for a connection, and says what the connection met.
+/// Retaking the lock first waited out the pool's 10 s and went on to the flush's own
+/// connection, which waited 10 s more, and both said only that the pool timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_while_postgres_cannot_be_reached_fails_after_one_wait_and_says_why() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(&db).await;
+    let store = PgStore::connect(&db.url_via(proxy.addr)).await.unwrap();
+    store.migrate().await.unwrap();
+    store.claim_single_writer().await.unwrap();
+    // Gone, listener and all: a connection is refused, as by a PostgreSQL that is down.
+    // (One the proxy accepts and then drops fails at once.)
+    let addr = proxy.addr;
+    drop(proxy);
+    eventually!("the proxy's port to refuse connections", 5, {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    });
+    let batch = || FlushBatch {
+        items: vec![item(
+            "a",
+            None,
+            1,
+            Mark {
+                row: true,
+                ports: 1,
+            },
+        )],
+        checkpoint: Some(1),
+        widgets: None,
+        redis: None,
+    };
+    // Each of the pool's idle connections, which the outage broke, fails a flush at once;
+    // the flush that counts is the first with only new connections to try.
+    let mut broken = 0;
+    let (failed, took) = loop {
+        let started = std::time::Instant::now();
+        let failed = store.write_batch(batch()).await.unwrap_err();
+        if started.elapsed() > Duration::from_secs(1) {
+            break (failed, started.elapsed());
+        }
+        broken += 1;
+        assert!(
+            broken <= 4,
+            "more broken connections than the pool holds: {failed}"
+        );
+    };
+    assert!(
+        !matches!(failed, StoreError::Postgres(sqlx::Error::PoolTimedOut)),
+        "the pool's timeout names no cause: {failed}"
+    );
+    // One acquire timeout (10 s) and the try outside the pool, not two.
+    assert!(
+        took < Duration::from_secs(15),
+        "the flush failed after {took:?}"
+    );
+    assert!(
+        failed.to_string().contains("refused"),
+        "the connection's own error: {failed}"
+    );
+    drop(store);
+    db.drop_db().await;
+}

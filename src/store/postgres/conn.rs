@@ -5,7 +5,7 @@
 //! (stopped, swapped out) or behind a network that does.
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Acquire, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Acquire, Connection, PgConnection, PgPool, Postgres, Transaction};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
@@ -44,7 +44,7 @@ impl CloseUnlessDone {
     /// either waits for PostgreSQL.
     pub(super) async fn acquire(pool: &PgPool, deadline: Duration) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            conn: pool.acquire().within(deadline).await?,
+            conn: pooled(pool, deadline).await?,
             done: false,
         })
     }
@@ -67,6 +67,36 @@ impl Drop for CloseUnlessDone {
         if !self.done {
             self.conn.close_on_drop();
         }
+    }
+}
+
+/// A connection from `pool`, within `deadline` (as well as the pool's own
+/// `acquire_timeout`). While sqlx's pool cannot connect it tries again until its
+/// `acquire_timeout`, then answers `PoolTimedOut`, which names no cause (sqlx #3808): a
+/// PostgreSQL that is down, a wrong port and one that refuses the login would all read
+/// "pool timed out". So on that answer one connection is opened outside the pool, and
+/// its error, if it fails, is the answer.
+pub(super) async fn pooled(
+    pool: &PgPool,
+    deadline: Duration,
+) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    match pool.acquire().within(deadline).await {
+        Err(sqlx::Error::PoolTimedOut) => Err(why_no_connection(pool, deadline).await),
+        acquired => acquired,
+    }
+}
+
+/// Why `pool` gave no connection: the error of one opened outside it (within `deadline`
+/// at most), or `PoolTimedOut` if that one opens (every connection the pool may hold was
+/// busy).
+async fn why_no_connection(pool: &PgPool, deadline: Duration) -> sqlx::Error {
+    let options = pool.connect_options();
+    match PgConnection::connect_with(&options).within(deadline).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            sqlx::Error::PoolTimedOut
+        }
+        Err(e) => e,
     }
 }
 

@@ -29,7 +29,8 @@ pub use redis_mode::Fence;
 use super::{FlushBatch, FlushId, FlushItem, Store, StoreError, Visitor};
 use crate::domain::{PortType, Serial, Widget};
 use conn::{
-    answer_deadline, has_code, is_lock_timeout, pg_millis, CloseUnlessDone, Within, QUERY_CANCELED,
+    answer_deadline, has_code, is_lock_timeout, pg_millis, pooled, CloseUnlessDone, Within,
+    QUERY_CANCELED,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
@@ -59,6 +60,8 @@ const CLAIM_KEEPALIVE_COUNT: u32 = 3;
 /// the widgets with their associations, which over millions of rows takes seconds, however
 /// short an operator makes `--pg-flush-timeout`.
 const LOAD_ROW_WAIT: Duration = Duration::from_secs(60);
+/// How long taking a connection waits, for one from the pool or a new one.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The highest version any flush has committed ([`PgStore::high_water`]).
 const HIGH_WATER: &str = "SELECT version FROM version_high_water";
 #[derive(Clone)]
@@ -152,12 +155,19 @@ impl SynchronousCommit {
 }
 
 impl PgStore {
-    /// Connects (without applying migrations). Fails fast if the server is unreachable.
+    /// Connects (without applying migrations). An unreachable server fails it at once,
+    /// with what the connection met (refused, a name not found, a login refused): one
+    /// connection is opened outside the pool first, since the pool would try again for its
+    /// acquire timeout and then say only that it timed out (see [`conn::pooled`]).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?;
+        let first = PgConnection::connect_with(&options)
+            .within(ACQUIRE_TIMEOUT)
+            .await?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         Ok(Self {
@@ -180,7 +190,7 @@ impl PgStore {
     /// took the lock, tried `attempts` times 200 ms apart.
     async fn lock_session(&self, attempts: u32) -> Result<(PgConnection, bool), StoreError> {
         let deadline = self.flush.statement_deadline();
-        let mut session = self.pool.acquire().within(deadline).await?.detach();
+        let mut session = pooled(&self.pool, deadline).await?.detach();
         let probes_for = CLAIM_KEEPALIVE_IDLE + CLAIM_KEEPALIVE_INTERVAL * CLAIM_KEEPALIVE_COUNT;
         sqlx::query(
             "SELECT set_config('tcp_keepalives_idle', $1, false), \
@@ -229,14 +239,16 @@ impl PgStore {
     /// claim's session has ended (PostgreSQL restarted or failed over, or the session was
     /// terminated), so that a second instance started since is still refused, as at the
     /// start. The token, not the lock, fences the flushes: a lock another instance holds
-    /// now is logged, and that instance's claim refuses this one's next flush.
-    async fn keep_claim(&self, claim: &WriterClaim) {
+    /// now is logged, and that instance's claim refuses this one's next flush. PostgreSQL
+    /// unreachable fails the flush here, with what the new session met, rather than after
+    /// a second wait for the flush's own connection.
+    async fn keep_claim(&self, claim: &WriterClaim) -> Result<(), StoreError> {
         let mut session = claim.session.lock().await;
         // Only a session that answers that it has ended is replaced: one that does not
         // answer within a second (PostgreSQL stalled, which the flush meets on its own
         // deadline) may still hold the lock.
         match tokio::time::timeout(Duration::from_secs(1), session.ping()).await {
-            Ok(Ok(())) | Err(_) => return,
+            Ok(Ok(())) | Err(_) => return Ok(()),
             Ok(Err(_)) => {}
         }
         match self.lock_session(1).await {
@@ -257,10 +269,14 @@ impl PgStore {
                  a second single-node instance, whose claim fences this one; tried again \
                  before the next flush"
             ),
-            Err(e) => tracing::warn!(error = %e, token = claim.token,
-                "the session holding the single-writer lock has ended, and taking the lock \
-                 again failed; tried again before the next flush"),
+            Err(e) => {
+                tracing::warn!(error = %e, token = claim.token,
+                    "the session holding the single-writer lock has ended, and taking the \
+                     lock again failed; tried again before the next flush");
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     /// Makes this instance the database's one single-node writer: takes the advisory lock
@@ -366,7 +382,7 @@ impl PgStore {
         let options = (*self.pool.connect_options()).clone();
         let session = PgPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::query("SET statement_timeout = 0")
@@ -684,7 +700,7 @@ impl Store for PgStore {
     /// statement may still be on it, or a transaction nobody ends (sqlx #4393).
     async fn write_batch(&self, batch: FlushBatch) -> Result<(), StoreError> {
         if let Some(claim) = self.writer.get() {
-            self.keep_claim(claim).await;
+            self.keep_claim(claim).await?;
         }
         let deadline = self.flush.statement_deadline();
         let mut conn = CloseUnlessDone::acquire(&self.pool, deadline).await?;
