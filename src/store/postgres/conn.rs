@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
+use std::time::Instant;
 
 /// SQLSTATE `lock_not_available`: `lock_timeout` passed.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
@@ -73,30 +74,34 @@ impl Drop for CloseUnlessDone {
 /// A connection from `pool`, within `deadline` (as well as the pool's own
 /// `acquire_timeout`). While sqlx's pool cannot connect it tries again until its
 /// `acquire_timeout`, then answers `PoolTimedOut`, which names no cause (sqlx #3808): a
-/// PostgreSQL that is down, a wrong port and one that refuses the login would all read
-/// "pool timed out". So on that answer one connection is opened outside the pool, and
-/// its error, if it fails, is the answer.
+/// PostgreSQL that is down and one that is starting up would both read "pool timed out".
+/// So on that answer one connection is opened outside the pool, within what is left of
+/// `deadline` and at most [`CAUSE_WAIT`], and its error, if it fails, is the answer.
 pub(super) async fn pooled(
     pool: &PgPool,
     deadline: Duration,
 ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    let started = Instant::now();
     match pool.acquire().within(deadline).await {
-        Err(sqlx::Error::PoolTimedOut) => Err(why_no_connection(pool, deadline).await),
+        Err(sqlx::Error::PoolTimedOut) => {
+            let left = deadline.saturating_sub(started.elapsed());
+            Err(why_no_connection(pool, left.min(CAUSE_WAIT)).await)
+        }
         acquired => acquired,
     }
 }
 
-/// Why `pool` gave no connection: the error of one opened outside it (within `deadline`
-/// at most), or `PoolTimedOut` if that one opens (every connection the pool may hold was
-/// busy).
-async fn why_no_connection(pool: &PgPool, deadline: Duration) -> sqlx::Error {
+/// The longest [`pooled`] waits for the connection that tells why the pool had none.
+const CAUSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Why `pool` gave no connection: the error of one opened outside it, or `PoolTimedOut` if
+/// that one opens (every connection the pool may hold was busy) or does not within `wait`.
+async fn why_no_connection(pool: &PgPool, wait: Duration) -> sqlx::Error {
     let options = pool.connect_options();
-    match PgConnection::connect_with(&options).within(deadline).await {
-        Ok(conn) => {
-            let _ = conn.close().await;
-            sqlx::Error::PoolTimedOut
-        }
-        Err(e) => e,
+    match tokio::time::timeout(wait, PgConnection::connect_with(&options)).await {
+        Ok(Err(e)) => e,
+        // Dropped, it closes its socket.
+        Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut,
     }
 }
 

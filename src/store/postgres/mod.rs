@@ -41,6 +41,18 @@ use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
+/// Whether a connection failed in a way sqlx's pool tries again: refused, no connection
+/// slot free (53300), the server starting up or shutting down (57P03).
+fn passing(e: &StoreError) -> bool {
+    match e {
+        StoreError::Postgres(sqlx::Error::Io(io)) => {
+            io.kind() == std::io::ErrorKind::ConnectionRefused
+        }
+        StoreError::Postgres(e) => has_code(e, "53300") || has_code(e, "57P03"),
+        _ => false,
+    }
+}
+
 /// The association table of each port type, by port index.
 const ASSOCIATION_TABLES: [&str; 3] = ["associations_p", "associations_r", "associations_q"];
 
@@ -155,10 +167,12 @@ impl SynchronousCommit {
 }
 
 impl PgStore {
-    /// Connects (without applying migrations). An unreachable server fails it at once,
-    /// with what the connection met (refused, a name not found, a login refused): one
-    /// connection is opened outside the pool first, since the pool would try again for its
-    /// acquire timeout and then say only that it timed out (see [`conn::pooled`]).
+    /// Connects (without applying migrations). A server that refuses the connection, or is
+    /// starting up, fails it at once, with what the connection met: one connection is
+    /// opened outside the pool first, since the pool would try again for its acquire
+    /// timeout and then say only that it timed out (see [`conn::pooled`]). The service's
+    /// start tries again with backoff, logging each cause; a command that runs once waits
+    /// a little with [`PgStore::connect_waiting`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?;
         let first = PgConnection::connect_with(&options)
@@ -177,6 +191,21 @@ impl PgStore {
             checkpoint: Arc::default(),
             history: Arc::default(),
         })
+    }
+
+    /// As [`PgStore::connect`], trying again for up to `wait` while the server refuses
+    /// connections, has no connection slot free or is starting up (what sqlx's pool waits
+    /// out), for a command that runs once (`widgets migrate`, `widgets bench-seed`).
+    pub async fn connect_waiting(url: &str, wait: Duration) -> Result<Self, StoreError> {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            match Self::connect(url).await {
+                Err(e) if passing(&e) && std::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                connected => return connected,
+            }
+        }
     }
 
     /// The same store, its flush transactions set up as `settings` say.

@@ -1,6 +1,7 @@
 //! The embedded store's files: the directories a rebuild goes through and the renames
 //! that swap a rebuilt store in (finished by the next open if a crash cuts them short),
-//! and the `fsync`s sled 0.34 leaves out (its file, its blobs, the directories).
+//! the `fsync`s sled 0.34 leaves out (its file, its blobs, the directories), the
+//! snapshots it leaves unfinished, and the wait for its file lock as a store opens again.
 
 use super::{point, StoreError};
 use std::path::{Path, PathBuf};

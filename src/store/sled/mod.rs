@@ -39,7 +39,7 @@
 //! `chunks` (a write, chunk by chunk), `compact` (the store copied beside itself, step by
 //! step), `rebuild` (the rebuild after a failed write, and the compaction's steps after a
 //! write), `files` (the renames that swap a rebuilt store in, and the syncs sled leaves
-//! out), `legacy` (the move into buckets).
+//! out), `legacy` (the move into buckets); `tests`, by the same topics.
 
 mod bucket;
 mod chunks;

@@ -50,7 +50,7 @@ impl SledStore {
     }
 
     /// Makes the file [`REBUILD_MARK`] beside the store, synced, if it is not there.
-    pub(super) fn mark(&self) -> Result<(), StoreError> {
+    fn mark(&self) -> Result<(), StoreError> {
         let mark = sibling(&self.inner.path, REBUILD_MARK);
         if mark.try_exists().unwrap_or(false) {
             return Ok(());
@@ -122,7 +122,7 @@ impl SledStore {
 
     /// Puts the store built beside this one (closed and synced) in its place and opens it;
     /// `db` is the old store's handle.
-    pub(super) fn swap_in(&self, db: sled::Db) -> Result<sled::Db, StoreError> {
+    fn swap_in(&self, db: sled::Db) -> Result<sled::Db, StoreError> {
         // Every handle on the old store closed before its directory is renamed, and the
         // kept one's lock held meanwhile, so that nothing opens it again halfway; from here
         // on a failure is finished by `finish_move` when the store opens again.
@@ -228,7 +228,7 @@ impl SledStore {
 pub(super) const REBUILD_MARK: &str = ".rebuild";
 
 /// The bytes a rebuild copies between two flushes of the new store.
-pub(super) const REBUILD_FLUSH_BYTES: u64 = 64 << 20;
+const REBUILD_FLUSH_BYTES: u64 = 64 << 20;
 
 /// Whether a write that failed with `e` leaves the store's file suspect (see
 /// [`SledStore::failed_write`]): an I/O error, but for sled's own full disk (taken as
@@ -246,7 +246,7 @@ pub(super) fn suspect(e: &StoreError) -> bool {
 
 /// Removes the store a compaction or rebuild left half-built beside the one at `path`, if
 /// there is one; the error, if that failed.
-pub(super) fn remove_half_built(path: &Path) -> Option<StoreError> {
+fn remove_half_built(path: &Path) -> Option<StoreError> {
     let rebuilding = sibling(path, REBUILDING);
     (rebuilding.exists())
         .then(|| remove_dir(&rebuilding).err())
@@ -256,7 +256,7 @@ pub(super) fn remove_half_built(path: &Path) -> Option<StoreError> {
 /// Finishes `compaction` from the old store `old`, makes the new store in `path` durable,
 /// names included, and reads it back (see [`compact::check`]); returns the bytes of its
 /// buckets.
-pub(super) fn seal(compaction: Compaction, old: &sled::Db, path: &Path) -> Result<u64, StoreError> {
+fn seal(compaction: Compaction, old: &sled::Db, path: &Path) -> Result<u64, StoreError> {
     let to = compaction.to();
     compaction
         .finish(old)

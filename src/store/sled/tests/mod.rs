@@ -1,3 +1,6 @@
+//! The embedded store's tests: writes, chunks and damage here, the rest by topic, with
+//! the helpers they share and the hook ([`crash`]) that stops or fails a store at a point.
+
 use super::bucket::Put;
 use super::files::{rename, REPLACED};
 use super::*;
