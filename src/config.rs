@@ -82,8 +82,9 @@ pub struct Config {
     /// With `--fsync always`: how long the sequencer waits after a group, while several
     /// writers are about, to take the writes of that time as the next group (0 to 10ms; 0
     /// turns it off). One fsync then covers more writes, for up to this much more latency;
-    /// a lone writer never waits, nor do 16 writes or more that are queued already.
-    /// Default: 750us.
+    /// a lone writer never waits, nor do 16 writes or more that are queued already, and
+    /// no group waits longer than the writes it lacks of 16 should take to come at the
+    /// rate the last groups came in. Default: 750us.
     #[arg(long, env = "WIDGETS_COMMIT_DELAY", value_parser = commit_delay)]
     commit_delay: Option<Duration>,
 

@@ -19,14 +19,19 @@
 //!
 //! The commit delay (PostgreSQL's `commit_delay`, with the last group standing in for its
 //! `commit_siblings`): with `--fsync always`, when the last group held more than one write,
-//! concurrent writers are about, and the sequencer sleeps this long as soon as it has
+//! concurrent writers are about, and the sequencer sleeps up to this long as soon as it has
 //! answered a group, then takes what came meanwhile as the next one, so one fsync covers
 //! the writes of the delay. It sleeps first rather than waiting on the queue for the next
 //! group's first write: the sleep is a sleep, so the writes that arrive during it wake
 //! nothing, and the sequencer leaves its core once a group instead of twice. A lone
 //! writer's group never waits, nor does one that holds [`FULL_ENOUGH`] writes when the
 //! last is answered; a sleep that ends on an empty queue waits for the next write as
-//! without a delay.
+//! without a delay. The sleep lasts no longer than the writes still missing from
+//! [`FULL_ENOUGH`] should take to arrive at the rate the last groups came in ([`Pace`]),
+//! as MySQL's delay ends once its count is reached: a closed loop of clients, each
+//! waiting for its answer before it writes again, sends its next writes only as fast as
+//! the answers go out, and a full delay there left the cores idle while every client
+//! waited on it.
 
 use super::dirty::Dirty;
 use super::packed::PackedWidget;
@@ -157,6 +162,7 @@ pub(super) fn spawn(
         pending: HashMap::default(),
         commit_delay: policy.commit_delay,
         last_group: 0,
+        pace: Pace::default(),
     };
     let (scheduled, was_scheduled) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
@@ -242,6 +248,45 @@ struct Sequencer {
     commit_delay: Duration,
     /// How many jobs the last group held.
     last_group: usize,
+    /// How fast writes have been arriving, which bounds the commit delay.
+    pace: Pace,
+}
+
+/// The rate at which jobs have been arriving, from the groups taken: a group holds the
+/// jobs that came since the last was taken (a time the sequencer waited for a first job
+/// counts too, which only makes the rate lower and the delay longer, as without it).
+#[derive(Debug, Default)]
+struct Pace {
+    /// When the last group was taken.
+    last_take: Option<Instant>,
+    /// Jobs a second, averaged over the last groups; 0 until known.
+    per_sec: f64,
+}
+
+impl Pace {
+    /// A group of `taken` jobs was taken at `now`.
+    fn took(&mut self, taken: usize, now: Instant) {
+        if let Some(since) = self.last_take.map(|last| now.duration_since(last)) {
+            if !since.is_zero() {
+                let rate = taken as f64 / since.as_secs_f64();
+                self.per_sec = if self.per_sec == 0.0 {
+                    rate
+                } else {
+                    0.75 * self.per_sec + 0.25 * rate
+                };
+            }
+        }
+        self.last_take = Some(now);
+    }
+
+    /// How long `wanted` more jobs should take to arrive at this rate, at most `cap` (all
+    /// of it while the rate is not known).
+    fn wait_for(&self, wanted: usize, cap: Duration) -> Duration {
+        if !(self.per_sec.is_finite() && self.per_sec > 0.0) {
+            return cap;
+        }
+        Duration::try_from_secs_f64(wanted as f64 / self.per_sec).map_or(cap, |d| d.min(cap))
+    }
 }
 
 impl Sequencer {
@@ -273,6 +318,7 @@ impl Sequencer {
                 drain(&jobs, &mut group);
             }
             self.last_group = group.len();
+            self.pace.took(group.len(), Instant::now());
             if self.process(&mut group) {
                 break;
             }
@@ -286,15 +332,17 @@ impl Sequencer {
     }
 
     /// When the commit delay applies, takes what is queued into `group` and, unless that is
-    /// [`FULL_ENOUGH`], sleeps the delay and takes what came meanwhile too. It may leave
-    /// `group` empty: then the caller waits for the next job.
+    /// [`FULL_ENOUGH`], sleeps the delay (or as long as the jobs still missing should take
+    /// to come, if that is less) and takes what came meanwhile too. It may leave `group`
+    /// empty: then the caller waits for the next job.
     fn delay_group(&mut self, jobs: &Receiver<Job>, group: &mut Vec<Job>) {
         if !self.delays_commits() {
             return;
         }
         drain(jobs, group);
         if group.len() < FULL_ENOUGH {
-            std::thread::sleep(self.commit_delay);
+            let wanted = FULL_ENOUGH - group.len();
+            std::thread::sleep(self.pace.wait_for(wanted, self.commit_delay));
             drain(jobs, group);
         }
     }
@@ -891,6 +939,7 @@ mod tests {
             pending: HashMap::default(),
             commit_delay: Duration::ZERO,
             last_group: 0,
+            pace: Pace::default(),
         };
         let (c, mut c_outcome) = write(create("c"));
         let (refused, mut refused_outcome) = write(associate("a", "zz"));
@@ -952,6 +1001,7 @@ mod tests {
             pending: HashMap::default(),
             commit_delay: delay,
             last_group: 2,
+            pace: Pace::default(),
         };
         (dir, seq)
     }
@@ -984,6 +1034,44 @@ mod tests {
         let (taken, took) = take_with_queued(&mut seq, FULL_ENOUGH - 1);
         assert_eq!(taken, FULL_ENOUGH - 1);
         assert!(took >= delay, "a group of {taken} took only {took:?}");
+    }
+
+    #[test]
+    fn the_pace_bounds_the_wait_by_how_long_the_missing_writes_should_take() {
+        let delay = Duration::from_millis(2);
+        let mut pace = Pace::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            pace.wait_for(10, delay),
+            delay,
+            "no rate known: the whole delay"
+        );
+        pace.took(4, t0);
+        assert_eq!(pace.wait_for(10, delay), delay, "one take tells no rate");
+        pace.took(32, t0 + Duration::from_millis(1));
+        assert_eq!(
+            pace.wait_for(16, delay),
+            Duration::from_micros(500),
+            "at 32,000/s"
+        );
+        assert_eq!(pace.wait_for(160, delay), delay, "never past the delay");
+        // Slower groups pull the average down, a quarter of the way each.
+        pace.took(8, t0 + Duration::from_millis(2));
+        assert_eq!(pace.per_sec, 0.75 * 32_000.0 + 0.25 * 8_000.0);
+    }
+
+    #[test]
+    fn writes_arriving_fast_cut_the_commit_delay_short() {
+        // Far longer than the test could take without it.
+        let delay = Duration::from_secs(2);
+        let (_dir, mut seq) = after_a_group_of_two(delay);
+        let t0 = Instant::now();
+        seq.pace.took(32, t0);
+        seq.pace.took(32, t0 + Duration::from_millis(1));
+        // One write is missing from a full group, and it should come within ~31 us.
+        let (taken, took) = take_with_queued(&mut seq, FULL_ENOUGH - 1);
+        assert_eq!(taken, FULL_ENOUGH - 1);
+        assert!(took < delay / 4, "the group waited {took:?}");
     }
 
     /// Queues `rule` as a write to the sequencer behind `jobs`; returns where its answer
