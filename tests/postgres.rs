@@ -1773,9 +1773,50 @@ async fn a_connect_to_a_postgres_that_is_down_says_why_at_once() {
 /// connection, which waited 10 s more, and both said only that the pool timed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_while_postgres_cannot_be_reached_fails_after_one_wait_and_says_why() {
+    let (failed, took) = a_flush_while_postgres_cannot_be_reached(Duration::from_secs(30)).await;
+    assert!(
+        !matches!(failed, StoreError::Postgres(sqlx::Error::PoolTimedOut)),
+        "the pool's timeout names no cause: {failed}"
+    );
+    // One acquire timeout (10 s) and the try outside the pool, not two.
+    assert!(
+        took < Duration::from_secs(15),
+        "the flush failed after {took:?}"
+    );
+    assert!(
+        failed.to_string().contains("refused"),
+        "the connection's own error: {failed}"
+    );
+}
+
+/// With `--pg-flush-timeout 1s` a flush waits 2 s for a connection, before the pool's own
+/// 10 s are up: the cause went unnamed, and the log read as if PostgreSQL had stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_with_a_short_timeout_still_says_why_postgres_cannot_be_reached() {
+    let (failed, took) = a_flush_while_postgres_cannot_be_reached(Duration::from_secs(1)).await;
+    assert!(
+        failed.to_string().contains("refused"),
+        "the connection's own error: {failed}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the flush failed after {took:?}"
+    );
+}
+
+/// Starts a single writer's store through a proxy, with flushes bounded by `timeout`,
+/// takes the proxy away (its port then refuses connections, as a PostgreSQL that is
+/// down), and flushes: what the flush failed with, and after how long.
+async fn a_flush_while_postgres_cannot_be_reached(timeout: Duration) -> (StoreError, Duration) {
     let db = TestDb::create().await;
     let proxy = Proxy::start(&db).await;
-    let store = PgStore::connect(&db.url_via(proxy.addr)).await.unwrap();
+    let store = PgStore::connect(&db.url_via(proxy.addr))
+        .await
+        .unwrap()
+        .with_flush_settings(widgets::store::postgres::FlushTxSettings {
+            timeout,
+            ..Default::default()
+        });
     store.migrate().await.unwrap();
     store.claim_single_writer().await.unwrap();
     // Gone, listener and all: a connection is refused, as by a PostgreSQL that is down.
@@ -1802,26 +1843,15 @@ async fn a_flush_while_postgres_cannot_be_reached_fails_after_one_wait_and_says_
     let started = std::time::Instant::now();
     let failed = store.write_batch(batch).await.unwrap_err();
     let took = started.elapsed();
-    assert!(
-        !matches!(failed, StoreError::Postgres(sqlx::Error::PoolTimedOut)),
-        "the pool's timeout names no cause: {failed}"
-    );
-    // One acquire timeout (10 s) and the try outside the pool, not two.
-    assert!(
-        took < Duration::from_secs(15),
-        "the flush failed after {took:?}"
-    );
-    assert!(
-        failed.to_string().contains("refused"),
-        "the connection's own error: {failed}"
-    );
     drop(store);
     db.drop_db().await;
+    (failed, took)
 }
 
 /// `widgets migrate` and `bench-seed` run once, so they wait a little for a server that
-/// refuses connections (down, or starting up), as sqlx's pool did for them; a server that
-/// answers with a refusal of its own (no such database) fails them at once.
+/// refuses or drops connections (down, starting up, behind a port forwarder), as sqlx's
+/// pool did for them; a server that answers with a refusal of its own (no such database)
+/// fails them at once.
 #[tokio::test]
 async fn a_command_that_runs_once_waits_for_a_refusing_server_but_not_for_a_refusal() {
     let url = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());
@@ -1836,6 +1866,29 @@ async fn a_command_that_runs_once_waits_for_a_refusing_server_but_not_for_a_refu
         started.elapsed()
     );
     assert!(refused.to_string().contains("refused"), "{refused}");
+
+    // A port forwarder in front of a server not listening yet: accepted, then dropped.
+    let forwarder = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "postgres://postgres@{}/test",
+        forwarder.local_addr().unwrap()
+    );
+    let dropping = tokio::spawn(async move {
+        while let Ok((conn, _)) = forwarder.accept().await {
+            drop(conn);
+        }
+    });
+    let started = std::time::Instant::now();
+    let dropped = PgStore::connect_waiting(&url, Duration::from_secs(1))
+        .await
+        .err()
+        .expect("every connection dropped");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up on a dropped connection after {:?}: {dropped}",
+        started.elapsed()
+    );
+    dropping.abort();
 
     let db = TestDb::create().await;
     let missing = widgets_testkit::pg::with_database(&db.url, "widgets_no_such_database").unwrap();

@@ -75,17 +75,21 @@ impl Drop for CloseUnlessDone {
 /// `acquire_timeout`). While sqlx's pool cannot connect it tries again until its
 /// `acquire_timeout`, then answers `PoolTimedOut`, which names no cause (sqlx #3808): a
 /// PostgreSQL that is down and one that is starting up would both read "pool timed out".
-/// So on that answer one connection is opened outside the pool, within what is left of
-/// `deadline` and at most [`CAUSE_WAIT`], and its error, if it fails, is the answer.
+/// So when the pool gives none, one connection is opened outside it, and its error, if
+/// it fails, is the answer. The pool is given the deadline less [`CAUSE_WAIT`] (half of
+/// it, for a deadline under twice that), so that the connection that names the cause has
+/// time within the deadline: with a short `--pg-flush-timeout` the deadline comes before
+/// the pool's own timeout, and the cause went unnamed, as if PostgreSQL had stalled.
 pub(super) async fn pooled(
     pool: &PgPool,
     deadline: Duration,
 ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
     let started = Instant::now();
-    match pool.acquire().within(deadline).await {
-        Err(sqlx::Error::PoolTimedOut) => {
+    let for_pool = deadline.saturating_sub(CAUSE_WAIT).max(deadline / 2);
+    match pool.acquire().within(for_pool).await {
+        Err(none) if no_connection(&none) => {
             let left = deadline.saturating_sub(started.elapsed());
-            Err(why_no_connection(pool, left.min(CAUSE_WAIT)).await)
+            Err(why_no_connection(pool, left.min(CAUSE_WAIT), none).await)
         }
         acquired => acquired,
     }
@@ -94,14 +98,24 @@ pub(super) async fn pooled(
 /// The longest [`pooled`] waits for the connection that tells why the pool had none.
 const CAUSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Why `pool` gave no connection: the error of one opened outside it, or `PoolTimedOut` if
-/// that one opens (every connection the pool may hold was busy) or does not within `wait`.
-async fn why_no_connection(pool: &PgPool, wait: Duration) -> sqlx::Error {
+/// Whether `e` says the pool gave no connection: its own timeout, or the deadline's.
+fn no_connection(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    }
+}
+
+/// Why `pool` gave no connection: the error of one opened outside it, or `none` (what the
+/// pool said) if that one opens (every connection the pool may hold was busy) or does not
+/// within `wait` (PostgreSQL stalls).
+async fn why_no_connection(pool: &PgPool, wait: Duration, none: sqlx::Error) -> sqlx::Error {
     let options = pool.connect_options();
     match tokio::time::timeout(wait, PgConnection::connect_with(&options)).await {
         Ok(Err(e)) => e,
         // Dropped, it closes its socket.
-        Ok(Ok(_)) | Err(_) => sqlx::Error::PoolTimedOut,
+        Ok(Ok(_)) | Err(_) => none,
     }
 }
 

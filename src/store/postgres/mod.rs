@@ -41,13 +41,16 @@ use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
-/// Whether a connection failed in a way sqlx's pool tries again: refused, no connection
-/// slot free (53300), the server starting up or shutting down (57P03).
+/// Whether a connection failed in a way a wait may mend: refused, reset or cut short (a
+/// server, or a port forwarder in front of one, that is not listening yet), no connection
+/// slot free (53300), the server starting up or shutting down (57P03). Not TLS refused
+/// as configured, nor a login or database PostgreSQL itself refused.
 fn passing(e: &StoreError) -> bool {
+    if crate::tls::refused_postgres(e) {
+        return false;
+    }
     match e {
-        StoreError::Postgres(sqlx::Error::Io(io)) => {
-            io.kind() == std::io::ErrorKind::ConnectionRefused
-        }
+        StoreError::Postgres(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => true,
         StoreError::Postgres(e) => has_code(e, "53300") || has_code(e, "57P03"),
         _ => false,
     }
@@ -193,9 +196,9 @@ impl PgStore {
         })
     }
 
-    /// As [`PgStore::connect`], trying again for up to `wait` while the server refuses
-    /// connections, has no connection slot free or is starting up (what sqlx's pool waits
-    /// out), for a command that runs once (`widgets migrate`, `widgets bench-seed`).
+    /// As [`PgStore::connect`], trying again for up to `wait` while the server refuses or
+    /// drops connections, has no connection slot free or is starting up, for a command
+    /// that runs once (`widgets migrate`, `widgets bench-seed`).
     pub async fn connect_waiting(url: &str, wait: Duration) -> Result<Self, StoreError> {
         let until = std::time::Instant::now() + wait;
         loop {
