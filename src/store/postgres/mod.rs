@@ -182,11 +182,12 @@ impl PgStore {
             .within(ACQUIRE_TIMEOUT)
             .await?;
         let _ = first.close().await;
+        // Lazy: the connection above has shown the server takes this one's options, and the
+        // pool's first use opens its own.
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await?;
+            .connect_lazy_with(options);
         Ok(Self {
             pool,
             flush: FlushTxSettings::default(),
