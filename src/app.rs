@@ -488,7 +488,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let url = config
         .postgres_url()
         .context("widgets migrate needs DATABASE_URL (or --database-url)")?;
-    let store = PgStore::connect_waiting(url, std::time::Duration::from_secs(10))
+    let store = PgStore::connect_waiting(url, PgStore::COMMAND_WAIT)
         .await
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;

@@ -111,7 +111,7 @@ async fn bench_seed(args: &SeedArgs, config: &Config) -> anyhow::Result<()> {
     seed::check(args, &config.wal_dir())?;
     match config.postgres_url() {
         Some(url) => {
-            let store = PgStore::connect_waiting(url, std::time::Duration::from_secs(10))
+            let store = PgStore::connect_waiting(url, PgStore::COMMAND_WAIT)
                 .await
                 .context("connecting to PostgreSQL")?;
             store.migrate().await.context("applying migrations")?;

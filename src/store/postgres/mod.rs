@@ -197,6 +197,10 @@ impl PgStore {
         })
     }
 
+    /// How long a command that runs once waits for a server not taking connections yet
+    /// ([`PgStore::connect_waiting`]): as long as sqlx's pool waited for it.
+    pub const COMMAND_WAIT: Duration = ACQUIRE_TIMEOUT;
+
     /// As [`PgStore::connect`], trying again for up to `wait` while the server refuses or
     /// drops connections, has no connection slot free or is starting up, for a command
     /// that runs once (`widgets migrate`, `widgets bench-seed`).
